@@ -1,0 +1,102 @@
+//! Names, kinds, sizes and default capacities of every map, in one place.
+//!
+//! The kernel programs declare the maps (`lb-ebpf/src/maps.rs`) with these names and
+//! capacities; a test in `lb-userspace` checks the built object against [`ALL`]. Names are
+//! versioned: a change of layout takes a new name, so an old pinned map is never read with a
+//! new layout. The kernel truncates map names to 15 bytes; these are checked to fit.
+
+use core::mem::size_of;
+
+use crate::service::{Endpoint, RevNatKey, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+
+/// `BPF_MAP_TYPE_HASH`.
+pub const TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_PERCPU_ARRAY`.
+pub const TYPE_PERCPU_ARRAY: u32 = 6;
+/// `BPF_MAP_TYPE_LRU_HASH`.
+pub const TYPE_LRU_HASH: u32 = 9;
+/// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so a mostly empty map costs little.
+pub const F_NO_PREALLOC: u32 = 1;
+
+/// Default directory (on bpffs) under which the agent pins maps and program links.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Subdirectory of the pin directory holding the maps.
+pub const PIN_MAPS_SUBDIR: &str = "maps";
+/// Subdirectory of the pin directory holding the program links.
+pub const PIN_LINKS_SUBDIR: &str = "links";
+
+/// Service map: [`ServiceKey`] -> [`ServiceValue`]. Written by the agent, read by the socket
+/// hooks. Rebuildable from the Kubernetes objects, adopted across agent restarts.
+pub const SERVICES: &str = "lb_svc_v1";
+/// Slot map: [`SlotKey`] -> backend id (`u32`). Written by the agent, read by the hooks.
+pub const SLOTS: &str = "lb_slot_v1";
+/// Backend map: backend id (`u32`) -> [`Endpoint`]. Written by the agent, read by the hooks.
+pub const BACKENDS: &str = "lb_be_v1";
+/// Service-info map: service id (`u32`) -> [`ServiceInfo`]. Written and read by userspace
+/// only: names services for the CLI and tells a restarted agent who owns what.
+pub const SERVICE_INFO: &str = "lb_svcinfo_v1";
+/// Reverse-NAT map (LRU): [`RevNatKey`] -> [`Endpoint`] (the frontend). Written by the
+/// connect/sendmsg hooks, read by recvmsg/getpeername. State worth keeping: open sockets
+/// depend on it, so it stays pinned across agent restarts.
+pub const REV_NAT: &str = "lb_revnat_v1";
+/// Counters: per-CPU array of `u64` indexed by [`crate::stats`] constants. Written by the
+/// hooks, read by the CLI. Disposable.
+pub const STATS: &str = "lb_stats_v1";
+
+/// Default capacity of the service map (frontends: VIP x port x protocol).
+pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
+/// Default capacity of the slot map (sum over services of their backend counts).
+pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
+/// Default capacity of the backend map (distinct backend address and port pairs).
+pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
+/// Default capacity of the reverse-NAT map (translated sockets remembered).
+pub const DEFAULT_MAX_REV_NAT: u32 = 262_144;
+/// Most backends one service can have: its backend count is a `u16`.
+pub const MAX_BACKENDS_PER_SERVICE_LIMIT: u32 = u16::MAX as u32;
+
+/// What a map is: enough to check a pinned map before reusing it and to check the built
+/// object against this module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// The map's name, also its pin file name.
+    pub name: &'static str,
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    /// Key size in bytes.
+    pub key_size: u32,
+    /// Value size in bytes (per CPU for per-CPU maps).
+    pub value_size: u32,
+    /// Default capacity.
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub flags: u32,
+}
+
+const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: u32) -> MapSpec {
+    MapSpec {
+        name,
+        map_type,
+        key_size: size_of::<K>() as u32,
+        value_size: size_of::<V>() as u32,
+        max_entries,
+        flags,
+    }
+}
+
+/// Every map of the kernel object.
+pub const ALL: [MapSpec; 6] = [
+    spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
+    spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
+    spec::<u32, Endpoint>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
+    spec::<u32, ServiceInfo>(SERVICE_INFO, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
+    spec::<RevNatKey, Endpoint>(REV_NAT, TYPE_LRU_HASH, DEFAULT_MAX_REV_NAT, 0),
+    spec::<u32, u64>(STATS, TYPE_PERCPU_ARRAY, crate::stats::COUNT, 0),
+];
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL.len() {
+        assert!(ALL[i].name.len() <= 15, "map names are cut to 15 bytes");
+        i += 1;
+    }
+};

@@ -1,0 +1,218 @@
+//! Keys and values of the service, slot, backend, service-info and reverse-NAT maps.
+//!
+//! How a lookup goes: the socket hook builds a [`ServiceKey`] from the destination of a
+//! `connect()`/`sendmsg()`, finds the [`ServiceValue`] (the service's id and backend count),
+//! picks a slot in `0..count`, reads the backend id at [`SlotKey`] `(id, slot)` and the backend's
+//! [`Endpoint`] by that id. Slots are per service, so changing one service's backends writes
+//! only that service's slots.
+
+use crate::addr::Addr6;
+
+/// A service frontend: (virtual IP, port, protocol). Key of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// The virtual IP, IPv4 v4-mapped.
+    pub addr: Addr6,
+    /// The port, network byte order (the value of `sin_port`).
+    pub port_be: u16,
+    /// IANA protocol number ([`crate::proto`]).
+    pub proto: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::offset_of!(ServiceKey, port_be) == 16);
+const _: () = assert!(core::mem::offset_of!(ServiceKey, proto) == 18);
+
+impl ServiceKey {
+    /// A key with its padding zeroed.
+    #[inline(always)]
+    pub const fn new(addr: Addr6, port_be: u16, proto: u8) -> Self {
+        Self {
+            addr,
+            port_be,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// What the service map holds for a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// The service id: first half of its [`SlotKey`]s and key of its [`ServiceInfo`].
+    pub id: u32,
+    /// Number of backends, i.e. of slots `0..count`. Zero means the service exists but has no
+    /// backends: connects are refused.
+    pub count: u16,
+    /// Reserved, zero.
+    pub flags: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+
+/// One backend slot of one service. Key of the slot map; the value is a backend id (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// The service id ([`ServiceValue::id`]).
+    pub svc_id: u32,
+    /// The slot, `0..ServiceValue::count`.
+    pub slot: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+/// An address and port: a backend (value of the backend map, keyed by backend id) or a
+/// service frontend to restore (value of the reverse-NAT map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    /// The address, IPv4 v4-mapped.
+    pub addr: Addr6,
+    /// The port, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+
+impl Endpoint {
+    /// An endpoint with its padding zeroed.
+    #[inline(always)]
+    pub const fn new(addr: Addr6, port_be: u16) -> Self {
+        Self {
+            addr,
+            port_be,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Key of the reverse-NAT map: a socket (by cookie) and the backend it was sent to. The value
+/// is the service frontend ([`Endpoint`]) to report instead: as the source of datagrams
+/// received from that backend (`recvmsg`) and as the peer of the socket (`getpeername`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie()` of the socket.
+    pub cookie: u64,
+    /// The backend address, IPv4 v4-mapped.
+    pub addr: Addr6,
+    /// The backend port, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub _pad: [u8; 6],
+}
+
+const _: () = assert!(core::mem::size_of::<RevNatKey>() == 32);
+const _: () = assert!(core::mem::align_of::<RevNatKey>() == 8);
+
+impl RevNatKey {
+    /// A key with its padding zeroed.
+    #[inline(always)]
+    pub const fn new(cookie: u64, backend: &Endpoint) -> Self {
+        Self {
+            cookie,
+            addr: backend.addr,
+            port_be: backend.port_be,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// Longest namespace or service name that fits ([`ServiceInfo`]); Kubernetes allows 63.
+pub const NAME_MAX: usize = 63;
+/// Longest service port name that fits; Kubernetes allows 15.
+pub const PORT_NAME_MAX: usize = 15;
+
+/// Which Kubernetes service and port a frontend belongs to. Value of the service-info map,
+/// keyed by service id. Only userspace reads it: the agent to adopt what an earlier run
+/// programmed, the CLI to name services. Strings are UTF-8, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// The namespace.
+    pub namespace: [u8; NAME_MAX + 1],
+    /// The service name.
+    pub name: [u8; NAME_MAX + 1],
+    /// The service port's name, empty when unnamed.
+    pub port_name: [u8; PORT_NAME_MAX + 1],
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 144);
+
+impl ServiceInfo {
+    /// The info for a service port, or `None` when a string is too long to fit.
+    pub fn new(namespace: &str, name: &str, port_name: &str) -> Option<Self> {
+        Some(Self {
+            namespace: padded(namespace)?,
+            name: padded(name)?,
+            port_name: padded(port_name)?,
+        })
+    }
+
+    /// The namespace, or `None` when the bytes are not a valid string.
+    pub fn namespace(&self) -> Option<&str> {
+        unpadded(&self.namespace)
+    }
+
+    /// The service name, or `None` when the bytes are not a valid string.
+    pub fn name(&self) -> Option<&str> {
+        unpadded(&self.name)
+    }
+
+    /// The port name, or `None` when the bytes are not a valid string.
+    pub fn port_name(&self) -> Option<&str> {
+        unpadded(&self.port_name)
+    }
+}
+
+/// `s` NUL-padded to `N` bytes, keeping at least one NUL; `None` when it does not fit.
+fn padded<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    if s.len() >= N || s.as_bytes().contains(&0) {
+        return None;
+    }
+    out[..s.len()].copy_from_slice(s.as_bytes());
+    Some(out)
+}
+
+/// The string before the first NUL, which must exist.
+fn unpadded(b: &[u8]) -> Option<&str> {
+    let end = b.iter().position(|&c| c == 0)?;
+    core::str::from_utf8(&b[..end]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_info_round_trip() {
+        let info = ServiceInfo::new("kube-system", "kube-dns", "dns-tcp").unwrap();
+        assert_eq!(info.namespace(), Some("kube-system"));
+        assert_eq!(info.name(), Some("kube-dns"));
+        assert_eq!(info.port_name(), Some("dns-tcp"));
+    }
+
+    #[test]
+    fn service_info_limits() {
+        let longest = "a".repeat(NAME_MAX);
+        assert!(ServiceInfo::new(&longest, &longest, "p").is_some());
+        let too_long = "a".repeat(NAME_MAX + 1);
+        assert!(ServiceInfo::new(&too_long, "n", "").is_none());
+        assert!(ServiceInfo::new("ns", "n", "sixteen-chars-xx").is_none());
+        assert!(ServiceInfo::new("ns", "n\0x", "").is_none());
+    }
+
+    #[test]
+    fn unpadded_rejects_unterminated() {
+        assert_eq!(unpadded(b"abc"), None);
+        assert_eq!(unpadded(b"ab\0c"), Some("ab"));
+    }
+}
