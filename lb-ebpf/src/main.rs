@@ -1,0 +1,34 @@
+//! Kernel programs: socket-level load balancing of Kubernetes services.
+//!
+//! One file per hook, each a thin entry point; the logic sits in small helper modules:
+//! - `connect`: connect4/connect6 translate a connect() to a service into a backend;
+//! - `sendmsg`: sendmsg4/sendmsg6 do the same per datagram for unconnected UDP;
+//! - `recvmsg`: recvmsg4/recvmsg6 restore the service as the source of replies;
+//! - `getpeername`: getpeername4/getpeername6 report the service as the peer;
+//! - `xlate` (service lookup, backend choice), `revnat` (what to restore), `family` (IPv4 and
+//!   IPv6 views of the socket address), `maps`, `stats`.
+#![no_std]
+#![no_main]
+
+mod family;
+mod maps;
+mod revnat;
+mod stats;
+mod xlate;
+
+mod connect;
+mod getpeername;
+mod recvmsg;
+mod sendmsg;
+
+/// The licence of the object. GPL-compatible, as some helpers require.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "license")]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that could get here.
+    loop {}
+}
