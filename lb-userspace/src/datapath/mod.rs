@@ -1,0 +1,160 @@
+//! The datapath as the agent sees it: four maps, written one [`Op`] at a time.
+//!
+//! [`Datapath`] has two implementations: [`bpf::BpfDatapath`] (the pinned BPF maps) and
+//! [`fake::FakeDatapath`] (in memory, checking after every write that no lookup could see a
+//! half-written service). [`Contents`] is an exact copy of what the maps hold, used both to
+//! adopt the maps after a restart and as the reconciler's mirror.
+
+use std::collections::BTreeMap;
+
+use lb_common::{Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+
+pub mod bpf;
+pub mod fake;
+
+/// One write to one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or replace a backend.
+    PutBackend(u32, Endpoint),
+    /// Insert or replace a slot.
+    PutSlot(SlotKey, u32),
+    /// Insert or replace a service's info.
+    PutInfo(u32, ServiceInfo),
+    /// Insert or replace a service frontend.
+    PutService(ServiceKey, ServiceValue),
+    /// Remove a service frontend.
+    DeleteService(ServiceKey),
+    /// Remove a slot.
+    DeleteSlot(SlotKey),
+    /// Remove a service's info.
+    DeleteInfo(u32),
+    /// Remove a backend.
+    DeleteBackend(u32),
+}
+
+/// Everything the service, slot, backend and service-info maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contents {
+    /// Service map.
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    /// Slot map.
+    pub slots: BTreeMap<SlotKey, u32>,
+    /// Backend map.
+    pub backends: BTreeMap<u32, Endpoint>,
+    /// Service-info map.
+    pub info: BTreeMap<u32, ServiceInfo>,
+}
+
+impl Contents {
+    /// Applies one write.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::PutBackend(id, ep) => {
+                self.backends.insert(*id, *ep);
+            }
+            Op::PutSlot(key, backend) => {
+                self.slots.insert(*key, *backend);
+            }
+            Op::PutInfo(id, info) => {
+                self.info.insert(*id, *info);
+            }
+            Op::PutService(key, value) => {
+                self.services.insert(*key, *value);
+            }
+            Op::DeleteService(key) => {
+                self.services.remove(key);
+            }
+            Op::DeleteSlot(key) => {
+                self.slots.remove(key);
+            }
+            Op::DeleteInfo(id) => {
+                self.info.remove(id);
+            }
+            Op::DeleteBackend(id) => {
+                self.backends.remove(id);
+            }
+        }
+    }
+
+    /// The slots of service `id` (all of them, also any beyond its count), in slot order.
+    pub fn slots_of(&self, id: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
+        let start = SlotKey {
+            svc_id: id,
+            slot: 0,
+        };
+        self.slots
+            .range(start..)
+            .take_while(move |(k, _)| k.svc_id == id)
+    }
+
+    /// Checks what the kernel relies on: every slot a service's count covers exists and
+    /// names an existing backend, and every service has its info. An error names the first
+    /// violation.
+    pub fn check_lookups(&self) -> Result<(), String> {
+        for (key, value) in &self.services {
+            let frontend = crate::addr::frontend_string(key);
+            if !self.info.contains_key(&value.id) {
+                return Err(format!("{frontend} (id {}) has no info", value.id));
+            }
+            for slot in 0..u32::from(value.count) {
+                let Some(backend) = self.slots.get(&SlotKey {
+                    svc_id: value.id,
+                    slot,
+                }) else {
+                    return Err(format!("{frontend} (id {}) misses slot {slot}", value.id));
+                };
+                if !self.backends.contains_key(backend) {
+                    return Err(format!(
+                        "{frontend} slot {slot} names missing backend {backend}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Capacity of each map the agent writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Service map (also the service-info map).
+    pub services: u32,
+    /// Slot map.
+    pub slots: u32,
+    /// Backend map.
+    pub backends: u32,
+}
+
+/// A failed datapath read or write.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// A write failed; the maps hold what they held before it.
+    #[error("writing {op:?}: {source}")]
+    Write {
+        /// The write.
+        op: Box<Op>,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A map could not be read.
+    #[error("reading map {map}: {source}")]
+    Read {
+        /// The map's name.
+        map: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Where the agent writes.
+pub trait Datapath {
+    /// Everything the maps hold now.
+    fn read(&self) -> Result<Contents, DatapathError>;
+    /// Performs one write. On error nothing was written.
+    fn apply(&mut self, op: &Op) -> Result<(), DatapathError>;
+    /// The maps' capacities.
+    fn capacities(&self) -> Capacities;
+}

@@ -1,0 +1,678 @@
+//! What the datapath should hold for one Kubernetes service: pure, no I/O.
+//!
+//! [`desired`] turns a Service and its EndpointSlices into frontends (cluster IP x port x
+//! protocol), each with the backends that should receive new connections, following
+//! kube-proxy's rules:
+//! - every cluster IP of the service (`clusterIPs`, else `clusterIP`), each family served by
+//!   the EndpointSlices of its own address type; headless and ExternalName services have none;
+//! - service ports match EndpointSlice ports by name and protocol, so a `targetPort` given by
+//!   name works: the slice carries the resolved number;
+//! - the endpoints of a service are the union of its slices, deduplicated by address and port;
+//! - ready endpoints get traffic; when none is ready, endpoints that are serving and
+//!   terminating do (graceful termination); otherwise the frontend has no backends and
+//!   connects are refused.
+//!
+//! A service that cannot be programmed as a whole (an invalid cluster IP, a port out of
+//! range, an unknown protocol, too many backends) is a [`Rejection`]; the caller keeps what
+//! it programmed before. A flaw in one endpoint only skips that endpoint, with a note.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use lb_common::{
+    Endpoint, ServiceKey,
+    service::{NAME_MAX, PORT_NAME_MAX},
+};
+
+use crate::addr::{to_addr6, to_endpoint};
+
+/// Label naming the service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A namespaced object's identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// The namespace (`default` when the object has none).
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A reference from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The identity of an object, or `None` when it has no name.
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+        Some(Self::new(
+            meta.namespace.as_deref().unwrap_or("default"),
+            name,
+        ))
+    }
+
+    /// The service an EndpointSlice belongs to, from its label.
+    pub fn owner_of_slice(slice: &EndpointSlice) -> Option<Self> {
+        let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        let slice_ref = Self::of(&slice.metadata)?;
+        Some(Self::new(slice_ref.namespace, service.as_str()))
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Limits that apply to every service.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Most backends one frontend may have.
+    pub max_backends_per_service: usize,
+}
+
+/// One frontend as it should be programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    /// Cluster IP, port and protocol.
+    pub key: ServiceKey,
+    /// The service port's name (empty when unnamed).
+    pub port_name: String,
+    /// The backends for new connections, sorted, without duplicates.
+    pub backends: Vec<Endpoint>,
+}
+
+/// What one service should look like in the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Its frontends.
+    pub frontends: Vec<DesiredFrontend>,
+    /// Parts that were skipped and why (an unsupported protocol, a bad endpoint address).
+    pub notes: Vec<String>,
+}
+
+/// Why a service cannot be programmed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// A name that does not fit the datapath's service-info record.
+    #[error("{what} {value:?} is longer than {max} bytes")]
+    NameTooLong {
+        /// Which name.
+        what: &'static str,
+        /// The name.
+        value: String,
+        /// The limit.
+        max: usize,
+    },
+    /// A cluster IP that is not an IP address.
+    #[error("cluster IP {0:?} is not a valid IP address")]
+    InvalidClusterIp(String),
+    /// Two cluster IPs of one family.
+    #[error("cluster IPs {0} and {1} are of the same family")]
+    DuplicateFamily(IpAddr, IpAddr),
+    /// A service port outside 1-65535.
+    #[error("port {port} is out of range 1-65535")]
+    InvalidPort {
+        /// The port.
+        port: i32,
+    },
+    /// A protocol other than TCP, UDP or SCTP.
+    #[error("port {port} has unknown protocol {protocol:?}")]
+    UnknownProtocol {
+        /// The port.
+        port: i32,
+        /// The protocol.
+        protocol: String,
+    },
+    /// The same port and protocol twice.
+    #[error("port {port}/{protocol} is listed twice")]
+    DuplicatePort {
+        /// The port.
+        port: u16,
+        /// The protocol.
+        protocol: String,
+    },
+    /// More backends than a frontend may have.
+    #[error("{count} backends for {frontend}, over the limit of {limit}")]
+    TooManyBackends {
+        /// The frontend, `VIP:port/PROTO`.
+        frontend: String,
+        /// How many backends it would have.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl Rejection {
+    /// A short, stable label for counting rejections by reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NameTooLong { .. } => "name_too_long",
+            Self::InvalidClusterIp(_) => "invalid_cluster_ip",
+            Self::DuplicateFamily(..) => "duplicate_family",
+            Self::InvalidPort { .. } => "invalid_port",
+            Self::UnknownProtocol { .. } => "unknown_protocol",
+            Self::DuplicatePort { .. } => "duplicate_port",
+            Self::TooManyBackends { .. } => "too_many_backends",
+        }
+    }
+}
+
+/// A validated service port.
+struct Port<'a> {
+    name: &'a str,
+    port: u16,
+    protocol: &'a str,
+    proto: u8,
+}
+
+/// How an endpoint may be used, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Usable {
+    Ready,
+    ServingTerminating,
+    No,
+}
+
+/// An EndpointSlice reduced to what the model needs.
+struct ParsedSlice<'a> {
+    ipv6: bool,
+    /// (name, protocol, port) of each valid slice port.
+    ports: Vec<(&'a str, &'a str, u16)>,
+    endpoints: Vec<(IpAddr, Usable)>,
+}
+
+/// The frontends of `svc` with their backends from `slices` (the slices labelled with the
+/// service's name, in its namespace).
+pub fn desired<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    limits: &Limits,
+) -> Result<Desired, Rejection> {
+    let mut out = Desired::default();
+    check_len(
+        "namespace",
+        svc.metadata.namespace.as_deref().unwrap_or(""),
+        NAME_MAX,
+    )?;
+    check_len("name", svc.metadata.name.as_deref().unwrap_or(""), NAME_MAX)?;
+    let Some(spec) = &svc.spec else {
+        return Ok(out);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(out);
+    }
+    let Some(ips) = cluster_ips(
+        spec.cluster_ips.as_deref().unwrap_or_default(),
+        spec.cluster_ip.as_deref(),
+    )?
+    else {
+        return Ok(out); // headless
+    };
+    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut out.notes)?;
+    if ips.is_empty() || ports.is_empty() {
+        return Ok(out);
+    }
+    let slices: Vec<ParsedSlice<'_>> = slices
+        .into_iter()
+        .filter_map(|s| parse_slice(s, &mut out.notes))
+        .collect();
+
+    for ip in &ips {
+        for port in &ports {
+            let key = ServiceKey::new(to_addr6(*ip), port.port.to_be(), port.proto);
+            let backends = backends_for(ip.is_ipv6(), port, &slices);
+            if backends.len() > limits.max_backends_per_service {
+                return Err(Rejection::TooManyBackends {
+                    frontend: crate::addr::frontend_string(&key),
+                    count: backends.len(),
+                    limit: limits.max_backends_per_service,
+                });
+            }
+            out.frontends.push(DesiredFrontend {
+                key,
+                port_name: port.name.to_owned(),
+                backends,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), Rejection> {
+    if value.len() > max {
+        return Err(Rejection::NameTooLong {
+            what,
+            value: value.to_owned(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The service's cluster IPs, or `None` for a headless service.
+fn cluster_ips(list: &[String], single: Option<&str>) -> Result<Option<Vec<IpAddr>>, Rejection> {
+    let raw: Vec<&str> = if list.is_empty() {
+        single.into_iter().collect()
+    } else {
+        list.iter().map(String::as_str).collect()
+    };
+    if raw.contains(&"None") {
+        return Ok(None);
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    // An empty string is a cluster IP not allocated yet.
+    for s in raw.into_iter().filter(|s| !s.is_empty()) {
+        let ip: IpAddr = s
+            .parse()
+            .ok()
+            .filter(|ip: &IpAddr| !ip.is_unspecified() && ip.to_canonical() == *ip)
+            .ok_or_else(|| Rejection::InvalidClusterIp(s.to_owned()))?;
+        if let Some(other) = ips.iter().find(|o| o.is_ipv6() == ip.is_ipv6()) {
+            return Err(Rejection::DuplicateFamily(*other, ip));
+        }
+        ips.push(ip);
+    }
+    Ok(Some(ips))
+}
+
+fn service_ports<'a>(
+    ports: &'a [k8s_openapi::api::core::v1::ServicePort],
+    notes: &mut Vec<String>,
+) -> Result<Vec<Port<'a>>, Rejection> {
+    let mut out: Vec<Port<'a>> = Vec::new();
+    for p in ports {
+        let name = p.name.as_deref().unwrap_or("");
+        check_len("port name", name, PORT_NAME_MAX)?;
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|&n| n != 0)
+            .ok_or(Rejection::InvalidPort { port: p.port })?;
+        let protocol = p.protocol.as_deref().unwrap_or("TCP");
+        let proto = match protocol {
+            "TCP" => lb_common::proto::TCP,
+            "UDP" => lb_common::proto::UDP,
+            "SCTP" => {
+                notes.push(format!(
+                    "port {port}/SCTP skipped: the socket hooks balance TCP and UDP only"
+                ));
+                continue;
+            }
+            other => {
+                return Err(Rejection::UnknownProtocol {
+                    port: p.port,
+                    protocol: other.to_owned(),
+                });
+            }
+        };
+        if out.iter().any(|o| o.port == port && o.proto == proto) {
+            return Err(Rejection::DuplicatePort {
+                port,
+                protocol: protocol.to_owned(),
+            });
+        }
+        out.push(Port {
+            name,
+            port,
+            protocol,
+            proto,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_slice<'a>(slice: &'a EndpointSlice, notes: &mut Vec<String>) -> Option<ParsedSlice<'a>> {
+    let name = slice.metadata.name.as_deref().unwrap_or("?");
+    let ipv6 = match slice.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        _ => return None, // FQDN slices are not balanced by a proxy
+    };
+    let mut ports = Vec::new();
+    for p in slice.ports.iter().flatten() {
+        let pname = p.name.as_deref().unwrap_or("");
+        let protocol = p.protocol.as_deref().unwrap_or("TCP");
+        match p
+            .port
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0)
+        {
+            Some(port) => ports.push((pname, protocol, port)),
+            None => notes.push(format!(
+                "EndpointSlice {name}: port {pname:?} has no valid number; skipped"
+            )),
+        }
+    }
+    let mut endpoints = Vec::new();
+    for ep in slice.endpoints.iter().flatten() {
+        // Addresses of one endpoint are fungible; like kube-proxy, use the first.
+        let Some(raw) = ep.addresses.first() else {
+            continue;
+        };
+        match raw.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv6() == ipv6 && ip.to_canonical() == ip && !ip.is_unspecified() => {
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                let usable = if ready {
+                    Usable::Ready
+                } else if serving && terminating {
+                    Usable::ServingTerminating
+                } else {
+                    Usable::No
+                };
+                endpoints.push((ip, usable));
+            }
+            _ => notes.push(format!(
+                "EndpointSlice {name}: address {raw:?} is not a valid {} address; skipped",
+                if ipv6 { "IPv6" } else { "IPv4" }
+            )),
+        }
+    }
+    Some(ParsedSlice {
+        ipv6,
+        ports,
+        endpoints,
+    })
+}
+
+/// The backends of one frontend: ready endpoints, else serving-and-terminating ones.
+fn backends_for(ipv6: bool, port: &Port<'_>, slices: &[ParsedSlice<'_>]) -> Vec<Endpoint> {
+    // The best state each (address, port) has in any slice.
+    let mut best: BTreeMap<Endpoint, Usable> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.ipv6 == ipv6) {
+        let Some(&(_, _, target)) = slice
+            .ports
+            .iter()
+            .find(|(n, proto, _)| *n == port.name && *proto == port.protocol)
+        else {
+            continue;
+        };
+        for &(ip, usable) in &slice.endpoints {
+            let ep = to_endpoint((ip, target).into());
+            best.entry(ep)
+                .and_modify(|u| *u = (*u).min(usable))
+                .or_insert(usable);
+        }
+    }
+    let pick = |want: Usable| -> BTreeSet<Endpoint> {
+        best.iter()
+            .filter(|&(_, u)| *u == want)
+            .map(|(ep, _)| *ep)
+            .collect()
+    };
+    let ready = pick(Usable::Ready);
+    let chosen = if ready.is_empty() {
+        pick(Usable::ServingTerminating)
+    } else {
+        ready
+    };
+    chosen.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        addr::{frontend_string, to_socket_addr},
+        testutil::{self, Ep, Port, ready},
+    };
+
+    const LIMITS: Limits = Limits {
+        max_backends_per_service: 4,
+    };
+
+    fn service(ips: &[&str], ports: &[Port<'_>]) -> Service {
+        testutil::service("prod", "web", ips, ports)
+    }
+
+    fn slice(family: &str, ports: &[Port<'_>], eps: &[Ep<'_>]) -> EndpointSlice {
+        testutil::slice("prod", "web-abc", "web", family, ports, eps)
+    }
+
+    /// Frontends as strings: "VIP:port/PROTO -> [backends]".
+    fn render(d: &Desired) -> Vec<String> {
+        d.frontends
+            .iter()
+            .map(|f| {
+                let bs: Vec<String> = f
+                    .backends
+                    .iter()
+                    .map(|b| to_socket_addr(b).to_string())
+                    .collect();
+                format!("{} -> [{}]", frontend_string(&f.key), bs.join(" "))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ports_match_slices_by_name_and_protocol() {
+        let svc = service(
+            &["10.96.0.10"],
+            &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+        );
+        let s = slice(
+            "IPv4",
+            &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2")],
+        );
+        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        assert_eq!(
+            render(&d),
+            [
+                "10.96.0.10:53/UDP -> [10.0.0.1:5353 10.0.0.2:5353]",
+                "10.96.0.10:53/TCP -> [10.0.0.1:5354 10.0.0.2:5354]",
+            ]
+        );
+        assert_eq!(d.frontends[0].port_name, "dns");
+    }
+
+    #[test]
+    fn only_ready_endpoints_while_any_is_ready() {
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let s = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[
+                ready("10.0.0.1"),
+                ("10.0.0.2", Some(false), Some(false), Some(false)),
+                ("10.0.0.3", Some(false), Some(true), Some(true)),
+                // Unset conditions mean ready.
+                ("10.0.0.4", None, None, None),
+            ],
+        );
+        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        assert_eq!(
+            render(&d),
+            ["10.96.0.1:80/TCP -> [10.0.0.1:8080 10.0.0.4:8080]"]
+        );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_when_none_is_ready() {
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let s = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[
+                ("10.0.0.2", Some(false), Some(false), Some(true)),
+                ("10.0.0.3", Some(false), Some(true), Some(true)),
+            ],
+        );
+        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.3:8080]"]);
+    }
+
+    #[test]
+    fn no_usable_endpoint_is_a_frontend_without_backends() {
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let s = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[("10.0.0.2", Some(false), Some(false), Some(false))],
+        );
+        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
+        let d = desired(&svc, [], &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
+    }
+
+    #[test]
+    fn slices_are_unioned_and_deduplicated() {
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let a = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2")],
+        );
+        let b = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.2"), ready("10.0.0.3")],
+        );
+        let d = desired(&svc, [&a, &b], &LIMITS).unwrap();
+        assert_eq!(
+            render(&d),
+            ["10.96.0.1:80/TCP -> [10.0.0.1:8080 10.0.0.2:8080 10.0.0.3:8080]"]
+        );
+    }
+
+    #[test]
+    fn dual_stack_uses_each_familys_slices() {
+        let svc = service(&["10.96.0.1", "fd00:96::1"], &[("", 80, "TCP")]);
+        let v4 = slice("IPv4", &[("", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let v6 = slice("IPv6", &[("", 8080, "TCP")], &[ready("fd00:244::1")]);
+        let d = desired(&svc, [&v4, &v6], &LIMITS).unwrap();
+        assert_eq!(
+            render(&d),
+            [
+                "10.96.0.1:80/TCP -> [10.0.0.1:8080]",
+                "[fd00:96::1]:80/TCP -> [[fd00:244::1]:8080]",
+            ]
+        );
+    }
+
+    #[test]
+    fn headless_external_name_and_unallocated_have_no_frontends() {
+        let mut svc = service(&["None"], &[("", 80, "TCP")]);
+        assert_eq!(desired(&svc, [], &LIMITS).unwrap().frontends, []);
+        svc.spec.as_mut().unwrap().cluster_ips = Some(vec![]);
+        assert_eq!(desired(&svc, [], &LIMITS).unwrap().frontends, []);
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        svc.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+        assert_eq!(desired(&svc, [], &LIMITS).unwrap().frontends, []);
+    }
+
+    #[test]
+    fn single_cluster_ip_field_is_used_when_the_list_is_absent() {
+        let mut svc = service(&[], &[("", 80, "TCP")]);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ips = None;
+        spec.cluster_ip = Some("10.96.0.7".into());
+        let d = desired(&svc, [], &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.7:80/TCP -> []"]);
+    }
+
+    #[test]
+    fn invalid_services_are_rejected() {
+        let cases: [(Service, &str); 7] = [
+            (
+                service(&["10.96.0.300"], &[("", 80, "TCP")]),
+                "invalid_cluster_ip",
+            ),
+            (
+                service(&["::ffff:10.0.0.1"], &[("", 80, "TCP")]),
+                "invalid_cluster_ip",
+            ),
+            (
+                service(&["10.0.0.1", "10.0.0.2"], &[("", 80, "TCP")]),
+                "duplicate_family",
+            ),
+            (
+                service(&["10.96.0.1"], &[("", 70000, "TCP")]),
+                "invalid_port",
+            ),
+            (service(&["10.96.0.1"], &[("", 0, "TCP")]), "invalid_port"),
+            (
+                service(&["10.96.0.1"], &[("", 80, "QUIC")]),
+                "unknown_protocol",
+            ),
+            (
+                service(&["10.96.0.1"], &[("a", 80, "TCP"), ("b", 80, "TCP")]),
+                "duplicate_port",
+            ),
+        ];
+        for (svc, reason) in cases {
+            let err = desired(&svc, [], &LIMITS).unwrap_err();
+            assert_eq!(err.reason(), reason, "{err}");
+        }
+    }
+
+    #[test]
+    fn too_many_backends_is_rejected() {
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let eps: Vec<String> = (1..=5).map(|i| format!("10.0.0.{i}")).collect();
+        let eps: Vec<Ep<'_>> = eps.iter().map(|a| ready(a)).collect();
+        let s = slice("IPv4", &[("", 8080, "TCP")], &eps);
+        let err = desired(&svc, [&s], &LIMITS).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "5 backends for 10.96.0.1:80/TCP, over the limit of 4"
+        );
+    }
+
+    #[test]
+    fn sctp_ports_are_skipped_with_a_note() {
+        let svc = service(&["10.96.0.1"], &[("a", 80, "TCP"), ("b", 90, "SCTP")]);
+        let d = desired(&svc, [], &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
+        assert_eq!(d.notes.len(), 1, "{:?}", d.notes);
+    }
+
+    #[test]
+    fn bad_endpoint_addresses_are_skipped_with_a_note() {
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let s = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("fd00::1"), ready("10.0.0.999")],
+        );
+        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.1:8080]"]);
+        assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
+    }
+
+    #[test]
+    fn long_names_are_rejected() {
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        svc.metadata.name = Some("x".repeat(64));
+        assert_eq!(
+            desired(&svc, [], &LIMITS).unwrap_err().reason(),
+            "name_too_long"
+        );
+    }
+
+    #[test]
+    fn slice_owner_comes_from_the_label() {
+        let s = slice("IPv4", &[], &[]);
+        assert_eq!(
+            ObjectRef::owner_of_slice(&s),
+            Some(ObjectRef::new("prod", "web"))
+        );
+    }
+}

@@ -1,0 +1,627 @@
+//! From desired frontends to ordered map writes.
+//!
+//! The [`Reconciler`] keeps a mirror of the maps ([`Contents`]), read back from the datapath
+//! at start (so a restarted agent adopts what is programmed), and updated with each write
+//! that succeeds, so it always equals the maps. A sync recomputes only the services that
+//! changed and writes only the differences, per frontend in this order:
+//!
+//! new backends, slots, the service's info, the service entry (its backend count), slots
+//! beyond the new count, and last backends no slot names any more.
+//!
+//! Removal is the reverse: the service entry first. So every prefix of the writes is a state
+//! in which any lookup finds a whole service (old or new), and a write that fails leaves the
+//! maps consistent; the frontend is retried on the next sync.
+//!
+//! Slots keep their backends where possible: replacing one of N backends rewrites one slot.
+//! Ids are the lowest free ones. Capacity is checked before a frontend is touched: a change
+//! that would overflow a map is refused and the frontend keeps what it had.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use lb_common::{Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps};
+
+use crate::{
+    datapath::{Capacities, Contents, Datapath, DatapathError, Op},
+    model::{self, DesiredFrontend, Limits, ObjectRef, Rejection},
+    store::Store,
+};
+
+/// A frontend two services claim; the first (by namespace and name) programs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// The frontend.
+    pub frontend: ServiceKey,
+    /// The service that programs it.
+    pub winner: ObjectRef,
+    /// The service that is ignored for it.
+    pub loser: ObjectRef,
+}
+
+/// A frontend change refused because a map would overflow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFull {
+    /// The service.
+    pub service: ObjectRef,
+    /// The frontend, which keeps what it had.
+    pub frontend: ServiceKey,
+    /// The map that is too small.
+    pub map: &'static str,
+    /// Its capacity.
+    pub capacity: u32,
+}
+
+/// What one sync did.
+#[derive(Debug, Default)]
+pub struct SyncReport {
+    /// Map writes performed.
+    pub writes: usize,
+    /// Frontends added, changed or removed.
+    pub frontends_changed: usize,
+    /// Services that could not be programmed; what they had is kept.
+    pub rejected: Vec<(ObjectRef, Rejection)>,
+    /// Parts of services that were skipped, and why.
+    pub notes: Vec<(ObjectRef, String)>,
+    /// Frontends claimed by more than one service.
+    pub conflicts: Vec<Conflict>,
+    /// Frontend changes refused for lack of map space.
+    pub full: Vec<MapFull>,
+    /// Writes that failed; their frontends are retried on the next sync.
+    pub errors: Vec<DatapathError>,
+}
+
+/// Lowest-free id allocation.
+#[derive(Debug, Default)]
+struct Ids {
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let mut ids = Self {
+            next: 1,
+            free: BTreeSet::new(),
+        };
+        for id in used {
+            ids.mark_used(id);
+        }
+        ids
+    }
+
+    fn take(&mut self) -> u32 {
+        self.free.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn mark_used(&mut self, id: u32) {
+        if id >= self.next {
+            self.free.extend(self.next..id);
+            self.next = id + 1;
+        } else {
+            self.free.remove(&id);
+        }
+    }
+
+    fn release(&mut self, id: u32) {
+        if id < self.next {
+            self.free.insert(id);
+        }
+    }
+}
+
+/// Lookups derived from the mirror, kept up to date write by write.
+#[derive(Debug, Default)]
+struct Index {
+    backend_ids: HashMap<Endpoint, u32>,
+    backend_refs: HashMap<u32, u32>,
+    service_ids: Ids,
+    backend_alloc: Ids,
+}
+
+impl Index {
+    fn build(c: &Contents) -> Self {
+        let mut backend_refs: HashMap<u32, u32> = HashMap::new();
+        for b in c.slots.values() {
+            *backend_refs.entry(*b).or_default() += 1;
+        }
+        Self {
+            backend_ids: c.backends.iter().map(|(id, ep)| (*ep, *id)).collect(),
+            backend_refs,
+            service_ids: Ids::from_used(c.services.values().map(|v| v.id)),
+            backend_alloc: Ids::from_used(c.backends.keys().copied()),
+        }
+    }
+
+    fn unref(&mut self, backend: u32) {
+        if let Some(n) = self.backend_refs.get_mut(&backend) {
+            *n -= 1;
+            if *n == 0 {
+                self.backend_refs.remove(&backend);
+            }
+        }
+    }
+
+    /// Updates the index for `op`, given the mirror before it.
+    fn note(&mut self, before: &Contents, op: &Op) {
+        match op {
+            Op::PutBackend(id, ep) => {
+                if let Some(old) = before.backends.get(id) {
+                    self.backend_ids.remove(old);
+                }
+                self.backend_ids.insert(*ep, *id);
+                self.backend_alloc.mark_used(*id);
+            }
+            Op::DeleteBackend(id) => {
+                if let Some(old) = before.backends.get(id) {
+                    self.backend_ids.remove(old);
+                    self.backend_alloc.release(*id);
+                }
+            }
+            Op::PutSlot(key, backend) => {
+                if let Some(old) = before.slots.get(key) {
+                    self.unref(*old);
+                }
+                *self.backend_refs.entry(*backend).or_default() += 1;
+            }
+            Op::DeleteSlot(key) => {
+                if let Some(old) = before.slots.get(key) {
+                    self.unref(*old);
+                }
+            }
+            Op::PutService(_, value) => self.service_ids.mark_used(value.id),
+            Op::DeleteService(key) => {
+                if let Some(old) = before.services.get(key) {
+                    self.service_ids.release(old.id);
+                }
+            }
+            Op::PutInfo(..) | Op::DeleteInfo(_) => {}
+        }
+    }
+}
+
+/// Keeps a datapath equal to the desired state of the services in a [`Store`].
+pub struct Reconciler<D: Datapath> {
+    dp: D,
+    mirror: Contents,
+    idx: Index,
+    caps: Capacities,
+    limits: Limits,
+    /// The last good frontends of each service.
+    desired: BTreeMap<ObjectRef, Vec<DesiredFrontend>>,
+    /// The services claiming each frontend.
+    claims: BTreeMap<ServiceKey, BTreeSet<ObjectRef>>,
+    /// Frontends whose writes failed, retried on the next sync.
+    retry: BTreeSet<ServiceKey>,
+    /// Whether entries nothing refers to may exist (after a restart or a failed write).
+    garbage: bool,
+    synced: bool,
+}
+
+impl<D: Datapath> Reconciler<D> {
+    /// A reconciler that adopts what `dp` holds. Nothing is written until the first
+    /// [`Self::sync`], which must be given the complete state of the sources: frontends
+    /// that no service claims then are removed.
+    pub fn new(dp: D, limits: Limits) -> Result<Self, DatapathError> {
+        let mirror = dp.read()?;
+        Ok(Self {
+            idx: Index::build(&mirror),
+            caps: dp.capacities(),
+            dp,
+            mirror,
+            limits,
+            desired: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            retry: BTreeSet::new(),
+            garbage: true,
+            synced: false,
+        })
+    }
+
+    /// What the maps hold.
+    pub fn contents(&self) -> &Contents {
+        &self.mirror
+    }
+
+    /// The datapath.
+    pub fn datapath(&self) -> &D {
+        &self.dp
+    }
+
+    /// Whether a sync should run again soon to retry failed writes.
+    pub fn needs_retry(&self) -> bool {
+        !self.retry.is_empty()
+    }
+
+    /// Brings the frontends of the `dirty` services (and of frontends awaiting a retry) to
+    /// what `store` asks for. The first sync considers every service and every programmed
+    /// frontend.
+    pub fn sync(&mut self, store: &Store, dirty: BTreeSet<ObjectRef>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let mut touched: BTreeSet<ServiceKey> = std::mem::take(&mut self.retry);
+        let first = !self.synced;
+        let mut dirty = dirty;
+        if first {
+            dirty.extend(store.service_refs().cloned());
+            touched.extend(self.mirror.services.keys().copied());
+        }
+
+        for owner in dirty {
+            let new = match store.service(&owner) {
+                None => None,
+                Some(svc) => {
+                    match model::desired(svc, store.slices_of(&owner), &self.limits) {
+                        Ok(d) => {
+                            report
+                                .notes
+                                .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
+                            Some(d.frontends)
+                        }
+                        Err(rejection) => {
+                            if first {
+                                // Keep what an earlier run programmed for it.
+                                let adopted = self.adopt(&owner);
+                                if !adopted.is_empty() {
+                                    self.set_desired(&owner, Some(adopted), &mut touched);
+                                }
+                            }
+                            report.rejected.push((owner, rejection));
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.set_desired(&owner, new, &mut touched);
+        }
+
+        let mut removals = Vec::new();
+        for key in touched {
+            let Some(claimants) = self.claims.get(&key) else {
+                removals.push(key);
+                continue;
+            };
+            let mut claimants = claimants.iter();
+            let winner = claimants
+                .next()
+                .expect("claim sets are never empty")
+                .clone();
+            report.conflicts.extend(claimants.map(|loser| Conflict {
+                frontend: key,
+                winner: winner.clone(),
+                loser: loser.clone(),
+            }));
+            let frontend = self.desired[&winner]
+                .iter()
+                .find(|f| f.key == key)
+                .expect("claims follow desired")
+                .clone();
+            self.upsert(&winner, &frontend, &mut report);
+        }
+        for key in removals {
+            self.remove(&key, &mut report);
+        }
+        if self.garbage && report.errors.is_empty() {
+            self.collect_garbage(&mut report);
+        }
+        self.synced = true;
+        report
+    }
+
+    /// Replaces the desired frontends of `owner`, updating claims and noting every frontend
+    /// whose claims changed.
+    fn set_desired(
+        &mut self,
+        owner: &ObjectRef,
+        new: Option<Vec<DesiredFrontend>>,
+        touched: &mut BTreeSet<ServiceKey>,
+    ) {
+        let old = match new {
+            Some(frontends) => self.desired.insert(owner.clone(), frontends),
+            None => self.desired.remove(owner),
+        };
+        for f in old.iter().flatten() {
+            touched.insert(f.key);
+            if let Some(set) = self.claims.get_mut(&f.key) {
+                set.remove(owner);
+                if set.is_empty() {
+                    self.claims.remove(&f.key);
+                }
+            }
+        }
+        for f in self.desired.get(owner).into_iter().flatten() {
+            touched.insert(f.key);
+            self.claims.entry(f.key).or_default().insert(owner.clone());
+        }
+    }
+
+    /// The frontends the maps hold for `owner`, as desired frontends.
+    fn adopt(&self, owner: &ObjectRef) -> Vec<DesiredFrontend> {
+        let m = &self.mirror;
+        m.services
+            .iter()
+            .filter_map(|(key, value)| {
+                let info = m.info.get(&value.id)?;
+                if info.namespace()? != owner.namespace || info.name()? != owner.name {
+                    return None;
+                }
+                let mut backends: Vec<Endpoint> = m
+                    .slots_of(value.id)
+                    .filter(|(k, _)| k.slot < u32::from(value.count))
+                    .filter_map(|(_, b)| m.backends.get(b).copied())
+                    .collect();
+                backends.sort();
+                backends.dedup();
+                Some(DesiredFrontend {
+                    key: *key,
+                    port_name: info.port_name()?.to_owned(),
+                    backends,
+                })
+            })
+            .collect()
+    }
+
+    /// Performs one write and records it in the mirror.
+    fn write(&mut self, op: Op, report: &mut SyncReport) -> Result<(), ()> {
+        match self.dp.apply(&op) {
+            Ok(()) => {
+                self.idx.note(&self.mirror, &op);
+                self.mirror.apply(&op);
+                report.writes += 1;
+                Ok(())
+            }
+            Err(e) => {
+                report.errors.push(e);
+                self.garbage = true;
+                Err(())
+            }
+        }
+    }
+
+    fn write_all(&mut self, ops: Vec<Op>, report: &mut SyncReport) -> Result<(), ()> {
+        ops.into_iter().try_for_each(|op| self.write(op, report))
+    }
+
+    /// Programs one frontend for `owner` as `want` describes it.
+    fn upsert(&mut self, owner: &ObjectRef, want: &DesiredFrontend, report: &mut SyncReport) {
+        let key = want.key;
+        let Some(info) = ServiceInfo::new(&owner.namespace, &owner.name, &want.port_name) else {
+            // The model checks lengths; this only guards the invariant.
+            report.rejected.push((
+                owner.clone(),
+                Rejection::NameTooLong {
+                    what: "service",
+                    value: owner.to_string(),
+                    max: lb_common::service::NAME_MAX,
+                },
+            ));
+            return;
+        };
+        let existing = self.mirror.services.get(&key).copied();
+        let mut taken_backends = Vec::new();
+        let mut new_backends = Vec::new();
+        let ids: Vec<u32> = want
+            .backends
+            .iter()
+            .map(|ep| match self.idx.backend_ids.get(ep) {
+                Some(id) => *id,
+                None => {
+                    let id = self.idx.backend_alloc.take();
+                    taken_backends.push(id);
+                    new_backends.push(Op::PutBackend(id, *ep));
+                    id
+                }
+            })
+            .collect();
+        let taken_service = existing.is_none().then(|| self.idx.service_ids.take());
+        let id = existing.map_or_else(|| taken_service.expect("taken above"), |v| v.id);
+        let old_count = existing.map_or(0, |v| u32::from(v.count));
+        let old: Vec<Option<u32>> = (0..old_count)
+            .map(|slot| {
+                self.mirror
+                    .slots
+                    .get(&SlotKey { svc_id: id, slot })
+                    .copied()
+            })
+            .collect();
+        let slots = arrange(&old, &ids);
+        let value = ServiceValue {
+            id,
+            count: u16::try_from(slots.len()).expect("the model limits backends to u16"),
+            flags: 0,
+        };
+
+        // Gives back the ids taken above that no write has put in the maps.
+        let release = |idx: &mut Index, mirror: &Contents| {
+            for b in taken_backends
+                .iter()
+                .filter(|b| !mirror.backends.contains_key(b))
+            {
+                idx.backend_alloc.release(*b);
+            }
+            if let Some(s) = taken_service.filter(|_| !mirror.services.contains_key(&key)) {
+                idx.service_ids.release(s);
+            }
+        };
+        if let Some(full) = self.overflow(id, existing.is_none(), slots.len(), new_backends.len()) {
+            release(&mut self.idx, &self.mirror);
+            report.full.push(MapFull {
+                service: owner.clone(),
+                frontend: key,
+                map: full.0,
+                capacity: full.1,
+            });
+            return;
+        }
+
+        let mut ops = new_backends;
+        for (slot, backend) in (0u32..).zip(&slots) {
+            let k = SlotKey { svc_id: id, slot };
+            if self.mirror.slots.get(&k) != Some(backend) {
+                ops.push(Op::PutSlot(k, *backend));
+            }
+        }
+        if self.mirror.info.get(&id) != Some(&info) {
+            ops.push(Op::PutInfo(id, info));
+        }
+        if existing != Some(value) {
+            ops.push(Op::PutService(key, value));
+        }
+        let previous: BTreeSet<u32> = self.mirror.slots_of(id).map(|(_, b)| *b).collect();
+        ops.extend(
+            self.mirror
+                .slots_of(id)
+                .filter(|(k, _)| k.slot >= u32::from(value.count))
+                .map(|(k, _)| Op::DeleteSlot(*k)),
+        );
+        if ops.is_empty() {
+            return;
+        }
+        report.frontends_changed += 1;
+        let done = self
+            .write_all(ops, report)
+            .and_then(|()| self.delete_unreferenced(previous, report));
+        if done.is_err() {
+            release(&mut self.idx, &self.mirror);
+            self.retry.insert(key);
+        }
+    }
+
+    /// The map (name and capacity) that programming a frontend would overflow, if any.
+    fn overflow(
+        &self,
+        id: u32,
+        new_service: bool,
+        slots: usize,
+        new_backends: usize,
+    ) -> Option<(&'static str, u32)> {
+        let m = &self.mirror;
+        let new_slots = (0..slots as u32)
+            .filter(|&slot| !m.slots.contains_key(&SlotKey { svc_id: id, slot }))
+            .count();
+        let new_info = usize::from(!m.info.contains_key(&id));
+        let checks = [
+            (
+                maps::SERVICES,
+                m.services.len() + usize::from(new_service),
+                self.caps.services,
+            ),
+            (
+                maps::SERVICE_INFO,
+                m.info.len() + new_info,
+                self.caps.services,
+            ),
+            (maps::SLOTS, m.slots.len() + new_slots, self.caps.slots),
+            (
+                maps::BACKENDS,
+                m.backends.len() + new_backends,
+                self.caps.backends,
+            ),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, need, cap)| *need > *cap as usize)
+            .map(|(name, _, cap)| (name, cap))
+    }
+
+    /// Deletes those of `candidates` that no slot names any more.
+    fn delete_unreferenced(
+        &mut self,
+        candidates: BTreeSet<u32>,
+        report: &mut SyncReport,
+    ) -> Result<(), ()> {
+        let ops: Vec<Op> = candidates
+            .into_iter()
+            .filter(|b| {
+                !self.idx.backend_refs.contains_key(b) && self.mirror.backends.contains_key(b)
+            })
+            .map(Op::DeleteBackend)
+            .collect();
+        self.write_all(ops, report)
+    }
+
+    /// Removes a frontend: the service entry first, then its slots, info and backends.
+    fn remove(&mut self, key: &ServiceKey, report: &mut SyncReport) {
+        let Some(value) = self.mirror.services.get(key).copied() else {
+            return;
+        };
+        let previous: BTreeSet<u32> = self.mirror.slots_of(value.id).map(|(_, b)| *b).collect();
+        let mut ops = vec![Op::DeleteService(*key)];
+        ops.extend(
+            self.mirror
+                .slots_of(value.id)
+                .map(|(k, _)| Op::DeleteSlot(*k)),
+        );
+        ops.push(Op::DeleteInfo(value.id));
+        report.frontends_changed += 1;
+        let done = self
+            .write_all(ops, report)
+            .and_then(|()| self.delete_unreferenced(previous, report));
+        if done.is_err() {
+            self.retry.insert(*key);
+        }
+    }
+
+    /// Deletes what no service refers to: slots and info of ids without a service entry
+    /// (left by an interrupted run) and backends no slot names.
+    fn collect_garbage(&mut self, report: &mut SyncReport) {
+        let live: HashSet<u32> = self.mirror.services.values().map(|v| v.id).collect();
+        let mut ops: Vec<Op> = self
+            .mirror
+            .slots
+            .keys()
+            .filter(|k| !live.contains(&k.svc_id))
+            .map(|k| Op::DeleteSlot(*k))
+            .collect();
+        ops.extend(
+            self.mirror
+                .info
+                .keys()
+                .filter(|id| !live.contains(id))
+                .map(|id| Op::DeleteInfo(*id)),
+        );
+        let candidates: BTreeSet<u32> = self.mirror.backends.keys().copied().collect();
+        if self
+            .write_all(ops, report)
+            .and_then(|()| self.delete_unreferenced(candidates, report))
+            .is_ok()
+        {
+            self.garbage = false;
+        }
+    }
+}
+
+/// New slot contents for a service whose slots hold `old` (`None`: missing) and whose
+/// backends should be `want`: backends that stay keep their slot, new backends fill the
+/// freed slots first, and the slot list is compacted from its end.
+fn arrange(old: &[Option<u32>], want: &[u32]) -> Vec<u32> {
+    let wanted: HashSet<u32> = want.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut slots: Vec<Option<u32>> = old
+        .iter()
+        .map(|b| b.filter(|b| wanted.contains(b) && seen.insert(*b)))
+        .collect();
+    let mut missing = want.iter().filter(|b| !seen.contains(*b)).copied();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        *slot = missing.next();
+    }
+    slots.extend(missing.map(Some));
+    let mut i = 0;
+    while i < slots.len() {
+        if slots[i].is_some() {
+            i += 1;
+            continue;
+        }
+        let last = slots.pop().expect("i < len");
+        if i < slots.len() {
+            slots[i] = last;
+        }
+    }
+    slots
+        .into_iter()
+        .map(|s| s.expect("holes were filled"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
