@@ -1,0 +1,157 @@
+//! The agent: load or adopt the datapath, attach the programs, then keep the maps equal to
+//! what the source says, until stopped. Stopping leaves everything programmed: the pinned
+//! links and maps keep serving, and the next agent adopts them.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    addr::frontend_string,
+    config::AgentArgs,
+    datapath::{Datapath, DatapathError},
+    host::{self, HostError},
+    loader::{self, LoadError, Loaded, PinLayout},
+    reconcile::{Reconciler, SyncReport},
+    source::{self, SourceError},
+    store::Store,
+};
+
+/// How soon failed writes are retried.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A flag is wrong.
+    #[error("{0}")]
+    Config(String),
+    /// The host lacks something.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// Loading, attaching or cleaning up failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The maps could not be read.
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// The source failed.
+    #[error("source: {0}")]
+    Source(#[from] SourceError),
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs the agent with these arguments.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    args.validate().map_err(AgentError::Config)?;
+    let layout = PinLayout::new(&args.pin_dir);
+    if args.cleanup {
+        let done = loader::cleanup(&layout)?;
+        info!(links = done.links, maps = done.maps, dir = %layout.root().display(), "cleaned up: programs detached, maps removed");
+        return Ok(());
+    }
+    let source =
+        source::from_arg(args.source.as_deref().unwrap_or_default()).map_err(AgentError::Config)?;
+    if host::ensure_bpffs(&args.bpffs)? {
+        info!(path = %args.bpffs.display(), "mounted the BPF filesystem");
+    }
+    let cgroup = match &args.cgroup {
+        Some(path) => path.clone(),
+        None => host::cgroup2_root()?,
+    };
+    host::check_cgroup2(&cgroup)?;
+
+    let mut loaded = Loaded::load(&layout, &args.map_sizes())?;
+    let mut reconciler = Reconciler::new(loaded.datapath()?, args.limits())?;
+    let c = reconciler.contents();
+    info!(
+        frontends = c.services.len(), backends = c.backends.len(),
+        capacity = ?reconciler.datapath().capacities(), pins = %layout.root().display(),
+        "datapath ready (existing entries adopted)"
+    );
+    loaded.attach(&cgroup)?;
+    info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
+
+    let (tx, mut rx) = mpsc::channel(16);
+    info!(source = source.describe(), "starting source");
+    let mut source_task = tokio::spawn(source.run(tx));
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut store = Store::default();
+    let mut rejected_total: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut synced = false;
+
+    loop {
+        tokio::select! {
+            snapshot = rx.recv() => {
+                let Some(snapshot) = snapshot else {
+                    return match (&mut source_task).await {
+                        Ok(Err(e)) => Err(e.into()),
+                        _ => Err(AgentError::Config("the source stopped".into())),
+                    };
+                };
+                let started = Instant::now();
+                let mut dirty = store.replace(snapshot);
+                // Coalesce whatever else is already queued.
+                while let Ok(more) = rx.try_recv() {
+                    dirty.extend(store.replace(more));
+                }
+                let services = dirty.len();
+                let report = reconciler.sync(&store, dirty);
+                log_report(&report, &mut rejected_total);
+                let c = reconciler.contents();
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                if !synced {
+                    info!(frontends = c.services.len(), backends = c.backends.len(), writes = report.writes, elapsed_us, "initial sync done");
+                    synced = true;
+                } else if report.writes > 0 {
+                    info!(services, frontends_changed = report.frontends_changed, writes = report.writes, elapsed_us, "synced");
+                } else {
+                    debug!(services, elapsed_us, "synced, nothing to write");
+                }
+            }
+            _ = tokio::time::sleep(RETRY_AFTER), if reconciler.needs_retry() => {
+                let report = reconciler.sync(&store, Default::default());
+                log_report(&report, &mut rejected_total);
+                info!(writes = report.writes, "retried failed writes");
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    source_task.abort();
+    info!("stopping; the datapath stays programmed and the next agent adopts it");
+    Ok(())
+}
+
+fn log_report(report: &SyncReport, rejected_total: &mut BTreeMap<&'static str, u64>) {
+    for (service, rejection) in &report.rejected {
+        let total = rejected_total.entry(rejection.reason()).or_default();
+        *total += 1;
+        warn!(%service, reason = rejection.reason(), error = %rejection, rejected_total = *total,
+              "service not programmed; what it had before, if anything, is kept");
+    }
+    for (service, note) in &report.notes {
+        info!(%service, "{note}");
+    }
+    for c in &report.conflicts {
+        warn!(frontend = frontend_string(&c.frontend), programmed_by = %c.winner, ignored = %c.loser,
+              "two services claim one frontend; the first by namespace/name is used");
+    }
+    for f in &report.full {
+        error!(service = %f.service, frontend = frontend_string(&f.frontend), map = f.map, capacity = f.capacity,
+               "map full: the change is refused and the frontend keeps what it had; raise the capacity");
+    }
+    for e in &report.errors {
+        error!(error = %e, "datapath write failed; retrying in {RETRY_AFTER:?}");
+    }
+}

@@ -1,0 +1,323 @@
+//! What the CLI shows, computed from the maps' contents: pure, so it is unit-tested.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use comfy_table::{Table, presets::NOTHING};
+use lb_common::{ServiceKey, SlotKey, stats};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    addr::{frontend_string, protocol_name, to_ip, to_socket_addr},
+    datapath::Contents,
+};
+
+/// One frontend, as `lbctl services` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRow {
+    /// `VIP:port/PROTO`.
+    pub frontend: String,
+    /// Service id in the maps.
+    pub id: u32,
+    /// Number of backends.
+    pub backends: u16,
+    /// `namespace/name` of the Kubernetes service.
+    pub service: String,
+    /// The service port's name.
+    pub port_name: String,
+}
+
+/// One slot of a frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRow {
+    /// Slot number.
+    pub slot: u32,
+    /// Backend id.
+    pub backend_id: u32,
+    /// Backend address, or `None` if the backend is missing (an inconsistency).
+    pub backend: Option<SocketAddr>,
+}
+
+/// One frontend with its slots, as `lbctl service` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDetail {
+    /// The frontend.
+    #[serde(flatten)]
+    pub row: ServiceRow,
+    /// Its slots in order.
+    pub slots: Vec<SlotRow>,
+}
+
+/// One backend, as `lbctl backends` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendRow {
+    /// Backend id.
+    pub id: u32,
+    /// Address and port.
+    pub address: SocketAddr,
+    /// How many frontend slots name it.
+    pub slots: usize,
+}
+
+fn row(c: &Contents, key: &ServiceKey) -> ServiceRow {
+    let value = c.services[key];
+    let info = c.info.get(&value.id);
+    let text =
+        |f: fn(&lb_common::ServiceInfo) -> Option<&str>| info.and_then(f).unwrap_or("?").to_owned();
+    ServiceRow {
+        frontend: frontend_string(key),
+        id: value.id,
+        backends: value.count,
+        service: format!(
+            "{}/{}",
+            text(lb_common::ServiceInfo::namespace),
+            text(lb_common::ServiceInfo::name)
+        ),
+        port_name: text(lb_common::ServiceInfo::port_name),
+    }
+}
+
+/// Every frontend, by service then frontend.
+pub fn services(c: &Contents) -> Vec<ServiceRow> {
+    let mut rows: Vec<ServiceRow> = c.services.keys().map(|k| row(c, k)).collect();
+    rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    rows
+}
+
+/// Whether `selector` (`namespace/name`, `VIP:port` or `VIP:port/PROTO`) picks `key`.
+fn selects(selector: &str, key: &ServiceKey, row: &ServiceRow) -> bool {
+    if selector == row.service {
+        return true;
+    }
+    let addr = match selector.rsplit_once('/') {
+        Some((addr, p)) if p.eq_ignore_ascii_case(&protocol_name(key.proto)) => addr,
+        Some(_) => return false,
+        None => selector,
+    };
+    addr.parse::<SocketAddr>().is_ok_and(|sa| {
+        sa.ip().to_canonical() == to_ip(key.addr) && sa.port() == u16::from_be(key.port_be)
+    })
+}
+
+/// The frontends `selector` picks, with their slots.
+pub fn service_detail(c: &Contents, selector: &str) -> Vec<ServiceDetail> {
+    let mut out: Vec<ServiceDetail> = c
+        .services
+        .iter()
+        .filter_map(|(key, value)| {
+            let row = row(c, key);
+            selects(selector, key, &row).then(|| ServiceDetail {
+                slots: c
+                    .slots_of(value.id)
+                    .filter(|(k, _)| k.slot < u32::from(value.count))
+                    .map(|(SlotKey { slot, .. }, id)| SlotRow {
+                        slot: *slot,
+                        backend_id: *id,
+                        backend: c.backends.get(id).map(to_socket_addr),
+                    })
+                    .collect(),
+                row,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.row.frontend.cmp(&b.row.frontend));
+    out
+}
+
+/// Every backend with the number of slots naming it.
+pub fn backends(c: &Contents) -> Vec<BackendRow> {
+    let mut refs: BTreeMap<u32, usize> = BTreeMap::new();
+    for id in c.slots.values() {
+        *refs.entry(*id).or_default() += 1;
+    }
+    c.backends
+        .iter()
+        .map(|(id, ep)| BackendRow {
+            id: *id,
+            address: to_socket_addr(ep),
+            slots: refs.get(id).copied().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// Datapath counters by name.
+pub fn stats(totals: &[u64]) -> BTreeMap<&'static str, u64> {
+    stats::NAMES
+        .iter()
+        .copied()
+        .zip(totals.iter().copied())
+        .collect()
+}
+
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_preset(NOTHING).set_header(header.to_vec());
+    for r in rows {
+        t.add_row(r);
+    }
+    // comfy-table pads each line on the left; trim it for plain, kubectl-like output.
+    t.lines().map(|l| l.trim().to_owned() + "\n").collect()
+}
+
+/// `lbctl services` as a table.
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    table(
+        &["FRONTEND", "BACKENDS", "SERVICE", "PORT", "ID"],
+        rows.iter().map(|r| {
+            vec![
+                r.frontend.clone(),
+                r.backends.to_string(),
+                r.service.clone(),
+                r.port_name.clone(),
+                r.id.to_string(),
+            ]
+        }),
+    )
+}
+
+/// `lbctl service` as text.
+pub fn detail_text(details: &[ServiceDetail]) -> String {
+    details
+        .iter()
+        .map(|d| {
+            let r = &d.row;
+            let slots = table(
+                &["SLOT", "BACKEND-ID", "BACKEND"],
+                d.slots.iter().map(|s| {
+                    vec![
+                        s.slot.to_string(),
+                        s.backend_id.to_string(),
+                        s.backend.map_or("MISSING".into(), |b| b.to_string()),
+                    ]
+                }),
+            );
+            format!(
+                "{} -> {} (port {:?}), id {}, {} backends\n{}",
+                r.frontend, r.service, r.port_name, r.id, r.backends, slots
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `lbctl backends` as a table.
+pub fn backends_table(rows: &[BackendRow]) -> String {
+    table(
+        &["ID", "ADDRESS", "SLOTS"],
+        rows.iter()
+            .map(|r| vec![r.id.to_string(), r.address.to_string(), r.slots.to_string()]),
+    )
+}
+
+/// `lbctl stats` as a table.
+pub fn stats_table(stats: &BTreeMap<&'static str, u64>) -> String {
+    table(
+        &["COUNTER", "VALUE"],
+        stats
+            .iter()
+            .map(|(k, v)| vec![k.to_string(), v.to_string()]),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{ServiceInfo, ServiceValue, proto};
+
+    use super::*;
+    use crate::addr::{to_addr6, to_endpoint};
+
+    fn contents() -> Contents {
+        let mut c = Contents::default();
+        let dns_udp = ServiceKey::new(
+            to_addr6("10.96.0.10".parse().unwrap()),
+            53u16.to_be(),
+            proto::UDP,
+        );
+        let web = ServiceKey::new(
+            to_addr6("fd00::1".parse().unwrap()),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        c.services.insert(
+            dns_udp,
+            ServiceValue {
+                id: 1,
+                count: 2,
+                flags: 0,
+            },
+        );
+        c.services.insert(
+            web,
+            ServiceValue {
+                id: 2,
+                count: 1,
+                flags: 0,
+            },
+        );
+        c.info
+            .insert(1, ServiceInfo::new("kube-system", "dns", "dns").unwrap());
+        c.info
+            .insert(2, ServiceInfo::new("prod", "web", "").unwrap());
+        c.backends
+            .insert(1, to_endpoint("10.0.0.1:53".parse().unwrap()));
+        c.backends
+            .insert(2, to_endpoint("10.0.0.2:53".parse().unwrap()));
+        c.backends
+            .insert(3, to_endpoint("[fd00::5]:8080".parse().unwrap()));
+        c.slots.insert(SlotKey { svc_id: 1, slot: 0 }, 1);
+        c.slots.insert(SlotKey { svc_id: 1, slot: 1 }, 2);
+        c.slots.insert(SlotKey { svc_id: 2, slot: 0 }, 3);
+        c
+    }
+
+    #[test]
+    fn lists_services_by_name() {
+        let rows = services(&contents());
+        let names: Vec<_> = rows
+            .iter()
+            .map(|r| (r.service.as_str(), r.frontend.as_str(), r.backends))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("kube-system/dns", "10.96.0.10:53/UDP", 2),
+                ("prod/web", "[fd00::1]:80/TCP", 1)
+            ]
+        );
+        let text = services_table(&rows);
+        assert!(text.starts_with("FRONTEND"), "{text}");
+        assert!(text.contains("10.96.0.10:53/UDP"), "{text}");
+    }
+
+    #[test]
+    fn selects_by_name_and_by_frontend() {
+        let c = contents();
+        for sel in [
+            "kube-system/dns",
+            "10.96.0.10:53",
+            "10.96.0.10:53/udp",
+            "10.96.0.10:53/UDP",
+        ] {
+            let d = service_detail(&c, sel);
+            assert_eq!(d.len(), 1, "{sel}");
+            assert_eq!(
+                d[0].slots
+                    .iter()
+                    .map(|s| s.backend.unwrap().to_string())
+                    .collect::<Vec<_>>(),
+                ["10.0.0.1:53", "10.0.0.2:53"]
+            );
+        }
+        assert_eq!(service_detail(&c, "10.96.0.10:53/TCP").len(), 0);
+        assert_eq!(service_detail(&c, "[fd00::1]:80").len(), 1);
+        assert_eq!(service_detail(&c, "nope/nope").len(), 0);
+    }
+
+    #[test]
+    fn backends_count_their_slots_and_json_is_stable() {
+        let rows = backends(&contents());
+        assert_eq!(rows.iter().map(|r| r.slots).collect::<Vec<_>>(), [1, 1, 1]);
+        let json = serde_json::to_value(service_detail(&contents(), "prod/web")).unwrap();
+        assert_eq!(json[0]["frontend"], "[fd00::1]:80/TCP");
+        assert_eq!(json[0]["slots"][0]["backend"], "[fd00::5]:8080");
+    }
+}

@@ -1,0 +1,50 @@
+//! Where the agent learns about Services and EndpointSlices.
+//!
+//! Every source implements [`Source`]: it runs until the agent stops, sending a complete
+//! [`Snapshot`] whenever what it knows changes. The store diffs snapshots, so a source does
+//! not need to track what changed; the first snapshot must be complete, because the first
+//! sync removes every frontend it does not claim.
+
+use std::{future::Future, path::PathBuf, pin::Pin};
+
+use tokio::sync::mpsc;
+
+use crate::store::Snapshot;
+
+pub mod file;
+
+/// A source failed and cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The manifest directory cannot be read or watched.
+    #[error("{path}: {message}")]
+    Path {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// The future a source runs as.
+pub type SourceTask = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
+
+/// A provider of Kubernetes objects.
+pub trait Source: Send {
+    /// What it reads, for logs.
+    fn describe(&self) -> String;
+
+    /// Runs until `out` closes, sending a snapshot at start and after every change.
+    fn run(self: Box<Self>, out: mpsc::Sender<Snapshot>) -> SourceTask;
+}
+
+/// The source a `--source` argument names: `file:DIR`.
+pub fn from_arg(arg: &str) -> Result<Box<dyn Source>, String> {
+    match arg.split_once(':') {
+        Some(("file", dir)) if !dir.is_empty() => Ok(Box::new(file::FileSource::new(dir))),
+        _ => Err(format!(
+            "unknown source {arg:?}: expected file:DIR (a directory of Service and \
+             EndpointSlice manifests)"
+        )),
+    }
+}
