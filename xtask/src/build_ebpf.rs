@@ -1,0 +1,81 @@
+//! `cargo xtask build-ebpf`: compiles lb-ebpf for the BPF target by whichever route is
+//! available, and copies the object to target/lb-ebpf.o for the agent to embed.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    root, step,
+    toolchain::{self, INSTALL_HELP, Route, TARGET},
+};
+
+/// Where the agent's build script looks for the object.
+pub const OBJECT: &str = "target/lb-ebpf.o";
+
+/// Builds the object; returns its path.
+pub fn run(release: bool) -> Result<PathBuf> {
+    let Some(route) = toolchain::route() else {
+        bail!("no compiler for {TARGET} was found.\n\n{INSTALL_HELP}");
+    };
+    let Some((linker, linker_version)) = toolchain::bpf_linker() else {
+        bail!("bpf-linker was not found.\n\n{INSTALL_HELP}");
+    };
+    let root = root();
+    let target_dir = root.join("target/ebpf");
+    let mut cmd = match &route {
+        Route::Prebuilt { rustc, version } => {
+            step(&format!(
+                "route: prebuilt core ({version} at {})",
+                rustc.display()
+            ));
+            let mut cmd = Command::new("cargo");
+            cmd.env("RUSTC", rustc)
+                // aya-ebpf uses unstable features; this compiler is stable.
+                .env("RUSTC_BOOTSTRAP", "1")
+                .arg("build");
+            cmd
+        }
+        Route::Upstream { version } => {
+            step(&format!("route: rustup nightly with rust-src ({version})"));
+            let mut cmd = Command::new("cargo");
+            cmd.args(["+nightly", "build", "-Z", "build-std=core"]);
+            cmd
+        }
+    };
+    println!("    bpf-linker: {linker_version}");
+    // The host build's settings must not leak into the BPF build.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
+        cmd.env_remove(var);
+    }
+    let linker_dir = linker.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = linker_dir {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths: Vec<PathBuf> = vec![dir.to_owned()];
+        paths.extend(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(paths)?);
+    }
+    cmd.args(["--locked", "--target", TARGET])
+        .args(release.then_some("--release"))
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(root.join("lb-ebpf"));
+    let status = cmd.status().context("running cargo for lb-ebpf")?;
+    if !status.success() {
+        bail!("building lb-ebpf failed ({status})");
+    }
+    let profile = if release { "release" } else { "debug" };
+    let built = target_dir.join(TARGET).join(profile).join("lb-ebpf");
+    let object = root.join(OBJECT);
+    let bytes = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    // Rewriting an identical object would make cargo rebuild the agent for nothing.
+    if std::fs::read(&object).ok().as_ref() != Some(&bytes) {
+        std::fs::write(&object, &bytes).with_context(|| format!("writing {}", object.display()))?;
+    }
+    println!("    kernel object: {} ({profile})", object.display());
+    Ok(object)
+}

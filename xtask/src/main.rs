@@ -1,0 +1,120 @@
+//! Project tasks, run as `cargo xtask <task>`.
+
+mod build_ebpf;
+mod setup;
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing need (Debian/Ubuntu, as root); quick when all is there.
+    Setup,
+    /// Build the kernel object (lb-ebpf) into target/lb-ebpf.o, where the agent embeds it from.
+    BuildEbpf {
+        /// Optimised build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// What CI runs: setup, the kernel object, formatting, clippy, unit and namespace tests.
+    Test {
+        /// Arguments passed on to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Show ClusterIP traffic balanced by the kernel programs, in a sandbox removed afterwards.
+    Demo,
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_owned()
+}
+
+/// Runs a command in the workspace root, failing if it fails.
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+fn test(cargo_test_args: &[String]) -> Result<()> {
+    step("setup");
+    setup::run()?;
+    step("build the kernel object");
+    build_ebpf::run(true)?;
+    step("formatting");
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["fmt", "--manifest-path", "lb-ebpf/Cargo.toml", "--check"])?;
+    step("clippy");
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    step("build the binaries");
+    cargo(&["build", "--workspace", "--bins"])?;
+    step("unit and namespace tests");
+    let mut args = vec!["test", "--workspace"];
+    args.extend(cargo_test_args.iter().map(String::as_str));
+    cargo(&args)
+}
+
+fn demo() -> Result<()> {
+    setup::run()?;
+    build_ebpf::run(true)?;
+    cargo(&[
+        "build",
+        "--quiet",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "lb-tests",
+        "--bins",
+    ])?;
+    let status = Command::new(root().join("target/debug/lb-demo"))
+        .status()
+        .context("running lb-demo")?;
+    if !status.success() {
+        bail!("the demo failed ({status})");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Args::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf { release } => build_ebpf::run(release).map(drop),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo => demo(),
+    }
+}

@@ -1,0 +1,104 @@
+//! `cargo xtask setup`: installs what is missing to build and test, on Debian/Ubuntu as root.
+//! Idempotent, and quick when everything is present (a few version checks).
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::toolchain::{self, INSTALL_HELP};
+
+/// The bpf-linker release known to work with Debian's LLVM 22 here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn exec(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| what.to_owned())?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs what is missing.
+pub fn run() -> Result<()> {
+    let mut packages: Vec<&str> = Vec::new();
+    // The namespace tests and the demo use ip(8); bpftool is for looking at the datapath.
+    for (program, package) in [("ip", "iproute2"), ("bpftool", "bpftool")] {
+        if !have(program) {
+            packages.push(package);
+        }
+    }
+    let route = toolchain::route();
+    if route.is_none() {
+        packages.extend(["rustc-web", "libstd-rust-web-dev-bpf"]);
+    }
+    let linker = toolchain::bpf_linker();
+    let need_llvm = linker.is_none() && !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists();
+    if need_llvm {
+        packages.extend([
+            "llvm-22-dev",
+            "libpolly-22-dev",
+            "libzstd-dev",
+            "zlib1g-dev",
+        ]);
+    }
+
+    if !packages.is_empty() {
+        if !is_root() || !have("apt-get") {
+            bail!(
+                "missing: {} (installing needs root and apt-get).\n\n{INSTALL_HELP}",
+                packages.join(" ")
+            );
+        }
+        println!("setup: installing {}", packages.join(" "));
+        exec(
+            Command::new("apt-get")
+                .args(["update", "-q"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "apt-get update",
+        )?;
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(&packages)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "apt-get install",
+        )?;
+    }
+    if linker.is_none() {
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        exec(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--locked",
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+            "cargo install bpf-linker",
+        )?;
+    }
+    let route = toolchain::route().context(INSTALL_HELP)?;
+    let (_, linker) = toolchain::bpf_linker().context(INSTALL_HELP)?;
+    println!("setup: ready ({route:?}; {linker})");
+    Ok(())
+}
