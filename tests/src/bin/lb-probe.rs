@@ -1,0 +1,226 @@
+//! lb-probe: the servers and clients of the datapath tests and the demo.
+//!
+//! `serve` answers every TCP line and UDP datagram with `<name> <client address> <payload>`;
+//! the client commands print one JSON [`Attempt`] per request.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use lb_tests::probe::{Attempt, errno_name};
+
+#[derive(Debug, Parser)]
+#[command(name = "lb-probe")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve TCP and UDP on [::]:PORT (both families), answering with NAME.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// COUNT short TCP connections to ADDR, one request each.
+    Tcp {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// COUNT UDP requests to ADDR, from one socket: unconnected (sendto/recvfrom) or
+    /// connected.
+    Udp {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        connected: bool,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// One TCP connection to ADDR, kept open: a request now, then one per line on stdin.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+fn print(a: &Attempt) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string(a).expect("serializes"));
+    let _ = out.flush();
+}
+
+fn failed(e: &io::Error, started: Instant) -> Attempt {
+    Attempt {
+        error: Some(errno_name(e)),
+        micros: started.elapsed().as_micros() as u64,
+        ..Attempt::default()
+    }
+}
+
+/// Fills backend and client from a reply `<name> <client> <payload>`.
+fn answered(reply: &str, peer: Option<SocketAddr>, started: Instant) -> Attempt {
+    let mut words = reply.split_whitespace();
+    Attempt {
+        backend: words.next().map(str::to_owned),
+        client: words.next().map(str::to_owned),
+        peer: peer.map(|p| p.to_string()),
+        error: None,
+        micros: started.elapsed().as_micros() as u64,
+    }
+}
+
+fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> io::Result<String> {
+    stream.write_all(b"ping\n")?;
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(line)
+}
+
+fn tcp_once(addr: SocketAddr, timeout: Duration) -> Attempt {
+    let started = Instant::now();
+    let result = (|| {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        let peer = stream.peer_addr().ok();
+        let mut reader = BufReader::new(stream.try_clone()?);
+        Ok::<_, io::Error>((request(&mut stream, &mut reader)?, peer))
+    })();
+    match result {
+        Ok((reply, peer)) => answered(&reply, peer, started),
+        Err(e) => failed(&e, started),
+    }
+}
+
+fn udp(addr: SocketAddr, count: u32, connected: bool, timeout: Duration) -> io::Result<()> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("valid");
+    let sock = UdpSocket::bind(local)?;
+    sock.set_read_timeout(Some(timeout))?;
+    if connected {
+        let started = Instant::now();
+        if let Err(e) = sock.connect(addr) {
+            // The connect is the attempt: report it once per request asked for.
+            let attempt = failed(&e, started);
+            (0..count).for_each(|_| print(&attempt));
+            return Ok(());
+        }
+    }
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        let started = Instant::now();
+        let result = if connected {
+            sock.send(b"ping")
+                .and_then(|_| sock.recv(&mut buf))
+                .map(|n| (n, sock.peer_addr().ok()))
+        } else {
+            sock.send_to(b"ping", addr)
+                .and_then(|_| sock.recv_from(&mut buf))
+                .map(|(n, from)| (n, Some(from)))
+        };
+        print(&match result {
+            Ok((n, peer)) => answered(&String::from_utf8_lossy(&buf[..n]), peer, started),
+            Err(e) => failed(&e, started),
+        });
+    }
+    Ok(())
+}
+
+fn hold(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let started = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            print(&failed(&e, started));
+            return Ok(());
+        }
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    let peer = stream.peer_addr().ok();
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut once = |started| match request(&mut stream, &mut reader) {
+        Ok(reply) => answered(&reply, peer, started),
+        Err(e) => failed(&e, started),
+    };
+    print(&once(started));
+    for line in io::stdin().lock().lines() {
+        line?;
+        print(&once(Instant::now()));
+    }
+    Ok(())
+}
+
+fn serve(name: String, port: u16) -> io::Result<()> {
+    let tcp = TcpListener::bind(("::", port))?;
+    let udp = UdpSocket::bind(("::", port))?;
+    let udp_name = name.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let reply = format!("{udp_name} {from} {}", String::from_utf8_lossy(&buf[..n]));
+            let _ = udp.send_to(reply.as_bytes(), from);
+        }
+    });
+    for stream in tcp.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let name = name.clone();
+        thread::spawn(move || {
+            let client = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let Ok(clone) = stream.try_clone() else {
+                return;
+            };
+            for line in BufReader::new(clone).lines() {
+                let Ok(line) = line else { return };
+                if writeln!(stream, "{name} {client} {line}").is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn main() -> io::Result<()> {
+    match Args::parse().command {
+        Cmd::Serve { name, port } => serve(name, port),
+        Cmd::Tcp {
+            addr,
+            count,
+            timeout_ms,
+        } => {
+            for _ in 0..count {
+                print(&tcp_once(addr, Duration::from_millis(timeout_ms)));
+            }
+            Ok(())
+        }
+        Cmd::Udp {
+            addr,
+            count,
+            connected,
+            timeout_ms,
+        } => udp(addr, count, connected, Duration::from_millis(timeout_ms)),
+        Cmd::Hold { addr, timeout_ms } => hold(addr, Duration::from_millis(timeout_ms)),
+    }
+}

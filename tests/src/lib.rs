@@ -1,0 +1,102 @@
+//! Sandboxes for testing the datapath with real sockets on the real kernel.
+//!
+//! A [`world::World`] is a small network of its own: a router namespace, a client namespace
+//! whose processes run in a dedicated cgroup v2 (where the agent attaches the socket hooks),
+//! and backend namespaces running `lb-probe` servers. None of the namespaces has a route out,
+//! so traffic that escapes translation fails inside the sandbox (ENETUNREACH) instead of
+//! leaving the machine. Every piece removes itself on drop, also when a test panics, and a
+//! new world first sweeps what killed runs left behind.
+//!
+//! Everything here needs root; [`require_privileges`] says so clearly.
+
+pub mod fixture;
+pub mod manifest;
+pub mod netns;
+pub mod probe;
+pub mod process;
+pub mod world;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+/// Prefix of every namespace, cgroup, pin directory and temp directory the sandboxes make,
+/// followed by the creating process's pid (so stale ones can be recognised and swept).
+pub const PREFIX: &str = "lbt";
+
+/// Set to 1 to skip (with a message) the tests that need root, instead of failing them.
+pub const SKIP_ENV: &str = "LB_TESTS_SKIP_PRIVILEGED";
+
+/// Whether the privileged tests can run. Without root they fail with a clear message,
+/// unless [`SKIP_ENV`] is set, when they print that they are skipped and return `false`.
+pub fn require_privileges(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
+        eprintln!("SKIPPED {test}: needs root (network namespaces, cgroups, BPF)");
+        return false;
+    }
+    panic!(
+        "{test} needs root: it creates network namespaces and a cgroup and loads BPF programs. \
+         Run the tests as root (`sudo cargo xtask test`), or set {SKIP_ENV}=1 to skip them."
+    );
+}
+
+/// Runs a command; its stdout, or an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> io::Result<String> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The directory holding the workspace's built binaries (`lb-agent`, `lbctl`, `lb-probe`):
+/// the directory of the running executable or its parent (tests run from `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .find(|d| d.join("lb-agent").is_file() && d.join("lb-probe").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| {
+            panic!(
+                "lb-agent and lb-probe are not built next to {}: run \
+                 `cargo build -p lb-userspace -p lb-tests` (cargo xtask test does)",
+                exe.display()
+            )
+        })
+}
+
+/// Whether a process with this pid exists.
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid in a sandbox name made by [`PREFIX`] + pid + `x` + ..., if it is one.
+pub fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    rest.split('x').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pids() {
+        assert_eq!(owner_pid("lbt1234x5-c"), Some(1234));
+        assert_eq!(owner_pid("lbt1234x5"), Some(1234));
+        assert_eq!(owner_pid("other"), None);
+        assert_eq!(owner_pid("lbtx"), None);
+    }
+}

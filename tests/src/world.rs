@@ -1,0 +1,397 @@
+//! A sandboxed network with a client, backends and the agent.
+//!
+//! ```text
+//!   client ns (in the world's cgroup)          backend ns i (lb-probe servers)
+//!   eth0 10.244.0.2/24  fd00:244::2/64         eth0 10.244.<i+1>.2/24  fd00:244:<i+1>::2/64
+//!        |                                          |
+//!        +--- c  router ns (forwarding)  b<i> ------+
+//! ```
+//!
+//! Routes cover 10.244.0.0/16 and fd00:244::/32 only: service VIPs (10.96.0.0/12,
+//! fd00:96::/64) are unroutable, so an untranslated connect fails with ENETUNREACH.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{ChildStdout, Command, Stdio},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_userspace::inspect::{BackendRow, ServiceDetail, ServiceRow};
+
+use crate::{
+    PREFIX, bin_dir,
+    netns::{self, Netns, veth},
+    probe::Attempt,
+    process::{Cgroup, Proc, command_in, sweep_stale_cgroups},
+};
+
+/// Where the worlds' pin directories go (on bpffs).
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Removes what sandboxes of dead processes left: namespaces, cgroups, pins, temp dirs.
+fn sweep_stale() {
+    netns::sweep_stale();
+    sweep_stale_cgroups();
+    for dir in [Path::new(BPFFS).to_owned(), std::env::temp_dir()] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if crate::owner_pid(&name).is_some_and(|pid| !crate::alive(pid)) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// A held TCP connection (`lb-probe hold`): one request at connect, more on demand.
+pub struct Held {
+    out: BufReader<ChildStdout>,
+    proc: Proc,
+    /// The answer to the request made right after connecting.
+    pub first: Attempt,
+}
+
+impl Held {
+    /// Sends a request over the held connection and returns the answer.
+    pub fn ping(&mut self) -> Attempt {
+        self.proc.send_line("ping").expect("the holder runs");
+        read_attempt(&mut self.out)
+    }
+}
+
+fn read_attempt(out: &mut BufReader<ChildStdout>) -> Attempt {
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reading lb-probe");
+    assert!(!line.is_empty(), "lb-probe exited without answering");
+    Attempt::parse_all(&line).remove(0)
+}
+
+/// The sandbox. Dropping it removes everything it made.
+pub struct World {
+    tag: String,
+    bins: PathBuf,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    servers: Vec<Proc>,
+    agent: Option<Proc>,
+    // Fields drop in order: processes first, then the cgroup (detaching the programs), then
+    // the namespaces.
+    cgroup: Cgroup,
+    client: Netns,
+    backends: Vec<Netns>,
+    router: Netns,
+}
+
+impl World {
+    /// A world with `n` backend namespaces. Panics, after cleaning up, if it cannot be built.
+    pub fn new(n: usize) -> Self {
+        static SWEEP: Once = Once::new();
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        SWEEP.call_once(sweep_stale);
+        lb_userspace::host::ensure_bpffs(Path::new(BPFFS)).expect("bpffs is available");
+        let tag = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&tag);
+        fs::create_dir_all(dir.join("manifests")).expect("temp dir");
+        let ns = |role: &str| Netns::create(&format!("{tag}-{role}")).expect("ip netns add");
+        let (router, client) = (ns("r"), ns("c"));
+        let backends: Vec<Netns> = (0..n).map(|i| ns(&format!("b{i}"))).collect();
+        let world = Self {
+            bins: bin_dir(),
+            pin_dir: Path::new(BPFFS).join(&tag),
+            cgroup: Cgroup::create(&tag).expect("cgroup"),
+            servers: Vec::new(),
+            agent: None,
+            dir,
+            tag,
+            client,
+            backends,
+            router,
+        };
+        world.wire().expect("wiring the namespaces");
+        world
+    }
+
+    fn wire(&self) -> std::io::Result<()> {
+        let r = &self.router;
+        r.sysctl("net/ipv4/ip_forward", "1")?;
+        r.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        let link = |ns: &Netns, dev: &str, subnet4: String, subnet6: String| {
+            veth(r, dev, ns, "eth0")?;
+            r.addr(dev, &format!("{subnet4}.1/24"))?;
+            r.addr(dev, &format!("{subnet6}::1/64"))?;
+            ns.addr("eth0", &format!("{subnet4}.2/24"))?;
+            ns.addr("eth0", &format!("{subnet6}::2/64"))?;
+            ns.route("10.244.0.0/16", &format!("{subnet4}.1"))?;
+            ns.route("fd00:244::/32", &format!("{subnet6}::1"))
+        };
+        link(&self.client, "c", "10.244.0".into(), "fd00:244:0".into())?;
+        for (i, b) in self.backends.iter().enumerate() {
+            let k = i + 1;
+            link(
+                b,
+                &format!("b{i}"),
+                format!("10.244.{k}"),
+                format!("fd00:244:{k}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// This world's unique tag (also its cgroup's and pin directory's name).
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The IPv4 address of backend `i`.
+    pub fn backend_v4(&self, i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, (i + 1) as u8, 2)
+    }
+
+    /// The IPv6 address of backend `i`.
+    pub fn backend_v6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x244, (i + 1) as u16, 0, 0, 0, 0, 2)
+    }
+
+    /// The pin directory the agent uses.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The cgroup the client runs in and the agent attaches to.
+    pub fn cgroup(&self) -> &Path {
+        self.cgroup.path()
+    }
+
+    /// Starts `lb-probe serve` in backend `i`, answering as `name` on TCP and UDP `port`.
+    pub fn serve(&mut self, i: usize, name: &str, port: u16) {
+        let mut cmd = command_in(&self.bins.join("lb-probe"), &self.backends[i], None)
+            .expect("backend namespace");
+        cmd.args(["serve", "--name", name, "--port", &port.to_string()]);
+        self.servers
+            .push(Proc::spawn(cmd).expect("spawning lb-probe serve"));
+    }
+
+    /// The manifest directory the agent reads.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Writes a manifest atomically (a hidden temp file renamed into place).
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests().join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("writing a manifest");
+        fs::rename(&tmp, self.manifests().join(file)).expect("renaming a manifest");
+    }
+
+    /// Removes a manifest.
+    pub fn remove_manifest(&self, file: &str) {
+        fs::remove_file(self.manifests().join(file)).expect("removing a manifest");
+    }
+
+    /// Starts the agent on this world's manifests, cgroup and pin directory.
+    pub fn start_agent(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "the agent already runs");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let mut cmd = Command::new(self.bins.join("lb-agent"));
+        cmd.arg("--source")
+            .arg(format!("file:{}", self.manifests().display()))
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.agent = Some(Proc::spawn(cmd).expect("spawning lb-agent"));
+    }
+
+    /// Kills the agent with SIGKILL (a crash).
+    pub fn kill_agent(&mut self) {
+        self.agent.take().expect("the agent runs").kill();
+    }
+
+    /// Stops the agent with SIGTERM and checks it exits cleanly.
+    pub fn stop_agent(&mut self) {
+        let status = self
+            .agent
+            .take()
+            .expect("the agent runs")
+            .terminate(Duration::from_secs(5));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "agent exit: {status:?}"
+        );
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs `lb-agent` to completion with these arguments (e.g. `--cleanup`); its output.
+    pub fn run_agent(&self, args: &[&str]) -> std::process::Output {
+        Command::new(self.bins.join("lb-agent"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running lb-agent")
+    }
+
+    /// Runs `lbctl` against this world's pins; its stdout, or its stderr as the error.
+    pub fn lbctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(self.bins.join("lbctl"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()
+            .expect("running lbctl");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        self.lbctl(&all)
+            .ok()
+            .map(|s| serde_json::from_str(&s).expect("lbctl JSON"))
+    }
+
+    /// The frontends the pinned maps hold (none if nothing is pinned yet).
+    pub fn services(&self) -> Vec<ServiceRow> {
+        self.lbctl_json(&["services"]).unwrap_or_default()
+    }
+
+    /// The backends the pinned maps hold.
+    pub fn backends(&self) -> Vec<BackendRow> {
+        self.lbctl_json(&["backends"]).unwrap_or_default()
+    }
+
+    /// The frontends of a service with their slots.
+    pub fn service(&self, selector: &str) -> Vec<ServiceDetail> {
+        self.lbctl_json(&["service", selector]).unwrap_or_default()
+    }
+
+    /// Backend count of a frontend (`VIP:port/PROTO`), if it is programmed.
+    pub fn backend_count(&self, frontend: &str) -> Option<u16> {
+        self.services()
+            .into_iter()
+            .find(|r| r.frontend == frontend)
+            .map(|r| r.backends)
+    }
+
+    /// Polls `done` every 20 ms until it holds; panics after `timeout` with `what`.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting until {what}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    }
+
+    /// Waits until a frontend is programmed with `backends` backends.
+    pub fn wait_for_backends(&self, frontend: &str, backends: u16) -> Duration {
+        self.wait_until(
+            &format!("{frontend} has {backends} backends"),
+            Duration::from_secs(10),
+            || self.backend_count(frontend) == Some(backends),
+        )
+    }
+
+    fn client_probe(&self) -> Command {
+        command_in(
+            &self.bins.join("lb-probe"),
+            &self.client,
+            Some(&self.cgroup),
+        )
+        .expect("client namespace and cgroup")
+    }
+
+    /// Runs `lb-probe` in the client namespace and cgroup; its attempts.
+    pub fn probe(&self, args: &[&str]) -> Vec<Attempt> {
+        let out = self
+            .client_probe()
+            .args(args)
+            .output()
+            .expect("running lb-probe");
+        assert!(
+            out.status.success(),
+            "lb-probe {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Attempt::parse_all(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Opens a TCP connection from the client that stays open.
+    pub fn hold(&self, addr: &str) -> Held {
+        let mut cmd = self.client_probe();
+        cmd.args(["hold", addr])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut proc = Proc::spawn(cmd).expect("spawning lb-probe hold");
+        let mut out = BufReader::new(proc.child().stdout.take().expect("piped"));
+        let first = read_attempt(&mut out);
+        Held { out, proc, first }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+        if thread::panicking() {
+            let log = self.agent_log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- agent log of {} (last lines) ---", self.tag);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        for s in &mut self.servers {
+            s.kill();
+        }
+        // Unpinning the links detaches the programs; the cgroup's removal would too.
+        if let Err(e) = fs::remove_dir_all(&self.pin_dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup: {}: {e}", self.pin_dir.display());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

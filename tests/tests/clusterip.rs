@@ -1,0 +1,272 @@
+//! ClusterIP load balancing by the socket hooks, with real sockets in network namespaces.
+//! Needs root (see tests/README.md).
+
+use std::collections::BTreeMap;
+
+use lb_tests::{
+    fixture::{BACKEND_PORT, web_world},
+    manifest::{documents, service, slice},
+    probe::Attempt,
+    require_privileges,
+    world::World,
+};
+
+const PORT: u16 = BACKEND_PORT;
+const SPORT: i64 = PORT as i64;
+
+fn three_backends(agent_args: &[&str]) -> World {
+    web_world(3, agent_args)
+}
+
+/// How many attempts each backend answered; panics on any failed attempt.
+fn shares(attempts: &[Attempt]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for a in attempts {
+        assert_eq!(a.error, None, "every request is answered: {a:?}");
+        *out.entry(a.backend.clone().expect("answered")).or_default() += 1;
+    }
+    out
+}
+
+/// Each of the three backends got a fair share of `n` requests. With uniform choice a share
+/// is Binomial(n, 1/3); the bound sits over 5 standard deviations below the mean.
+fn assert_fair(attempts: &[Attempt], n: usize) {
+    let shares = shares(attempts);
+    assert_eq!(attempts.len(), n);
+    assert_eq!(shares.len(), 3, "every backend is used: {shares:?}");
+    let min = n / 5;
+    assert!(
+        shares.values().all(|&s| s >= min),
+        "each backend gets at least {min} of {n}: {shares:?}"
+    );
+}
+
+#[test]
+fn tcp_connects_to_the_vip_are_spread_over_every_backend() {
+    if !require_privileges("tcp_connects_to_the_vip_are_spread_over_every_backend") {
+        return;
+    }
+    let w = three_backends(&[]);
+    let attempts = w.probe(&["tcp", "10.96.0.10:80", "--count", "300"]);
+    assert_fair(&attempts, 300);
+    for a in &attempts {
+        assert_eq!(
+            a.peer.as_deref(),
+            Some("10.96.0.10:80"),
+            "getpeername shows the VIP"
+        );
+        let client = a.client.as_deref().unwrap_or_default();
+        assert!(
+            client.starts_with("[::ffff:10.244.0.2]:"),
+            "the backend sees the client's own address: {a:?}"
+        );
+    }
+}
+
+#[test]
+fn udp_replies_come_from_the_vip_connected_or_not() {
+    if !require_privileges("udp_replies_come_from_the_vip_connected_or_not") {
+        return;
+    }
+    let w = three_backends(&[]);
+    // Unconnected: each datagram is balanced, and recvfrom reports the VIP as the source.
+    let attempts = w.probe(&["udp", "10.96.0.10:53", "--count", "150"]);
+    assert_fair(&attempts, 150);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("10.96.0.10:53")),
+        "every reply's source is the VIP: {:?}",
+        attempts
+            .iter()
+            .find(|a| a.peer.as_deref() != Some("10.96.0.10:53"))
+    );
+    // Connected: one backend for the socket, and the peer is the VIP.
+    let attempts = w.probe(&["udp", "10.96.0.10:53", "--count", "5", "--connected"]);
+    assert_eq!(
+        shares(&attempts).len(),
+        1,
+        "a connected socket sticks to its backend"
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("10.96.0.10:53"))
+    );
+}
+
+#[test]
+fn ipv6_tcp_and_udp_are_balanced() {
+    if !require_privileges("ipv6_tcp_and_udp_are_balanced") {
+        return;
+    }
+    let w = three_backends(&[]);
+    let attempts = w.probe(&["tcp", "[fd00:96::10]:80", "--count", "150"]);
+    assert_fair(&attempts, 150);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("[fd00:96::10]:80"))
+    );
+    let attempts = w.probe(&["udp", "[fd00:96::10]:53", "--count", "150"]);
+    assert_fair(&attempts, 150);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("[fd00:96::10]:53"))
+    );
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once() {
+    if !require_privileges("a_service_without_backends_refuses_at_once") {
+        return;
+    }
+    let mut w = World::new(1);
+    w.serve(0, "b0", PORT);
+    w.write_manifest(
+        "empty.yaml",
+        &documents(&[
+            service(
+                "demo",
+                "empty",
+                &["10.96.0.20", "fd00:96::20"],
+                &[("", 80, "TCP"), ("dns", 53, "UDP")],
+            ),
+            // A slice whose only endpoint is not ready.
+            slice(
+                "demo",
+                "empty-1",
+                "empty",
+                "IPv4",
+                &[("", SPORT, "TCP")],
+                &[(w.backend_v4(0).to_string(), false)],
+            ),
+        ]),
+    );
+    w.start_agent(&[]);
+    w.wait_for_backends("10.96.0.20:80/TCP", 0);
+    for (args, what) in [
+        (vec!["tcp", "10.96.0.20:80", "--count", "5"], "TCP connect"),
+        (
+            vec!["tcp", "[fd00:96::20]:80", "--count", "5"],
+            "IPv6 TCP connect",
+        ),
+        (vec!["udp", "10.96.0.20:53", "--count", "5"], "UDP sendto"),
+        (
+            vec!["udp", "10.96.0.20:53", "--count", "5", "--connected"],
+            "UDP connect",
+        ),
+    ] {
+        for a in w.probe(&args) {
+            assert_eq!(a.error.as_deref(), Some("ECONNREFUSED"), "{what}: {a:?}");
+            assert!(
+                a.micros < 100_000,
+                "{what} is refused at once, not after a timeout: {a:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn malformed_input_is_skipped_and_other_services_keep_working() {
+    if !require_privileges("malformed_input_is_skipped_and_other_services_keep_working") {
+        return;
+    }
+    let mut w = World::new(2);
+    w.serve(0, "b0", PORT);
+    w.serve(1, "b1", PORT);
+    let eps = |n: usize| -> Vec<(String, bool)> {
+        (0..n)
+            .map(|i| (w.backend_v4(i).to_string(), true))
+            .collect()
+    };
+    let good = documents(&[
+        service("demo", "good", &["10.96.0.30"], &[("", 80, "TCP")]),
+        slice(
+            "demo",
+            "good-1",
+            "good",
+            "IPv4",
+            &[("", SPORT, "TCP")],
+            &eps(2),
+        ),
+    ]);
+    w.write_manifest("good.yaml", &good);
+    w.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: [unclosed\n",
+    );
+    w.write_manifest(
+        "bad-ip.yaml",
+        &service("demo", "bad-ip", &["10.96.0.999"], &[("", 80, "TCP")]),
+    );
+    w.write_manifest(
+        "bad-port.yaml",
+        &service("demo", "bad-port", &["10.96.0.32"], &[("", 70000, "TCP")]),
+    );
+    w.write_manifest(
+        "bad-proto.yaml",
+        &service("demo", "bad-proto", &["10.96.0.33"], &[("", 80, "QUIC")]),
+    );
+    w.write_manifest(
+        "too-many.yaml",
+        &documents(&[
+            service("demo", "too-many", &["10.96.0.34"], &[("", 80, "TCP")]),
+            slice(
+                "demo",
+                "too-many-1",
+                "too-many",
+                "IPv4",
+                &[("", SPORT, "TCP")],
+                &(1..=3)
+                    .map(|i| (format!("10.244.9.{i}"), true))
+                    .collect::<Vec<_>>(),
+            ),
+        ]),
+    );
+    w.write_manifest(
+        "bad-type.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad-type, namespace: demo}\nspec: {ports: [{port: eighty}]}\n",
+    );
+    w.start_agent(&["--max-backends-per-service", "2"]);
+    w.wait_for_backends("10.96.0.30:80/TCP", 2);
+    let frontends: Vec<String> = w.services().into_iter().map(|r| r.frontend).collect();
+    assert_eq!(
+        frontends,
+        ["10.96.0.30:80/TCP"],
+        "only the valid service is programmed"
+    );
+    assert_eq!(
+        shares(&w.probe(&["tcp", "10.96.0.30:80", "--count", "20"])).len(),
+        2
+    );
+    let log = w.agent_log();
+    for name in [
+        "demo/bad-ip",
+        "demo/bad-port",
+        "demo/bad-proto",
+        "demo/too-many",
+        "demo/bad-type",
+        "broken.yaml",
+    ] {
+        assert!(log.contains(name), "the log names {name}:\n{log}");
+    }
+
+    // Breaking the good service's file keeps it serving, then a fix applies.
+    w.write_manifest("good.yaml", &good.replace("10.96.0.30", "10.96.0.300"));
+    w.write_manifest(
+        "other.yaml",
+        &service("demo", "other", &["10.96.0.31"], &[("", 80, "TCP")]),
+    );
+    w.wait_for_backends("10.96.0.31:80/TCP", 0);
+    assert_eq!(
+        w.backend_count("10.96.0.30:80/TCP"),
+        Some(2),
+        "the broken edit is not applied"
+    );
+    assert_eq!(
+        shares(&w.probe(&["tcp", "10.96.0.30:80", "--count", "10"])).len(),
+        2
+    );
+}

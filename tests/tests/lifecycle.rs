@@ -1,0 +1,166 @@
+//! Changes over time: endpoints going away, the agent crashing and restarting, stopping and
+//! cleaning up. Needs root (see tests/README.md).
+
+use std::time::Duration;
+
+use lb_tests::{
+    fixture::{WEB_V4, web_manifest, web_world},
+    require_privileges,
+};
+
+fn vip() -> String {
+    format!("{WEB_V4}:80")
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_connections_within_a_second_and_keeps_established_ones() {
+    if !require_privileges("a_removed_backend_gets_no_new_connections") {
+        return;
+    }
+    let w = web_world(3, &[]);
+    // Hold a connection that landed on b2 (each try has a 1/3 chance).
+    let mut held = (0..60)
+        .map(|_| w.hold(&vip()))
+        .find(|h| h.first.backend.as_deref() == Some("b2"))
+        .expect("a connection reaches b2 within 60 tries");
+
+    w.write_manifest("web.yaml", &web_manifest(&w, &[0, 1]));
+    let took = w.wait_for_backends(&format!("{WEB_V4}:80/TCP"), 2);
+    assert!(
+        took < Duration::from_secs(1),
+        "the datapath dropped b2 after {took:?}"
+    );
+    let attempts = w.probe(&["tcp", &vip(), "--count", "200"]);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.error.is_none() && a.backend.as_deref() != Some("b2")),
+        "new connections reach only b0 and b1: {:?}",
+        attempts
+            .iter()
+            .find(|a| a.error.is_some() || a.backend.as_deref() == Some("b2"))
+    );
+    for _ in 0..3 {
+        let a = held.ping();
+        assert_eq!(
+            a.backend.as_deref(),
+            Some("b2"),
+            "the established connection still works: {a:?}"
+        );
+    }
+
+    // The removed backend is gone from the maps; the service entry only changed count.
+    let backends: Vec<String> = w.backends().iter().map(|b| b.address.to_string()).collect();
+    assert!(
+        !backends
+            .iter()
+            .any(|b| b.contains(&w.backend_v4(2).to_string())),
+        "{backends:?}"
+    );
+}
+
+#[test]
+fn an_agent_crash_and_restart_keep_connections_and_maps() {
+    if !require_privileges("an_agent_crash_and_restart_keep_connections_and_maps") {
+        return;
+    }
+    let mut w = web_world(3, &[]);
+    let mut held = w.hold(&vip());
+    let backend = held.first.backend.clone().expect("answered");
+    let services = w.services();
+    let backends = w.backends();
+    let detail = w.service("demo/web");
+    assert_eq!(services.len(), 4, "two families x two ports: {services:?}");
+
+    w.kill_agent();
+    // While no agent runs, the pinned maps and links keep serving.
+    assert_eq!(w.services(), services, "maps are intact without the agent");
+    let attempts = w.probe(&["tcp", &vip(), "--count", "30"]);
+    assert!(
+        attempts.iter().all(|a| a.error.is_none()),
+        "served without the agent: {attempts:?}"
+    );
+    assert_eq!(held.ping().backend.as_ref(), Some(&backend));
+
+    w.start_agent(&[]);
+    w.wait_until(
+        "the restarted agent has synced",
+        Duration::from_secs(10),
+        || w.agent_log().matches("initial sync done").count() == 2,
+    );
+    let log = w.agent_log();
+    let second = log.rsplit("initial sync done").next().unwrap_or_default();
+    let line = second.lines().next().unwrap_or_default();
+    assert!(
+        line.contains("writes=0"),
+        "unchanged services are not rewritten: {line}"
+    );
+    assert_eq!(w.services(), services, "same frontends and ids");
+    assert_eq!(w.backends(), backends, "same backends and ids");
+    assert_eq!(w.service("demo/web"), detail, "same slots");
+    for _ in 0..3 {
+        assert_eq!(
+            held.ping().backend.as_ref(),
+            Some(&backend),
+            "the connection survived"
+        );
+    }
+    let links = std::fs::read_dir(w.pin_dir().join("links"))
+        .expect("links")
+        .count();
+    assert_eq!(links, 8, "one link per program, the old ones replaced");
+    let attempts = w.probe(&["tcp", &vip(), "--count", "30"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()));
+}
+
+#[test]
+fn a_stopped_agent_leaves_the_datapath_and_cleanup_removes_it() {
+    if !require_privileges("a_stopped_agent_leaves_the_datapath_and_cleanup_removes_it") {
+        return;
+    }
+    let mut w = web_world(2, &[]);
+    w.stop_agent();
+    assert!(
+        w.probe(&["tcp", &vip(), "--count", "5"])
+            .iter()
+            .all(|a| a.error.is_none())
+    );
+
+    let out = w.run_agent(&["--cleanup"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!w.pin_dir().exists(), "the pin directory is removed");
+    assert!(
+        w.lbctl(&["services"]).is_err(),
+        "nothing is pinned any more"
+    );
+    // Untranslated, the VIP is unroutable in the sandbox.
+    for a in w.probe(&["tcp", &vip(), "--count", "2"]) {
+        assert_eq!(
+            a.error.as_deref(),
+            Some("ENETUNREACH"),
+            "programs are detached: {a:?}"
+        );
+    }
+    // Cleaning up twice is fine.
+    assert!(w.run_agent(&["--cleanup"]).status.success());
+}
+
+#[test]
+fn a_deleted_service_stops_being_translated() {
+    if !require_privileges("a_deleted_service_stops_being_translated") {
+        return;
+    }
+    let w = web_world(1, &[]);
+    w.remove_manifest("web.yaml");
+    w.wait_until("the service is removed", Duration::from_secs(5), || {
+        w.services().is_empty()
+    });
+    assert!(w.backends().is_empty(), "its backends go with it");
+    for a in w.probe(&["tcp", &vip(), "--count", "2"]) {
+        assert_eq!(a.error.as_deref(), Some("ENETUNREACH"), "{a:?}");
+    }
+}
