@@ -1,7 +1,7 @@
 //! `cargo xtask setup`: installs what is missing to build and test, on Debian/Ubuntu as root.
 //! Idempotent, and quick when everything is present (a few version checks).
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -16,6 +16,14 @@ fn have(program: &str) -> bool {
         .args(["-c", &format!("command -v {program}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Whether a Debian package is installed.
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 fn is_root() -> bool {
@@ -47,14 +55,18 @@ pub fn run() -> Result<()> {
         packages.extend(["rustc-web", "libstd-rust-web-dev-bpf"]);
     }
     let linker = toolchain::bpf_linker();
-    let need_llvm = linker.is_none() && !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists();
-    if need_llvm {
-        packages.extend([
-            "llvm-22-dev",
-            "libpolly-22-dev",
-            "libzstd-dev",
-            "zlib1g-dev",
-        ]);
+    if linker.is_none() {
+        // What building bpf-linker links against; llvm-config alone (package llvm-22) is not.
+        packages.extend(
+            [
+                "llvm-22-dev",
+                "libpolly-22-dev",
+                "libzstd-dev",
+                "zlib1g-dev",
+            ]
+            .into_iter()
+            .filter(|p| !installed(p)),
+        );
     }
 
     if !packages.is_empty() {
