@@ -262,10 +262,10 @@ impl Source for FileSource {
                 // Any event, or an error such as a queue overflow, means: look again.
                 let _closed = tx.send(());
             })
-            .map_err(|e| self.path_error(e))?;
+            .map_err(|e| self.path_error(format!("cannot watch: {e}")))?;
             watcher
                 .watch(&self.dir, notify::RecursiveMode::NonRecursive)
-                .map_err(|e| self.path_error(e))?;
+                .map_err(|e| self.path_error(format!("cannot watch: {e}")))?;
 
             let mut last = self.scan()?;
             info!(dir = %self.dir.display(), services = last.services.len(), slices = last.slices.len(), "manifests read");

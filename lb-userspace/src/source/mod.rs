@@ -38,13 +38,32 @@ pub trait Source: Send {
     fn run(self: Box<Self>, out: mpsc::Sender<Snapshot>) -> SourceTask;
 }
 
-/// The source a `--source` argument names: `file:DIR`.
+/// The source a `--source` argument names: `file:DIR` (the directory must exist).
 pub fn from_arg(arg: &str) -> Result<Box<dyn Source>, String> {
     match arg.split_once(':') {
-        Some(("file", dir)) if !dir.is_empty() => Ok(Box::new(file::FileSource::new(dir))),
+        Some(("file", dir)) if !dir.is_empty() => {
+            if !std::path::Path::new(dir).is_dir() {
+                return Err(format!("file source: {dir} is not a directory"));
+            }
+            Ok(Box::new(file::FileSource::new(dir)))
+        }
         _ => Err(format!(
             "unknown source {arg:?}: expected file:DIR (a directory of Service and \
              EndpointSlice manifests)"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_arguments() {
+        let err = |arg| from_arg(arg).err().expect("rejected");
+        assert!(from_arg("file:/").is_ok());
+        assert!(err("file:/nonexistent/lb").contains("not a directory"));
+        assert!(err("file:").contains("expected file:DIR"));
+        assert!(err("kubernetes").contains("expected file:DIR"));
     }
 }
