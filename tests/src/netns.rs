@@ -94,6 +94,15 @@ pub fn sweep_stale() {
     };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
         if crate::owner_pid(name).is_some_and(|pid| !crate::alive(pid)) {
+            for pid in run("ip", &["netns", "pids", name])
+                .unwrap_or_default()
+                .lines()
+            {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: plain signal to a process left in a stale sandbox.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
             let _ = run("ip", &["netns", "del", name]);
         }
     }

@@ -110,8 +110,18 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Spawns `cmd`.
+    /// Spawns `cmd`. The child is killed when the thread that spawned it ends, so a killed
+    /// test run leaves no processes behind.
     pub fn spawn(mut cmd: Command) -> io::Result<Self> {
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         Ok(Self {
             child: cmd.spawn()?,
         })
@@ -158,5 +168,26 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Kills the processes whose command line mentions `tag` (an agent of a stale sandbox).
+pub fn kill_mentioning(tag: &str) {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(tag) {
+            // SAFETY: plain signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }

@@ -30,14 +30,24 @@ use crate::{
     PREFIX, bin_dir,
     netns::{self, Netns, veth},
     probe::Attempt,
-    process::{Cgroup, Proc, command_in, sweep_stale_cgroups},
+    process::{Cgroup, Proc, command_in, kill_mentioning, sweep_stale_cgroups},
 };
 
 /// Where the worlds' pin directories go (on bpffs).
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// Removes what sandboxes of dead processes left: namespaces, cgroups, pins, temp dirs.
+/// Removes what sandboxes of dead processes left: processes, namespaces, cgroups, pins and
+/// temp dirs.
 fn sweep_stale() {
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if crate::owner_pid(&name).is_some_and(|pid| !crate::alive(pid)) {
+                // The agent's command line names the sandbox's manifest directory.
+                kill_mentioning(&format!("/{name}/"));
+            }
+        }
+    }
     netns::sweep_stale();
     sweep_stale_cgroups();
     for dir in [Path::new(BPFFS).to_owned(), std::env::temp_dir()] {
