@@ -118,6 +118,31 @@ fn ipv6_tcp_and_udp_are_balanced() {
 }
 
 #[test]
+fn dual_stack_sockets_reach_ipv4_services_by_v4_mapped_address() {
+    if !require_privileges("dual_stack_sockets_reach_ipv4_services_by_v4_mapped_address") {
+        return;
+    }
+    let w = three_backends(&[]);
+    // An AF_INET6 socket connecting to ::ffff:10.96.0.10 goes through connect6.
+    let attempts = w.probe(&["tcp", "[::ffff:10.96.0.10]:80", "--count", "150"]);
+    assert_fair(&attempts, 150);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("[::ffff:10.96.0.10]:80")),
+        "getpeername shows the v4-mapped VIP: {:?}",
+        attempts[0]
+    );
+    let attempts = w.probe(&["udp", "[::ffff:10.96.0.10]:53", "--count", "60"]);
+    assert_eq!(shares(&attempts).len(), 3);
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("[::ffff:10.96.0.10]:53"))
+    );
+}
+
+#[test]
 fn a_service_without_backends_refuses_at_once() {
     if !require_privileges("a_service_without_backends_refuses_at_once") {
         return;
