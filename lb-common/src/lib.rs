@@ -17,7 +17,10 @@ pub mod service;
 pub mod stats;
 
 pub use addr::Addr6;
-pub use service::{Endpoint, RevNatKey, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+pub use service::{
+    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+    ServiceValue, SlotKey,
+};
 
 /// IANA protocol numbers, as the kernel reports them in `bpf_sock_addr.protocol`.
 pub mod proto {
@@ -29,7 +32,10 @@ pub mod proto {
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{Endpoint, RevNatKey, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+    use crate::{
+        AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+        ServiceValue, SlotKey,
+    };
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and integer
     // arrays, with every padding byte an explicit field (see the size assertions).
@@ -39,4 +45,7 @@ mod pod {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
 }

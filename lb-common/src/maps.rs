@@ -7,7 +7,10 @@
 
 use core::mem::size_of;
 
-use crate::service::{Endpoint, RevNatKey, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+use crate::service::{
+    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+    ServiceValue, SlotKey,
+};
 
 /// `BPF_MAP_TYPE_HASH`.
 pub const TYPE_HASH: u32 = 1;
@@ -39,6 +42,12 @@ pub const SERVICE_INFO: &str = "lb_svcinfo_v1";
 /// connect/sendmsg hooks, read by recvmsg/getpeername. State worth keeping: open sockets
 /// depend on it, so it stays pinned across agent restarts.
 pub const REV_NAT: &str = "lb_revnat_v1";
+/// Affinity map (LRU): [`AffinityKey`] -> [`AffinityValue`]. Written by the connect/sendmsg
+/// hooks for services with session affinity. State worth keeping across agent restarts.
+pub const AFFINITY: &str = "lb_aff_v1";
+/// Affinity-match map: [`AffinityMatchKey`] -> `u8`. Written by the agent for the backends of
+/// services with session affinity, read by the hooks. Rebuildable.
+pub const AFFINITY_MATCH: &str = "lb_affmatch_v1";
 /// Counters: per-CPU array of `u64` indexed by [`crate::stats`] constants. Written by the
 /// hooks, read by the CLI. Disposable.
 pub const STATS: &str = "lb_stats_v1";
@@ -51,6 +60,8 @@ pub const DEFAULT_MAX_SLOTS: u32 = 262_144;
 pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 /// Default capacity of the reverse-NAT map (translated sockets remembered).
 pub const DEFAULT_MAX_REV_NAT: u32 = 262_144;
+/// Default capacity of the affinity map (clients remembered per service).
+pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
 /// Most backends one service can have: its backend count is a `u16`.
 pub const MAX_BACKENDS_PER_SERVICE_LIMIT: u32 = u16::MAX as u32;
 
@@ -84,12 +95,14 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 6] = [
+pub const ALL: [MapSpec; 8] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Endpoint>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
     spec::<u32, ServiceInfo>(SERVICE_INFO, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<RevNatKey, Endpoint>(REV_NAT, TYPE_LRU_HASH, DEFAULT_MAX_REV_NAT, 0),
+    spec::<AffinityKey, AffinityValue>(AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
+    spec::<AffinityMatchKey, u8>(AFFINITY_MATCH, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, u64>(STATS, TYPE_PERCPU_ARRAY, crate::stats::COUNT, 0),
 ];
 

@@ -50,9 +50,11 @@ pub struct ServiceValue {
     pub count: u16,
     /// Reserved, zero.
     pub flags: u16,
+    /// Session affinity (`ClientIP`) timeout in seconds; zero when the service has none.
+    pub affinity_timeout_s: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
 
 /// One backend slot of one service. Key of the slot map; the value is a backend id (`u32`).
 #[repr(C)]
@@ -124,6 +126,64 @@ impl RevNatKey {
         }
     }
 }
+
+/// A client of a service with session affinity. Key of the affinity map (LRU).
+///
+/// At the socket layer the client's address is not known yet when it connects, so the client
+/// is its network namespace: one per pod, hence one per pod IP, which is what `ClientIP`
+/// affinity means.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The service id.
+    pub svc_id: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// `bpf_get_netns_cookie()` of the client's socket.
+    pub netns_cookie: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+
+impl AffinityKey {
+    /// A key with its padding zeroed.
+    #[inline(always)]
+    pub const fn new(svc_id: u32, netns_cookie: u64) -> Self {
+        Self {
+            svc_id,
+            _pad: 0,
+            netns_cookie,
+        }
+    }
+}
+
+/// The backend a client is kept on, and when it last used it. Value of the affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    /// The backend id.
+    pub backend_id: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns()` at the last connection.
+    pub last_used_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+
+/// A backend that belongs to a service with session affinity. Key of the affinity-match map
+/// (the value is a `u8`, 1): an affinity entry is honoured only while its backend is still one
+/// of the service's, so a removed backend is never reused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    /// The service id.
+    pub svc_id: u32,
+    /// The backend id.
+    pub backend_id: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
 
 /// Longest namespace or service name that fits ([`ServiceInfo`]); Kubernetes allows 63.
 pub const NAME_MAX: usize = 63;

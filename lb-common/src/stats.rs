@@ -21,8 +21,12 @@ pub const ERR_FAMILY_MISMATCH: u32 = 6;
 /// The reverse-NAT entry could not be written: the reply source or peer name will show the
 /// backend rather than the service.
 pub const ERR_REV_NAT_UPDATE: u32 = 7;
+/// A connection of a client with session affinity went to its remembered backend.
+pub const AFFINITY_HIT: u32 = 8;
+/// The affinity entry could not be written: the client's next connection may pick anew.
+pub const ERR_AFFINITY_UPDATE: u32 = 9;
 /// Number of counters.
-pub const COUNT: u32 = 8;
+pub const COUNT: u32 = 10;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -34,4 +38,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_backend_missing",
     "err_family_mismatch",
     "err_rev_nat_update",
+    "affinity_hit",
+    "err_affinity_update",
 ];

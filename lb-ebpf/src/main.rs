@@ -5,14 +5,15 @@
 //! - `sendmsg`: sendmsg4/sendmsg6 do the same per datagram for unconnected UDP;
 //! - `recvmsg`: recvmsg4/recvmsg6 restore the service as the source of replies;
 //! - `getpeername`: getpeername4/getpeername6 report the service as the peer;
-//! - `xlate` (service lookup, backend choice), `revnat` (what to restore), `family` (IPv4 and
-//!   IPv6 views of the socket address), `maps`, `stats`.
+//! - `xlate` (service lookup), `select` (backend choice, session affinity), `revnat` (what to
+//!   restore), `family` (IPv4 and IPv6 views of the socket address), `maps`, `stats`.
 #![no_std]
 #![no_main]
 
 mod family;
 mod maps;
 mod revnat;
+mod select;
 mod stats;
 mod xlate;
 

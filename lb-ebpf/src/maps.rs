@@ -7,10 +7,11 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Endpoint, RevNatKey, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+    ServiceValue, SlotKey,
     maps::{
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
-        F_NO_PREALLOC,
+        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
+        DEFAULT_MAX_SLOTS, F_NO_PREALLOC,
     },
     stats,
 };
@@ -37,6 +38,16 @@ pub static SERVICE_INFO: HashMap<u32, ServiceInfo> =
 /// Frontends to restore on replies and peer names. See `lb_common::maps::REV_NAT`.
 #[map(name = "lb_revnat_v1")]
 pub static REV_NAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::pinned(DEFAULT_MAX_REV_NAT, 0);
+
+/// Clients kept on a backend by session affinity. See `lb_common::maps::AFFINITY`.
+#[map(name = "lb_aff_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+
+/// Backends of services with session affinity. See `lb_common::maps::AFFINITY_MATCH`.
+#[map(name = "lb_affmatch_v1")]
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
+    HashMap::pinned(DEFAULT_MAX_SLOTS, F_NO_PREALLOC);
 
 /// Counters. See `lb_common::maps::STATS`.
 #[map(name = "lb_stats_v1")]

@@ -1,15 +1,12 @@
 //! Forward translation: a destination that is a service frontend becomes one of its backends.
 
-use aya_ebpf::{
-    helpers::generated::{bpf_get_prandom_u32, bpf_set_retval},
-    programs::SockAddrContext,
-};
-use lb_common::{Endpoint, ServiceKey, SlotKey, stats as st};
+use aya_ebpf::{helpers::generated::bpf_set_retval, programs::SockAddrContext};
+use lb_common::{Endpoint, ServiceKey, stats as st};
 
 use crate::{
     family::Family,
-    maps::{BACKENDS, SERVICES, SLOTS},
-    revnat, stats,
+    maps::{BACKENDS, SERVICES},
+    revnat, select, stats,
 };
 
 /// Return value of a sock_addr hook that lets the syscall proceed.
@@ -19,8 +16,8 @@ const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
 /// Translates the destination of a connect() or sendmsg() if it is a service frontend:
-/// rewrites it to a backend chosen uniformly at random and remembers the frontend for the
-/// reverse direction. A service with no backends fails the call with ECONNREFUSED, as
+/// rewrites it to a backend (see `select`) and remembers the frontend for the reverse
+/// direction. A service with no backends fails the call with ECONNREFUSED, as
 /// kube-proxy's reject rule does. Anything unexpected (a missing slot or backend) leaves the
 /// call untranslated rather than failing it, and is counted.
 #[inline(always)]
@@ -34,17 +31,14 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
         return ALLOW;
     };
-    let (svc_id, count) = (svc.id, u32::from(svc.count));
-    if count == 0 {
+    let svc = *svc;
+    if svc.count == 0 {
         stats::inc(st::REFUSED_NO_BACKEND);
         // SAFETY: plain helper call; sock_addr hooks may set their syscall's error.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
     }
-    // SAFETY: plain helper call.
-    let slot = unsafe { bpf_get_prandom_u32() } % count;
-    let Some(&backend_id) = (unsafe { SLOTS.get(&SlotKey { svc_id, slot }) }) else {
-        stats::inc(st::ERR_SLOT_MISSING);
+    let Some(backend_id) = select::backend(ctx, &svc) else {
         return ALLOW;
     };
     let Some(&backend) = (unsafe { BACKENDS.get(&backend_id) }) else {

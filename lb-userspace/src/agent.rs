@@ -3,8 +3,8 @@
 //! links and maps keep serving, and the next agent adopts them.
 
 use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
 };
 
 use tokio::{
@@ -21,7 +21,7 @@ use crate::{
     loader::{self, LoadError, Loaded, PinLayout},
     reconcile::{Reconciler, SyncReport},
     source::{self, SourceError},
-    store::Store,
+    store::{Store, Update},
 };
 
 /// How soon failed writes are retried.
@@ -81,46 +81,57 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     loaded.attach(&cgroup)?;
     info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
 
-    let (tx, mut rx) = mpsc::channel(16);
-    info!(source = source.describe(), "starting source");
+    let (tx, mut rx) = mpsc::channel(64);
+    info!(source = source.describe(), node = ?args.node_name, "starting source");
     let mut source_task = tokio::spawn(source.run(tx));
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
-    let mut store = Store::default();
+    let mut store = Store::new(args.node_name.clone());
     let mut rejected_total: BTreeMap<&'static str, u64> = BTreeMap::new();
+    // Nothing is synced before the source's first complete snapshot: the first sync removes
+    // what no service claims.
+    let mut have_snapshot = false;
     let mut synced = false;
+    let mut dirty = BTreeSet::new();
 
     loop {
         tokio::select! {
-            snapshot = rx.recv() => {
-                let Some(snapshot) = snapshot else {
+            received = rx.recv() => {
+                let Some(first) = received else {
                     return match (&mut source_task).await {
                         Ok(Err(e)) => Err(e.into()),
                         _ => Err(AgentError::Config("the source stopped".into())),
                     };
                 };
-                let started = Instant::now();
-                let mut dirty = store.replace(snapshot);
-                // Coalesce whatever else is already queued.
-                while let Ok(more) = rx.try_recv() {
-                    dirty.extend(store.replace(more));
+                // Coalesce whatever else is already queued into this sync.
+                let oldest = first.at;
+                let mut updates = 1;
+                let mut next = Some(first);
+                while let Some(stamped) = next {
+                    have_snapshot |= matches!(stamped.update, Update::Snapshot(_));
+                    dirty.extend(store.update(stamped.update));
+                    next = rx.try_recv().ok();
+                    updates += usize::from(next.is_some());
+                }
+                if !have_snapshot {
+                    continue;
                 }
                 let services = dirty.len();
-                let report = reconciler.sync(&store, dirty);
+                let report = reconciler.sync(&store, std::mem::take(&mut dirty));
                 log_report(&report, &mut rejected_total);
                 let c = reconciler.contents();
-                let elapsed_us = started.elapsed().as_micros() as u64;
+                let latency_us = oldest.elapsed().as_micros() as u64;
                 if !synced {
-                    info!(frontends = c.services.len(), backends = c.backends.len(), writes = report.writes, elapsed_us, "initial sync done");
+                    info!(frontends = c.services.len(), backends = c.backends.len(), writes = report.writes, latency_us, "initial sync done");
                     synced = true;
                 } else if report.writes > 0 {
-                    info!(services, frontends_changed = report.frontends_changed, writes = report.writes, elapsed_us, "synced");
+                    info!(updates, services, frontends_changed = report.frontends_changed, writes = report.writes, latency_us, "synced");
                 } else {
-                    debug!(services, elapsed_us, "synced, nothing to write");
+                    debug!(updates, services, latency_us, "synced, nothing to write");
                 }
             }
-            _ = tokio::time::sleep(RETRY_AFTER), if reconciler.needs_retry() => {
-                let report = reconciler.sync(&store, Default::default());
+            () = tokio::time::sleep(RETRY_AFTER), if reconciler.needs_retry() => {
+                let report = reconciler.sync(&store, BTreeSet::new());
                 log_report(&report, &mut rejected_total);
                 info!(writes = report.writes, "retried failed writes");
             }

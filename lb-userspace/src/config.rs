@@ -4,8 +4,8 @@ use std::{io::IsTerminal as _, path::PathBuf};
 
 use clap::{Parser, ValueEnum};
 use lb_common::maps::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
-    DEFAULT_PIN_DIR, MAX_BACKENDS_PER_SERVICE_LIMIT,
+    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SLOTS, DEFAULT_PIN_DIR, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
 use crate::{loader::MapSizes, model::Limits};
@@ -30,6 +30,11 @@ pub struct AgentArgs {
     /// is watched for changes.
     #[arg(long, env = "LB_SOURCE", required_unless_present = "cleanup")]
     pub source: Option<String>,
+
+    /// This node's name (in a DaemonSet, from the downward API's spec.nodeName). Needed for
+    /// internalTrafficPolicy: Local and for topology hints.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 
     /// cgroup v2 directory whose processes get service translation [default: the root of the
     /// cgroup2 mount, i.e. every process on the node].
@@ -60,6 +65,10 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_MAX_REV_NAT", default_value_t = DEFAULT_MAX_REV_NAT)]
     pub max_rev_nat: u32,
 
+    /// Capacity of the session affinity map (clients remembered across services).
+    #[arg(long, env = "LB_MAX_AFFINITY", default_value_t = DEFAULT_MAX_AFFINITY)]
+    pub max_affinity: u32,
+
     /// Most backends one frontend may have; a service over it is rejected.
     #[arg(long, env = "LB_MAX_BACKENDS_PER_SERVICE", default_value_t = DEFAULT_MAX_BACKENDS_PER_SERVICE,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BACKENDS_PER_SERVICE_LIMIT)))]
@@ -89,6 +98,7 @@ impl AgentArgs {
             ("--max-slots", self.max_slots),
             ("--max-backends", self.max_backends),
             ("--max-rev-nat", self.max_rev_nat),
+            ("--max-affinity", self.max_affinity),
         ] {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
@@ -104,6 +114,7 @@ impl AgentArgs {
             slots: self.max_slots,
             backends: self.max_backends,
             rev_nat: self.max_rev_nat,
+            affinity: self.max_affinity,
         }
     }
 

@@ -243,6 +243,7 @@ mod tests {
                 id: 1,
                 count: 2,
                 flags: 0,
+                affinity_timeout_s: 0,
             },
         );
         c.services.insert(
@@ -251,6 +252,7 @@ mod tests {
                 id: 2,
                 count: 1,
                 flags: 0,
+                affinity_timeout_s: 0,
             },
         );
         c.info

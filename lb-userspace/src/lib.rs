@@ -16,6 +16,7 @@ pub mod addr;
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod endpoints;
 pub mod host;
 pub mod inspect;
 pub mod loader;

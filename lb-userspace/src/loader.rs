@@ -88,15 +88,19 @@ pub struct MapSizes {
     pub backends: u32,
     /// Reverse-NAT map.
     pub rev_nat: u32,
+    /// Affinity map.
+    pub affinity: u32,
 }
 
 impl MapSizes {
     fn of(&self, name: &str) -> Option<u32> {
         match name {
             maps::SERVICES | maps::SERVICE_INFO => Some(self.services),
-            maps::SLOTS => Some(self.slots),
+            // A service with affinity has one match entry per slot.
+            maps::SLOTS | maps::AFFINITY_MATCH => Some(self.slots),
             maps::BACKENDS => Some(self.backends),
             maps::REV_NAT => Some(self.rev_nat),
+            maps::AFFINITY => Some(self.affinity),
             _ => None,
         }
     }

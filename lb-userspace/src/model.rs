@@ -1,29 +1,33 @@
 //! What the datapath should hold for one Kubernetes service: pure, no I/O.
 //!
-//! [`desired`] turns a Service and its EndpointSlices into frontends (cluster IP x port x
-//! protocol), each with the backends that should receive new connections, following
-//! kube-proxy's rules:
-//! - every cluster IP of the service (`clusterIPs`, else `clusterIP`), each family served by
-//!   the EndpointSlices of its own address type; headless and ExternalName services have none;
+//! [`desired`] turns a Service and its EndpointSlices into frontends, each with the backends
+//! that get new connections from this node, following kube-proxy:
+//! - frontends are every cluster IP (`clusterIPs`, else `clusterIP`) and external IP of the
+//!   service, times every port; each address family is served by the EndpointSlices of its
+//!   own address type. Headless and ExternalName services, and services labelled
+//!   `service.kubernetes.io/service-proxy-name` (another proxy's), have none;
 //! - service ports match EndpointSlice ports by name and protocol, so a `targetPort` given by
 //!   name works: the slice carries the resolved number;
-//! - the endpoints of a service are the union of its slices, deduplicated by address and port;
-//! - ready endpoints get traffic; when none is ready, endpoints that are serving and
-//!   terminating do (graceful termination); otherwise the frontend has no backends and
-//!   connects are refused.
+//! - the endpoints of a service are the union of its slices, deduplicated by address and port
+//!   (the readiest copy wins); slices labelled `service.kubernetes.io/headless` or
+//!   `service.kubernetes.io/service-proxy-name` are ignored;
+//! - which endpoints get traffic (readiness, graceful termination, topology hints,
+//!   `internalTrafficPolicy`) is decided by [`crate::endpoints::usable`]. External IPs reached
+//!   from this node follow the internal policy, as kube-proxy does for node-local traffic;
+//! - `sessionAffinity: ClientIP` keeps a client on its backend for
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800).
 //!
-//! A service that cannot be programmed as a whole (an invalid cluster IP, a port out of
-//! range, an unknown protocol, too many backends) is a [`Rejection`]; the caller keeps what
-//! it programmed before. A flaw in one endpoint only skips that endpoint, with a note.
+//! A service that cannot be programmed as a whole (an invalid IP, a port out of range, an
+//! unknown protocol or policy, too many backends) is a [`Rejection`]; the caller keeps what it
+//! programmed before. A flaw in one endpoint only skips that endpoint, with a note.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt,
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_common::{
@@ -31,10 +35,23 @@ use lb_common::{
     service::{NAME_MAX, PORT_NAME_MAX},
 };
 
-use crate::addr::{to_addr6, to_endpoint};
+use crate::{
+    addr::{to_addr6, to_endpoint},
+    endpoints::{Candidate, NodeInfo, TrafficPolicy, usable},
+};
 
 /// Label naming the service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label of services (and their slices) that another proxy implements.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label of the EndpointSlices of headless services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The node label naming its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Session affinity timeout when the service does not set one (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Longest session affinity timeout Kubernetes allows (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// A namespaced object's identity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,6 +110,8 @@ pub struct DesiredFrontend {
     pub port_name: String,
     /// The backends for new connections, sorted, without duplicates.
     pub backends: Vec<Endpoint>,
+    /// Session affinity timeout in seconds, zero for none.
+    pub affinity_timeout_s: u32,
 }
 
 /// What one service should look like in the datapath.
@@ -117,9 +136,14 @@ pub enum Rejection {
         /// The limit.
         max: usize,
     },
-    /// A cluster IP that is not an IP address.
-    #[error("cluster IP {0:?} is not a valid IP address")]
-    InvalidClusterIp(String),
+    /// A cluster or external IP that is not a usable IP address.
+    #[error("{what} {value:?} is not a valid IP address")]
+    InvalidIp {
+        /// `cluster IP` or `external IP`.
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
     /// Two cluster IPs of one family.
     #[error("cluster IPs {0} and {1} are of the same family")]
     DuplicateFamily(IpAddr, IpAddr),
@@ -145,6 +169,14 @@ pub enum Rejection {
         /// The protocol.
         protocol: String,
     },
+    /// A field with a value this proxy does not know.
+    #[error("{field} {value:?} is not supported")]
+    Unsupported {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+    },
     /// More backends than a frontend may have.
     #[error("{count} backends for {frontend}, over the limit of {limit}")]
     TooManyBackends {
@@ -162,11 +194,12 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::NameTooLong { .. } => "name_too_long",
-            Self::InvalidClusterIp(_) => "invalid_cluster_ip",
+            Self::InvalidIp { .. } => "invalid_ip",
             Self::DuplicateFamily(..) => "duplicate_family",
             Self::InvalidPort { .. } => "invalid_port",
             Self::UnknownProtocol { .. } => "unknown_protocol",
             Self::DuplicatePort { .. } => "duplicate_port",
+            Self::Unsupported { .. } => "unsupported_value",
             Self::TooManyBackends { .. } => "too_many_backends",
         }
     }
@@ -180,27 +213,25 @@ struct Port<'a> {
     proto: u8,
 }
 
-/// How an endpoint may be used, best first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Usable {
-    Ready,
-    ServingTerminating,
-    No,
-}
-
 /// An EndpointSlice reduced to what the model needs.
 struct ParsedSlice<'a> {
     ipv6: bool,
     /// (name, protocol, port) of each valid slice port.
     ports: Vec<(&'a str, &'a str, u16)>,
-    endpoints: Vec<(IpAddr, Usable)>,
+    /// Its endpoints, with port 0 until matched to a service port.
+    endpoints: Vec<Candidate>,
+}
+
+fn has_label(meta: &ObjectMeta, label: &str) -> bool {
+    meta.labels.as_ref().is_some_and(|l| l.contains_key(label))
 }
 
 /// The frontends of `svc` with their backends from `slices` (the slices labelled with the
-/// service's name, in its namespace).
+/// service's name, in its namespace), for this node.
 pub fn desired<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeInfo,
     limits: &Limits,
 ) -> Result<Desired, Rejection> {
     let mut out = Desired::default();
@@ -210,32 +241,58 @@ pub fn desired<'a>(
         NAME_MAX,
     )?;
     check_len("name", svc.metadata.name.as_deref().unwrap_or(""), NAME_MAX)?;
+    if has_label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
+        return Ok(out);
+    }
     let Some(spec) = &svc.spec else {
         return Ok(out);
     };
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(out);
     }
-    let Some(ips) = cluster_ips(
+    let Some(mut ips) = cluster_ips(
         spec.cluster_ips.as_deref().unwrap_or_default(),
         spec.cluster_ip.as_deref(),
     )?
     else {
         return Ok(out); // headless
     };
+    for raw in spec.external_ips.iter().flatten() {
+        let ip = parse_ip("external IP", raw)?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
     let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut out.notes)?;
+    let policy = traffic_policy(spec)?;
+    let affinity_timeout_s = affinity_timeout(spec)?;
     if ips.is_empty() || ports.is_empty() {
         return Ok(out);
     }
+    if policy == TrafficPolicy::Local && node.name.is_none() {
+        out.notes.push(
+            "internalTrafficPolicy: Local needs the agent's --node-name; no endpoint is local"
+                .into(),
+        );
+    }
     let slices: Vec<ParsedSlice<'_>> = slices
         .into_iter()
+        .filter(|s| {
+            !has_label(&s.metadata, HEADLESS_LABEL)
+                && !has_label(&s.metadata, SERVICE_PROXY_NAME_LABEL)
+        })
         .filter_map(|s| parse_slice(s, &mut out.notes))
         .collect();
 
     for ip in &ips {
         for port in &ports {
             let key = ServiceKey::new(to_addr6(*ip), port.port.to_be(), port.proto);
-            let backends = backends_for(ip.is_ipv6(), port, &slices);
+            let candidates = candidates_for(ip.is_ipv6(), port, &slices);
+            let mut backends: Vec<Endpoint> = usable(&candidates, policy, node)
+                .into_iter()
+                .map(|c| to_endpoint((c.ip, c.port).into()))
+                .collect();
+            backends.sort();
             if backends.len() > limits.max_backends_per_service {
                 return Err(Rejection::TooManyBackends {
                     frontend: crate::addr::frontend_string(&key),
@@ -247,6 +304,7 @@ pub fn desired<'a>(
                 key,
                 port_name: port.name.to_owned(),
                 backends,
+                affinity_timeout_s,
             });
         }
     }
@@ -264,6 +322,17 @@ fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), Rejectio
     Ok(())
 }
 
+/// A usable service address: not unspecified, not a v4-mapped IPv6 address.
+fn parse_ip(what: &'static str, raw: &str) -> Result<IpAddr, Rejection> {
+    raw.parse()
+        .ok()
+        .filter(|ip: &IpAddr| !ip.is_unspecified() && ip.to_canonical() == *ip)
+        .ok_or_else(|| Rejection::InvalidIp {
+            what,
+            value: raw.to_owned(),
+        })
+}
+
 /// The service's cluster IPs, or `None` for a headless service.
 fn cluster_ips(list: &[String], single: Option<&str>) -> Result<Option<Vec<IpAddr>>, Rejection> {
     let raw: Vec<&str> = if list.is_empty() {
@@ -277,11 +346,7 @@ fn cluster_ips(list: &[String], single: Option<&str>) -> Result<Option<Vec<IpAdd
     let mut ips: Vec<IpAddr> = Vec::new();
     // An empty string is a cluster IP not allocated yet.
     for s in raw.into_iter().filter(|s| !s.is_empty()) {
-        let ip: IpAddr = s
-            .parse()
-            .ok()
-            .filter(|ip: &IpAddr| !ip.is_unspecified() && ip.to_canonical() == *ip)
-            .ok_or_else(|| Rejection::InvalidClusterIp(s.to_owned()))?;
+        let ip = parse_ip("cluster IP", s)?;
         if let Some(other) = ips.iter().find(|o| o.is_ipv6() == ip.is_ipv6()) {
             return Err(Rejection::DuplicateFamily(*other, ip));
         }
@@ -290,8 +355,46 @@ fn cluster_ips(list: &[String], single: Option<&str>) -> Result<Option<Vec<IpAdd
     Ok(Some(ips))
 }
 
+fn traffic_policy(spec: &ServiceSpec) -> Result<TrafficPolicy, Rejection> {
+    match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
+        Some("Local") => Ok(TrafficPolicy::Local),
+        Some(other) => Err(Rejection::Unsupported {
+            field: "internalTrafficPolicy",
+            value: other.to_owned(),
+        }),
+    }
+}
+
+fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, Rejection> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(0),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) => u32::try_from(t)
+                    .ok()
+                    .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(t))
+                    .ok_or_else(|| Rejection::Unsupported {
+                        field: "sessionAffinityConfig.clientIP.timeoutSeconds",
+                        value: t.to_string(),
+                    }),
+            }
+        }
+        Some(other) => Err(Rejection::Unsupported {
+            field: "sessionAffinity",
+            value: other.to_owned(),
+        }),
+    }
+}
+
 fn service_ports<'a>(
-    ports: &'a [k8s_openapi::api::core::v1::ServicePort],
+    ports: &'a [ServicePort],
     notes: &mut Vec<String>,
 ) -> Result<Vec<Port<'a>>, Rejection> {
     let mut out: Vec<Port<'a>> = Vec::new();
@@ -363,26 +466,35 @@ fn parse_slice<'a>(slice: &'a EndpointSlice, notes: &mut Vec<String>) -> Option<
         let Some(raw) = ep.addresses.first() else {
             continue;
         };
-        match raw.parse::<IpAddr>() {
-            Ok(ip) if ip.is_ipv6() == ipv6 && ip.to_canonical() == ip && !ip.is_unspecified() => {
-                let c = ep.conditions.as_ref();
-                let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let usable = if ready {
-                    Usable::Ready
-                } else if serving && terminating {
-                    Usable::ServingTerminating
-                } else {
-                    Usable::No
-                };
-                endpoints.push((ip, usable));
+        let ip = match raw.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv6() == ipv6 && ip.to_canonical() == ip && !ip.is_unspecified() => ip,
+            _ => {
+                notes.push(format!(
+                    "EndpointSlice {name}: address {raw:?} is not a valid {} address; skipped",
+                    if ipv6 { "IPv6" } else { "IPv4" }
+                ));
+                continue;
             }
-            _ => notes.push(format!(
-                "EndpointSlice {name}: address {raw:?} is not a valid {} address; skipped",
-                if ipv6 { "IPv6" } else { "IPv4" }
-            )),
-        }
+        };
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let hints = ep.hints.as_ref();
+        endpoints.push(Candidate {
+            ip,
+            port: 0,
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: ep.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect())
+                .unwrap_or_default(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .map(|n| n.iter().map(|n| n.name.clone()).collect())
+                .unwrap_or_default(),
+        });
     }
     Some(ParsedSlice {
         ipv6,
@@ -391,10 +503,19 @@ fn parse_slice<'a>(slice: &'a EndpointSlice, notes: &mut Vec<String>) -> Option<
     })
 }
 
-/// The backends of one frontend: ready endpoints, else serving-and-terminating ones.
-fn backends_for(ipv6: bool, port: &Port<'_>, slices: &[ParsedSlice<'_>]) -> Vec<Endpoint> {
-    // The best state each (address, port) has in any slice.
-    let mut best: BTreeMap<Endpoint, Usable> = BTreeMap::new();
+/// How ready a candidate is, best first: where slices disagree about an endpoint, the
+/// readiest copy wins.
+fn rank(c: &Candidate) -> u8 {
+    match (c.ready, c.serving && c.terminating) {
+        (true, _) => 0,
+        (false, true) => 1,
+        (false, false) => 2,
+    }
+}
+
+/// The endpoints of one family and service port across all slices, deduplicated.
+fn candidates_for(ipv6: bool, port: &Port<'_>, slices: &[ParsedSlice<'_>]) -> Vec<Candidate> {
+    let mut merged: BTreeMap<(IpAddr, u16), Candidate> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.ipv6 == ipv6) {
         let Some(&(_, _, target)) = slice
             .ports
@@ -403,26 +524,31 @@ fn backends_for(ipv6: bool, port: &Port<'_>, slices: &[ParsedSlice<'_>]) -> Vec<
         else {
             continue;
         };
-        for &(ip, usable) in &slice.endpoints {
-            let ep = to_endpoint((ip, target).into());
-            best.entry(ep)
-                .and_modify(|u| *u = (*u).min(usable))
-                .or_insert(usable);
+        for c in &slice.endpoints {
+            let c = Candidate {
+                port: target,
+                ..c.clone()
+            };
+            match merged.get(&(c.ip, target)) {
+                Some(existing) if rank(existing) <= rank(&c) => {}
+                _ => {
+                    merged.insert((c.ip, target), c);
+                }
+            }
         }
     }
-    let pick = |want: Usable| -> BTreeSet<Endpoint> {
-        best.iter()
-            .filter(|&(_, u)| *u == want)
-            .map(|(ep, _)| *ep)
-            .collect()
-    };
-    let ready = pick(Usable::Ready);
-    let chosen = if ready.is_empty() {
-        pick(Usable::ServingTerminating)
-    } else {
-        ready
-    };
-    chosen.into_iter().collect()
+    merged.into_values().collect()
+}
+
+/// This node as the endpoint rules see it: its name and the zone label of its Node object.
+pub fn node_info(node_name: Option<&str>, labels: Option<&BTreeMap<String, String>>) -> NodeInfo {
+    NodeInfo {
+        name: node_name.map(String::from),
+        zone: labels
+            .and_then(|l| l.get(ZONE_LABEL))
+            .filter(|z| !z.is_empty())
+            .cloned(),
+    }
 }
 
 #[cfg(test)]
@@ -439,6 +565,13 @@ mod tests {
 
     fn service(ips: &[&str], ports: &[Port<'_>]) -> Service {
         testutil::service("prod", "web", ips, ports)
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: Some("n1".into()),
+            zone: Some("a".into()),
+        }
     }
 
     fn slice(family: &str, ports: &[Port<'_>], eps: &[Ep<'_>]) -> EndpointSlice {
@@ -471,7 +604,7 @@ mod tests {
             &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")],
             &[ready("10.0.0.1"), ready("10.0.0.2")],
         );
-        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
         assert_eq!(
             render(&d),
             [
@@ -496,7 +629,7 @@ mod tests {
                 ("10.0.0.4", None, None, None),
             ],
         );
-        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
         assert_eq!(
             render(&d),
             ["10.96.0.1:80/TCP -> [10.0.0.1:8080 10.0.0.4:8080]"]
@@ -514,7 +647,7 @@ mod tests {
                 ("10.0.0.3", Some(false), Some(true), Some(true)),
             ],
         );
-        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
         assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.3:8080]"]);
     }
 
@@ -526,9 +659,9 @@ mod tests {
             &[("", 8080, "TCP")],
             &[("10.0.0.2", Some(false), Some(false), Some(false))],
         );
-        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
         assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
-        let d = desired(&svc, [], &LIMITS).unwrap();
+        let d = desired(&svc, [], &node(), &LIMITS).unwrap();
         assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
     }
 
@@ -545,7 +678,7 @@ mod tests {
             &[("", 8080, "TCP")],
             &[ready("10.0.0.2"), ready("10.0.0.3")],
         );
-        let d = desired(&svc, [&a, &b], &LIMITS).unwrap();
+        let d = desired(&svc, [&a, &b], &node(), &LIMITS).unwrap();
         assert_eq!(
             render(&d),
             ["10.96.0.1:80/TCP -> [10.0.0.1:8080 10.0.0.2:8080 10.0.0.3:8080]"]
@@ -557,7 +690,7 @@ mod tests {
         let svc = service(&["10.96.0.1", "fd00:96::1"], &[("", 80, "TCP")]);
         let v4 = slice("IPv4", &[("", 8080, "TCP")], &[ready("10.0.0.1")]);
         let v6 = slice("IPv6", &[("", 8080, "TCP")], &[ready("fd00:244::1")]);
-        let d = desired(&svc, [&v4, &v6], &LIMITS).unwrap();
+        let d = desired(&svc, [&v4, &v6], &node(), &LIMITS).unwrap();
         assert_eq!(
             render(&d),
             [
@@ -570,12 +703,12 @@ mod tests {
     #[test]
     fn headless_external_name_and_unallocated_have_no_frontends() {
         let mut svc = service(&["None"], &[("", 80, "TCP")]);
-        assert_eq!(desired(&svc, [], &LIMITS).unwrap().frontends, []);
+        assert_eq!(desired(&svc, [], &node(), &LIMITS).unwrap().frontends, []);
         svc.spec.as_mut().unwrap().cluster_ips = Some(vec![]);
-        assert_eq!(desired(&svc, [], &LIMITS).unwrap().frontends, []);
+        assert_eq!(desired(&svc, [], &node(), &LIMITS).unwrap().frontends, []);
         let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
         svc.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
-        assert_eq!(desired(&svc, [], &LIMITS).unwrap().frontends, []);
+        assert_eq!(desired(&svc, [], &node(), &LIMITS).unwrap().frontends, []);
     }
 
     #[test]
@@ -584,20 +717,17 @@ mod tests {
         let spec = svc.spec.as_mut().unwrap();
         spec.cluster_ips = None;
         spec.cluster_ip = Some("10.96.0.7".into());
-        let d = desired(&svc, [], &LIMITS).unwrap();
+        let d = desired(&svc, [], &node(), &LIMITS).unwrap();
         assert_eq!(render(&d), ["10.96.0.7:80/TCP -> []"]);
     }
 
     #[test]
     fn invalid_services_are_rejected() {
         let cases: [(Service, &str); 7] = [
-            (
-                service(&["10.96.0.300"], &[("", 80, "TCP")]),
-                "invalid_cluster_ip",
-            ),
+            (service(&["10.96.0.300"], &[("", 80, "TCP")]), "invalid_ip"),
             (
                 service(&["::ffff:10.0.0.1"], &[("", 80, "TCP")]),
-                "invalid_cluster_ip",
+                "invalid_ip",
             ),
             (
                 service(&["10.0.0.1", "10.0.0.2"], &[("", 80, "TCP")]),
@@ -618,7 +748,7 @@ mod tests {
             ),
         ];
         for (svc, reason) in cases {
-            let err = desired(&svc, [], &LIMITS).unwrap_err();
+            let err = desired(&svc, [], &node(), &LIMITS).unwrap_err();
             assert_eq!(err.reason(), reason, "{err}");
         }
     }
@@ -629,7 +759,7 @@ mod tests {
         let eps: Vec<String> = (1..=5).map(|i| format!("10.0.0.{i}")).collect();
         let eps: Vec<Ep<'_>> = eps.iter().map(|a| ready(a)).collect();
         let s = slice("IPv4", &[("", 8080, "TCP")], &eps);
-        let err = desired(&svc, [&s], &LIMITS).unwrap_err();
+        let err = desired(&svc, [&s], &node(), &LIMITS).unwrap_err();
         assert_eq!(
             err.to_string(),
             "5 backends for 10.96.0.1:80/TCP, over the limit of 4"
@@ -639,7 +769,7 @@ mod tests {
     #[test]
     fn sctp_ports_are_skipped_with_a_note() {
         let svc = service(&["10.96.0.1"], &[("a", 80, "TCP"), ("b", 90, "SCTP")]);
-        let d = desired(&svc, [], &LIMITS).unwrap();
+        let d = desired(&svc, [], &node(), &LIMITS).unwrap();
         assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
         assert_eq!(d.notes.len(), 1, "{:?}", d.notes);
     }
@@ -652,7 +782,7 @@ mod tests {
             &[("", 8080, "TCP")],
             &[ready("10.0.0.1"), ready("fd00::1"), ready("10.0.0.999")],
         );
-        let d = desired(&svc, [&s], &LIMITS).unwrap();
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
         assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.1:8080]"]);
         assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
     }
@@ -662,9 +792,136 @@ mod tests {
         let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
         svc.metadata.name = Some("x".repeat(64));
         assert_eq!(
-            desired(&svc, [], &LIMITS).unwrap_err().reason(),
+            desired(&svc, [], &node(), &LIMITS).unwrap_err().reason(),
             "name_too_long"
         );
+    }
+
+    #[test]
+    fn services_of_another_proxy_and_headless_slices_are_ignored() {
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let s = slice("IPv4", &[("", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let mut headless = slice("IPv4", &[("", 8080, "TCP")], &[ready("10.0.0.2")]);
+        headless
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(HEADLESS_LABEL.into(), "".into());
+        let d = desired(&svc, [&s, &headless], &node(), &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.1:8080]"]);
+        svc.metadata.labels =
+            Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "other".to_string())].into());
+        assert_eq!(desired(&svc, [&s], &node(), &LIMITS).unwrap().frontends, []);
+    }
+
+    #[test]
+    fn external_ips_are_frontends_with_the_same_backends() {
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        svc.spec.as_mut().unwrap().external_ips = Some(vec![
+            "192.0.2.10".into(),
+            "10.96.0.1".into(),
+            "2001:db8::10".into(),
+        ]);
+        let v4 = slice("IPv4", &[("", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let v6 = slice("IPv6", &[("", 8080, "TCP")], &[ready("fd00::1")]);
+        let d = desired(&svc, [&v4, &v6], &node(), &LIMITS).unwrap();
+        assert_eq!(
+            render(&d),
+            [
+                "10.96.0.1:80/TCP -> [10.0.0.1:8080]",
+                "192.0.2.10:80/TCP -> [10.0.0.1:8080]",
+                "[2001:db8::10]:80/TCP -> [[fd00::1]:8080]",
+            ]
+        );
+        svc.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.300".into()]);
+        let err = desired(&svc, [], &node(), &LIMITS).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "external IP \"192.0.2.300\" is not a valid IP address"
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_this_nodes_endpoints() {
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        let mut s = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2")],
+        );
+        s.endpoints.as_mut().unwrap()[1].node_name = Some("n1".into());
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.2:8080]"]);
+        // Without a node name nothing is local, and the notes say why.
+        let d = desired(&svc, [&s], &NodeInfo::default(), &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> []"]);
+        assert!(d.notes[0].contains("--node-name"), "{:?}", d.notes);
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Nearby".into());
+        assert_eq!(
+            desired(&svc, [&s], &node(), &LIMITS).unwrap_err().reason(),
+            "unsupported_value"
+        );
+    }
+
+    #[test]
+    fn zone_hints_steer_to_this_zone() {
+        use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
+        let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let mut s = slice(
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2")],
+        );
+        for (ep, zone) in s.endpoints.as_mut().unwrap().iter_mut().zip(["a", "b"]) {
+            ep.hints = Some(EndpointHints {
+                for_zones: Some(vec![ForZone { name: zone.into() }]),
+                for_nodes: None,
+            });
+        }
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
+        assert_eq!(render(&d), ["10.96.0.1:80/TCP -> [10.0.0.1:8080]"]);
+    }
+
+    #[test]
+    fn session_affinity_timeouts() {
+        use k8s_openapi::api::core::v1::{ClientIPConfig, SessionAffinityConfig};
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        let timeout = |svc: &Service| {
+            desired(svc, [], &node(), &LIMITS).map(|d| d.frontends[0].affinity_timeout_s)
+        };
+        assert_eq!(timeout(&svc), Ok(0));
+        let spec = svc.spec.as_mut().unwrap();
+        spec.session_affinity = Some("ClientIP".into());
+        assert_eq!(timeout(&svc), Ok(DEFAULT_AFFINITY_TIMEOUT_S));
+        for (t, ok) in [
+            (60, true),
+            (86_400, true),
+            (0, false),
+            (86_401, false),
+            (-1, false),
+        ] {
+            svc.spec.as_mut().unwrap().session_affinity_config = Some(SessionAffinityConfig {
+                client_ip: Some(ClientIPConfig {
+                    timeout_seconds: Some(t),
+                }),
+            });
+            assert_eq!(timeout(&svc).is_ok(), ok, "timeout {t}");
+        }
+        svc.spec.as_mut().unwrap().session_affinity = Some("Cookie".into());
+        assert!(timeout(&svc).is_err());
+    }
+
+    #[test]
+    fn node_info_reads_the_zone_label() {
+        let labels = [(ZONE_LABEL.to_string(), "z1".to_string())].into();
+        assert_eq!(
+            node_info(Some("n1"), Some(&labels)).zone.as_deref(),
+            Some("z1")
+        );
+        let empty = [(ZONE_LABEL.to_string(), String::new())].into();
+        assert_eq!(node_info(Some("n1"), Some(&empty)).zone, None);
     }
 
     #[test]

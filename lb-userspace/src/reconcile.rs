@@ -5,8 +5,9 @@
 //! that succeeds, so it always equals the maps. A sync recomputes only the services that
 //! changed and writes only the differences, per frontend in this order:
 //!
-//! new backends, slots, the service's info, the service entry (its backend count), slots
-//! beyond the new count, and last backends no slot names any more.
+//! new backends, affinity-match entries of new members, slots, the service's info, the service
+//! entry (its backend count and affinity timeout), slots beyond the new count, match entries
+//! of former members, and last backends nothing names any more.
 //!
 //! Removal is the reverse: the service entry first. So every prefix of the writes is a state
 //! in which any lookup finds a whole service (old or new), and a write that fails leaves the
@@ -18,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::{Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps};
+use lb_common::{AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps};
 
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
@@ -69,6 +70,18 @@ pub struct SyncReport {
     pub errors: Vec<DatapathError>,
 }
 
+/// How much programming one frontend adds to the maps.
+struct Growth {
+    /// A new service entry.
+    service: bool,
+    /// Its slot count.
+    slots: usize,
+    /// Backends new to the backend map.
+    backends: usize,
+    /// New affinity-match entries.
+    matches: usize,
+}
+
 /// Lowest-free id allocation.
 #[derive(Debug, Default)]
 struct Ids {
@@ -115,6 +128,7 @@ impl Ids {
 #[derive(Debug, Default)]
 struct Index {
     backend_ids: HashMap<Endpoint, u32>,
+    /// How many slots and affinity-match entries name each backend.
     backend_refs: HashMap<u32, u32>,
     service_ids: Ids,
     backend_alloc: Ids,
@@ -123,7 +137,8 @@ struct Index {
 impl Index {
     fn build(c: &Contents) -> Self {
         let mut backend_refs: HashMap<u32, u32> = HashMap::new();
-        for b in c.slots.values() {
+        let matched = c.affinity_match.iter().map(|m| &m.backend_id);
+        for b in c.slots.values().chain(matched) {
             *backend_refs.entry(*b).or_default() += 1;
         }
         Self {
@@ -174,6 +189,16 @@ impl Index {
             Op::DeleteService(key) => {
                 if let Some(old) = before.services.get(key) {
                     self.service_ids.release(old.id);
+                }
+            }
+            Op::PutMatch(key) => {
+                if !before.affinity_match.contains(key) {
+                    *self.backend_refs.entry(key.backend_id).or_default() += 1;
+                }
+            }
+            Op::DeleteMatch(key) => {
+                if before.affinity_match.contains(key) {
+                    self.unref(key.backend_id);
                 }
             }
             Op::PutInfo(..) | Op::DeleteInfo(_) => {}
@@ -251,7 +276,7 @@ impl<D: Datapath> Reconciler<D> {
             let new = match store.service(&owner) {
                 None => None,
                 Some(svc) => {
-                    match model::desired(svc, store.slices_of(&owner), &self.limits) {
+                    match model::desired(svc, store.slices_of(&owner), store.node(), &self.limits) {
                         Ok(d) => {
                             report
                                 .notes
@@ -356,6 +381,7 @@ impl<D: Datapath> Reconciler<D> {
                     key: *key,
                     port_name: info.port_name()?.to_owned(),
                     backends,
+                    affinity_timeout_s: value.affinity_timeout_s,
                 })
             })
             .collect()
@@ -429,7 +455,20 @@ impl<D: Datapath> Reconciler<D> {
             id,
             count: u16::try_from(slots.len()).expect("the model limits backends to u16"),
             flags: 0,
+            affinity_timeout_s: want.affinity_timeout_s,
         };
+        let members: BTreeSet<AffinityMatchKey> = if want.affinity_timeout_s == 0 {
+            BTreeSet::new()
+        } else {
+            slots
+                .iter()
+                .map(|&backend_id| AffinityMatchKey {
+                    svc_id: id,
+                    backend_id,
+                })
+                .collect()
+        };
+        let matched: BTreeSet<AffinityMatchKey> = self.mirror.matches_of(id).copied().collect();
 
         // Gives back the ids taken above that no write has put in the maps.
         let release = |idx: &mut Index, mirror: &Contents| {
@@ -443,7 +482,14 @@ impl<D: Datapath> Reconciler<D> {
                 idx.service_ids.release(s);
             }
         };
-        if let Some(full) = self.overflow(id, existing.is_none(), slots.len(), new_backends.len()) {
+        let new_matches = members.difference(&matched).count();
+        let growth = Growth {
+            service: existing.is_none(),
+            slots: slots.len(),
+            backends: new_backends.len(),
+            matches: new_matches,
+        };
+        if let Some(full) = self.overflow(id, &growth) {
             release(&mut self.idx, &self.mirror);
             report.full.push(MapFull {
                 service: owner.clone(),
@@ -455,6 +501,7 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         let mut ops = new_backends;
+        ops.extend(members.difference(&matched).map(|m| Op::PutMatch(*m)));
         for (slot, backend) in (0u32..).zip(&slots) {
             let k = SlotKey { svc_id: id, slot };
             if self.mirror.slots.get(&k) != Some(backend) {
@@ -467,13 +514,14 @@ impl<D: Datapath> Reconciler<D> {
         if existing != Some(value) {
             ops.push(Op::PutService(key, value));
         }
-        let previous: BTreeSet<u32> = self.mirror.slots_of(id).map(|(_, b)| *b).collect();
+        let previous = self.referenced_by(id);
         ops.extend(
             self.mirror
                 .slots_of(id)
                 .filter(|(k, _)| k.slot >= u32::from(value.count))
                 .map(|(k, _)| Op::DeleteSlot(*k)),
         );
+        ops.extend(matched.difference(&members).map(|m| Op::DeleteMatch(*m)));
         if ops.is_empty() {
             return;
         }
@@ -487,35 +535,40 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// The map (name and capacity) that programming a frontend would overflow, if any.
-    fn overflow(
-        &self,
-        id: u32,
-        new_service: bool,
-        slots: usize,
-        new_backends: usize,
-    ) -> Option<(&'static str, u32)> {
+    /// The backends the slots and affinity-match entries of service `id` name.
+    fn referenced_by(&self, id: u32) -> BTreeSet<u32> {
+        let slots = self.mirror.slots_of(id).map(|(_, b)| *b);
+        slots
+            .chain(self.mirror.matches_of(id).map(|m| m.backend_id))
+            .collect()
+    }
+
+    /// The map (name and capacity) that programming a frontend of service `id` would
+    /// overflow, if any.
+    fn overflow(&self, id: u32, growth: &Growth) -> Option<(&'static str, u32)> {
         let m = &self.mirror;
-        let new_slots = (0..slots as u32)
+        let new_slots = (0..growth.slots as u32)
             .filter(|&slot| !m.slots.contains_key(&SlotKey { svc_id: id, slot }))
             .count();
         let new_info = usize::from(!m.info.contains_key(&id));
+        let c = &self.caps;
         let checks = [
             (
                 maps::SERVICES,
-                m.services.len() + usize::from(new_service),
-                self.caps.services,
+                m.services.len() + usize::from(growth.service),
+                c.services,
             ),
-            (
-                maps::SERVICE_INFO,
-                m.info.len() + new_info,
-                self.caps.services,
-            ),
-            (maps::SLOTS, m.slots.len() + new_slots, self.caps.slots),
+            (maps::SERVICE_INFO, m.info.len() + new_info, c.services),
+            (maps::SLOTS, m.slots.len() + new_slots, c.slots),
             (
                 maps::BACKENDS,
-                m.backends.len() + new_backends,
-                self.caps.backends,
+                m.backends.len() + growth.backends,
+                c.backends,
+            ),
+            (
+                maps::AFFINITY_MATCH,
+                m.affinity_match.len() + growth.matches,
+                c.affinity_match,
             ),
         ];
         checks
@@ -524,7 +577,7 @@ impl<D: Datapath> Reconciler<D> {
             .map(|(name, _, cap)| (name, cap))
     }
 
-    /// Deletes those of `candidates` that no slot names any more.
+    /// Deletes those of `candidates` that no slot or affinity-match entry names any more.
     fn delete_unreferenced(
         &mut self,
         candidates: BTreeSet<u32>,
@@ -540,12 +593,13 @@ impl<D: Datapath> Reconciler<D> {
         self.write_all(ops, report)
     }
 
-    /// Removes a frontend: the service entry first, then its slots, info and backends.
+    /// Removes a frontend: the service entry first, then its slots, info, affinity-match
+    /// entries and backends.
     fn remove(&mut self, key: &ServiceKey, report: &mut SyncReport) {
         let Some(value) = self.mirror.services.get(key).copied() else {
             return;
         };
-        let previous: BTreeSet<u32> = self.mirror.slots_of(value.id).map(|(_, b)| *b).collect();
+        let previous = self.referenced_by(value.id);
         let mut ops = vec![Op::DeleteService(*key)];
         ops.extend(
             self.mirror
@@ -553,6 +607,11 @@ impl<D: Datapath> Reconciler<D> {
                 .map(|(k, _)| Op::DeleteSlot(*k)),
         );
         ops.push(Op::DeleteInfo(value.id));
+        ops.extend(
+            self.mirror
+                .matches_of(value.id)
+                .map(|m| Op::DeleteMatch(*m)),
+        );
         report.frontends_changed += 1;
         let done = self
             .write_all(ops, report)
@@ -562,8 +621,8 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Deletes what no service refers to: slots and info of ids without a service entry
-    /// (left by an interrupted run) and backends no slot names.
+    /// Deletes what no service refers to: slots, info and affinity-match entries of ids
+    /// without a service entry (left by an interrupted run), and backends nothing names.
     fn collect_garbage(&mut self, report: &mut SyncReport) {
         let live: HashSet<u32> = self.mirror.services.values().map(|v| v.id).collect();
         let mut ops: Vec<Op> = self
@@ -579,6 +638,13 @@ impl<D: Datapath> Reconciler<D> {
                 .keys()
                 .filter(|id| !live.contains(id))
                 .map(|id| Op::DeleteInfo(*id)),
+        );
+        ops.extend(
+            self.mirror
+                .affinity_match
+                .iter()
+                .filter(|m| !live.contains(&m.svc_id))
+                .map(|m| Op::DeleteMatch(*m)),
         );
         let candidates: BTreeSet<u32> = self.mirror.backends.keys().copied().collect();
         if self

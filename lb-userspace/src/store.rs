@@ -1,14 +1,64 @@
 //! The objects the sources reported, indexed by service, and which services changed.
 //!
 //! Reconciliation is level-based: what the store holds is the truth, and a service missing
-//! from it is removed from the datapath. Each update returns the services whose objects
-//! changed, so only those are recomputed and diffed.
+//! from it is removed from the datapath. Every update returns the services whose objects
+//! changed, so only those are recomputed and diffed: one changed EndpointSlice touches one
+//! service. A relist (after a watch expired, or a re-read directory) is a diff against what
+//! the store holds, never a reset.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
-use crate::model::ObjectRef;
+use crate::{
+    endpoints::NodeInfo,
+    model::{ObjectRef, node_info},
+};
+
+/// A Kubernetes object a source reports.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Object {
+    /// A Service.
+    Service(Box<Service>),
+    /// An EndpointSlice.
+    EndpointSlice(Box<EndpointSlice>),
+    /// A Node (only the agent's own is kept).
+    Node(Box<Node>),
+}
+
+/// The kinds of [`Object`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Services.
+    Service,
+    /// EndpointSlices.
+    EndpointSlice,
+    /// Nodes.
+    Node,
+}
+
+impl Object {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Node(_) => Kind::Node,
+        }
+    }
+
+    /// Its identity, if it has a name.
+    pub fn id(&self) -> Option<ObjectRef> {
+        ObjectRef::of(match self {
+            Self::Service(s) => &s.metadata,
+            Self::EndpointSlice(s) => &s.metadata,
+            Self::Node(n) => &n.metadata,
+        })
+    }
+}
 
 /// Every object a source knows, at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -17,54 +67,179 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// EndpointSlices.
     pub slices: Vec<EndpointSlice>,
+    /// Nodes.
+    pub nodes: Vec<Node>,
 }
 
-/// Services and EndpointSlices by identity, with slices indexed by their service.
+/// A change reported by a source.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Update {
+    /// Everything the source knows: objects absent from it are gone.
+    Snapshot(Snapshot),
+    /// Every object of one kind (after a relist): objects of that kind absent from it are gone.
+    Relist(Kind, Vec<Object>),
+    /// An object was added or changed.
+    Apply(Object),
+    /// An object was deleted.
+    Delete(Object),
+}
+
+/// Services and EndpointSlices by identity, slices indexed by their service, and this node.
 #[derive(Debug, Default)]
 pub struct Store {
+    node_name: Option<String>,
+    node: NodeInfo,
     services: BTreeMap<ObjectRef, Service>,
     slices: BTreeMap<ObjectRef, EndpointSlice>,
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
 }
 
 impl Store {
-    /// Replaces everything with `snapshot`; returns the services whose Service or
-    /// EndpointSlices were added, changed or removed. Objects without a name are ignored
-    /// (sources reject them earlier, with a message).
-    pub fn replace(&mut self, snapshot: Snapshot) -> BTreeSet<ObjectRef> {
-        let services: BTreeMap<ObjectRef, Service> = snapshot
-            .services
-            .into_iter()
-            .filter_map(|s| Some((ObjectRef::of(&s.metadata)?, s)))
-            .collect();
-        let slices: BTreeMap<ObjectRef, EndpointSlice> = snapshot
-            .slices
-            .into_iter()
-            .filter_map(|s| Some((ObjectRef::of(&s.metadata)?, s)))
-            .collect();
-
-        let mut dirty: BTreeSet<ObjectRef> = changed_keys(&self.services, &services).collect();
-        for key in changed_keys(&self.slices, &slices) {
-            for slice in [self.slices.get(&key), slices.get(&key)]
-                .into_iter()
-                .flatten()
-            {
-                dirty.extend(ObjectRef::owner_of_slice(slice));
-            }
+    /// An empty store for the node called `node_name`, if known.
+    pub fn new(node_name: Option<String>) -> Self {
+        Self {
+            node: node_info(node_name.as_deref(), None),
+            node_name,
+            ..Self::default()
         }
+    }
 
-        self.slices_by_service.clear();
-        for (key, slice) in &slices {
-            if let Some(owner) = ObjectRef::owner_of_slice(slice) {
-                self.slices_by_service
-                    .entry(owner)
-                    .or_default()
-                    .insert(key.clone());
+    /// Applies an update; returns the services to recompute.
+    pub fn update(&mut self, update: Update) -> BTreeSet<ObjectRef> {
+        let mut dirty = BTreeSet::new();
+        match update {
+            Update::Snapshot(s) => {
+                let services = s.services.into_iter().map(|o| Object::Service(Box::new(o)));
+                let slices = s
+                    .slices
+                    .into_iter()
+                    .map(|o| Object::EndpointSlice(Box::new(o)));
+                let nodes = s.nodes.into_iter().map(|o| Object::Node(Box::new(o)));
+                dirty.extend(self.relist(Kind::Service, services.collect()));
+                dirty.extend(self.relist(Kind::EndpointSlice, slices.collect()));
+                dirty.extend(self.relist(Kind::Node, nodes.collect()));
             }
+            Update::Relist(kind, objects) => dirty.extend(self.relist(kind, objects)),
+            Update::Apply(object) => self.apply(object, &mut dirty),
+            Update::Delete(object) => self.delete(object, &mut dirty),
         }
-        self.services = services;
-        self.slices = slices;
         dirty
+    }
+
+    /// Replaces every object of `kind` with `objects`.
+    fn relist(&mut self, kind: Kind, objects: Vec<Object>) -> BTreeSet<ObjectRef> {
+        let mut dirty = BTreeSet::new();
+        let listed: BTreeSet<ObjectRef> = objects.iter().filter_map(Object::id).collect();
+        let gone: Vec<ObjectRef> = match kind {
+            Kind::Service => self
+                .services
+                .keys()
+                .filter(|k| !listed.contains(*k))
+                .cloned()
+                .collect(),
+            Kind::EndpointSlice => self
+                .slices
+                .keys()
+                .filter(|k| !listed.contains(*k))
+                .cloned()
+                .collect(),
+            Kind::Node => Vec::new(),
+        };
+        for key in gone {
+            self.remove(kind, &key, &mut dirty);
+        }
+        if kind == Kind::Node && !objects.iter().any(|o| self.is_own_node(o)) {
+            self.set_node(None, &mut dirty);
+        }
+        for object in objects.into_iter().filter(|o| o.kind() == kind) {
+            self.apply(object, &mut dirty);
+        }
+        dirty
+    }
+
+    fn is_own_node(&self, object: &Object) -> bool {
+        matches!(object, Object::Node(n) if n.metadata.name.is_some() && n.metadata.name == self.node_name)
+    }
+
+    fn set_node(&mut self, node: Option<&Node>, dirty: &mut BTreeSet<ObjectRef>) {
+        let info = node_info(
+            self.node_name.as_deref(),
+            node.and_then(|n| n.metadata.labels.as_ref()),
+        );
+        if info != self.node {
+            self.node = info;
+            // Topology depends on the node's zone: recompute everything.
+            dirty.extend(self.services.keys().cloned());
+        }
+    }
+
+    fn apply(&mut self, object: Object, dirty: &mut BTreeSet<ObjectRef>) {
+        let Some(key) = object.id() else {
+            return; // sources reject nameless objects earlier, with a message
+        };
+        match object {
+            Object::Service(svc) => {
+                if self.services.get(&key) != Some(&*svc) {
+                    self.services.insert(key.clone(), *svc);
+                    dirty.insert(key);
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                if self.slices.get(&key) == Some(&*slice) {
+                    return;
+                }
+                self.remove(Kind::EndpointSlice, &key, dirty);
+                if let Some(owner) = ObjectRef::owner_of_slice(&slice) {
+                    self.slices_by_service
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    dirty.insert(owner);
+                }
+                self.slices.insert(key, *slice);
+            }
+            Object::Node(node) => {
+                if self.is_own_node(&Object::Node(node.clone())) {
+                    self.set_node(Some(&node), dirty);
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, object: Object, dirty: &mut BTreeSet<ObjectRef>) {
+        let own_node = self.is_own_node(&object);
+        if let Some(key) = object.id() {
+            match object.kind() {
+                Kind::Node if own_node => self.set_node(None, dirty),
+                Kind::Node => {}
+                kind => self.remove(kind, &key, dirty),
+            }
+        }
+    }
+
+    fn remove(&mut self, kind: Kind, key: &ObjectRef, dirty: &mut BTreeSet<ObjectRef>) {
+        match kind {
+            Kind::Service => {
+                if self.services.remove(key).is_some() {
+                    dirty.insert(key.clone());
+                }
+            }
+            Kind::EndpointSlice => {
+                let Some(old) = self.slices.remove(key) else {
+                    return;
+                };
+                if let Some(owner) = ObjectRef::owner_of_slice(&old) {
+                    if let Some(set) = self.slices_by_service.get_mut(&owner) {
+                        set.remove(key);
+                        if set.is_empty() {
+                            self.slices_by_service.remove(&owner);
+                        }
+                    }
+                    dirty.insert(owner);
+                }
+            }
+            Kind::Node => {}
+        }
     }
 
     /// The service, if the store has it.
@@ -85,23 +260,17 @@ impl Store {
     pub fn service_refs(&self) -> impl Iterator<Item = &ObjectRef> {
         self.services.keys()
     }
-}
 
-/// Keys added, removed or whose value differs between `old` and `new`.
-fn changed_keys<'a, V: PartialEq>(
-    old: &'a BTreeMap<ObjectRef, V>,
-    new: &'a BTreeMap<ObjectRef, V>,
-) -> impl Iterator<Item = ObjectRef> + 'a {
-    let removed_or_changed = old
-        .iter()
-        .filter(|(k, v)| new.get(*k) != Some(*v))
-        .map(|(k, _)| k.clone());
-    let added = new.keys().filter(|k| !old.contains_key(*k)).cloned();
-    removed_or_changed.chain(added)
+    /// This node, as known so far.
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
     use super::*;
     use crate::testutil;
 
@@ -113,49 +282,143 @@ mod tests {
         testutil::slice("ns", name, service, family, &[], &[])
     }
 
+    fn node(name: &str, zone: &str) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([(crate::model::ZONE_LABEL.to_string(), zone.to_string())].into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
     fn refs(names: &[&str]) -> BTreeSet<ObjectRef> {
         names.iter().map(|n| ObjectRef::new("ns", *n)).collect()
+    }
+
+    fn snapshot(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Update {
+        Update::Snapshot(Snapshot {
+            services,
+            slices,
+            nodes: vec![],
+        })
     }
 
     #[test]
     fn only_changed_services_are_dirty() {
         let mut store = Store::default();
-        let first = Snapshot {
-            services: vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
-            slices: vec![slice("a-1", "a", "IPv4"), slice("b-1", "b", "IPv4")],
-        };
-        assert_eq!(store.replace(first.clone()), refs(&["a", "b"]));
-        assert_eq!(store.replace(first.clone()), refs(&[]));
+        let first = (
+            vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
+            vec![slice("a-1", "a", "IPv4"), slice("b-1", "b", "IPv4")],
+        );
+        assert_eq!(
+            store.update(snapshot(first.0.clone(), first.1.clone())),
+            refs(&["a", "b"])
+        );
+        assert_eq!(
+            store.update(snapshot(first.0.clone(), first.1.clone())),
+            refs(&[])
+        );
 
         // A slice of b changes: only b.
         let mut second = first.clone();
-        second.slices[1] = slice("b-1", "b", "IPv6");
-        assert_eq!(store.replace(second.clone()), refs(&["b"]));
+        second.1[1] = slice("b-1", "b", "IPv6");
+        assert_eq!(
+            store.update(snapshot(second.0.clone(), second.1.clone())),
+            refs(&["b"])
+        );
 
         // a's service changes and c appears.
         let mut third = second.clone();
-        third.services[0] = svc("a", "10.0.0.9");
-        third.services.push(svc("c", "10.0.0.3"));
-        assert_eq!(store.replace(third), refs(&["a", "c"]));
+        third.0[0] = svc("a", "10.0.0.9");
+        third.0.push(svc("c", "10.0.0.3"));
+        assert_eq!(store.update(snapshot(third.0, third.1)), refs(&["a", "c"]));
 
         // Everything goes.
-        assert_eq!(store.replace(Snapshot::default()), refs(&["a", "b", "c"]));
+        assert_eq!(
+            store.update(snapshot(vec![], vec![])),
+            refs(&["a", "b", "c"])
+        );
         assert_eq!(store.service_refs().count(), 0);
     }
 
     #[test]
     fn a_slice_moving_between_services_dirties_both() {
         let mut store = Store::default();
-        store.replace(Snapshot {
-            services: vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
-            slices: vec![slice("s", "a", "IPv4")],
-        });
-        let dirty = store.replace(Snapshot {
-            services: vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
-            slices: vec![slice("s", "b", "IPv4")],
-        });
+        store.update(snapshot(
+            vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
+            vec![slice("s", "a", "IPv4")],
+        ));
+        let dirty = store.update(Update::Apply(Object::EndpointSlice(Box::new(slice(
+            "s", "b", "IPv4",
+        )))));
         assert_eq!(dirty, refs(&["a", "b"]));
         assert_eq!(store.slices_of(&ObjectRef::new("ns", "a")).count(), 0);
         assert_eq!(store.slices_of(&ObjectRef::new("ns", "b")).count(), 1);
+    }
+
+    #[test]
+    fn incremental_updates_touch_one_service() {
+        let mut store = Store::default();
+        store.update(snapshot(
+            vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
+            vec![slice("a-1", "a", "IPv4"), slice("b-1", "b", "IPv4")],
+        ));
+        let changed = Object::EndpointSlice(Box::new(slice("a-1", "a", "IPv6")));
+        assert_eq!(store.update(Update::Apply(changed.clone())), refs(&["a"]));
+        assert_eq!(
+            store.update(Update::Apply(changed.clone())),
+            refs(&[]),
+            "no-op apply"
+        );
+        assert_eq!(store.update(Update::Delete(changed.clone())), refs(&["a"]));
+        assert_eq!(
+            store.update(Update::Delete(changed)),
+            refs(&[]),
+            "already gone"
+        );
+        let b = Object::Service(Box::new(svc("b", "10.0.0.2")));
+        assert_eq!(store.update(Update::Delete(b)), refs(&["b"]));
+        assert!(store.service(&ObjectRef::new("ns", "b")).is_none());
+    }
+
+    #[test]
+    fn a_relist_of_one_kind_diffs_that_kind_only() {
+        let mut store = Store::default();
+        store.update(snapshot(
+            vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
+            vec![slice("a-1", "a", "IPv4"), slice("b-1", "b", "IPv4")],
+        ));
+        // The relisted slices lack b-1 and have a-1 unchanged: only b is dirty, and the
+        // services are untouched.
+        let dirty = store.update(Update::Relist(
+            Kind::EndpointSlice,
+            vec![Object::EndpointSlice(Box::new(slice("a-1", "a", "IPv4")))],
+        ));
+        assert_eq!(dirty, refs(&["b"]));
+        assert_eq!(store.service_refs().count(), 2);
+    }
+
+    #[test]
+    fn the_own_nodes_zone_change_recomputes_everything() {
+        let mut store = Store::new(Some("n1".into()));
+        store.update(snapshot(
+            vec![svc("a", "10.0.0.1"), svc("b", "10.0.0.2")],
+            vec![],
+        ));
+        assert_eq!(store.node().zone, None);
+        let own = |zone| Update::Apply(Object::Node(Box::new(node("n1", zone))));
+        assert_eq!(store.update(own("z1")), refs(&["a", "b"]));
+        assert_eq!(store.node().zone.as_deref(), Some("z1"));
+        assert_eq!(store.update(own("z1")), refs(&[]));
+        let other = Update::Apply(Object::Node(Box::new(node("n2", "z2"))));
+        assert_eq!(store.update(other), refs(&[]), "other nodes are ignored");
+        assert_eq!(
+            store.update(Update::Relist(Kind::Node, vec![])),
+            refs(&["a", "b"])
+        );
+        assert_eq!(store.node().zone, None);
+        assert_eq!(store.node().name.as_deref(), Some("n1"));
     }
 }

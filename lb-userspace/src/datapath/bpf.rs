@@ -6,17 +6,20 @@ use aya::{
     Ebpf,
     maps::{HashMap, Map, MapData, MapError, PerCpuArray},
 };
-use lb_common::{Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps, stats};
+use lb_common::{
+    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps, stats,
+};
 
 use super::{Capacities, Contents, Datapath, DatapathError, Op};
 use crate::loader::{LoadError, PinLayout, open_pinned};
 
-/// The four maps the agent writes.
+/// The maps the agent writes.
 pub struct MapSet {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
     backends: HashMap<MapData, u32, Endpoint>,
     info: HashMap<MapData, u32, ServiceInfo>,
+    affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
 }
 
 fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -72,17 +75,20 @@ impl MapSet {
     ) -> Result<(Self, Capacities), LoadError> {
         let (services, slots) = (get(maps::SERVICES)?, get(maps::SLOTS)?);
         let (backends, info) = (get(maps::BACKENDS)?, get(maps::SERVICE_INFO)?);
+        let affinity_match = get(maps::AFFINITY_MATCH)?;
         let caps = Capacities {
             services: capacity(maps::SERVICES, &services)?
                 .min(capacity(maps::SERVICE_INFO, &info)?),
             slots: capacity(maps::SLOTS, &slots)?,
             backends: capacity(maps::BACKENDS, &backends)?,
+            affinity_match: capacity(maps::AFFINITY_MATCH, &affinity_match)?,
         };
         let set = Self {
             services: hash_map(maps::SERVICES, services)?,
             slots: hash_map(maps::SLOTS, slots)?,
             backends: hash_map(maps::BACKENDS, backends)?,
             info: hash_map(maps::SERVICE_INFO, info)?,
+            affinity_match: hash_map(maps::AFFINITY_MATCH, affinity_match)?,
         };
         Ok((set, caps))
     }
@@ -99,6 +105,9 @@ impl MapSet {
             slots: read_all(maps::SLOTS, &self.slots)?,
             backends: read_all(maps::BACKENDS, &self.backends)?,
             info: read_all(maps::SERVICE_INFO, &self.info)?,
+            affinity_match: read_all(maps::AFFINITY_MATCH, &self.affinity_match)?
+                .into_keys()
+                .collect(),
         })
     }
 }
@@ -162,6 +171,8 @@ impl Datapath for BpfDatapath {
             Op::DeleteSlot(key) => m.slots.remove(key),
             Op::DeleteInfo(id) => m.info.remove(id),
             Op::DeleteBackend(id) => m.backends.remove(id),
+            Op::PutMatch(key) => m.affinity_match.insert(key, 1, 0),
+            Op::DeleteMatch(key) => m.affinity_match.remove(key),
         };
         match result {
             Err(e) if !already_gone(&e) => Err(DatapathError::Write {

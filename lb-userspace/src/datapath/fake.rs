@@ -48,6 +48,10 @@ impl FakeDatapath {
             Op::PutBackend(id, _) => {
                 !c.backends.contains_key(id) && c.backends.len() >= self.caps.backends as usize
             }
+            Op::PutMatch(k) => {
+                !c.affinity_match.contains(k)
+                    && c.affinity_match.len() >= self.caps.affinity_match as usize
+            }
             _ => false,
         }
     }

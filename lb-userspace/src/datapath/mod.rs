@@ -5,9 +5,9 @@
 //! half-written service). [`Contents`] is an exact copy of what the maps hold, used both to
 //! adopt the maps after a restart and as the reconciler's mirror.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+use lb_common::{AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
 
 pub mod bpf;
 pub mod fake;
@@ -23,6 +23,8 @@ pub enum Op {
     PutInfo(u32, ServiceInfo),
     /// Insert or replace a service frontend.
     PutService(ServiceKey, ServiceValue),
+    /// Mark a backend as one of a service's, for session affinity.
+    PutMatch(AffinityMatchKey),
     /// Remove a service frontend.
     DeleteService(ServiceKey),
     /// Remove a slot.
@@ -31,9 +33,11 @@ pub enum Op {
     DeleteInfo(u32),
     /// Remove a backend.
     DeleteBackend(u32),
+    /// Unmark a backend of a service with session affinity.
+    DeleteMatch(AffinityMatchKey),
 }
 
-/// Everything the service, slot, backend and service-info maps hold.
+/// Everything the maps the agent writes hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Contents {
     /// Service map.
@@ -44,6 +48,8 @@ pub struct Contents {
     pub backends: BTreeMap<u32, Endpoint>,
     /// Service-info map.
     pub info: BTreeMap<u32, ServiceInfo>,
+    /// Affinity-match map.
+    pub affinity_match: BTreeSet<AffinityMatchKey>,
 }
 
 impl Contents {
@@ -74,7 +80,24 @@ impl Contents {
             Op::DeleteBackend(id) => {
                 self.backends.remove(id);
             }
+            Op::PutMatch(key) => {
+                self.affinity_match.insert(*key);
+            }
+            Op::DeleteMatch(key) => {
+                self.affinity_match.remove(key);
+            }
         }
+    }
+
+    /// The affinity-match entries of service `id`.
+    pub fn matches_of(&self, id: u32) -> impl Iterator<Item = &AffinityMatchKey> {
+        let start = AffinityMatchKey {
+            svc_id: id,
+            backend_id: 0,
+        };
+        self.affinity_match
+            .range(start..)
+            .take_while(move |k| k.svc_id == id)
     }
 
     /// The slots of service `id` (all of them, also any beyond its count), in slot order.
@@ -89,9 +112,16 @@ impl Contents {
     }
 
     /// Checks what the kernel relies on: every slot a service's count covers exists and
-    /// names an existing backend, and every service has its info. An error names the first
-    /// violation.
+    /// names an existing backend, every service has its info, and every backend marked for
+    /// affinity exists. An error names the first violation.
     pub fn check_lookups(&self) -> Result<(), String> {
+        if let Some(m) = self
+            .affinity_match
+            .iter()
+            .find(|m| !self.backends.contains_key(&m.backend_id))
+        {
+            return Err(format!("affinity match {m:?} names a missing backend"));
+        }
         for (key, value) in &self.services {
             let frontend = crate::addr::frontend_string(key);
             if !self.info.contains_key(&value.id) {
@@ -124,6 +154,8 @@ pub struct Capacities {
     pub slots: u32,
     /// Backend map.
     pub backends: u32,
+    /// Affinity-match map.
+    pub affinity_match: u32,
 }
 
 /// A failed datapath read or write.

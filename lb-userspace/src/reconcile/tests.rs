@@ -6,7 +6,7 @@ use super::*;
 use crate::{
     addr::{frontend_string, to_socket_addr},
     datapath::fake::FakeDatapath,
-    store::Snapshot,
+    store::{Snapshot, Update},
     testutil::{ready, service, slice},
 };
 
@@ -14,6 +14,7 @@ const CAPS: Capacities = Capacities {
     services: 100,
     slots: 1000,
     backends: 100,
+    affinity_match: 1000,
 };
 const LIMITS: Limits = Limits {
     max_backends_per_service: 50,
@@ -66,7 +67,11 @@ impl Harness {
     }
 
     fn sync(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) -> SyncReport {
-        let dirty = self.store.replace(Snapshot { services, slices });
+        let dirty = self.store.update(Update::Snapshot(Snapshot {
+            services,
+            slices,
+            nodes: vec![],
+        }));
         let report = self.rec.sync(&self.store, dirty);
         assert_eq!(
             self.rec.contents(),
@@ -138,6 +143,8 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
             Op::DeleteSlot(_) => "del-slot",
             Op::DeleteInfo(_) => "del-info",
             Op::DeleteBackend(_) => "del-backend",
+            Op::PutMatch(_) => "put-match",
+            Op::DeleteMatch(_) => "del-match",
         })
         .collect()
 }
@@ -331,6 +338,10 @@ fn a_restarted_reconciler_removes_what_no_service_claims_and_cleans_garbage() {
     programmed
         .backends
         .insert(55, crate::addr::to_endpoint("10.9.9.9:1".parse().unwrap()));
+    programmed.affinity_match.insert(AffinityMatchKey {
+        svc_id: 77,
+        backend_id: 55,
+    });
 
     let mut restarted = Harness::over(FakeDatapath::with_contents(CAPS, programmed));
     restarted.sync(vec![web("10.96.0.1")], vec![web_slice(&["10.0.0.3"])]);
@@ -342,8 +353,8 @@ fn a_restarted_reconciler_removes_what_no_service_claims_and_cleans_garbage() {
         )]
         .into()
     );
-    let c = restarted.rec.contents();
-    assert_eq!((c.slots.len(), c.info.len(), c.backends.len()), (1, 1, 1));
+    assert_eq!(sizes(restarted.rec.contents()), (1, 1, 1, 1));
+    assert!(restarted.rec.contents().affinity_match.is_empty());
 }
 
 #[test]
@@ -353,7 +364,7 @@ fn a_service_that_turns_invalid_keeps_what_it_had() {
     let served = h.served();
     let report = h.sync(vec![web("10.96.0.999")], vec![web_slice(&["10.0.0.2"])]);
     assert_eq!(report.rejected.len(), 1);
-    assert_eq!(report.rejected[0].1.reason(), "invalid_cluster_ip");
+    assert_eq!(report.rejected[0].1.reason(), "invalid_ip");
     assert_eq!(h.served(), served);
 }
 
@@ -385,12 +396,12 @@ fn every_failed_write_leaves_whole_services_and_the_retry_converges() {
     // The fake panics if any prefix of the writes lets a lookup see a half-written service.
     let (dns_svc, dns_slice) = dns(&["10.0.1.1", "10.0.1.2"]);
     let before = (
-        vec![web("10.96.0.1"), dns_svc.clone()],
+        vec![sticky(web("10.96.0.1")), dns_svc.clone()],
         vec![web_slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]), dns_slice],
     );
     let (_, dns_slice2) = dns(&["10.0.1.2", "10.0.1.3", "10.0.1.4"]);
     let after = (
-        vec![web("10.96.0.1"), dns_svc],
+        vec![sticky(web("10.96.0.1")), dns_svc],
         vec![web_slice(&["10.0.0.3", "10.0.0.5"]), dns_slice2],
     );
     let mut reference = Harness::new();
@@ -425,11 +436,7 @@ fn every_failed_write_leaves_whole_services_and_the_retry_converges() {
 
 #[test]
 fn a_full_map_refuses_the_new_service_and_keeps_the_others() {
-    let caps = Capacities {
-        services: 100,
-        slots: 3,
-        backends: 100,
-    };
+    let caps = Capacities { slots: 3, ..CAPS };
     let mut h = Harness::over(FakeDatapath::new(caps));
     let (dns_svc, dns_slice) = dns(&["10.0.1.1"]);
     h.sync(vec![dns_svc.clone()], vec![dns_slice.clone()]);
@@ -461,6 +468,71 @@ fn a_frontend_claimed_twice_goes_to_the_first_service() {
     assert_eq!(
         h.served()["10.96.0.1:80/TCP"],
         entry("ns/web:http", &["10.0.0.1:8080"])
+    );
+}
+
+fn sticky(svc: Service) -> Service {
+    let mut svc = svc;
+    svc.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+    svc
+}
+
+#[test]
+fn affinity_members_are_added_before_slots_and_removed_after() {
+    let mut h = Harness::new();
+    h.sync(
+        vec![sticky(web("10.96.0.1"))],
+        vec![web_slice(&["10.0.0.1", "10.0.0.2"])],
+    );
+    assert_eq!(
+        kinds(h.log()),
+        [
+            "put-backend",
+            "put-backend",
+            "put-match",
+            "put-match",
+            "put-slot",
+            "put-slot",
+            "put-info",
+            "put-service"
+        ]
+    );
+    assert_eq!(h.rec.contents().affinity_match.len(), 2);
+    let v = h.rec.contents().services.values().next().unwrap();
+    assert_eq!(v.affinity_timeout_s, model::DEFAULT_AFFINITY_TIMEOUT_S);
+
+    let before = h.log().len();
+    h.sync(
+        vec![sticky(web("10.96.0.1"))],
+        vec![web_slice(&["10.0.0.2"])],
+    );
+    assert_eq!(
+        kinds(&h.log()[before..]),
+        [
+            "put-slot",
+            "put-service",
+            "del-slot",
+            "del-match",
+            "del-backend"
+        ]
+    );
+    assert_eq!(h.rec.contents().affinity_match.len(), 1);
+
+    // Affinity off: the match entries go after the service entry is rewritten.
+    let before = h.log().len();
+    h.sync(vec![web("10.96.0.1")], vec![web_slice(&["10.0.0.2"])]);
+    assert_eq!(kinds(&h.log()[before..]), ["put-service", "del-match"]);
+    assert!(h.rec.contents().affinity_match.is_empty());
+
+    h.sync(
+        vec![sticky(web("10.96.0.1"))],
+        vec![web_slice(&["10.0.0.2"])],
+    );
+    h.sync(vec![], vec![]);
+    assert_eq!(
+        h.rec.contents(),
+        &Contents::default(),
+        "removal takes the members too"
     );
 }
 

@@ -1,8 +1,8 @@
 //! Services and EndpointSlices from a directory of manifests, re-read when it changes.
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory (hidden files aside) is
-//! read as YAML documents; `v1` Services, `discovery.k8s.io/v1` EndpointSlices and `v1` Lists
-//! of them are used, other kinds are ignored. The directory is watched with inotify, and a
+//! read as YAML documents; `v1` Services, `discovery.k8s.io/v1` EndpointSlices, `v1` Nodes (for
+//! this node's zone) and `v1` Lists of them are used, other kinds are ignored. The directory is watched with inotify, and a
 //! burst of changes is coalesced into one rescan.
 //!
 //! Bad input never takes working services down: a file that is not valid YAML keeps the
@@ -17,53 +17,31 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Node;
 use notify::Watcher as _;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Source, SourceError, SourceTask};
-use crate::{model::ObjectRef, store::Snapshot};
+use super::{Source, SourceError, SourceTask, Stamped};
+use crate::{
+    model::ObjectRef,
+    store::{Kind, Object, Snapshot, Update},
+};
 
 /// How long the directory must be quiet before a rescan.
 const DEBOUNCE: Duration = Duration::from_millis(50);
-
-/// A Kubernetes object this source passes on.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Object {
-    /// A Service.
-    Service(Box<Service>),
-    /// An EndpointSlice.
-    EndpointSlice(Box<EndpointSlice>),
-}
-
-impl Object {
-    fn kind(&self) -> &'static str {
-        match self {
-            Self::Service(_) => "Service",
-            Self::EndpointSlice(_) => "EndpointSlice",
-        }
-    }
-
-    fn id(&self) -> Option<ObjectRef> {
-        ObjectRef::of(match self {
-            Self::Service(s) => &s.metadata,
-            Self::EndpointSlice(s) => &s.metadata,
-        })
-    }
-}
 
 /// One document of a manifest.
 #[derive(Debug)]
 pub enum Document {
     /// A valid Service or EndpointSlice.
     Object(Object),
-    /// A Service or EndpointSlice that does not deserialize.
+    /// A Service, EndpointSlice or Node that does not deserialize.
     Invalid {
         /// Its kind.
-        kind: &'static str,
+        kind: Kind,
         /// Its identity, when its metadata has a name.
         id: Option<ObjectRef>,
         /// Why it is invalid.
@@ -100,10 +78,11 @@ fn classify(value: Value, out: &mut Vec<Document>) {
                 }
             }
         }
-        ("v1", "Service") => out.push(typed(value, "Service", Object::Service)),
+        ("v1", "Service") => out.push(typed(value, Kind::Service, Object::Service)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            out.push(typed(value, "EndpointSlice", Object::EndpointSlice))
+            out.push(typed(value, Kind::EndpointSlice, Object::EndpointSlice))
         }
+        ("v1", "Node") => out.push(typed::<Node>(value, Kind::Node, Object::Node)),
         _ => out.push(Document::Other {
             kind: format!("{api_version}/{kind}"),
         }),
@@ -112,7 +91,7 @@ fn classify(value: Value, out: &mut Vec<Document>) {
 
 fn typed<T: serde::de::DeserializeOwned>(
     value: Value,
-    kind: &'static str,
+    kind: Kind,
     wrap: fn(Box<T>) -> Object,
 ) -> Document {
     let id = value.get("metadata").and_then(|m| {
@@ -195,13 +174,14 @@ impl FileSource {
             for obj in objects {
                 let key = (obj.kind(), obj.id());
                 if !seen.insert(key) {
-                    warn!(file = %path.display(), kind = obj.kind(), object = ?obj.id().map(|i| i.to_string()),
+                    warn!(file = %path.display(), kind = ?obj.kind(), object = ?obj.id().map(|i| i.to_string()),
                           "defined again; the first definition is used");
                     continue;
                 }
                 match obj.clone() {
                     Object::Service(s) => snap.services.push(*s),
                     Object::EndpointSlice(s) => snap.slices.push(*s),
+                    Object::Node(n) => snap.nodes.push(*n),
                 }
             }
         }
@@ -224,7 +204,7 @@ fn resolve(path: &Path, docs: Vec<Document>, previous: Option<&Vec<Object>>) -> 
         match doc {
             Document::Object(obj) if obj.id().is_some() => objects.push(obj),
             Document::Object(obj) => {
-                warn!(file = %path.display(), kind = obj.kind(), "has no metadata.name; skipped")
+                warn!(file = %path.display(), kind = ?obj.kind(), "has no metadata.name; skipped")
             }
             Document::Invalid { kind, id, error } => {
                 let kept = id.as_ref().and_then(|id| {
@@ -236,10 +216,10 @@ fn resolve(path: &Path, docs: Vec<Document>, previous: Option<&Vec<Object>>) -> 
                     .map(|i| i.to_string())
                     .unwrap_or_else(|| "(no name)".into());
                 if let Some(obj) = kept {
-                    warn!(file = %path.display(), kind, object, %error, "invalid; keeping its last good version");
+                    warn!(file = %path.display(), ?kind, object, %error, "invalid; keeping its last good version");
                     objects.push(obj.clone());
                 } else {
-                    warn!(file = %path.display(), kind, object, %error, "invalid; skipped");
+                    warn!(file = %path.display(), ?kind, object, %error, "invalid; skipped");
                 }
             }
             Document::Other { kind } => {
@@ -255,7 +235,7 @@ impl Source for FileSource {
         format!("file:{}", self.dir.display())
     }
 
-    fn run(mut self: Box<Self>, out: mpsc::Sender<Snapshot>) -> SourceTask {
+    fn run(mut self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask {
         Box::pin(async move {
             let (tx, mut events) = mpsc::unbounded_channel();
             let mut watcher = notify::recommended_watcher(move |_event| {
@@ -269,7 +249,11 @@ impl Source for FileSource {
 
             let mut last = self.scan()?;
             info!(dir = %self.dir.display(), services = last.services.len(), slices = last.slices.len(), "manifests read");
-            if out.send(last.clone()).await.is_err() {
+            if out
+                .send(Stamped::now(Update::Snapshot(last.clone())))
+                .await
+                .is_err()
+            {
                 return Ok(());
             }
             while events.recv().await.is_some() {
@@ -282,7 +266,11 @@ impl Source for FileSource {
                             slices = snap.slices.len(),
                             "manifests changed"
                         );
-                        if out.send(snap.clone()).await.is_err() {
+                        if out
+                            .send(Stamped::now(Update::Snapshot(snap.clone())))
+                            .await
+                            .is_err()
+                        {
                             return Ok(());
                         }
                         last = snap;
@@ -330,8 +318,8 @@ metadata: {name: web}
     fn kinds(docs: &[Document]) -> Vec<String> {
         docs.iter()
             .map(|d| match d {
-                Document::Object(o) => o.kind().to_string(),
-                Document::Invalid { kind, .. } => format!("invalid {kind}"),
+                Document::Object(o) => format!("{:?}", o.kind()),
+                Document::Invalid { kind, .. } => format!("invalid {kind:?}"),
                 Document::Other { kind } => format!("other {kind}"),
             })
             .collect()
@@ -351,6 +339,12 @@ metadata: {name: web}
             svc.spec.as_ref().unwrap().cluster_ip.as_deref(),
             Some("10.96.0.1")
         );
+    }
+
+    #[test]
+    fn parses_nodes() {
+        let text = "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {topology.kubernetes.io/zone: a}}\n";
+        assert_eq!(kinds(&parse_manifest(text).unwrap()), ["Node"]);
     }
 
     #[test]
@@ -435,14 +429,16 @@ metadata: {name: web}
         let d = dir(&[("web.yaml", GOOD)]);
         let (tx, mut rx) = mpsc::channel(4);
         let task = tokio::spawn(Box::new(FileSource::new(&d)).run(tx));
-        let first = rx.recv().await.unwrap();
+        let Update::Snapshot(first) = rx.recv().await.unwrap().update else {
+            panic!("the first update is a snapshot")
+        };
         assert_eq!(first.services.len(), 1);
         fs::remove_file(d.join("web.yaml")).unwrap();
         let second = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .expect("a change is reported within 5 s")
             .unwrap();
-        assert_eq!(second, Snapshot::default());
+        assert_eq!(second.update, Update::Snapshot(Snapshot::default()));
         task.abort();
         fs::remove_dir_all(&d).unwrap();
     }

@@ -1,15 +1,34 @@
 //! Where the agent learns about Services and EndpointSlices.
 //!
-//! Every source implements [`Source`]: it runs until the agent stops, sending a complete
-//! [`Snapshot`] whenever what it knows changes. The store diffs snapshots, so a source does
-//! not need to track what changed; the first snapshot must be complete, because the first
-//! sync removes every frontend it does not claim.
+//! Every source implements [`Source`]: it runs until the agent stops, sending [`Update`]s.
+//! The first one must be a complete [`Update::Snapshot`], because the first sync removes every
+//! frontend it does not claim; after that, incremental updates or snapshots, whichever the
+//! source has. The store diffs whatever it gets, so a relist never resets anything.
 
-use std::{future::Future, path::PathBuf, pin::Pin};
+use std::{future::Future, path::PathBuf, pin::Pin, time::Instant};
 
 use tokio::sync::mpsc;
 
-use crate::store::Snapshot;
+use crate::store::Update;
+
+/// An update and when the source received it, to measure event-to-datapath latency.
+#[derive(Debug)]
+pub struct Stamped {
+    /// The update.
+    pub update: Update,
+    /// When the source got it.
+    pub at: Instant,
+}
+
+impl Stamped {
+    /// An update received now.
+    pub fn now(update: Update) -> Self {
+        Self {
+            update,
+            at: Instant::now(),
+        }
+    }
+}
 
 pub mod file;
 
@@ -34,8 +53,8 @@ pub trait Source: Send {
     /// What it reads, for logs.
     fn describe(&self) -> String;
 
-    /// Runs until `out` closes, sending a snapshot at start and after every change.
-    fn run(self: Box<Self>, out: mpsc::Sender<Snapshot>) -> SourceTask;
+    /// Runs until `out` closes, sending a snapshot at start and updates after every change.
+    fn run(self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask;
 }
 
 /// The source a `--source` argument names: `file:DIR` (the directory must exist).

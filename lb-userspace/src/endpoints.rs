@@ -1,0 +1,361 @@
+//! Which endpoints get new connections from this node: kube-proxy's `CategorizeEndpoints`
+//! (pkg/proxy/topology.go), rule by rule, as one pure function.
+//!
+//! - **Cluster** traffic policy: ready endpoints, narrowed by topology hints when they apply;
+//!   if there are none, endpoints that are serving and terminating (without topology).
+//! - **Local** traffic policy: ready endpoints on this node; if there are none, serving and
+//!   terminating endpoints on this node. Topology does not apply.
+//! - **Topology** (from the hints the EndpointSlice controller writes for `trafficDistribution`
+//!   and the topology-mode annotation): node hints are used when every ready endpoint has one
+//!   and one names this node; otherwise zone hints, when every ready endpoint has one and one
+//!   names this node's zone; otherwise none. So hints never leave a service without endpoints.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+/// This node, as topology and traffic policy need it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Its name (`--node-name`); Local policy selects nothing without it.
+    pub name: Option<String>,
+    /// Its `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// One endpoint (address and port) as the rules see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its address.
+    pub ip: IpAddr,
+    /// Its port.
+    pub port: u16,
+    /// `conditions.ready` (unset means true).
+    pub ready: bool,
+    /// `conditions.serving` (unset means the value of ready).
+    pub serving: bool,
+    /// `conditions.terminating` (unset means false).
+    pub terminating: bool,
+    /// `nodeName`.
+    pub node_name: Option<String>,
+    /// `hints.forZones`.
+    pub zone_hints: BTreeSet<String>,
+    /// `hints.forNodes`.
+    pub node_hints: BTreeSet<String>,
+}
+
+impl Candidate {
+    fn serving_terminating(&self) -> bool {
+        self.serving && self.terminating
+    }
+
+    fn local(&self, node: &NodeInfo) -> bool {
+        node.name.is_some() && self.node_name == node.name
+    }
+}
+
+/// A traffic policy (`internalTrafficPolicy` for traffic from this node).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    /// Endpoints anywhere.
+    #[default]
+    Cluster,
+    /// Endpoints on this node only.
+    Local,
+}
+
+/// Which endpoints topology hints restrict a service to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// No restriction.
+    Any,
+    /// Endpoints hinted for this node.
+    SameNode,
+    /// Endpoints hinted for this node's zone.
+    SameZone,
+}
+
+/// The topology that applies to a service with these endpoints on this node.
+pub fn topology(endpoints: &[Candidate], node: &NodeInfo) -> Topology {
+    let ready: Vec<&Candidate> = endpoints.iter().filter(|c| c.ready).collect();
+    if ready.is_empty() {
+        return Topology::Any;
+    }
+    let all_have =
+        |hints: fn(&Candidate) -> &BTreeSet<String>| ready.iter().all(|c| !hints(c).is_empty());
+    let any_for = |hints: fn(&Candidate) -> &BTreeSet<String>, name: &Option<String>| {
+        name.as_ref()
+            .is_some_and(|n| ready.iter().any(|c| hints(c).contains(n)))
+    };
+    if all_have(|c| &c.node_hints) && any_for(|c| &c.node_hints, &node.name) {
+        return Topology::SameNode;
+    }
+    if all_have(|c| &c.zone_hints) && any_for(|c| &c.zone_hints, &node.zone) {
+        return Topology::SameZone;
+    }
+    Topology::Any
+}
+
+fn available(c: &Candidate, topology: Topology, node: &NodeInfo) -> bool {
+    let hinted = |hints: &BTreeSet<String>, name: &Option<String>| {
+        name.as_ref().is_some_and(|n| hints.contains(n))
+    };
+    match topology {
+        Topology::Any => true,
+        Topology::SameNode => hinted(&c.node_hints, &node.name),
+        Topology::SameZone => hinted(&c.zone_hints, &node.zone),
+    }
+}
+
+/// The endpoints that get new connections from this node under `policy`.
+pub fn usable<'a>(
+    endpoints: &'a [Candidate],
+    policy: TrafficPolicy,
+    node: &NodeInfo,
+) -> Vec<&'a Candidate> {
+    let pick = |keep: &dyn Fn(&Candidate) -> bool| -> Vec<&'a Candidate> {
+        endpoints.iter().filter(|c| keep(c)).collect()
+    };
+    match policy {
+        TrafficPolicy::Cluster => {
+            let topo = topology(endpoints, node);
+            let ready = pick(&|c| c.ready && available(c, topo, node));
+            if ready.is_empty() {
+                pick(&|c| c.serving_terminating())
+            } else {
+                ready
+            }
+        }
+        TrafficPolicy::Local => {
+            let ready = pick(&|c| c.ready && c.local(node));
+            if ready.is_empty() {
+                pick(&|c| c.serving_terminating() && c.local(node))
+            } else {
+                ready
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An endpoint written as "10.0.0.<n> <flags>", flags being any of: `unready`,
+    /// `serving-terminating` (not ready, serving, terminating), `terminating-not-serving`,
+    /// `local` (on this node, "n1"), `zone=<z>[,<z>]`, `node=<n>[,<n>]`.
+    fn ep(spec: &str) -> Candidate {
+        let mut words = spec.split_whitespace();
+        let last: u8 = words.next().unwrap().parse().unwrap();
+        let mut c = Candidate {
+            ip: IpAddr::from([10, 0, 0, last]),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone_hints: BTreeSet::new(),
+            node_hints: BTreeSet::new(),
+        };
+        for w in words {
+            match w.split_once('=') {
+                Some(("zone", z)) => c.zone_hints = z.split(',').map(String::from).collect(),
+                Some(("node", n)) => c.node_hints = n.split(',').map(String::from).collect(),
+                _ => match w {
+                    "unready" => (c.ready, c.serving) = (false, false),
+                    "serving-terminating" => {
+                        (c.ready, c.serving, c.terminating) = (false, true, true)
+                    }
+                    "terminating-not-serving" => {
+                        (c.ready, c.serving, c.terminating) = (false, false, true)
+                    }
+                    "local" => c.node_name = Some("n1".into()),
+                    other => panic!("unknown flag {other}"),
+                },
+            }
+        }
+        c
+    }
+
+    const ZONE_A: &str = "a";
+
+    /// (case, node zone, policy, endpoints, expected endpoints by last octet)
+    type Case = (
+        &'static str,
+        Option<&'static str>,
+        TrafficPolicy,
+        &'static [&'static str],
+        &'static [u8],
+    );
+    use TrafficPolicy::{Cluster, Local};
+
+    const CASES: &[Case] = &[
+        (
+            "no hints: every ready endpoint",
+            Some(ZONE_A),
+            Cluster,
+            &["1", "2", "3 unready"],
+            &[1, 2],
+        ),
+        (
+            "zone hints: this zone's endpoints",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a", "2 zone=b", "3 zone=c", "4 zone=a"],
+            &[1, 4],
+        ),
+        (
+            "an endpoint without a hint: no filtering",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a", "2 zone=b", "3", "4 zone=a"],
+            &[1, 2, 3, 4],
+        ),
+        (
+            "no endpoint for this zone: no filtering",
+            Some("b"),
+            Cluster,
+            &["1 zone=a", "2 zone=c"],
+            &[1, 2],
+        ),
+        (
+            "node without a zone label: no filtering",
+            None,
+            Cluster,
+            &["1 zone=a", "2 zone=b"],
+            &[1, 2],
+        ),
+        (
+            "unready endpoints do not count for hints",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a", "2 zone=b", "3 unready", "4 zone=a unready"],
+            &[1],
+        ),
+        (
+            "only unready endpoints in this zone: no filtering",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a unready", "2 zone=b", "3 zone=c"],
+            &[2, 3],
+        ),
+        (
+            "several zones per endpoint",
+            Some("c"),
+            Cluster,
+            &["1 zone=a,b,c", "2 zone=b,c", "3 zone=b,d", "4 zone=c"],
+            &[1, 2, 4],
+        ),
+        (
+            "node hints win over zone hints",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a node=n1", "2 zone=a node=n2", "3 zone=b node=n1"],
+            &[1, 3],
+        ),
+        (
+            "node hints missing on one endpoint: zone hints",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a node=n1", "2 zone=a", "3 zone=b node=n3"],
+            &[1, 2],
+        ),
+        (
+            "no node hint for this node: zone hints",
+            Some(ZONE_A),
+            Cluster,
+            &["1 zone=a node=n2", "2 zone=b node=n3", "3 zone=a node=n4"],
+            &[1, 3],
+        ),
+        (
+            "no ready endpoint: serving-terminating ones, topology ignored",
+            Some(ZONE_A),
+            Cluster,
+            &[
+                "1 serving-terminating zone=b",
+                "2 terminating-not-serving",
+                "3 unready",
+            ],
+            &[1],
+        ),
+        (
+            "ready endpoints hide serving-terminating ones",
+            Some(ZONE_A),
+            Cluster,
+            &["1", "2 serving-terminating"],
+            &[1],
+        ),
+        (
+            "nothing usable",
+            Some(ZONE_A),
+            Cluster,
+            &["1 unready", "2 terminating-not-serving"],
+            &[],
+        ),
+        (
+            "Local: ready endpoints on this node, topology ignored",
+            Some(ZONE_A),
+            Local,
+            &["1 local zone=b", "2 local zone=a", "3 zone=a"],
+            &[1, 2],
+        ),
+        (
+            "Local: only remote endpoints: none",
+            Some(ZONE_A),
+            Local,
+            &["1", "2"],
+            &[],
+        ),
+        (
+            "Local: serving-terminating local endpoints when no local one is ready",
+            Some(ZONE_A),
+            Local,
+            &["1 local serving-terminating", "2", "3 local unready"],
+            &[1],
+        ),
+        (
+            "Local: a ready local endpoint hides terminating ones",
+            Some(ZONE_A),
+            Local,
+            &["1 local", "2 local serving-terminating"],
+            &[1],
+        ),
+    ];
+
+    #[test]
+    fn categorisation_follows_kube_proxy() {
+        for (case, zone, policy, endpoints, expected) in CASES {
+            let node = NodeInfo {
+                name: Some("n1".into()),
+                zone: zone.map(String::from),
+            };
+            let cands: Vec<Candidate> = endpoints.iter().map(|s| ep(s)).collect();
+            let got: Vec<u8> = usable(&cands, *policy, &node)
+                .iter()
+                .map(|c| match c.ip {
+                    IpAddr::V4(v4) => v4.octets()[3],
+                    other => panic!("{other}"),
+                })
+                .collect();
+            assert_eq!(&got, expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn local_policy_needs_the_node_name() {
+        let cands = [ep("1 local")];
+        assert!(usable(&cands, Local, &NodeInfo::default()).is_empty());
+    }
+
+    #[test]
+    fn topology_modes() {
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            zone: Some("a".into()),
+        };
+        assert_eq!(topology(&[], &node), Topology::Any);
+        assert_eq!(topology(&[ep("1 zone=a")], &node), Topology::SameZone);
+        assert_eq!(
+            topology(&[ep("1 zone=a node=n1")], &node),
+            Topology::SameNode
+        );
+    }
+}
