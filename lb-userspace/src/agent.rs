@@ -59,8 +59,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         info!(links = done.links, maps = done.maps, dir = %layout.root().display(), "cleaned up: programs detached, maps removed");
         return Ok(());
     }
-    let source =
-        source::from_arg(args.source.as_deref().unwrap_or_default()).map_err(AgentError::Config)?;
+    let source = source::from_arg(args.source.as_deref().unwrap_or_default(), args.api())
+        .map_err(AgentError::Config)?;
     if host::ensure_bpffs(&args.bpffs)? {
         info!(path = %args.bpffs.display(), "mounted the BPF filesystem");
     }

@@ -8,7 +8,7 @@ use lb_common::maps::{
     DEFAULT_MAX_SLOTS, DEFAULT_PIN_DIR, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
-use crate::{loader::MapSizes, model::Limits};
+use crate::{loader::MapSizes, model::Limits, source::kubernetes};
 
 /// Default for `--max-backends-per-service`.
 pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: u32 = 4096;
@@ -26,10 +26,20 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "lb-agent", version, about, long_about = None)]
 pub struct AgentArgs {
-    /// Where Services and EndpointSlices come from: `file:DIR`, a directory of manifests that
-    /// is watched for changes.
+    /// Where Services and EndpointSlices come from: `kubernetes` (the API server), or
+    /// `file:DIR`, a directory of manifests that is watched for changes.
     #[arg(long, env = "LB_SOURCE", required_unless_present = "cleanup")]
     pub source: Option<String>,
+
+    /// kubeconfig for the kubernetes source [default: in-cluster configuration, or
+    /// KUBECONFIG].
+    #[arg(long, env = "LB_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The API server's own address (e.g. https://192.0.2.1:6443), so that the agent does
+    /// not depend on translating the `kubernetes` service itself.
+    #[arg(long, env = "LB_API_SERVER")]
+    pub api_server: Option<String>,
 
     /// This node's name (in a DaemonSet, from the downward API's spec.nodeName). Needed for
     /// internalTrafficPolicy: Local and for topology hints.
@@ -115,6 +125,15 @@ impl AgentArgs {
             backends: self.max_backends,
             rev_nat: self.max_rev_nat,
             affinity: self.max_affinity,
+        }
+    }
+
+    /// Settings of the kubernetes source.
+    pub fn api(&self) -> kubernetes::Settings {
+        kubernetes::Settings {
+            kubeconfig: self.kubeconfig.clone(),
+            api_server: self.api_server.clone(),
+            node_name: self.node_name.clone(),
         }
     }
 

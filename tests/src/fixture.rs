@@ -2,7 +2,7 @@
 //! them (port 80/TCP and 53/UDP, to 8080 on the backends).
 
 use crate::{
-    manifest::{documents, service, slice},
+    manifest::{Ep, documents, service, slice},
     world::World,
 };
 
@@ -17,13 +17,13 @@ pub const BACKEND_PORT: u16 = 8080;
 pub fn web_manifest(w: &World, backends: &[usize]) -> String {
     let port = i64::from(BACKEND_PORT);
     let ports = [("http", port, "TCP"), ("dns", port, "UDP")];
-    let v4: Vec<(String, bool)> = backends
+    let v4: Vec<Ep> = backends
         .iter()
-        .map(|&i| (w.backend_v4(i).to_string(), true))
+        .map(|&i| Ep::ready(w.backend_v4(i)))
         .collect();
-    let v6: Vec<(String, bool)> = backends
+    let v6: Vec<Ep> = backends
         .iter()
-        .map(|&i| (w.backend_v6(i).to_string(), true))
+        .map(|&i| Ep::ready(w.backend_v6(i)))
         .collect();
     documents(&[
         service(

@@ -27,7 +27,9 @@ use std::{
 use lb_userspace::inspect::{BackendRow, ServiceDetail, ServiceRow};
 
 use crate::{
-    PREFIX, bin_dir,
+    PREFIX,
+    apiserver::ApiServer,
+    bin_dir,
     netns::{self, Netns, veth},
     probe::Attempt,
     process::{Cgroup, Proc, command_in, kill_mentioning, sweep_stale_cgroups},
@@ -212,8 +214,24 @@ impl World {
         fs::remove_file(self.manifests().join(file)).expect("removing a manifest");
     }
 
-    /// Starts the agent on this world's manifests, cgroup and pin directory.
+    /// Starts the agent on this world's manifests (the file source), cgroup and pin directory.
     pub fn start_agent(&mut self, extra: &[&str]) {
+        let source = format!("file:{}", self.manifests().display());
+        self.spawn_agent(&["--source", &source], extra);
+    }
+
+    /// Starts the agent on the Kubernetes source, reaching `api` through a kubeconfig.
+    pub fn start_agent_kube(&mut self, api: &ApiServer, extra: &[&str]) {
+        let kubeconfig = self.dir.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let kubeconfig = kubeconfig.display().to_string();
+        self.spawn_agent(
+            &["--source", "kubernetes", "--kubeconfig", &kubeconfig],
+            extra,
+        );
+    }
+
+    fn spawn_agent(&mut self, source: &[&str], extra: &[&str]) {
         assert!(self.agent.is_none(), "the agent already runs");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -221,8 +239,7 @@ impl World {
             .open(self.dir.join("agent.log"))
             .expect("agent log");
         let mut cmd = Command::new(self.bins.join("lb-agent"));
-        cmd.arg("--source")
-            .arg(format!("file:{}", self.manifests().display()))
+        cmd.args(source)
             .arg("--cgroup")
             .arg(self.cgroup.path())
             .arg("--pin-dir")
@@ -387,9 +404,16 @@ impl Drop for World {
         }
         if thread::panicking() {
             let log = self.agent_log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- agent log of {} (last lines) ---", self.tag);
-            for line in tail.into_iter().rev() {
+            let lines: Vec<&str> = log.lines().collect();
+            let notable = lines.iter().filter(|l| {
+                l.contains("panicked") || l.contains(" ERROR ") || l.contains(" WARN ")
+            });
+            eprintln!("--- agent log of {}: errors and warnings ---", self.tag);
+            for line in notable.take(30) {
+                eprintln!("{line}");
+            }
+            eprintln!("--- agent log of {}: last lines ---", self.tag);
+            for line in &lines[lines.len().saturating_sub(25)..] {
                 eprintln!("{line}");
             }
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use lb_tests::{
     fixture::{BACKEND_PORT, web_world},
-    manifest::{documents, service, slice},
+    manifest::{Ep, documents, service, slice},
     probe::Attempt,
     require_privileges,
     world::World,
@@ -165,7 +165,7 @@ fn a_service_without_backends_refuses_at_once() {
                 "empty",
                 "IPv4",
                 &[("", SPORT, "TCP")],
-                &[(w.backend_v4(0).to_string(), false)],
+                &[Ep::not_ready(w.backend_v4(0))],
             ),
         ]),
     );
@@ -201,11 +201,7 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
     let mut w = World::new(2);
     w.serve(0, "b0", PORT);
     w.serve(1, "b1", PORT);
-    let eps = |n: usize| -> Vec<(String, bool)> {
-        (0..n)
-            .map(|i| (w.backend_v4(i).to_string(), true))
-            .collect()
-    };
+    let eps = |n: usize| -> Vec<Ep> { (0..n).map(|i| Ep::ready(w.backend_v4(i))).collect() };
     let good = documents(&[
         service("demo", "good", &["10.96.0.30"], &[("", 80, "TCP")]),
         slice(
@@ -245,7 +241,7 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
                 "IPv4",
                 &[("", SPORT, "TCP")],
                 &(1..=3)
-                    .map(|i| (format!("10.244.9.{i}"), true))
+                    .map(|i| Ep::ready(format!("10.244.9.{i}")))
                     .collect::<Vec<_>>(),
             ),
         ]),

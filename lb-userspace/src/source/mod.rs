@@ -31,10 +31,14 @@ impl Stamped {
 }
 
 pub mod file;
+pub mod kubernetes;
 
 /// A source failed and cannot go on.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The Kubernetes API cannot be used.
+    #[error("kubernetes: {0}")]
+    Api(String),
     /// The manifest directory cannot be read or watched.
     #[error("{path}: {message}")]
     Path {
@@ -57,8 +61,9 @@ pub trait Source: Send {
     fn run(self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask;
 }
 
-/// The source a `--source` argument names: `file:DIR` (the directory must exist).
-pub fn from_arg(arg: &str) -> Result<Box<dyn Source>, String> {
+/// The source a `--source` argument names: `file:DIR` (the directory must exist) or
+/// `kubernetes` (with these API settings).
+pub fn from_arg(arg: &str, api: kubernetes::Settings) -> Result<Box<dyn Source>, String> {
     match arg.split_once(':') {
         Some(("file", dir)) if !dir.is_empty() => {
             if !std::path::Path::new(dir).is_dir() {
@@ -66,9 +71,10 @@ pub fn from_arg(arg: &str) -> Result<Box<dyn Source>, String> {
             }
             Ok(Box::new(file::FileSource::new(dir)))
         }
+        None if arg == "kubernetes" => Ok(Box::new(kubernetes::KubeSource::new(api))),
         _ => Err(format!(
-            "unknown source {arg:?}: expected file:DIR (a directory of Service and \
-             EndpointSlice manifests)"
+            "unknown source {arg:?}: expected kubernetes, or file:DIR (a directory of Service \
+             and EndpointSlice manifests)"
         )),
     }
 }
@@ -79,10 +85,12 @@ mod tests {
 
     #[test]
     fn source_arguments() {
-        let err = |arg| from_arg(arg).err().expect("rejected");
-        assert!(from_arg("file:/").is_ok());
+        let parse = |arg| from_arg(arg, kubernetes::Settings::default());
+        let err = |arg| parse(arg).err().expect("rejected");
+        assert!(parse("file:/").is_ok());
+        assert!(parse("kubernetes").is_ok());
         assert!(err("file:/nonexistent/lb").contains("not a directory"));
-        assert!(err("file:").contains("expected file:DIR"));
-        assert!(err("kubernetes").contains("expected file:DIR"));
+        assert!(err("file:").contains("expected kubernetes, or file:DIR"));
+        assert!(err("kubernetes:x").contains("expected kubernetes"));
     }
 }
