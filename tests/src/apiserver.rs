@@ -4,8 +4,8 @@
 //! real protocol over HTTP for Services, EndpointSlices and Nodes: lists carrying a
 //! resourceVersion, label and field selectors, watch streams (one JSON event per line) with
 //! ADDED, MODIFIED, DELETED and BOOKMARK events from a given resourceVersion, `410 Gone` for a
-//! resourceVersion older than the retained history, dropped streams, and outages (every
-//! request answered 503). The agent's real kube client reaches it through a kubeconfig on
+//! resourceVersion older than the retained history, cut connections, and outages (the server
+//! unreachable). The agent's real kube client reaches it through a kubeconfig on
 //! 127.0.0.1.
 
 use std::{
@@ -135,12 +135,19 @@ impl ApiServer {
         let serving = shared.clone();
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                if serving.lock().down {
+                    continue; // closed at once: the server is unreachable
+                }
                 let shared = serving.clone();
+                let mut cut = serving.cut.subscribe();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(shared.clone(), req));
-                    let _closed = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let conn =
+                        http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _closed = conn => {}
+                        _ = cut.changed() => {}
+                    }
                 });
             }
         });
@@ -246,8 +253,8 @@ impl ApiServer {
         let _no_watchers = self.shared.changes.send(change);
     }
 
-    /// Ends every open watch stream (a dropped connection): clients resume from their last
-    /// resourceVersion.
+    /// Cuts every open connection, watch streams included (a network blip): clients resume
+    /// watching from their last resourceVersion.
     pub fn drop_watches(&self) {
         self.shared.cut.send_modify(|g| *g += 1);
     }
@@ -265,8 +272,8 @@ impl ApiServer {
         self.drop_watches();
     }
 
-    /// Starts or ends an outage: while down every request is answered 503 and open watches
-    /// are dropped.
+    /// Starts or ends an outage: while down the server is unreachable (open connections are
+    /// cut, new ones closed at once).
     pub fn set_down(&self, down: bool) {
         self.shared.lock().down = down;
         if down {

@@ -197,6 +197,26 @@ impl World {
             .push(Proc::spawn(cmd).expect("spawning lb-probe serve"));
     }
 
+    /// Starts `lb-probe serve` in the client namespace itself (a pod that is its own
+    /// service's backend), answering as `name`.
+    pub fn serve_in_client(&mut self, name: &str, port: u16) {
+        let mut cmd =
+            command_in(&self.bins.join("lb-probe"), &self.client, None).expect("client namespace");
+        cmd.args(["serve", "--name", name, "--port", &port.to_string()]);
+        self.servers
+            .push(Proc::spawn(cmd).expect("spawning lb-probe serve"));
+    }
+
+    /// The client's own IPv4 address.
+    pub fn client_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, 0, 2)
+    }
+
+    /// The datapath counters (`lbctl stats`), by name.
+    pub fn stats(&self) -> std::collections::BTreeMap<String, u64> {
+        self.lbctl_json(&["stats"]).unwrap_or_default()
+    }
+
     /// The manifest directory the agent reads.
     pub fn manifests(&self) -> PathBuf {
         self.dir.join("manifests")
@@ -246,7 +266,10 @@ impl World {
             .arg(&self.pin_dir)
             .args(extra)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_TEST_AGENT_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

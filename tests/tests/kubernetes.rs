@@ -1,11 +1,12 @@
 //! The Kubernetes source against the in-process API server fixture, with traffic through the
 //! datapath in namespaces. Needs root (see tests/README.md).
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, thread, time::Duration};
 
 use lb_tests::{
-    apiserver::ApiServer,
+    apiserver::{ApiServer, Resource},
     fixture::{BACKEND_PORT, WEB_V4, web_manifest},
+    manifest::{Ep, Svc, documents, node, service, slice},
     probe::Attempt,
     require_privileges,
     world::World,
@@ -42,5 +43,251 @@ fn the_initial_list_is_programmed_and_serves_traffic() {
     w.wait_for_backends(&format!("{WEB_V4}:80/TCP"), 2);
     let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "40"]);
     assert_eq!(backends_of(&attempts).len(), 2);
-    let _ = Duration::ZERO;
+}
+
+const WEB_TCP: &str = "10.96.0.10:80/TCP";
+
+/// Lines of the agent's log that report a sync that wrote to the maps.
+fn write_syncs(w: &World) -> usize {
+    w.agent_log().matches("agent: synced ").count()
+}
+
+/// A second service, `demo/other` on 10.96.0.20:80, over backend 0.
+fn other_manifest(w: &World) -> String {
+    documents(&[
+        service("demo", "other", &["10.96.0.20"], &[("", 80, "TCP")]),
+        slice(
+            "demo",
+            "other-1",
+            "other",
+            "IPv4",
+            &[("", P, "TCP")],
+            &[Ep::ready(w.backend_v4(0))],
+        ),
+    ])
+}
+
+const P: i64 = BACKEND_PORT as i64;
+
+#[test]
+fn watch_events_change_only_their_service() {
+    if !require_privileges("watch_events_change_only_their_service") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 3);
+    api.apply(&other_manifest(&w));
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 3);
+    w.wait_for_backends("10.96.0.20:80/TCP", 1);
+    let other = w.service("demo/other");
+
+    // One EndpointSlice changes: web loses b2.
+    api.apply(&web_manifest(&w, &[0, 1]));
+    w.wait_for_backends(WEB_TCP, 2);
+    assert_eq!(
+        backends_of(&w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "30"])).len(),
+        2
+    );
+    assert_eq!(
+        w.service("demo/other"),
+        other,
+        "the other service is untouched"
+    );
+    let log = w.agent_log();
+    let synced = log
+        .lines()
+        .rfind(|l| l.contains("agent: synced "))
+        .expect("a sync");
+    assert!(
+        synced.contains("services=1") && synced.contains("latency_us="),
+        "{synced}"
+    );
+
+    // The service is deleted, then created again.
+    api.delete("Service", "demo", "web");
+    w.wait_until("web is removed", Duration::from_secs(5), || {
+        w.backend_count(WEB_TCP).is_none()
+    });
+    api.apply(&web_manifest(&w, &[0]));
+    w.wait_for_backends(WEB_TCP, 1);
+    assert_eq!(w.service("demo/other"), other);
+}
+
+#[test]
+fn this_nodes_zone_comes_from_its_node_object() {
+    if !require_privileges("this_nodes_zone_comes_from_its_node_object") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = World::new(2);
+    for i in 0..2 {
+        w.serve(i, &format!("b{i}"), BACKEND_PORT);
+    }
+    let eps = [
+        Ep::ready(w.backend_v4(0)).for_zones(&["zone-a"]),
+        Ep::ready(w.backend_v4(1)).for_zones(&["zone-b"]),
+    ];
+    api.apply(&documents(&[
+        service("demo", "s", &["10.96.0.30"], &[("", 80, "TCP")]),
+        slice("demo", "s-1", "s", "IPv4", &[("", P, "TCP")], &eps),
+        node("node-1", "zone-a"),
+        node("node-2", "zone-b"),
+    ]));
+    w.start_agent_kube(&api, &["--node-name", "node-1"]);
+    w.wait_for_backends("10.96.0.30:80/TCP", 1);
+    assert_eq!(
+        backends_of(&w.probe(&["tcp", "10.96.0.30:80", "--count", "20"])),
+        ["b0".to_string()].into()
+    );
+    api.apply(&node("node-1", "zone-b"));
+    w.wait_until("the zone-b endpoint serves", Duration::from_secs(5), || {
+        backends_of(&w.probe(&["tcp", "10.96.0.30:80", "--count", "5"]))
+            == ["b1".to_string()].into()
+    });
+}
+
+#[test]
+fn a_burst_of_slice_updates_converges_on_the_last_one() {
+    if !require_privileges("a_burst_of_slice_updates_converges_on_the_last_one") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 3);
+    api.apply(&other_manifest(&w));
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 3);
+    let other = w.service("demo/other");
+    let sets: [&[usize]; 4] = [&[0, 1], &[2], &[0, 1, 2], &[1, 2]];
+    for i in 0..400 {
+        api.apply(&web_manifest(&w, sets[i % 4]));
+    }
+    api.apply(&web_manifest(&w, &[0]));
+    w.wait_for_backends(WEB_TCP, 1);
+    w.wait_until("the last update is served", Duration::from_secs(10), || {
+        backends_of(&w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]))
+            == ["b0".to_string()].into()
+    });
+    assert_eq!(
+        w.service("demo/other"),
+        other,
+        "the other service is untouched"
+    );
+    let syncs = write_syncs(&w);
+    assert!(syncs <= 401, "at most one sync per update: {syncs}");
+}
+
+#[test]
+fn dropped_watches_resume_without_relisting() {
+    if !require_privileges("dropped_watches_resume_without_relisting") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 2);
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 2);
+    let before = api.requests();
+    api.drop_watches();
+    api.apply(&web_manifest(&w, &[1]));
+    w.wait_for_backends(WEB_TCP, 1);
+    let after = api.requests();
+    for (resource, (lists, watches)) in &after {
+        let (lists_before, watches_before) = before.get(resource).copied().unwrap_or_default();
+        assert_eq!(*lists, lists_before, "{resource:?} was not listed again");
+        assert!(*watches > watches_before, "{resource:?} was watched again");
+    }
+}
+
+#[test]
+fn a_relist_after_410_gone_applies_only_what_changed() {
+    if !require_privileges("a_relist_after_410_gone_applies_only_what_changed") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 3);
+    api.apply(&other_manifest(&w));
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 3);
+    let (web, other) = (w.service("demo/web"), w.service("demo/other"));
+    let services_lists =
+        |api: &ApiServer| api.requests().get(&Resource::Services).map_or(0, |r| r.0);
+
+    // An expired resourceVersion with nothing changed: a relist that writes nothing.
+    let lists = services_lists(&api);
+    let writes = write_syncs(&w);
+    api.expire_history();
+    w.wait_until(
+        "the services are listed again",
+        Duration::from_secs(20),
+        || services_lists(&api) > lists,
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(write_syncs(&w), writes, "the relist changed nothing");
+    assert_eq!(
+        (w.service("demo/web"), w.service("demo/other")),
+        (web, other.clone())
+    );
+
+    // Changes made while the agent's watches were away arrive through the relist.
+    api.set_down(true);
+    api.apply(&web_manifest(&w, &[0]));
+    api.expire_history();
+    api.set_down(false);
+    w.wait_until(
+        "the relist applied the change",
+        Duration::from_secs(40),
+        || w.backend_count(WEB_TCP) == Some(1),
+    );
+    assert_eq!(
+        w.service("demo/other"),
+        other,
+        "the unchanged service is untouched"
+    );
+    assert!(w.agent_log().contains("relisted; applying the difference"));
+}
+
+#[test]
+fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
+    if !require_privileges("an_api_outage_keeps_the_datapath_and_recovery_catches_up") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 2);
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 2);
+    api.set_down(true);
+    w.wait_until(
+        "the agent notices the outage",
+        Duration::from_secs(20),
+        || w.agent_log().contains("watch failed"),
+    );
+    for _ in 0..3 {
+        let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]);
+        assert_eq!(backends_of(&attempts).len(), 2, "served during the outage");
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(w.backend_count(WEB_TCP), Some(2), "nothing was flushed");
+    api.apply(&web_manifest(&w, &[1]));
+    api.set_down(false);
+    w.wait_until(
+        "the change made during the outage is applied",
+        Duration::from_secs(40),
+        || w.backend_count(WEB_TCP) == Some(1),
+    );
+    assert!(w.agent_log().contains("watch recovered"));
+}
+
+#[test]
+fn services_for_another_proxy_are_filtered_by_the_api() {
+    if !require_privileges("services_for_another_proxy_are_filtered_by_the_api") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 1);
+    let theirs = Svc::new("demo", "theirs", &["10.96.0.40"], &[("", 80, "TCP")])
+        .label("service.kubernetes.io/service-proxy-name", "someone-else");
+    api.apply(&theirs.yaml());
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 1);
+    assert!(w.backend_count("10.96.0.40:80/TCP").is_none());
 }

@@ -1,0 +1,276 @@
+//! Kubernetes service semantics end to end, through the socket hooks, with the file source.
+//! All services here have no selector: their EndpointSlices are written by hand, and work
+//! the same as controller-written ones. Needs root (see tests/README.md).
+
+use std::{collections::BTreeSet, thread, time::Duration};
+
+use lb_tests::{
+    fixture::BACKEND_PORT,
+    manifest::{Ep, Svc, documents, node, service, slice},
+    probe::Attempt,
+    require_privileges,
+    world::World,
+};
+use serde_json::json;
+
+const P: i64 = BACKEND_PORT as i64;
+const VIP: &str = "10.96.1.1";
+
+fn backends_of(attempts: &[Attempt]) -> BTreeSet<String> {
+    attempts
+        .iter()
+        .map(|a| {
+            assert_eq!(a.error, None, "answered: {a:?}");
+            a.backend.clone().expect("answered")
+        })
+        .collect()
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// A world with `n` backends serving, named b0...
+fn world(n: usize) -> World {
+    let mut w = World::new(n);
+    for i in 0..n {
+        w.serve(i, &format!("b{i}"), BACKEND_PORT);
+    }
+    w
+}
+
+/// `svc` (on VIP:80/TCP) with one IPv4 slice of `eps`.
+fn manifest(svc: Svc, eps: &[Ep]) -> String {
+    documents(&[
+        svc.yaml(),
+        slice("demo", "s-1", "s", "IPv4", &[("", P, "TCP")], eps),
+    ])
+}
+
+fn plain() -> Svc {
+    Svc::new("demo", "s", &[VIP], &[("", 80, "TCP")])
+}
+
+fn connect(w: &World, n: u32) -> Vec<Attempt> {
+    w.probe(&["tcp", &format!("{VIP}:80"), "--count", &n.to_string()])
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one() {
+    if !require_privileges("session_affinity") {
+        return;
+    }
+    let mut w = world(3);
+    let sticky = || plain().spec("sessionAffinity", json!("ClientIP"));
+    let all: Vec<Ep> = (0..3).map(|i| Ep::ready(w.backend_v4(i))).collect();
+    w.write_manifest("s.yaml", &manifest(sticky(), &all));
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 3);
+
+    let first = backends_of(&connect(&w, 30));
+    assert_eq!(first.len(), 1, "one backend for the client: {first:?}");
+    let pinned = first.into_iter().next().expect("one");
+    let index: usize = pinned[1..].parse().expect("b<i>");
+
+    // The pinned backend leaves the service: the client moves, and sticks again.
+    let rest: Vec<Ep> = (0..3)
+        .filter(|&i| i != index)
+        .map(|i| Ep::ready(w.backend_v4(i)))
+        .collect();
+    w.write_manifest("s.yaml", &manifest(sticky(), &rest));
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 2);
+    let second = backends_of(&connect(&w, 30));
+    assert_eq!(second.len(), 1, "sticks to one backend again: {second:?}");
+    assert!(
+        !second.contains(&pinned),
+        "{pinned} was removed and is not reused"
+    );
+}
+
+#[test]
+fn session_affinity_expires_after_its_timeout() {
+    if !require_privileges("session_affinity_expires_after_its_timeout") {
+        return;
+    }
+    let mut w = world(2);
+    let sticky = plain().spec("sessionAffinity", json!("ClientIP")).spec(
+        "sessionAffinityConfig",
+        json!({"clientIP": {"timeoutSeconds": 1}}),
+    );
+    let all: Vec<Ep> = (0..2).map(|i| Ep::ready(w.backend_v4(i))).collect();
+    w.write_manifest("s.yaml", &manifest(sticky, &all));
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 2);
+    let hits = |w: &World| w.stats().get("affinity_hit").copied().unwrap_or(0);
+
+    backends_of(&connect(&w, 1));
+    backends_of(&connect(&w, 3));
+    assert_eq!(hits(&w), 3, "within the timeout every connection is a hit");
+    thread::sleep(Duration::from_millis(1500));
+    backends_of(&connect(&w, 1));
+    assert_eq!(hits(&w), 3, "after the timeout the backend is chosen anew");
+}
+
+#[test]
+fn terminating_endpoints_serve_only_while_none_is_ready() {
+    if !require_privileges("terminating_endpoints_serve_only_while_none_is_ready") {
+        return;
+    }
+    let mut w = world(2);
+    let terminating: Vec<Ep> = (0..2).map(|i| Ep::terminating(w.backend_v4(i))).collect();
+    w.write_manifest("s.yaml", &manifest(plain(), &terminating));
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 2);
+    assert_eq!(backends_of(&connect(&w, 30)), names(&["b0", "b1"]));
+
+    let mixed = [Ep::ready(w.backend_v4(0)), Ep::terminating(w.backend_v4(1))];
+    w.write_manifest("s.yaml", &manifest(plain(), &mixed));
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+    assert_eq!(backends_of(&connect(&w, 20)), names(&["b0"]));
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
+    if !require_privileges("internal_traffic_policy_local") {
+        return;
+    }
+    let mut w = world(2);
+    let local = || plain().spec("internalTrafficPolicy", json!("Local"));
+    let eps = [
+        Ep::ready(w.backend_v4(0)).on_node("node-a"),
+        Ep::ready(w.backend_v4(1)).on_node("node-b"),
+    ];
+    w.write_manifest("s.yaml", &manifest(local(), &eps));
+    w.start_agent(&["--node-name", "node-a"]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+    assert_eq!(backends_of(&connect(&w, 20)), names(&["b0"]));
+
+    // No local endpoint: refused, even though a remote one is ready.
+    let remote = [Ep::ready(w.backend_v4(1)).on_node("node-b")];
+    w.write_manifest("s.yaml", &manifest(local(), &remote));
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 0);
+    for a in connect(&w, 3) {
+        assert_eq!(a.error.as_deref(), Some("ECONNREFUSED"), "{a:?}");
+    }
+}
+
+#[test]
+fn topology_hints_steer_to_this_nodes_zone() {
+    if !require_privileges("topology_hints_steer_to_this_nodes_zone") {
+        return;
+    }
+    let mut w = world(2);
+    let eps = [
+        Ep::ready(w.backend_v4(0)).for_zones(&["zone-a"]),
+        Ep::ready(w.backend_v4(1)).for_zones(&["zone-b"]),
+    ];
+    w.write_manifest("s.yaml", &manifest(plain(), &eps));
+    w.write_manifest("node.yaml", &node("node-1", "zone-a"));
+    w.start_agent(&["--node-name", "node-1"]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+    assert_eq!(backends_of(&connect(&w, 20)), names(&["b0"]));
+
+    // The node moves to zone-b: every service is recomputed.
+    w.write_manifest("node.yaml", &node("node-1", "zone-b"));
+    w.wait_until("the zone-b endpoint serves", Duration::from_secs(5), || {
+        w.service(&format!("{VIP}:80/TCP"))
+            .first()
+            .and_then(|d| d.slots.first().and_then(|s| s.backend))
+            .is_some_and(|b| b.ip() == w.backend_v4(1))
+    });
+    assert_eq!(backends_of(&connect(&w, 20)), names(&["b1"]));
+}
+
+#[test]
+fn external_ips_are_served_for_connections_from_this_node() {
+    if !require_privileges("external_ips_are_served_for_connections_from_this_node") {
+        return;
+    }
+    let mut w = world(2);
+    let svc = plain().spec("externalIPs", json!(["192.0.2.10"]));
+    let eps: Vec<Ep> = (0..2).map(|i| Ep::ready(w.backend_v4(i))).collect();
+    w.write_manifest("s.yaml", &manifest(svc, &eps));
+    w.start_agent(&[]);
+    w.wait_for_backends("192.0.2.10:80/TCP", 2);
+    let attempts = w.probe(&["tcp", "192.0.2.10:80", "--count", "30"]);
+    assert_eq!(backends_of(&attempts), names(&["b0", "b1"]));
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some("192.0.2.10:80"))
+    );
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_lands_on_itself() {
+    if !require_privileges("a_pod_reaching_its_own_service_lands_on_itself") {
+        return;
+    }
+    let mut w = World::new(0);
+    w.serve_in_client("self", BACKEND_PORT);
+    w.write_manifest("s.yaml", &manifest(plain(), &[Ep::ready(w.client_v4())]));
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+    let attempts = connect(&w, 10);
+    assert_eq!(backends_of(&attempts), names(&["self"]));
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.peer.as_deref() == Some(&*format!("{VIP}:80")))
+    );
+}
+
+#[test]
+fn one_port_number_over_tcp_and_udp_is_two_frontends() {
+    if !require_privileges("one_port_number_over_tcp_and_udp_is_two_frontends") {
+        return;
+    }
+    let mut w = world(1);
+    let ports = [("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")];
+    let slice_ports = [("dns", P, "UDP"), ("dns-tcp", P, "TCP")];
+    w.write_manifest(
+        "dns.yaml",
+        &documents(&[
+            service("kube-system", "dns", &[VIP], &ports),
+            slice(
+                "kube-system",
+                "dns-1",
+                "dns",
+                "IPv4",
+                &slice_ports,
+                &[Ep::ready(w.backend_v4(0))],
+            ),
+        ]),
+    );
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:53/TCP"), 1);
+    w.wait_for_backends(&format!("{VIP}:53/UDP"), 1);
+    let addr = format!("{VIP}:53");
+    assert_eq!(
+        backends_of(&w.probe(&["tcp", &addr, "--count", "3"])),
+        names(&["b0"])
+    );
+    assert_eq!(
+        backends_of(&w.probe(&["udp", &addr, "--count", "3"])),
+        names(&["b0"])
+    );
+}
+
+#[test]
+fn services_of_another_proxy_and_headless_services_get_no_entries() {
+    if !require_privileges("services_of_another_proxy_and_headless_services_get_no_entries") {
+        return;
+    }
+    let mut w = world(1);
+    let ep = [Ep::ready(w.backend_v4(0))];
+    let other = Svc::new("demo", "other", &["10.96.1.2"], &[("", 80, "TCP")])
+        .label("service.kubernetes.io/service-proxy-name", "someone-else");
+    let headless = Svc::new("demo", "headless", &["None"], &[("", 80, "TCP")]);
+    w.write_manifest("other.yaml", &other.yaml());
+    w.write_manifest("headless.yaml", &headless.yaml());
+    w.write_manifest("s.yaml", &manifest(plain(), &ep));
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+    let frontends: Vec<String> = w.services().into_iter().map(|r| r.frontend).collect();
+    assert_eq!(frontends, [format!("{VIP}:80/TCP")]);
+}
