@@ -20,6 +20,7 @@ use crate::{
     host::{self, HostError},
     loader::{self, LoadError, Loaded, PinLayout},
     reconcile::{Reconciler, SyncReport},
+    sockets,
     source::{self, SourceError},
     store::{Store, Update},
 };
@@ -119,6 +120,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let services = dirty.len();
                 let report = reconciler.sync(&store, std::mem::take(&mut dirty));
                 log_report(&report, &mut rejected_total);
+                destroy_stale_udp(&layout, &report);
                 let c = reconciler.contents();
                 let latency_us = oldest.elapsed().as_micros() as u64;
                 if !synced {
@@ -133,6 +135,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             () = tokio::time::sleep(RETRY_AFTER), if reconciler.needs_retry() => {
                 let report = reconciler.sync(&store, BTreeSet::new());
                 log_report(&report, &mut rejected_total);
+                destroy_stale_udp(&layout, &report);
                 info!(writes = report.writes, "retried failed writes");
             }
             _ = sigterm.recv() => break,
@@ -142,6 +145,28 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
     Ok(())
+}
+
+/// Destroys, off the sync path, the connected UDP sockets pointed at backends that left.
+fn destroy_stale_udp(layout: &PinLayout, report: &SyncReport) {
+    if report.stale_udp.is_empty() {
+        return;
+    }
+    let (layout, stale) = (layout.clone(), report.stale_udp.clone());
+    tokio::task::spawn_blocking(move || match sockets::destroy_stale(&layout, &stale) {
+        Ok(done) => {
+            info!(
+                backends = stale.len(),
+                namespaces = done.namespaces,
+                destroyed = done.sockets,
+                "destroyed connected UDP sockets of removed backends"
+            );
+            for e in done.errors {
+                warn!(error = e, "could not look for stale UDP sockets");
+            }
+        }
+        Err(e) => warn!(error = %e, "could not look for stale UDP sockets"),
+    });
 }
 
 fn log_report(report: &SyncReport, rejected_total: &mut BTreeMap<&'static str, u64>) {

@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod loader;
 pub mod model;
 pub mod reconcile;
+pub mod sockets;
 pub mod source;
 pub mod store;
 

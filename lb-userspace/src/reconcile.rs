@@ -68,6 +68,18 @@ pub struct SyncReport {
     pub full: Vec<MapFull>,
     /// Writes that failed; their frontends are retried on the next sync.
     pub errors: Vec<DatapathError>,
+    /// UDP backends that left a frontend: connected sockets the hooks pointed at them are
+    /// stale (see [`crate::sockets`]).
+    pub stale_udp: Vec<StaleUdp>,
+}
+
+/// A backend that no longer serves a UDP frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaleUdp {
+    /// The frontend (VIP and port).
+    pub frontend: Endpoint,
+    /// The backend that left it.
+    pub backend: Endpoint,
 }
 
 /// How much programming one frontend adds to the maps.
@@ -515,6 +527,7 @@ impl<D: Datapath> Reconciler<D> {
             ops.push(Op::PutService(key, value));
         }
         let previous = self.referenced_by(id);
+        self.note_stale_udp(&key, old_count, &want.backends, report);
         ops.extend(
             self.mirror
                 .slots_of(id)
@@ -533,6 +546,32 @@ impl<D: Datapath> Reconciler<D> {
             release(&mut self.idx, &self.mirror);
             self.retry.insert(key);
         }
+    }
+
+    /// Records the backends of a UDP frontend (whose first `count` slots are live) that are
+    /// not in `keep`.
+    fn note_stale_udp(
+        &self,
+        key: &ServiceKey,
+        count: u32,
+        keep: &[Endpoint],
+        report: &mut SyncReport,
+    ) {
+        if key.proto != lb_common::proto::UDP {
+            return;
+        }
+        let Some(value) = self.mirror.services.get(key) else {
+            return;
+        };
+        let frontend = Endpoint::new(key.addr, key.port_be);
+        report.stale_udp.extend(
+            self.mirror
+                .slots_of(value.id)
+                .filter(|(k, _)| k.slot < count)
+                .filter_map(|(_, b)| self.mirror.backends.get(b))
+                .filter(|b| !keep.contains(b))
+                .map(|&backend| StaleUdp { frontend, backend }),
+        );
     }
 
     /// The backends the slots and affinity-match entries of service `id` name.
@@ -600,6 +639,7 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let previous = self.referenced_by(value.id);
+        self.note_stale_udp(key, u32::from(value.count), &[], report);
         let mut ops = vec![Op::DeleteService(*key)];
         ops.extend(
             self.mirror

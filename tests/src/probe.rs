@@ -40,6 +40,8 @@ pub fn errno_name(e: &io::Error) -> String {
         (Some(libc::EHOSTUNREACH), _) => "EHOSTUNREACH".into(),
         (Some(libc::ECONNRESET), _) => "ECONNRESET".into(),
         (Some(libc::EPERM), _) => "EPERM".into(),
+        (Some(libc::ECONNABORTED), _) => "ECONNABORTED".into(),
+        (Some(libc::EDESTADDRREQ), _) => "EDESTADDRREQ".into(),
         (_, io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => "ETIMEDOUT".into(),
         (_, io::ErrorKind::UnexpectedEof) => "EOF".into(),
         (Some(n), _) => format!("errno {n}"),

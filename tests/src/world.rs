@@ -79,6 +79,11 @@ impl Held {
         self.proc.send_line("ping").expect("the holder runs");
         read_attempt(&mut self.out)
     }
+
+    /// The next attempt the holder reports on its own (a UDP holder's retry after an error).
+    pub fn next_report(&mut self) -> Attempt {
+        read_attempt(&mut self.out)
+    }
 }
 
 fn read_attempt(out: &mut BufReader<ChildStdout>) -> Attempt {
@@ -409,10 +414,18 @@ impl World {
 
     /// Opens a TCP connection from the client that stays open.
     pub fn hold(&self, addr: &str) -> Held {
+        self.hold_with(&["hold", addr])
+    }
+
+    /// Opens a connected UDP socket from the client that stays open (and reconnects after
+    /// an error, like a resolver: see `lb-probe hold --udp`).
+    pub fn hold_udp(&self, addr: &str) -> Held {
+        self.hold_with(&["hold", "--udp", addr])
+    }
+
+    fn hold_with(&self, args: &[&str]) -> Held {
         let mut cmd = self.client_probe();
-        cmd.args(["hold", addr])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut proc = Proc::spawn(cmd).expect("spawning lb-probe hold");
         let mut out = BufReader::new(proc.child().stdout.take().expect("piped"));
         let first = read_attempt(&mut out);

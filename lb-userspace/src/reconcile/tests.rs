@@ -537,6 +537,38 @@ fn affinity_members_are_added_before_slots_and_removed_after() {
 }
 
 #[test]
+fn udp_backends_that_leave_are_reported_as_stale() {
+    let mut h = Harness::new();
+    let (svc, sl) = dns(&["10.0.0.1", "10.0.0.2"]);
+    let report = h.sync(vec![svc.clone()], vec![sl]);
+    assert!(report.stale_udp.is_empty());
+    let (_, fewer) = dns(&["10.0.0.2"]);
+    let report = h.sync(vec![svc.clone()], vec![fewer.clone()]);
+    let stale: Vec<String> = report
+        .stale_udp
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                to_socket_addr(&s.frontend),
+                to_socket_addr(&s.backend)
+            )
+        })
+        .collect();
+    assert_eq!(
+        stale,
+        ["10.96.0.10:53 10.0.0.1:53"],
+        "only the UDP frontend, only the removed backend"
+    );
+    let report = h.sync(vec![], vec![]);
+    assert_eq!(
+        report.stale_udp.len(),
+        1,
+        "a removed UDP frontend's backends are stale too"
+    );
+}
+
+#[test]
 fn ids_are_lowest_free_and_reused() {
     let mut ids = Ids::from_used([1, 4]);
     assert_eq!(ids.take(), 2);

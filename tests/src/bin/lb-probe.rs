@@ -48,9 +48,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
-    /// One TCP connection to ADDR, kept open: a request now, then one per line on stdin.
+    /// One connection to ADDR, kept open: a request now, then one per line on stdin. With
+    /// --udp a connected UDP socket that, like a resolver, reconnects after an error and
+    /// retries once (both attempts are printed).
     Hold {
         addr: SocketAddr,
+        #[arg(long)]
+        udp: bool,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
@@ -169,6 +173,46 @@ fn hold(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
+fn hold_udp(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let connect = || -> io::Result<UdpSocket> {
+        let local: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("valid");
+        let sock = UdpSocket::bind(local)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.connect(addr)?;
+        Ok(sock)
+    };
+    let once = |sock: &UdpSocket| {
+        let started = Instant::now();
+        let mut buf = [0u8; 512];
+        match sock.send(b"ping").and_then(|_| sock.recv(&mut buf)) {
+            Ok(n) => answered(
+                &String::from_utf8_lossy(&buf[..n]),
+                sock.peer_addr().ok(),
+                started,
+            ),
+            Err(e) => failed(&e, started),
+        }
+    };
+    let mut sock = connect()?;
+    print(&once(&sock));
+    for line in io::stdin().lock().lines() {
+        line?;
+        let attempt = once(&sock);
+        print(&attempt);
+        if attempt.error.is_some() {
+            sock = connect()?;
+            print(&once(&sock));
+        }
+    }
+    Ok(())
+}
+
 fn serve(name: String, port: u16) -> io::Result<()> {
     let tcp = TcpListener::bind(("::", port))?;
     let udp = UdpSocket::bind(("::", port))?;
@@ -221,6 +265,15 @@ fn main() -> io::Result<()> {
             connected,
             timeout_ms,
         } => udp(addr, count, connected, Duration::from_millis(timeout_ms)),
-        Cmd::Hold { addr, timeout_ms } => hold(addr, Duration::from_millis(timeout_ms)),
+        Cmd::Hold {
+            addr,
+            udp: false,
+            timeout_ms,
+        } => hold(addr, Duration::from_millis(timeout_ms)),
+        Cmd::Hold {
+            addr,
+            udp: true,
+            timeout_ms,
+        } => hold_udp(addr, Duration::from_millis(timeout_ms)),
     }
 }

@@ -1,0 +1,110 @@
+//! Connected UDP sockets that the hooks pointed at a removed backend are destroyed, so the
+//! application reconnects and is balanced again; nothing else is touched. Needs root (see
+//! tests/README.md).
+
+use std::{thread, time::Duration};
+
+use lb_tests::{
+    fixture::BACKEND_PORT,
+    manifest::{Ep, documents, service, slice},
+    require_privileges,
+    world::World,
+};
+
+const P: i64 = BACKEND_PORT as i64;
+const VIP: &str = "10.96.2.1";
+
+fn manifest(w: &World, backends: &[usize]) -> String {
+    let eps: Vec<Ep> = backends
+        .iter()
+        .map(|&i| Ep::ready(w.backend_v4(i)))
+        .collect();
+    let ports = [("dns", P, "UDP"), ("dns-tcp", P, "TCP")];
+    documents(&[
+        service(
+            "kube-system",
+            "dns",
+            &[VIP],
+            &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+        ),
+        slice("kube-system", "dns-1", "dns", "IPv4", &ports, &eps),
+    ])
+}
+
+#[test]
+fn a_stale_connected_udp_socket_is_destroyed_and_the_client_moves_on() {
+    if !require_privileges("a_stale_connected_udp_socket_is_destroyed") {
+        return;
+    }
+    let mut w = World::new(2);
+    for i in 0..2 {
+        w.serve(i, &format!("b{i}"), BACKEND_PORT);
+    }
+    w.write_manifest("dns.yaml", &manifest(&w, &[0, 1]));
+    w.start_agent(&[]);
+    w.wait_for_backends(&format!("{VIP}:53/UDP"), 2);
+
+    // A resolver-like socket through the VIP, and TCP through the VIP, both on the same
+    // backend; and a UDP socket to that backend's pod IP directly.
+    let vip = format!("{VIP}:53");
+    let mut resolver = w.hold_udp(&vip);
+    let gone = resolver.first.backend.clone().expect("answered");
+    let index: usize = gone[1..].parse().expect("b<i>");
+    let mut tcp = (0..60)
+        .map(|_| w.hold(&vip))
+        .find(|h| h.first.backend.as_ref() == Some(&gone))
+        .expect("a TCP connection reaches the same backend");
+    let mut direct = w.hold_udp(&format!("{}:{BACKEND_PORT}", w.backend_v4(index)));
+
+    let stays = 1 - index;
+    w.write_manifest("dns.yaml", &manifest(&w, &[stays]));
+    w.wait_for_backends(&format!("{VIP}:53/UDP"), 1);
+
+    // Until the agent destroys it the socket still reaches the removed backend (which still
+    // runs); then the resolver's call fails, it reconnects, and lands on the live backend.
+    let mut moved = None;
+    for _ in 0..40 {
+        let a = resolver.ping();
+        if let Some(error) = a.error {
+            let retry = resolver.next_report();
+            moved = Some((error, retry));
+            break;
+        }
+        assert_eq!(
+            a.backend.as_ref(),
+            Some(&gone),
+            "before destruction, the old backend"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (error, retry) = moved.expect("the stale socket was destroyed within 2 s");
+    assert!(
+        ["ECONNABORTED", "EDESTADDRREQ"].contains(&error.as_str()),
+        "the application sees the socket aborted: {error}"
+    );
+    assert_eq!(retry.error, None);
+    assert_eq!(
+        retry.backend,
+        Some(format!("b{stays}")),
+        "the reconnect is balanced again"
+    );
+    assert_eq!(retry.peer.as_deref(), Some(&*vip));
+    assert!(
+        w.agent_log().contains("destroyed=1"),
+        "exactly one socket destroyed"
+    );
+
+    // What the hooks did not translate, and TCP, are left alone.
+    let a = direct.ping();
+    assert_eq!(
+        (a.error, a.backend.as_ref()),
+        (None, Some(&gone)),
+        "a direct socket is kept"
+    );
+    let a = tcp.ping();
+    assert_eq!(
+        (a.error, a.backend.as_ref()),
+        (None, Some(&gone)),
+        "TCP connections are kept"
+    );
+}
