@@ -17,6 +17,7 @@ use crate::{
     addr::frontend_string,
     config::AgentArgs,
     datapath::{Datapath, DatapathError},
+    health::{self, Readiness},
     host::{self, HostError},
     loader::{self, LoadError, Loaded, PinLayout},
     reconcile::{Reconciler, SyncReport},
@@ -82,6 +83,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     loaded.attach(&cgroup)?;
     info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
 
+    let ready = Readiness::default();
+    if let Some(addr) = args.health().map_err(AgentError::Config)? {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            if let Err(e) = health::serve(addr, ready).await {
+                error!(%addr, error = %e, "the health endpoint failed");
+            }
+        });
+    }
     let (tx, mut rx) = mpsc::channel(64);
     info!(source = source.describe(), node = ?args.node_name, "starting source");
     let mut source_task = tokio::spawn(source.run(tx));
@@ -121,6 +131,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let report = reconciler.sync(&store, std::mem::take(&mut dirty));
                 log_report(&report, &mut rejected_total);
                 destroy_stale_udp(&layout, &report);
+                if !reconciler.needs_retry() {
+                    ready.set_ready();
+                }
                 let c = reconciler.contents();
                 let latency_us = oldest.elapsed().as_micros() as u64;
                 if !synced {
@@ -136,6 +149,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let report = reconciler.sync(&store, BTreeSet::new());
                 log_report(&report, &mut rejected_total);
                 destroy_stale_udp(&layout, &report);
+                if !reconciler.needs_retry() {
+                    ready.set_ready();
+                }
                 info!(writes = report.writes, "retried failed writes");
             }
             _ = sigterm.recv() => break,

@@ -84,6 +84,11 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BACKENDS_PER_SERVICE_LIMIT)))]
     pub max_backends_per_service: u32,
 
+    /// Address of the health endpoint (`/healthz`, `/readyz`) for the DaemonSet's probes;
+    /// `off` disables it.
+    #[arg(long, env = "LB_HEALTH_ADDR", default_value = "0.0.0.0:9890")]
+    pub health_addr: String,
+
     /// Detach every program, remove every pinned map and link, and exit.
     #[arg(long)]
     pub cleanup: bool,
@@ -114,7 +119,19 @@ impl AgentArgs {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
+        self.health()?;
         Ok(())
+    }
+
+    /// The health endpoint's address, `None` when disabled.
+    pub fn health(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.health_addr == "off" {
+            return Ok(None);
+        }
+        self.health_addr
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("--health-addr {}: {e}", self.health_addr))
     }
 
     /// Map capacities to create maps with.

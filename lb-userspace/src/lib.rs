@@ -17,6 +17,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
+pub mod health;
 pub mod host;
 pub mod inspect;
 pub mod loader;

@@ -264,6 +264,10 @@ impl World {
             .open(self.dir.join("agent.log"))
             .expect("agent log");
         let mut cmd = Command::new(self.bins.join("lb-agent"));
+        if !extra.contains(&"--health-addr") {
+            // Agents of parallel tests share the host namespace: no fixed health port.
+            cmd.args(["--health-addr", "off"]);
+        }
         cmd.args(source)
             .arg("--cgroup")
             .arg(self.cgroup.path())

@@ -291,3 +291,52 @@ fn services_for_another_proxy_are_filtered_by_the_api() {
     w.wait_for_backends(WEB_TCP, 1);
     assert!(w.backend_count("10.96.0.40:80/TCP").is_none());
 }
+
+/// The HTTP status of a GET on the agent's health endpoint (on loopback).
+fn health(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_agent_is_ready_only_after_its_first_complete_sync() {
+    if !require_privileges("the_agent_is_ready_only_after_its_first_complete_sync") {
+        return;
+    }
+    let api = ApiServer::start();
+    let w = world(&api, 1);
+    let mut w = w;
+    api.set_down(true);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    w.start_agent_kube(&api, &["--health-addr", &addr]);
+    w.wait_until(
+        "the health endpoint answers",
+        Duration::from_secs(10),
+        || health(port, "/healthz") == Some(200),
+    );
+    assert_eq!(
+        health(port, "/readyz"),
+        Some(503),
+        "not ready while the API is unreachable"
+    );
+    api.set_down(false);
+    w.wait_until(
+        "ready after the first sync",
+        Duration::from_secs(40),
+        || health(port, "/readyz") == Some(200),
+    );
+    assert_eq!(w.backend_count(WEB_TCP), Some(1));
+}
