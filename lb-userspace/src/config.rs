@@ -37,7 +37,7 @@ pub struct AgentArgs {
     pub kubeconfig: Option<PathBuf>,
 
     /// The API server's own address (e.g. https://192.0.2.1:6443), so that the agent does
-    /// not depend on translating the `kubernetes` service itself.
+    /// not depend on translating the `kubernetes` service itself. Empty means unset.
     #[arg(long, env = "LB_API_SERVER")]
     pub api_server: Option<String>,
 
@@ -149,7 +149,8 @@ impl AgentArgs {
     pub fn api(&self) -> kubernetes::Settings {
         kubernetes::Settings {
             kubeconfig: self.kubeconfig.clone(),
-            api_server: self.api_server.clone(),
+            // Empty (an unset ConfigMap key) means: not given.
+            api_server: self.api_server.clone().filter(|s| !s.is_empty()),
             node_name: self.node_name.clone(),
         }
     }
@@ -195,6 +196,23 @@ mod tests {
         assert_eq!(a.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(a.max_backends_per_service, DEFAULT_MAX_BACKENDS_PER_SERVICE);
         assert_eq!(a.log_format, LogFormat::Human);
+    }
+
+    #[test]
+    fn an_empty_api_server_is_unset() {
+        let a = parse(&["--source", "kubernetes", "--api-server", ""]).unwrap();
+        assert_eq!(a.api().api_server, None);
+        let a = parse(&[
+            "--source",
+            "kubernetes",
+            "--api-server",
+            "https://192.0.2.1:6443",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.api().api_server.as_deref(),
+            Some("https://192.0.2.1:6443")
+        );
     }
 
     #[test]

@@ -1,0 +1,219 @@
+//! The manifests in deploy/ parse into their Kubernetes types, and what they tell the agent
+//! agrees with the agent: a typo fails CI. Needs nothing special.
+
+use std::{collections::BTreeSet, path::PathBuf};
+
+use clap::Parser as _;
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Container, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use lb_userspace::config::AgentArgs;
+use serde::Deserialize as _;
+use serde_yaml_ng::Value;
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every document of a manifest.
+fn documents(file: &str) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(deploy_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{file}: {e}")))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The documents of `kind` in a manifest, as their type.
+fn objects<T: serde::de::DeserializeOwned>(file: &str, kind: &str) -> Vec<T> {
+    documents(file)
+        .into_iter()
+        .filter(|d| d["kind"].as_str() == Some(kind))
+        .map(|d| serde_yaml_ng::from_value(d).unwrap_or_else(|e| panic!("{file}: {kind}: {e}")))
+        .collect()
+}
+
+fn one<T: serde::de::DeserializeOwned>(file: &str, kind: &str) -> T {
+    let mut all = objects(file, kind);
+    assert_eq!(all.len(), 1, "{file} has one {kind}");
+    all.remove(0)
+}
+
+#[test]
+fn every_manifest_parses_into_its_type() {
+    let mut seen = BTreeSet::new();
+    for entry in std::fs::read_dir(deploy_dir()).expect("deploy/") {
+        let path = entry.expect("entry").path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        for doc in documents(&file) {
+            let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+            let parsed = match kind.as_str() {
+                "ServiceAccount" => serde_yaml_ng::from_value::<ServiceAccount>(doc).map(drop),
+                "ClusterRole" => serde_yaml_ng::from_value::<ClusterRole>(doc).map(drop),
+                "ClusterRoleBinding" => {
+                    serde_yaml_ng::from_value::<ClusterRoleBinding>(doc).map(drop)
+                }
+                "ConfigMap" => serde_yaml_ng::from_value::<ConfigMap>(doc).map(drop),
+                "DaemonSet" => serde_yaml_ng::from_value::<DaemonSet>(doc).map(drop),
+                "Kustomization" => {
+                    for r in doc["resources"].as_sequence().expect("resources") {
+                        let r = r.as_str().expect("a file name");
+                        assert!(deploy_dir().join(r).is_file(), "kustomization lists {r}");
+                    }
+                    Ok(())
+                }
+                other => panic!("{file}: unexpected kind {other:?}: add it to this test"),
+            };
+            parsed.unwrap_or_else(|e| panic!("{file}: {kind}: {e}"));
+            seen.insert(kind);
+        }
+    }
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "ConfigMap",
+    ] {
+        assert!(seen.contains(kind), "deploy/ has a {kind}");
+    }
+}
+
+/// The agent's arguments as its own command line parses them.
+fn agent_args(c: &Container) -> AgentArgs {
+    let args = c.args.clone().unwrap_or_default();
+    let parsed = AgentArgs::try_parse_from(std::iter::once("lb-agent".to_string()).chain(args))
+        .unwrap_or_else(|e| panic!("container {}: {e}", c.name));
+    parsed
+        .validate()
+        .unwrap_or_else(|e| panic!("container {}: {e}", c.name));
+    parsed
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_as_intended() {
+    let ds: DaemonSet = one("daemonset.yaml", "DaemonSet");
+    let pod = ds.spec.template.spec.expect("pod spec");
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "node networking, like kube-proxy"
+    );
+    assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "every pod's netns, for stale UDP sockets"
+    );
+    let sa: ServiceAccount = one("rbac.yaml", "ServiceAccount");
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+
+    let agent = &pod.containers[0];
+    let args = agent_args(agent);
+    assert_eq!(args.source.as_deref(), Some("kubernetes"));
+    let health = args.health().expect("valid").expect("enabled");
+    for (probe, path) in [
+        (&agent.liveness_probe, "/healthz"),
+        (&agent.readiness_probe, "/readyz"),
+        (&agent.startup_probe, "/healthz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+        let port = agent
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| matches!(&get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n) if Some(n) == p.name.as_ref()))
+            .expect("the probe's named port exists");
+        assert_eq!(
+            port.container_port,
+            i32::from(health.port()),
+            "probes reach --health-addr"
+        );
+    }
+
+    let env = agent.env.clone().unwrap_or_default();
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    let field = node
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .expect("downward API");
+    assert_eq!(field.field_path, "spec.nodeName");
+    let api = env
+        .iter()
+        .find(|e| e.name == "LB_API_SERVER")
+        .expect("LB_API_SERVER");
+    let key = api
+        .value_from
+        .as_ref()
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .expect("from the ConfigMap");
+    let config: ConfigMap = one("config.yaml", "ConfigMap");
+    assert_eq!(Some(&key.name), config.metadata.name.as_ref());
+    assert!(config.data.unwrap_or_default().contains_key(&key.key));
+
+    let volumes: BTreeSet<String> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .collect();
+    let mounts = agent.volume_mounts.clone().unwrap_or_default();
+    for m in &mounts {
+        assert!(volumes.contains(&m.name), "mount {} has a volume", m.name);
+    }
+    let mounted = |path: &std::path::Path| mounts.iter().any(|m| path.starts_with(&m.mount_path));
+    assert!(
+        mounted(&args.bpffs) && mounted(&args.pin_dir),
+        "bpffs is mounted from the host"
+    );
+    assert!(
+        mounted(args.cgroup.as_deref().expect("--cgroup")),
+        "the cgroup is mounted from the host"
+    );
+}
+
+#[test]
+fn the_cluster_role_only_reads_what_the_agent_watches() {
+    let role: ClusterRole = one("rbac.yaml", "ClusterRole");
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.into_iter().flatten() {
+        for verb in &rule.verbs {
+            assert!(
+                ["get", "list", "watch"].contains(&verb.as_str()),
+                "read-only: {verb}"
+            );
+        }
+        granted.extend(rule.resources.into_iter().flatten());
+    }
+    let expected: BTreeSet<String> = ["services", "endpointslices", "nodes"]
+        .map(String::from)
+        .into();
+    assert_eq!(granted, expected);
+    let binding: ClusterRoleBinding = one("rbac.yaml", "ClusterRoleBinding");
+    assert_eq!(Some(binding.role_ref.name), role.metadata.name);
+}
+
+#[test]
+fn the_cleanup_daemonset_removes_what_the_agent_pins() {
+    let agent: DaemonSet = one("daemonset.yaml", "DaemonSet");
+    let cleanup: DaemonSet = one("cleanup.yaml", "DaemonSet");
+    let pod = |ds: DaemonSet| ds.spec.template.spec.expect("pod spec");
+    let agent = agent_args(&pod(agent).containers[0]);
+    let init = pod(cleanup).init_containers.expect("an init container");
+    let args = agent_args(&init[0]);
+    assert!(args.cleanup);
+    assert_eq!(args.pin_dir, agent.pin_dir);
+}
