@@ -13,8 +13,10 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
+use lb_common::{ServiceKey, proto};
+
 use crate::{
-    addr::frontend_string,
+    addr::{frontend_string, to_addr6},
     config::AgentArgs,
     datapath::{Datapath, DatapathError},
     health::{self, Readiness},
@@ -80,6 +82,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         capacity = ?reconciler.datapath().capacities(), pins = %layout.root().display(),
         "datapath ready (existing entries adopted)"
     );
+    if args.source.as_deref() == Some("kubernetes")
+        && let Some(api) = source::kubernetes::api_address(&args.api()).await
+    {
+        info!(%api, "the API server address is protected from losing every backend");
+        reconciler.protect_api(ServiceKey::new(
+            to_addr6(api.ip()),
+            api.port().to_be(),
+            proto::TCP,
+        ));
+    }
     loaded.attach(&cgroup)?;
     info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
 

@@ -233,6 +233,8 @@ pub struct Reconciler<D: Datapath> {
     retry: BTreeSet<ServiceKey>,
     /// Whether entries nothing refers to may exist (after a restart or a failed write).
     garbage: bool,
+    /// The agent's own API server address, if it is a service frontend.
+    api: Option<ServiceKey>,
     synced: bool,
 }
 
@@ -252,6 +254,7 @@ impl<D: Datapath> Reconciler<D> {
             claims: BTreeMap::new(),
             retry: BTreeSet::new(),
             garbage: true,
+            api: None,
             synced: false,
         })
     }
@@ -264,6 +267,47 @@ impl<D: Datapath> Reconciler<D> {
     /// The datapath.
     pub fn datapath(&self) -> &D {
         &self.dp
+    }
+
+    /// Names the agent's own API server address when it is a service frontend (TCP): that
+    /// frontend keeps its last backends rather than lose them all, so the agent never cuts
+    /// itself off from the API that would tell it the endpoints are back.
+    pub fn protect_api(&mut self, api: ServiceKey) {
+        self.api = Some(api);
+    }
+
+    fn keep_api_access(
+        &self,
+        owner: &ObjectRef,
+        frontends: &mut [DesiredFrontend],
+        report: &mut SyncReport,
+    ) {
+        let Some(api) = self.api else {
+            return;
+        };
+        let Some(f) = frontends
+            .iter_mut()
+            .find(|f| f.key == api && f.backends.is_empty())
+        else {
+            return;
+        };
+        let kept: Vec<Endpoint> = self
+            .adopt(owner)
+            .into_iter()
+            .find(|p| p.key == api)
+            .map(|p| p.backends)
+            .unwrap_or_default();
+        if !kept.is_empty() {
+            report.notes.push((
+                owner.clone(),
+                format!(
+                    "{} is the agent's own API server address and lost every endpoint: its last {} backends are kept",
+                    crate::addr::frontend_string(&api),
+                    kept.len()
+                ),
+            ));
+            f.backends = kept;
+        }
     }
 
     /// Whether a sync should run again soon to retry failed writes.
@@ -293,7 +337,9 @@ impl<D: Datapath> Reconciler<D> {
                             report
                                 .notes
                                 .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
-                            Some(d.frontends)
+                            let mut frontends = d.frontends;
+                            self.keep_api_access(&owner, &mut frontends, &mut report);
+                            Some(frontends)
                         }
                         Err(rejection) => {
                             if first {

@@ -158,6 +158,11 @@ impl ApiServer {
         }
     }
 
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// Its URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -340,3 +340,50 @@ fn the_agent_is_ready_only_after_its_first_complete_sync() {
     );
     assert_eq!(w.backend_count(WEB_TCP), Some(1));
 }
+
+#[test]
+fn the_service_of_the_agents_own_api_address_never_loses_every_backend() {
+    if !require_privileges("the_service_of_the_agents_own_api_address_never_loses_every_backend") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 1);
+    // The agent reaches the API at 127.0.0.1:<port>; a service names that address.
+    let port = i64::from(api.port());
+    let kubernetes = |eps: &[Ep]| {
+        documents(&[
+            service(
+                "default",
+                "kubernetes",
+                &["127.0.0.1"],
+                &[("https", port, "TCP")],
+            ),
+            slice(
+                "default",
+                "kubernetes",
+                "kubernetes",
+                "IPv4",
+                &[("https", port, "TCP")],
+                eps,
+            ),
+        ])
+    };
+    api.apply(&kubernetes(&[Ep::ready("127.0.0.1")]));
+    w.start_agent_kube(&api, &[]);
+    let frontend = format!("127.0.0.1:{port}/TCP");
+    w.wait_for_backends(&frontend, 1);
+    w.wait_for_backends(WEB_TCP, 1);
+
+    api.apply(&kubernetes(&[]));
+    api.apply(&web_manifest(&w, &[]));
+    w.wait_for_backends(WEB_TCP, 0);
+    assert_eq!(
+        w.backend_count(&frontend),
+        Some(1),
+        "the API service keeps its backend"
+    );
+    assert!(
+        w.agent_log()
+            .contains("is the agent's own API server address")
+    );
+}

@@ -569,6 +569,50 @@ fn udp_backends_that_leave_are_reported_as_stale() {
 }
 
 #[test]
+fn the_agents_own_api_service_keeps_its_last_backends() {
+    let mut h = Harness::new();
+    let api = service(
+        "default",
+        "kubernetes",
+        &["10.96.0.1"],
+        &[("https", 443, "TCP")],
+    );
+    let eps = |addrs: &[&str]| {
+        let eps: Vec<_> = addrs.iter().map(|a| ready(a)).collect();
+        slice(
+            "default",
+            "kubernetes",
+            "kubernetes",
+            "IPv4",
+            &[("https", 6443, "TCP")],
+            &eps,
+        )
+    };
+    h.rec.protect_api(ServiceKey::new(
+        crate::addr::to_addr6("10.96.0.1".parse().unwrap()),
+        443u16.to_be(),
+        lb_common::proto::TCP,
+    ));
+    h.sync(
+        vec![api.clone(), web("10.96.0.2")],
+        vec![eps(&["10.0.0.1"]), web_slice(&["10.0.0.5"])],
+    );
+    // Every endpoint goes, for both services: only the API frontend keeps its backend.
+    let report = h.sync(vec![api.clone(), web("10.96.0.2")], vec![eps(&[])]);
+    assert_eq!(h.served()["10.96.0.1:443/TCP"].1, ["10.0.0.1:6443"]);
+    assert_eq!(h.served()["10.96.0.2:80/TCP"].1, Vec::<String>::new());
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|(_, n)| n.contains("agent's own API server"))
+    );
+    // New endpoints replace the kept ones as usual.
+    h.sync(vec![api, web("10.96.0.2")], vec![eps(&["10.0.0.2"])]);
+    assert_eq!(h.served()["10.96.0.1:443/TCP"].1, ["10.0.0.2:6443"]);
+}
+
+#[test]
 fn ids_are_lowest_free_and_reused() {
     let mut ids = Ids::from_used([1, 4]);
     assert_eq!(ids.take(), 2);

@@ -158,7 +158,7 @@ fn api_error(e: impl std::fmt::Display) -> SourceError {
     SourceError::Api(e.to_string())
 }
 
-async fn client(settings: &Settings) -> Result<Client, SourceError> {
+async fn config(settings: &Settings) -> Result<Config, SourceError> {
     let mut config = match &settings.kubeconfig {
         Some(path) => {
             let kubeconfig = Kubeconfig::read_from(path)
@@ -174,8 +174,29 @@ async fn client(settings: &Settings) -> Result<Client, SourceError> {
             .parse()
             .map_err(|e| api_error(format!("--api-server {url}: {e}")))?;
     }
+    Ok(config)
+}
+
+async fn client(settings: &Settings) -> Result<Client, SourceError> {
+    let config = config(settings).await?;
     info!(api_server = %config.cluster_url, "connecting to the Kubernetes API");
     Client::try_from(config).map_err(api_error)
+}
+
+/// The API server's address, when the configuration names it by IP (as the in-cluster
+/// `kubernetes` ClusterIP is): the agent protects that frontend from losing every backend.
+pub async fn api_address(settings: &Settings) -> Option<std::net::SocketAddr> {
+    let url = config(settings).await.ok()?.cluster_url;
+    let host = url.host()?.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    let port = url
+        .port_u16()
+        .unwrap_or(if url.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    Some((ip, port).into())
 }
 
 /// One kind's watch as a stream of (kind, event), retried with backoff.
@@ -345,6 +366,40 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let client = built.expect("a TLS client builds (a crypto provider is compiled in)");
         assert_eq!(client.default_namespace(), "default");
+    }
+
+    #[tokio::test]
+    async fn the_api_address_is_known_when_it_is_an_ip() {
+        let with = |url: &str| Settings {
+            kubeconfig: None,
+            api_server: Some(url.into()),
+            node_name: None,
+        };
+        // api_server overrides whatever else is configured; in-cluster settings may be absent
+        // here, so give a kubeconfig too.
+        let path = std::env::temp_dir().join(format!("lb-kubeconfig-ip-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "k", "cluster": {"server": "https://k8s.example:6443"}}],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}"#,
+        )
+        .unwrap();
+        let mut s = with("https://10.96.0.1");
+        s.kubeconfig = Some(path.clone());
+        assert_eq!(
+            api_address(&s).await,
+            Some("10.96.0.1:443".parse().unwrap())
+        );
+        s.api_server = Some("https://[fd00::1]:6443".into());
+        assert_eq!(
+            api_address(&s).await,
+            Some("[fd00::1]:6443".parse().unwrap())
+        );
+        s.api_server = None;
+        assert_eq!(api_address(&s).await, None, "a name, not an address");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
