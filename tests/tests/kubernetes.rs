@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeSet, thread, time::Duration};
 
+use serde_json::json;
+
 use lb_tests::{
     apiserver::{ApiServer, Resource},
     fixture::{BACKEND_PORT, WEB_V4, web_manifest},
@@ -385,5 +387,74 @@ fn the_service_of_the_agents_own_api_address_never_loses_every_backend() {
     assert!(
         w.agent_log()
             .contains("is the agent's own API server address")
+    );
+}
+
+#[test]
+fn service_semantics_arrive_through_the_api() {
+    if !require_privileges("service_semantics_arrive_through_the_api") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = World::new(3);
+    for i in 0..3 {
+        w.serve(i, &format!("b{i}"), BACKEND_PORT);
+    }
+    let port = [("", P, "TCP")];
+    let one = |svc: Svc, name: &str, eps: &[Ep]| {
+        documents(&[
+            svc.yaml(),
+            slice("demo", &format!("{name}-1"), name, "IPv4", &port, eps),
+        ])
+    };
+    let all: Vec<Ep> = (0..3).map(|i| Ep::ready(w.backend_v4(i))).collect();
+    api.apply(&one(
+        Svc::new("demo", "sticky", &["10.96.3.1"], &[("", 80, "TCP")])
+            .spec("sessionAffinity", json!("ClientIP")),
+        "sticky",
+        &all,
+    ));
+    api.apply(&one(
+        Svc::new("demo", "local", &["10.96.3.2"], &[("", 80, "TCP")])
+            .spec("internalTrafficPolicy", json!("Local")),
+        "local",
+        &[
+            Ep::ready(w.backend_v4(0)).on_node("node-a"),
+            Ep::ready(w.backend_v4(1)).on_node("node-b"),
+        ],
+    ));
+    api.apply(&one(
+        Svc::new("demo", "draining", &["10.96.3.3"], &[("", 80, "TCP")])
+            .spec("externalIPs", json!(["192.0.2.33"])),
+        "draining",
+        &[
+            Ep::terminating(w.backend_v4(2)),
+            Ep::not_ready(w.backend_v4(1)),
+        ],
+    ));
+    w.start_agent_kube(&api, &["--node-name", "node-a"]);
+    w.wait_for_backends("10.96.3.1:80/TCP", 3);
+    w.wait_for_backends("10.96.3.2:80/TCP", 1);
+    w.wait_for_backends("192.0.2.33:80/TCP", 1);
+    let seen = |addr: &str| backends_of(&w.probe(&["tcp", addr, "--count", "20"]));
+    assert_eq!(
+        seen("10.96.3.1:80").len(),
+        1,
+        "affinity keeps the client on one backend"
+    );
+    assert_eq!(
+        seen("10.96.3.2:80"),
+        ["b0".to_string()].into(),
+        "Local: this node's endpoint"
+    );
+    assert_eq!(
+        seen("10.96.3.3:80"),
+        ["b2".to_string()].into(),
+        "terminating still serves"
+    );
+    assert_eq!(
+        seen("192.0.2.33:80"),
+        ["b2".to_string()].into(),
+        "external IP"
     );
 }
