@@ -40,10 +40,7 @@ pub fn web_manifest(w: &World, backends: &[usize]) -> String {
 /// A world with `n` backends named `b0`.., `demo/web` over all of them, and the agent
 /// started (with `agent_args`) and synced.
 pub fn web_world(n: usize, agent_args: &[&str]) -> World {
-    let mut w = World::new(n);
-    for i in 0..n {
-        w.serve(i, &format!("b{i}"), BACKEND_PORT);
-    }
+    let mut w = World::with_backends(n, BACKEND_PORT);
     let all: Vec<usize> = (0..n).collect();
     w.write_manifest("web.yaml", &web_manifest(&w, &all));
     w.start_agent(agent_args);

@@ -20,7 +20,23 @@ pub struct Attempt {
     pub micros: u64,
 }
 
+/// Backend names, for comparing with what answered: `names(&["b0", "b1"])`.
+pub fn names(list: &[&str]) -> std::collections::BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
 impl Attempt {
+    /// The backends that answered these attempts; panics on any failed attempt.
+    pub fn backends(attempts: &[Self]) -> std::collections::BTreeSet<String> {
+        attempts
+            .iter()
+            .map(|a| {
+                assert_eq!(a.error, None, "answered: {a:?}");
+                a.backend.clone().expect("answered")
+            })
+            .collect()
+    }
+
     /// Parses `lb-probe` output.
     pub fn parse_all(stdout: &str) -> Vec<Self> {
         stdout

@@ -142,6 +142,15 @@ impl World {
         world
     }
 
+    /// A world with `n` backends, each serving TCP and UDP on `port` as `b0`, `b1`...
+    pub fn with_backends(n: usize, port: u16) -> Self {
+        let mut w = Self::new(n);
+        for i in 0..n {
+            w.serve(i, &format!("b{i}"), port);
+        }
+        w
+    }
+
     fn wire(&self) -> std::io::Result<()> {
         let r = &self.router;
         r.sysctl("net/ipv4/ip_forward", "1")?;

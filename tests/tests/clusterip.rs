@@ -147,8 +147,7 @@ fn a_service_without_backends_refuses_at_once() {
     if !require_privileges("a_service_without_backends_refuses_at_once") {
         return;
     }
-    let mut w = World::new(1);
-    w.serve(0, "b0", PORT);
+    let mut w = World::with_backends(1, PORT);
     w.write_manifest(
         "empty.yaml",
         &documents(&[
@@ -198,9 +197,7 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
     if !require_privileges("malformed_input_is_skipped_and_other_services_keep_working") {
         return;
     }
-    let mut w = World::new(2);
-    w.serve(0, "b0", PORT);
-    w.serve(1, "b1", PORT);
+    let mut w = World::with_backends(2, PORT);
     let eps = |n: usize| -> Vec<Ep> { (0..n).map(|i| Ep::ready(w.backend_v4(i))).collect() };
     let good = documents(&[
         service("demo", "good", &["10.96.0.30"], &[("", 80, "TCP")]),

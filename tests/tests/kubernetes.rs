@@ -1,7 +1,7 @@
 //! The Kubernetes source against the in-process API server fixture, with traffic through the
 //! datapath in namespaces. Needs root (see tests/README.md).
 
-use std::{collections::BTreeSet, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use serde_json::json;
 
@@ -9,27 +9,14 @@ use lb_tests::{
     apiserver::{ApiServer, Resource},
     fixture::{BACKEND_PORT, WEB_V4, web_manifest},
     manifest::{Ep, Svc, documents, node, service, slice},
-    probe::Attempt,
+    probe::{Attempt, names},
     require_privileges,
     world::World,
 };
 
-fn backends_of(attempts: &[Attempt]) -> BTreeSet<String> {
-    attempts
-        .iter()
-        .map(|a| {
-            assert_eq!(a.error, None, "answered: {a:?}");
-            a.backend.clone().expect("answered")
-        })
-        .collect()
-}
-
 /// A world of `n` backends serving, with `demo/web` over all of them in the API.
 fn world(api: &ApiServer, n: usize) -> World {
-    let mut w = World::new(n);
-    for i in 0..n {
-        w.serve(i, &format!("b{i}"), BACKEND_PORT);
-    }
+    let w = World::with_backends(n, BACKEND_PORT);
     api.apply(&web_manifest(&w, &(0..n).collect::<Vec<_>>()));
     w
 }
@@ -44,7 +31,7 @@ fn the_initial_list_is_programmed_and_serves_traffic() {
     w.start_agent_kube(&api, &[]);
     w.wait_for_backends(&format!("{WEB_V4}:80/TCP"), 2);
     let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "40"]);
-    assert_eq!(backends_of(&attempts).len(), 2);
+    assert_eq!(Attempt::backends(&attempts).len(), 2);
 }
 
 const WEB_TCP: &str = "10.96.0.10:80/TCP";
@@ -71,24 +58,30 @@ fn other_manifest(w: &World) -> String {
 
 const P: i64 = BACKEND_PORT as i64;
 
+/// The agent on the API with `demo/web` over three backends and `demo/other`, synced.
+fn web_and_other(api: &ApiServer) -> World {
+    let mut w = world(api, 3);
+    api.apply(&other_manifest(&w));
+    w.start_agent_kube(api, &[]);
+    w.wait_for_backends(WEB_TCP, 3);
+    w.wait_for_backends("10.96.0.20:80/TCP", 1);
+    w
+}
+
 #[test]
 fn watch_events_change_only_their_service() {
     if !require_privileges("watch_events_change_only_their_service") {
         return;
     }
     let api = ApiServer::start();
-    let mut w = world(&api, 3);
-    api.apply(&other_manifest(&w));
-    w.start_agent_kube(&api, &[]);
-    w.wait_for_backends(WEB_TCP, 3);
-    w.wait_for_backends("10.96.0.20:80/TCP", 1);
+    let w = web_and_other(&api);
     let other = w.service("demo/other");
 
     // One EndpointSlice changes: web loses b2.
     api.apply(&web_manifest(&w, &[0, 1]));
     w.wait_for_backends(WEB_TCP, 2);
     assert_eq!(
-        backends_of(&w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "30"])).len(),
+        Attempt::backends(&w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "30"])).len(),
         2
     );
     assert_eq!(
@@ -122,10 +115,7 @@ fn this_nodes_zone_comes_from_its_node_object() {
         return;
     }
     let api = ApiServer::start();
-    let mut w = World::new(2);
-    for i in 0..2 {
-        w.serve(i, &format!("b{i}"), BACKEND_PORT);
-    }
+    let mut w = World::with_backends(2, BACKEND_PORT);
     let eps = [
         Ep::ready(w.backend_v4(0)).for_zones(&["zone-a"]),
         Ep::ready(w.backend_v4(1)).for_zones(&["zone-b"]),
@@ -139,13 +129,12 @@ fn this_nodes_zone_comes_from_its_node_object() {
     w.start_agent_kube(&api, &["--node-name", "node-1"]);
     w.wait_for_backends("10.96.0.30:80/TCP", 1);
     assert_eq!(
-        backends_of(&w.probe(&["tcp", "10.96.0.30:80", "--count", "20"])),
-        ["b0".to_string()].into()
+        Attempt::backends(&w.probe(&["tcp", "10.96.0.30:80", "--count", "20"])),
+        names(&["b0"])
     );
     api.apply(&node("node-1", "zone-b"));
     w.wait_until("the zone-b endpoint serves", Duration::from_secs(5), || {
-        backends_of(&w.probe(&["tcp", "10.96.0.30:80", "--count", "5"]))
-            == ["b1".to_string()].into()
+        Attempt::backends(&w.probe(&["tcp", "10.96.0.30:80", "--count", "5"])) == names(&["b1"])
     });
 }
 
@@ -155,10 +144,7 @@ fn a_burst_of_slice_updates_converges_on_the_last_one() {
         return;
     }
     let api = ApiServer::start();
-    let mut w = world(&api, 3);
-    api.apply(&other_manifest(&w));
-    w.start_agent_kube(&api, &[]);
-    w.wait_for_backends(WEB_TCP, 3);
+    let w = web_and_other(&api);
     let other = w.service("demo/other");
     let sets: [&[usize]; 4] = [&[0, 1], &[2], &[0, 1, 2], &[1, 2]];
     for i in 0..400 {
@@ -167,8 +153,8 @@ fn a_burst_of_slice_updates_converges_on_the_last_one() {
     api.apply(&web_manifest(&w, &[0]));
     w.wait_for_backends(WEB_TCP, 1);
     w.wait_until("the last update is served", Duration::from_secs(10), || {
-        backends_of(&w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]))
-            == ["b0".to_string()].into()
+        Attempt::backends(&w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]))
+            == names(&["b0"])
     });
     assert_eq!(
         w.service("demo/other"),
@@ -206,10 +192,7 @@ fn a_relist_after_410_gone_applies_only_what_changed() {
         return;
     }
     let api = ApiServer::start();
-    let mut w = world(&api, 3);
-    api.apply(&other_manifest(&w));
-    w.start_agent_kube(&api, &[]);
-    w.wait_for_backends(WEB_TCP, 3);
+    let w = web_and_other(&api);
     let (web, other) = (w.service("demo/web"), w.service("demo/other"));
     let services_lists =
         |api: &ApiServer| api.requests().get(&Resource::Services).map_or(0, |r| r.0);
@@ -265,7 +248,11 @@ fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
     );
     for _ in 0..3 {
         let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]);
-        assert_eq!(backends_of(&attempts).len(), 2, "served during the outage");
+        assert_eq!(
+            Attempt::backends(&attempts).len(),
+            2,
+            "served during the outage"
+        );
         thread::sleep(Duration::from_millis(300));
     }
     assert_eq!(w.backend_count(WEB_TCP), Some(2), "nothing was flushed");
@@ -396,10 +383,7 @@ fn service_semantics_arrive_through_the_api() {
         return;
     }
     let api = ApiServer::start();
-    let mut w = World::new(3);
-    for i in 0..3 {
-        w.serve(i, &format!("b{i}"), BACKEND_PORT);
-    }
+    let mut w = World::with_backends(3, BACKEND_PORT);
     let port = [("", P, "TCP")];
     let one = |svc: Svc, name: &str, eps: &[Ep]| {
         documents(&[
@@ -436,7 +420,7 @@ fn service_semantics_arrive_through_the_api() {
     w.wait_for_backends("10.96.3.1:80/TCP", 3);
     w.wait_for_backends("10.96.3.2:80/TCP", 1);
     w.wait_for_backends("192.0.2.33:80/TCP", 1);
-    let seen = |addr: &str| backends_of(&w.probe(&["tcp", addr, "--count", "20"]));
+    let seen = |addr: &str| Attempt::backends(&w.probe(&["tcp", addr, "--count", "20"]));
     assert_eq!(
         seen("10.96.3.1:80").len(),
         1,
@@ -444,17 +428,13 @@ fn service_semantics_arrive_through_the_api() {
     );
     assert_eq!(
         seen("10.96.3.2:80"),
-        ["b0".to_string()].into(),
+        names(&["b0"]),
         "Local: this node's endpoint"
     );
     assert_eq!(
         seen("10.96.3.3:80"),
-        ["b2".to_string()].into(),
+        names(&["b2"]),
         "terminating still serves"
     );
-    assert_eq!(
-        seen("192.0.2.33:80"),
-        ["b2".to_string()].into(),
-        "external IP"
-    );
+    assert_eq!(seen("192.0.2.33:80"), names(&["b2"]), "external IP");
 }

@@ -2,12 +2,12 @@
 //! All services here have no selector: their EndpointSlices are written by hand, and work
 //! the same as controller-written ones. Needs root (see tests/README.md).
 
-use std::{collections::BTreeSet, thread, time::Duration};
+use std::{thread, time::Duration};
 
 use lb_tests::{
     fixture::BACKEND_PORT,
     manifest::{Ep, Svc, documents, node, service, slice},
-    probe::Attempt,
+    probe::{Attempt, names},
     require_privileges,
     world::World,
 };
@@ -16,27 +16,9 @@ use serde_json::json;
 const P: i64 = BACKEND_PORT as i64;
 const VIP: &str = "10.96.1.1";
 
-fn backends_of(attempts: &[Attempt]) -> BTreeSet<String> {
-    attempts
-        .iter()
-        .map(|a| {
-            assert_eq!(a.error, None, "answered: {a:?}");
-            a.backend.clone().expect("answered")
-        })
-        .collect()
-}
-
-fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
 /// A world with `n` backends serving, named b0...
 fn world(n: usize) -> World {
-    let mut w = World::new(n);
-    for i in 0..n {
-        w.serve(i, &format!("b{i}"), BACKEND_PORT);
-    }
-    w
+    World::with_backends(n, BACKEND_PORT)
 }
 
 /// `svc` (on VIP:80/TCP) with one IPv4 slice of `eps`.
@@ -67,7 +49,7 @@ fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one
     w.start_agent(&[]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 3);
 
-    let first = backends_of(&connect(&w, 30));
+    let first = Attempt::backends(&connect(&w, 30));
     assert_eq!(first.len(), 1, "one backend for the client: {first:?}");
     let pinned = first.into_iter().next().expect("one");
     let index: usize = pinned[1..].parse().expect("b<i>");
@@ -79,7 +61,7 @@ fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one
         .collect();
     w.write_manifest("s.yaml", &manifest(sticky(), &rest));
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 2);
-    let second = backends_of(&connect(&w, 30));
+    let second = Attempt::backends(&connect(&w, 30));
     assert_eq!(second.len(), 1, "sticks to one backend again: {second:?}");
     assert!(
         !second.contains(&pinned),
@@ -103,11 +85,11 @@ fn session_affinity_expires_after_its_timeout() {
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 2);
     let hits = |w: &World| w.stats().get("affinity_hit").copied().unwrap_or(0);
 
-    backends_of(&connect(&w, 1));
-    backends_of(&connect(&w, 3));
+    Attempt::backends(&connect(&w, 1));
+    Attempt::backends(&connect(&w, 3));
     assert_eq!(hits(&w), 3, "within the timeout every connection is a hit");
     thread::sleep(Duration::from_millis(1500));
-    backends_of(&connect(&w, 1));
+    Attempt::backends(&connect(&w, 1));
     assert_eq!(hits(&w), 3, "after the timeout the backend is chosen anew");
 }
 
@@ -121,12 +103,12 @@ fn terminating_endpoints_serve_only_while_none_is_ready() {
     w.write_manifest("s.yaml", &manifest(plain(), &terminating));
     w.start_agent(&[]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 2);
-    assert_eq!(backends_of(&connect(&w, 30)), names(&["b0", "b1"]));
+    assert_eq!(Attempt::backends(&connect(&w, 30)), names(&["b0", "b1"]));
 
     let mixed = [Ep::ready(w.backend_v4(0)), Ep::terminating(w.backend_v4(1))];
     w.write_manifest("s.yaml", &manifest(plain(), &mixed));
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
-    assert_eq!(backends_of(&connect(&w, 20)), names(&["b0"]));
+    assert_eq!(Attempt::backends(&connect(&w, 20)), names(&["b0"]));
 }
 
 #[test]
@@ -143,7 +125,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
     w.write_manifest("s.yaml", &manifest(local(), &eps));
     w.start_agent(&["--node-name", "node-a"]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
-    assert_eq!(backends_of(&connect(&w, 20)), names(&["b0"]));
+    assert_eq!(Attempt::backends(&connect(&w, 20)), names(&["b0"]));
 
     // No local endpoint: refused, even though a remote one is ready.
     let remote = [Ep::ready(w.backend_v4(1)).on_node("node-b")];
@@ -168,7 +150,7 @@ fn topology_hints_steer_to_this_nodes_zone() {
     w.write_manifest("node.yaml", &node("node-1", "zone-a"));
     w.start_agent(&["--node-name", "node-1"]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
-    assert_eq!(backends_of(&connect(&w, 20)), names(&["b0"]));
+    assert_eq!(Attempt::backends(&connect(&w, 20)), names(&["b0"]));
 
     // The node moves to zone-b: every service is recomputed.
     w.write_manifest("node.yaml", &node("node-1", "zone-b"));
@@ -178,7 +160,7 @@ fn topology_hints_steer_to_this_nodes_zone() {
             .and_then(|d| d.slots.first().and_then(|s| s.backend))
             .is_some_and(|b| b.ip() == w.backend_v4(1))
     });
-    assert_eq!(backends_of(&connect(&w, 20)), names(&["b1"]));
+    assert_eq!(Attempt::backends(&connect(&w, 20)), names(&["b1"]));
 }
 
 #[test]
@@ -193,7 +175,7 @@ fn external_ips_are_served_for_connections_from_this_node() {
     w.start_agent(&[]);
     w.wait_for_backends("192.0.2.10:80/TCP", 2);
     let attempts = w.probe(&["tcp", "192.0.2.10:80", "--count", "30"]);
-    assert_eq!(backends_of(&attempts), names(&["b0", "b1"]));
+    assert_eq!(Attempt::backends(&attempts), names(&["b0", "b1"]));
     assert!(
         attempts
             .iter()
@@ -212,7 +194,7 @@ fn a_pod_reaching_its_own_service_lands_on_itself() {
     w.start_agent(&[]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
     let attempts = connect(&w, 10);
-    assert_eq!(backends_of(&attempts), names(&["self"]));
+    assert_eq!(Attempt::backends(&attempts), names(&["self"]));
     assert!(
         attempts
             .iter()
@@ -247,11 +229,11 @@ fn one_port_number_over_tcp_and_udp_is_two_frontends() {
     w.wait_for_backends(&format!("{VIP}:53/UDP"), 1);
     let addr = format!("{VIP}:53");
     assert_eq!(
-        backends_of(&w.probe(&["tcp", &addr, "--count", "3"])),
+        Attempt::backends(&w.probe(&["tcp", &addr, "--count", "3"])),
         names(&["b0"])
     );
     assert_eq!(
-        backends_of(&w.probe(&["udp", &addr, "--count", "3"])),
+        Attempt::backends(&w.probe(&["udp", &addr, "--count", "3"])),
         names(&["b0"])
     );
 }

@@ -36,10 +36,7 @@ fn a_stale_connected_udp_socket_is_destroyed_and_the_client_moves_on() {
     if !require_privileges("a_stale_connected_udp_socket_is_destroyed") {
         return;
     }
-    let mut w = World::new(2);
-    for i in 0..2 {
-        w.serve(i, &format!("b{i}"), BACKEND_PORT);
-    }
+    let mut w = World::with_backends(2, BACKEND_PORT);
     w.write_manifest("dns.yaml", &manifest(&w, &[0, 1]));
     w.start_agent(&[]);
     w.wait_for_backends(&format!("{VIP}:53/UDP"), 2);

@@ -39,7 +39,7 @@ fn section(n: u32, title: &str) {
 
 fn demo() {
     println!("lb demo: ClusterIP load balancing by eBPF socket hooks\n");
-    let mut w = World::new(BACKENDS);
+    let mut w = World::with_backends(BACKENDS, 8080);
     println!(
         "sandbox {}: client + {BACKENDS} backend network namespaces behind a router, no route out;",
         w.tag()
@@ -49,7 +49,6 @@ fn demo() {
         w.cgroup().display()
     );
     for i in 0..BACKENDS {
-        w.serve(i, &format!("b{i}"), 8080);
         println!(
             "   backend b{i}: {} and {}, TCP and UDP on port 8080",
             w.backend_v4(i),

@@ -110,16 +110,22 @@ fn tcp_once(addr: SocketAddr, timeout: Duration) -> Attempt {
     }
 }
 
-fn udp(addr: SocketAddr, count: u32, connected: bool, timeout: Duration) -> io::Result<()> {
-    let local: SocketAddr = if addr.is_ipv4() {
+/// An unbound-port UDP socket of `addr`'s family with a receive timeout.
+fn udp_socket(addr: SocketAddr, timeout: Duration) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
         "[::]:0"
     }
     .parse()
     .expect("valid");
-    let sock = UdpSocket::bind(local)?;
+    let sock = UdpSocket::bind(any)?;
     sock.set_read_timeout(Some(timeout))?;
+    Ok(sock)
+}
+
+fn udp(addr: SocketAddr, count: u32, connected: bool, timeout: Duration) -> io::Result<()> {
+    let sock = udp_socket(addr, timeout)?;
     if connected {
         let started = Instant::now();
         if let Err(e) = sock.connect(addr) {
@@ -175,15 +181,7 @@ fn hold(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
 
 fn hold_udp(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     let connect = || -> io::Result<UdpSocket> {
-        let local: SocketAddr = if addr.is_ipv4() {
-            "0.0.0.0:0"
-        } else {
-            "[::]:0"
-        }
-        .parse()
-        .expect("valid");
-        let sock = UdpSocket::bind(local)?;
-        sock.set_read_timeout(Some(timeout))?;
+        let sock = udp_socket(addr, timeout)?;
         sock.connect(addr)?;
         Ok(sock)
     };
