@@ -82,8 +82,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         capacity = ?reconciler.datapath().capacities(), pins = %layout.root().display(),
         "datapath ready (existing entries adopted)"
     );
-    if args.source.as_deref() == Some("kubernetes")
-        && let Some(api) = source::kubernetes::api_address(&args.api()).await
+    if let Some(settings) = source.api()
+        && let Some(api) = source::kubernetes::api_address(settings).await
     {
         info!(%api, "the API server address is protected from losing every backend");
         reconciler.protect_api(ServiceKey::new(

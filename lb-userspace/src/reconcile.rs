@@ -291,11 +291,11 @@ impl<D: Datapath> Reconciler<D> {
         else {
             return;
         };
-        let kept: Vec<Endpoint> = self
-            .adopt(owner)
-            .into_iter()
-            .find(|p| p.key == api)
-            .map(|p| p.backends)
+        let kept = self
+            .mirror
+            .services
+            .get(&api)
+            .map(|v| self.programmed_backends(v))
             .unwrap_or_default();
         if !kept.is_empty() {
             report.notes.push((
@@ -428,13 +428,7 @@ impl<D: Datapath> Reconciler<D> {
                 if info.namespace()? != owner.namespace || info.name()? != owner.name {
                     return None;
                 }
-                let mut backends: Vec<Endpoint> = m
-                    .slots_of(value.id)
-                    .filter(|(k, _)| k.slot < u32::from(value.count))
-                    .filter_map(|(_, b)| m.backends.get(b).copied())
-                    .collect();
-                backends.sort();
-                backends.dedup();
+                let backends = self.programmed_backends(value);
                 Some(DesiredFrontend {
                     key: *key,
                     port_name: info.port_name()?.to_owned(),
@@ -443,6 +437,19 @@ impl<D: Datapath> Reconciler<D> {
                 })
             })
             .collect()
+    }
+
+    /// The backends a programmed service entry's live slots name, sorted, without duplicates.
+    fn programmed_backends(&self, value: &ServiceValue) -> Vec<Endpoint> {
+        let m = &self.mirror;
+        let mut backends: Vec<Endpoint> = m
+            .slots_of(value.id)
+            .filter(|(k, _)| k.slot < u32::from(value.count))
+            .filter_map(|(_, b)| m.backends.get(b).copied())
+            .collect();
+        backends.sort();
+        backends.dedup();
+        backends
     }
 
     /// Performs one write and records it in the mirror.
@@ -573,7 +580,7 @@ impl<D: Datapath> Reconciler<D> {
             ops.push(Op::PutService(key, value));
         }
         let previous = self.referenced_by(id);
-        self.note_stale_udp(&key, old_count, &want.backends, report);
+        let stale = self.stale_udp(&key, &want.backends);
         ops.extend(
             self.mirror
                 .slots_of(id)
@@ -588,36 +595,30 @@ impl<D: Datapath> Reconciler<D> {
         let done = self
             .write_all(ops, report)
             .and_then(|()| self.delete_unreferenced(previous, report));
-        if done.is_err() {
-            release(&mut self.idx, &self.mirror);
-            self.retry.insert(key);
+        match done {
+            Ok(()) => report.stale_udp.extend(stale),
+            Err(()) => {
+                release(&mut self.idx, &self.mirror);
+                self.retry.insert(key);
+            }
         }
     }
 
-    /// Records the backends of a UDP frontend (whose first `count` slots are live) that are
-    /// not in `keep`.
-    fn note_stale_udp(
-        &self,
-        key: &ServiceKey,
-        count: u32,
-        keep: &[Endpoint],
-        report: &mut SyncReport,
-    ) {
-        if key.proto != lb_common::proto::UDP {
-            return;
-        }
+    /// The backends of a UDP frontend that are not in `keep`: once they are out of the maps,
+    /// sockets pointed at them are stale.
+    fn stale_udp(&self, key: &ServiceKey, keep: &[Endpoint]) -> Vec<StaleUdp> {
         let Some(value) = self.mirror.services.get(key) else {
-            return;
+            return Vec::new();
         };
+        if key.proto != lb_common::proto::UDP {
+            return Vec::new();
+        }
         let frontend = Endpoint::new(key.addr, key.port_be);
-        report.stale_udp.extend(
-            self.mirror
-                .slots_of(value.id)
-                .filter(|(k, _)| k.slot < count)
-                .filter_map(|(_, b)| self.mirror.backends.get(b))
-                .filter(|b| !keep.contains(b))
-                .map(|&backend| StaleUdp { frontend, backend }),
-        );
+        self.programmed_backends(value)
+            .into_iter()
+            .filter(|b| !keep.contains(b))
+            .map(|backend| StaleUdp { frontend, backend })
+            .collect()
     }
 
     /// The backends the slots and affinity-match entries of service `id` name.
@@ -685,7 +686,7 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let previous = self.referenced_by(value.id);
-        self.note_stale_udp(key, u32::from(value.count), &[], report);
+        let stale = self.stale_udp(key, &[]);
         let mut ops = vec![Op::DeleteService(*key)];
         ops.extend(
             self.mirror
@@ -702,8 +703,11 @@ impl<D: Datapath> Reconciler<D> {
         let done = self
             .write_all(ops, report)
             .and_then(|()| self.delete_unreferenced(previous, report));
-        if done.is_err() {
-            self.retry.insert(*key);
+        match done {
+            Ok(()) => report.stale_udp.extend(stale),
+            Err(()) => {
+                self.retry.insert(*key);
+            }
         }
     }
 

@@ -235,6 +235,10 @@ impl Source for KubeSource {
         }
     }
 
+    fn api(&self) -> Option<&Settings> {
+        Some(&self.settings)
+    }
+
     fn run(self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask {
         Box::pin(async move {
             let client = client(&self.settings).await?;

@@ -57,6 +57,11 @@ pub trait Source: Send {
     /// What it reads, for logs.
     fn describe(&self) -> String;
 
+    /// The Kubernetes API settings, for a source that reads the API.
+    fn api(&self) -> Option<&kubernetes::Settings> {
+        None
+    }
+
     /// Runs until `out` closes, sending a snapshot at start and updates after every change.
     fn run(self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask;
 }
