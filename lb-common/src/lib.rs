@@ -13,6 +13,7 @@
 
 pub mod addr;
 pub mod maps;
+pub mod ns;
 pub mod service;
 pub mod stats;
 
@@ -48,4 +49,10 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for crate::ns::NsService {}
+    unsafe impl aya::Pod for crate::ns::FlowKey {}
+    unsafe impl aya::Pod for crate::ns::CtEntry {}
+    unsafe impl aya::Pod for crate::ns::NatRev {}
+    unsafe impl aya::Pod for crate::ns::SourceRange {}
+    unsafe impl aya::Pod for crate::ns::NsCounters {}
 }

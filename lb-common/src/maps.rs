@@ -7,19 +7,29 @@
 
 use core::mem::size_of;
 
-use crate::service::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey,
+use crate::{
+    ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
+    service::{
+        AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+        ServiceValue, SlotKey,
+    },
 };
 
 /// `BPF_MAP_TYPE_HASH`.
 pub const TYPE_HASH: u32 = 1;
 /// `BPF_MAP_TYPE_PERCPU_ARRAY`.
 pub const TYPE_PERCPU_ARRAY: u32 = 6;
+/// `BPF_MAP_TYPE_ARRAY`.
+pub const TYPE_ARRAY: u32 = 2;
 /// `BPF_MAP_TYPE_LRU_HASH`.
 pub const TYPE_LRU_HASH: u32 = 9;
+/// `BPF_MAP_TYPE_LPM_TRIE`.
+pub const TYPE_LPM_TRIE: u32 = 11;
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so a mostly empty map costs little.
 pub const F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: an array userspace can map into memory, to read and write it without a
+/// system call per entry.
+pub const F_MMAPABLE: u32 = 1 << 10;
 
 /// Default directory (on bpffs) under which the agent pins maps and program links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
@@ -48,6 +58,37 @@ pub const AFFINITY: &str = "lb_aff_v1";
 /// Affinity-match map: [`AffinityMatchKey`] -> `u8`. Written by the agent for the backends of
 /// services with session affinity, read by the hooks. Rebuildable.
 pub const AFFINITY_MATCH: &str = "lb_affmatch_v1";
+/// North-south service map: [`ServiceKey`] -> [`NsService`]: NodePort, LoadBalancer and
+/// external IP frontends for traffic from outside the node. Written by the agent, read by
+/// the XDP program. Rebuildable.
+pub const NS_SERVICES: &str = "lb_nssvc_v1";
+/// Maglev lookup tables: an array of backend ids (`u32`), one region of the table size per
+/// north-south service id. Memory-mapped and written in place by the agent (each entry moves
+/// from one valid backend to another), read by XDP. Rebuildable.
+pub const RINGS: &str = "lb_ring_v1";
+/// North-south service info: id -> [`ServiceInfo`] (namespace, name, port name), for the CLI
+/// and for a restarted agent to adopt ids. Written by the agent. Rebuildable.
+pub const NS_INFO: &str = "lb_nsinfo_v1";
+/// Conntrack (LRU): [`FlowKey`] (client to frontend) -> [`CtEntry`]. Written by XDP. State
+/// worth keeping: it pins established flows to their backends across agent restarts.
+pub const CONNTRACK: &str = "lb_ct_v1";
+/// Reverse NAT of north-south flows (LRU): [`FlowKey`] of a reply -> [`NatRev`]. Written by
+/// XDP with the conntrack entry, read by XDP (replies to SNATed flows) and tc egress
+/// (replies of local backends). State worth keeping.
+pub const NAT_REV: &str = "lb_natrev_v1";
+/// `loadBalancerSourceRanges` (LPM trie): a prefix length (`u32`) and a [`SourceRange`] ->
+/// `u8`. Written by the agent. Rebuildable.
+pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
+/// Per north-south service counters: per-CPU array of [`NsCounters`]. Disposable.
+pub const NS_STATS: &str = "lb_nsstat_v1";
+/// Devices where the XDP program runs (ifindex `u32` -> `u8`): packets may be redirected to
+/// them; to others they go through the stack. Written by the agent.
+pub const XDP_DEVICES: &str = "lb_xdpdev_v1";
+/// Per-CPU scratch space of the packet programs (one entry), for values too large for the
+/// 512-byte BPF stack. Disposable.
+pub const SCRATCH: &str = "lb_scratch_v1";
+/// Size of one scratch entry (the kernel programs assert their layout fits it).
+pub const SCRATCH_SIZE: u32 = 512;
 /// Counters: per-CPU array of `u64` indexed by [`crate::stats`] constants. Written by the
 /// hooks, read by the CLI. Disposable.
 pub const STATS: &str = "lb_stats_v1";
@@ -62,6 +103,20 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 pub const DEFAULT_MAX_REV_NAT: u32 = 262_144;
 /// Default capacity of the affinity map (clients remembered per service).
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+/// Default Maglev lookup table size: a prime, over 100 times the backends a service usually
+/// has, as the Maglev paper advises.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+/// Default number of north-south services (service port and address family with a node port,
+/// load-balancer IP or external IP), each with a lookup table.
+pub const DEFAULT_MAX_EXTERNAL: u32 = 512;
+/// Default size of the lookup table array (entries; 4 bytes each).
+pub const DEFAULT_RING_ENTRIES: u32 = DEFAULT_MAGLEV_TABLE_SIZE * DEFAULT_MAX_EXTERNAL;
+/// Default capacity of the conntrack and north-south reverse-NAT maps.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Capacity of the source-ranges trie.
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
+/// Capacity of the XDP device map.
+pub const MAX_XDP_DEVICES: u32 = 64;
 /// Most backends one service can have: its backend count is a `u16`.
 pub const MAX_BACKENDS_PER_SERVICE_LIMIT: u32 = u16::MAX as u32;
 
@@ -95,7 +150,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 8] = [
+pub const ALL: [MapSpec; 17] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Endpoint>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
@@ -104,6 +159,22 @@ pub const ALL: [MapSpec; 8] = [
     spec::<AffinityKey, AffinityValue>(AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
     spec::<AffinityMatchKey, u8>(AFFINITY_MATCH, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, u64>(STATS, TYPE_PERCPU_ARRAY, crate::stats::COUNT, 0),
+    spec::<ServiceKey, NsService>(NS_SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
+    spec::<u32, u32>(RINGS, TYPE_ARRAY, DEFAULT_RING_ENTRIES, F_MMAPABLE),
+    // Ids start at 1.
+    spec::<u32, ServiceInfo>(NS_INFO, TYPE_HASH, DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC),
+    spec::<FlowKey, CtEntry>(CONNTRACK, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
+    spec::<FlowKey, NatRev>(NAT_REV, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
+    // The trie's key is a 32-bit prefix length, then the data.
+    spec::<(u32, SourceRange), u8>(
+        SOURCE_RANGES,
+        TYPE_LPM_TRIE,
+        DEFAULT_MAX_SOURCE_RANGES,
+        F_NO_PREALLOC,
+    ),
+    spec::<u32, NsCounters>(NS_STATS, TYPE_PERCPU_ARRAY, DEFAULT_MAX_EXTERNAL + 1, 0),
+    spec::<u32, u8>(XDP_DEVICES, TYPE_HASH, MAX_XDP_DEVICES, 0),
+    spec::<u32, [u8; SCRATCH_SIZE as usize]>(SCRATCH, TYPE_PERCPU_ARRAY, 1, 0),
 ];
 
 const _: () = {

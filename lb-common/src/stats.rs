@@ -25,8 +25,33 @@ pub const ERR_REV_NAT_UPDATE: u32 = 7;
 pub const AFFINITY_HIT: u32 = 8;
 /// The affinity entry could not be written: the client's next connection may pick anew.
 pub const ERR_AFFINITY_UPDATE: u32 = 9;
+/// XDP: a packet for a north-south frontend was translated to a backend.
+pub const XDP_TRANSLATED: u32 = 10;
+/// XDP: a reply of a translated flow got its addresses restored.
+pub const XDP_REVERSED: u32 = 11;
+/// tc egress: a reply of a local backend got its source restored.
+pub const TC_REVERSED: u32 = 12;
+/// XDP: a translated packet went out by redirect or XDP_TX.
+pub const XDP_REDIRECTED: u32 = 13;
+/// XDP: a translated packet went to the stack (the destination is local, or the FIB lookup
+/// could not resolve the next hop).
+pub const XDP_TO_STACK: u32 = 14;
+/// XDP: dropped, the service has no (local) backend.
+pub const XDP_DROP_NO_BACKEND: u32 = 15;
+/// XDP: dropped, the source is outside `loadBalancerSourceRanges`.
+pub const XDP_DROP_SOURCE_RANGE: u32 = 16;
+/// XDP: dropped, no free SNAT port for the flow.
+pub const XDP_DROP_NO_SNAT_PORT: u32 = 17;
+/// XDP: an IP fragment (of any destination) went to the stack untranslated; fragments of
+/// north-south flows are not load balanced (the stack answers them as the node).
+pub const XDP_PASS_FRAGMENT: u32 = 18;
+/// XDP: a TCP or UDP packet (of any destination) with IPv4 options or IPv6 extension headers
+/// went to the stack untranslated.
+pub const XDP_PASS_IP_OPTIONS: u32 = 19;
+/// XDP: a truncated or malformed IP packet went to the stack untouched.
+pub const XDP_PASS_MALFORMED: u32 = 20;
 /// Number of counters.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 21;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -40,4 +65,15 @@ pub const NAMES: [&str; COUNT as usize] = [
     "err_rev_nat_update",
     "affinity_hit",
     "err_affinity_update",
+    "xdp_translated",
+    "xdp_reversed",
+    "tc_reversed",
+    "xdp_redirected",
+    "xdp_to_stack",
+    "xdp_drop_no_backend",
+    "xdp_drop_source_range",
+    "xdp_drop_no_snat_port",
+    "xdp_pass_fragment",
+    "xdp_pass_ip_options",
+    "xdp_pass_malformed",
 ];

@@ -5,14 +5,24 @@
 //! - `sendmsg`: sendmsg4/sendmsg6 do the same per datagram for unconnected UDP;
 //! - `recvmsg`: recvmsg4/recvmsg6 restore the service as the source of replies;
 //! - `getpeername`: getpeername4/getpeername6 report the service as the peer;
+//! - `xdp`: north-south load balancing on the external devices (xdp_lb), and xdp_pass;
+//! - `tc`: tc_egress restores the frontend on replies of local backends;
 //! - `xlate` (service lookup), `select` (backend choice, session affinity), `revnat` (what to
-//!   restore), `family` (IPv4 and IPv6 views of the socket address), `maps`, `stats`.
+//!   restore), `family` (IPv4 and IPv6 views of the socket address), `maps`, `stats`; and for
+//!   the packet programs `pkt` (parsing), `csum`, `nat`, `fib` (forwarding), `ct`
+//!   (conntrack, SNAT ports, source ranges).
 #![no_std]
 #![no_main]
 
+mod csum;
+mod ct;
 mod family;
+mod fib;
 mod maps;
+mod nat;
+mod pkt;
 mod revnat;
+mod scratch;
 mod select;
 mod stats;
 mod xlate;
@@ -21,6 +31,8 @@ mod connect;
 mod getpeername;
 mod recvmsg;
 mod sendmsg;
+mod tc;
+mod xdp;
 
 /// The licence of the object. GPL-compatible, as some helpers require.
 #[unsafe(no_mangle)]

@@ -4,15 +4,17 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
     ServiceValue, SlotKey,
     maps::{
-        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
-        DEFAULT_MAX_SLOTS, F_NO_PREALLOC,
+        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS,
+        DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
+        DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC, MAX_XDP_DEVICES, SCRATCH_SIZE,
     },
+    ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
     stats,
 };
 
@@ -52,3 +54,41 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
 /// Counters. See `lb_common::maps::STATS`.
 #[map(name = "lb_stats_v1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+/// North-south frontends. See `lb_common::maps::NS_SERVICES`.
+#[map(name = "lb_nssvc_v1")]
+pub static NS_SERVICES: HashMap<ServiceKey, NsService> =
+    HashMap::pinned(DEFAULT_MAX_SERVICES, F_NO_PREALLOC);
+
+/// Maglev rings. See `lb_common::maps::RINGS`.
+#[map(name = "lb_ring_v1")]
+pub static RINGS: Array<u32> = Array::pinned(DEFAULT_RING_ENTRIES, F_MMAPABLE);
+
+/// North-south service info (read by the CLI only). See `lb_common::maps::NS_INFO`.
+#[map(name = "lb_nsinfo_v1")]
+pub static NS_INFO: HashMap<u32, ServiceInfo> =
+    HashMap::pinned(DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC);
+
+/// Conntrack. See `lb_common::maps::CONNTRACK`.
+#[map(name = "lb_ct_v1")]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+/// Reverse NAT of north-south flows. See `lb_common::maps::NAT_REV`.
+#[map(name = "lb_natrev_v1")]
+pub static NAT_REV: LruHashMap<FlowKey, NatRev> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+/// `loadBalancerSourceRanges`. See `lb_common::maps::SOURCE_RANGES`.
+#[map(name = "lb_srcrange_v1")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(DEFAULT_MAX_SOURCE_RANGES, 0);
+
+/// Per north-south service counters. See `lb_common::maps::NS_STATS`.
+#[map(name = "lb_nsstat_v1")]
+pub static NS_STATS: PerCpuArray<NsCounters> = PerCpuArray::pinned(DEFAULT_MAX_EXTERNAL + 1, 0);
+
+/// Devices running the XDP program. See `lb_common::maps::XDP_DEVICES`.
+#[map(name = "lb_xdpdev_v1")]
+pub static XDP_DEVICES: HashMap<u32, u8> = HashMap::pinned(MAX_XDP_DEVICES, 0);
+
+/// Scratch space of the packet programs. See `lb_common::maps::SCRATCH` and `Scratch`.
+#[map(name = "lb_scratch_v1")]
+pub static SCRATCH: PerCpuArray<[u8; SCRATCH_SIZE as usize]> = PerCpuArray::pinned(1, 0);

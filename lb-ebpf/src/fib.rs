@@ -1,0 +1,110 @@
+//! Forwarding a translated packet: the kernel's FIB lookup picks the egress device and the
+//! MAC addresses; the packet is redirected (or sent back out with XDP_TX) when it leaves
+//! through a device this program runs on, and otherwise handed to the stack, which routes it
+//! (to a local pod, or when the next hop's MAC is not resolved yet). The lookup's parameters
+//! and results live in the scratch entry.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
+        xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{Addr6, stats as st};
+
+use crate::{
+    maps::XDP_DEVICES,
+    pkt::{Pkt, at},
+    scratch::Scratch,
+    stats,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Looks up the route from `src` to `dst` for packet `pkt`; the result is in `s.fib`, the
+/// return value is `BPF_FIB_LKUP_RET_*`. Its own BPF function, to keep the stack of its
+/// callers small.
+#[inline(never)]
+pub fn lookup(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt, src: &Addr6, dst: &Addr6) -> u32 {
+    let v6 = pkt.v6;
+    let p = &mut s.fib;
+    p.family = 0;
+    p.l4_protocol = pkt.key.proto;
+    p.sport = 0;
+    p.dport = 0;
+    p.__bindgen_anon_1.tot_len = pkt.len as u16;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_2.flowinfo = 0;
+    p.__bindgen_anon_5.tbid = 0;
+    if v6 {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = src.words;
+        p.__bindgen_anon_4.ipv6_dst = dst.words;
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = src.v4_be();
+        p.__bindgen_anon_4.ipv4_dst = dst.v4_be();
+    }
+    // SAFETY: a helper call with a valid context and a parameter struct of the size passed.
+    unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        ) as u32
+    }
+}
+
+/// Whether the route found leaves through a device this program runs on (not to a local pod).
+#[inline(always)]
+pub fn leaves_node(s: &Scratch, rc: u32) -> bool {
+    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+        && XDP_DEVICES.get_ptr(&s.fib.ifindex).is_some()
+}
+
+/// The source address the kernel would use on the route found.
+#[inline(always)]
+pub fn source(s: &Scratch, v6: bool) -> Addr6 {
+    // SAFETY: reading the union member that matches the family.
+    unsafe {
+        if v6 {
+            Addr6 {
+                words: s.fib.__bindgen_anon_3.ipv6_src,
+            }
+        } else {
+            Addr6::v4_mapped(s.fib.__bindgen_anon_3.ipv4_src)
+        }
+    }
+}
+
+/// Sends the (already rewritten) packet along the route found.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, s: &Scratch, rc: u32) -> u32 {
+    let ifindex = s.fib.ifindex;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || XDP_DEVICES.get_ptr(&ifindex).is_none() {
+        stats::inc(st::XDP_TO_STACK);
+        return xdp_action::XDP_PASS;
+    }
+    let (Some(dmac), Some(smac)) = (
+        at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0),
+        at::<[u8; 6]>(ctx.data(), ctx.data_end(), 6),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: bounds checked by `at`.
+    unsafe {
+        dmac.write_unaligned(s.fib.dmac);
+        smac.write_unaligned(s.fib.smac);
+    }
+    stats::inc(st::XDP_REDIRECTED);
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}

@@ -1,0 +1,164 @@
+//! XDP on the node's external devices: north-south load balancing of NodePort, LoadBalancer
+//! and external IP frontends, and the reverse translation of replies to SNATed flows.
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::{
+    ServiceKey,
+    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, flow_hash},
+    stats as st,
+};
+
+use crate::{
+    ct, fib,
+    maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
+    nat::{Addr, rewrite},
+    pkt::{Pkt, Skip, parse},
+    scratch, stats,
+};
+
+/// Load balancing of traffic from outside the node.
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    north_south(&ctx)
+}
+
+/// Passes everything: the baseline for benchmarks, and what makes a veth accept frames
+/// redirected to it.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn north_south(ctx: &XdpContext) -> u32 {
+    let p = match parse(ctx.data(), ctx.data_end()) {
+        Ok(p) => p,
+        Err(Skip::Other) => return xdp_action::XDP_PASS,
+        Err(Skip::Counted(why)) => {
+            stats::inc(why);
+            return xdp_action::XDP_PASS;
+        }
+    };
+    // Replies of SNATed flows come to an SNAT port: only those look up the reverse-NAT map.
+    // SAFETY (map reads): entries are replaced whole; values are copied at once.
+    if ct::is_snat_port(p.key.dport_be)
+        && let Some(rev) = unsafe { NAT_REV.get(&p.key) }
+    {
+        return reverse(ctx, &p, rev);
+    }
+    let frontend = ServiceKey::new(p.key.daddr, p.key.dport_be, p.key.proto);
+    match unsafe { NS_SERVICES.get(&frontend) } {
+        Some(svc) => forward(ctx, &p, svc),
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// Adds a packet to a service's counters.
+#[inline(always)]
+fn count(svc_id: u32, bytes: u32, new_flow: bool) {
+    if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: this CPU's slot; XDP runs with migration disabled.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(bytes);
+            (*c).flows += u64::from(new_flow);
+        }
+    }
+}
+
+#[inline(always)]
+fn drop_for(svc_id: u32, why: u32) -> u32 {
+    if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: as in `count`.
+        unsafe { (*c).drops += 1 };
+    }
+    stats::inc(why);
+    xdp_action::XDP_DROP
+}
+
+/// A reply of a translated flow: restore the frontend as source and the client as
+/// destination. A function of its own (not inlined), so its stack is not added to
+/// `forward`'s: the BPF stack is 512 bytes.
+#[inline(never)]
+fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
+    let Some(s) = scratch::get() else {
+        return xdp_action::XDP_PASS;
+    };
+    let rc = fib::lookup(ctx, s, p, &rev.src, &rev.dst);
+    s.rw.src = Addr {
+        ip: rev.src,
+        port_be: rev.sport_be,
+    };
+    s.rw.dst = Addr {
+        ip: rev.dst,
+        port_be: rev.dport_be,
+    };
+    if rewrite(ctx.data(), ctx.data_end(), p, &s.rw).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    count(rev.svc_id, p.len, false);
+    stats::inc(st::XDP_REVERSED);
+    fib::send(ctx, s, rc)
+}
+
+/// A packet for a frontend: to the flow's backend, or a new flow's. Not inlined, like
+/// `reverse`.
+#[inline(never)]
+fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
+    let Some(s) = scratch::get() else {
+        return xdp_action::XDP_PASS;
+    };
+    if svc.flags & NS_F_SOURCE_RANGES != 0 && !ct::source_allowed(s, svc.id, &p.key.saddr) {
+        return drop_for(svc.id, st::XDP_DROP_SOURCE_RANGE);
+    }
+    let established = ct::established(&p.key, svc.id);
+    let backend_id = match established {
+        Some(ct) => ct.backend_id,
+        None => {
+            if svc.ring_size == 0 {
+                return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
+            }
+            let index = svc.ring_off + flow_hash(&p.key) % svc.ring_size;
+            match RINGS.get(index) {
+                Some(&id) => id,
+                None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
+            }
+        }
+    };
+    // SAFETY: see `north_south`.
+    let Some(&backend) = (unsafe { BACKENDS.get(&backend_id) }) else {
+        stats::inc(st::ERR_BACKEND_MISSING);
+        return xdp_action::XDP_PASS;
+    };
+    let rc = fib::lookup(ctx, s, p, &p.key.saddr, &backend.addr);
+    match established {
+        Some(ct) if ct.snat_port_be != 0 => {
+            s.rw.src.ip = ct.snat_addr;
+            s.rw.src.port_be = ct.snat_port_be;
+        }
+        Some(_) => {
+            s.rw.src.ip = p.key.saddr;
+            s.rw.src.port_be = p.key.sport_be;
+        }
+        None => {
+            // SNAT when the backend is on another node (and the policy is Cluster), so
+            // replies come back through this node.
+            let snat = (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc))
+                .then(|| fib::source(s, p.v6));
+            s.chosen.svc_id = svc.id;
+            s.chosen.id = backend_id;
+            s.chosen.ep = backend;
+            if !ct::create(s, &p.key, &snat) {
+                return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
+            }
+        }
+    }
+    s.rw.dst.ip = backend.addr;
+    s.rw.dst.port_be = backend.port_be;
+    if rewrite(ctx.data(), ctx.data_end(), p, &s.rw).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    count(svc.id, p.len, established.is_none());
+    stats::inc(st::XDP_TRANSLATED);
+    fib::send(ctx, s, rc)
+}
