@@ -12,13 +12,15 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-/// This node, as topology and traffic policy need it.
+/// This node, as topology, traffic policy and node ports need it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     /// Its name (`--node-name`); Local policy selects nothing without it.
     pub name: Option<String>,
     /// Its `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// Its addresses that serve node ports.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// One endpoint (address and port) as the rules see it.
@@ -326,6 +328,7 @@ mod tests {
             let node = NodeInfo {
                 name: Some("n1".into()),
                 zone: zone.map(String::from),
+                addresses: vec![],
             };
             let cands: Vec<Candidate> = endpoints.iter().map(|s| ep(s)).collect();
             let got: Vec<u8> = usable(&cands, *policy, &node)
@@ -350,6 +353,7 @@ mod tests {
         let node = NodeInfo {
             name: Some("n1".into()),
             zone: Some("a".into()),
+            addresses: vec![],
         };
         assert_eq!(topology(&[], &node), Topology::Any);
         assert_eq!(topology(&[ep("1 zone=a")], &node), Topology::SameZone);

@@ -21,8 +21,13 @@
 //! unknown protocol or policy, too many backends) is a [`Rejection`]; the caller keeps what it
 //! programmed before. A flaw in one endpoint only skips that endpoint, with a note.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
+use ipnet::IpNet;
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort, ServiceSpec},
@@ -99,6 +104,8 @@ impl fmt::Display for ObjectRef {
 pub struct Limits {
     /// Most backends one frontend may have.
     pub max_backends_per_service: usize,
+    /// Size of each north-south service's Maglev table (a prime, over the backend limit).
+    pub table_size: u32,
 }
 
 /// One frontend as it should be programmed.
@@ -114,11 +121,63 @@ pub struct DesiredFrontend {
     pub affinity_timeout_s: u32,
 }
 
+/// How traffic from outside reaches a north-south frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ExternalKind {
+    /// A node address and the node port.
+    NodePort,
+    /// A load-balancer ingress IP and the service port.
+    LoadBalancer,
+    /// An external IP and the service port.
+    ExternalIp,
+}
+
+/// One north-south frontend: an address, port and protocol traffic from outside arrives for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExternalFrontend {
+    /// Address, port and protocol.
+    pub key: ServiceKey,
+    /// What kind of address it is.
+    pub kind: ExternalKind,
+}
+
+/// The north-south frontends of one service port and address family, which share their
+/// backends (and so one Maglev table and one set of counters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalGroup {
+    /// The service port's name (empty when unnamed).
+    pub port_name: String,
+    /// IPv6 (else IPv4).
+    pub ipv6: bool,
+    /// `externalTrafficPolicy: Local`: only this node's endpoints, the client address kept.
+    pub local: bool,
+    /// The backends of new flows, sorted, without duplicates.
+    pub backends: Vec<Endpoint>,
+    /// The frontends, sorted, without duplicates; never empty.
+    pub frontends: Vec<ExternalFrontend>,
+    /// `loadBalancerSourceRanges` of this family when the service sets any (then sources
+    /// outside them are dropped at its load-balancer IPs; an empty list admits none).
+    pub source_ranges: Option<Vec<IpNet>>,
+}
+
+/// The health check node port of a LoadBalancer service with `externalTrafficPolicy: Local`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The port (`spec.healthCheckNodePort`).
+    pub port: u16,
+    /// Distinct ready endpoints (address and port) on this node, over all ports.
+    pub local_endpoints: usize,
+}
+
 /// What one service should look like in the datapath.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Its frontends.
+    /// Its frontends for connections made on this node (socket hooks).
     pub frontends: Vec<DesiredFrontend>,
+    /// Its north-south frontends for traffic from outside (XDP).
+    pub external: Vec<ExternalGroup>,
+    /// Its health check node port, if it has one.
+    pub health_check: Option<HealthCheck>,
     /// Parts that were skipped and why (an unsupported protocol, a bad endpoint address).
     pub notes: Vec<String>,
 }
@@ -169,6 +228,9 @@ pub enum Rejection {
         /// The protocol.
         protocol: String,
     },
+    /// Two ports with the same name (the API requires unique names).
+    #[error("port name {0:?} is used twice")]
+    DuplicatePortName(String),
     /// A field with a value this proxy does not know.
     #[error("{field} {value:?} is not supported")]
     Unsupported {
@@ -199,6 +261,7 @@ impl Rejection {
             Self::InvalidPort { .. } => "invalid_port",
             Self::UnknownProtocol { .. } => "unknown_protocol",
             Self::DuplicatePort { .. } => "duplicate_port",
+            Self::DuplicatePortName(_) => "duplicate_port_name",
             Self::Unsupported { .. } => "unsupported_value",
             Self::TooManyBackends { .. } => "too_many_backends",
         }
@@ -211,6 +274,8 @@ struct Port<'a> {
     port: u16,
     protocol: &'a str,
     proto: u8,
+    /// Its node port, if it has one.
+    node_port: Option<u16>,
 }
 
 /// An EndpointSlice reduced to what the model needs.
@@ -250,31 +315,49 @@ pub fn desired<'a>(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(out);
     }
-    let Some(mut ips) = cluster_ips(
+    let Some(cluster) = cluster_ips(
         spec.cluster_ips.as_deref().unwrap_or_default(),
         spec.cluster_ip.as_deref(),
     )?
     else {
         return Ok(out); // headless
     };
+    let mut external_ips: Vec<IpAddr> = Vec::new();
     for raw in spec.external_ips.iter().flatten() {
         let ip = parse_ip("external IP", raw)?;
-        if !ips.contains(&ip) {
-            ips.push(ip);
+        if !external_ips.contains(&ip) {
+            external_ips.push(ip);
         }
     }
     let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut out.notes)?;
-    let policy = traffic_policy(spec)?;
+    let internal = traffic_policy(
+        "internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
+    let external = traffic_policy(
+        "externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
     let affinity_timeout_s = affinity_timeout(spec)?;
-    if ips.is_empty() || ports.is_empty() {
+    let lb_ips = load_balancer_ips(svc, &mut out.notes);
+    let source_ranges = source_ranges(spec, &mut out.notes);
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    if cluster.is_empty() || ports.is_empty() {
         return Ok(out);
     }
-    if policy == TrafficPolicy::Local && node.name.is_none() {
+    if (internal == TrafficPolicy::Local || external == TrafficPolicy::Local) && node.name.is_none()
+    {
         out.notes.push(
-            "internalTrafficPolicy: Local needs the agent's --node-name; no endpoint is local"
-                .into(),
+            "a Local traffic policy needs the agent's --node-name; no endpoint is local".into(),
         );
     }
+    // Connections from this node to the service's external addresses get the endpoints
+    // kube-proxy gives them: cluster-wide ones, unless both policies are Local.
+    let from_node = if internal == TrafficPolicy::Local && external == TrafficPolicy::Local {
+        TrafficPolicy::Local
+    } else {
+        TrafficPolicy::Cluster
+    };
     let slices: Vec<ParsedSlice<'_>> = slices
         .into_iter()
         .filter(|s| {
@@ -284,31 +367,175 @@ pub fn desired<'a>(
         .filter_map(|s| parse_slice(s, &mut out.notes))
         .collect();
 
-    for ip in &ips {
-        for port in &ports {
-            let key = ServiceKey::new(to_addr6(*ip), port.port.to_be(), port.proto);
-            let candidates = candidates_for(ip.is_ipv6(), port, &slices);
-            let mut backends: Vec<Endpoint> = usable(&candidates, policy, node)
-                .into_iter()
-                .map(|c| to_endpoint((c.ip, c.port).into()))
-                .collect();
-            backends.sort();
-            if backends.len() > limits.max_backends_per_service {
-                return Err(Rejection::TooManyBackends {
-                    frontend: crate::addr::frontend_string(&key),
-                    count: backends.len(),
-                    limit: limits.max_backends_per_service,
+    let mut local_ready: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+    for port in &ports {
+        for ipv6 in [false, true] {
+            let candidates = candidates_for(ipv6, port, &slices);
+            local_ready.extend(
+                candidates
+                    .iter()
+                    .filter(|c| c.ready && c.node_name.is_some() && c.node_name == node.name)
+                    .map(|c| (c.ip, c.port)),
+            );
+            let backends = |policy| -> Result<Vec<Endpoint>, Rejection> {
+                let mut b: Vec<Endpoint> = usable(&candidates, policy, node)
+                    .into_iter()
+                    .map(|c| to_endpoint((c.ip, c.port).into()))
+                    .collect();
+                b.sort();
+                Ok(b)
+            };
+            let family = |ips: &[IpAddr]| -> Vec<IpAddr> {
+                ips.iter()
+                    .filter(|ip| ip.is_ipv6() == ipv6)
+                    .copied()
+                    .collect()
+            };
+            let key = |ip: IpAddr, port_no: u16| {
+                ServiceKey::new(to_addr6(ip), port_no.to_be(), port.proto)
+            };
+            let mut socket: Vec<(ServiceKey, TrafficPolicy)> = Vec::new();
+            let mut ns: Vec<ExternalFrontend> = Vec::new();
+            for ip in family(&cluster) {
+                socket.push((key(ip, port.port), internal));
+            }
+            for (ips, kind) in [
+                (&external_ips, ExternalKind::ExternalIp),
+                (&lb_ips, ExternalKind::LoadBalancer),
+            ] {
+                for ip in family(ips) {
+                    socket.push((key(ip, port.port), from_node));
+                    ns.push(ExternalFrontend {
+                        key: key(ip, port.port),
+                        kind,
+                    });
+                }
+            }
+            if let Some(node_port) = port.node_port.filter(|_| node_ports) {
+                for ip in family(&node.addresses) {
+                    socket.push((key(ip, node_port), from_node));
+                    ns.push(ExternalFrontend {
+                        key: key(ip, node_port),
+                        kind: ExternalKind::NodePort,
+                    });
+                }
+            }
+            let mut seen = BTreeSet::new();
+            for (key, policy) in socket {
+                if !seen.insert(key) {
+                    continue;
+                }
+                let backends = backends(policy)?;
+                check_count(&key, backends.len(), limits)?;
+                out.frontends.push(DesiredFrontend {
+                    key,
+                    port_name: port.name.to_owned(),
+                    backends,
+                    affinity_timeout_s,
                 });
             }
-            out.frontends.push(DesiredFrontend {
-                key,
-                port_name: port.name.to_owned(),
-                backends,
-                affinity_timeout_s,
-            });
+            let mut seen = BTreeSet::new();
+            ns.retain(|f| seen.insert(f.key));
+            if let Some(first) = ns.first() {
+                let backends = backends(external)?;
+                check_count(&first.key, backends.len(), limits)?;
+                ns.sort();
+                out.external.push(ExternalGroup {
+                    port_name: port.name.to_owned(),
+                    ipv6,
+                    local: external == TrafficPolicy::Local,
+                    backends,
+                    frontends: ns,
+                    source_ranges: source_ranges.as_ref().map(|r| {
+                        r.iter()
+                            .filter(|n| n.addr().is_ipv6() == ipv6)
+                            .copied()
+                            .collect()
+                    }),
+                });
+            }
         }
     }
+    if let Some(port) = health_check_port(spec, external) {
+        out.health_check = Some(HealthCheck {
+            port,
+            local_endpoints: local_ready.len(),
+        });
+    }
     Ok(out)
+}
+
+fn check_count(key: &ServiceKey, count: usize, limits: &Limits) -> Result<(), Rejection> {
+    if count > limits.max_backends_per_service {
+        return Err(Rejection::TooManyBackends {
+            frontend: crate::addr::frontend_string(key),
+            count,
+            limit: limits.max_backends_per_service,
+        });
+    }
+    Ok(())
+}
+
+/// The service's load-balancer ingress IPs (type LoadBalancer), except those whose
+/// `ipMode` is `Proxy`: their load balancer proxies to the nodes, so traffic arrives for the
+/// node ports instead. Written by a controller, so a bad value is only skipped.
+fn load_balancer_ips(svc: &Service, notes: &mut Vec<String>) -> Vec<IpAddr> {
+    let spec = svc.spec.as_ref();
+    if spec.and_then(|s| s.type_.as_deref()) != Some("LoadBalancer") {
+        return Vec::new();
+    }
+    let mut ips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for i in ingress.into_iter().flatten() {
+        if i.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
+        let Some(raw) = i.ip.as_deref().filter(|s| !s.is_empty()) else {
+            continue; // a hostname: nothing to match in the datapath
+        };
+        match parse_ip("load-balancer IP", raw) {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(e) => notes.push(format!("{e}; skipped")),
+        }
+    }
+    ips
+}
+
+/// `loadBalancerSourceRanges`, if set. An invalid range is skipped with a note; the others
+/// still apply, so a service whose ranges are all invalid admits no source (fails closed).
+fn source_ranges(spec: &ServiceSpec, notes: &mut Vec<String>) -> Option<Vec<IpNet>> {
+    let raw = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .filter(|r| !r.is_empty())?;
+    let mut ranges = Vec::new();
+    for r in raw {
+        match r.trim().parse::<IpNet>() {
+            Ok(net) => ranges.push(net.trunc()),
+            Err(_) => notes.push(format!(
+                "loadBalancerSourceRanges entry {r:?} is not a CIDR; skipped (the others apply)"
+            )),
+        }
+    }
+    ranges.sort();
+    ranges.dedup();
+    Some(ranges)
+}
+
+/// The health check node port of a LoadBalancer service with `externalTrafficPolicy:
+/// Local`.
+fn health_check_port(spec: &ServiceSpec, external: TrafficPolicy) -> Option<u16> {
+    if spec.type_.as_deref() != Some("LoadBalancer") || external != TrafficPolicy::Local {
+        return None;
+    }
+    spec.health_check_node_port
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0)
 }
 
 fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), Rejection> {
@@ -355,12 +582,13 @@ fn cluster_ips(list: &[String], single: Option<&str>) -> Result<Option<Vec<IpAdd
     Ok(Some(ips))
 }
 
-fn traffic_policy(spec: &ServiceSpec) -> Result<TrafficPolicy, Rejection> {
-    match spec.internal_traffic_policy.as_deref() {
+fn traffic_policy(field: &'static str, value: Option<&str>) -> Result<TrafficPolicy, Rejection> {
+    match value {
+        // "Cluster", and "Local" for the external policy, as the API's older spellings.
         None | Some("Cluster") => Ok(TrafficPolicy::Cluster),
         Some("Local") => Ok(TrafficPolicy::Local),
         Some(other) => Err(Rejection::Unsupported {
-            field: "internalTrafficPolicy",
+            field,
             value: other.to_owned(),
         }),
     }
@@ -428,11 +656,19 @@ fn service_ports<'a>(
                 protocol: protocol.to_owned(),
             });
         }
+        if out.iter().any(|o| o.name == name) {
+            return Err(Rejection::DuplicatePortName(name.to_owned()));
+        }
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(u16::try_from(n).map_err(|_| Rejection::InvalidPort { port: n })?),
+        };
         out.push(Port {
             name,
             port,
             protocol,
             proto,
+            node_port,
         });
     }
     Ok(out)
@@ -548,6 +784,7 @@ pub fn node_info(node_name: Option<&str>, labels: Option<&BTreeMap<String, Strin
             .and_then(|l| l.get(ZONE_LABEL))
             .filter(|z| !z.is_empty())
             .cloned(),
+        addresses: Vec::new(),
     }
 }
 
@@ -561,6 +798,7 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         max_backends_per_service: 4,
+        table_size: 251,
     };
 
     fn service(ips: &[&str], ports: &[Port<'_>]) -> Service {
@@ -571,6 +809,7 @@ mod tests {
         NodeInfo {
             name: Some("n1".into()),
             zone: Some("a".into()),
+            addresses: vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
         }
     }
 

@@ -23,9 +23,14 @@ use lb_common::{AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValu
 
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
-    model::{self, DesiredFrontend, Limits, ObjectRef, Rejection},
+    model::{self, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection},
     store::Store,
 };
+
+mod external;
+
+pub use external::GroupKey;
+use external::{External, Touched};
 
 /// A frontend two services claim; the first (by namespace and name) programs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,7 +155,8 @@ impl Index {
     fn build(c: &Contents) -> Self {
         let mut backend_refs: HashMap<u32, u32> = HashMap::new();
         let matched = c.affinity_match.iter().map(|m| &m.backend_id);
-        for b in c.slots.values().chain(matched) {
+        let tables = c.tables.values().flatten();
+        for b in c.slots.values().chain(matched).chain(tables) {
             *backend_refs.entry(*b).or_default() += 1;
         }
         Self {
@@ -213,7 +219,30 @@ impl Index {
                     self.unref(key.backend_id);
                 }
             }
-            Op::PutInfo(..) | Op::DeleteInfo(_) => {}
+            Op::PutTable { start, at, ids } => {
+                let old = before.tables.get(start).map(Vec::as_slice).unwrap_or(&[]);
+                let old = old.get(*at as usize..).unwrap_or(&[]);
+                for (i, new) in ids.iter().enumerate() {
+                    if let Some(o) = old.get(i) {
+                        self.unref(*o);
+                    }
+                    *self.backend_refs.entry(*new).or_default() += 1;
+                }
+            }
+            Op::ClearTable { start, .. } => {
+                for o in before.tables.get(start).into_iter().flatten() {
+                    self.unref(*o);
+                }
+            }
+            Op::PutInfo(..)
+            | Op::DeleteInfo(_)
+            | Op::PutExternal(..)
+            | Op::DeleteExternal(_)
+            | Op::PutExternalInfo(..)
+            | Op::DeleteExternalInfo(_)
+            | Op::PutRange(_)
+            | Op::DeleteRange(_)
+            | Op::ResetCounters(_) => {}
         }
     }
 }
@@ -235,6 +264,10 @@ pub struct Reconciler<D: Datapath> {
     garbage: bool,
     /// The agent's own API server address, if it is a service frontend.
     api: Option<ServiceKey>,
+    /// North-south state.
+    ext: External,
+    /// Health check node ports of services, with their local endpoint counts.
+    health_checks: BTreeMap<ObjectRef, HealthCheck>,
     synced: bool,
 }
 
@@ -244,6 +277,7 @@ impl<D: Datapath> Reconciler<D> {
     /// that no service claims then are removed.
     pub fn new(dp: D, limits: Limits) -> Result<Self, DatapathError> {
         let mirror = dp.read()?;
+        let ext = External::adopt(&mirror);
         Ok(Self {
             idx: Index::build(&mirror),
             caps: dp.capacities(),
@@ -255,8 +289,20 @@ impl<D: Datapath> Reconciler<D> {
             retry: BTreeSet::new(),
             garbage: true,
             api: None,
+            ext,
+            health_checks: BTreeMap::new(),
             synced: false,
         })
+    }
+
+    /// The health check node ports of the services that have one.
+    pub fn health_checks(&self) -> &BTreeMap<ObjectRef, HealthCheck> {
+        &self.health_checks
+    }
+
+    /// The programmed north-south services: group, id and table region start.
+    pub fn external_groups(&self) -> impl Iterator<Item = (&GroupKey, u32, Option<u32>)> {
+        self.ext.programmed()
     }
 
     /// What the maps hold.
@@ -312,7 +358,7 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Whether a sync should run again soon to retry failed writes.
     pub fn needs_retry(&self) -> bool {
-        !self.retry.is_empty()
+        !self.retry.is_empty() || self.ext.needs_retry()
     }
 
     /// Brings the frontends of the `dirty` services (and of frontends awaiting a retry) to
@@ -323,9 +369,11 @@ impl<D: Datapath> Reconciler<D> {
         let mut touched: BTreeSet<ServiceKey> = std::mem::take(&mut self.retry);
         let first = !self.synced;
         let mut dirty = dirty;
+        let mut ext_touched = Touched::default();
         if first {
             dirty.extend(store.service_refs().cloned());
             touched.extend(self.mirror.services.keys().copied());
+            ext_touched.touch_all(&self.ext, &self.mirror);
         }
 
         for owner in dirty {
@@ -339,7 +387,11 @@ impl<D: Datapath> Reconciler<D> {
                                 .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
                             let mut frontends = d.frontends;
                             self.keep_api_access(&owner, &mut frontends, &mut report);
-                            Some(frontends)
+                            match d.health_check {
+                                Some(h) => self.health_checks.insert(owner.clone(), h),
+                                None => self.health_checks.remove(&owner),
+                            };
+                            Some((frontends, d.external))
                         }
                         Err(rejection) => {
                             if first {
@@ -348,6 +400,11 @@ impl<D: Datapath> Reconciler<D> {
                                 if !adopted.is_empty() {
                                     self.set_desired(&owner, Some(adopted), &mut touched);
                                 }
+                                let adopted = self.adopt_external(&owner);
+                                if !adopted.is_empty() {
+                                    self.ext
+                                        .set_desired(&owner, Some(adopted), &mut ext_touched);
+                                }
                             }
                             report.rejected.push((owner, rejection));
                             continue;
@@ -355,7 +412,12 @@ impl<D: Datapath> Reconciler<D> {
                     }
                 }
             };
-            self.set_desired(&owner, new, &mut touched);
+            if new.is_none() {
+                self.health_checks.remove(&owner);
+            }
+            let (frontends, external) = new.unzip();
+            self.set_desired(&owner, frontends, &mut touched);
+            self.ext.set_desired(&owner, external, &mut ext_touched);
         }
 
         let mut removals = Vec::new();
@@ -384,6 +446,7 @@ impl<D: Datapath> Reconciler<D> {
         for key in removals {
             self.remove(&key, &mut report);
         }
+        self.sync_external(ext_touched, &mut report);
         if self.garbage && report.errors.is_empty() {
             self.collect_garbage(&mut report);
         }
@@ -739,6 +802,7 @@ impl<D: Datapath> Reconciler<D> {
         let candidates: BTreeSet<u32> = self.mirror.backends.keys().copied().collect();
         if self
             .write_all(ops, report)
+            .and_then(|()| self.external_garbage(report))
             .and_then(|()| self.delete_unreferenced(candidates, report))
             .is_ok()
         {

@@ -6,7 +6,10 @@
 //! service. A relist (after a watch expired, or a re-read directory) is a diff against what
 //! the store holds, never a reset.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -89,6 +92,7 @@ pub enum Update {
 pub struct Store {
     node_name: Option<String>,
     node: NodeInfo,
+    node_ips: Vec<IpAddr>,
     services: BTreeMap<ObjectRef, Service>,
     slices: BTreeMap<ObjectRef, EndpointSlice>,
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
@@ -162,10 +166,12 @@ impl Store {
     }
 
     fn set_node(&mut self, node: Option<&Node>, dirty: &mut BTreeSet<ObjectRef>) {
-        let info = node_info(
+        let mut info = node_info(
             self.node_name.as_deref(),
             node.and_then(|n| n.metadata.labels.as_ref()),
         );
+        info.addresses = self.node.addresses.clone();
+        self.node_ips = node.map(node_ips).unwrap_or_default();
         if info != self.node {
             self.node = info;
             // Topology depends on the node's zone: recompute everything.
@@ -265,6 +271,37 @@ impl Store {
     pub fn node(&self) -> &NodeInfo {
         &self.node
     }
+
+    /// Sets this node's addresses that serve node ports; returns the services to recompute
+    /// (all of them when the addresses changed).
+    pub fn set_addresses(&mut self, mut addresses: Vec<IpAddr>) -> BTreeSet<ObjectRef> {
+        addresses.sort();
+        addresses.dedup();
+        if addresses == self.node.addresses {
+            return BTreeSet::new();
+        }
+        self.node.addresses = addresses;
+        self.services.keys().cloned().collect()
+    }
+
+    /// The InternalIP and ExternalIP addresses this node's Node object lists.
+    pub fn node_ips(&self) -> &[IpAddr] {
+        &self.node_ips
+    }
+}
+
+/// The InternalIP and ExternalIP addresses of a Node.
+fn node_ips(node: &Node) -> Vec<IpAddr> {
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    let mut ips: Vec<IpAddr> = addresses
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 #[cfg(test)]

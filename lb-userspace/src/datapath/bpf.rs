@@ -1,13 +1,23 @@
 //! The datapath as BPF maps: written by the agent, read by the agent at start and by the CLI.
 
-use std::io;
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{
+        HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
-    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps, stats,
+    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
+    ns::{CtEntry, FlowKey, NsCounters, NsService, SourceRange},
+    stats,
 };
 
 use super::{Capacities, Contents, Datapath, DatapathError, Op};
@@ -20,6 +30,119 @@ pub struct MapSet {
     backends: HashMap<MapData, u32, Endpoint>,
     info: HashMap<MapData, u32, ServiceInfo>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    external: HashMap<MapData, ServiceKey, NsService>,
+    external_info: HashMap<MapData, u32, ServiceInfo>,
+    ranges: LpmTrie<MapData, SourceRange, u8>,
+    counters: PerCpuArray<MapData, NsCounters>,
+    tables: Tables,
+}
+
+/// The lookup table array, mapped into memory (the map is `BPF_F_MMAPABLE`): the agent
+/// writes whole regions without a system call per entry, and reads them back at start.
+/// The kernel lays array elements out 8 bytes apart (value sizes round up to 8), so entry
+/// `i`, a `u32`, is at `u32` index `i * STRIDE` of the mapping.
+pub struct Tables {
+    _data: MapData,
+    ptr: NonNull<u32>,
+    entries: usize,
+    bytes: usize,
+    writable: bool,
+}
+
+/// Distance between two array elements in `u32`s.
+const STRIDE: usize = 2;
+
+// SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
+unsafe impl Send for Tables {}
+
+impl Tables {
+    fn map(name: &'static str, data: MapData, writable: bool) -> Result<Self, LoadError> {
+        let entries = capacity(name, &data)? as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (entries * STRIDE * 4).div_ceil(page) * page;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: mapping a BPF array's fd as the kernel documents for BPF_F_MMAPABLE maps;
+        // the length is the array's data rounded up to a page.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                prot,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LoadError::Map {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: io::Error::last_os_error(),
+                }),
+            });
+        }
+        Ok(Self {
+            _data: data,
+            ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
+            entries,
+            bytes,
+            writable,
+        })
+    }
+
+    /// Entries `start..start + len`, if inside the array.
+    fn read(&self, start: u32, len: u32) -> Option<Vec<u32>> {
+        let (start, len) = (start as usize, len as usize);
+        if start.checked_add(len)? > self.entries {
+            return None;
+        }
+        // SAFETY: inside the mapping; u32 reads of memory the kernel may update concurrently
+        // are done as volatile reads.
+        Some(
+            (start..start + len)
+                .map(|i| unsafe { self.ptr.as_ptr().add(i * STRIDE).read_volatile() })
+                .collect(),
+        )
+    }
+
+    /// Writes `values` from index `start` on. Each entry is one aligned 32-bit store, so the
+    /// kernel reads either the old or the new backend id.
+    fn write(&mut self, start: u32, values: impl ExactSizeIterator<Item = u32>) -> io::Result<()> {
+        let start = start as usize;
+        if !self.writable || start + values.len() > self.entries {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "entries {start}..{} are outside the table array of {}",
+                    start + values.len(),
+                    self.entries
+                ),
+            ));
+        }
+        for (i, v) in values.enumerate() {
+            // SAFETY: inside the writable mapping, checked above.
+            unsafe {
+                self.ptr
+                    .as_ptr()
+                    .add((start + i) * STRIDE)
+                    .write_volatile(v)
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tables {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
 }
 
 fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -31,7 +154,13 @@ fn hash_map<K: aya::Pod, V: aya::Pod>(
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, LoadError> {
     match ebpf.take_map(name) {
-        Some(Map::HashMap(data) | Map::LruHashMap(data) | Map::PerCpuArray(data)) => Ok(data),
+        Some(
+            Map::HashMap(data)
+            | Map::LruHashMap(data)
+            | Map::PerCpuArray(data)
+            | Map::Array(data)
+            | Map::LpmTrie(data),
+        ) => Ok(data),
         Some(_) | None => Err(LoadError::Missing(format!("map {name}"))),
     }
 }
@@ -72,34 +201,69 @@ impl MapSet {
     /// The maps, and the capacities of those the agent writes.
     fn from_data(
         mut get: impl FnMut(&'static str) -> Result<MapData, LoadError>,
+        writable: bool,
     ) -> Result<(Self, Capacities), LoadError> {
         let (services, slots) = (get(maps::SERVICES)?, get(maps::SLOTS)?);
         let (backends, info) = (get(maps::BACKENDS)?, get(maps::SERVICE_INFO)?);
         let affinity_match = get(maps::AFFINITY_MATCH)?;
+        let (external, external_info) = (get(maps::NS_SERVICES)?, get(maps::NS_INFO)?);
+        let (ranges, counters) = (get(maps::SOURCE_RANGES)?, get(maps::NS_STATS)?);
+        let tables = Tables::map(maps::RINGS, get(maps::RINGS)?, writable)?;
         let caps = Capacities {
             services: capacity(maps::SERVICES, &services)?
                 .min(capacity(maps::SERVICE_INFO, &info)?),
             slots: capacity(maps::SLOTS, &slots)?,
             backends: capacity(maps::BACKENDS, &backends)?,
             affinity_match: capacity(maps::AFFINITY_MATCH, &affinity_match)?,
+            external: capacity(maps::NS_SERVICES, &external)?,
+            // Id 0 is never used: the maps hold ids 1..capacity.
+            external_ids: capacity(maps::NS_INFO, &external_info)?
+                .min(capacity(maps::NS_STATS, &counters)?)
+                .saturating_sub(1),
+            table_entries: tables.entries as u32,
+            ranges: capacity(maps::SOURCE_RANGES, &ranges)?,
         };
+        let map_err = |name| move |source| LoadError::Map { name, source };
         let set = Self {
             services: hash_map(maps::SERVICES, services)?,
             slots: hash_map(maps::SLOTS, slots)?,
             backends: hash_map(maps::BACKENDS, backends)?,
             info: hash_map(maps::SERVICE_INFO, info)?,
             affinity_match: hash_map(maps::AFFINITY_MATCH, affinity_match)?,
+            external: hash_map(maps::NS_SERVICES, external)?,
+            external_info: hash_map(maps::NS_INFO, external_info)?,
+            ranges: LpmTrie::try_from(Map::LpmTrie(ranges))
+                .map_err(map_err(maps::SOURCE_RANGES))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(counters))
+                .map_err(map_err(maps::NS_STATS))?,
+            tables,
         };
         Ok((set, caps))
     }
 
     /// Opens the pinned maps read-only (the CLI).
     pub fn open_pinned(layout: &PinLayout) -> Result<Self, LoadError> {
-        Self::from_data(|name| pinned(layout, name)).map(|(set, _)| set)
+        Self::from_data(|name| pinned(layout, name), false).map(|(set, _)| set)
     }
 
     /// Everything the maps hold. Entries removed while reading are skipped.
     pub fn read(&self) -> Result<Contents, DatapathError> {
+        let external = read_all(maps::NS_SERVICES, &self.external)?;
+        let mut tables = BTreeMap::new();
+        for v in external.values().filter(|v| v.ring_size > 0) {
+            if let Some(t) = self.tables.read(v.ring_off, v.ring_size) {
+                tables.insert(v.ring_off, t);
+            }
+        }
+        let ranges = self
+            .ranges
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<_, MapError>>()
+            .map_err(|e| DatapathError::Read {
+                map: maps::SOURCE_RANGES,
+                source: e.into(),
+            })?;
         Ok(Contents {
             services: read_all(maps::SERVICES, &self.services)?,
             slots: read_all(maps::SLOTS, &self.slots)?,
@@ -108,8 +272,45 @@ impl MapSet {
             affinity_match: read_all(maps::AFFINITY_MATCH, &self.affinity_match)?
                 .into_keys()
                 .collect(),
+            external,
+            tables,
+            external_info: read_all(maps::NS_INFO, &self.external_info)?,
+            ranges,
         })
     }
+
+    /// The counters of north-south service `id`, summed over CPUs.
+    pub fn counters(&self, id: u32) -> Result<NsCounters, MapError> {
+        let per_cpu = self.counters.get(&id, 0)?;
+        Ok(per_cpu
+            .iter()
+            .fold(NsCounters::default(), |a, c| NsCounters {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+                flows: a.flows + c.flows,
+                drops: a.drops + c.drops,
+            }))
+    }
+
+    /// Lookup table entries `start..start + len`, if inside the array.
+    pub fn table(&self, start: u32, len: u32) -> Option<Vec<u32>> {
+        self.tables.read(start, len)
+    }
+}
+
+/// Up to `limit` tracked north-south flows (the conntrack map; entries evicted or replaced
+/// while reading are skipped).
+pub fn read_conntrack(
+    layout: &PinLayout,
+    limit: usize,
+) -> Result<Vec<(FlowKey, CtEntry)>, LoadError> {
+    let data = pinned(layout, maps::CONNTRACK)?;
+    let map: HashMap<MapData, FlowKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data))
+        .map_err(|source| LoadError::Map {
+            name: maps::CONNTRACK,
+            source,
+        })?;
+    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 
 /// Per-counter totals over all CPUs, indexed like `lb_common::stats`.
@@ -141,8 +342,15 @@ pub struct BpfDatapath {
 impl BpfDatapath {
     /// Takes the maps out of the loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
-        let (maps, caps) = MapSet::from_data(|name| take(ebpf, name))?;
+        let (maps, caps) = MapSet::from_data(|name| take(ebpf, name), true)?;
         Ok(Self { maps, caps })
+    }
+}
+
+fn write_error(op: &Op, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> DatapathError {
+    DatapathError::Write {
+        op: Box::new(op.clone()),
+        source: e.into(),
     }
 }
 
@@ -173,12 +381,37 @@ impl Datapath for BpfDatapath {
             Op::DeleteBackend(id) => m.backends.remove(id),
             Op::PutMatch(key) => m.affinity_match.insert(key, 1, 0),
             Op::DeleteMatch(key) => m.affinity_match.remove(key),
+            Op::PutExternal(key, value) => m.external.insert(key, value, 0),
+            Op::DeleteExternal(key) => m.external.remove(key),
+            Op::PutExternalInfo(id, info) => m.external_info.insert(id, info, 0),
+            Op::DeleteExternalInfo(id) => m.external_info.remove(id),
+            Op::PutRange((len, data)) => m.ranges.insert(&Key::new(*len, *data), 1, 0),
+            Op::DeleteRange((len, data)) => m.ranges.remove(&Key::new(*len, *data)),
+            Op::ResetCounters(id) => aya::util::nr_cpus()
+                .map_err(|(_, e)| e)
+                .and_then(|n| PerCpuValues::try_from(vec![NsCounters::default(); n]))
+                .map_err(|io_error| {
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "nr_cpus",
+                        io_error,
+                    })
+                })
+                .and_then(|zero| m.counters.set(*id, zero, 0)),
+            Op::PutTable { start, at, ids } => {
+                return m
+                    .tables
+                    .write(start + at, ids.iter().copied())
+                    .map_err(|e| write_error(op, e));
+            }
+            Op::ClearTable { start, len } => {
+                return m
+                    .tables
+                    .write(*start, std::iter::repeat_n(0, *len as usize))
+                    .map_err(|e| write_error(op, e));
+            }
         };
         match result {
-            Err(e) if !already_gone(&e) => Err(DatapathError::Write {
-                op: Box::new(op.clone()),
-                source: e.into(),
-            }),
+            Err(e) if !already_gone(&e) => Err(write_error(op, e)),
             _ => Ok(()),
         }
     }

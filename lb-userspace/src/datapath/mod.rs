@@ -1,4 +1,4 @@
-//! The datapath as the agent sees it: four maps, written one [`Op`] at a time.
+//! The datapath as the agent sees it: the maps it writes, one [`Op`] at a time.
 //!
 //! [`Datapath`] has two implementations: [`bpf::BpfDatapath`] (the pinned BPF maps) and
 //! [`fake::FakeDatapath`] (in memory, checking after every write that no lookup could see a
@@ -7,7 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lb_common::{AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey};
+use lb_common::{
+    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    ns::{NsService, SourceRange},
+};
+
+/// A `loadBalancerSourceRanges` trie entry: prefix length (over the id and the address) and
+/// the data.
+pub type RangeKey = (u32, SourceRange);
 
 pub mod bpf;
 pub mod fake;
@@ -35,6 +42,37 @@ pub enum Op {
     DeleteBackend(u32),
     /// Unmark a backend of a service with session affinity.
     DeleteMatch(AffinityMatchKey),
+    /// Insert or replace a north-south frontend.
+    PutExternal(ServiceKey, NsService),
+    /// Remove a north-south frontend.
+    DeleteExternal(ServiceKey),
+    /// Write backend ids into the lookup table region starting at `start`, from position
+    /// `at` of the region on.
+    PutTable {
+        /// The region's first index in the table array.
+        start: u32,
+        /// The first position written, relative to `start`.
+        at: u32,
+        /// The backend ids.
+        ids: Vec<u32>,
+    },
+    /// Zero the lookup table region at `start` (`len` entries): no longer used.
+    ClearTable {
+        /// The region's first index.
+        start: u32,
+        /// Its length.
+        len: u32,
+    },
+    /// Insert or replace a north-south service's info.
+    PutExternalInfo(u32, ServiceInfo),
+    /// Remove a north-south service's info.
+    DeleteExternalInfo(u32),
+    /// Admit a source range.
+    PutRange(RangeKey),
+    /// Remove a source range.
+    DeleteRange(RangeKey),
+    /// Zero the counters of a north-south service id (a new service takes it).
+    ResetCounters(u32),
 }
 
 /// Everything the maps the agent writes hold.
@@ -50,6 +88,14 @@ pub struct Contents {
     pub info: BTreeMap<u32, ServiceInfo>,
     /// Affinity-match map.
     pub affinity_match: BTreeSet<AffinityMatchKey>,
+    /// North-south service map.
+    pub external: BTreeMap<ServiceKey, NsService>,
+    /// The lookup table regions in use, by first index.
+    pub tables: BTreeMap<u32, Vec<u32>>,
+    /// North-south service info.
+    pub external_info: BTreeMap<u32, ServiceInfo>,
+    /// Source ranges.
+    pub ranges: BTreeSet<RangeKey>,
 }
 
 impl Contents {
@@ -86,7 +132,44 @@ impl Contents {
             Op::DeleteMatch(key) => {
                 self.affinity_match.remove(key);
             }
+            Op::PutExternal(key, value) => {
+                self.external.insert(*key, *value);
+            }
+            Op::DeleteExternal(key) => {
+                self.external.remove(key);
+            }
+            Op::PutTable { start, at, ids } => {
+                let region = self.tables.entry(*start).or_default();
+                let end = *at as usize + ids.len();
+                if region.len() < end {
+                    region.resize(end, 0);
+                }
+                region[*at as usize..end].copy_from_slice(ids);
+            }
+            Op::ClearTable { start, .. } => {
+                self.tables.remove(start);
+            }
+            Op::PutExternalInfo(id, info) => {
+                self.external_info.insert(*id, *info);
+            }
+            Op::DeleteExternalInfo(id) => {
+                self.external_info.remove(id);
+            }
+            Op::PutRange(key) => {
+                self.ranges.insert(*key);
+            }
+            Op::DeleteRange(key) => {
+                self.ranges.remove(key);
+            }
+            Op::ResetCounters(_) => {}
         }
+    }
+
+    /// The lookup table entries of a north-south frontend, if it has a whole table.
+    pub fn table_of(&self, value: &NsService) -> Option<&[u32]> {
+        self.tables
+            .get(&value.ring_off)
+            .and_then(|t| t.get(..value.ring_size as usize))
     }
 
     /// The affinity-match entries of service `id`.
@@ -141,6 +224,26 @@ impl Contents {
                 }
             }
         }
+        for (key, value) in &self.external {
+            let frontend = crate::addr::frontend_string(key);
+            if !self.external_info.contains_key(&value.id) {
+                return Err(format!("external {frontend} (id {}) has no info", value.id));
+            }
+            if value.ring_size == 0 {
+                continue;
+            }
+            let Some(table) = self.table_of(value) else {
+                return Err(format!(
+                    "external {frontend} names table {}+{} that is not all written",
+                    value.ring_off, value.ring_size
+                ));
+            };
+            if let Some(b) = table.iter().find(|b| !self.backends.contains_key(b)) {
+                return Err(format!(
+                    "external {frontend} table names missing backend {b}"
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -156,6 +259,14 @@ pub struct Capacities {
     pub backends: u32,
     /// Affinity-match map.
     pub affinity_match: u32,
+    /// North-south service map.
+    pub external: u32,
+    /// Highest north-south service id (the info and counter maps hold ids 1 to this).
+    pub external_ids: u32,
+    /// Entries of the lookup table array.
+    pub table_entries: u32,
+    /// Source-ranges trie.
+    pub ranges: u32,
 }
 
 /// A failed datapath read or write.

@@ -15,9 +15,14 @@ const CAPS: Capacities = Capacities {
     slots: 1000,
     backends: 100,
     affinity_match: 1000,
+    external: 100,
+    external_ids: 8,
+    table_entries: 8 * 61,
+    ranges: 20,
 };
 const LIMITS: Limits = Limits {
     max_backends_per_service: 50,
+    table_size: 61,
 };
 
 fn web(ip: &str) -> Service {
@@ -145,6 +150,15 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
             Op::DeleteBackend(_) => "del-backend",
             Op::PutMatch(_) => "put-match",
             Op::DeleteMatch(_) => "del-match",
+            Op::PutExternal(..) => "put-external",
+            Op::DeleteExternal(_) => "del-external",
+            Op::PutTable { .. } => "put-table",
+            Op::ClearTable { .. } => "clear-table",
+            Op::PutExternalInfo(..) => "put-ext-info",
+            Op::DeleteExternalInfo(_) => "del-ext-info",
+            Op::PutRange(_) => "put-range",
+            Op::DeleteRange(_) => "del-range",
+            Op::ResetCounters(_) => "reset-counters",
         })
         .collect()
 }

@@ -1,0 +1,813 @@
+//! North-south frontends: from [`ExternalGroup`]s to ordered writes of the XDP maps.
+//!
+//! A group (one service port and address family) has an id (its info, counters and source
+//! ranges), a Maglev table in a region of the table array, and frontends (node ports,
+//! load-balancer IPs, external IPs) whose entries name the id and the region. A sync runs in
+//! three phases, so that every prefix of the writes leaves lookups consistent:
+//!
+//! 1. per changed group: new backends, a new id (counters zeroed) or region when it needs
+//!    one, the table written in place (only the positions that change: each moves from one
+//!    live backend to another), its info, and source ranges it gains;
+//! 2. per frontend whose claims or group changed: the entry, pointing at the group's id,
+//!    region and flags; or its removal;
+//! 3. what nothing names any more: regions no entry points at (zeroed), source ranges the
+//!    group lost, the info, ids and backends of groups that are gone.
+//!
+//! Ids and regions freed in a sync are reused only by later syncs, so a packet that read an
+//! entry just before it changed never finds another service's table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::IpNet;
+use lb_common::{
+    Endpoint, ServiceInfo, ServiceKey, maps,
+    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NsService, SOURCE_RANGE_ID_BITS, SourceRange},
+};
+
+use super::{Conflict, Ids, MapFull, Reconciler, SyncReport};
+use crate::{
+    addr::to_addr6,
+    datapath::{Contents, Datapath, Op, RangeKey},
+    maglev,
+    model::{ExternalFrontend, ExternalGroup, ExternalKind, ObjectRef, Rejection},
+};
+
+/// One north-south service: a service port and address family.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupKey {
+    /// The service.
+    pub owner: ObjectRef,
+    /// The service port's name.
+    pub port_name: String,
+    /// IPv6 (else IPv4).
+    pub ipv6: bool,
+}
+
+impl GroupKey {
+    fn of(owner: &ObjectRef, g: &ExternalGroup) -> Self {
+        Self {
+            owner: owner.clone(),
+            port_name: g.port_name.clone(),
+            ipv6: g.ipv6,
+        }
+    }
+}
+
+/// A group as programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Programmed {
+    id: u32,
+    /// Start of its table region, when it has backends.
+    region: Option<u32>,
+}
+
+/// The reconciler's north-south state.
+#[derive(Debug, Default)]
+pub(super) struct External {
+    /// The last good groups of each service.
+    desired: BTreeMap<ObjectRef, Vec<ExternalGroup>>,
+    /// The groups claiming each frontend.
+    claims: BTreeMap<ServiceKey, BTreeSet<GroupKey>>,
+    /// Groups with an id.
+    groups: BTreeMap<GroupKey, Programmed>,
+    ids: Ids,
+    /// Ids and regions freed in this sync, reusable from the next.
+    freed_ids: Vec<u32>,
+    freed_regions: Vec<(u32, u32)>,
+    /// Groups and frontends whose writes failed, retried on the next sync.
+    retry_groups: BTreeSet<GroupKey>,
+    retry_keys: BTreeSet<ServiceKey>,
+}
+
+/// What to revisit in one sync.
+#[derive(Debug, Default)]
+pub(super) struct Touched {
+    groups: BTreeSet<GroupKey>,
+    keys: BTreeSet<ServiceKey>,
+}
+
+impl Touched {
+    /// Everything: the groups and frontends the maps hold and all desired ones (the first
+    /// sync).
+    pub(super) fn touch_all(&mut self, ext: &External, c: &Contents) {
+        self.groups.extend(ext.groups.keys().cloned());
+        self.keys.extend(c.external.keys().copied());
+        for (owner, groups) in &ext.desired {
+            for g in groups {
+                self.groups.insert(GroupKey::of(owner, g));
+                self.keys.extend(g.frontends.iter().map(|f| f.key));
+            }
+        }
+    }
+}
+
+fn is_v6(key: &ServiceKey) -> bool {
+    !key.addr.is_v4_mapped()
+}
+
+/// The trie entry of a range for service id `id`.
+fn range_key(id: u32, net: &IpNet) -> RangeKey {
+    let (addr, bits) = match net {
+        IpNet::V4(n) => (to_addr6(n.network().into()), 96 + u32::from(n.prefix_len())),
+        IpNet::V6(n) => (to_addr6(n.network().into()), u32::from(n.prefix_len())),
+    };
+    (
+        SOURCE_RANGE_ID_BITS + bits,
+        SourceRange {
+            svc_id_be: id.to_be(),
+            addr,
+        },
+    )
+}
+
+/// The range a trie entry admits.
+fn range_net(key: &RangeKey) -> Option<IpNet> {
+    let bits = key.0.checked_sub(SOURCE_RANGE_ID_BITS)?;
+    let ep = Endpoint::new(key.1.addr, 0);
+    let ip = crate::addr::to_socket_addr(&ep).ip();
+    let len = if ip.is_ipv4() {
+        bits.checked_sub(96)?
+    } else {
+        bits
+    };
+    IpNet::new(ip, u8::try_from(len).ok()?).ok()
+}
+
+impl External {
+    /// The state a reconciler adopting `c` starts from.
+    pub(super) fn adopt(c: &Contents) -> Self {
+        let mut groups = BTreeMap::new();
+        for (key, v) in &c.external {
+            let Some(info) = c.external_info.get(&v.id) else {
+                continue;
+            };
+            let (Some(ns), Some(name), Some(port_name)) =
+                (info.namespace(), info.name(), info.port_name())
+            else {
+                continue;
+            };
+            let gk = GroupKey {
+                owner: ObjectRef::new(ns, name),
+                port_name: port_name.to_owned(),
+                ipv6: is_v6(key),
+            };
+            groups.entry(gk).or_insert(Programmed {
+                id: v.id,
+                region: (v.ring_size > 0 && c.tables.contains_key(&v.ring_off))
+                    .then_some(v.ring_off),
+            });
+        }
+        let used = c
+            .external_info
+            .keys()
+            .copied()
+            .chain(c.external.values().map(|v| v.id));
+        Self {
+            groups,
+            ids: Ids::from_used(used),
+            ..Self::default()
+        }
+    }
+
+    /// Replaces the desired groups of `owner`, noting what changed.
+    pub(super) fn set_desired(
+        &mut self,
+        owner: &ObjectRef,
+        new: Option<Vec<ExternalGroup>>,
+        touched: &mut Touched,
+    ) {
+        let old = match new {
+            Some(groups) => self.desired.insert(owner.clone(), groups),
+            None => self.desired.remove(owner),
+        };
+        let new = self.desired.get(owner);
+        let unchanged = |g: &ExternalGroup, other: Option<&Vec<ExternalGroup>>| {
+            other.is_some_and(|o| o.contains(g))
+        };
+        for g in old.iter().flatten() {
+            if unchanged(g, new) {
+                continue;
+            }
+            let gk = GroupKey::of(owner, g);
+            for f in &g.frontends {
+                touched.keys.insert(f.key);
+                if let Some(set) = self.claims.get_mut(&f.key) {
+                    set.remove(&gk);
+                    if set.is_empty() {
+                        self.claims.remove(&f.key);
+                    }
+                }
+            }
+            touched.groups.insert(gk);
+        }
+        for g in new.into_iter().flatten() {
+            if unchanged(g, old.as_ref()) {
+                continue;
+            }
+            let gk = GroupKey::of(owner, g);
+            for f in &g.frontends {
+                touched.keys.insert(f.key);
+                self.claims.entry(f.key).or_default().insert(gk.clone());
+            }
+            touched.groups.insert(gk);
+        }
+    }
+
+    fn group(&self, gk: &GroupKey) -> Option<&ExternalGroup> {
+        self.desired
+            .get(&gk.owner)?
+            .iter()
+            .find(|g| g.port_name == gk.port_name && g.ipv6 == gk.ipv6)
+    }
+
+    /// Whether writes failed and a sync should run again soon.
+    pub(super) fn needs_retry(&self) -> bool {
+        !self.retry_groups.is_empty() || !self.retry_keys.is_empty()
+    }
+
+    /// The programmed groups: key, id and region (for the CLI and tests).
+    pub(super) fn programmed(&self) -> impl Iterator<Item = (&GroupKey, u32, Option<u32>)> {
+        self.groups.iter().map(|(k, p)| (k, p.id, p.region))
+    }
+}
+
+impl<D: Datapath> Reconciler<D> {
+    /// The north-south groups the maps hold for `owner` (after a restart, for a service that
+    /// is now rejected), so what they have is kept.
+    pub(super) fn adopt_external(&self, owner: &ObjectRef) -> Vec<ExternalGroup> {
+        let m = &self.mirror;
+        let mut out = Vec::new();
+        for (gk, p) in self.ext.groups.iter().filter(|(gk, _)| &gk.owner == owner) {
+            let entries: Vec<(&ServiceKey, &NsService)> =
+                m.external.iter().filter(|(_, v)| v.id == p.id).collect();
+            let Some((_, first)) = entries.first() else {
+                continue;
+            };
+            let mut backends: Vec<Endpoint> = m
+                .table_of(first)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|id| m.backends.get(id).copied())
+                .collect();
+            backends.sort();
+            backends.dedup();
+            let limited = entries
+                .iter()
+                .any(|(_, v)| v.flags & NS_F_SOURCE_RANGES != 0);
+            let mut frontends: Vec<ExternalFrontend> = entries
+                .iter()
+                .map(|(key, v)| ExternalFrontend {
+                    key: **key,
+                    kind: if v.flags & NS_F_SOURCE_RANGES != 0 {
+                        ExternalKind::LoadBalancer
+                    } else {
+                        ExternalKind::ExternalIp
+                    },
+                })
+                .collect();
+            frontends.sort();
+            let id_be = p.id.to_be();
+            out.push(ExternalGroup {
+                port_name: gk.port_name.clone(),
+                ipv6: gk.ipv6,
+                local: first.flags & NS_F_LOCAL != 0,
+                backends,
+                frontends,
+                source_ranges: limited.then(|| {
+                    m.ranges
+                        .iter()
+                        .filter(|k| k.1.svc_id_be == id_be)
+                        .filter_map(range_net)
+                        .collect()
+                }),
+            });
+        }
+        out
+    }
+
+    /// Brings the touched north-south groups and frontends to what is desired.
+    pub(super) fn sync_external(&mut self, mut touched: Touched, report: &mut SyncReport) {
+        self.ext.freed_ids.clear();
+        self.ext.freed_regions.clear();
+        touched
+            .groups
+            .extend(std::mem::take(&mut self.ext.retry_groups));
+        touched
+            .keys
+            .extend(std::mem::take(&mut self.ext.retry_keys));
+        // Phase 1: the groups that are desired.
+        let mut failed: BTreeSet<GroupKey> = BTreeSet::new();
+        let mut previous: BTreeSet<u32> = BTreeSet::new();
+        for gk in &touched.groups {
+            if let Some(p) = self.ext.groups.get(gk) {
+                previous.extend(self.table_backends(p.region));
+            }
+            let Some(want) = self.ext.group(gk).cloned() else {
+                continue;
+            };
+            if self.prepare(gk, &want, report).is_err() {
+                failed.insert(gk.clone());
+            }
+            // Its frontends may need new values (id, region, flags).
+            touched.keys.extend(want.frontends.iter().map(|f| f.key));
+        }
+        // Phase 2: frontends.
+        for key in &touched.keys {
+            if self.frontend(key, report).is_err() {
+                self.ext.retry_keys.insert(*key);
+            }
+        }
+        // Phase 3: what nothing names any more.
+        for gk in &touched.groups {
+            if failed.contains(gk) {
+                continue;
+            }
+            let done = match self.ext.group(gk).cloned() {
+                Some(want) => self.drop_stale_ranges(gk, &want, report),
+                None => self.remove_group(gk, report),
+            };
+            if done.is_err() {
+                self.ext.retry_groups.insert(gk.clone());
+            }
+        }
+        self.ext.retry_groups.extend(failed);
+        if self.clear_unused_regions(report).is_err()
+            || self.delete_unreferenced(previous, report).is_err()
+        {
+            self.garbage = true;
+        }
+        for id in self.ext.freed_ids.drain(..) {
+            self.ext.ids.release(id);
+        }
+    }
+
+    /// The backend ids a table region names.
+    fn table_backends(&self, region: Option<u32>) -> BTreeSet<u32> {
+        region
+            .and_then(|r| self.mirror.tables.get(&r))
+            .map(|t| t.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn full(
+        &self,
+        gk: &GroupKey,
+        want: &ExternalGroup,
+        map: &'static str,
+        capacity: u32,
+    ) -> MapFull {
+        MapFull {
+            service: gk.owner.clone(),
+            frontend: want.frontends[0].key,
+            map,
+            capacity,
+        }
+    }
+
+    /// Phase 1 for one group: backends, id, table, info, added source ranges.
+    fn prepare(
+        &mut self,
+        gk: &GroupKey,
+        want: &ExternalGroup,
+        report: &mut SyncReport,
+    ) -> Result<(), ()> {
+        let m_size = self.limits.table_size;
+        let current = self.ext.groups.get(gk).copied();
+        // Capacity first: nothing is written for a group that cannot fit.
+        let new_backends: Vec<Endpoint> = want
+            .backends
+            .iter()
+            .filter(|b| !self.idx.backend_ids.contains_key(b))
+            .copied()
+            .collect();
+        if self.mirror.backends.len() + new_backends.len() > self.caps.backends as usize {
+            report
+                .full
+                .push(self.full(gk, want, maps::BACKENDS, self.caps.backends));
+            return Err(());
+        }
+        let needs_region = !want.backends.is_empty();
+        let region = match current.and_then(|p| p.region) {
+            Some(r)
+                if needs_region
+                    && self.mirror.tables.get(&r).map(Vec::len) == Some(m_size as usize) =>
+            {
+                Some(r)
+            }
+            _ if needs_region => match self.free_region() {
+                Some(r) => Some(r),
+                None => {
+                    report
+                        .full
+                        .push(self.full(gk, want, maps::RINGS, self.caps.table_entries));
+                    return Err(());
+                }
+            },
+            _ => None,
+        };
+        let id = match current {
+            Some(p) => p.id,
+            None => {
+                let id = self.ext.ids.take();
+                if id > self.caps.external_ids {
+                    self.ext.ids.release(id);
+                    report
+                        .full
+                        .push(self.full(gk, want, maps::NS_INFO, self.caps.external_ids));
+                    return Err(());
+                }
+                id
+            }
+        };
+        let ranges: BTreeSet<RangeKey> = want
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|n| range_key(id, n))
+            .collect();
+        let new_ranges = ranges.difference(&self.mirror.ranges).count();
+        if self.mirror.ranges.len() + new_ranges > self.caps.ranges as usize {
+            if current.is_none() {
+                self.ext.ids.release(id);
+            }
+            report
+                .full
+                .push(self.full(gk, want, maps::SOURCE_RANGES, self.caps.ranges));
+            return Err(());
+        }
+
+        let mut ops = Vec::new();
+        let mut ids_of: BTreeMap<Endpoint, u32> = BTreeMap::new();
+        let mut taken = Vec::new();
+        for b in &want.backends {
+            let bid = match self.idx.backend_ids.get(b) {
+                Some(bid) => *bid,
+                None => {
+                    let bid = self.idx.backend_alloc.take();
+                    taken.push(bid);
+                    ops.push(Op::PutBackend(bid, *b));
+                    bid
+                }
+            };
+            ids_of.insert(*b, bid);
+        }
+        if current.is_none() {
+            ops.push(Op::ResetCounters(id));
+        }
+        if let Some(start) = region {
+            let weighted: Vec<(Endpoint, u32)> = want.backends.iter().map(|b| (*b, 1)).collect();
+            let table: Vec<u32> = maglev::table(&weighted, m_size)
+                .into_iter()
+                .map(|i| ids_of[&want.backends[i as usize]])
+                .collect();
+            let old = self
+                .mirror
+                .tables
+                .get(&start)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            ops.extend(table_writes(start, old, &table));
+        }
+        if let Some(info) = ServiceInfo::new(&gk.owner.namespace, &gk.owner.name, &want.port_name) {
+            if self.mirror.external_info.get(&id) != Some(&info) {
+                ops.push(Op::PutExternalInfo(id, info));
+            }
+        } else {
+            report.rejected.push((
+                gk.owner.clone(),
+                Rejection::NameTooLong {
+                    what: "service",
+                    value: gk.owner.to_string(),
+                    max: lb_common::service::NAME_MAX,
+                },
+            ));
+            return Err(());
+        }
+        ops.extend(
+            ranges
+                .difference(&self.mirror.ranges)
+                .map(|k| Op::PutRange(*k)),
+        );
+        if !ops.is_empty() {
+            report.frontends_changed += 1;
+        }
+        let result = self.write_all(ops, report);
+        // The id and region are the group's once anything was written for it; an id never
+        // written is given back.
+        if result.is_ok() || self.mirror.external_info.contains_key(&id) {
+            self.ext
+                .groups
+                .insert(gk.clone(), Programmed { id, region });
+        } else if current.is_none() {
+            self.ext.ids.release(id);
+        }
+        if result.is_err() {
+            for b in taken
+                .iter()
+                .filter(|b| !self.mirror.backends.contains_key(b))
+            {
+                self.idx.backend_alloc.release(*b);
+            }
+        }
+        result
+    }
+
+    /// The first free region of the table size: one overlapping no region in use and none
+    /// freed in this sync.
+    fn free_region(&self) -> Option<u32> {
+        let size = u64::from(self.limits.table_size);
+        let cap = u64::from(self.caps.table_entries);
+        let used: Vec<(u64, u64)> = self
+            .mirror
+            .tables
+            .iter()
+            .map(|(s, t)| (u64::from(*s), t.len() as u64))
+            .chain(
+                self.ext
+                    .groups
+                    .values()
+                    .filter_map(|p| p.region)
+                    .map(|r| (u64::from(r), size)),
+            )
+            .chain(
+                self.ext
+                    .freed_regions
+                    .iter()
+                    .map(|(s, l)| (u64::from(*s), u64::from(*l))),
+            )
+            .collect();
+        let mut start = 0u64;
+        while start + size <= cap {
+            match used
+                .iter()
+                .filter(|(s, l)| *s < start + size && start < s + l)
+                .map(|(s, l)| s + l)
+                .max()
+            {
+                None => return u32::try_from(start).ok(),
+                // Skip past the overlapping regions.
+                Some(end) => start = end.div_ceil(size) * size,
+            }
+        }
+        None
+    }
+
+    /// Phase 2 for one frontend: the winner's entry, or none.
+    fn frontend(&mut self, key: &ServiceKey, report: &mut SyncReport) -> Result<(), ()> {
+        let winner = self.ext.claims.get(key).and_then(|set| {
+            let mut it = set.iter();
+            let winner = it.next()?.clone();
+            report.conflicts.extend(it.map(|loser| Conflict {
+                frontend: *key,
+                winner: winner.owner.clone(),
+                loser: loser.owner.clone(),
+            }));
+            Some(winner)
+        });
+        let want = winner.as_ref().and_then(|gk| {
+            let p = self.ext.groups.get(gk)?;
+            let g = self.ext.group(gk)?;
+            let f = g.frontends.iter().find(|f| f.key == *key)?;
+            let mut flags = 0;
+            if g.local {
+                flags |= NS_F_LOCAL;
+            }
+            if f.kind == ExternalKind::LoadBalancer && g.source_ranges.is_some() {
+                flags |= NS_F_SOURCE_RANGES;
+            }
+            Some(NsService {
+                id: p.id,
+                ring_off: p.region.unwrap_or(0),
+                ring_size: if p.region.is_some() {
+                    self.limits.table_size
+                } else {
+                    0
+                },
+                flags,
+                _pad: 0,
+            })
+        });
+        let have = self.mirror.external.get(key).copied();
+        match (want, have) {
+            (Some(w), h) if h != Some(w) => {
+                if h.is_none() && self.mirror.external.len() >= self.caps.external as usize {
+                    let gk = winner.expect("a value has a winner");
+                    report.full.push(MapFull {
+                        service: gk.owner,
+                        frontend: *key,
+                        map: maps::NS_SERVICES,
+                        capacity: self.caps.external,
+                    });
+                    return Ok(());
+                }
+                report.frontends_changed += 1;
+                self.write(Op::PutExternal(*key, w), report)
+            }
+            // No claim: the frontend goes.
+            (None, Some(_)) if winner.is_none() => {
+                report.frontends_changed += 1;
+                self.write(Op::DeleteExternal(*key), report)
+            }
+            // The winner could not be programmed (a full map): the frontend keeps what it
+            // had; if that belongs to a group that is gone, phase 3 removes it.
+            _ => Ok(()),
+        }
+    }
+
+    /// Phase 3 for a group that stays: source ranges it no longer has.
+    fn drop_stale_ranges(
+        &mut self,
+        gk: &GroupKey,
+        want: &ExternalGroup,
+        report: &mut SyncReport,
+    ) -> Result<(), ()> {
+        let Some(p) = self.ext.groups.get(gk).copied() else {
+            return Ok(());
+        };
+        let keep: BTreeSet<RangeKey> = want
+            .source_ranges
+            .iter()
+            .flatten()
+            .map(|n| range_key(p.id, n))
+            .collect();
+        let id_be = p.id.to_be();
+        let ops: Vec<Op> = self
+            .mirror
+            .ranges
+            .iter()
+            .filter(|k| k.1.svc_id_be == id_be && !keep.contains(k))
+            .map(|k| Op::DeleteRange(*k))
+            .collect();
+        self.write_all(ops, report)
+    }
+
+    /// Phase 3 for a group that is gone: any entry still naming it, its ranges, info, id.
+    /// Its table region is cleared with the other unused ones.
+    fn remove_group(&mut self, gk: &GroupKey, report: &mut SyncReport) -> Result<(), ()> {
+        let Some(p) = self.ext.groups.get(gk).copied() else {
+            return Ok(());
+        };
+        let id_be = p.id.to_be();
+        let mut ops: Vec<Op> = self
+            .mirror
+            .external
+            .iter()
+            .filter(|(_, v)| v.id == p.id)
+            .map(|(k, _)| Op::DeleteExternal(*k))
+            .collect();
+        ops.extend(
+            self.mirror
+                .ranges
+                .iter()
+                .filter(|k| k.1.svc_id_be == id_be)
+                .map(|k| Op::DeleteRange(*k)),
+        );
+        if self.mirror.external_info.contains_key(&p.id) {
+            ops.push(Op::DeleteExternalInfo(p.id));
+        }
+        if !ops.is_empty() {
+            report.frontends_changed += 1;
+        }
+        self.write_all(ops, report)?;
+        self.ext.groups.remove(gk);
+        self.ext.freed_ids.push(p.id);
+        Ok(())
+    }
+
+    /// Zeroes the table regions that no entry and no group uses.
+    fn clear_unused_regions(&mut self, report: &mut SyncReport) -> Result<(), ()> {
+        let named: BTreeSet<u32> = self
+            .mirror
+            .external
+            .values()
+            .filter(|v| v.ring_size > 0)
+            .map(|v| v.ring_off)
+            .chain(self.ext.groups.values().filter_map(|p| p.region))
+            .collect();
+        let unused: Vec<(u32, u32)> = self
+            .mirror
+            .tables
+            .iter()
+            .filter(|(s, _)| !named.contains(s))
+            .map(|(s, t)| (*s, t.len() as u32))
+            .collect();
+        for (start, len) in unused {
+            self.write(Op::ClearTable { start, len }, report)?;
+            self.ext.freed_regions.push((start, len));
+        }
+        Ok(())
+    }
+
+    /// Deletes north-south entries nothing refers to after a restart: info and ranges of ids
+    /// no group has.
+    pub(super) fn external_garbage(&mut self, report: &mut SyncReport) -> Result<(), ()> {
+        let live: BTreeSet<u32> = self.ext.groups.values().map(|p| p.id).collect();
+        let mut ops: Vec<Op> = self
+            .mirror
+            .external_info
+            .keys()
+            .filter(|id| !live.contains(id))
+            .map(|id| Op::DeleteExternalInfo(*id))
+            .collect();
+        ops.extend(
+            self.mirror
+                .ranges
+                .iter()
+                .filter(|k| !live.contains(&u32::from_be(k.1.svc_id_be)))
+                .map(|k| Op::DeleteRange(*k)),
+        );
+        let dead: Vec<u32> = self
+            .mirror
+            .external_info
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        self.write_all(ops, report)?;
+        for id in dead {
+            self.ext.ids.release(id);
+        }
+        self.clear_unused_regions(report)
+    }
+}
+
+/// The writes that turn table region `old` (at `start`) into `new`: runs of changed
+/// positions, neighbouring runs merged when the gap between them is small.
+fn table_writes(start: u32, old: &[u32], new: &[u32]) -> Vec<Op> {
+    const GAP: usize = 16;
+    let mut ops = Vec::new();
+    let mut i = 0;
+    while i < new.len() {
+        if old.get(i) == Some(&new[i]) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        let mut last = i;
+        let mut j = i + 1;
+        while j < new.len() && j <= last + GAP {
+            if old.get(j) != Some(&new[j]) {
+                last = j;
+            }
+            j += 1;
+        }
+        ops.push(Op::PutTable {
+            start,
+            at: first as u32,
+            ids: new[first..=last].to_vec(),
+        });
+        i = last + 1;
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_writes_cover_exactly_the_changes() {
+        let old = vec![1u32; 100];
+        let mut new = old.clone();
+        for i in [3, 5, 60, 99] {
+            new[i] = 2;
+        }
+        let ops = table_writes(1000, &old, &new);
+        let mut applied = old.clone();
+        for op in &ops {
+            let Op::PutTable { start, at, ids } = op else {
+                panic!("{op:?}")
+            };
+            assert_eq!(*start, 1000);
+            applied[*at as usize..*at as usize + ids.len()].copy_from_slice(ids);
+        }
+        assert_eq!(applied, new);
+        assert_eq!(ops.len(), 3, "3 and 5 share a write: {ops:?}");
+        assert!(table_writes(0, &new, &new).is_empty());
+        assert_eq!(
+            table_writes(0, &[], &[7, 7]).len(),
+            1,
+            "a new region is one write"
+        );
+    }
+
+    #[test]
+    fn range_keys_round_trip() {
+        for net in [
+            "192.0.2.0/24",
+            "10.0.0.7/32",
+            "0.0.0.0/0",
+            "2001:db8::/32",
+            "::/0",
+        ] {
+            let n: IpNet = net.parse().unwrap();
+            let k = range_key(7, &n);
+            assert_eq!(range_net(&k), Some(n), "{net}");
+            assert_eq!(u32::from_be(k.1.svc_id_be), 7);
+        }
+        assert_eq!(
+            range_key(1, &"192.0.2.0/24".parse().unwrap()).0,
+            32 + 96 + 24
+        );
+    }
+}
