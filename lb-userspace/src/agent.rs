@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::XdpMode;
+use ipnet::IpNet;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -17,11 +19,14 @@ use lb_common::{ServiceKey, proto};
 
 use crate::{
     addr::{frontend_string, to_addr6},
-    config::AgentArgs,
+    config::{AgentArgs, XdpDevices, XdpModeArg},
     datapath::{Datapath, DatapathError},
     health::{self, Readiness},
+    healthcheck::HealthCheckServers,
     host::{self, HostError},
     loader::{self, LoadError, Loaded, PinLayout},
+    model::ObjectRef,
+    netdev,
     reconcile::{Reconciler, SyncReport},
     sockets,
     source::{self, SourceError},
@@ -30,6 +35,8 @@ use crate::{
 
 /// How soon failed writes are retried.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often the node's addresses and devices are looked at again.
+const NETWORK_POLL: Duration = Duration::from_secs(2);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +81,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     host::check_cgroup2(&cgroup)?;
 
-    let mut loaded = Loaded::load(&layout, &args.map_sizes())?;
+    let snat_ports = args.snat_range().map_err(AgentError::Config)?;
+    let mut loaded = Loaded::load(&layout, &args.map_sizes(), snat_ports)?;
     let mut reconciler = Reconciler::new(loaded.datapath()?, args.limits())?;
     let c = reconciler.contents();
     info!(
@@ -94,6 +102,29 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     loaded.attach(&cgroup)?;
     info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
+    if let Some(local) = netdev::local_port_range()
+        && netdev::overlaps(local, snat_ports)
+    {
+        warn!(snat_ports = ?snat_ports, ip_local_port_range = ?local,
+              "the SNAT ports overlap the kernel's ephemeral ports: replies to local connections \
+               using them may be taken for replies of north-south flows; change --snat-ports or \
+               net.ipv4.ip_local_port_range");
+    }
+    let mut network = Network {
+        devices: args.devices().map_err(AgentError::Config)?,
+        mode: match args.xdp_mode {
+            XdpModeArg::Auto => XdpMode::Default,
+            XdpModeArg::Native => XdpMode::Driver,
+            XdpModeArg::Generic => XdpMode::Skb,
+        },
+        cidrs: args.nodeport_cidrs().map_err(AgentError::Config)?,
+        attached: loaded
+            .attached_devices()?
+            .into_iter()
+            .map(|name| (name, None))
+            .collect(),
+        failed: BTreeSet::new(),
+    };
 
     let ready = Readiness::default();
     if let Some(addr) = args.health().map_err(AgentError::Config)? {
@@ -110,6 +141,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut store = Store::new(args.node_name.clone());
+    let mut health_checks = HealthCheckServers::new(ready.clone());
+    let mut poll = tokio::time::interval(NETWORK_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rejected_total: BTreeMap<&'static str, u64> = BTreeMap::new();
     // Nothing is synced before the source's first complete snapshot: the first sync removes
     // what no service claims.
@@ -139,10 +173,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 if !have_snapshot {
                     continue;
                 }
+                if !synced {
+                    // The first sync already knows the node's addresses and devices.
+                    dirty.extend(network.poll(&mut store, &mut loaded));
+                }
                 let services = dirty.len();
                 let report = reconciler.sync(&store, std::mem::take(&mut dirty));
                 log_report(&report, &mut rejected_total);
                 destroy_stale_udp(&layout, &report);
+                health_checks.update(reconciler.health_checks());
                 if !reconciler.needs_retry() {
                     ready.set_ready();
                 }
@@ -161,10 +200,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let report = reconciler.sync(&store, BTreeSet::new());
                 log_report(&report, &mut rejected_total);
                 destroy_stale_udp(&layout, &report);
+                health_checks.update(reconciler.health_checks());
                 if !reconciler.needs_retry() {
                     ready.set_ready();
                 }
                 info!(writes = report.writes, "retried failed writes");
+            }
+            _ = poll.tick(), if synced => {
+                let changed = network.poll(&mut store, &mut loaded);
+                if !changed.is_empty() {
+                    let report = reconciler.sync(&store, changed);
+                    log_report(&report, &mut rejected_total);
+                    destroy_stale_udp(&layout, &report);
+                    health_checks.update(reconciler.health_checks());
+                    info!(writes = report.writes, addresses = ?store.node().addresses,
+                          "node addresses changed; node ports follow");
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -173,6 +224,93 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
     Ok(())
+}
+
+/// The node's addresses (which serve node ports) and the devices running the north-south
+/// programs, looked at again every [`NETWORK_POLL`].
+struct Network {
+    devices: XdpDevices,
+    mode: XdpMode,
+    cidrs: Vec<IpNet>,
+    /// Devices with the programs attached, by name, with the index they were attached at
+    /// (unknown for those adopted from a previous agent until replaced).
+    attached: BTreeMap<String, Option<u32>>,
+    /// Devices that could not be attached (warned about once).
+    failed: BTreeSet<String>,
+}
+
+impl Network {
+    /// Reads the node's addresses into the store and attaches or detaches devices; returns
+    /// the services to recompute.
+    fn poll(&mut self, store: &mut Store, loaded: &mut Loaded) -> BTreeSet<ObjectRef> {
+        let addrs = match netdev::interfaces() {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                warn!(error = %e, "cannot list the node's addresses; keeping the last ones");
+                return BTreeSet::new();
+            }
+        };
+        let changed = store.set_addresses(netdev::nodeport_addresses(&addrs, &self.cidrs));
+        let wanted: Vec<String> = match &self.devices {
+            XdpDevices::None => Vec::new(),
+            XdpDevices::Named(names) => names.clone(),
+            XdpDevices::Auto => {
+                netdev::auto_devices(&addrs, store.node_ips(), &netdev::default_route_devices())
+            }
+        };
+        let present: Vec<(String, u32)> = wanted
+            .iter()
+            .filter_map(|name| match netdev::ifindex(name) {
+                Some(i) => Some((name.clone(), i)),
+                None => {
+                    if self.failed.insert(name.clone()) {
+                        warn!(device = %name, "XDP device not found; attaching once it appears");
+                    }
+                    None
+                }
+            })
+            .collect();
+        let keep: Vec<u32> = present.iter().map(|(_, i)| *i).collect();
+        let gone: Vec<String> = self
+            .attached
+            .keys()
+            .filter(|name| !present.iter().any(|(n, _)| n == *name))
+            .cloned()
+            .collect();
+        for name in gone {
+            match loaded.detach_device(&name, &keep) {
+                Ok(()) => {
+                    info!(device = %name, "north-south programs detached");
+                    self.attached.remove(&name);
+                }
+                Err(e) => {
+                    warn!(device = %name, error = %e, "cannot detach the north-south programs")
+                }
+            }
+        }
+        for (name, ifindex) in present {
+            if self.attached.get(&name) == Some(&Some(ifindex)) {
+                continue;
+            }
+            let device = loader::Device {
+                name: name.clone(),
+                ifindex,
+            };
+            match loaded.attach_device(&device, self.mode) {
+                Ok(()) => {
+                    info!(device = %name, ifindex, mode = ?self.mode, "north-south programs attached (XDP ingress, tc egress)");
+                    self.attached.insert(name.clone(), Some(ifindex));
+                    self.failed.remove(&name);
+                }
+                Err(e) => {
+                    if self.failed.insert(name.clone()) {
+                        error!(device = %name, error = %e, "cannot attach the north-south programs; retrying");
+                    }
+                }
+            }
+        }
+        changed
+    }
 }
 
 /// Destroys, off the sync path, the connected UDP sockets pointed at backends that left.

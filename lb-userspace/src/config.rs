@@ -3,15 +3,39 @@
 use std::{io::IsTerminal as _, path::PathBuf};
 
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
 use lb_common::maps::{
-    DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SLOTS, DEFAULT_PIN_DIR, MAX_BACKENDS_PER_SERVICE_LIMIT,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
+    DEFAULT_MAX_SOURCE_RANGES, DEFAULT_PIN_DIR, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
 use crate::{loader::MapSizes, model::Limits, source::kubernetes};
 
 /// Default for `--max-backends-per-service`.
 pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: u32 = 4096;
+
+/// How XDP attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum XdpModeArg {
+    /// The kernel's choice: native when the driver supports it, else generic.
+    Auto,
+    /// In the driver.
+    Native,
+    /// In the generic stack path (slower; any device).
+    Generic,
+}
+
+/// Which devices run XDP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum XdpDevices {
+    /// None.
+    None,
+    /// The interfaces holding the Node object's addresses (or a default route).
+    Auto,
+    /// These interfaces.
+    Named(Vec<String>),
+}
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -84,6 +108,53 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BACKENDS_PER_SERVICE_LIMIT)))]
     pub max_backends_per_service: u32,
 
+    /// Devices that run the XDP program for traffic from outside the node (node ports,
+    /// load-balancer IPs, external IPs): a comma-separated list of interface names; `auto`
+    /// for the interfaces holding the addresses of this node's Node object (or, without one,
+    /// a default route); empty or `none` for no XDP.
+    #[arg(long, env = "LB_XDP_DEVICES", default_value = "")]
+    pub xdp_devices: String,
+
+    /// How XDP attaches: `auto` (the driver's native mode when it has one), `native` or
+    /// `generic`.
+    #[arg(long, env = "LB_XDP_MODE", value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+
+    /// Node addresses that serve node ports, as CIDRs (comma-separated), like kube-proxy's
+    /// --nodeport-addresses: every local address inside them. Empty: every global address of
+    /// the node.
+    #[arg(long, env = "LB_NODEPORT_ADDRESSES", default_value = "")]
+    pub nodeport_addresses: String,
+
+    /// Source ports for flows the XDP program SNATs to the node's address (a range outside
+    /// the node's net.ipv4.ip_local_port_range).
+    #[arg(long, env = "LB_SNAT_PORTS", default_value = "61000-65535")]
+    pub snat_ports: String,
+
+    /// Size of each north-south service's Maglev lookup table: a prime, at least
+    /// --max-backends-per-service; over 100 times the backends of a service keeps the flows
+    /// that move when a backend changes close to the minimum.
+    #[arg(long, env = "LB_MAGLEV_TABLE_SIZE", default_value_t = DEFAULT_MAGLEV_TABLE_SIZE)]
+    pub maglev_table_size: u32,
+
+    /// Most north-south services (service ports and address families with a node port,
+    /// load-balancer IP or external IP); each takes a Maglev table.
+    #[arg(long, env = "LB_MAX_EXTERNAL_SERVICES", default_value_t = DEFAULT_MAX_EXTERNAL)]
+    pub max_external_services: u32,
+
+    /// Capacity of the north-south frontend map (node address x node port, load-balancer
+    /// and external IPs x port).
+    #[arg(long, env = "LB_MAX_EXTERNAL_FRONTENDS", default_value_t = DEFAULT_MAX_SERVICES)]
+    pub max_external_frontends: u32,
+
+    /// Capacity of the conntrack map (north-south flows tracked; the oldest are evicted).
+    #[arg(long, env = "LB_MAX_FLOWS", default_value_t = DEFAULT_MAX_FLOWS)]
+    pub max_flows: u32,
+
+    /// Capacity of the loadBalancerSourceRanges map (ranges over all services).
+    #[arg(long, env = "LB_MAX_SOURCE_RANGES", default_value_t = DEFAULT_MAX_SOURCE_RANGES)]
+    pub max_source_ranges: u32,
+
     /// Address of the health endpoint (`/healthz`, `/readyz`) for the DaemonSet's probes;
     /// `off` disables it.
     #[arg(long, env = "LB_HEALTH_ADDR", default_value = "0.0.0.0:9890")]
@@ -119,8 +190,94 @@ impl AgentArgs {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
+        for (flag, value) in [
+            ("--max-external-services", self.max_external_services),
+            ("--max-external-frontends", self.max_external_frontends),
+            ("--max-flows", self.max_flows),
+            ("--max-source-ranges", self.max_source_ranges),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        crate::maglev::check_table_size(self.maglev_table_size)
+            .map_err(|e| format!("--maglev-table-size: {e}"))?;
+        if self.maglev_table_size < self.max_backends_per_service {
+            return Err(format!(
+                "--maglev-table-size {} must be at least --max-backends-per-service {}",
+                self.maglev_table_size, self.max_backends_per_service
+            ));
+        }
+        self.table_entries()?;
         self.health()?;
+        self.snat_range()?;
+        self.nodeport_cidrs()?;
+        self.devices()?;
         Ok(())
+    }
+
+    /// Entries of the lookup table array: one table per north-south service.
+    pub fn table_entries(&self) -> Result<u32, String> {
+        self.maglev_table_size
+            .checked_mul(self.max_external_services)
+            .filter(|n| *n <= 1 << 28)
+            .ok_or_else(|| {
+                format!(
+                    "--maglev-table-size {} x --max-external-services {} is over 2^28 entries",
+                    self.maglev_table_size, self.max_external_services
+                )
+            })
+    }
+
+    /// The SNAT port range, inclusive.
+    pub fn snat_range(&self) -> Result<(u16, u16), String> {
+        let bad = || {
+            format!(
+                "--snat-ports {:?}: expected FIRST-LAST, e.g. 61000-65535",
+                self.snat_ports
+            )
+        };
+        let (a, b) = self.snat_ports.split_once('-').ok_or_else(bad)?;
+        let (a, b): (u16, u16) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a == 0 || a > b || b - a < 255 {
+            return Err(format!(
+                "--snat-ports {a}-{b}: the range must be non-empty, above 0 and hold at least 256 ports"
+            ));
+        }
+        Ok((a, b))
+    }
+
+    /// The CIDRs of --nodeport-addresses (empty: every address).
+    pub fn nodeport_cidrs(&self) -> Result<Vec<IpNet>, String> {
+        split_list(&self.nodeport_addresses)
+            .map(|c| {
+                c.parse::<IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|e| format!("--nodeport-addresses {c:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// The XDP devices asked for.
+    pub fn devices(&self) -> Result<XdpDevices, String> {
+        let names: Vec<&str> = split_list(&self.xdp_devices).collect();
+        match names.as_slice() {
+            [] | ["none"] => Ok(XdpDevices::None),
+            ["auto"] => Ok(XdpDevices::Auto),
+            names => {
+                for n in names {
+                    if *n == "auto" || *n == "none" || n.len() > 15 || n.contains('/') {
+                        return Err(format!("--xdp-devices: {n:?} is not an interface name"));
+                    }
+                }
+                Ok(XdpDevices::Named(
+                    names.iter().map(|n| n.to_string()).collect(),
+                ))
+            }
+        }
     }
 
     /// The health endpoint's address, `None` when disabled.
@@ -142,6 +299,13 @@ impl AgentArgs {
             backends: self.max_backends,
             rev_nat: self.max_rev_nat,
             affinity: self.max_affinity,
+            external: self.max_external_frontends,
+            external_ids: self.max_external_services,
+            table_entries: self
+                .table_entries()
+                .unwrap_or(lb_common::maps::DEFAULT_RING_ENTRIES),
+            flows: self.max_flows,
+            source_ranges: self.max_source_ranges,
         }
     }
 
@@ -159,8 +323,14 @@ impl AgentArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             max_backends_per_service: self.max_backends_per_service as usize,
+            table_size: self.maglev_table_size,
         }
     }
+}
+
+/// The non-empty items of a comma-separated list, trimmed.
+fn split_list(s: &str) -> impl Iterator<Item = &str> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty())
 }
 
 /// Sets up tracing: RUST_LOG filters (default `info`), human or JSON lines on stderr.
@@ -222,5 +392,57 @@ mod tests {
         assert!(parse(&["--source", "file:/m", "--pin-dir", "/tmp/x"]).is_err());
         assert!(parse(&["--source", "file:/m", "--max-slots", "0"]).is_err());
         assert!(parse(&["--source", "file:/m", "--max-backends-per-service", "70000"]).is_err());
+        for bad in [
+            &["--maglev-table-size", "16384"][..],
+            &["--maglev-table-size", "251"],
+            &["--snat-ports", "70000-80000"],
+            &["--snat-ports", "65000-64000"],
+            &["--snat-ports", "65000"],
+            &["--nodeport-addresses", "10.0.0.0/33"],
+            &["--xdp-devices", "eth0,auto"],
+            &["--max-flows", "0"],
+        ] {
+            let mut args = vec!["--source", "file:/m"];
+            args.extend_from_slice(bad);
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn north_south_settings() {
+        let a = parse(&["--source", "file:/m"]).unwrap();
+        assert_eq!(a.devices(), Ok(XdpDevices::None));
+        assert_eq!(a.snat_range(), Ok((61000, 65535)));
+        assert_eq!(a.nodeport_cidrs(), Ok(vec![]));
+        assert_eq!(a.limits().table_size, DEFAULT_MAGLEV_TABLE_SIZE);
+        let a = parse(&[
+            "--source",
+            "file:/m",
+            "--xdp-devices",
+            "eth0, eth1",
+            "--nodeport-addresses",
+            "10.0.0.0/8,2001:db8::1/64",
+            "--maglev-table-size",
+            "65537",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.devices(),
+            Ok(XdpDevices::Named(vec!["eth0".into(), "eth1".into()]))
+        );
+        assert_eq!(
+            a.nodeport_cidrs().unwrap(),
+            [
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "2001:db8::/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(a.table_entries(), Ok(65537 * DEFAULT_MAX_EXTERNAL));
+        assert_eq!(
+            parse(&["--source", "file:/m", "--xdp-devices", "auto"])
+                .unwrap()
+                .devices(),
+            Ok(XdpDevices::Auto)
+        );
     }
 }

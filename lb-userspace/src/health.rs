@@ -26,7 +26,8 @@ impl Readiness {
         self.0.store(true, Ordering::Relaxed);
     }
 
-    fn is_ready(&self) -> bool {
+    /// Whether the agent is ready.
+    pub fn is_ready(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
 }

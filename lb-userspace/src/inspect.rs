@@ -1,9 +1,16 @@
 //! What the CLI shows, computed from the maps' contents: pure, so it is unit-tested.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use comfy_table::{Table, presets::NOTHING};
-use lb_common::{ServiceKey, SlotKey, stats};
+use lb_common::{
+    ServiceInfo, ServiceKey, SlotKey,
+    ns::{CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
+    stats,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -146,6 +153,292 @@ pub fn stats(totals: &[u64]) -> BTreeMap<&'static str, u64> {
         .copied()
         .zip(totals.iter().copied())
         .collect()
+}
+
+/// One north-south frontend, as `lbctl external` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalRow {
+    /// `address:port/PROTO` (a node address and node port, a load-balancer IP or an
+    /// external IP, with the service port).
+    pub frontend: String,
+    /// North-south service id (shared by the frontends of one service port and family).
+    pub id: u32,
+    /// `namespace/name` of the Kubernetes service.
+    pub service: String,
+    /// The service port's name.
+    pub port_name: String,
+    /// `Cluster` or `Local` (externalTrafficPolicy).
+    pub policy: String,
+    /// Whether loadBalancerSourceRanges filter this frontend.
+    pub source_ranges: bool,
+    /// Distinct backends in the lookup table (0: new flows are dropped).
+    pub backends: usize,
+    /// Packets, bytes, new flows and drops of the service, summed over CPUs.
+    pub counters: Counters,
+}
+
+/// A north-south service's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Packets translated (both directions).
+    pub packets: u64,
+    /// Their bytes (IP header on).
+    pub bytes: u64,
+    /// New flows.
+    pub flows: u64,
+    /// Packets dropped (no backend, source range, no SNAT port).
+    pub drops: u64,
+}
+
+impl From<NsCounters> for Counters {
+    fn from(c: NsCounters) -> Self {
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+            flows: c.flows,
+            drops: c.drops,
+        }
+    }
+}
+
+fn info_text(info: Option<&ServiceInfo>) -> (String, String) {
+    let text = |f: fn(&ServiceInfo) -> Option<&str>| info.and_then(f).unwrap_or("?").to_owned();
+    (
+        format!(
+            "{}/{}",
+            text(ServiceInfo::namespace),
+            text(ServiceInfo::name)
+        ),
+        text(ServiceInfo::port_name),
+    )
+}
+
+fn distinct_backends(table: Option<&[u32]>) -> usize {
+    table.map_or(0, |t| {
+        t.iter()
+            .filter(|id| **id != 0)
+            .collect::<BTreeSet<_>>()
+            .len()
+    })
+}
+
+/// Every north-south frontend, by service then frontend; `counters` by service id.
+pub fn external(c: &Contents, counters: &BTreeMap<u32, NsCounters>) -> Vec<ExternalRow> {
+    let mut rows: Vec<ExternalRow> = c
+        .external
+        .iter()
+        .map(|(key, v)| {
+            let (service, port_name) = info_text(c.external_info.get(&v.id));
+            ExternalRow {
+                frontend: frontend_string(key),
+                id: v.id,
+                service,
+                port_name,
+                policy: if v.flags & NS_F_LOCAL != 0 {
+                    "Local"
+                } else {
+                    "Cluster"
+                }
+                .into(),
+                source_ranges: v.flags & NS_F_SOURCE_RANGES != 0,
+                backends: distinct_backends(c.table_of(v)),
+                counters: counters
+                    .get(&v.id)
+                    .copied()
+                    .map(Counters::from)
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    rows
+}
+
+/// One backend's part of a Maglev table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Share {
+    /// Backend id.
+    pub backend_id: u32,
+    /// Its address, or `None` if the backend is missing (an inconsistency).
+    pub backend: Option<SocketAddr>,
+    /// Table entries naming it.
+    pub entries: u32,
+    /// The share of new flows it gets, in percent.
+    pub percent: f64,
+}
+
+/// A north-south service's Maglev table, summarised, as `lbctl maglev` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaglevSummary {
+    /// North-south service id.
+    pub id: u32,
+    /// `namespace/name`.
+    pub service: String,
+    /// The service port's name.
+    pub port_name: String,
+    /// Its frontends.
+    pub frontends: Vec<String>,
+    /// First entry of its table in the table array.
+    pub offset: u32,
+    /// Table size (a prime; 0 when it has no backend).
+    pub size: u32,
+    /// Backends by id, with their shares.
+    pub shares: Vec<Share>,
+}
+
+/// The Maglev tables of the north-south services `selector` picks (`namespace/name` or a
+/// frontend, as for `lbctl service`; empty: all).
+pub fn maglev(c: &Contents, selector: &str) -> Vec<MaglevSummary> {
+    let mut by_id: BTreeMap<u32, MaglevSummary> = BTreeMap::new();
+    for (key, v) in &c.external {
+        let (service, port_name) = info_text(c.external_info.get(&v.id));
+        let row = ServiceRow {
+            frontend: frontend_string(key),
+            id: v.id,
+            backends: 0,
+            service: service.clone(),
+            port_name: port_name.clone(),
+        };
+        if !selector.is_empty() && !selects(selector, key, &row) {
+            // Another frontend of the same service may still select it.
+            continue;
+        }
+        let summary = by_id.entry(v.id).or_insert_with(|| {
+            let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+            for id in c.table_of(v).into_iter().flatten() {
+                *counts.entry(*id).or_default() += 1;
+            }
+            let size = v.ring_size;
+            MaglevSummary {
+                id: v.id,
+                service,
+                port_name,
+                frontends: Vec::new(),
+                offset: v.ring_off,
+                size,
+                shares: counts
+                    .into_iter()
+                    .map(|(id, entries)| Share {
+                        backend_id: id,
+                        backend: c.backends.get(&id).map(to_socket_addr),
+                        entries,
+                        percent: f64::from(entries) * 100.0 / f64::from(size.max(1)),
+                    })
+                    .collect(),
+            }
+        });
+        summary.frontends.push(frontend_string(key));
+    }
+    by_id.into_values().collect()
+}
+
+/// One tracked north-south flow, as `lbctl conntrack` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRow {
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// The client's address and port.
+    pub client: SocketAddr,
+    /// The frontend it reached.
+    pub frontend: SocketAddr,
+    /// The backend it goes to, or `None` when that backend is gone (its next packet picks
+    /// anew).
+    pub backend: Option<SocketAddr>,
+    /// The node address and port it is SNATed to, if any.
+    pub snat: Option<SocketAddr>,
+    /// `namespace/name` of the service.
+    pub service: String,
+}
+
+/// Tracked flows, by service then client.
+pub fn flows(c: &Contents, entries: &[(FlowKey, CtEntry)]) -> Vec<FlowRow> {
+    let mut rows: Vec<FlowRow> = entries
+        .iter()
+        .map(|(k, e)| FlowRow {
+            protocol: protocol_name(k.proto),
+            client: SocketAddr::new(to_ip(k.saddr), u16::from_be(k.sport_be)),
+            frontend: SocketAddr::new(to_ip(k.daddr), u16::from_be(k.dport_be)),
+            backend: c.backends.get(&e.backend_id).map(to_socket_addr),
+            snat: (e.snat_port_be != 0)
+                .then(|| SocketAddr::new(to_ip(e.snat_addr), u16::from_be(e.snat_port_be))),
+            service: info_text(c.external_info.get(&e.svc_id)).0,
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.service, a.client).cmp(&(&b.service, b.client)));
+    rows
+}
+
+/// `lbctl external` as a table.
+pub fn external_table(rows: &[ExternalRow]) -> String {
+    table(
+        &[
+            "FRONTEND", "SERVICE", "PORT", "POLICY", "RANGES", "BACKENDS", "PACKETS", "BYTES",
+            "FLOWS", "DROPS", "ID",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.frontend.clone(),
+                r.service.clone(),
+                r.port_name.clone(),
+                r.policy.clone(),
+                if r.source_ranges { "yes" } else { "-" }.into(),
+                r.backends.to_string(),
+                r.counters.packets.to_string(),
+                r.counters.bytes.to_string(),
+                r.counters.flows.to_string(),
+                r.counters.drops.to_string(),
+                r.id.to_string(),
+            ]
+        }),
+    )
+}
+
+/// `lbctl maglev` as text.
+pub fn maglev_text(summaries: &[MaglevSummary]) -> String {
+    summaries
+        .iter()
+        .map(|m| {
+            let shares = table(
+                &["BACKEND-ID", "BACKEND", "ENTRIES", "SHARE"],
+                m.shares.iter().map(|s| {
+                    vec![
+                        s.backend_id.to_string(),
+                        s.backend.map_or("MISSING".into(), |b| b.to_string()),
+                        s.entries.to_string(),
+                        format!("{:.2}%", s.percent),
+                    ]
+                }),
+            );
+            format!(
+                "{} (port {:?}), id {}, table of {} at {}, frontends {}\n{}",
+                m.service,
+                m.port_name,
+                m.id,
+                m.size,
+                m.offset,
+                m.frontends.join(" "),
+                shares
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `lbctl conntrack` as a table.
+pub fn flows_table(rows: &[FlowRow]) -> String {
+    table(
+        &["PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "SERVICE"],
+        rows.iter().map(|r| {
+            vec![
+                r.protocol.clone(),
+                r.client.to_string(),
+                r.frontend.to_string(),
+                r.backend.map_or("GONE".into(), |b| b.to_string()),
+                r.snat.map_or("-".into(), |b| b.to_string()),
+                r.service.clone(),
+            ]
+        }),
+    )
 }
 
 fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {

@@ -19,8 +19,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapError},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+    maps::{HashMap, MapData, MapError},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        TestRun as _, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
 };
 use lb_common::maps::{self, MapSpec};
 use tracing::{info, warn};
@@ -38,6 +44,20 @@ pub const PROGRAMS: [&str; 8] = [
     "getpeername4",
     "getpeername6",
 ];
+
+/// The XDP program for traffic from outside the node, on each external device.
+pub const XDP_PROGRAM: &str = "xdp_lb";
+/// The tc egress program (reverse translation of local backends' replies), on each external
+/// device.
+pub const TC_PROGRAM: &str = "tc_egress";
+/// An XDP program that passes everything (a veth delivers frames redirected to it only while
+/// its peer runs an XDP program; benchmarks use it as the empty baseline).
+pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
+
+/// Prefix of the link pins of XDP on a device (`xdp-<ifname>`).
+const XDP_LINK_PREFIX: &str = "xdp-";
+/// Prefix of the link pins of tc egress on a device (`tc-<ifname>`).
+const TC_LINK_PREFIX: &str = "tc-";
 
 /// Where the pins live.
 #[derive(Clone, Debug)]
@@ -90,6 +110,16 @@ pub struct MapSizes {
     pub rev_nat: u32,
     /// Affinity map.
     pub affinity: u32,
+    /// North-south frontend map.
+    pub external: u32,
+    /// North-south services (ids); their info and counter maps hold one more (id 0).
+    pub external_ids: u32,
+    /// Lookup table array entries.
+    pub table_entries: u32,
+    /// Conntrack and north-south reverse-NAT maps.
+    pub flows: u32,
+    /// Source-ranges trie.
+    pub source_ranges: u32,
 }
 
 impl MapSizes {
@@ -101,6 +131,11 @@ impl MapSizes {
             maps::BACKENDS => Some(self.backends),
             maps::REV_NAT => Some(self.rev_nat),
             maps::AFFINITY => Some(self.affinity),
+            maps::NS_SERVICES => Some(self.external),
+            maps::NS_INFO | maps::NS_STATS => Some(self.external_ids + 1),
+            maps::RINGS => Some(self.table_entries),
+            maps::CONNTRACK | maps::NAT_REV => Some(self.flows),
+            maps::SOURCE_RANGES => Some(self.source_ranges),
             _ => None,
         }
     }
@@ -261,12 +296,38 @@ pub fn open_pinned(layout: &PinLayout, spec: &MapSpec) -> Result<Option<MapData>
 pub struct Loaded {
     ebpf: Ebpf,
     layout: PinLayout,
+    devices: HashMap<MapData, u32, u8>,
+}
+
+/// What one [`Loaded::test_run`] gave.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    /// The program's return value (XDP action, or tc verdict such as -1 for TCX_NEXT).
+    pub verdict: i32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Mean time per run, as the kernel measured it.
+    pub duration: std::time::Duration,
+}
+
+/// A device running the north-south programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// Interface name.
+    pub name: String,
+    /// Interface index.
+    pub ifindex: u32,
 }
 
 impl Loaded {
     /// Loads the embedded object, reusing compatible pinned maps and creating (and pinning)
-    /// the others with `sizes`.
-    pub fn load(layout: &PinLayout, sizes: &MapSizes) -> Result<Self, LoadError> {
+    /// the others with `sizes`; `snat_ports` is the inclusive range of source ports the XDP
+    /// program SNATs flows to.
+    pub fn load(
+        layout: &PinLayout,
+        sizes: &MapSizes,
+        snat_ports: (u16, u16),
+    ) -> Result<Self, LoadError> {
         for dir in [layout.root().to_owned(), layout.maps(), layout.links()] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -298,16 +359,207 @@ impl Loaded {
                 }
             }
         }
+        loader.override_global("SNAT_PORT_MIN", &snat_ports.0, true);
+        loader.override_global("SNAT_PORT_MAX", &snat_ports.1, true);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGRAMS {
-            program(&mut ebpf, name)?
+            program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
+        for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
+            program::<Xdp>(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
+        program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?
+            .load()
+            .map_err(|source| LoadError::Program {
+                name: TC_PROGRAM,
+                source,
+            })?;
+        let devices = ebpf
+            .take_map(maps::XDP_DEVICES)
+            .ok_or_else(|| LoadError::Missing(format!("map {}", maps::XDP_DEVICES)))?;
+        let devices = HashMap::try_from(devices).map_err(|source| LoadError::Map {
+            name: maps::XDP_DEVICES,
+            source,
+        })?;
         Ok(Self {
             ebpf,
             layout: layout.clone(),
+            devices,
         })
+    }
+
+    /// Runs the packet program `name` ([`XDP_PROGRAM`], [`XDP_PASS_PROGRAM`] or
+    /// [`TC_PROGRAM`]) on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as if it arrived
+    /// on (XDP) or left by (tc) device `ifindex` (0: loopback) of the calling thread's
+    /// network namespace. Returns what the program returned, the frame as it left it and
+    /// the kernel's mean time per run. For tests and benchmarks.
+    pub fn test_run(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutput, LoadError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let perr = |source| LoadError::Program { name, source };
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex; struct __sk_buff is only passed for its ifindex at offset 40.
+        let mut ctx = Vec::new();
+        let result = if name == TC_PROGRAM {
+            let mut skb = [0u8; 192];
+            skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+            ctx.extend_from_slice(&skb);
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: (ifindex != 0).then_some(&ctx[..]),
+                repeat,
+                ..Default::default()
+            };
+            program::<SchedClassifier>(&mut self.ebpf, name)?
+                .test_run(opts)
+                .map_err(perr)?
+        } else {
+            for word in [0, frame.len() as u32, 0, ifindex, 0, 0] {
+                ctx.extend_from_slice(&word.to_ne_bytes());
+            }
+            let opts = TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..Default::default()
+            };
+            program::<Xdp>(&mut self.ebpf, name)?
+                .test_run(opts)
+                .map_err(perr)?
+        };
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            verdict: result.return_value as i32,
+            frame: out,
+            duration: result.duration,
+        })
+    }
+
+    /// The devices the north-south programs are attached to (from the link pins, so a
+    /// restarted agent sees its predecessor's).
+    pub fn attached_devices(&self) -> Result<Vec<String>, LoadError> {
+        let dir = self.layout.links();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let name = entry.map_err(io_err(&dir))?.file_name();
+            if let Some(dev) = name.to_str().and_then(|n| n.strip_prefix(XDP_LINK_PREFIX)) {
+                names.push(dev.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Attaches the north-south programs to `device` (XDP in `mode` at ingress, tc egress),
+    /// or replaces the programs on it with this build's when a link is pinned already; then
+    /// marks it as a device the XDP program may redirect to.
+    pub fn attach_device(&mut self, device: &Device, mode: XdpMode) -> Result<(), LoadError> {
+        let links = self.layout.links();
+        let xdp_pin = links.join(format!("{XDP_LINK_PREFIX}{}", device.name));
+        let prog = program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?;
+        let perr = |source| LoadError::Program {
+            name: XDP_PROGRAM,
+            source,
+        };
+        let id = match adopt_link(&xdp_pin)? {
+            Some(old) => match XdpLink::try_from(old).map(|l| prog.attach_to_link(l)) {
+                Ok(Ok(id)) => Some(id),
+                // The device of the pinned link is gone (or it is of another kind): attach
+                // anew below.
+                _ => None,
+            },
+            None => None,
+        };
+        let id = match id {
+            Some(id) => id,
+            None => prog
+                .attach_to_if_index(device.ifindex, mode)
+                .map_err(perr)?,
+        };
+        let link = prog.take_link(id).map_err(perr)?;
+        let link: FdLink = link.try_into().map_err(|source| LoadError::Link {
+            name: XDP_PROGRAM,
+            source,
+        })?;
+        pin_over(link, &xdp_pin, XDP_PROGRAM)?;
+
+        let tc_pin = links.join(format!("{TC_LINK_PREFIX}{}", device.name));
+        let prog = program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?;
+        let perr = |source| LoadError::Program {
+            name: TC_PROGRAM,
+            source,
+        };
+        let id = match adopt_link(&tc_pin)? {
+            Some(old) => match SchedClassifierLink::try_from(old).map(|l| prog.attach_to_link(l)) {
+                Ok(Ok(id)) => Some(id),
+                _ => None,
+            },
+            None => None,
+        };
+        let id = match id {
+            Some(id) => id,
+            None => prog
+                .attach_with_options(
+                    &device.name,
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(perr)?,
+        };
+        let link = prog.take_link(id).map_err(perr)?;
+        let link: FdLink = link.try_into().map_err(|source| LoadError::Link {
+            name: TC_PROGRAM,
+            source,
+        })?;
+        pin_over(link, &tc_pin, TC_PROGRAM)?;
+
+        self.devices
+            .insert(device.ifindex, 1, 0)
+            .map_err(|source| LoadError::Map {
+                name: maps::XDP_DEVICES,
+                source,
+            })
+    }
+
+    /// Detaches the north-south programs from the device called `name` (its link pins go)
+    /// and forgets every device index not in `keep`.
+    pub fn detach_device(&mut self, name: &str, keep: &[u32]) -> Result<(), LoadError> {
+        let stale: Vec<u32> = self
+            .devices
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !keep.contains(i))
+            .collect();
+        for ifindex in stale {
+            match self.devices.remove(&ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(LoadError::Map {
+                        name: maps::XDP_DEVICES,
+                        source,
+                    });
+                }
+            }
+        }
+        for prefix in [XDP_LINK_PREFIX, TC_LINK_PREFIX] {
+            let pin = self.layout.links().join(format!("{prefix}{name}"));
+            match fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&pin)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Takes the maps the agent writes.
@@ -321,30 +573,48 @@ impl Loaded {
         let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let links = self.layout.links();
         for name in PROGRAMS {
-            let prog = program(&mut self.ebpf, name)?;
+            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
             let perr = |source| LoadError::Program { name, source };
             let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
             let link = prog.take_link(id).map_err(perr)?;
             let link: FdLink = link
                 .try_into()
                 .map_err(|source| LoadError::Link { name, source })?;
-            // bpffs refuses names with a dot.
-            let tmp = links.join(format!("{name}-new"));
-            let _stale = fs::remove_file(&tmp);
-            link.pin(&tmp)
-                .map_err(|source| LoadError::Pin { name, source })?;
-            // Atomically replaces the old pin; its link detaches when the pin goes.
-            let path = self.layout.link(name);
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            pin_over(link, &links.join(name), name)?;
         }
         Ok(())
     }
 }
 
-fn program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, LoadError> {
+/// Pins `link` at `path`, atomically replacing what was pinned there (whose link detaches
+/// when its pin goes, unless it is this very link, updated in place).
+fn pin_over(link: FdLink, path: &Path, name: &'static str) -> Result<(), LoadError> {
+    // bpffs refuses names with a dot.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push("-new");
+    let tmp = PathBuf::from(tmp);
+    let _stale = fs::remove_file(&tmp);
+    link.pin(&tmp)
+        .map_err(|source| LoadError::Pin { name, source })?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// The link pinned at `path`, if any.
+fn adopt_link(path: &Path) -> Result<Option<FdLink>, LoadError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    match PinnedLink::from_pin(path) {
+        Ok(link) => Ok(Some(link.into())),
+        // Not a link (or unreadable): attaching anew pins over it.
+        Err(_) => Ok(None),
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or_else(|| LoadError::Missing(format!("program {name}")))?
         .try_into()
@@ -393,7 +663,13 @@ mod tests {
     #[test]
     fn the_embedded_object_matches_the_map_specs() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
-        let mut names: Vec<&str> = obj.maps.keys().map(String::as_str).collect();
+        // Global variables live in the object's data sections, which are maps too.
+        let mut names: Vec<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with('.'))
+            .collect();
         names.sort();
         let mut expected: Vec<&str> = maps::ALL.iter().map(|s| s.name).collect();
         expected.sort();
@@ -426,6 +702,7 @@ mod tests {
         let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         names.sort();
         let mut expected = PROGRAMS.to_vec();
+        expected.extend([XDP_PROGRAM, XDP_PASS_PROGRAM, TC_PROGRAM]);
         expected.sort();
         assert_eq!(names, expected);
     }

@@ -13,6 +13,7 @@ pub mod apiserver;
 pub mod fixture;
 pub mod manifest;
 pub mod netns;
+pub mod packet;
 pub mod probe;
 pub mod process;
 pub mod world;

@@ -65,6 +65,26 @@ fn sweep_stale() {
     }
 }
 
+/// A new sandbox tag (`lbt<pid>x<seq>`), unique in this machine, for namespaces, cgroups,
+/// pin directories and temp dirs; the first call sweeps what dead test processes left and
+/// mounts bpffs when needed.
+pub fn new_tag() -> String {
+    static SWEEP: Once = Once::new();
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    SWEEP.call_once(sweep_stale);
+    lb_userspace::host::ensure_bpffs(Path::new(BPFFS)).expect("bpffs is available");
+    format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The pin directory of a sandbox.
+pub fn pin_dir_of(tag: &str) -> PathBuf {
+    Path::new(BPFFS).join(tag)
+}
+
 /// A held TCP connection (`lb-probe hold`): one request at connect, more on demand.
 pub struct Held {
     out: BufReader<ChildStdout>,
@@ -112,15 +132,7 @@ pub struct World {
 impl World {
     /// A world with `n` backend namespaces. Panics, after cleaning up, if it cannot be built.
     pub fn new(n: usize) -> Self {
-        static SWEEP: Once = Once::new();
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        SWEEP.call_once(sweep_stale);
-        lb_userspace::host::ensure_bpffs(Path::new(BPFFS)).expect("bpffs is available");
-        let tag = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let tag = new_tag();
         let dir = std::env::temp_dir().join(&tag);
         fs::create_dir_all(dir.join("manifests")).expect("temp dir");
         let ns = |role: &str| Netns::create(&format!("{tag}-{role}")).expect("ip netns add");
@@ -128,7 +140,7 @@ impl World {
         let backends: Vec<Netns> = (0..n).map(|i| ns(&format!("b{i}"))).collect();
         let world = Self {
             bins: bin_dir(),
-            pin_dir: Path::new(BPFFS).join(&tag),
+            pin_dir: pin_dir_of(&tag),
             cgroup: Cgroup::create(&tag).expect("cgroup"),
             servers: Vec::new(),
             agent: None,

@@ -1,12 +1,16 @@
 //! lbctl: shows what the datapath holds, reading the pinned maps read-only. It works while
 //! the agent is down and never writes.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
-    datapath::bpf::{MapSet, read_stats},
+    datapath::bpf::{MapSet, read_conntrack, read_stats},
     inspect,
     loader::PinLayout,
 };
@@ -45,6 +49,21 @@ enum Command {
     Backends,
     /// Show the datapath counters, summed over CPUs.
     Stats,
+    /// List north-south frontends (node ports, load-balancer IPs, external IPs) with their
+    /// policy, backends and per-service packet, byte, flow and drop counters.
+    External,
+    /// Summarise Maglev lookup tables: each backend's share of new flows, for the services
+    /// a selector picks (`namespace/name`, `IP:port`, `IP:port/PROTO`; default all).
+    Maglev {
+        /// Which service or frontend.
+        selector: Option<String>,
+    },
+    /// List tracked north-south flows: client, frontend, backend and SNAT address.
+    Conntrack {
+        /// Most flows to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) {
@@ -77,6 +96,33 @@ fn run(args: Args) -> Result<(), String> {
         Command::Backends => emit(args.output, &inspect::backends(&contents()?), |r| {
             inspect::backends_table(r)
         }),
+        Command::External => {
+            let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
+            let c = maps.read().map_err(|e| e.to_string())?;
+            let ids: BTreeSet<u32> = c.external.values().map(|v| v.id).collect();
+            let counters = ids
+                .into_iter()
+                .map(|id| maps.counters(id).map(|n| (id, n)))
+                .collect::<Result<BTreeMap<_, _>, _>>()
+                .map_err(|e| e.to_string())?;
+            emit(args.output, &inspect::external(&c, &counters), |r| {
+                inspect::external_table(r)
+            });
+        }
+        Command::Maglev { selector } => {
+            let selector = selector.unwrap_or_default();
+            let summaries = inspect::maglev(&contents()?, &selector);
+            if summaries.is_empty() && !selector.is_empty() {
+                return Err(format!("no north-south frontend matches {selector:?}"));
+            }
+            emit(args.output, &summaries, |m| inspect::maglev_text(m));
+        }
+        Command::Conntrack { limit } => {
+            let entries = read_conntrack(&layout, limit).map_err(|e| e.to_string())?;
+            emit(args.output, &inspect::flows(&contents()?, &entries), |r| {
+                inspect::flows_table(r)
+            });
+        }
         Command::Stats => {
             let totals = read_stats(&layout).map_err(|e| e.to_string())?;
             emit(args.output, &inspect::stats(&totals), |s| {

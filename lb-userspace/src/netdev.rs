@@ -1,0 +1,240 @@
+//! The node's network devices and addresses, as the north-south datapath needs them: which
+//! addresses serve node ports (kube-proxy's `--nodeport-addresses`), and which devices run the
+//! XDP program in `auto` mode. The choices are pure functions of what [`interfaces`] and
+//! [`default_route_devices`] read from the kernel, so they are unit-tested without one.
+
+use std::{collections::BTreeSet, fs, io, net::IpAddr};
+
+use ipnet::IpNet;
+
+/// One address of one interface.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IfAddr {
+    /// The interface's name.
+    pub ifname: String,
+    /// The interface's index.
+    pub ifindex: u32,
+    /// The address.
+    pub ip: IpAddr,
+}
+
+/// Whether a node port may be served on `ip`: a unicast address that is not loopback,
+/// link-local or unspecified. (Node ports on loopback are served to local processes by the
+/// socket programs; link-local addresses are ambiguous across interfaces.)
+pub fn serves_node_ports(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_loopback()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_broadcast())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
+/// The addresses that serve node ports: every address of the node that may (see
+/// [`serves_node_ports`]), inside one of `cidrs` when any are given. Sorted, without
+/// duplicates.
+pub fn nodeport_addresses(addrs: &[IfAddr], cidrs: &[IpNet]) -> Vec<IpAddr> {
+    let set: BTreeSet<IpAddr> = addrs
+        .iter()
+        .map(|a| a.ip)
+        .filter(serves_node_ports)
+        .filter(|ip| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(ip)))
+        .collect();
+    set.into_iter().collect()
+}
+
+/// The devices `auto` mode attaches XDP to: those holding one of the Node object's
+/// addresses; without any (no Node object yet, or none of its addresses is local), those of
+/// the default routes. Sorted by name, without duplicates.
+pub fn auto_devices(
+    addrs: &[IfAddr],
+    node_ips: &[IpAddr],
+    default_routes: &[String],
+) -> Vec<String> {
+    let by_node: BTreeSet<String> = addrs
+        .iter()
+        .filter(|a| node_ips.contains(&a.ip) && a.ifname != "lo")
+        .map(|a| a.ifname.clone())
+        .collect();
+    if !by_node.is_empty() {
+        return by_node.into_iter().collect();
+    }
+    let set: BTreeSet<String> = default_routes
+        .iter()
+        .filter(|d| d.as_str() != "lo")
+        .cloned()
+        .collect();
+    set.into_iter().collect()
+}
+
+/// Every address of every interface that is up, in this network namespace.
+pub fn interfaces() -> io::Result<Vec<IfAddr>> {
+    use nix::net::if_::InterfaceFlags;
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        if !ifa.flags.contains(InterfaceFlags::IFF_UP) {
+            continue;
+        }
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let ifindex = nix::net::if_::if_nametoindex(ifa.interface_name.as_str()).unwrap_or(0);
+        out.push(IfAddr {
+            ifname: ifa.interface_name,
+            ifindex,
+            ip,
+        });
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The index of the interface called `name`, if there is one.
+pub fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok().filter(|i| *i != 0)
+}
+
+/// The devices of the IPv4 and IPv6 default routes (main table), from procfs.
+pub fn default_route_devices() -> Vec<String> {
+    let v4 = fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let v6 = fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    let mut devs = parse_route_v4(&v4);
+    devs.extend(parse_route_v6(&v6));
+    devs.sort();
+    devs.dedup();
+    devs
+}
+
+/// Default-route devices of `/proc/net/route` (columns: Iface Destination Gateway Flags ...
+/// Mask ...; destination and mask in hex).
+fn parse_route_v4(text: &str) -> Vec<String> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.len() > 7 && cols[1] == "00000000" && cols[7] == "00000000")
+                .then(|| cols[0].to_owned())
+        })
+        .collect()
+}
+
+/// Default-route devices of `/proc/net/ipv6_route` (columns: destination, prefix length, source,
+/// its length, next hop, metric, refcount, use, flags, device).
+fn parse_route_v6(text: &str) -> Vec<String> {
+    const ZERO: &str = "00000000000000000000000000000000";
+    text.lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.len() == 10 && cols[0] == ZERO && cols[1] == "00" && cols[9] != "lo")
+                .then(|| cols[9].to_owned())
+        })
+        .collect()
+}
+
+/// The kernel's `ip_local_port_range` (ephemeral ports of local sockets), if readable.
+pub fn local_port_range() -> Option<(u16, u16)> {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    Some((it.next()?.ok()?, it.next()?.ok()?))
+}
+
+/// Whether two inclusive port ranges overlap.
+pub fn overlaps(a: (u16, u16), b: (u16, u16)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(ifname: &str, ip: &str) -> IfAddr {
+        IfAddr {
+            ifname: ifname.into(),
+            ifindex: 1,
+            ip: ip.parse().unwrap(),
+        }
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn node_ports_are_served_on_global_unicast_addresses_only() {
+        let addrs = [
+            a("lo", "127.0.0.1"),
+            a("lo", "::1"),
+            a("eth0", "192.0.2.10"),
+            a("eth0", "fe80::1"),
+            a("eth0", "2001:db8::10"),
+            a("eth1", "169.254.1.1"),
+            a("eth1", "10.1.0.5"),
+        ];
+        assert_eq!(
+            nodeport_addresses(&addrs, &[]),
+            ips(&["10.1.0.5", "192.0.2.10", "2001:db8::10"])
+        );
+        let cidrs: Vec<IpNet> = vec!["192.0.2.0/24".parse().unwrap()];
+        assert_eq!(nodeport_addresses(&addrs, &cidrs), ips(&["192.0.2.10"]));
+        let none: Vec<IpNet> = vec!["198.51.100.0/24".parse().unwrap()];
+        assert!(nodeport_addresses(&addrs, &none).is_empty());
+    }
+
+    #[test]
+    fn auto_devices_prefer_the_node_objects_addresses() {
+        let addrs = [
+            a("eth0", "192.0.2.10"),
+            a("eth1", "10.1.0.5"),
+            a("lo", "127.0.0.1"),
+        ];
+        let routes = vec!["eth0".to_string()];
+        assert_eq!(auto_devices(&addrs, &ips(&["10.1.0.5"]), &routes), ["eth1"]);
+        assert_eq!(
+            auto_devices(&addrs, &ips(&["10.1.0.5", "192.0.2.10"]), &routes),
+            ["eth0", "eth1"]
+        );
+        // No Node object, or none of its addresses here: the default routes' devices.
+        assert_eq!(auto_devices(&addrs, &[], &routes), ["eth0"]);
+        assert_eq!(
+            auto_devices(&addrs, &ips(&["203.0.113.1"]), &routes),
+            ["eth0"]
+        );
+        assert!(auto_devices(&addrs, &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn default_routes_are_read_from_procfs_tables() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  eth0\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                  eth1\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000080\t0\t0\t0\n";
+        assert_eq!(parse_route_v4(v4), ["eth0"]);
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 eth2\n\
+                  20010db8000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth2\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n";
+        assert_eq!(parse_route_v6(v6), ["eth2"]);
+    }
+
+    #[test]
+    fn port_ranges_overlap_when_they_share_a_port() {
+        assert!(overlaps((32768, 60999), (60000, 65535)));
+        assert!(!overlaps((32768, 60999), (61000, 65535)));
+        assert!(overlaps((61000, 61000), (61000, 65535)));
+    }
+}

@@ -1,0 +1,696 @@
+//! The north-south programs (`xdp_lb`, `tc_egress`) run with BPF_PROG_TEST_RUN on crafted
+//! frames, against maps programmed by the real pipeline (manifests -> store -> model ->
+//! reconciler -> pinned maps). The kernel runs the programs in a network namespace of the
+//! test's own (routes, neighbours and devices for the FIB lookups; no route out), and the
+//! test checks every rewritten frame's addresses, ports, MACs and checksums, the checksums
+//! recomputed here from scratch.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+};
+
+use lb_common::stats as st;
+use lb_tests::{
+    manifest::{Ep, slice},
+    netns::Netns,
+    packet::{self, Parsed, TCP, UDP, frame},
+    require_privileges,
+    world::{new_tag, pin_dir_of},
+};
+use lb_userspace::{
+    datapath::bpf::{BpfDatapath, read_stats},
+    loader::{Device, Loaded, MapSizes, PinLayout, TC_PROGRAM, XDP_PROGRAM},
+    model::{Limits, ObjectRef},
+    reconcile::Reconciler,
+    source::file::{Document, parse_manifest},
+    store::{Snapshot, Store, Update},
+};
+use serde_json::json;
+
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
+const TCX_NEXT: i32 = -1;
+
+const EXT_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+fn backend_mac(i: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, i]
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// The test's node: a namespace with an external device `ext0` (192.0.2.1/24,
+/// 2001:db8:1::1/64; clients 203.0.113.0/24 and 2001:db8:9::/64 behind 192.0.2.254 and
+/// 2001:db8:1::fe; remote backends 192.0.2.50.. and 2001:db8:1::50.. on the same link) and a
+/// pod device `pod0` (10.244.0.1/24, a local pod 10.244.0.10), the programs loaded with
+/// their maps pinned in a directory of the test's own.
+struct Node {
+    ns: Netns,
+    pins: PathBuf,
+}
+
+impl Node {
+    fn new() -> Self {
+        let tag = new_tag();
+        let ns = Netns::create(&format!("{tag}-x")).expect("ip netns add");
+        let node = Self {
+            ns,
+            pins: pin_dir_of(&tag),
+        };
+        node.wire().expect("wiring the node namespace");
+        node
+    }
+
+    fn wire(&self) -> std::io::Result<()> {
+        let ns = &self.ns;
+        ns.sysctl("net/ipv4/ip_forward", "1")?;
+        ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        ns.ip(&[
+            "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
+        ])?;
+        ns.ip(&[
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod1",
+        ])?;
+        // The peers stay silent (no IPv6 router or multicast listener messages), so the only
+        // packets the attached XDP program sees are the test's.
+        for dev in ["ext1", "pod1"] {
+            ns.sysctl(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1")?;
+        }
+        for dev in ["ext0", "ext1", "pod0", "pod1"] {
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        ns.addr("ext0", "192.0.2.1/24")?;
+        ns.addr("ext0", "2001:db8:1::1/64")?;
+        ns.addr("pod0", "10.244.0.1/24")?;
+        let neigh = |ip: &str, mac: [u8; 6], dev: &str| {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                ip,
+                "lladdr",
+                &mac_text(mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])
+        };
+        neigh("192.0.2.254", EXT_GW_MAC, "ext0")?;
+        neigh("2001:db8:1::fe", EXT_GW_MAC, "ext0")?;
+        for i in 0..8u8 {
+            neigh(&format!("192.0.2.{}", 50 + i), backend_mac(i), "ext0")?;
+            neigh(&format!("2001:db8:1::{}", 50 + i), backend_mac(i), "ext0")?;
+        }
+        neigh("10.244.0.10", [0x02, 0, 0, 0, 2, 10], "pod0")?;
+        ns.route("203.0.113.0/24", "192.0.2.254")?;
+        ns.route("2001:db8:9::/64", "2001:db8:1::fe")
+    }
+
+    /// Runs `f` on a thread inside the node's namespace (the kernel runs test programs and
+    /// their FIB lookups in the caller's namespace).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let path = self.ns.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let file = fs::File::open(&path).expect("netns file");
+                // SAFETY: setns on this thread only, with a valid namespace fd.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.pins)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup: {}: {e}", self.pins.display());
+        }
+    }
+}
+
+/// The programs and the pipeline that programs their maps.
+struct Lab {
+    loaded: Loaded,
+    reconciler: Reconciler<BpfDatapath>,
+    store: Store,
+    layout: PinLayout,
+    ext0: u32,
+}
+
+impl Lab {
+    fn new(pins: &PathBuf) -> Self {
+        let layout = PinLayout::new(pins);
+        let sizes = MapSizes {
+            services: 64,
+            slots: 1024,
+            backends: 256,
+            rev_nat: 1024,
+            affinity: 1024,
+            external: 64,
+            external_ids: 16,
+            table_entries: 16 * 251,
+            flows: 4096,
+            source_ranges: 64,
+        };
+        let mut loaded =
+            Loaded::load(&layout, &sizes, (61000, 65535)).expect("the programs pass the verifier");
+        let ext0 = lb_userspace::netdev::ifindex("ext0").expect("ext0 exists");
+        // Attaching for real also marks ext0 as a device XDP may send out of.
+        loaded
+            .attach_device(
+                &Device {
+                    name: "ext0".into(),
+                    ifindex: ext0,
+                },
+                aya::programs::XdpMode::Default,
+            )
+            .expect("XDP and tc attach to a veth");
+        let dp = loaded.datapath().expect("maps");
+        let limits = Limits {
+            max_backends_per_service: 64,
+            table_size: 251,
+        };
+        let reconciler = Reconciler::new(dp, limits).expect("reconciler");
+        let mut store = Store::new(Some("node-a".into()));
+        store.set_addresses(vec![
+            "192.0.2.1".parse().unwrap(),
+            "2001:db8:1::1".parse().unwrap(),
+        ]);
+        Self {
+            loaded,
+            reconciler,
+            store,
+            layout,
+            ext0,
+        }
+    }
+
+    /// Programs exactly the objects of `manifests`.
+    fn program(&mut self, manifests: &[String]) {
+        let mut snapshot = Snapshot::default();
+        for m in manifests {
+            for doc in parse_manifest(m).expect("manifest parses") {
+                match doc {
+                    Document::Object(lb_userspace::store::Object::Service(s)) => {
+                        snapshot.services.push(*s)
+                    }
+                    Document::Object(lb_userspace::store::Object::EndpointSlice(s)) => {
+                        snapshot.slices.push(*s)
+                    }
+                    other => panic!("unexpected document {other:?}"),
+                }
+            }
+        }
+        let dirty = self.store.update(Update::Snapshot(snapshot));
+        let all: BTreeSet<ObjectRef> = dirty
+            .into_iter()
+            .chain(self.store.service_refs().cloned())
+            .collect();
+        let report = self.reconciler.sync(&self.store, all);
+        assert!(
+            report.rejected.is_empty(),
+            "rejected: {:?}",
+            report.rejected
+        );
+        assert!(
+            report.errors.is_empty(),
+            "write errors: {:?}",
+            report.errors
+        );
+        assert!(report.full.is_empty(), "full: {:?}", report.full);
+    }
+
+    fn xdp(&mut self, f: &[u8]) -> (i32, Vec<u8>) {
+        let out = self
+            .loaded
+            .test_run(XDP_PROGRAM, f, self.ext0, 1)
+            .expect("test run");
+        (out.verdict, out.frame)
+    }
+
+    fn tc(&mut self, f: &[u8]) -> (i32, Vec<u8>) {
+        let out = self.loaded.test_run(TC_PROGRAM, f, 0, 1).expect("test run");
+        (out.verdict, out.frame)
+    }
+
+    /// Runs XDP on a frame that must be translated and sent with `verdict`; the result,
+    /// parsed with its checksums verified.
+    fn translated(&mut self, f: &[u8], verdict: i32) -> Parsed {
+        let (v, out) = self.xdp(f);
+        assert_eq!(
+            v,
+            verdict,
+            "verdict for {:?}: left as {:?}; counters {:?}",
+            packet::parse(f),
+            packet::parse(&out),
+            lb_userspace::inspect::stats(&self.stats())
+                .into_iter()
+                .filter(|(_, v)| *v != 0)
+                .collect::<Vec<_>>()
+        );
+        packet::parse(&out).unwrap_or_else(|e| panic!("translated frame: {e}"))
+    }
+
+    fn stats(&self) -> Vec<u64> {
+        read_stats(&self.layout).expect("stats")
+    }
+}
+
+fn ports(list: &[(&str, u16, &str, u16, u16)]) -> serde_json::Value {
+    list.iter()
+        .map(|(name, port, proto, target, node_port)| {
+            json!({"name": name, "port": port, "protocol": proto, "targetPort": target,
+                   "nodePort": node_port})
+        })
+        .collect()
+}
+
+fn service(ns_name: (&str, &str), spec: serde_json::Value, status: serde_json::Value) -> String {
+    serde_json::to_string_pretty(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": ns_name.0, "name": ns_name.1},
+        "spec": spec,
+        "status": status,
+    }))
+    .unwrap()
+}
+
+/// `web`: NodePort, dual-stack, Cluster policy, remote backends; `lb`: LoadBalancer with
+/// Local policy, source ranges and one local and one remote endpoint; `ext`: an external IP
+/// with Local policy and no local endpoint.
+fn manifests(web_backends: &[u8]) -> Vec<String> {
+    let web = service(
+        ("shop", "web"),
+        json!({
+            "type": "NodePort",
+            "clusterIPs": ["10.96.0.10", "fd00:96::10"], "clusterIP": "10.96.0.10",
+            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+            "ports": ports(&[("http", 80, "TCP", 8080, 30080), ("dns", 53, "UDP", 5353, 30053)]),
+        }),
+        json!({}),
+    );
+    let web_ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
+    let eps4: Vec<Ep> = web_backends
+        .iter()
+        .map(|i| Ep::ready(format!("192.0.2.{}", 50 + i)).on_node("node-b"))
+        .collect();
+    let eps6: Vec<Ep> = web_backends
+        .iter()
+        .map(|i| Ep::ready(format!("2001:db8:1::{}", 50 + i)).on_node("node-b"))
+        .collect();
+    let lb = service(
+        ("shop", "lb"),
+        json!({
+            "type": "LoadBalancer", "clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"],
+            "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+            "loadBalancerSourceRanges": ["203.0.113.0/24"],
+            "ports": ports(&[("https", 443, "TCP", 8443, 30443)]),
+        }),
+        json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.10"}]}}),
+    );
+    let ext = service(
+        ("shop", "ext"),
+        json!({
+            "type": "ClusterIP", "clusterIP": "10.96.0.12", "clusterIPs": ["10.96.0.12"],
+            "externalIPs": ["198.51.100.20"], "externalTrafficPolicy": "Local",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }),
+        json!({}),
+    );
+    vec![
+        web,
+        slice("shop", "web-4", "web", "IPv4", &web_ports, &eps4),
+        slice("shop", "web-6", "web", "IPv6", &web_ports, &eps6),
+        lb,
+        slice(
+            "shop",
+            "lb-1",
+            "lb",
+            "IPv4",
+            &[("https", 8443, "TCP")],
+            &[
+                Ep::ready("10.244.0.10").on_node("node-a"),
+                Ep::ready("192.0.2.51").on_node("node-b"),
+            ],
+        ),
+        ext,
+        slice(
+            "shop",
+            "ext-1",
+            "ext",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[Ep::ready("192.0.2.52").on_node("node-b")],
+        ),
+    ]
+}
+
+fn in_snat_range(p: u16) -> bool {
+    (61000..=65535).contains(&p)
+}
+
+#[test]
+fn xdp_and_tc_translate_each_service_kind_with_valid_checksums() {
+    if !require_privileges("xdp_and_tc_translate_each_service_kind_with_valid_checksums") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        let before = lab.stats();
+
+        // NodePort, Cluster policy, remote backend: DNAT to the backend, SNAT to the node's
+        // address on the egress route, out of the same device (XDP_TX) with the FIB's MACs.
+        for (proto, client, frontend, backend, node_ip) in [
+            (
+                TCP,
+                "203.0.113.7:40000",
+                "192.0.2.1:30080",
+                "192.0.2.50:8080",
+                "192.0.2.1",
+            ),
+            (
+                UDP,
+                "203.0.113.7:40000",
+                "192.0.2.1:30053",
+                "192.0.2.50:5353",
+                "192.0.2.1",
+            ),
+            (
+                TCP,
+                "[2001:db8:9::7]:40000",
+                "[2001:db8:1::1]:30080",
+                "[2001:db8:1::50]:8080",
+                "2001:db8:1::1",
+            ),
+            (
+                UDP,
+                "[2001:db8:9::7]:40000",
+                "[2001:db8:1::1]:30053",
+                "[2001:db8:1::50]:5353",
+                "2001:db8:1::1",
+            ),
+        ] {
+            let syn = frame(proto, sa(client), sa(frontend), b"ping");
+            let out = lab.translated(&syn, XDP_TX);
+            assert_eq!(out.dst, sa(backend), "{frontend}/{proto}");
+            assert_eq!(out.src.ip(), node_ip.parse::<IpAddr>().unwrap());
+            assert!(
+                in_snat_range(out.src.port()),
+                "SNAT port {}",
+                out.src.port()
+            );
+            assert_eq!(out.dmac, backend_mac(0));
+            assert_eq!(out.payload, b"ping");
+            // The flow's next packet takes the same backend and SNAT port.
+            assert_eq!(lab.translated(&syn, XDP_TX), out);
+            // The backend's reply to the SNAT address comes back as the frontend's, towards
+            // the client through its gateway.
+            let reply = frame(proto, out.dst, out.src, b"pong");
+            let back = lab.translated(&reply, XDP_TX);
+            assert_eq!((back.src, back.dst), (sa(frontend), sa(client)));
+            assert_eq!(back.dmac, EXT_GW_MAC);
+            assert_eq!(back.payload, b"pong");
+        }
+
+        // LoadBalancer IP, Local policy: only the local endpoint, the client's address kept,
+        // handed to the stack (the pod device runs no XDP).
+        let client = sa("203.0.113.7:40001");
+        let to_lb = frame(TCP, client, sa("198.51.100.10:443"), b"hi");
+        let out = lab.translated(&to_lb, XDP_PASS);
+        assert_eq!((out.src, out.dst), (client, sa("10.244.0.10:8443")));
+        // Its node port too.
+        let to_np = frame(TCP, sa("203.0.113.8:40002"), sa("192.0.2.1:30443"), b"");
+        let out = lab.translated(&to_np, XDP_PASS);
+        assert_eq!(
+            (out.src, out.dst),
+            (sa("203.0.113.8:40002"), sa("10.244.0.10:8443"))
+        );
+
+        // The local pod's reply leaves by ext0, where tc egress restores the frontend.
+        let reply = frame(TCP, sa("10.244.0.10:8443"), client, b"ho");
+        let (verdict, out) = lab.tc(&reply);
+        assert_eq!(verdict, TCX_NEXT);
+        let out = packet::parse(&out).expect("valid checksums after tc");
+        assert_eq!((out.src, out.dst), (sa("198.51.100.10:443"), client));
+        assert_eq!(out.payload, b"ho");
+        // Other traffic leaving the node is untouched by tc.
+        let other = frame(TCP, sa("10.244.0.10:8443"), sa("203.0.113.99:5000"), b"x");
+        assert_eq!(lab.tc(&other), (TCX_NEXT, other.clone()));
+
+        // loadBalancerSourceRanges: a source outside them is dropped at the LB IP.
+        let outsider = frame(TCP, sa("192.0.2.99:40000"), sa("198.51.100.10:443"), b"");
+        assert_eq!(lab.xdp(&outsider).0, XDP_DROP);
+        // ... but the node port of the same service does not filter (as kube-proxy).
+        let outsider_np = frame(TCP, sa("192.0.2.99:40000"), sa("192.0.2.1:30443"), b"");
+        assert_eq!(lab.xdp(&outsider_np).0, XDP_PASS);
+
+        // An external IP with Local policy and no endpoint on this node: dropped.
+        let no_local = frame(TCP, sa("203.0.113.7:40003"), sa("198.51.100.20:8080"), b"");
+        assert_eq!(lab.xdp(&no_local).0, XDP_DROP);
+
+        // Not a frontend: passed untouched.
+        for f in [
+            frame(TCP, sa("203.0.113.7:40000"), sa("192.0.2.1:22"), b"ssh"),
+            frame(
+                UDP,
+                sa("203.0.113.7:40000"),
+                sa("192.0.2.1:30080"),
+                b"wrong protocol",
+            ),
+            frame(
+                TCP,
+                sa("203.0.113.7:40000"),
+                sa("192.0.2.2:30080"),
+                b"not a node address",
+            ),
+        ] {
+            assert_eq!(lab.xdp(&f), (XDP_PASS, f.clone()));
+        }
+
+        let after = lab.stats();
+        let delta = |i: u32| after[i as usize] - before[i as usize];
+        // Four flows twice each, the LB IP, the node port and the outsider at the node port.
+        assert_eq!(delta(st::XDP_TRANSLATED), 4 * 2 + 3);
+        assert_eq!(delta(st::XDP_REVERSED), 4);
+        assert_eq!(delta(st::TC_REVERSED), 1);
+        assert_eq!(delta(st::XDP_DROP_SOURCE_RANGE), 1);
+        assert_eq!(delta(st::XDP_DROP_NO_BACKEND), 1);
+        assert_eq!(delta(st::XDP_REDIRECTED), 4 * 3);
+        // The Local service's packets went to the stack, for the local pod.
+        assert_eq!(delta(st::XDP_TO_STACK), 3);
+    });
+}
+
+#[test]
+fn malformed_and_unsupported_packets_pass_untouched_and_are_counted() {
+    if !require_privileges("malformed_and_unsupported_packets_pass_untouched_and_are_counted") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        let v4 = frame(TCP, sa("203.0.113.7:40000"), sa("192.0.2.1:30080"), b"data");
+        let v6 = frame(
+            UDP,
+            sa("[2001:db8:9::7]:4000"),
+            sa("[2001:db8:1::1]:30053"),
+            b"data",
+        );
+        let mut bad_ihl = v4.clone();
+        bad_ihl[packet::L3] = 0x44;
+        let mut long_v4 = v4.clone();
+        long_v4[packet::L3 + 2..packet::L3 + 4].copy_from_slice(&200u16.to_be_bytes());
+        let mut long_v6 = v6.clone();
+        long_v6[packet::L3 + 4..packet::L3 + 6].copy_from_slice(&200u16.to_be_bytes());
+        let mut not_v4 = v4.clone();
+        not_v4[packet::L3] = 0x65;
+        let mut short_ip_len = v4.clone();
+        // The IP length ends inside the TCP header.
+        short_ip_len[packet::L3 + 2..packet::L3 + 4].copy_from_slice(&30u16.to_be_bytes());
+        packet::fix_ipv4_checksum(&mut short_ip_len);
+        let mut arp = v4.clone();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let mut vlan = v4.clone();
+        vlan[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+
+        let cases: Vec<(&str, Vec<u8>, Option<u32>)> = vec![
+            (
+                "IPv4 fragment",
+                packet::as_fragment(v4.clone()),
+                Some(st::XDP_PASS_FRAGMENT),
+            ),
+            (
+                "IPv4 options",
+                packet::with_ipv4_options(v4.clone()),
+                Some(st::XDP_PASS_IP_OPTIONS),
+            ),
+            (
+                "IPv6 extension header",
+                packet::with_ipv6_hop_by_hop(v6.clone()),
+                Some(st::XDP_PASS_IP_OPTIONS),
+            ),
+            (
+                "IPv6 fragment header",
+                {
+                    let mut f = packet::with_ipv6_hop_by_hop(v6.clone());
+                    f[packet::L3 + 6] = 44;
+                    f
+                },
+                Some(st::XDP_PASS_FRAGMENT),
+            ),
+            (
+                "truncated TCP header",
+                v4[..packet::L3 + 20 + 10].to_vec(),
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            (
+                "truncated IPv6 header",
+                v6[..packet::L3 + 30].to_vec(),
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            (
+                "IPv4 header length under 20",
+                bad_ihl,
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            (
+                "IPv4 total length past the frame",
+                long_v4,
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            (
+                "IPv6 payload length past the frame",
+                long_v6,
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            (
+                "IP length inside the TCP header",
+                short_ip_len,
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            (
+                "IPv4 ethertype with version 6",
+                not_v4,
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+            ("ARP", arp, None),
+            ("VLAN tag", vlan, None),
+            // The kernel hands XDP nothing shorter than an Ethernet header.
+            (
+                "Ethernet header only",
+                v4[..packet::L3].to_vec(),
+                Some(st::XDP_PASS_MALFORMED),
+            ),
+        ];
+        for (what, f, counter) in cases {
+            let before = lab.stats();
+            assert_eq!(lab.xdp(&f), (XDP_PASS, f.clone()), "{what}");
+            let after = lab.stats();
+            let changed: BTreeMap<usize, u64> = (0..after.len())
+                .filter(|i| after[*i] != before[*i])
+                .map(|i| (i, after[i] - before[i]))
+                .collect();
+            let expected: BTreeMap<usize, u64> =
+                counter.into_iter().map(|c| (c as usize, 1)).collect();
+            assert_eq!(changed, expected, "{what}: counters changed");
+            // tc egress leaves them alone too (the kernel's test run, like its stack, only
+            // makes skbs of IP packets with a whole IP header).
+            let ip_header = match f[12..14] {
+                [0x08, 0x00] => 20,
+                [0x86, 0xdd] => 40,
+                _ => 0,
+            };
+            if f.len() >= packet::L3 + ip_header {
+                let out = lab.loaded.test_run(TC_PROGRAM, &f, 0, 1);
+                let out = out.unwrap_or_else(|e| panic!("{what} at tc: {e:?}"));
+                assert_eq!(
+                    (out.verdict, out.frame),
+                    (TCX_NEXT, f.clone()),
+                    "{what} at tc"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn established_flows_keep_their_backend_while_the_backend_set_changes() {
+    if !require_privileges("established_flows_keep_their_backend_while_the_backend_set_changes") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0, 1, 2, 3]));
+        let flow = |port: u16| {
+            frame(
+                TCP,
+                SocketAddr::new("203.0.113.7".parse().unwrap(), port),
+                sa("192.0.2.1:30080"),
+                b"",
+            )
+        };
+        // 400 flows spread over the four backends by Maglev.
+        let mut first: BTreeMap<u16, Parsed> = BTreeMap::new();
+        for port in 20000..20400 {
+            first.insert(port, lab.translated(&flow(port), XDP_TX));
+        }
+        let per_backend = |m: &BTreeMap<u16, Parsed>| {
+            let mut c: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+            for p in m.values() {
+                *c.entry(p.dst).or_default() += 1;
+            }
+            c
+        };
+        let spread = per_backend(&first);
+        assert_eq!(spread.len(), 4, "{spread:?}");
+        assert!(spread.values().all(|n| *n >= 60), "balanced: {spread:?}");
+
+        // Backend 192.0.2.53 goes away and 192.0.2.54 comes: established flows of the
+        // others stay where they are (same backend, same SNAT port); those of the removed
+        // backend move to the remaining ones.
+        lab.program(&manifests(&[0, 1, 2, 4]));
+        let gone = sa("192.0.2.53:8080");
+        let mut moved = 0;
+        for (port, before) in &first {
+            let now = lab.translated(&flow(*port), XDP_TX);
+            if before.dst == gone {
+                moved += 1;
+                assert_ne!(now.dst, gone);
+            } else {
+                assert_eq!(now, *before, "flow from port {port} stayed");
+            }
+        }
+        assert_eq!(moved, spread[&gone]);
+        // New flows reach the new backend and never the removed one.
+        let new: BTreeMap<u16, Parsed> = (30000..30400)
+            .map(|p| (p, lab.translated(&flow(p), XDP_TX)))
+            .collect();
+        let spread = per_backend(&new);
+        assert!(!spread.contains_key(&gone), "{spread:?}");
+        assert!(
+            spread.get(&sa("192.0.2.54:8080")).is_some_and(|n| *n >= 60),
+            "{spread:?}"
+        );
+    });
+}
