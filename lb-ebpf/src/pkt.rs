@@ -69,10 +69,12 @@ fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
     at::<T>(start, end, off).map(|p| unsafe { p.read_unaligned() })
 }
 
-/// Parses an Ethernet frame in `[start, end)`. Its own BPF function, so its temporaries are
-/// not on the stack of the translation that follows.
+/// Parses an Ethernet frame of `len` bytes whose first bytes are in `[start, end)`: all of
+/// it in XDP, the linear part of an skb in tc (whose payload may sit in fragments; the
+/// headers are pulled in first). Its own BPF function, so its temporaries are not on the
+/// stack of the translation that follows.
 #[inline(never)]
-pub fn parse(start: usize, end: usize) -> Result<Pkt, Skip> {
+pub fn parse(start: usize, end: usize, len: usize) -> Result<Pkt, Skip> {
     let ethertype = u16::from_be(read::<u16>(start, end, 12).ok_or(Skip::Other)?);
     let (v6, l3) = match ethertype {
         ETH_P_IP => (false, ETH_LEN),
@@ -90,7 +92,7 @@ pub fn parse(start: usize, end: usize) -> Result<Pkt, Skip> {
         let nexthdr = read::<u8>(start, end, l3 + 6).ok_or(MALFORMED)?;
         let src = read::<[u32; 4]>(start, end, l3 + 8).ok_or(MALFORMED)?;
         let dst = read::<[u32; 4]>(start, end, l3 + 24).ok_or(MALFORMED)?;
-        if start + l3 + IPV6_LEN + payload > end {
+        if l3 + IPV6_LEN + payload > len {
             return Err(MALFORMED);
         }
         match nexthdr {
@@ -120,7 +122,7 @@ pub fn parse(start: usize, end: usize) -> Result<Pkt, Skip> {
         let nexthdr = read::<u8>(start, end, l3 + 9).ok_or(MALFORMED)?;
         let src = read::<u32>(start, end, l3 + 12).ok_or(MALFORMED)?;
         let dst = read::<u32>(start, end, l3 + 16).ok_or(MALFORMED)?;
-        if tot < IPV4_LEN || start + l3 + tot > end {
+        if tot < IPV4_LEN || l3 + tot > len {
             return Err(MALFORMED);
         }
         if nexthdr != proto::TCP && nexthdr != proto::UDP {

@@ -30,9 +30,10 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn reverse_local(ctx: &TcContext) {
-    // Short packets cannot be pulled that far; parsing then sees what there is.
-    let _ = ctx.pull_data(HEADERS);
-    let Ok(p) = parse(ctx.data(), ctx.data_end()) else {
+    // The headers must be in the linear part; the payload may stay in fragments.
+    let len = ctx.len();
+    let _ = ctx.pull_data(HEADERS.min(len));
+    let Ok(p) = parse(ctx.data(), ctx.data_end(), len as usize) else {
         return;
     };
     // SAFETY: LRU entries are replaced whole; the value is copied at once.

@@ -31,7 +31,8 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn north_south(ctx: &XdpContext) -> u32 {
-    let p = match parse(ctx.data(), ctx.data_end()) {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let p = match parse(start, end, end - start) {
         Ok(p) => p,
         Err(Skip::Other) => return xdp_action::XDP_PASS,
         Err(Skip::Counted(why)) => {

@@ -298,6 +298,9 @@ impl Network {
             };
             match loaded.attach_device(&device, self.mode) {
                 Ok(()) => {
+                    if let Err(e) = netdev::accept_local(&name) {
+                        warn!(device = %name, error = %e, "cannot set accept_local: SNATed packets whose next hop is unresolved will be dropped by the stack");
+                    }
                     info!(device = %name, ifindex, mode = ?self.mode, "north-south programs attached (XDP ingress, tc egress)");
                     self.attached.insert(name.clone(), Some(ifindex));
                     self.failed.remove(&name);

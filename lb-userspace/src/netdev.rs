@@ -147,6 +147,14 @@ fn parse_route_v6(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Lets device `name` accept IPv4 packets whose source is an address of this node
+/// (`net.ipv4.conf.<name>.accept_local`). The XDP program hands a packet it SNATed to the
+/// node's address to the stack when the next hop's MAC is not resolved yet; without this,
+/// the stack drops it as a martian.
+pub fn accept_local(name: &str) -> io::Result<()> {
+    fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")
+}
+
 /// The kernel's `ip_local_port_range` (ephemeral ports of local sockets), if readable.
 pub fn local_port_range() -> Option<(u16, u16)> {
     let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;

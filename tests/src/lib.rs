@@ -10,6 +10,7 @@
 //! Everything here needs root; [`require_privileges`] says so clearly.
 
 pub mod apiserver;
+pub mod cluster;
 pub mod fixture;
 pub mod manifest;
 pub mod netns;

@@ -94,6 +94,15 @@ pub struct Held {
 }
 
 impl Held {
+    /// Runs `cmd` (an `lb-probe hold`) and waits for its first answer.
+    pub fn start(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut proc = Proc::spawn(cmd).expect("spawning lb-probe hold");
+        let mut out = BufReader::new(proc.child().stdout.take().expect("piped"));
+        let first = read_attempt(&mut out);
+        Self { out, proc, first }
+    }
+
     /// Sends a request over the held connection and returns the answer.
     pub fn ping(&mut self) -> Attempt {
         self.proc.send_line("ping").expect("the holder runs");
@@ -450,11 +459,8 @@ impl World {
 
     fn hold_with(&self, args: &[&str]) -> Held {
         let mut cmd = self.client_probe();
-        cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut proc = Proc::spawn(cmd).expect("spawning lb-probe hold");
-        let mut out = BufReader::new(proc.child().stdout.take().expect("piped"));
-        let first = read_attempt(&mut out);
-        Held { out, proc, first }
+        cmd.args(args);
+        Held::start(cmd)
     }
 }
 

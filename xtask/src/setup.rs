@@ -44,8 +44,13 @@ fn exec(cmd: &mut Command, what: &str) -> Result<()> {
 /// Installs what is missing.
 pub fn run() -> Result<()> {
     let mut packages: Vec<&str> = Vec::new();
-    // The namespace tests and the demo use ip(8); bpftool is for looking at the datapath.
-    for (program, package) in [("ip", "iproute2"), ("bpftool", "bpftool")] {
+    // The namespace tests and the demo use ip(8) and ethtool(8) (veth offloads for native
+    // XDP); bpftool is for looking at the datapath.
+    for (program, package) in [
+        ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
+        ("bpftool", "bpftool"),
+    ] {
         if !have(program) {
             packages.push(package);
         }

@@ -10,7 +10,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{
-        HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
 };
@@ -37,42 +37,45 @@ pub struct MapSet {
     tables: Tables,
 }
 
-/// The lookup table array, mapped into memory (the map is `BPF_F_MMAPABLE`): the agent
-/// writes whole regions without a system call per entry, and reads them back at start.
-/// The kernel lays array elements out 8 bytes apart (value sizes round up to 8), so entry
-/// `i`, a `u32`, is at `u32` index `i * STRIDE` of the mapping.
+/// The lookup table array. The agent maps it into memory (the map is `BPF_F_MMAPABLE`) and
+/// writes whole regions without a system call per entry. The CLI, whose read-only map file
+/// cannot be mapped shared, reads entries by lookup.
 pub struct Tables {
+    entries: usize,
+    access: Access,
+}
+
+enum Access {
+    Mapped(Mapping),
+    Lookup(Array<MapData, u32>),
+}
+
+/// A shared, writable mapping of the array. The kernel lays array elements out 8 bytes apart
+/// (value sizes round up to 8), so entry `i`, a `u32`, is at `u32` index `i * STRIDE`.
+struct Mapping {
     _data: MapData,
     ptr: NonNull<u32>,
-    entries: usize,
     bytes: usize,
-    writable: bool,
 }
 
 /// Distance between two array elements in `u32`s.
 const STRIDE: usize = 2;
 
 // SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
-unsafe impl Send for Tables {}
+unsafe impl Send for Mapping {}
 
-impl Tables {
-    fn map(name: &'static str, data: MapData, writable: bool) -> Result<Self, LoadError> {
-        let entries = capacity(name, &data)? as usize;
+impl Mapping {
+    fn new(name: &'static str, data: MapData, entries: usize) -> Result<Self, LoadError> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let bytes = (entries * STRIDE * 4).div_ceil(page) * page;
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
         // SAFETY: mapping a BPF array's fd as the kernel documents for BPF_F_MMAPABLE maps;
         // the length is the array's data rounded up to a page.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                prot,
+                libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 data.fd().as_fd().as_raw_fd(),
                 0,
@@ -90,32 +93,62 @@ impl Tables {
         Ok(Self {
             _data: data,
             ptr: NonNull::new(ptr.cast()).expect("mmap never returns null on success"),
-            entries,
             bytes,
-            writable,
         })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+impl Tables {
+    fn open(name: &'static str, data: MapData, writable: bool) -> Result<Self, LoadError> {
+        let entries = capacity(name, &data)? as usize;
+        let access = if writable {
+            Access::Mapped(Mapping::new(name, data, entries)?)
+        } else {
+            Access::Lookup(
+                Array::try_from(Map::Array(data))
+                    .map_err(|source| LoadError::Map { name, source })?,
+            )
+        };
+        Ok(Self { entries, access })
     }
 
     /// Entries `start..start + len`, if inside the array.
     fn read(&self, start: u32, len: u32) -> Option<Vec<u32>> {
-        let (start, len) = (start as usize, len as usize);
-        if start.checked_add(len)? > self.entries {
+        if (start as usize).checked_add(len as usize)? > self.entries {
             return None;
         }
-        // SAFETY: inside the mapping; u32 reads of memory the kernel may update concurrently
-        // are done as volatile reads.
-        Some(
-            (start..start + len)
-                .map(|i| unsafe { self.ptr.as_ptr().add(i * STRIDE).read_volatile() })
+        match &self.access {
+            // SAFETY: inside the mapping; u32 reads of memory the kernel may update
+            // concurrently are done as volatile reads.
+            Access::Mapped(m) => Some(
+                (start as usize..(start + len) as usize)
+                    .map(|i| unsafe { m.ptr.as_ptr().add(i * STRIDE).read_volatile() })
+                    .collect(),
+            ),
+            Access::Lookup(array) => (start..start + len)
+                .map(|i| array.get(&i, 0).ok())
                 .collect(),
-        )
+        }
     }
 
     /// Writes `values` from index `start` on. Each entry is one aligned 32-bit store, so the
     /// kernel reads either the old or the new backend id.
     fn write(&mut self, start: u32, values: impl ExactSizeIterator<Item = u32>) -> io::Result<()> {
         let start = start as usize;
-        if !self.writable || start + values.len() > self.entries {
+        let Access::Mapped(m) = &mut self.access else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the table array is open read-only",
+            ));
+        };
+        if start + values.len() > self.entries {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -127,21 +160,9 @@ impl Tables {
         }
         for (i, v) in values.enumerate() {
             // SAFETY: inside the writable mapping, checked above.
-            unsafe {
-                self.ptr
-                    .as_ptr()
-                    .add((start + i) * STRIDE)
-                    .write_volatile(v)
-            };
+            unsafe { m.ptr.as_ptr().add((start + i) * STRIDE).write_volatile(v) };
         }
         Ok(())
-    }
-}
-
-impl Drop for Tables {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 
@@ -208,7 +229,7 @@ impl MapSet {
         let affinity_match = get(maps::AFFINITY_MATCH)?;
         let (external, external_info) = (get(maps::NS_SERVICES)?, get(maps::NS_INFO)?);
         let (ranges, counters) = (get(maps::SOURCE_RANGES)?, get(maps::NS_STATS)?);
-        let tables = Tables::map(maps::RINGS, get(maps::RINGS)?, writable)?;
+        let tables = Tables::open(maps::RINGS, get(maps::RINGS)?, writable)?;
         let caps = Capacities {
             services: capacity(maps::SERVICES, &services)?
                 .min(capacity(maps::SERVICE_INFO, &info)?),

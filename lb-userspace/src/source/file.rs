@@ -238,11 +238,16 @@ impl Source for FileSource {
     fn run(mut self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask {
         Box::pin(async move {
             let (tx, mut events) = mpsc::unbounded_channel();
-            let mut watcher = notify::recommended_watcher(move |_event| {
-                // Any event, or an error such as a queue overflow, means: look again.
-                let _closed = tx.send(());
-            })
-            .map_err(|e| self.path_error(format!("cannot watch: {e}")))?;
+            let mut watcher =
+                notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                    // Reading the files (our own scans among them) only opens them: no change.
+                    if event.as_ref().is_ok_and(|e| e.kind.is_access()) {
+                        return;
+                    }
+                    // Any other event, or an error such as a queue overflow, means: look again.
+                    let _closed = tx.send(());
+                })
+                .map_err(|e| self.path_error(format!("cannot watch: {e}")))?;
             watcher
                 .watch(&self.dir, notify::RecursiveMode::NonRecursive)
                 .map_err(|e| self.path_error(format!("cannot watch: {e}")))?;

@@ -58,6 +58,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// One HTTP/1.0 GET of / to ADDR: prints the status code on a line, then the body.
+    HttpGet {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
 }
 
 fn print(a: &Attempt) {
@@ -211,6 +217,19 @@ fn hold_udp(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
+fn http_get(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).unwrap_or("0");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    println!("{status}\n{body}");
+    Ok(())
+}
+
 fn serve(name: String, port: u16) -> io::Result<()> {
     let tcp = TcpListener::bind(("::", port))?;
     let udp = UdpSocket::bind(("::", port))?;
@@ -273,5 +292,6 @@ fn main() -> io::Result<()> {
             udp: true,
             timeout_ms,
         } => hold_udp(addr, Duration::from_millis(timeout_ms)),
+        Cmd::HttpGet { addr, timeout_ms } => http_get(addr, Duration::from_millis(timeout_ms)),
     }
 }

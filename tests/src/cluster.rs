@@ -1,0 +1,377 @@
+//! A sandboxed two-node cluster for north-south traffic: an external client, node A running
+//! the agent with XDP on its external and peer devices, a pod on node A, and node B with two
+//! pods.
+//!
+//! ```text
+//!  client ns                node-a ns (agent, XDP on n-ext and n-peer)       node-b ns
+//!  eth0 203.0.113.2/24 ---- n-ext 203.0.113.1/24                              eth0 10.0.0.2/24
+//!                           n-peer 10.0.0.1/24 ------------------------------ (forwarding)
+//!                           n-pod 10.244.1.1/24 -- pod-a eth0 10.244.1.10   p1 -- pod-b1 10.244.2.10
+//!                                                                            p2 -- pod-b2 10.244.3.10
+//! ```
+//!
+//! The client routes only the load-balancer range 198.51.100.0/24 (to node A); node B has
+//! no route to the client at all, so a reply that skipped the SNAT back through node A is
+//! lost inside the sandbox. No namespace has a route out of it.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    bin_dir,
+    netns::{Netns, veth},
+    probe::Attempt,
+    process::{Cgroup, Proc, command_in},
+    world::{Held, new_tag, pin_dir_of},
+};
+
+/// The client's address.
+pub const CLIENT: &str = "203.0.113.2";
+/// Node A's external address (serves node ports).
+pub const NODE_A: &str = "203.0.113.1";
+/// Node A's address towards node B (the SNAT source for backends there).
+pub const NODE_A_PEER: &str = "10.0.0.1";
+/// The pod on node A.
+pub const POD_A: &str = "10.244.1.10";
+/// The pods on node B.
+pub const POD_B: [&str; 2] = ["10.244.2.10", "10.244.3.10"];
+
+/// The sandbox. Drops processes, then pins, then namespaces.
+pub struct Cluster {
+    tag: String,
+    /// `xdp_pass` on the peers of node A's XDP devices (native mode on veth delivers frames
+    /// redirected or sent back to a veth only when its peer runs XDP, as a NIC's driver
+    /// always would).
+    peers: Vec<aya::Ebpf>,
+    bins: PathBuf,
+    dir: PathBuf,
+    pin_dir: PathBuf,
+    servers: Vec<Proc>,
+    agent: Option<Proc>,
+    cgroup: Cgroup,
+    client: Netns,
+    node_a: Netns,
+    pod_a: Netns,
+    node_b: Netns,
+    pods_b: Vec<Netns>,
+}
+
+impl Cluster {
+    /// Builds the namespaces and starts `lb-probe serve` in every pod (named `pod-a`,
+    /// `pod-b1`, `pod-b2`) on TCP and UDP `port`. Panics, after cleaning up, on failure.
+    pub fn new(port: u16) -> Self {
+        let tag = new_tag();
+        let dir = std::env::temp_dir().join(&tag);
+        fs::create_dir_all(dir.join("manifests")).expect("temp dir");
+        let ns = |role: &str| Netns::create(&format!("{tag}-{role}")).expect("ip netns add");
+        let mut c = Self {
+            peers: Vec::new(),
+            bins: bin_dir(),
+            pin_dir: pin_dir_of(&tag),
+            cgroup: Cgroup::create(&tag).expect("cgroup"),
+            servers: Vec::new(),
+            agent: None,
+            dir,
+            client: ns("cl"),
+            node_a: ns("na"),
+            pod_a: ns("pa"),
+            node_b: ns("nb"),
+            pods_b: vec![ns("pb1"), ns("pb2")],
+            tag,
+        };
+        c.wire().expect("wiring the cluster");
+        for (name, pod) in [("pod-a", 0), ("pod-b1", 1), ("pod-b2", 2)] {
+            let ns = match pod {
+                0 => &c.pod_a,
+                i => &c.pods_b[i - 1],
+            };
+            let mut cmd = command_in(&c.bins.join("lb-probe"), ns, None).expect("pod namespace");
+            cmd.args(["serve", "--name", name, "--port", &port.to_string()]);
+            let server = Proc::spawn(cmd).expect("spawning lb-probe serve");
+            c.servers.push(server);
+        }
+        c
+    }
+
+    fn wire(&self) -> std::io::Result<()> {
+        let (cl, a, b) = (&self.client, &self.node_a, &self.node_b);
+        for node in [a, b] {
+            node.sysctl("net/ipv4/ip_forward", "1")?;
+        }
+        veth(cl, "eth0", a, "n-ext")?;
+        cl.addr("eth0", &format!("{CLIENT}/24"))?;
+        a.addr("n-ext", &format!("{NODE_A}/24"))?;
+        cl.route("198.51.100.0/24", NODE_A)?;
+
+        veth(a, "n-peer", b, "eth0")?;
+        a.addr("n-peer", &format!("{NODE_A_PEER}/24"))?;
+        b.addr("eth0", "10.0.0.2/24")?;
+
+        let pod = |node: &Netns, dev: &str, pod: &Netns, ip: &str| -> std::io::Result<()> {
+            veth(node, dev, pod, "eth0")?;
+            let gw = ip
+                .rsplit_once('.')
+                .map(|(net, _)| format!("{net}.1"))
+                .expect("IPv4");
+            node.addr(dev, &format!("{gw}/24"))?;
+            pod.addr("eth0", &format!("{ip}/24"))?;
+            pod.ip(&["route", "add", "default", "via", &gw]).map(drop)
+        };
+        pod(a, "n-pod", &self.pod_a, POD_A)?;
+        pod(b, "p1", &self.pods_b[0], POD_B[0])?;
+        pod(b, "p2", &self.pods_b[1], POD_B[1])?;
+        for p in POD_B {
+            let net = p
+                .rsplit_once('.')
+                .map(|(n, _)| format!("{n}.0/24"))
+                .expect("IPv4");
+            a.route(&net, "10.0.0.2")?;
+        }
+        b.route("10.244.1.0/24", NODE_A_PEER)
+    }
+
+    /// Attaches `xdp_pass` (native mode) to the client's and node B's ends of node A's XDP
+    /// devices, so that node A's XDP program can run natively on its veths, and turns off
+    /// their transmit checksum offload: a NIC hands XDP frames with whole checksums, while a
+    /// veth passes its peer's partial ones, which a frame sent on by XDP_TX or a redirect
+    /// keeps.
+    pub fn native_peers(&mut self) {
+        for ns in [&self.client, &self.node_b] {
+            crate::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns.name(),
+                    "ethtool",
+                    "-K",
+                    "eth0",
+                    "tx",
+                    "off",
+                ],
+            )
+            .expect("ethtool -K eth0 tx off");
+        }
+        let pins = self.pin_dir.with_file_name(format!("{}-peers", self.tag));
+        fs::create_dir_all(&pins).expect("pin dir for the peers");
+        for ns in [&self.client, &self.node_b] {
+            let path = ns.path();
+            let pins = pins.clone();
+            let ebpf = thread::spawn(move || {
+                let file = fs::File::open(&path).expect("netns file");
+                // SAFETY: setns on this thread only, with a valid namespace fd.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                let mut ebpf = aya::EbpfLoader::new()
+                    .default_map_pin_directory(&pins)
+                    .load(lb_userspace::EBPF_OBJECT)
+                    .expect("the object loads");
+                let prog: &mut aya::programs::Xdp = ebpf
+                    .program_mut(lb_userspace::loader::XDP_PASS_PROGRAM)
+                    .expect("xdp_pass")
+                    .try_into()
+                    .expect("an XDP program");
+                prog.load().expect("xdp_pass loads");
+                prog.attach("eth0", aya::programs::XdpMode::Driver)
+                    .expect("native XDP on a veth");
+                ebpf
+            })
+            .join()
+            .expect("attaching xdp_pass");
+            self.peers.push(ebpf);
+        }
+    }
+
+    /// This sandbox's tag.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// Writes the manifest file `file` atomically.
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let manifests = self.dir.join("manifests");
+        let tmp = manifests.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml).expect("writing a manifest");
+        fs::rename(&tmp, manifests.join(file)).expect("renaming a manifest");
+    }
+
+    /// Starts the agent in node A as `node-a`, with XDP on `n-ext` and `n-peer`.
+    pub fn start_agent(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "the agent already runs");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let mut cmd =
+            command_in(&self.bins.join("lb-agent"), &self.node_a, None).expect("node namespace");
+        cmd.arg("--source")
+            .arg(format!("file:{}", self.dir.join("manifests").display()))
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["--node-name", "node-a", "--xdp-devices", "n-ext,n-peer"])
+            .args(["--health-addr", "off"])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info,lb_userspace=debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        self.agent = Some(Proc::spawn(cmd).expect("spawning lb-agent"));
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs `lbctl -o json ARGS` on the pins; `None` until it succeeds.
+    pub fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
+        let out = Command::new(self.bins.join("lbctl"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["-o", "json"])
+            .args(args)
+            .output()
+            .expect("running lbctl");
+        if !out.status.success() {
+            eprintln!(
+                "lbctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(serde_json::from_slice(&out.stdout).expect("lbctl JSON"))
+    }
+
+    /// Polls `done` every 50 ms until it holds; panics after `timeout` with `what`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting until {what}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client_probe(&self) -> Command {
+        command_in(&self.bins.join("lb-probe"), &self.client, None).expect("client namespace")
+    }
+
+    /// Runs `lb-probe ARGS` in the client namespace; its attempts.
+    pub fn probe(&self, args: &[&str]) -> Vec<Attempt> {
+        let out = self
+            .client_probe()
+            .args(args)
+            .output()
+            .expect("running lb-probe");
+        assert!(
+            out.status.success(),
+            "lb-probe {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Attempt::parse_all(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// `count` short TCP connections to `addr` from the client, one request each.
+    pub fn tcp(&self, addr: SocketAddr, count: u32) -> Vec<Attempt> {
+        let count = count.to_string();
+        self.probe(&[
+            "tcp",
+            &addr.to_string(),
+            "--count",
+            &count,
+            "--timeout-ms",
+            "1000",
+        ])
+    }
+
+    /// `count` UDP requests to `addr` from the client, each from a socket of its own (so
+    /// each is a new flow).
+    pub fn udp(&self, addr: SocketAddr, count: u32) -> Vec<Attempt> {
+        (0..count)
+            .flat_map(|_| self.probe(&["udp", &addr.to_string(), "--timeout-ms", "1000"]))
+            .collect()
+    }
+
+    /// A TCP connection from the client to `addr` that stays open.
+    pub fn hold(&self, addr: SocketAddr) -> Held {
+        let mut cmd = self.client_probe();
+        cmd.args(["hold", &addr.to_string()]);
+        Held::start(cmd)
+    }
+
+    /// An HTTP GET from the client to `addr` (a health check node port): the status code
+    /// and body.
+    pub fn http_get(&self, addr: SocketAddr) -> Result<(u16, String), String> {
+        let out = self
+            .client_probe()
+            .args(["http-get", &addr.to_string()])
+            .output()
+            .expect("running lb-probe http-get");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+        Ok((
+            status.trim().parse().map_err(|_| text.clone())?,
+            body.to_owned(),
+        ))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+        if thread::panicking() {
+            let log = self.agent_log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- agent log of {}: last lines ---", self.tag);
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+            for args in [["stats"], ["external"], ["conntrack"]] {
+                let out = Command::new(self.bins.join("lbctl"))
+                    .arg("--pin-dir")
+                    .arg(&self.pin_dir)
+                    .args(args)
+                    .output();
+                if let Ok(out) = out {
+                    eprintln!(
+                        "--- lbctl {args:?} ---\n{}",
+                        String::from_utf8_lossy(&out.stdout)
+                    );
+                }
+            }
+        }
+        for s in &mut self.servers {
+            s.kill();
+        }
+        self.peers.clear();
+        for dir in [
+            self.pin_dir.clone(),
+            self.pin_dir.with_file_name(format!("{}-peers", self.tag)),
+        ] {
+            if let Err(e) = fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                eprintln!("cleanup: {}: {e}", dir.display());
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,325 @@
+//! North-south traffic end to end: an external client reaches NodePort and LoadBalancer
+//! services through node A, whose agent runs XDP on its external and peer devices, to pods
+//! on node A and node B (see `lb_tests::cluster`). One test runs XDP in native mode (as on
+//! a NIC), the other in generic mode.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use lb_tests::{
+    cluster::{CLIENT, Cluster, NODE_A, NODE_A_PEER},
+    manifest::{Ep, documents, slice},
+    probe::Attempt,
+    require_privileges,
+};
+use lb_userspace::inspect::{ExternalRow, FlowRow, MaglevSummary};
+use serde_json::json;
+
+const PORT: u16 = 8080;
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// A LoadBalancer service on port 80 (TCP and UDP) with node port `node_port`, ingress
+/// `lb_ip` and `spec` merged in.
+fn lb_service(
+    name: &str,
+    cluster_ip: &str,
+    lb_ip: &str,
+    node_port: u16,
+    spec: serde_json::Value,
+) -> String {
+    let mut s = json!({
+        "type": "LoadBalancer",
+        "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+        "ports": [
+            {"name": "tcp", "port": 80, "protocol": "TCP", "targetPort": PORT, "nodePort": node_port},
+            {"name": "udp", "port": 80, "protocol": "UDP", "targetPort": PORT, "nodePort": node_port},
+        ],
+    });
+    for (k, v) in spec.as_object().expect("an object") {
+        s[k] = v.clone();
+    }
+    serde_json::to_string_pretty(&json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": name},
+        "spec": s,
+        "status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}},
+    }))
+    .unwrap()
+}
+
+fn endpoints(service: &str, pods: &[(&str, &str)]) -> String {
+    let eps: Vec<Ep> = pods
+        .iter()
+        .map(|(ip, node)| Ep::ready(ip).on_node(node))
+        .collect();
+    slice(
+        "shop",
+        &format!("{service}-1"),
+        service,
+        "IPv4",
+        &[("tcp", PORT.into(), "TCP"), ("udp", PORT.into(), "UDP")],
+        &eps,
+    )
+}
+
+const ALL_PODS: [(&str, &str); 3] = [
+    ("10.244.1.10", "node-a"),
+    ("10.244.2.10", "node-b"),
+    ("10.244.3.10", "node-b"),
+];
+
+fn web(pods: &[(&str, &str)]) -> String {
+    documents(&[
+        lb_service("web", "10.96.0.10", "198.51.100.10", 30080, json!({})),
+        endpoints("web", pods),
+    ])
+}
+
+fn manifests(c: &Cluster) {
+    c.write_manifest("web.yaml", &web(&ALL_PODS));
+    c.write_manifest(
+        "local.yaml",
+        &documents(&[
+            lb_service(
+                "local",
+                "10.96.0.11",
+                "198.51.100.11",
+                30081,
+                json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": 32001,
+                       "loadBalancerSourceRanges": ["203.0.113.0/24"]}),
+            ),
+            endpoints("local", &ALL_PODS[..2]),
+        ]),
+    );
+    c.write_manifest(
+        "far.yaml",
+        &documents(&[
+            lb_service(
+                "far",
+                "10.96.0.12",
+                "198.51.100.12",
+                30082,
+                json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": 32002}),
+            ),
+            endpoints("far", &ALL_PODS[2..]),
+        ]),
+    );
+    c.write_manifest(
+        "ranged.yaml",
+        &documents(&[
+            lb_service(
+                "ranged",
+                "10.96.0.13",
+                "198.51.100.13",
+                30083,
+                json!({"loadBalancerSourceRanges": ["192.0.2.0/24"]}),
+            ),
+            endpoints("ranged", &ALL_PODS),
+        ]),
+    );
+}
+
+fn externals(c: &Cluster) -> Vec<ExternalRow> {
+    c.lbctl_json(&["external"]).unwrap_or_default()
+}
+
+fn row(c: &Cluster, frontend: &str) -> Option<ExternalRow> {
+    externals(c).into_iter().find(|r| r.frontend == frontend)
+}
+
+/// Every attempt answered; the set of backends and, per backend, the client addresses they saw.
+fn answered(attempts: &[Attempt]) -> (BTreeSet<String>, BTreeSet<(String, String)>) {
+    let backends = Attempt::backends(attempts);
+    let seen = attempts
+        .iter()
+        .map(|a| {
+            let client: SocketAddr = a
+                .client
+                .as_deref()
+                .expect("client")
+                .parse()
+                .expect("address");
+            (
+                a.backend.clone().expect("backend"),
+                client.ip().to_canonical().to_string(),
+            )
+        })
+        .collect();
+    (backends, seen)
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
+    if !require_privileges("node_ports_and_load_balancer_ips_reach_pods_through_xdp") {
+        return;
+    }
+    let mut c = Cluster::new(PORT);
+    manifests(&c);
+    c.native_peers();
+    c.start_agent(&["--xdp-mode", "native"]);
+    c.wait_until(
+        "the north-south frontends are programmed",
+        Duration::from_secs(15),
+        || {
+            row(&c, "198.51.100.10:80/TCP").is_some_and(|r| r.backends == 3)
+                && row(&c, &format!("{NODE_A}:30080/UDP")).is_some_and(|r| r.backends == 3)
+                && row(&c, "198.51.100.11:80/TCP").is_some_and(|r| r.backends == 1)
+        },
+    );
+    let all = names(&["pod-a", "pod-b1", "pod-b2"]);
+    // The node port on the node's peer address too, as kube-proxy serves every node address.
+    assert!(row(&c, &format!("{NODE_A_PEER}:30080/TCP")).is_some());
+
+    // Cluster policy: every pod, local ones see the client, remote ones node A (SNAT).
+    for frontend in [format!("{NODE_A}:30080"), "198.51.100.10:80".to_string()] {
+        let tcp = c.tcp(sa(&frontend), 30);
+        let (backends, seen) = answered(&tcp);
+        assert_eq!(backends, all, "TCP via {frontend}");
+        for (backend, client) in &seen {
+            let expected = if backend == "pod-a" {
+                CLIENT
+            } else {
+                NODE_A_PEER
+            };
+            assert_eq!(client, expected, "{backend} via {frontend}");
+        }
+        let udp = c.udp(sa(&frontend), 12);
+        let (backends, _) = answered(&udp);
+        assert!(
+            backends.len() >= 2,
+            "UDP via {frontend} spreads: {backends:?}"
+        );
+        for a in &udp {
+            // Replies come from the frontend the client sent to.
+            assert_eq!(a.peer.as_deref(), Some(frontend.as_str()), "{a:?}");
+        }
+    }
+
+    // Local policy: only node A's pod, which sees the client's own address.
+    for frontend in [format!("{NODE_A}:30081"), "198.51.100.11:80".to_string()] {
+        let (backends, seen) = answered(&c.tcp(sa(&frontend), 10));
+        assert_eq!(backends, names(&["pod-a"]), "TCP via {frontend}");
+        assert!(seen.iter().all(|(_, client)| client == CLIENT), "{seen:?}");
+        let udp = c.udp(sa(&frontend), 4);
+        let (backends, seen) = answered(&udp);
+        assert_eq!(backends, names(&["pod-a"]), "UDP via {frontend}");
+        assert!(seen.iter().all(|(_, client)| client == CLIENT), "{seen:?}");
+    }
+    // A Local service without a pod on this node drops the traffic.
+    let far = c.tcp(sa("198.51.100.12:80"), 1);
+    assert_eq!(far[0].error.as_deref(), Some("ETIMEDOUT"), "{far:?}");
+    // The client is outside the source ranges of `ranged`.
+    let ranged = c.tcp(sa("198.51.100.13:80"), 1);
+    assert_eq!(ranged[0].error.as_deref(), Some("ETIMEDOUT"), "{ranged:?}");
+
+    // Health check node ports, as cloud load balancers probe them.
+    let (status, body) = c
+        .http_get(sa(&format!("{NODE_A}:32001")))
+        .expect("health check");
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"]["name"], "local");
+    let (status, body) = c
+        .http_get(sa(&format!("{NODE_A}:32002")))
+        .expect("health check");
+    assert_eq!(status, 503, "{body}");
+
+    // The CLI shows counters, tables and tracked flows.
+    let web = row(&c, "198.51.100.10:80/TCP").expect("web");
+    assert!(
+        web.counters.packets > 0 && web.counters.flows > 0,
+        "{web:?}"
+    );
+    assert_eq!(web.policy, "Cluster");
+    let ranged = row(&c, "198.51.100.13:80/TCP").expect("ranged");
+    assert!(
+        ranged.source_ranges && ranged.counters.drops >= 1,
+        "{ranged:?}"
+    );
+    let tables: Vec<MaglevSummary> = c.lbctl_json(&["maglev", "shop/web"]).expect("maglev");
+    assert!(!tables.is_empty());
+    for t in &tables {
+        assert_eq!(t.shares.len(), 3, "{t:?}");
+        assert!(
+            t.shares.iter().all(|s| (s.percent - 33.3).abs() < 1.0),
+            "{t:?}"
+        );
+    }
+    // The fast path was taken: frames redirected between the node's devices, replies of
+    // SNATed flows reversed in XDP, replies of local pods in tc.
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("stats");
+    for counter in [
+        "xdp_redirected",
+        "xdp_reversed",
+        "tc_reversed",
+        "xdp_drop_no_backend",
+        "xdp_drop_source_range",
+    ] {
+        assert!(stats[counter] > 0, "{counter}: {stats:?}");
+    }
+    let flows: Vec<FlowRow> = c.lbctl_json(&["conntrack"]).expect("conntrack");
+    assert!(
+        flows.iter().any(|f| f.service == "shop/web"
+            && f.snat.is_some_and(|s| s.ip().to_string() == NODE_A_PEER)),
+        "{flows:?}"
+    );
+}
+
+#[test]
+fn removing_one_backend_keeps_established_flows_to_the_others() {
+    if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
+        return;
+    }
+    let mut c = Cluster::new(PORT);
+    c.write_manifest("web.yaml", &web(&ALL_PODS));
+    c.start_agent(&["--xdp-mode", "generic"]);
+    let frontend = format!("{NODE_A}:30080");
+    c.wait_until("web is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
+    });
+    // Held connections until one is on node A's pod and one on pod-b1.
+    let mut held = Vec::new();
+    let mut on = BTreeSet::new();
+    for _ in 0..40 {
+        let h = c.hold(sa(&frontend));
+        let backend = h
+            .first
+            .backend
+            .clone()
+            .expect("the held connection is answered");
+        if backend != "pod-b2" && on.insert(backend) {
+            held.push(h);
+        }
+        if on.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(on, names(&["pod-a", "pod-b1"]), "connections were spread");
+
+    c.write_manifest("web.yaml", &web(&[ALL_PODS[0], ALL_PODS[1]]));
+    c.wait_until("pod-b2 left the table", Duration::from_secs(15), || {
+        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 2)
+    });
+    for h in &mut held {
+        let before = h.first.backend.clone();
+        let now = h.ping();
+        assert_eq!(
+            now.error, None,
+            "the held connection to {before:?} still works"
+        );
+        assert_eq!(now.backend, before);
+    }
+    let (backends, _) = answered(&c.tcp(sa(&frontend), 20));
+    assert_eq!(backends, names(&["pod-a", "pod-b1"]));
+}
