@@ -607,6 +607,115 @@ mod tests {
         assert_eq!(service_detail(&c, "nope/nope").len(), 0);
     }
 
+    fn with_external() -> Contents {
+        use lb_common::ns::NsService;
+        let mut c = contents();
+        let lb = ServiceKey::new(
+            to_addr6("198.51.100.1".parse().unwrap()),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        let np = ServiceKey::new(
+            to_addr6("192.0.2.1".parse().unwrap()),
+            30080u16.to_be(),
+            proto::TCP,
+        );
+        let v = NsService {
+            id: 4,
+            ring_off: 7,
+            ring_size: 5,
+            flags: NS_F_LOCAL | NS_F_SOURCE_RANGES,
+            _pad: 0,
+        };
+        c.external.insert(lb, v);
+        c.external.insert(
+            np,
+            NsService {
+                flags: NS_F_LOCAL,
+                ..v
+            },
+        );
+        c.tables.insert(7, vec![1, 2, 1, 2, 1]);
+        c.external_info
+            .insert(4, ServiceInfo::new("prod", "edge", "http").unwrap());
+        c
+    }
+
+    #[test]
+    fn north_south_frontends_tables_and_flows() {
+        let c = with_external();
+        let counters = BTreeMap::from([(
+            4,
+            NsCounters {
+                packets: 10,
+                bytes: 1000,
+                flows: 2,
+                drops: 1,
+            },
+        )]);
+        let rows = external(&c, &counters);
+        let view: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.frontend.as_str(),
+                    r.policy.as_str(),
+                    r.source_ranges,
+                    r.backends,
+                )
+            })
+            .collect();
+        assert_eq!(
+            view,
+            [
+                ("192.0.2.1:30080/TCP", "Local", false, 2),
+                ("198.51.100.1:80/TCP", "Local", true, 2)
+            ]
+        );
+        assert_eq!(rows[0].counters.packets, 10);
+        assert!(external_table(&rows).contains("prod/edge"));
+
+        let m = maglev(&c, "prod/edge");
+        assert_eq!(m.len(), 1, "one table for both frontends");
+        assert_eq!(m[0].frontends.len(), 2);
+        let shares: Vec<_> = m[0]
+            .shares
+            .iter()
+            .map(|s| (s.backend_id, s.entries))
+            .collect();
+        assert_eq!(shares, [(1, 3), (2, 2)]);
+        assert!((m[0].shares[0].percent - 60.0).abs() < 1e-9);
+        assert_eq!(maglev(&c, "198.51.100.1:80/TCP").len(), 1);
+        assert!(maglev(&c, "prod/other").is_empty());
+        assert!(maglev_text(&m).contains("60.00%"));
+
+        let key = FlowKey::new(
+            to_addr6("203.0.113.7".parse().unwrap()),
+            to_addr6("198.51.100.1".parse().unwrap()),
+            40000u16.to_be(),
+            80u16.to_be(),
+            proto::TCP,
+        );
+        let ct = CtEntry {
+            backend_id: 2,
+            svc_id: 4,
+            snat_addr: to_addr6("192.0.2.1".parse().unwrap()),
+            snat_port_be: 61000u16.to_be(),
+            _pad: [0; 6],
+        };
+        let gone = CtEntry {
+            backend_id: 99,
+            snat_port_be: 0,
+            ..ct
+        };
+        let rows = flows(&c, &[(key, ct), (key, gone)]);
+        assert_eq!(rows[0].backend.unwrap().to_string(), "10.0.0.2:53");
+        assert_eq!(rows[0].snat.unwrap().to_string(), "192.0.2.1:61000");
+        assert_eq!(rows[0].service, "prod/edge");
+        assert_eq!((rows[1].backend, rows[1].snat), (None, None));
+        assert!(flows_table(&rows).contains("GONE"));
+    }
+
     #[test]
     fn backends_count_their_slots_and_json_is_stable() {
         let rows = backends(&contents());

@@ -165,7 +165,7 @@ pub struct ExternalGroup {
 pub struct HealthCheck {
     /// The port (`spec.healthCheckNodePort`).
     pub port: u16,
-    /// Distinct ready endpoints (address and port) on this node, over all ports.
+    /// Ready endpoints (distinct addresses) on this node.
     pub local_endpoints: usize,
 }
 
@@ -353,6 +353,13 @@ pub fn desired<'a>(
     }
     // Connections from this node to the service's external addresses get the endpoints
     // kube-proxy gives them: cluster-wide ones, unless both policies are Local.
+    for ip in external_ips.iter().chain(&lb_ips) {
+        if !cluster.iter().any(|c| c.is_ipv6() == ip.is_ipv6()) {
+            out.notes.push(format!(
+                "{ip} is not served: the service has no cluster IP of its family"
+            ));
+        }
+    }
     let from_node = if internal == TrafficPolicy::Local && external == TrafficPolicy::Local {
         TrafficPolicy::Local
     } else {
@@ -367,15 +374,23 @@ pub fn desired<'a>(
         .filter_map(|s| parse_slice(s, &mut out.notes))
         .collect();
 
-    let mut local_ready: BTreeSet<(IpAddr, u16)> = BTreeSet::new();
+    // Endpoints (pods) on this node, counted once whatever their ports, as kube-proxy
+    // counts them for the health check.
+    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
     for port in &ports {
-        for ipv6 in [false, true] {
+        // A family the service has no cluster IP of is not served at all: not its node
+        // ports on the node's addresses of that family, nor external IPs of it (as
+        // kube-proxy's per-family proxies do).
+        for ipv6 in [false, true]
+            .into_iter()
+            .filter(|v6| cluster.iter().any(|ip| ip.is_ipv6() == *v6))
+        {
             let candidates = candidates_for(ipv6, port, &slices);
             local_ready.extend(
                 candidates
                     .iter()
                     .filter(|c| c.ready && c.node_name.is_some() && c.node_name == node.name)
-                    .map(|c| (c.ip, c.port)),
+                    .map(|c| c.ip),
             );
             let backends = |policy| -> Result<Vec<Endpoint>, Rejection> {
                 let mut b: Vec<Endpoint> = usable(&candidates, policy, node)
@@ -832,6 +847,292 @@ mod tests {
             .collect()
     }
 
+    /// A service of `type_` with node ports: (name, port, protocol, node port).
+    fn exposed(type_: &str, ips: &[&str], ports: &[(&str, i32, &str, i32)]) -> Service {
+        let plain: Vec<Port<'_>> = ports
+            .iter()
+            .map(|(n, p, proto, _)| (*n, *p, *proto))
+            .collect();
+        let mut svc = service(ips, &plain);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some(type_.into());
+        for (p, (_, _, _, node_port)) in spec.ports.as_mut().unwrap().iter_mut().zip(ports) {
+            p.node_port = Some(*node_port);
+        }
+        svc
+    }
+
+    fn with_ingress(mut svc: Service, ips: &[(&str, Option<&str>)]) -> Service {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(
+                    ips.iter()
+                        .map(|(ip, mode)| LoadBalancerIngress {
+                            ip: Some(ip.to_string()),
+                            ip_mode: mode.map(str::to_string),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            }),
+            ..Default::default()
+        });
+        svc
+    }
+
+    fn on(ep: Ep<'_>, node: &str) -> EndpointSlice {
+        let mut s = slice("IPv4", &[("http", 8080, "TCP")], &[ep]);
+        s.endpoints.as_mut().unwrap()[0].node_name = Some(node.into());
+        s
+    }
+
+    /// North-south groups as strings: "port/family policy [frontends] -> [backends] ranges".
+    fn render_external(d: &Desired) -> Vec<String> {
+        d.external
+            .iter()
+            .map(|g| {
+                let fs: Vec<String> = g
+                    .frontends
+                    .iter()
+                    .map(|f| format!("{}({:?})", frontend_string(&f.key), f.kind))
+                    .collect();
+                let bs: Vec<String> = g
+                    .backends
+                    .iter()
+                    .map(|b| to_socket_addr(b).to_string())
+                    .collect();
+                let ranges = g.source_ranges.as_ref().map(|r| {
+                    r.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                });
+                format!(
+                    "{}/{} {} [{}] -> [{}] {:?}",
+                    g.port_name,
+                    if g.ipv6 { "v6" } else { "v4" },
+                    if g.local { "Local" } else { "Cluster" },
+                    fs.join(" "),
+                    bs.join(" "),
+                    ranges
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn node_ports_are_served_on_every_node_address_of_the_family() {
+        let svc = exposed(
+            "NodePort",
+            &["10.96.0.10", "fd00::10"],
+            &[("http", 80, "TCP", 30080)],
+        );
+        let s4 = slice("IPv4", &[("http", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let s6 = slice("IPv6", &[("http", 8080, "TCP")], &[ready("fd00:1::1")]);
+        let d = desired(&svc, [&s4, &s6], &node(), &LIMITS).unwrap();
+        assert_eq!(
+            render_external(&d),
+            [
+                "http/v4 Cluster [192.0.2.1:30080/TCP(NodePort)] -> [10.0.0.1:8080] None",
+                "http/v6 Cluster [[2001:db8::1]:30080/TCP(NodePort)] -> [[fd00:1::1]:8080] None",
+            ]
+        );
+        // Processes on the node reach the node ports through the socket hooks.
+        let r = render(&d);
+        assert!(
+            r.contains(&"192.0.2.1:30080/TCP -> [10.0.0.1:8080]".to_string()),
+            "{r:?}"
+        );
+        // A ClusterIP service's nodePort fields (left over from a type change) serve nothing.
+        let mut clusterip = svc.clone();
+        clusterip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        let d = desired(&clusterip, [&s4], &node(), &LIMITS).unwrap();
+        assert!(d.external.is_empty());
+        // Without node addresses, there are no node-port frontends.
+        let d = desired(&svc, [&s4], &NodeInfo::default(), &LIMITS).unwrap();
+        assert!(d.external.is_empty());
+    }
+
+    #[test]
+    fn load_balancer_ips_and_external_ips_share_a_group_per_port_and_family() {
+        let mut svc = with_ingress(
+            exposed(
+                "LoadBalancer",
+                &["10.96.0.10"],
+                &[("http", 80, "TCP", 30080)],
+            ),
+            &[
+                ("198.51.100.10", None),
+                ("198.51.100.11", Some("Proxy")),
+                ("bogus", None),
+            ],
+        );
+        svc.spec.as_mut().unwrap().external_ips = Some(vec!["203.0.113.5".into()]);
+        let s = slice(
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[ready("10.0.0.1"), ready("10.0.0.2")],
+        );
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
+        assert_eq!(
+            render_external(&d),
+            [
+                "http/v4 Cluster [192.0.2.1:30080/TCP(NodePort) 203.0.113.5:80/TCP(ExternalIp) \
+              198.51.100.10:80/TCP(LoadBalancer)] -> [10.0.0.1:8080 10.0.0.2:8080] None"
+            ]
+        );
+        // The Proxy-mode ingress is left to its load balancer; the bad one is noted.
+        assert!(d.notes.iter().any(|n| n.contains("bogus")), "{:?}", d.notes);
+        let r = render(&d);
+        assert!(!r.iter().any(|f| f.starts_with("198.51.100.11")), "{r:?}");
+    }
+
+    #[test]
+    fn external_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let mut svc = with_ingress(
+            exposed(
+                "LoadBalancer",
+                &["10.96.0.10"],
+                &[("http", 80, "TCP", 30080)],
+            ),
+            &[("198.51.100.10", None)],
+        );
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32000);
+        let here = on(ready("10.0.0.1"), "n1");
+        let there = on(ready("10.0.0.2"), "n2");
+        let d = desired(&svc, [&here, &there], &node(), &LIMITS).unwrap();
+        assert_eq!(
+            render_external(&d),
+            [
+                "http/v4 Local [192.0.2.1:30080/TCP(NodePort) 198.51.100.10:80/TCP(LoadBalancer)] \
+              -> [10.0.0.1:8080] None"
+            ]
+        );
+        assert_eq!(
+            d.health_check,
+            Some(HealthCheck {
+                port: 32000,
+                local_endpoints: 1
+            })
+        );
+        // Connections from the node itself still reach every endpoint (the internal
+        // policy is Cluster), as with kube-proxy.
+        let r = render(&d);
+        assert!(
+            r.contains(&"198.51.100.10:80/TCP -> [10.0.0.1:8080 10.0.0.2:8080]".to_string()),
+            "{r:?}"
+        );
+        // No local endpoint: the group stays, without backends (XDP drops), and the health
+        // check reports none.
+        let d = desired(&svc, [&there], &node(), &LIMITS).unwrap();
+        assert!(d.external[0].backends.is_empty() && d.external[0].local);
+        assert_eq!(d.health_check.unwrap().local_endpoints, 0);
+        // The health check port belongs to LoadBalancer services with the Local policy only.
+        svc.spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+        assert_eq!(
+            desired(&svc, [&here], &node(), &LIMITS)
+                .unwrap()
+                .health_check,
+            None
+        );
+    }
+
+    #[test]
+    fn health_checks_count_local_pods_once_whatever_their_ports() {
+        let mut svc = exposed(
+            "LoadBalancer",
+            &["10.96.0.10"],
+            &[("http", 80, "TCP", 30080), ("dns", 53, "UDP", 30053)],
+        );
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32000);
+        let mut s = slice(
+            "IPv4",
+            &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+            &[
+                ready("10.0.0.1"),
+                ready("10.0.0.2"),
+                ("10.0.0.3", Some(false), Some(false), Some(false)),
+            ],
+        );
+        for ep in s.endpoints.as_mut().unwrap() {
+            ep.node_name = Some("n1".into());
+        }
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
+        assert_eq!(d.health_check.unwrap().local_endpoints, 2);
+    }
+
+    #[test]
+    fn source_ranges_apply_per_family_and_fail_closed() {
+        let mut svc = with_ingress(
+            exposed(
+                "LoadBalancer",
+                &["10.96.0.10", "fd00::10"],
+                &[("http", 80, "TCP", 30080)],
+            ),
+            &[("198.51.100.10", None), ("2001:db8:100::10", None)],
+        );
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec![
+            "203.0.113.0/24".into(),
+            "2001:db8:9::/48".into(),
+            "10.1.2.3/8".into(),
+        ]);
+        let s4 = slice("IPv4", &[("http", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let s6 = slice("IPv6", &[("http", 8080, "TCP")], &[ready("fd00:1::1")]);
+        let d = desired(&svc, [&s4, &s6], &node(), &LIMITS).unwrap();
+        let ranges: Vec<_> = d
+            .external
+            .iter()
+            .map(|g| g.source_ranges.clone().unwrap())
+            .collect();
+        assert_eq!(
+            ranges,
+            [
+                vec![
+                    "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                    "203.0.113.0/24".parse().unwrap()
+                ],
+                vec!["2001:db8:9::/48".parse().unwrap()],
+            ]
+        );
+        // Only invalid ranges: the service admits no source rather than every source.
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["nonsense".into()]);
+        let d = desired(&svc, [&s4], &node(), &LIMITS).unwrap();
+        assert_eq!(d.external[0].source_ranges, Some(vec![]));
+        assert!(d.notes.iter().any(|n| n.contains("nonsense")));
+    }
+
+    #[test]
+    fn bad_external_fields_are_rejected_or_noted() {
+        let mut svc = exposed("NodePort", &["10.96.0.10"], &[("http", 80, "TCP", 70000)]);
+        assert!(matches!(
+            desired(&svc, [], &node(), &LIMITS),
+            Err(Rejection::InvalidPort { port: 70000 })
+        ));
+        svc = exposed("NodePort", &["10.96.0.10"], &[("http", 80, "TCP", 30080)]);
+        svc.spec.as_mut().unwrap().external_traffic_policy = Some("Nearest".into());
+        assert!(matches!(
+            desired(&svc, [], &node(), &LIMITS),
+            Err(Rejection::Unsupported {
+                field: "externalTrafficPolicy",
+                ..
+            })
+        ));
+        svc = exposed(
+            "NodePort",
+            &["10.96.0.10"],
+            &[("a", 80, "TCP", 30080), ("a", 81, "TCP", 30081)],
+        );
+        assert!(matches!(
+            desired(&svc, [], &node(), &LIMITS),
+            Err(Rejection::DuplicatePortName(_))
+        ));
+    }
+
     #[test]
     fn ports_match_slices_by_name_and_protocol() {
         let svc = service(
@@ -1070,8 +1371,14 @@ mod tests {
             [
                 "10.96.0.1:80/TCP -> [10.0.0.1:8080]",
                 "192.0.2.10:80/TCP -> [10.0.0.1:8080]",
-                "[2001:db8::10]:80/TCP -> [[fd00::1]:8080]",
             ]
+        );
+        // The IPv6 external IP of a service without an IPv6 cluster IP is not served, as
+        // kube-proxy serves a family only for services with a cluster IP of it.
+        assert!(
+            d.notes.iter().any(|n| n.contains("2001:db8::10")),
+            "{:?}",
+            d.notes
         );
         svc.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.300".into()]);
         let err = desired(&svc, [], &node(), &LIMITS).unwrap_err();

@@ -52,6 +52,16 @@ impl FakeDatapath {
                 !c.affinity_match.contains(k)
                     && c.affinity_match.len() >= self.caps.affinity_match as usize
             }
+            Op::PutExternal(k, _) => {
+                !c.external.contains_key(k) && c.external.len() >= self.caps.external as usize
+            }
+            // Ids run from 1 to the capacity (the kernel's array and info maps hold one more).
+            Op::PutExternalInfo(id, _) | Op::ResetCounters(id) => *id > self.caps.external_ids,
+            Op::PutRange(k) => !c.ranges.contains(k) && c.ranges.len() >= self.caps.ranges as usize,
+            Op::PutTable { start, at, ids } => {
+                (start + at) as usize + ids.len() > self.caps.table_entries as usize
+            }
+            Op::ClearTable { start, len } => start + len > self.caps.table_entries,
             _ => false,
         }
     }

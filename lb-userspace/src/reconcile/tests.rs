@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_common::ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES};
 
 use super::*;
 use crate::{
@@ -646,4 +647,464 @@ fn arrange_keeps_positions_and_compacts() {
     assert_eq!(arrange(&[Some(1), Some(2), Some(3)], &[1]), [1]);
     assert_eq!(arrange(&[Some(1), None, Some(1)], &[1, 2]), [1, 2]);
     assert_eq!(arrange(&[Some(1), Some(2)], &[]), Vec::<u32>::new());
+}
+
+// North-south (XDP) frontends.
+
+const NODE: &str = "192.0.2.1";
+
+/// A LoadBalancer service `name` on port 80 (node port `node_port`) with ingress `lb_ip`.
+fn lb(name: &str, cluster_ip: &str, lb_ip: &str, node_port: i32) -> Service {
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+    let mut svc = service("ns", name, &[cluster_ip], &[("http", 80, "TCP")]);
+    let spec = svc.spec.as_mut().unwrap();
+    spec.type_ = Some("LoadBalancer".into());
+    spec.ports.as_mut().unwrap()[0].node_port = Some(node_port);
+    svc.status = Some(ServiceStatus {
+        load_balancer: Some(LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress {
+                ip: Some(lb_ip.into()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    svc
+}
+
+fn lb_slice(name: &str, addrs: &[&str]) -> EndpointSlice {
+    let eps: Vec<_> = addrs.iter().map(|a| ready(a)).collect();
+    slice(
+        "ns",
+        &format!("{name}-1"),
+        name,
+        "IPv4",
+        &[("http", 8080, "TCP")],
+        &eps,
+    )
+}
+
+/// `n` backend addresses 10.0.0.1...
+fn addrs(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("10.0.0.{i}")).collect()
+}
+
+impl Harness {
+    /// A harness for node `n1` with address [`NODE`] and Maglev tables of `table_size`.
+    fn node(table_size: u32) -> Self {
+        let caps = Capacities {
+            table_entries: 8 * table_size,
+            ..CAPS
+        };
+        let limits = Limits {
+            table_size,
+            ..LIMITS
+        };
+        let mut store = Store::new(Some("n1".into()));
+        store.set_addresses(vec![NODE.parse().unwrap()]);
+        Self {
+            store,
+            rec: Reconciler::new(FakeDatapath::new(caps), limits).unwrap(),
+        }
+    }
+
+    /// What XDP serves: frontend -> (owner, flags, backends by table share), lookups checked.
+    fn served_external(&self) -> BTreeMap<String, (String, u16, BTreeMap<String, usize>)> {
+        served_external(&self.rec.datapath().contents)
+    }
+}
+
+fn served_external(c: &Contents) -> BTreeMap<String, (String, u16, BTreeMap<String, usize>)> {
+    c.check_lookups().unwrap();
+    c.external
+        .iter()
+        .map(|(k, v)| {
+            let info = &c.external_info[&v.id];
+            let owner = format!("{}/{}", info.namespace().unwrap(), info.name().unwrap());
+            let mut shares = BTreeMap::new();
+            for id in c.table_of(v).unwrap_or_default() {
+                *shares
+                    .entry(to_socket_addr(&c.backends[id]).to_string())
+                    .or_default() += 1;
+            }
+            (frontend_string(k), (owner, v.flags, shares))
+        })
+        .collect()
+}
+
+fn position(ops: &[Op], kind: &str, last: bool) -> usize {
+    let k = kinds(ops);
+    let found = if last {
+        k.iter().rposition(|x| *x == kind)
+    } else {
+        k.iter().position(|x| *x == kind)
+    };
+    found.unwrap_or_else(|| panic!("no {kind} in {k:?}"))
+}
+
+#[test]
+fn a_load_balancer_service_is_written_table_first_frontends_last() {
+    let mut h = Harness::node(61);
+    let a = addrs(3);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let report = h.sync(
+        vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)],
+        vec![lb_slice("web", &a)],
+    );
+    assert!(
+        report.rejected.is_empty() && report.errors.is_empty(),
+        "{report:?}"
+    );
+    let served = h.served_external();
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        ["192.0.2.1:30080/TCP", "198.51.100.1:80/TCP"]
+    );
+    for (owner, flags, shares) in served.values() {
+        assert_eq!((owner.as_str(), *flags), ("ns/web", 0));
+        assert_eq!(shares.len(), 3);
+        assert!(shares.values().all(|n| (20..=21).contains(n)), "{shares:?}");
+    }
+    // Both frontends share one id and one table.
+    let ids: BTreeSet<u32> = h.rec.contents().external.values().map(|v| v.id).collect();
+    assert_eq!(ids.len(), 1);
+    let ops = h.log();
+    let last_backend = position(ops, "put-backend", true);
+    let table = position(ops, "put-table", false);
+    let info = position(ops, "put-ext-info", false);
+    let frontend = position(ops, "put-external", false);
+    assert!(position(ops, "reset-counters", false) < frontend);
+    assert!(
+        last_backend < table && table < frontend && info < frontend,
+        "{:?}",
+        kinds(ops)
+    );
+    // Nothing to write when nothing changed.
+    let before = h.log().len();
+    h.sync(
+        vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)],
+        vec![lb_slice("web", &a)],
+    );
+    assert_eq!(h.log().len(), before);
+}
+
+#[test]
+fn removing_one_of_n_backends_rewrites_about_one_nth_of_the_table_then_deletes_it() {
+    // M/N = 1000: the table size the agent's defaults give a service of 16 backends.
+    let m = 10007;
+    let mut h = Harness::node(m);
+    let svc = || vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)];
+    let all = addrs(10);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    h.sync(svc(), vec![lb_slice("web", &all)]);
+    let before = h.rec.contents().clone();
+    let writes_before = h.log().len();
+    h.sync(svc(), vec![lb_slice("web", &all[1..])]);
+    let ops = &h.log()[writes_before..];
+    let after = h.rec.contents();
+    let v = after.external.values().next().unwrap();
+    let (old, new) = (before.table_of(v).unwrap(), after.table_of(v).unwrap());
+    let changed = old.iter().zip(new).filter(|(a, b)| a != b).count();
+    // Exactly the entries of the removed backend move (a Maglev property at M >> N).
+    let removed_id = *before
+        .backends
+        .iter()
+        .find(|(_, ep)| to_socket_addr(ep).to_string() == "10.0.0.1:8080")
+        .unwrap()
+        .0;
+    let had = old.iter().filter(|id| **id == removed_id).count();
+    assert!(
+        changed <= had * 5 / 4,
+        "changed {changed}, the removed backend had {had}"
+    );
+    assert!(!new.contains(&removed_id));
+    // The table is updated in place (entries that keep their value may be rewritten with
+    // it, as neighbouring runs are merged), in fewer writes than changed entries.
+    let table_writes = kinds(ops).iter().filter(|k| **k == "put-table").count();
+    assert!(
+        table_writes < changed,
+        "{table_writes} writes for {changed} changes"
+    );
+    // The backend is deleted only after no table names it.
+    assert!(
+        position(ops, "put-table", true) < position(ops, "del-backend", false),
+        "{:?}",
+        kinds(ops)
+    );
+    // The frontends are not rewritten: their id and region stay.
+    assert!(!kinds(ops).contains(&"put-external"), "{:?}", kinds(ops));
+}
+
+#[test]
+fn local_policy_without_a_local_endpoint_programs_an_empty_table() {
+    let mut h = Harness::node(61);
+    let mut svc = lb("web", "10.96.0.1", "198.51.100.1", 30080);
+    svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+    let mut local = lb_slice("web", &["10.0.0.1", "10.0.0.2"]);
+    local.endpoints.as_mut().unwrap()[0].node_name = Some("n1".into());
+    local.endpoints.as_mut().unwrap()[1].node_name = Some("n2".into());
+    h.sync(vec![svc.clone()], vec![local.clone()]);
+    let served = h.served_external();
+    for (_, flags, shares) in served.values() {
+        assert_eq!(*flags, NS_F_LOCAL);
+        assert_eq!(shares.keys().collect::<Vec<_>>(), ["10.0.0.1:8080"]);
+    }
+    // The local endpoint goes: the frontends stay, with no table (XDP drops), and the old
+    // region is zeroed after the frontends stopped naming it.
+    local.endpoints.as_mut().unwrap().remove(0);
+    let writes_before = h.log().len();
+    h.sync(vec![svc], vec![local]);
+    let ops = &h.log()[writes_before..];
+    let c = h.rec.contents();
+    assert_eq!(c.external.len(), 2);
+    assert!(
+        c.external
+            .values()
+            .all(|v| v.ring_size == 0 && v.flags == NS_F_LOCAL)
+    );
+    assert!(c.tables.is_empty(), "{:?}", c.tables.keys());
+    assert!(position(ops, "put-external", true) < position(ops, "clear-table", false));
+}
+
+#[test]
+fn source_ranges_are_admitted_before_the_frontend_filters_and_dropped_after() {
+    let mut h = Harness::node(61);
+    let mut svc = lb("web", "10.96.0.1", "198.51.100.1", 30080);
+    svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["203.0.113.0/24".into()]);
+    h.sync(vec![svc.clone()], vec![lb_slice("web", &["10.0.0.1"])]);
+    let served = h.served_external();
+    // Only the load-balancer IP filters; the node port does not (as kube-proxy).
+    assert_eq!(served["198.51.100.1:80/TCP"].1, NS_F_SOURCE_RANGES);
+    assert_eq!(served["192.0.2.1:30080/TCP"].1, 0);
+    assert_eq!(h.rec.contents().ranges.len(), 1);
+    let ops = h.log();
+    assert!(position(ops, "put-range", false) < position(ops, "put-external", false));
+    // A new range replaces the old: admitted first, the old dropped last.
+    svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["198.18.0.0/15".into()]);
+    let writes_before = h.log().len();
+    h.sync(vec![svc.clone()], vec![lb_slice("web", &["10.0.0.1"])]);
+    let ops = &h.log()[writes_before..];
+    assert_eq!(kinds(ops), ["put-range", "del-range"]);
+    // Ranges removed: the flag goes first, then the range.
+    svc.spec.as_mut().unwrap().load_balancer_source_ranges = None;
+    let writes_before = h.log().len();
+    h.sync(vec![svc], vec![lb_slice("web", &["10.0.0.1"])]);
+    let ops = &h.log()[writes_before..];
+    assert_eq!(kinds(ops), ["put-external", "del-range"]);
+    assert!(h.rec.contents().ranges.is_empty());
+}
+
+#[test]
+fn a_deleted_service_removes_its_frontends_before_table_info_and_backends() {
+    let mut h = Harness::node(61);
+    h.sync(
+        vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)],
+        vec![lb_slice("web", &["10.0.0.1", "10.0.0.2"])],
+    );
+    let writes_before = h.log().len();
+    h.sync(vec![], vec![]);
+    let ops = &h.log()[writes_before..];
+    let c = h.rec.contents();
+    assert!(c.external.is_empty() && c.tables.is_empty() && c.external_info.is_empty());
+    assert!(c.backends.is_empty() && c.services.is_empty());
+    let last_frontend = position(ops, "del-external", true);
+    for kind in ["clear-table", "del-ext-info", "del-backend"] {
+        assert!(
+            last_frontend < position(ops, kind, false),
+            "{kind}: {:?}",
+            kinds(ops)
+        );
+    }
+}
+
+#[test]
+fn a_restarted_reconciler_adopts_north_south_state_and_writes_nothing() {
+    let mut h = Harness::node(61);
+    let svcs = vec![
+        lb("web", "10.96.0.1", "198.51.100.1", 30080),
+        lb("api", "10.96.0.2", "198.51.100.2", 30081),
+    ];
+    let slices = vec![
+        lb_slice("web", &["10.0.0.1", "10.0.0.2"]),
+        lb_slice("api", &["10.0.0.3"]),
+    ];
+    h.sync(svcs.clone(), slices.clone());
+    let served = h.served_external();
+    let dp = FakeDatapath::with_contents(
+        Capacities {
+            table_entries: 8 * 61,
+            ..CAPS
+        },
+        h.rec.contents().clone(),
+    );
+    let mut restarted = Harness::node(61);
+    restarted.rec = Reconciler::new(
+        dp,
+        Limits {
+            table_size: 61,
+            ..LIMITS
+        },
+    )
+    .unwrap();
+    restarted.sync(svcs.clone(), slices.clone());
+    assert!(restarted.log().is_empty(), "{:?}", kinds(restarted.log()));
+    assert_eq!(restarted.served_external(), served);
+    // A restart with another table size rebuilds each table in a new region of that size,
+    // switching each frontend over in one write.
+    let dp = FakeDatapath::with_contents(
+        Capacities {
+            table_entries: 8 * 61,
+            ..CAPS
+        },
+        h.rec.contents().clone(),
+    );
+    let mut resized = Harness::node(61);
+    resized.rec = Reconciler::new(
+        dp,
+        Limits {
+            table_size: 53,
+            ..LIMITS
+        },
+    )
+    .unwrap();
+    resized.sync(svcs, slices);
+    let c = resized.rec.contents();
+    assert!(
+        c.external.values().all(|v| v.ring_size == 53),
+        "{:?}",
+        c.external
+    );
+    assert!(c.tables.values().all(|t| t.len() == 53));
+    assert_eq!(c.tables.len(), 2, "the old regions are zeroed");
+}
+
+#[test]
+fn a_full_table_array_refuses_the_new_service_and_keeps_the_others() {
+    let caps = Capacities {
+        table_entries: 61 + 60,
+        ..CAPS
+    };
+    let mut h = Harness::node(61);
+    h.rec = Reconciler::new(
+        FakeDatapath::new(caps),
+        Limits {
+            table_size: 61,
+            ..LIMITS
+        },
+    )
+    .unwrap();
+    h.sync(
+        vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)],
+        vec![lb_slice("web", &["10.0.0.1"])],
+    );
+    let report = h.sync(
+        vec![
+            lb("web", "10.96.0.1", "198.51.100.1", 30080),
+            lb("api", "10.96.0.2", "198.51.100.2", 30081),
+        ],
+        vec![
+            lb_slice("web", &["10.0.0.1"]),
+            lb_slice("api", &["10.0.0.2"]),
+        ],
+    );
+    assert_eq!(report.full.len(), 1, "{report:?}");
+    assert_eq!(report.full[0].map, maps::RINGS);
+    assert!(report.errors.is_empty());
+    let served = h.served_external();
+    assert_eq!(served.len(), 2, "web's frontends stay: {served:?}");
+    assert!(served.values().all(|(owner, ..)| owner == "ns/web"));
+    // api's cluster IP is still served at the socket level.
+    assert!(h.served().contains_key("10.96.0.2:80/TCP"));
+}
+
+#[test]
+fn every_failed_north_south_write_leaves_lookups_whole_and_the_retry_converges() {
+    let svcs = |ranges: &[&str]| {
+        let mut web = lb("web", "10.96.0.1", "198.51.100.1", 30080);
+        web.spec.as_mut().unwrap().load_balancer_source_ranges =
+            Some(ranges.iter().map(|r| r.to_string()).collect());
+        vec![web, lb("api", "10.96.0.2", "198.51.100.2", 30081)]
+    };
+    let before = (
+        svcs(&["203.0.113.0/24"]),
+        vec![
+            lb_slice("web", &["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
+            lb_slice("api", &["10.0.0.9"]),
+        ],
+    );
+    // web changes backends and ranges; api goes; dns comes.
+    let mut after_svcs = svcs(&["198.18.0.0/15"]);
+    after_svcs.pop();
+    after_svcs.push(lb("dns", "10.96.0.3", "198.51.100.3", 30082));
+    let after = (
+        after_svcs,
+        vec![
+            lb_slice("web", &["10.0.0.2", "10.0.0.4"]),
+            lb_slice("dns", &["10.0.0.5"]),
+        ],
+    );
+    let mut reference = Harness::node(61);
+    reference.sync(before.0.clone(), before.1.clone());
+    let start = reference.rec.contents().clone();
+    let first = reference.log().len();
+    reference.sync(after.0.clone(), after.1.clone());
+    let goal = reference.served_external();
+    let writes = reference.log().len() - first;
+    assert!(writes > 10, "an interesting change: {writes} writes");
+    let caps = Capacities {
+        table_entries: 8 * 61,
+        ..CAPS
+    };
+    for fail_at in 0..writes {
+        let mut dp = FakeDatapath::with_contents(caps, start.clone());
+        dp.fail_at = Some(fail_at);
+        let mut h = Harness::node(61);
+        h.rec = Reconciler::new(
+            dp,
+            Limits {
+                table_size: 61,
+                ..LIMITS
+            },
+        )
+        .unwrap();
+        let report = h.sync(after.0.clone(), after.1.clone());
+        assert_eq!(report.errors.len(), 1, "write {fail_at} fails");
+        let report = h.rec.sync(&h.store, BTreeSet::new());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(!h.rec.needs_retry());
+        assert_eq!(
+            h.served_external(),
+            goal,
+            "converged after failing write {fail_at}"
+        );
+        let c = h.rec.contents();
+        assert_eq!(
+            c.tables.len(),
+            2,
+            "no table left behind after failing write {fail_at}"
+        );
+        assert_eq!(c.external_info.len(), 2);
+    }
+}
+
+#[test]
+fn health_checks_follow_local_load_balancer_services() {
+    let mut h = Harness::node(61);
+    let mut svc = lb("web", "10.96.0.1", "198.51.100.1", 30080);
+    let spec = svc.spec.as_mut().unwrap();
+    spec.external_traffic_policy = Some("Local".into());
+    spec.health_check_node_port = Some(32000);
+    let mut s = lb_slice("web", &["10.0.0.1"]);
+    s.endpoints.as_mut().unwrap()[0].node_name = Some("n1".into());
+    h.sync(vec![svc], vec![s]);
+    let checks: Vec<_> = h.rec.health_checks().values().copied().collect();
+    assert_eq!(
+        checks,
+        [model::HealthCheck {
+            port: 32000,
+            local_endpoints: 1
+        }]
+    );
+    h.sync(vec![], vec![]);
+    assert!(h.rec.health_checks().is_empty());
 }
