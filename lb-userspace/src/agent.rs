@@ -297,11 +297,15 @@ impl Network {
                 ifindex,
             };
             match loaded.attach_device(&device, self.mode) {
-                Ok(()) => {
+                Ok(replaced) => {
                     if let Err(e) = netdev::accept_local(&name) {
                         warn!(device = %name, error = %e, "cannot set accept_local: SNATed packets whose next hop is unresolved will be dropped by the stack");
                     }
-                    info!(device = %name, ifindex, mode = ?self.mode, "north-south programs attached (XDP ingress, tc egress)");
+                    if replaced {
+                        info!(device = %name, ifindex, "north-south programs replaced in place on their pinned links (XDP ingress, tc egress)");
+                    } else {
+                        info!(device = %name, ifindex, mode = ?self.mode, "north-south programs attached (XDP ingress, tc egress)");
+                    }
                     self.attached.insert(name.clone(), Some(ifindex));
                     self.failed.remove(&name);
                 }

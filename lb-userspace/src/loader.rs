@@ -462,9 +462,11 @@ impl Loaded {
     }
 
     /// Attaches the north-south programs to `device` (XDP in `mode` at ingress, tc egress),
-    /// or replaces the programs on it with this build's when a link is pinned already; then
-    /// marks it as a device the XDP program may redirect to.
-    pub fn attach_device(&mut self, device: &Device, mode: XdpMode) -> Result<(), LoadError> {
+    /// or replaces the programs on it with this build's when a link is pinned already (in
+    /// place: the device is never without a program); then marks it as a device the XDP
+    /// program may redirect to. Returns whether both links were replaced in place.
+    pub fn attach_device(&mut self, device: &Device, mode: XdpMode) -> Result<bool, LoadError> {
+        let mut replaced = true;
         let links = self.layout.links();
         let xdp_pin = links.join(format!("{XDP_LINK_PREFIX}{}", device.name));
         let prog = program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?;
@@ -483,9 +485,11 @@ impl Loaded {
         };
         let id = match id {
             Some(id) => id,
-            None => prog
-                .attach_to_if_index(device.ifindex, mode)
-                .map_err(perr)?,
+            None => {
+                replaced = false;
+                prog.attach_to_if_index(device.ifindex, mode)
+                    .map_err(perr)?
+            }
         };
         let link = prog.take_link(id).map_err(perr)?;
         let link: FdLink = link.try_into().map_err(|source| LoadError::Link {
@@ -509,13 +513,15 @@ impl Loaded {
         };
         let id = match id {
             Some(id) => id,
-            None => prog
-                .attach_with_options(
+            None => {
+                replaced = false;
+                prog.attach_with_options(
                     &device.name,
                     TcAttachType::Egress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(perr)?,
+                .map_err(perr)?
+            }
         };
         let link = prog.take_link(id).map_err(perr)?;
         let link: FdLink = link.try_into().map_err(|source| LoadError::Link {
@@ -529,7 +535,8 @@ impl Loaded {
             .map_err(|source| LoadError::Map {
                 name: maps::XDP_DEVICES,
                 source,
-            })
+            })?;
+        Ok(replaced)
     }
 
     /// Detaches the north-south programs from the device called `name` (its link pins go)

@@ -229,6 +229,49 @@ impl Cluster {
         self.agent = Some(Proc::spawn(cmd).expect("spawning lb-agent"));
     }
 
+    /// Kills the agent (SIGKILL), leaving its pins: the datapath keeps running.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            agent.kill();
+        }
+    }
+
+    /// Runs `lb-agent --cleanup` on the pins, in node A; whether it succeeded.
+    pub fn cleanup(&self) -> bool {
+        command_in(&self.bins.join("lb-agent"), &self.node_a, None)
+            .expect("node namespace")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--cleanup")
+            .status()
+            .expect("running lb-agent --cleanup")
+            .success()
+    }
+
+    /// `ip link show DEV` in node A.
+    pub fn node_link(&self, dev: &str) -> String {
+        self.node_a
+            .ip(&["link", "show", dev])
+            .expect("ip link show")
+    }
+
+    /// Ids of the BPF links attached in node A's namespace (`bpftool net`), for checking
+    /// that restarts replace programs in place.
+    pub fn node_links(&self) -> String {
+        crate::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                self.node_a.name(),
+                "bpftool",
+                "net",
+                "show",
+            ],
+        )
+        .expect("bpftool net show")
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()

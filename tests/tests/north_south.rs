@@ -323,3 +323,65 @@ fn removing_one_backend_keeps_established_flows_to_the_others() {
     let (backends, _) = answered(&c.tcp(sa(&frontend), 20));
     assert_eq!(backends, names(&["pod-a", "pod-b1"]));
 }
+
+#[test]
+fn a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp() {
+    if !require_privileges("a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp") {
+        return;
+    }
+    let mut c = Cluster::new(PORT);
+    c.write_manifest("web.yaml", &web(&ALL_PODS));
+    c.start_agent(&["--xdp-mode", "generic"]);
+    let frontend = format!("{NODE_A}:30080");
+    c.wait_until("web is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
+    });
+    let mut held: Vec<_> = (0..6).map(|_| c.hold(sa(&frontend))).collect();
+    for h in &held {
+        assert_eq!(h.first.error, None, "{:?}", h.first);
+    }
+    assert!(
+        c.node_link("n-ext").contains("xdpgeneric"),
+        "{}",
+        c.node_link("n-ext")
+    );
+
+    // Killed: the pinned links and maps keep serving, old flows and new ones.
+    c.kill_agent();
+    for h in &mut held {
+        let a = h.ping();
+        assert_eq!((a.error, a.backend), (None, h.first.backend.clone()));
+    }
+    let (backends, _) = answered(&c.tcp(sa(&frontend), 10));
+    assert!(!backends.is_empty());
+
+    // Restarted: it adopts the maps and replaces the programs on the same links.
+    c.start_agent(&["--xdp-mode", "generic"]);
+    c.wait_until(
+        "the restarted agent synced",
+        Duration::from_secs(15),
+        || c.agent_log().matches("initial sync done").count() == 2,
+    );
+    let log = c.agent_log();
+    let second = &log[log.rfind("datapath ready").expect("a second start")..];
+    assert_eq!(
+        second
+            .matches("north-south programs replaced in place")
+            .count(),
+        2,
+        "{second}"
+    );
+    assert!(!second.contains("ERROR"), "{second}");
+    for h in &mut held {
+        let a = h.ping();
+        assert_eq!((a.error, a.backend), (None, h.first.backend.clone()));
+    }
+
+    // Cleanup detaches XDP and tc from the devices.
+    c.kill_agent();
+    assert!(c.cleanup());
+    let link = c.node_link("n-ext");
+    assert!(!link.contains("xdp"), "{link}");
+    let net = c.node_links();
+    assert!(!net.contains("n-ext") && !net.contains("n-peer"), "{net}");
+}
