@@ -277,6 +277,21 @@ impl Cluster {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Runs `lbctl ARGS` (table output) on the pins: its stdout, or its stderr.
+    pub fn lbctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(self.bins.join("lbctl"))
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
     /// Runs `lbctl -o json ARGS` on the pins; `None` until it succeeds.
     pub fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
         let out = Command::new(self.bins.join("lbctl"))

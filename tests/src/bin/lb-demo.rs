@@ -1,4 +1,5 @@
-//! lb-demo: ClusterIP traffic balanced by the kernel programs, in a sandbox that is removed
+//! lb-demo: ClusterIP traffic balanced by the kernel programs, then NodePort and
+//! LoadBalancer traffic from outside balanced in XDP, each in a sandbox that is removed
 //! afterwards. Run it with `cargo xtask demo` (as root).
 //!
 //! The sandbox is a [`World`]: a client namespace in its own cgroup and three backend
@@ -7,10 +8,18 @@
 
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode};
 
-use lb_tests::{probe::Attempt, world::World};
+use std::time::Duration;
+
+use lb_tests::{
+    cluster::{CLIENT, Cluster, NODE_A, NODE_A_PEER},
+    probe::Attempt,
+    world::World,
+};
 
 /// The demo's manifests, also in the repository as examples/demo/web.yaml.
 const MANIFEST: &str = include_str!("../../../examples/demo/web.yaml");
+/// The north-south part's manifests (examples/demo/north-south.yaml).
+const NORTH_SOUTH: &str = include_str!("../../../examples/demo/north-south.yaml");
 const BACKENDS: usize = 3;
 
 fn show(attempts: &[Attempt], what: &str) {
@@ -130,6 +139,10 @@ fn demo() {
         w.pin_dir().to_owned(),
     ];
     drop(w);
+    removed(&leftovers);
+}
+
+fn removed(leftovers: &[PathBuf]) {
     let left: Vec<String> = leftovers
         .iter()
         .filter(|p| p.exists())
@@ -140,6 +153,112 @@ fn demo() {
     } else {
         println!("\nsandbox NOT fully removed: {}", left.join(", "));
     }
+}
+
+/// Which pods answered, and the client address each saw.
+fn show_seen(attempts: &[Attempt], what: &str) {
+    let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for a in attempts {
+        match (&a.backend, &a.client, &a.error) {
+            (Some(b), Some(c), _) => *seen.entry((b.clone(), c.clone())).or_default() += 1,
+            (_, _, e) => println!("   {what} -> error {e:?}"),
+        }
+    }
+    let mut by_pod: BTreeMap<String, (usize, Vec<String>)> = BTreeMap::new();
+    for ((pod, client), n) in seen {
+        let ip = client
+            .parse::<std::net::SocketAddr>()
+            .map(|s| s.ip().to_canonical().to_string())
+            .unwrap_or(client);
+        let e = by_pod.entry(pod).or_default();
+        e.0 += n;
+        if !e.1.contains(&ip) {
+            e.1.push(ip);
+        }
+    }
+    for (pod, (n, clients)) in by_pod {
+        println!(
+            "   {what} -> {pod}: {n} answers, client seen as {}",
+            clients.join(", ")
+        );
+    }
+}
+
+fn north_south() {
+    println!("\nlb demo, part 2: NodePort and LoadBalancer traffic from outside, in XDP\n");
+    let mut c = Cluster::new(8080);
+    println!(
+        "sandbox {}: an external client ({CLIENT}), node-a ({NODE_A}; {NODE_A_PEER} towards node-b) \
+         running the agent with XDP on its two devices, pod-a on node-a, pod-b1 and pod-b2 on node-b.",
+        c.tag()
+    );
+    c.write_manifest("north-south.yaml", NORTH_SOUTH);
+    c.native_peers();
+    c.start_agent(&["--xdp-mode", "native"]);
+    c.wait_until(
+        "the frontends are programmed",
+        Duration::from_secs(15),
+        || {
+            c.lbctl_json::<Vec<lb_userspace::inspect::ExternalRow>>(&["external"])
+                .is_some_and(|rows| {
+                    rows.iter()
+                        .any(|r| r.frontend == "198.51.100.11:80/TCP" && r.backends == 1)
+                })
+        },
+    );
+    println!(
+        "agent: started on examples/demo/north-south.yaml (shop/web: Cluster policy; shop/local: Local policy)"
+    );
+
+    section(
+        7,
+        &format!(
+            "TCP to the node port {NODE_A}:30080 and the LoadBalancer IP 198.51.100.10:80 (Cluster policy)"
+        ),
+    );
+    let np: std::net::SocketAddr = format!("{NODE_A}:30080").parse().expect("address");
+    show_seen(&c.tcp(np, 12), "node port");
+    show_seen(
+        &c.tcp("198.51.100.10:80".parse().expect("address"), 12),
+        "LB IP",
+    );
+    println!(
+        "   (node-b's pods see node-a's address: the flow is SNATed so that replies return through node-a)"
+    );
+
+    section(8, "UDP to the node port, a new flow per datagram");
+    show_seen(&c.udp(np, 6), "node port/UDP");
+
+    section(
+        9,
+        "Local policy: 198.51.100.11:80 reaches only node-a's pod, which sees the client itself",
+    );
+    show_seen(
+        &c.tcp("198.51.100.11:80".parse().expect("address"), 6),
+        "LB IP",
+    );
+    match c.http_get(format!("{NODE_A}:32001").parse().expect("address")) {
+        Ok((status, body)) => println!(
+            "   health check node port {NODE_A}:32001 -> HTTP {status} {}",
+            body.split_whitespace().collect::<Vec<_>>().join(" ")
+        ),
+        Err(e) => println!("   health check node port -> error {e}"),
+    }
+
+    section(10, "lbctl external, maglev shop/web and conntrack");
+    for args in [
+        &["external"][..],
+        &["maglev", "shop/web"],
+        &["conntrack", "--limit", "8"],
+    ] {
+        print!("{}", indent(&c.lbctl(args).unwrap_or_else(|e| e)));
+    }
+    let leftovers = [
+        PathBuf::from(format!("/run/netns/{}-na", c.tag())),
+        PathBuf::from(format!("/sys/fs/bpf/{}", c.tag())),
+    ];
+    drop(c);
+    removed(&leftovers);
 }
 
 fn indent(text: &str) -> String {
@@ -155,5 +274,6 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     demo();
+    north_south();
     ExitCode::SUCCESS
 }
