@@ -294,21 +294,11 @@ impl Cluster {
 
     /// Runs `lbctl -o json ARGS` on the pins; `None` until it succeeds.
     pub fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
-        let out = Command::new(self.bins.join("lbctl"))
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(["-o", "json"])
-            .args(args)
-            .output()
-            .expect("running lbctl");
-        if !out.status.success() {
-            eprintln!(
-                "lbctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return None;
-        }
-        Some(serde_json::from_slice(&out.stdout).expect("lbctl JSON"))
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        self.lbctl(&all)
+            .ok()
+            .map(|s| serde_json::from_str(&s).expect("lbctl JSON"))
     }
 
     /// Polls `done` every 50 ms until it holds; panics after `timeout` with `what`.
