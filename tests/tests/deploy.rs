@@ -151,18 +151,39 @@ fn the_daemonset_runs_the_agent_as_intended() {
         .and_then(|v| v.field_ref.as_ref())
         .expect("downward API");
     assert_eq!(field.field_path, "spec.nodeName");
-    let api = env
-        .iter()
-        .find(|e| e.name == "LB_API_SERVER")
-        .expect("LB_API_SERVER");
-    let key = api
-        .value_from
-        .as_ref()
-        .and_then(|v| v.config_map_key_ref.as_ref())
-        .expect("from the ConfigMap");
+    // Settings from the ConfigMap: each key exists, and its value is a valid flag value.
     let config: ConfigMap = one("config.yaml", "ConfigMap");
-    assert_eq!(Some(&key.name), config.metadata.name.as_ref());
-    assert!(config.data.unwrap_or_default().contains_key(&key.key));
+    let data = config.data.clone().unwrap_or_default();
+    let mut with_config = agent.args.clone().unwrap_or_default();
+    for (var, flag) in [
+        ("LB_API_SERVER", "--api-server"),
+        ("LB_XDP_DEVICES", "--xdp-devices"),
+        ("LB_NODEPORT_ADDRESSES", "--nodeport-addresses"),
+    ] {
+        let e = env
+            .iter()
+            .find(|e| e.name == var)
+            .unwrap_or_else(|| panic!("{var} is set"));
+        let key = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.config_map_key_ref.as_ref())
+            .expect("from the ConfigMap");
+        assert_eq!(Some(&key.name), config.metadata.name.as_ref());
+        let value = data
+            .get(&key.key)
+            .unwrap_or_else(|| panic!("config.yaml has {}", key.key));
+        with_config.push(format!("{flag}={value}"));
+    }
+    let configured = agent_args(&Container {
+        args: Some(with_config),
+        ..agent.clone()
+    });
+    assert_eq!(
+        configured.devices(),
+        Ok(lb_userspace::config::XdpDevices::Auto),
+        "north-south traffic is handled on the node's own devices"
+    );
 
     let volumes: BTreeSet<String> = pod
         .volumes
