@@ -170,8 +170,13 @@ impl Cluster {
                     libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
                 };
                 assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                let mut ebpf = aya::EbpfLoader::new()
-                    .default_map_pin_directory(&pins)
+                let mut loader = aya::EbpfLoader::new();
+                loader.default_map_pin_directory(&pins);
+                // Only xdp_pass runs, which uses no map: keep the maps minimal.
+                for spec in &lb_common::maps::ALL {
+                    loader.map_max_entries(spec.name, 1);
+                }
+                let mut ebpf = loader
                     .load(lb_userspace::EBPF_OBJECT)
                     .expect("the object loads");
                 let prog: &mut aya::programs::Xdp = ebpf
