@@ -33,6 +33,44 @@ use tracing::{info, warn};
 
 use crate::{EBPF_OBJECT, datapath::bpf::BpfDatapath};
 
+/// Attaches program `$prog` through the link pinned at `$pin`, replacing its program in
+/// place, or, when there is none (or its device is gone), with `$attach`; then pins the link
+/// there. Evaluates to whether the pinned link was reused. A macro, because the program
+/// types share these methods by name, not through a trait.
+macro_rules! attach_pinned {
+    ($prog:expr, $link:ty, $name:expr, $pin:expr, |$p:ident| $attach:expr) => {{
+        let prog = $prog;
+        let perr = |source| LoadError::Program {
+            name: $name,
+            source,
+        };
+        let reused = match adopt_link($pin)? {
+            Some(old) => <$link>::try_from(old)
+                .ok()
+                .and_then(|l| prog.attach_to_link(l).ok()),
+            None => None,
+        };
+        let replaced = reused.is_some();
+        let id = match reused {
+            Some(id) => id,
+            None => {
+                let $p = &mut *prog;
+                $attach.map_err(perr)?
+            }
+        };
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(perr)?
+            .try_into()
+            .map_err(|source| LoadError::Link {
+                name: $name,
+                source,
+            })?;
+        pin_over(link, $pin, $name)?;
+        replaced
+    }};
+}
+
 /// The socket programs of the object, by name; each is pinned as `links/<name>`.
 pub const PROGRAMS: [&str; 8] = [
     "connect4",
@@ -466,77 +504,34 @@ impl Loaded {
     /// place: the device is never without a program); then marks it as a device the XDP
     /// program may redirect to. Returns whether both links were replaced in place.
     pub fn attach_device(&mut self, device: &Device, mode: XdpMode) -> Result<bool, LoadError> {
-        let mut replaced = true;
         let links = self.layout.links();
         let xdp_pin = links.join(format!("{XDP_LINK_PREFIX}{}", device.name));
-        let prog = program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?;
-        let perr = |source| LoadError::Program {
-            name: XDP_PROGRAM,
-            source,
-        };
-        let id = match adopt_link(&xdp_pin)? {
-            Some(old) => match XdpLink::try_from(old).map(|l| prog.attach_to_link(l)) {
-                Ok(Ok(id)) => Some(id),
-                // The device of the pinned link is gone (or it is of another kind): attach
-                // anew below.
-                _ => None,
-            },
-            None => None,
-        };
-        let id = match id {
-            Some(id) => id,
-            None => {
-                replaced = false;
-                prog.attach_to_if_index(device.ifindex, mode)
-                    .map_err(perr)?
-            }
-        };
-        let link = prog.take_link(id).map_err(perr)?;
-        let link: FdLink = link.try_into().map_err(|source| LoadError::Link {
-            name: XDP_PROGRAM,
-            source,
-        })?;
-        pin_over(link, &xdp_pin, XDP_PROGRAM)?;
-
+        let xdp = attach_pinned!(
+            program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?,
+            XdpLink,
+            XDP_PROGRAM,
+            &xdp_pin,
+            |p| p.attach_to_if_index(device.ifindex, mode)
+        );
         let tc_pin = links.join(format!("{TC_LINK_PREFIX}{}", device.name));
-        let prog = program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?;
-        let perr = |source| LoadError::Program {
-            name: TC_PROGRAM,
-            source,
-        };
-        let id = match adopt_link(&tc_pin)? {
-            Some(old) => match SchedClassifierLink::try_from(old).map(|l| prog.attach_to_link(l)) {
-                Ok(Ok(id)) => Some(id),
-                _ => None,
-            },
-            None => None,
-        };
-        let id = match id {
-            Some(id) => id,
-            None => {
-                replaced = false;
-                prog.attach_with_options(
-                    &device.name,
-                    TcAttachType::Egress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(perr)?
-            }
-        };
-        let link = prog.take_link(id).map_err(perr)?;
-        let link: FdLink = link.try_into().map_err(|source| LoadError::Link {
-            name: TC_PROGRAM,
-            source,
-        })?;
-        pin_over(link, &tc_pin, TC_PROGRAM)?;
-
+        let tc = attach_pinned!(
+            program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?,
+            SchedClassifierLink,
+            TC_PROGRAM,
+            &tc_pin,
+            |p| p.attach_with_options(
+                &device.name,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+        );
         self.devices
             .insert(device.ifindex, 1, 0)
             .map_err(|source| LoadError::Map {
                 name: maps::XDP_DEVICES,
                 source,
             })?;
-        Ok(replaced)
+        Ok(xdp && tc)
     }
 
     /// Detaches the north-south programs from the device called `name` (its link pins go)

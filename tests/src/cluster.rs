@@ -14,14 +14,7 @@
 //! no route to the client at all, so a reply that skipped the SNAT back through node A is
 //! lost inside the sandbox. No namespace has a route out of it.
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{fs, net::SocketAddr, path::PathBuf, process::Command, thread, time::Duration};
 
 use crate::{
     bin_dir,
@@ -202,10 +195,7 @@ impl Cluster {
 
     /// Writes the manifest file `file` atomically.
     pub fn write_manifest(&self, file: &str, yaml: &str) {
-        let manifests = self.dir.join("manifests");
-        let tmp = manifests.join(format!(".{file}.tmp"));
-        fs::write(&tmp, yaml).expect("writing a manifest");
-        fs::rename(&tmp, manifests.join(file)).expect("renaming a manifest");
+        crate::write_manifest(&self.dir.join("manifests"), file, yaml);
     }
 
     /// Starts the agent in node A as `node-a`, with XDP on `n-ext` and `n-peer`.
@@ -284,38 +274,17 @@ impl Cluster {
 
     /// Runs `lbctl ARGS` (table output) on the pins: its stdout, or its stderr.
     pub fn lbctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(self.bins.join("lbctl"))
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        crate::lbctl(&self.bins, &self.pin_dir, args)
     }
 
     /// Runs `lbctl -o json ARGS` on the pins; `None` until it succeeds.
     pub fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        self.lbctl(&all)
-            .ok()
-            .map(|s| serde_json::from_str(&s).expect("lbctl JSON"))
+        crate::lbctl_json(&self.bins, &self.pin_dir, args)
     }
 
-    /// Polls `done` every 50 ms until it holds; panics after `timeout` with `what`.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting until {what}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+    /// Polls `done` until it holds; panics after `timeout` with `what`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+        crate::wait_until(what, timeout, done);
     }
 
     fn client_probe(&self) -> Command {
@@ -324,17 +293,7 @@ impl Cluster {
 
     /// Runs `lb-probe ARGS` in the client namespace; its attempts.
     pub fn probe(&self, args: &[&str]) -> Vec<Attempt> {
-        let out = self
-            .client_probe()
-            .args(args)
-            .output()
-            .expect("running lb-probe");
-        assert!(
-            out.status.success(),
-            "lb-probe {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Attempt::parse_all(&String::from_utf8_lossy(&out.stdout))
+        crate::run_probe(self.client_probe(), args)
     }
 
     /// `count` short TCP connections to `addr` from the client, one request each.
@@ -398,17 +357,8 @@ impl Drop for Cluster {
                 eprintln!("{line}");
             }
             for args in [["stats"], ["external"], ["conntrack"]] {
-                let out = Command::new(self.bins.join("lbctl"))
-                    .arg("--pin-dir")
-                    .arg(&self.pin_dir)
-                    .args(args)
-                    .output();
-                if let Ok(out) = out {
-                    eprintln!(
-                        "--- lbctl {args:?} ---\n{}",
-                        String::from_utf8_lossy(&out.stdout)
-                    );
-                }
+                let out = self.lbctl(&args).unwrap_or_else(|e| e);
+                eprintln!("--- lbctl {args:?} ---\n{out}");
             }
         }
         for s in &mut self.servers {

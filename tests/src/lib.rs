@@ -80,6 +80,71 @@ pub fn bin_dir() -> PathBuf {
         })
 }
 
+/// Writes manifest `file` into `dir` atomically (a hidden temp file renamed into place), so
+/// the agent's file source never reads half a file.
+pub fn write_manifest(dir: &Path, file: &str, yaml: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, yaml).expect("writing a manifest");
+    std::fs::rename(&tmp, dir.join(file)).expect("renaming a manifest");
+}
+
+/// Runs `lbctl --pin-dir PINS ARGS`: its stdout, or its stderr as the error.
+pub fn lbctl(bins: &Path, pins: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(bins.join("lbctl"))
+        .arg("--pin-dir")
+        .arg(pins)
+        .args(args)
+        .output()
+        .map_err(|e| format!("running lbctl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Runs `lbctl -o json ARGS`, parsed; `None` while lbctl fails (e.g. nothing pinned yet).
+pub fn lbctl_json<T: serde::de::DeserializeOwned>(
+    bins: &Path,
+    pins: &Path,
+    args: &[&str],
+) -> Option<T> {
+    let mut all = vec!["-o", "json"];
+    all.extend_from_slice(args);
+    lbctl(bins, pins, &all)
+        .ok()
+        .map(|s| serde_json::from_str(&s).expect("lbctl JSON"))
+}
+
+/// Runs an `lb-probe` command to completion; its attempts.
+pub fn run_probe(mut cmd: Command, args: &[&str]) -> Vec<probe::Attempt> {
+    let out = cmd.args(args).output().expect("running lb-probe");
+    assert!(
+        out.status.success(),
+        "lb-probe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    probe::Attempt::parse_all(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Polls `done` every 20 ms until it holds; panics after `timeout` with `what`. Returns how
+/// long it took.
+pub fn wait_until(
+    what: &str,
+    timeout: std::time::Duration,
+    mut done: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
 /// Whether a process with this pid exists.
 pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

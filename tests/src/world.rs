@@ -21,7 +21,7 @@ use std::{
         atomic::{AtomicU32, Ordering},
     },
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_userspace::inspect::{BackendRow, ServiceDetail, ServiceRow};
@@ -259,9 +259,7 @@ impl World {
 
     /// Writes a manifest atomically (a hidden temp file renamed into place).
     pub fn write_manifest(&self, file: &str, yaml: &str) {
-        let tmp = self.manifests().join(format!(".{file}.tmp"));
-        fs::write(&tmp, yaml).expect("writing a manifest");
-        fs::rename(&tmp, self.manifests().join(file)).expect("renaming a manifest");
+        crate::write_manifest(&self.manifests(), file, yaml);
     }
 
     /// Removes a manifest.
@@ -351,25 +349,11 @@ impl World {
 
     /// Runs `lbctl` against this world's pins; its stdout, or its stderr as the error.
     pub fn lbctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(self.bins.join("lbctl"))
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .args(args)
-            .output()
-            .expect("running lbctl");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        crate::lbctl(&self.bins, &self.pin_dir, args)
     }
 
     fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        self.lbctl(&all)
-            .ok()
-            .map(|s| serde_json::from_str(&s).expect("lbctl JSON"))
+        crate::lbctl_json(&self.bins, &self.pin_dir, args)
     }
 
     /// The frontends the pinned maps hold (none if nothing is pinned yet).
@@ -400,17 +384,9 @@ impl World {
         &self,
         what: &str,
         timeout: Duration,
-        mut done: impl FnMut() -> bool,
+        done: impl FnMut() -> bool,
     ) -> Duration {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting until {what}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        start.elapsed()
+        crate::wait_until(what, timeout, done)
     }
 
     /// Waits until a frontend is programmed with `backends` backends.
@@ -433,17 +409,7 @@ impl World {
 
     /// Runs `lb-probe` in the client namespace and cgroup; its attempts.
     pub fn probe(&self, args: &[&str]) -> Vec<Attempt> {
-        let out = self
-            .client_probe()
-            .args(args)
-            .output()
-            .expect("running lb-probe");
-        assert!(
-            out.status.success(),
-            "lb-probe {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Attempt::parse_all(&String::from_utf8_lossy(&out.stdout))
+        crate::run_probe(self.client_probe(), args)
     }
 
     /// Opens a TCP connection from the client that stays open.

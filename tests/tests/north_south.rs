@@ -276,11 +276,9 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
     );
 }
 
-#[test]
-fn removing_one_backend_keeps_established_flows_to_the_others() {
-    if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
-        return;
-    }
+/// A cluster serving `web` over all pods, its agent in generic XDP mode; and web's node
+/// port on node A.
+fn web_cluster() -> (Cluster, String) {
     let mut c = Cluster::new(PORT);
     c.write_manifest("web.yaml", &web(&ALL_PODS));
     c.start_agent(&["--xdp-mode", "generic"]);
@@ -288,6 +286,15 @@ fn removing_one_backend_keeps_established_flows_to_the_others() {
     c.wait_until("web is programmed", Duration::from_secs(15), || {
         row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
     });
+    (c, frontend)
+}
+
+#[test]
+fn removing_one_backend_keeps_established_flows_to_the_others() {
+    if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
+        return;
+    }
+    let (c, frontend) = web_cluster();
     // Held connections until one is on node A's pod and one on pod-b1.
     let mut held = Vec::new();
     let mut on = BTreeSet::new();
@@ -329,13 +336,7 @@ fn a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp() {
     if !require_privileges("a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp") {
         return;
     }
-    let mut c = Cluster::new(PORT);
-    c.write_manifest("web.yaml", &web(&ALL_PODS));
-    c.start_agent(&["--xdp-mode", "generic"]);
-    let frontend = format!("{NODE_A}:30080");
-    c.wait_until("web is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
-    });
+    let (mut c, frontend) = web_cluster();
     let mut held: Vec<_> = (0..6).map(|_| c.hold(sa(&frontend))).collect();
     for h in &held {
         assert_eq!(h.first.error, None, "{:?}", h.first);
