@@ -10,8 +10,10 @@
 //! Everything here needs root; [`require_privileges`] says so clearly.
 
 pub mod apiserver;
+pub mod bench;
 pub mod cluster;
 pub mod fixture;
+pub mod kubeproxy;
 pub mod manifest;
 pub mod netns;
 pub mod packet;

@@ -242,6 +242,32 @@ impl World {
             .push(Proc::spawn(cmd).expect("spawning lb-probe serve"));
     }
 
+    /// The client namespace.
+    pub fn client_ns(&self) -> &Netns {
+        &self.client
+    }
+
+    /// Backend `i`'s namespace.
+    pub fn backend_ns(&self, i: usize) -> &Netns {
+        &self.backends[i]
+    }
+
+    /// `lb-probe` in the client namespace, in the world's cgroup (where the socket hooks
+    /// run) or outside it.
+    pub fn client_command(&self, in_cgroup: bool) -> Command {
+        command_in(
+            &self.bins.join("lb-probe"),
+            &self.client,
+            in_cgroup.then_some(&self.cgroup),
+        )
+        .expect("client namespace")
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn agent_pid(&mut self) -> Option<u32> {
+        self.agent.as_mut().map(|a| a.child().id())
+    }
+
     /// The client's own IPv4 address.
     pub fn client_v4(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 244, 0, 2)

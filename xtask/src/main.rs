@@ -37,6 +37,16 @@ enum Task {
     },
     /// Show ClusterIP traffic balanced by the kernel programs, in a sandbox removed afterwards.
     Demo,
+    /// Run the benchmarks against their baselines (DIRECT, kube-proxy's iptables and nftables
+    /// layouts, an empty program) and write BENCHMARKS.md and benchmarks.json.
+    Bench {
+        /// Fewer repetitions and scales (under 5 minutes on 2 cores).
+        #[arg(long)]
+        quick: bool,
+        /// Only these benchmarks (comma-separated numbers, e.g. 1,10).
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 /// The workspace root.
@@ -110,11 +120,44 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
+    step("setup (with iptables and nftables for the baselines)");
+    setup::run_with(&[("iptables-restore", "iptables"), ("nft", "nftables")])?;
+    step("build the kernel object and the release binaries");
+    build_ebpf::run(true)?;
+    cargo(&["build", "--release", "--workspace", "--bins"])?;
+    let revision = Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    step("benchmarks");
+    let mut cmd = Command::new(root().join("target/release/lb-bench"));
+    cmd.current_dir(root()).args(["--revision", &revision]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(only) = only {
+        cmd.args(["--only", only]);
+    }
+    let status = cmd.status().context("running lb-bench")?;
+    if !status.success() {
+        bail!("the benchmarks failed ({status})");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Args::parse().task {
         Task::Setup => setup::run(),
         Task::BuildEbpf { release } => build_ebpf::run(release).map(drop),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Demo => demo(),
+        Task::Bench { quick, only } => bench(quick, only.as_deref()),
     }
 }

@@ -43,7 +43,17 @@ fn exec(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// Installs what is missing.
 pub fn run() -> Result<()> {
+    run_with(&[])
+}
+
+/// Installs what is missing, with these (program, package) pairs too.
+pub fn run_with(extra: &[(&str, &'static str)]) -> Result<()> {
     let mut packages: Vec<&str> = Vec::new();
+    for (program, package) in extra {
+        if !have(program) {
+            packages.push(package);
+        }
+    }
     // The namespace tests and the demo use ip(8) and ethtool(8) (veth offloads for native
     // XDP); bpftool is for looking at the datapath.
     for (program, package) in [

@@ -58,6 +58,27 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Benchmark: COUNT times socket, connect, close (with an RST, so no TIME_WAIT piles
+    /// up) to ADDR; prints the connect latencies' summary as JSON.
+    ConnectLoop {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u32,
+    },
+    /// Benchmark: new TCP connections to ADDR, one request and answer each, for SECONDS;
+    /// prints the number done as JSON.
+    Crr {
+        addr: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+    },
+    /// Benchmark: COUNT requests and answers over one TCP connection to ADDR; prints the
+    /// round trips' summary as JSON.
+    Rr {
+        addr: SocketAddr,
+        #[arg(long)]
+        count: u32,
+    },
     /// One HTTP/1.0 GET of / to ADDR: prints the status code on a line, then the body.
     HttpGet {
         addr: SocketAddr,
@@ -217,6 +238,95 @@ fn hold_udp(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// A closed-by-RST connection to `addr`: the connect's duration.
+fn connect_once(addr: SocketAddr) -> io::Result<Duration> {
+    use socket2::{Domain, Socket, Type};
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let started = Instant::now();
+    let sock = Socket::new(domain, Type::STREAM, None)?;
+    sock.connect(&addr.into())?;
+    let took = started.elapsed();
+    sock.set_linger(Some(Duration::ZERO))?;
+    drop(sock);
+    Ok(took)
+}
+
+fn summary(mut samples: Vec<Duration>, errors: u32, first_error: Option<String>) {
+    samples.sort();
+    let pick = |q: f64| {
+        samples
+            .get(((samples.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "{}",
+        serde_json::json!({"count": samples.len(), "errors": errors, "first_error": first_error,
+                           "p50_us": pick(0.5), "p99_us": pick(0.99)})
+    );
+}
+
+fn connect_loop(addr: SocketAddr, count: u32) {
+    let mut samples = Vec::with_capacity(count as usize);
+    let (mut errors, mut first_error) = (0, None);
+    for _ in 0..count {
+        match connect_once(addr) {
+            Ok(d) => samples.push(d),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| errno_name(&e));
+            }
+        }
+    }
+    summary(samples, errors, first_error);
+}
+
+fn crr(addr: SocketAddr, seconds: f64) {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let (mut done, mut errors) = (0u64, 0u64);
+    while Instant::now() < end {
+        let one = || -> io::Result<()> {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            request(&mut stream, &mut reader)?;
+            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))
+        };
+        match one() {
+            Ok(()) => done += 1,
+            Err(_) => errors += 1,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"done": done, "errors": errors, "seconds": seconds})
+    );
+}
+
+fn rr(addr: SocketAddr, count: u32) -> io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut samples = Vec::with_capacity(count as usize);
+    let (mut errors, mut first_error) = (0, None);
+    for _ in 0..count {
+        let started = Instant::now();
+        match request(&mut stream, &mut reader) {
+            Ok(_) => samples.push(started.elapsed()),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| errno_name(&e));
+            }
+        }
+    }
+    summary(samples, errors, first_error);
+    Ok(())
+}
+
 fn http_get(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
@@ -243,6 +353,8 @@ fn serve(name: String, port: u16) -> io::Result<()> {
     });
     for stream in tcp.incoming() {
         let Ok(mut stream) = stream else { continue };
+        // Answers go out at once, in one write each: no Nagle delay behind a delayed ACK.
+        let _ = stream.set_nodelay(true);
         let name = name.clone();
         thread::spawn(move || {
             let client = stream
@@ -254,7 +366,8 @@ fn serve(name: String, port: u16) -> io::Result<()> {
             };
             for line in BufReader::new(clone).lines() {
                 let Ok(line) = line else { return };
-                if writeln!(stream, "{name} {client} {line}").is_err() {
+                let answer = format!("{name} {client} {line}\n");
+                if stream.write_all(answer.as_bytes()).is_err() {
                     return;
                 }
             }
@@ -293,5 +406,14 @@ fn main() -> io::Result<()> {
             timeout_ms,
         } => hold_udp(addr, Duration::from_millis(timeout_ms)),
         Cmd::HttpGet { addr, timeout_ms } => http_get(addr, Duration::from_millis(timeout_ms)),
+        Cmd::ConnectLoop { addr, count } => {
+            connect_loop(addr, count);
+            Ok(())
+        }
+        Cmd::Crr { addr, seconds } => {
+            crr(addr, seconds);
+            Ok(())
+        }
+        Cmd::Rr { addr, count } => rr(addr, count),
     }
 }
