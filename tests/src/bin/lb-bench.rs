@@ -143,6 +143,9 @@ fn main() -> ExitCode {
             cluster(&mut report, &plan, n);
         }
     }
+    report.notes.push(
+        "What profiling showed about the missed goals, and the plan: docs/performance.md.".into(),
+    );
     report.notes.push(format!(
         "Not measured yet: 5 (north-south forwarding vs IPT/NFT), 7 (incremental update \
          latency), 8 (map update throughput), 9 (memory), and the socket hooks' own run time \
