@@ -57,6 +57,19 @@ pub enum Document {
 /// Parses every document of a manifest. Fails only when the text is not YAML.
 pub fn parse_manifest(text: &str) -> Result<Vec<Document>, serde_yaml_ng::Error> {
     let mut out = Vec::new();
+    // JSON (what `kubectl get -o json` writes) is YAML too, but a JSON parser reads it many
+    // times faster; anything it does not take whole is read as YAML.
+    if text.trim_start().starts_with(['{', '[']) {
+        let docs: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(text)
+            .into_iter::<Value>()
+            .collect();
+        if let Ok(docs) = docs {
+            for value in docs.into_iter().filter(|v| !v.is_null()) {
+                classify(value, &mut out);
+            }
+            return Ok(out);
+        }
+    }
     for doc in serde_yaml_ng::Deserializer::from_str(text) {
         let value = Value::deserialize(doc)?;
         if !value.is_null() {
@@ -294,6 +307,31 @@ impl Source for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_manifests_take_the_fast_path_with_the_same_result() {
+        let json = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "prod"},
+             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "http", "port": 80}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad"}, "spec": {"ports": "x"}}]}"#;
+        let docs = parse_manifest(json).unwrap();
+        assert!(
+            matches!(&docs[0], Document::Object(Object::Service(s)) if s.metadata.name.as_deref() == Some("web"))
+        );
+        assert!(matches!(
+            &docs[1],
+            Document::Invalid {
+                kind: Kind::Service,
+                ..
+            }
+        ));
+        // JSON-looking text that is not JSON is still read as YAML.
+        let flow_yaml = "{apiVersion: v1, kind: Service, metadata: {name: web}}";
+        assert!(matches!(
+            &parse_manifest(flow_yaml).unwrap()[0],
+            Document::Object(_)
+        ));
+    }
 
     const GOOD: &str = r#"
 apiVersion: v1

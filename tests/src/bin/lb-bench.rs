@@ -97,7 +97,7 @@ impl Plan {
     }
 }
 
-const TITLES: [(&str, &str); 6] = [
+const TITLES: [(&str, &str); 7] = [
     (
         "1-program-cost",
         "1. Program cost vs scale (ns per run, BPF_PROG_TEST_RUN)",
@@ -112,7 +112,11 @@ const TITLES: [(&str, &str); 6] = [
     ),
     (
         "4-rr",
-        "4. Request/response latency over an established connection (µs)",
+        "4. Request/response latency over an established connection (µs, lower is better)",
+    ),
+    (
+        "8-map-updates",
+        "8. Map update throughput (elements/s, higher is better)",
     ),
     (
         "6-cold-sync",
@@ -138,6 +142,9 @@ fn main() -> ExitCode {
     if wanted(1) {
         xdp_cost(&mut report, &plan);
     }
+    if wanted(8) {
+        map_updates(&mut report, &plan);
+    }
     if [2, 3, 4, 6].into_iter().any(wanted) {
         for &n in &plan.cluster_scales {
             cluster(&mut report, &plan, n);
@@ -148,8 +155,8 @@ fn main() -> ExitCode {
     );
     report.notes.push(format!(
         "Not measured yet: 5 (north-south forwarding vs IPT/NFT), 7 (incremental update \
-         latency), 8 (map update throughput), 9 (memory), and the socket hooks' own run time \
-         (bpf_stats) for 1. Run took {:.0} s.",
+         latency), 9 (memory), and the socket hooks' own run time (bpf_stats) for 1. \
+         Run took {:.0} s.",
         started.elapsed().as_secs_f64()
     ));
     let md = report.markdown(&TITLES);
@@ -286,6 +293,138 @@ fn maglev_bench(report: &mut Report, plan: &Plan) {
         format!("worst {worst:.2}%"),
         worst <= 1.0,
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Map update throughput: the agent's single-element writes vs BPF_MAP_UPDATE_BATCH.
+
+/// `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (laid out as the map's key and value
+/// types) into the map `fd`; aya has no batch operations.
+fn update_batch(fd: i32, keys: &[u32], values: &[Endpoint]) -> std::io::Result<()> {
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH whose arrays outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn map_updates(report: &mut Report, plan: &Plan) {
+    progress("8: map update throughput");
+    let id = "8-map-updates";
+    let count: u32 = if plan.reps > 5 { 200_000 } else { 50_000 };
+    let pins = pin_dir_of(&new_tag());
+    let layout = PinLayout::new(&pins);
+    let sizes = MapSizes {
+        services: 16,
+        slots: 16,
+        backends: count + 16,
+        rev_nat: 16,
+        affinity: 16,
+        external: 16,
+        external_ids: 16,
+        table_entries: 16,
+        flows: 16,
+        source_ranges: 16,
+    };
+    let result = (|| -> Result<(Vec<f64>, Vec<f64>), String> {
+        let mut loaded =
+            Loaded::load(&layout, &sizes, (61000, 65535)).map_err(|e| e.to_string())?;
+        let mut dp = loaded.datapath().map_err(|e| e.to_string())?;
+        let backends = aya::maps::MapData::from_pin(layout.map(lb_common::maps::BACKENDS))
+            .map_err(|e| e.to_string())?;
+        let fd = {
+            use std::os::fd::AsFd as _;
+            backends.fd().as_fd().as_raw_fd()
+        };
+        let values: Vec<Endpoint> = (0..count)
+            .map(|i| {
+                let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i);
+                Endpoint::new(to_addr6(ip.into()), 8080u16.to_be())
+            })
+            .collect();
+        let keys: Vec<u32> = (1..=count).collect();
+        let (mut single, mut batched) = (Vec::new(), Vec::new());
+        for _ in 0..plan.reps {
+            // The agent's path: one bpf() call per element.
+            let t = Instant::now();
+            for (k, v) in keys.iter().zip(&values) {
+                dp.apply(&Op::PutBackend(*k, *v))
+                    .map_err(|e| e.to_string())?;
+            }
+            single.push(f64::from(count) / t.elapsed().as_secs_f64());
+            // Batched, 10k elements per call.
+            let t = Instant::now();
+            for (k, v) in keys.chunks(10_000).zip(values.chunks(10_000)) {
+                update_batch(fd, k, v).map_err(|e| e.to_string())?;
+            }
+            batched.push(f64::from(count) / t.elapsed().as_secs_f64());
+        }
+        Ok((single, batched))
+    })();
+    let _ = fs::remove_dir_all(&pins);
+    match result {
+        Ok((single, batched)) => {
+            let scale = u64::from(count);
+            report.add(
+                id,
+                scale,
+                "single",
+                "hash map updates",
+                "elements/s",
+                single,
+            );
+            let b = report.add(
+                id,
+                scale,
+                "batched",
+                "hash map updates",
+                "elements/s",
+                batched,
+            );
+            report.goal(
+                id,
+                ">= 500k elements/s batched",
+                format!("{:.0}k/s", b / 1000.0),
+                b >= 500_000.0,
+            );
+            report.notes.push(
+                "8: the agent still writes element by element; batching its first sync is \
+                 planned (docs/performance.md)."
+                    .into(),
+            );
+        }
+        Err(e) => report.notes.push(format!("8 (map updates) failed: {e}")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
