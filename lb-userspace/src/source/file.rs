@@ -60,8 +60,8 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Document>, serde_yaml_ng::Error>
     // JSON (what `kubectl get -o json` writes) is YAML too, but a JSON parser reads it many
     // times faster; anything it does not take whole is read as YAML.
     if text.trim_start().starts_with(['{', '[']) {
-        let docs: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(text)
-            .into_iter::<Value>()
+        let docs: Result<Vec<serde_json::Value>, _> = serde_json::Deserializer::from_str(text)
+            .into_iter::<serde_json::Value>()
             .collect();
         if let Ok(docs) = docs {
             for value in docs.into_iter().filter(|v| !v.is_null()) {
@@ -79,49 +79,87 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Document>, serde_yaml_ng::Error>
     Ok(out)
 }
 
-fn classify(value: Value, out: &mut Vec<Document>) {
-    let field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    let api_version = field(&value, "apiVersion").unwrap_or_default();
-    let kind = field(&value, "kind").unwrap_or_default();
+/// A parsed document: YAML's or JSON's value tree.
+trait Tree: Sized {
+    /// The string at `key` of a mapping.
+    fn text(&self, key: &str) -> Option<&str>;
+    /// The value at `key` of a mapping.
+    fn child(&self, key: &str) -> Option<&Self>;
+    /// The sequence at `key`, taken out.
+    fn take_seq(&mut self, key: &str) -> Vec<Self>;
+    /// The typed object.
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String>;
+}
+
+impl Tree for Value {
+    fn text(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+    fn child(&self, key: &str) -> Option<&Self> {
+        self.get(key)
+    }
+    fn take_seq(&mut self, key: &str) -> Vec<Self> {
+        match self.get_mut(key).map(std::mem::take) {
+            Some(Value::Sequence(items)) => items,
+            _ => Vec::new(),
+        }
+    }
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_yaml_ng::from_value(self).map_err(|e| e.to_string())
+    }
+}
+
+impl Tree for serde_json::Value {
+    fn text(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(serde_json::Value::as_str)
+    }
+    fn child(&self, key: &str) -> Option<&Self> {
+        self.get(key)
+    }
+    fn take_seq(&mut self, key: &str) -> Vec<Self> {
+        match self.get_mut(key).map(serde_json::Value::take) {
+            Some(serde_json::Value::Array(items)) => items,
+            _ => Vec::new(),
+        }
+    }
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
+        serde_json::from_value(self).map_err(|e| e.to_string())
+    }
+}
+
+fn classify<V: Tree>(mut value: V, out: &mut Vec<Document>) {
+    let api_version = value.text("apiVersion").unwrap_or_default().to_owned();
+    let kind = value.text("kind").unwrap_or_default().to_owned();
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            if let Some(Value::Sequence(items)) = value.get("items") {
-                for item in items.clone() {
-                    classify(item, out);
-                }
+            for item in value.take_seq("items") {
+                classify(item, out);
             }
         }
         ("v1", "Service") => out.push(typed(value, Kind::Service, Object::Service)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             out.push(typed(value, Kind::EndpointSlice, Object::EndpointSlice))
         }
-        ("v1", "Node") => out.push(typed::<Node>(value, Kind::Node, Object::Node)),
+        ("v1", "Node") => out.push(typed::<V, Node>(value, Kind::Node, Object::Node)),
         _ => out.push(Document::Other {
             kind: format!("{api_version}/{kind}"),
         }),
     }
 }
 
-fn typed<T: serde::de::DeserializeOwned>(
-    value: Value,
+fn typed<V: Tree, T: serde::de::DeserializeOwned>(
+    value: V,
     kind: Kind,
     wrap: fn(Box<T>) -> Object,
 ) -> Document {
-    let id = value.get("metadata").and_then(|m| {
-        let name = m.get("name")?.as_str()?;
-        let ns = m
-            .get("namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+    let id = value.child("metadata").and_then(|m| {
+        let name = m.text("name")?;
+        let ns = m.text("namespace").unwrap_or("default");
         Some(ObjectRef::new(ns, name))
     });
-    match serde_yaml_ng::from_value::<T>(value) {
+    match value.decode::<T>() {
         Ok(obj) => Document::Object(wrap(Box::new(obj))),
-        Err(e) => Document::Invalid {
-            kind,
-            id,
-            error: e.to_string(),
-        },
+        Err(error) => Document::Invalid { kind, id, error },
     }
 }
 
