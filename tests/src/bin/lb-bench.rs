@@ -276,7 +276,7 @@ fn maglev_bench(report: &mut Report, plan: &Plan) {
                 moved as f64 * 100.0 / f64::from(m)
             })
             .collect();
-        let median = report.add(
+        report.add(
             id,
             n as u64,
             "ours",
@@ -285,7 +285,6 @@ fn maglev_bench(report: &mut Report, plan: &Plan) {
             reps.clone(),
         );
         worst = worst.max(reps.iter().copied().fold(0.0, f64::max));
-        let _ = median;
     }
     report.goal(
         id,
@@ -1006,11 +1005,10 @@ fn cluster(report: &mut Report, plan: &Plan, n: u64) {
 fn goals_at(report: &mut Report, n: u64) {
     let measured = report.clone();
     let m = |b: &str, v: &str, metric: &str| measured.median(b, n, v, metric).unwrap_or(f64::NAN);
-    let (ours, direct, ipt, nft) = (
+    let (ours, direct, ipt) = (
         m("2-connect", "ours", "connect p50"),
         m("2-connect", "DIRECT", "connect p50"),
         m("2-connect", "IPT", "connect p50"),
-        m("2-connect", "NFT", "connect p50"),
     );
     report.goal(
         "2-connect",
@@ -1026,7 +1024,6 @@ fn goals_at(report: &mut Report, n: u64) {
             ipt / ours >= 1.5,
         );
     }
-    let _ = nft;
     for clients in [1usize, 2] {
         let metric = format!("{clients} client(s)");
         let (o, d, i, f) = (
