@@ -848,7 +848,13 @@ fn timed(f: impl FnOnce()) -> f64 {
 }
 
 fn in_client(w: &World, program: &str, args: &[&str], input: &str) -> f64 {
-    let path = std::env::temp_dir().join(format!("{}-{program}.rules", w.tag()));
+    // In the world's temp dir (not its watched manifests dir), removed with the world, also
+    // when a load fails.
+    let path = w
+        .manifests()
+        .parent()
+        .expect("the manifests dir is in the world's dir")
+        .join(format!("{program}.rules"));
     fs::write(&path, input).expect("writing rules");
     let mut all: Vec<&str> = vec!["netns", "exec", w.client_ns().name(), program];
     all.extend_from_slice(args);
