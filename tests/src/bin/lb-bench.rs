@@ -867,6 +867,16 @@ fn in_client(w: &World, program: &str, args: &[&str], input: &str) -> f64 {
     ms
 }
 
+/// A kube-proxy baseline: its rules, how they are loaded in the client namespace and the
+/// commands that remove them again.
+struct Baseline {
+    variant: &'static str,
+    loader: &'static str,
+    args: &'static [&'static str],
+    rules: String,
+    teardown: &'static [&'static [&'static str]],
+}
+
 fn cluster(report: &mut Report, plan: &Plan, n: u64) {
     progress(&format!("2-4, 6: socket-level benchmarks at {n} services"));
     let mut w = World::with_backends(1, 8080);
@@ -927,82 +937,56 @@ fn cluster(report: &mut Report, plan: &Plan, n: u64) {
     w.client_ns()
         .route("10.96.0.0/12", "10.244.0.1")
         .expect("route to the service range");
-    let ipt = kubeproxy::iptables(&svcs);
-    progress("   IPT");
-    let load = in_client(&w, "iptables-restore", &[], &ipt);
-    report.add(
-        "6-cold-sync",
-        n,
-        "IPT",
-        "all entries written",
-        "ms",
-        vec![load],
-    );
-    let ipt_client = [Client {
-        variant: "IPT",
-        in_cgroup: false,
-        addr: vip.clone(),
-    }];
-    measure_clients(report, &w, plan, n, &ipt_client, false);
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            w.client_ns().name(),
-            "iptables",
-            "-t",
-            "nat",
-            "-F",
-        ],
-    )
-    .expect("flush");
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            w.client_ns().name(),
-            "iptables",
-            "-t",
-            "nat",
-            "-X",
-        ],
-    )
-    .expect("delete chains");
-
-    // NFT: kube-proxy's nftables layout.
-    let nft = kubeproxy::nftables(&svcs);
-    progress("   NFT");
-    let load = in_client(&w, "nft", &["-f"], &nft);
-    report.add(
-        "6-cold-sync",
-        n,
-        "NFT",
-        "all entries written",
-        "ms",
-        vec![load],
-    );
-    let nft_client = [Client {
-        variant: "NFT",
-        in_cgroup: false,
-        addr: vip.clone(),
-    }];
-    measure_clients(report, &w, plan, n, &nft_client, false);
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            w.client_ns().name(),
-            "nft",
-            "delete",
-            "table",
-            "ip",
-            "kube-proxy",
-        ],
-    )
-    .expect("delete table");
+    let client_ns = w.client_ns().name().to_owned();
+    let baselines = [
+        Baseline {
+            variant: "IPT",
+            loader: "iptables-restore",
+            args: &[],
+            rules: kubeproxy::iptables(&svcs),
+            teardown: &[
+                &["iptables", "-t", "nat", "-F"],
+                &["iptables", "-t", "nat", "-X"],
+            ],
+        },
+        Baseline {
+            variant: "NFT",
+            loader: "nft",
+            args: &["-f"],
+            rules: kubeproxy::nftables(&svcs),
+            teardown: &[&["nft", "delete", "table", "ip", "kube-proxy"]],
+        },
+    ];
+    for Baseline {
+        variant,
+        loader,
+        args,
+        rules,
+        teardown,
+    } in baselines
+    {
+        progress(&format!("   {variant}"));
+        let load = in_client(&w, loader, args, &rules);
+        report.add(
+            "6-cold-sync",
+            n,
+            variant,
+            "all entries written",
+            "ms",
+            vec![load],
+        );
+        let client = [Client {
+            variant,
+            in_cgroup: false,
+            addr: vip.clone(),
+        }];
+        measure_clients(report, &w, plan, n, &client, false);
+        for cmd in teardown {
+            let mut all = vec!["netns", "exec", client_ns.as_str()];
+            all.extend_from_slice(cmd);
+            run("ip", &all).unwrap_or_else(|e| panic!("removing the {variant} rules: {e}"));
+        }
+    }
     drop(w);
 
     goals_at(report, n);
