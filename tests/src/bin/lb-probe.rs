@@ -79,6 +79,20 @@ enum Cmd {
         #[arg(long)]
         count: u32,
     },
+    /// Benchmark: prints `ready`, then tries one short TCP request to ADDR after another
+    /// (PAUSE_US apart) until the answer comes from backend NAME (or, with --not, until it
+    /// does not), for at most TIMEOUT_MS; prints JSON `{"done", "attempts"}` at once then.
+    Until {
+        addr: SocketAddr,
+        #[arg(long)]
+        backend: String,
+        #[arg(long)]
+        not: bool,
+        #[arg(long, default_value_t = 200)]
+        pause_us: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// One HTTP/1.0 GET of / to ADDR: prints the status code on a line, then the body.
     HttpGet {
         addr: SocketAddr,
@@ -327,6 +341,28 @@ fn rr(addr: SocketAddr, count: u32) -> io::Result<()> {
     Ok(())
 }
 
+fn until(addr: SocketAddr, backend: &str, not: bool, pause: Duration, timeout: Duration) {
+    println!("ready");
+    let _ = io::stdout().flush();
+    let end = Instant::now() + timeout;
+    let mut attempts = 0u64;
+    let done = loop {
+        attempts += 1;
+        let a = tcp_once(addr, Duration::from_millis(500));
+        if (a.backend.as_deref() == Some(backend)) != not {
+            break true;
+        }
+        if Instant::now() >= end {
+            break false;
+        }
+        thread::sleep(pause);
+    };
+    println!(
+        "{}",
+        serde_json::json!({"done": done, "attempts": attempts})
+    );
+}
+
 fn http_get(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
@@ -415,5 +451,21 @@ fn main() -> io::Result<()> {
             Ok(())
         }
         Cmd::Rr { addr, count } => rr(addr, count),
+        Cmd::Until {
+            addr,
+            backend,
+            not,
+            pause_us,
+            timeout_ms,
+        } => {
+            until(
+                addr,
+                &backend,
+                not,
+                Duration::from_micros(pause_us),
+                Duration::from_millis(timeout_ms),
+            );
+            Ok(())
+        }
     }
 }

@@ -69,6 +69,12 @@ struct Plan {
     crr_seconds: f64,
     /// Round trips per request/response sample set.
     round_trips: u32,
+    /// Services loaded for the incremental updates.
+    update_scale: u64,
+    /// Repetitions of each single-object update.
+    update_reps: usize,
+    /// Repetitions of the 10% roll.
+    roll_reps: usize,
 }
 
 impl Plan {
@@ -82,6 +88,9 @@ impl Plan {
                 connects: 300,
                 crr_seconds: 0.5,
                 round_trips: 500,
+                update_scale: 10_000,
+                update_reps: 5,
+                roll_reps: 2,
             }
         } else {
             Self {
@@ -92,12 +101,17 @@ impl Plan {
                 connects: 2_000,
                 crr_seconds: 2.0,
                 round_trips: 3_000,
+                update_scale: 10_000,
+                update_reps: 20,
+                roll_reps: 6,
             }
         }
     }
 }
 
-const TITLES: [(&str, &str); 7] = [
+mod updates;
+
+const TITLES: [(&str, &str); 8] = [
     (
         "1-program-cost",
         "1. Program cost vs scale (ns per run, BPF_PROG_TEST_RUN)",
@@ -121,6 +135,10 @@ const TITLES: [(&str, &str); 7] = [
     (
         "6-cold-sync",
         "6. Cold sync: ms from agent start (ours), iptables-restore (IPT) or nft -f (NFT) until every entry is written",
+    ),
+    (
+        "7-updates",
+        "7. Incremental update latency through the Kubernetes source (ms, lower is better)",
     ),
     ("10-maglev", "10. Maglev"),
 ];
@@ -150,12 +168,14 @@ fn main() -> ExitCode {
             cluster(&mut report, &plan, n);
         }
     }
+    if wanted(7) || wanted(6) {
+        updates::update_latency(&mut report, &plan, plan.update_scale);
+    }
     report.notes.push(
         "What profiling showed about the missed goals, and the plan: docs/performance.md.".into(),
     );
     report.notes.push(format!(
-        "Not measured yet: 5 (north-south forwarding vs IPT/NFT), 7 (incremental update \
-         latency), 9 (memory), and the socket hooks' own run time (bpf_stats) for 1. \
+        "Not measured yet: 5 (north-south forwarding vs IPT/NFT), 9 (memory), and the socket hooks' own run time (bpf_stats) for 1. \
          Run took {:.0} s.",
         started.elapsed().as_secs_f64()
     ));
@@ -688,6 +708,13 @@ fn services(n: u64) -> Vec<kubeproxy::Service> {
 
 /// The same services as manifests for the agent's file source (a v1 List).
 fn manifest(services: &[kubeproxy::Service]) -> String {
+    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": objects(services)}))
+        .expect("serializes")
+}
+
+/// The same services as Service and EndpointSlice objects: `bench/s<i>` with slice
+/// `bench/s<i>-1`, `i` counting from 0 in the order given.
+fn objects(services: &[kubeproxy::Service]) -> Vec<Value> {
     let mut items: Vec<Value> = Vec::with_capacity(services.len() * 2);
     for (i, s) in services.iter().enumerate() {
         let name = format!("s{i}");
@@ -711,8 +738,7 @@ fn manifest(services: &[kubeproxy::Service]) -> String {
             "endpoints": eps,
         }));
     }
-    serde_json::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
-        .expect("serializes")
+    items
 }
 
 fn probe_json(mut cmd: Command, args: &[&str]) -> Value {
