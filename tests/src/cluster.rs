@@ -188,6 +188,21 @@ impl Cluster {
         }
     }
 
+    /// The external client's namespace.
+    pub fn client_ns(&self) -> &Netns {
+        &self.client
+    }
+
+    /// Node A's namespace (where the agent runs).
+    pub fn node_a_ns(&self) -> &Netns {
+        &self.node_a
+    }
+
+    /// Node B's namespace.
+    pub fn node_b_ns(&self) -> &Netns {
+        &self.node_b
+    }
+
     /// This sandbox's tag.
     pub fn tag(&self) -> &str {
         &self.tag

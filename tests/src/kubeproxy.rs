@@ -1,8 +1,9 @@
 //! kube-proxy's rule layouts for the benchmarks' baselines, generated for a set of ClusterIP
-//! services: the iptables mode (`KUBE-SERVICES` → `KUBE-SVC-*` → `KUBE-SEP-*` with
+//! services, some with a node port: the iptables mode (`KUBE-SERVICES` → `KUBE-SVC-*` → `KUBE-SEP-*` with
 //! statistic-random DNAT, loaded with `iptables-restore`) and the nftables mode (a
 //! `service-ips` verdict map into per-service chains with `numgen random` DNAT, loaded with
-//! `nft -f`). Masquerade marking is included as kube-proxy writes it (cluster CIDR
+//! `nft -f`); node ports through `KUBE-NODEPORTS` and `KUBE-EXT-*` chains, or the
+//! `service-nodeports` map, for the node's local addresses. Masquerade marking is included as kube-proxy writes it (cluster CIDR
 //! 10.244.0.0/16), so the per-connection work is what a kube-proxy user's node does.
 
 use std::{fmt::Write as _, net::SocketAddrV4};
@@ -21,6 +22,8 @@ pub struct Service {
     pub protocol: &'static str,
     /// The endpoints.
     pub endpoints: Vec<SocketAddrV4>,
+    /// The node port (NodePort services), served on the node's local addresses.
+    pub node_port: Option<u16>,
 }
 
 /// An iptables chain name (at most 28 characters) for service `i`, endpoint `j`.
@@ -35,11 +38,19 @@ fn chain(kind: &str, i: usize, j: Option<usize>) -> String {
 /// `KUBE-SERVICES`, so the last one is the worst case a packet can meet.
 pub fn iptables(services: &[Service]) -> String {
     let mut out = String::from("*nat\n");
-    for c in ["KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"] {
+    for c in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
         let _ = writeln!(out, ":{c} - [0:0]");
     }
     for (i, s) in services.iter().enumerate() {
         let _ = writeln!(out, ":{} - [0:0]", chain("SVC", i, None));
+        if s.node_port.is_some() {
+            let _ = writeln!(out, ":{} - [0:0]", chain("EXT", i, None));
+        }
         for j in 0..s.endpoints.len() {
             let _ = writeln!(out, ":{} - [0:0]", chain("SEP", i, Some(j)));
         }
@@ -66,6 +77,19 @@ pub fn iptables(services: &[Service]) -> String {
             "-A {svc} ! -s {CLUSTER_CIDR} -d {vip}/32 -p {p} -m comment --comment \"{} cluster IP\" -m {p} --dport {port} -j KUBE-MARK-MASQ",
             s.name
         );
+        if let Some(np) = s.node_port {
+            let ext = chain("EXT", i, None);
+            let _ = writeln!(
+                out,
+                "-A KUBE-NODEPORTS -p {p} -m comment --comment \"{}\" -m {p} --dport {np} -j {ext}",
+                s.name
+            );
+            let _ = writeln!(
+                out,
+                "-A {ext} -m comment --comment \"masquerade traffic for {} external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j {svc}",
+                s.name
+            );
+        }
         let n = s.endpoints.len();
         for (j, ep) in s.endpoints.iter().enumerate() {
             let sep = chain("SEP", i, Some(j));
@@ -96,7 +120,10 @@ pub fn iptables(services: &[Service]) -> String {
             );
         }
     }
-    out.push_str("COMMIT\n");
+    out.push_str(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         COMMIT\n",
+    );
     out
 }
 
@@ -137,6 +164,29 @@ pub fn nftables(services: &[Service]) -> String {
             );
         }
     }
+    for (i, s) in services.iter().enumerate() {
+        if s.node_port.is_some() {
+            let _ = writeln!(
+                out,
+                "\tchain external-{i} {{\n\t\tjump mark-for-masquerade\n\t\tgoto service-{i}\n\t}}"
+            );
+        }
+    }
+    let node_ports: Vec<String> = services
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.node_port
+                .map(|np| format!("{} . {np} : goto external-{i}", s.protocol))
+        })
+        .collect();
+    out.push_str("\tmap service-nodeports {\n\t\ttype inet_proto . inet_service : verdict\n");
+    if !node_ports.is_empty() {
+        let _ = writeln!(out, "\t\telements = {{ {} }}", node_ports.join(", "));
+    }
+    out.push_str(
+        "\t}\n\tchain nodeports {\n\t\tmeta l4proto . th dport vmap @service-nodeports\n\t}\n",
+    );
     out.push_str("\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n");
     if !services.is_empty() {
         out.push_str("\t\telements = {\n");
@@ -152,7 +202,10 @@ pub fn nftables(services: &[Service]) -> String {
         }
         out.push_str("\t\t}\n");
     }
-    out.push_str("\t}\n\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n}\n");
+    out.push_str(
+        "\t}\n\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\
+         \t\tfib daddr type local ip daddr != 127.0.0.0/8 jump nodeports\n\t}\n}\n",
+    );
     out
 }
 
@@ -169,6 +222,7 @@ mod tests {
                 endpoints: (0..2)
                     .map(|j| format!("10.244.{i}.{}:8080", j + 2).parse().unwrap())
                     .collect(),
+                node_port: (i == 1).then_some(30080),
             })
             .collect()
     }
@@ -179,7 +233,7 @@ mod tests {
         assert!(text.starts_with("*nat\n") && text.ends_with("COMMIT\n"));
         let services_rules: Vec<&str> = text
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .filter(|l| l.starts_with("-A KUBE-SERVICES -d"))
             .collect();
         assert_eq!(services_rules.len(), 3);
         assert!(
@@ -188,6 +242,9 @@ mod tests {
         );
         assert!(text.contains("--probability 0.5000000000"));
         assert!(text.contains("-j DNAT --to-destination 10.244.2.3:8080"));
+        assert!(text.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"bench/s1:http\" -m tcp --dport 30080 -j KUBE-EXT-0000000000000001\n"));
+        assert!(text.contains("-A KUBE-EXT-0000000000000001 -j KUBE-SVC-0000000000000001\n"));
+        assert!(text.ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n"));
         assert!(
             text.lines()
                 .all(|l| !l.starts_with(':') || l.len() <= 28 + 8)
@@ -204,6 +261,10 @@ mod tests {
             )
         );
         assert!(text.contains("dnat to 10.244.1.3:8080"));
+        assert!(text.contains("elements = { tcp . 30080 : goto external-1 }"));
+        assert!(
+            text.contains("chain external-1 {\n\t\tjump mark-for-masquerade\n\t\tgoto service-1\n")
+        );
         assert_eq!(text.matches('{').count(), text.matches('}').count());
     }
 }

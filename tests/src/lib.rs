@@ -20,6 +20,7 @@ pub mod packet;
 pub mod probe;
 pub mod process;
 pub mod world;
+pub mod xdpgen;
 
 use std::{
     io,

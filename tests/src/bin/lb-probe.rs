@@ -93,6 +93,31 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Benchmark traffic: transmits COUNT copies of one UDP frame from SRC to DST out of
+    /// DEV (a veth: they arrive at its peer), made in the kernel by an XDP_TX program run in
+    /// live-frames mode; prints JSON `{"sent", "seconds"}`.
+    XdpFlood {
+        #[arg(long)]
+        dev: String,
+        /// DEV's MAC address.
+        #[arg(long)]
+        src_mac: String,
+        /// The peer's MAC address.
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long)]
+        src: SocketAddr,
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        count: u32,
+    },
+    /// Benchmark sink: drops every packet arriving on DEV at tc ingress until stdin closes;
+    /// prints `ready` once attached.
+    TcSink {
+        #[arg(long)]
+        dev: String,
+    },
     /// One HTTP/1.0 GET of / to ADDR: prints the status code on a line, then the body.
     HttpGet {
         addr: SocketAddr,
@@ -363,6 +388,57 @@ fn until(addr: SocketAddr, backend: &str, not: bool, pause: Duration, timeout: D
     );
 }
 
+fn ifindex(dev: &str) -> io::Result<u32> {
+    let name = std::ffi::CString::new(dev).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: a valid NUL-terminated name.
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
+fn mac(text: &str) -> io::Result<[u8; 6]> {
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| io::ErrorKind::InvalidInput)?;
+    bytes
+        .try_into()
+        .map_err(|_| io::ErrorKind::InvalidInput.into())
+}
+
+fn xdp_flood(
+    dev: &str,
+    (src_mac, dst_mac): (&str, &str),
+    src: SocketAddr,
+    dst: SocketAddr,
+    count: u32,
+) -> io::Result<()> {
+    let index = ifindex(dev)?;
+    let mut frame = lb_tests::packet::frame(lb_tests::packet::UDP, src, dst, b"lb-bench flood");
+    frame[..6].copy_from_slice(&mac(dst_mac)?);
+    frame[6..12].copy_from_slice(&mac(src_mac)?);
+    let prog = lb_tests::xdpgen::load_generator(&frame)?;
+    let took = lb_tests::xdpgen::transmit(&prog, &frame, index, count)?;
+    println!(
+        "{}",
+        serde_json::json!({"sent": count, "seconds": took.as_secs_f64()})
+    );
+    Ok(())
+}
+
+fn tc_sink(dev: &str) -> io::Result<()> {
+    let prog = lb_tests::xdpgen::load_sink()?;
+    let _link = lb_tests::xdpgen::attach_tc_ingress(&prog, ifindex(dev)?)?;
+    println!("ready");
+    io::stdout().flush()?;
+    let mut rest = String::new();
+    while io::stdin().read_line(&mut rest)? > 0 {}
+    Ok(())
+}
+
 fn http_get(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
@@ -451,6 +527,15 @@ fn main() -> io::Result<()> {
             Ok(())
         }
         Cmd::Rr { addr, count } => rr(addr, count),
+        Cmd::XdpFlood {
+            dev,
+            src_mac,
+            dst_mac,
+            src,
+            dst,
+            count,
+        } => xdp_flood(&dev, (&src_mac, &dst_mac), src, dst, count),
+        Cmd::TcSink { dev } => tc_sink(&dev),
         Cmd::Until {
             addr,
             backend,

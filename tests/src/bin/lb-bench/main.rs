@@ -75,6 +75,8 @@ struct Plan {
     update_reps: usize,
     /// Repetitions of the 10% roll.
     roll_reps: usize,
+    /// Packets per north-south forwarding run.
+    flood_packets: u32,
 }
 
 impl Plan {
@@ -91,6 +93,7 @@ impl Plan {
                 update_scale: 10_000,
                 update_reps: 5,
                 roll_reps: 2,
+                flood_packets: 1_000_000,
             }
         } else {
             Self {
@@ -104,14 +107,16 @@ impl Plan {
                 update_scale: 10_000,
                 update_reps: 20,
                 roll_reps: 6,
+                flood_packets: 4_000_000,
             }
         }
     }
 }
 
+mod north_south;
 mod updates;
 
-const TITLES: [(&str, &str); 8] = [
+const TITLES: [(&str, &str); 9] = [
     (
         "1-program-cost",
         "1. Program cost vs scale (ns per run, BPF_PROG_TEST_RUN)",
@@ -127,6 +132,10 @@ const TITLES: [(&str, &str); 8] = [
     (
         "4-rr",
         "4. Request/response latency over an established connection (µs, lower is better)",
+    ),
+    (
+        "5-north-south",
+        "5. North-south forwarding through a node port to a pod on another node (one UDP flow)",
     ),
     (
         "8-map-updates",
@@ -168,6 +177,9 @@ fn main() -> ExitCode {
             cluster(&mut report, &plan, n);
         }
     }
+    if wanted(5) {
+        north_south::north_south(&mut report, &plan);
+    }
     if wanted(7) || wanted(6) {
         updates::update_latency(&mut report, &plan, plan.update_scale);
     }
@@ -175,7 +187,7 @@ fn main() -> ExitCode {
         "What profiling showed about the missed goals, and the plan: docs/performance.md.".into(),
     );
     report.notes.push(format!(
-        "Not measured yet: 5 (north-south forwarding vs IPT/NFT), 9 (memory), and the socket hooks' own run time (bpf_stats) for 1. \
+        "Not measured yet: 9 (memory), and the socket hooks' own run time (bpf_stats) for 1. \
          Run took {:.0} s.",
         started.elapsed().as_secs_f64()
     ));
@@ -694,6 +706,7 @@ fn services(n: u64) -> Vec<kubeproxy::Service> {
                         )
                     })
                     .collect(),
+                node_port: None,
             }
         })
         .collect();
@@ -702,6 +715,7 @@ fn services(n: u64) -> Vec<kubeproxy::Service> {
         frontend: SocketAddrV4::new(TARGET_VIP, 80),
         protocol: "tcp",
         endpoints: target_endpoints(),
+        node_port: None,
     });
     out
 }
@@ -873,7 +887,10 @@ fn timed(f: impl FnOnce()) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn in_client(w: &World, program: &str, args: &[&str], input: &str) -> f64 {
+/// Loads `input` with `loader` (the file's path appended) in the client namespace; the ms
+/// it took.
+fn in_client(w: &World, loader: &[&str], input: &str) -> f64 {
+    let program = loader[0];
     // In the world's temp dir (not its watched manifests dir), removed with the world, also
     // when a load fails.
     let path = w
@@ -882,8 +899,8 @@ fn in_client(w: &World, program: &str, args: &[&str], input: &str) -> f64 {
         .expect("the manifests dir is in the world's dir")
         .join(format!("{program}.rules"));
     fs::write(&path, input).expect("writing rules");
-    let mut all: Vec<&str> = vec!["netns", "exec", w.client_ns().name(), program];
-    all.extend_from_slice(args);
+    let mut all: Vec<&str> = vec!["netns", "exec", w.client_ns().name()];
+    all.extend_from_slice(loader);
     let file = path.to_string_lossy().into_owned();
     all.push(&file);
     let ms = timed(|| {
@@ -893,14 +910,36 @@ fn in_client(w: &World, program: &str, args: &[&str], input: &str) -> f64 {
     ms
 }
 
-/// A kube-proxy baseline: its rules, how they are loaded in the client namespace and the
-/// commands that remove them again.
+/// A kube-proxy baseline: its rules, how they are loaded (the rules file is appended to
+/// `loader`) and the commands that remove them again.
 struct Baseline {
     variant: &'static str,
-    loader: &'static str,
-    args: &'static [&'static str],
+    loader: &'static [&'static str],
     rules: String,
     teardown: &'static [&'static [&'static str]],
+}
+
+impl Baseline {
+    /// kube-proxy's iptables and nftables modes for `svcs`.
+    fn both(svcs: &[kubeproxy::Service]) -> [Self; 2] {
+        [
+            Self {
+                variant: "IPT",
+                loader: &["iptables-restore"],
+                rules: kubeproxy::iptables(svcs),
+                teardown: &[
+                    &["iptables", "-t", "nat", "-F"],
+                    &["iptables", "-t", "nat", "-X"],
+                ],
+            },
+            Self {
+                variant: "NFT",
+                loader: &["nft", "-f"],
+                rules: kubeproxy::nftables(svcs),
+                teardown: &[&["nft", "delete", "table", "ip", "kube-proxy"]],
+            },
+        ]
+    }
 }
 
 fn cluster(report: &mut Report, plan: &Plan, n: u64) {
@@ -964,35 +1003,15 @@ fn cluster(report: &mut Report, plan: &Plan, n: u64) {
         .route("10.96.0.0/12", "10.244.0.1")
         .expect("route to the service range");
     let client_ns = w.client_ns().name().to_owned();
-    let baselines = [
-        Baseline {
-            variant: "IPT",
-            loader: "iptables-restore",
-            args: &[],
-            rules: kubeproxy::iptables(&svcs),
-            teardown: &[
-                &["iptables", "-t", "nat", "-F"],
-                &["iptables", "-t", "nat", "-X"],
-            ],
-        },
-        Baseline {
-            variant: "NFT",
-            loader: "nft",
-            args: &["-f"],
-            rules: kubeproxy::nftables(&svcs),
-            teardown: &[&["nft", "delete", "table", "ip", "kube-proxy"]],
-        },
-    ];
     for Baseline {
         variant,
         loader,
-        args,
         rules,
         teardown,
-    } in baselines
+    } in Baseline::both(&svcs)
     {
         progress(&format!("   {variant}"));
-        let load = in_client(&w, loader, args, &rules);
+        let load = in_client(&w, loader, &rules);
         report.add(
             "6-cold-sync",
             n,
