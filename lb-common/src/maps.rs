@@ -62,10 +62,12 @@ pub const AFFINITY_MATCH: &str = "lb_affmatch_v1";
 /// external IP frontends for traffic from outside the node. Written by the agent, read by
 /// the XDP program. Rebuildable.
 pub const NS_SERVICES: &str = "lb_nssvc_v1";
-/// Maglev lookup tables: an array of backend ids (`u32`), one region of the table size per
-/// north-south service id. Memory-mapped and written in place by the agent (each entry moves
-/// from one valid backend to another), read by XDP. Rebuildable.
-pub const RINGS: &str = "lb_ring_v1";
+/// Maglev lookup tables: an array of [`RingPair`]s, read as one dense array of backend ids
+/// (`u32`); each north-south service with backends has a region of it, sized from its backend
+/// count. Memory-mapped by the agent, which rewrites a region in place when the size stays
+/// (each entry moves from one valid backend to another) and otherwise writes a new region
+/// and then switches the frontends to it; read by XDP. Rebuildable.
+pub const RINGS: &str = "lb_ring_v2";
 /// North-south service info: id -> [`ServiceInfo`] (namespace, name, port name), for the CLI
 /// and for a restarted agent to adopt ids. Written by the agent. Rebuildable.
 pub const NS_INFO: &str = "lb_nsinfo_v1";
@@ -103,14 +105,23 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 65_536;
 pub const DEFAULT_MAX_REV_NAT: u32 = 262_144;
 /// Default capacity of the affinity map (clients remembered per service).
 pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
-/// Default Maglev lookup table size: a prime, over 100 times the backends a service usually
-/// has, as the Maglev paper advises.
+/// Default largest Maglev lookup table (a prime): a service gets the smallest table size with
+/// [`DEFAULT_MAGLEV_ENTRIES_PER_BACKEND`] entries per backend, up to this.
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+/// Default entries of a Maglev table per backend of its service: 100, as the Maglev paper
+/// advises for an even spread.
+pub const DEFAULT_MAGLEV_ENTRIES_PER_BACKEND: u32 = 100;
 /// Default number of north-south services (service port and address family with a node port,
-/// load-balancer IP or external IP), each with a lookup table.
-pub const DEFAULT_MAX_EXTERNAL: u32 = 512;
-/// Default size of the lookup table array (entries; 4 bytes each).
-pub const DEFAULT_RING_ENTRIES: u32 = DEFAULT_MAGLEV_TABLE_SIZE * DEFAULT_MAX_EXTERNAL;
+/// load-balancer IP or external IP), each with a lookup table when it has backends.
+pub const DEFAULT_MAX_EXTERNAL: u32 = 4096;
+/// Default size of the lookup table array in entries (4 bytes each; 8 MiB): 128 tables of the
+/// largest size, or 2048 of services with up to 10 backends.
+pub const DEFAULT_RING_ENTRIES: u32 = 1 << 21;
+/// Backend ids per element of the lookup table array: array elements are 8-byte aligned, so
+/// a pair of ids fills one without padding.
+pub const RING_LANES: u32 = 2;
+/// An element of the lookup table array: two consecutive table entries.
+pub type RingPair = [u32; RING_LANES as usize];
 /// Default capacity of the conntrack and north-south reverse-NAT maps.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Capacity of the source-ranges trie.
@@ -160,7 +171,12 @@ pub const ALL: [MapSpec; 17] = [
     spec::<AffinityMatchKey, u8>(AFFINITY_MATCH, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, u64>(STATS, TYPE_PERCPU_ARRAY, crate::stats::COUNT, 0),
     spec::<ServiceKey, NsService>(NS_SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
-    spec::<u32, u32>(RINGS, TYPE_ARRAY, DEFAULT_RING_ENTRIES, F_MMAPABLE),
+    spec::<u32, RingPair>(
+        RINGS,
+        TYPE_ARRAY,
+        DEFAULT_RING_ENTRIES / RING_LANES,
+        F_MMAPABLE,
+    ),
     // Ids start at 1.
     spec::<u32, ServiceInfo>(NS_INFO, TYPE_HASH, DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC),
     spec::<FlowKey, CtEntry>(CONNTRACK, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),

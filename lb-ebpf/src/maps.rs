@@ -12,7 +12,8 @@ use lb_common::{
     maps::{
         DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS,
         DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
-        DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC, MAX_XDP_DEVICES, SCRATCH_SIZE,
+        DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC, MAX_XDP_DEVICES, RING_LANES, RingPair,
+        SCRATCH_SIZE,
     },
     ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
     stats,
@@ -60,9 +61,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 pub static NS_SERVICES: HashMap<ServiceKey, NsService> =
     HashMap::pinned(DEFAULT_MAX_SERVICES, F_NO_PREALLOC);
 
-/// Maglev rings. See `lb_common::maps::RINGS`.
-#[map(name = "lb_ring_v1")]
-pub static RINGS: Array<u32> = Array::pinned(DEFAULT_RING_ENTRIES, F_MMAPABLE);
+/// Maglev rings, two entries per element. See `lb_common::maps::RINGS`.
+#[map(name = "lb_ring_v2")]
+pub static RINGS: Array<RingPair> = Array::pinned(DEFAULT_RING_ENTRIES / RING_LANES, F_MMAPABLE);
 
 /// North-south service info (read by the CLI only). See `lb_common::maps::NS_INFO`.
 #[map(name = "lb_nsinfo_v1")]

@@ -4,6 +4,7 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     ServiceKey,
+    maps::RING_LANES,
     ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, flow_hash},
     stats as st,
 };
@@ -120,8 +121,8 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
                 return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
             }
             let index = svc.ring_off + flow_hash(&p.key) % svc.ring_size;
-            match RINGS.get(index) {
-                Some(&id) => id,
+            match RINGS.get(index / RING_LANES) {
+                Some(pair) => pair[(index % RING_LANES) as usize],
                 None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
             }
         }

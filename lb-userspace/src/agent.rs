@@ -37,6 +37,8 @@ use crate::{
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often the node's addresses and devices are looked at again.
 const NETWORK_POLL: Duration = Duration::from_secs(2);
+/// A sync of at least this many source updates (a relist, a burst) gives freed heap back.
+const TRIM_AFTER_UPDATES: usize = 64;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     loaded.attach(&cgroup)?;
     info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
+    match loader::remove_stale_map_pins(&layout) {
+        Ok(removed) if !removed.is_empty() => {
+            info!(maps = ?removed, "removed the pins of maps of an older layout");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot remove the pins of maps of an older layout"),
+    }
     if let Some(local) = netdev::local_port_range()
         && netdev::overlaps(local, snat_ports)
     {
@@ -187,6 +196,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
                 let c = reconciler.contents();
                 let latency_us = oldest.elapsed().as_micros() as u64;
+                if !synced || updates >= TRIM_AFTER_UPDATES {
+                    trim_heap();
+                }
                 if !synced {
                     info!(frontends = c.services.len(), backends = c.backends.len(), writes = report.writes, latency_us, "initial sync done");
                     synced = true;
@@ -317,6 +329,17 @@ impl Network {
             }
         }
         changed
+    }
+}
+
+/// Gives the heap freed by a large sync back to the system. glibc keeps freed memory in its
+/// arenas, so without this the decoding of a big cluster's first list would stay in the
+/// agent's resident memory for good.
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -5,9 +5,10 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use lb_common::maps::{
-    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
-    DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
-    DEFAULT_MAX_SOURCE_RANGES, DEFAULT_PIN_DIR, MAX_BACKENDS_PER_SERVICE_LIMIT,
+    DEFAULT_MAGLEV_ENTRIES_PER_BACKEND, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAX_AFFINITY,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_PIN_DIR,
+    DEFAULT_RING_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
 use crate::{loader::MapSizes, model::Limits, source::kubernetes};
@@ -131,14 +132,26 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_SNAT_PORTS", default_value = "61000-65535")]
     pub snat_ports: String,
 
-    /// Size of each north-south service's Maglev lookup table: a prime, at least
-    /// --max-backends-per-service; over 100 times the backends of a service keeps the flows
-    /// that move when a backend changes close to the minimum.
+    /// Largest Maglev lookup table of a north-south service: a prime, at least
+    /// --max-backends-per-service. Each service's table is sized from its backend count (see
+    /// --maglev-entries-per-backend), up to this.
     #[arg(long, env = "LB_MAGLEV_TABLE_SIZE", default_value_t = DEFAULT_MAGLEV_TABLE_SIZE)]
     pub maglev_table_size: u32,
 
+    /// Maglev table entries per backend: a service gets the smallest table size (251, 509,
+    /// 1021, 2039, ... about doubling) with this many entries per backend. More entries move
+    /// fewer flows between the remaining backends when one changes, and cost memory.
+    #[arg(long, env = "LB_MAGLEV_ENTRIES_PER_BACKEND", default_value_t = DEFAULT_MAGLEV_ENTRIES_PER_BACKEND,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub maglev_entries_per_backend: u32,
+
+    /// Capacity of the Maglev table array, in entries (4 bytes each) over all north-south
+    /// services: at least --maglev-table-size.
+    #[arg(long, env = "LB_MAGLEV_TABLE_ENTRIES", default_value_t = DEFAULT_RING_ENTRIES)]
+    pub maglev_table_entries: u32,
+
     /// Most north-south services (service ports and address families with a node port,
-    /// load-balancer IP or external IP); each takes a Maglev table.
+    /// load-balancer IP or external IP).
     #[arg(long, env = "LB_MAX_EXTERNAL_SERVICES", default_value_t = DEFAULT_MAX_EXTERNAL)]
     pub max_external_services: u32,
 
@@ -216,17 +229,16 @@ impl AgentArgs {
         Ok(())
     }
 
-    /// Entries of the lookup table array: one table per north-south service.
+    /// Entries of the lookup table array, checked.
     pub fn table_entries(&self) -> Result<u32, String> {
-        self.maglev_table_size
-            .checked_mul(self.max_external_services)
-            .filter(|n| *n <= 1 << 28)
-            .ok_or_else(|| {
-                format!(
-                    "--maglev-table-size {} x --max-external-services {} is over 2^28 entries",
-                    self.maglev_table_size, self.max_external_services
-                )
-            })
+        let n = self.maglev_table_entries;
+        if n < self.maglev_table_size || n > 1 << 28 {
+            return Err(format!(
+                "--maglev-table-entries {n} must be between --maglev-table-size {} and 2^28",
+                self.maglev_table_size
+            ));
+        }
+        Ok(n)
     }
 
     /// The SNAT port range, inclusive.
@@ -323,7 +335,8 @@ impl AgentArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             max_backends_per_service: self.max_backends_per_service as usize,
-            table_size: self.maglev_table_size,
+            max_table_size: self.maglev_table_size,
+            entries_per_backend: self.maglev_entries_per_backend,
         }
     }
 }
@@ -401,6 +414,13 @@ mod tests {
             &["--nodeport-addresses", "10.0.0.0/33"],
             &["--xdp-devices", "eth0,auto"],
             &["--max-flows", "0"],
+            &[
+                "--maglev-table-size",
+                "65521",
+                "--maglev-table-entries",
+                "65000",
+            ],
+            &["--maglev-entries-per-backend", "0"],
         ] {
             let mut args = vec!["--source", "file:/m"];
             args.extend_from_slice(bad);
@@ -414,7 +434,7 @@ mod tests {
         assert_eq!(a.devices(), Ok(XdpDevices::None));
         assert_eq!(a.snat_range(), Ok((61000, 65535)));
         assert_eq!(a.nodeport_cidrs(), Ok(vec![]));
-        assert_eq!(a.limits().table_size, DEFAULT_MAGLEV_TABLE_SIZE);
+        assert_eq!(a.limits().max_table_size, DEFAULT_MAGLEV_TABLE_SIZE);
         let a = parse(&[
             "--source",
             "file:/m",
@@ -437,7 +457,9 @@ mod tests {
                 "2001:db8::/64".parse().unwrap()
             ]
         );
-        assert_eq!(a.table_entries(), Ok(65537 * DEFAULT_MAX_EXTERNAL));
+        assert_eq!(a.table_entries(), Ok(DEFAULT_RING_ENTRIES));
+        assert_eq!(a.limits().table_size(10), 1021);
+        assert_eq!(a.limits().table_size(1000), 65537);
         assert_eq!(
             parse(&["--source", "file:/m", "--xdp-devices", "auto"])
                 .unwrap()

@@ -171,7 +171,7 @@ impl MapSizes {
             maps::AFFINITY => Some(self.affinity),
             maps::NS_SERVICES => Some(self.external),
             maps::NS_INFO | maps::NS_STATS => Some(self.external_ids + 1),
-            maps::RINGS => Some(self.table_entries),
+            maps::RINGS => Some(self.table_entries.div_ceil(maps::RING_LANES)),
             maps::CONNTRACK | maps::NAT_REV => Some(self.flows),
             maps::SOURCE_RANGES => Some(self.source_ranges),
             _ => None,
@@ -623,6 +623,33 @@ where
         .map_err(|source| LoadError::Program { name, source })
 }
 
+/// Removes the pins of maps this build does not use: older layouts, whose names carry an
+/// older version. Called once this build's programs are attached: a program still attached
+/// keeps its maps alive, so no lookup fails. Returns the names removed.
+pub fn remove_stale_map_pins(layout: &PinLayout) -> Result<Vec<String>, LoadError> {
+    let dir = layout.maps();
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&dir)(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(io_err(&dir))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if maps::ALL.iter().any(|spec| spec.name == name) {
+            continue;
+        }
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        removed.push(name);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
 /// What [`cleanup`] removed.
 #[derive(Debug, Default)]
 pub struct Cleanup {
@@ -661,6 +688,22 @@ pub fn cleanup(layout: &PinLayout) -> Result<Cleanup, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_map_pins_are_removed_and_current_ones_kept() {
+        let root = std::env::temp_dir().join(format!("lb-stale-pins-{}", std::process::id()));
+        let layout = PinLayout::new(&root);
+        fs::create_dir_all(layout.maps()).unwrap();
+        for name in [maps::RINGS, "lb_ring_v1", "lb_old_v0"] {
+            fs::write(layout.map(name), b"").unwrap();
+        }
+        assert_eq!(
+            remove_stale_map_pins(&layout).unwrap(),
+            ["lb_old_v0", "lb_ring_v1"]
+        );
+        assert!(layout.map(maps::RINGS).exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn the_embedded_object_matches_the_map_specs() {

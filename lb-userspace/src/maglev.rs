@@ -53,6 +53,26 @@ pub fn check_table_size(m: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// The table sizes a service's table is chosen from: primes, each about twice the last.
+pub const SIZE_CLASSES: [u32; 13] = [
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071, 262139, 524287, 1_048_573,
+];
+
+/// The table size for a service of `backends` backends: the smallest of [`SIZE_CLASSES`] with
+/// at least `per_backend` entries per backend, or `max` (itself a valid size) when that is
+/// smaller. Sizing from the backend count keeps a small service's table small: the spread
+/// stays even (every backend holds `M/N` entries give or take one) while memory follows the
+/// service, at the cost of more entries moving between the remaining backends when one
+/// leaves than a large table would have (see the README's Maglev notes).
+pub fn table_size(backends: usize, per_backend: u32, max: u32) -> u32 {
+    let want = (backends as u64).max(1) * u64::from(per_backend.max(1));
+    SIZE_CLASSES
+        .iter()
+        .copied()
+        .find(|m| u64::from(*m) >= want)
+        .map_or(max, |m| m.min(max))
+}
+
 /// The bytes a backend is hashed by: its address (16 bytes, IPv4 v4-mapped) and port.
 fn identity(ep: &Endpoint) -> [u8; 18] {
     let mut b = [0u8; 18];
@@ -174,6 +194,28 @@ mod tests {
         for m in [0, 1, 5, 16384, 65536, 2_000_003] {
             assert!(check_table_size(m).is_err(), "{m}");
         }
+    }
+
+    #[test]
+    fn size_classes_are_valid_sizes() {
+        for m in SIZE_CLASSES {
+            assert_eq!(check_table_size(m), Ok(()), "{m}");
+        }
+        assert!(SIZE_CLASSES.windows(2).all(|w| w[1] > w[0] * 19 / 10));
+    }
+
+    #[test]
+    fn tables_are_sized_from_the_backend_count() {
+        let max = 16381;
+        assert_eq!(table_size(0, 100, max), 251);
+        assert_eq!(table_size(1, 100, max), 251);
+        assert_eq!(table_size(3, 100, max), 509);
+        assert_eq!(table_size(10, 100, max), 1021);
+        assert_eq!(table_size(11, 100, max), 2039);
+        assert_eq!(table_size(100, 100, max), 16381);
+        assert_eq!(table_size(5000, 100, max), max, "capped");
+        assert_eq!(table_size(10, 1000, 65521), 16381);
+        assert_eq!(table_size(3, 100, 61), 61, "a smaller maximum wins");
     }
 
     #[test]

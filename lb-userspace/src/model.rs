@@ -104,8 +104,17 @@ impl fmt::Display for ObjectRef {
 pub struct Limits {
     /// Most backends one frontend may have.
     pub max_backends_per_service: usize,
-    /// Size of each north-south service's Maglev table (a prime, over the backend limit).
-    pub table_size: u32,
+    /// Largest north-south Maglev table (a prime, at least the backend limit).
+    pub max_table_size: u32,
+    /// Table entries per backend a north-south service's table is sized for.
+    pub entries_per_backend: u32,
+}
+
+impl Limits {
+    /// The Maglev table size for a north-south service of `backends` backends.
+    pub fn table_size(&self, backends: usize) -> u32 {
+        crate::maglev::table_size(backends, self.entries_per_backend, self.max_table_size)
+    }
 }
 
 /// One frontend as it should be programmed.
@@ -278,13 +287,22 @@ struct Port<'a> {
     node_port: Option<u16>,
 }
 
-/// An EndpointSlice reduced to what the model needs.
-struct ParsedSlice<'a> {
-    ipv6: bool,
+/// An EndpointSlice reduced to what the model reads, owned. The store keeps this instead of
+/// the object, which is several times larger (every endpoint's target reference, the
+/// managed fields...), and changes to parts nobody reads do not dirty the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slice {
+    /// The service it belongs to (its `kubernetes.io/service-name` label).
+    pub owner: Option<ObjectRef>,
+    /// `Some(ipv6)` for a slice a proxy balances; `None` for other address types (FQDN) and
+    /// for slices of headless services or of another proxy.
+    ipv6: Option<bool>,
     /// (name, protocol, port) of each valid slice port.
-    ports: Vec<(&'a str, &'a str, u16)>,
+    ports: Vec<(String, String, u16)>,
     /// Its endpoints, with port 0 until matched to a service port.
     endpoints: Vec<Candidate>,
+    /// What was skipped as invalid.
+    notes: Vec<String>,
 }
 
 fn has_label(meta: &ObjectMeta, label: &str) -> bool {
@@ -295,7 +313,7 @@ fn has_label(meta: &ObjectMeta, label: &str) -> bool {
 /// service's name, in its namespace), for this node.
 pub fn desired<'a>(
     svc: &Service,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a Slice>,
     node: &NodeInfo,
     limits: &Limits,
 ) -> Result<Desired, Rejection> {
@@ -365,14 +383,10 @@ pub fn desired<'a>(
     } else {
         TrafficPolicy::Cluster
     };
-    let slices: Vec<ParsedSlice<'_>> = slices
-        .into_iter()
-        .filter(|s| {
-            !has_label(&s.metadata, HEADLESS_LABEL)
-                && !has_label(&s.metadata, SERVICE_PROXY_NAME_LABEL)
-        })
-        .filter_map(|s| parse_slice(s, &mut out.notes))
-        .collect();
+    let slices: Vec<&Slice> = slices.into_iter().filter(|s| s.ipv6.is_some()).collect();
+    for s in &slices {
+        out.notes.extend(s.notes.iter().cloned());
+    }
 
     // Endpoints (pods) on this node, counted once whatever their ports, as kube-proxy
     // counts them for the health check.
@@ -689,7 +703,34 @@ fn service_ports<'a>(
     Ok(out)
 }
 
-fn parse_slice<'a>(slice: &'a EndpointSlice, notes: &mut Vec<String>) -> Option<ParsedSlice<'a>> {
+impl Slice {
+    /// The parts of `slice` the model reads.
+    pub fn new(slice: &EndpointSlice) -> Self {
+        let mut out = Self {
+            owner: ObjectRef::owner_of_slice(slice),
+            ipv6: None,
+            ports: Vec::new(),
+            endpoints: Vec::new(),
+            notes: Vec::new(),
+        };
+        if has_label(&slice.metadata, HEADLESS_LABEL)
+            || has_label(&slice.metadata, SERVICE_PROXY_NAME_LABEL)
+        {
+            return out;
+        }
+        if let Some((ipv6, ports, endpoints)) = parse_slice(slice, &mut out.notes) {
+            out.ipv6 = Some(ipv6);
+            out.ports = ports;
+            out.endpoints = endpoints;
+        }
+        out
+    }
+}
+
+/// A slice's family, valid ports and endpoints; invalid ones are noted and skipped.
+type Parsed = (bool, Vec<(String, String, u16)>, Vec<Candidate>);
+
+fn parse_slice(slice: &EndpointSlice, notes: &mut Vec<String>) -> Option<Parsed> {
     let name = slice.metadata.name.as_deref().unwrap_or("?");
     let ipv6 = match slice.address_type.as_str() {
         "IPv4" => false,
@@ -705,7 +746,7 @@ fn parse_slice<'a>(slice: &'a EndpointSlice, notes: &mut Vec<String>) -> Option<
             .and_then(|n| u16::try_from(n).ok())
             .filter(|&n| n != 0)
         {
-            Some(port) => ports.push((pname, protocol, port)),
+            Some(port) => ports.push((pname.to_owned(), protocol.to_owned(), port)),
             None => notes.push(format!(
                 "EndpointSlice {name}: port {pname:?} has no valid number; skipped"
             )),
@@ -747,11 +788,7 @@ fn parse_slice<'a>(slice: &'a EndpointSlice, notes: &mut Vec<String>) -> Option<
                 .unwrap_or_default(),
         });
     }
-    Some(ParsedSlice {
-        ipv6,
-        ports,
-        endpoints,
-    })
+    Some((ipv6, ports, endpoints))
 }
 
 /// How ready a candidate is, best first: where slices disagree about an endpoint, the
@@ -765,13 +802,13 @@ fn rank(c: &Candidate) -> u8 {
 }
 
 /// The endpoints of one family and service port across all slices, deduplicated.
-fn candidates_for(ipv6: bool, port: &Port<'_>, slices: &[ParsedSlice<'_>]) -> Vec<Candidate> {
+fn candidates_for(ipv6: bool, port: &Port<'_>, slices: &[&Slice]) -> Vec<Candidate> {
     let mut merged: BTreeMap<(IpAddr, u16), Candidate> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| s.ipv6 == ipv6) {
+    for slice in slices.iter().filter(|s| s.ipv6 == Some(ipv6)) {
         let Some(&(_, _, target)) = slice
             .ports
             .iter()
-            .find(|(n, proto, _)| *n == port.name && *proto == port.protocol)
+            .find(|(n, proto, _)| n == port.name && proto == port.protocol)
         else {
             continue;
         };
@@ -813,8 +850,20 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         max_backends_per_service: 4,
-        table_size: 251,
+        max_table_size: 251,
+        entries_per_backend: 100,
     };
+
+    /// [`super::desired`] of the slices as the store keeps them.
+    fn desired<'a>(
+        svc: &Service,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        node: &NodeInfo,
+        limits: &Limits,
+    ) -> Result<Desired, Rejection> {
+        let kept: Vec<Slice> = slices.into_iter().map(Slice::new).collect();
+        super::desired(svc, &kept, node, limits)
+    }
 
     fn service(ips: &[&str], ports: &[Port<'_>]) -> Service {
         testutil::service("prod", "web", ips, ports)

@@ -18,7 +18,7 @@ use k8s_openapi::api::{
 
 use crate::{
     endpoints::NodeInfo,
-    model::{ObjectRef, node_info},
+    model::{ObjectRef, Slice, node_info},
 };
 
 /// A Kubernetes object a source reports.
@@ -88,13 +88,14 @@ pub enum Update {
 }
 
 /// Services and EndpointSlices by identity, slices indexed by their service, and this node.
+/// Slices are kept as what the model reads of them ([`Slice`]).
 #[derive(Debug, Default)]
 pub struct Store {
     node_name: Option<String>,
     node: NodeInfo,
     node_ips: Vec<IpAddr>,
     services: BTreeMap<ObjectRef, Service>,
-    slices: BTreeMap<ObjectRef, EndpointSlice>,
+    slices: BTreeMap<ObjectRef, Slice>,
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
 }
 
@@ -191,18 +192,19 @@ impl Store {
                 }
             }
             Object::EndpointSlice(slice) => {
-                if self.slices.get(&key) == Some(&*slice) {
+                let slice = Slice::new(&slice);
+                if self.slices.get(&key) == Some(&slice) {
                     return;
                 }
                 self.remove(Kind::EndpointSlice, &key, dirty);
-                if let Some(owner) = ObjectRef::owner_of_slice(&slice) {
+                if let Some(owner) = &slice.owner {
                     self.slices_by_service
                         .entry(owner.clone())
                         .or_default()
                         .insert(key.clone());
-                    dirty.insert(owner);
+                    dirty.insert(owner.clone());
                 }
-                self.slices.insert(key, *slice);
+                self.slices.insert(key, slice);
             }
             Object::Node(node) => {
                 if self.is_own_node(&Object::Node(node.clone())) {
@@ -234,7 +236,7 @@ impl Store {
                 let Some(old) = self.slices.remove(key) else {
                     return;
                 };
-                if let Some(owner) = ObjectRef::owner_of_slice(&old) {
+                if let Some(owner) = old.owner {
                     if let Some(set) = self.slices_by_service.get_mut(&owner) {
                         set.remove(key);
                         if set.is_empty() {
@@ -254,7 +256,7 @@ impl Store {
     }
 
     /// The EndpointSlices labelled as belonging to the service.
-    pub fn slices_of<'a>(&'a self, key: &ObjectRef) -> impl Iterator<Item = &'a EndpointSlice> {
+    pub fn slices_of<'a>(&'a self, key: &ObjectRef) -> impl Iterator<Item = &'a Slice> {
         self.slices_by_service
             .get(key)
             .into_iter()
@@ -340,6 +342,23 @@ mod tests {
             slices,
             nodes: vec![],
         })
+    }
+
+    #[test]
+    fn changes_to_slice_fields_the_model_does_not_read_dirty_nothing() {
+        let mut store = Store::default();
+        store.update(snapshot(
+            vec![svc("a", "10.0.0.1")],
+            vec![slice("a-1", "a", "IPv4")],
+        ));
+        let mut changed = slice("a-1", "a", "IPv4");
+        changed.metadata.annotations = Some([("note".to_string(), "x".to_string())].into());
+        changed.metadata.resource_version = Some("99".into());
+        let dirty = store.update(Update::Apply(Object::EndpointSlice(Box::new(changed))));
+        assert!(dirty.is_empty(), "{dirty:?}");
+        let moved = slice("a-1", "a", "IPv6");
+        let dirty = store.update(Update::Apply(Object::EndpointSlice(Box::new(moved))));
+        assert_eq!(dirty, refs(&["a"]));
     }
 
     #[test]

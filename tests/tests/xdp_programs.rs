@@ -185,7 +185,8 @@ impl Lab {
         let dp = loaded.datapath().expect("maps");
         let limits = Limits {
             max_backends_per_service: 64,
-            table_size: 251,
+            max_table_size: 251,
+            entries_per_backend: 100,
         };
         let reconciler = Reconciler::new(dp, limits).expect("reconciler");
         let mut store = Store::new(Some("node-a".into()));

@@ -47,19 +47,18 @@ pub struct Tables {
 
 enum Access {
     Mapped(Mapping),
-    Lookup(Array<MapData, u32>),
+    Lookup(Array<MapData, maps::RingPair>),
 }
 
-/// A shared, writable mapping of the array. The kernel lays array elements out 8 bytes apart
-/// (value sizes round up to 8), so entry `i`, a `u32`, is at `u32` index `i * STRIDE`.
+/// A shared, writable mapping of the array. Its elements are pairs of entries, 8 bytes each
+/// with no padding, so the mapping is one dense array of `u32` entries.
 struct Mapping {
     _data: MapData,
     ptr: NonNull<u32>,
     bytes: usize,
 }
 
-/// Distance between two array elements in `u32`s.
-const STRIDE: usize = 2;
+const LANES: usize = maps::RING_LANES as usize;
 
 // SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
 unsafe impl Send for Mapping {}
@@ -68,7 +67,7 @@ impl Mapping {
     fn new(name: &'static str, data: MapData, entries: usize) -> Result<Self, LoadError> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (entries * STRIDE * 4).div_ceil(page) * page;
+        let bytes = (entries * 4).div_ceil(page) * page;
         // SAFETY: mapping a BPF array's fd as the kernel documents for BPF_F_MMAPABLE maps;
         // the length is the array's data rounded up to a page.
         let ptr = unsafe {
@@ -107,7 +106,7 @@ impl Drop for Mapping {
 
 impl Tables {
     fn open(name: &'static str, data: MapData, writable: bool) -> Result<Self, LoadError> {
-        let entries = capacity(name, &data)? as usize;
+        let entries = capacity(name, &data)? as usize * LANES;
         let access = if writable {
             Access::Mapped(Mapping::new(name, data, entries)?)
         } else {
@@ -129,11 +128,14 @@ impl Tables {
             // concurrently are done as volatile reads.
             Access::Mapped(m) => Some(
                 (start as usize..(start + len) as usize)
-                    .map(|i| unsafe { m.ptr.as_ptr().add(i * STRIDE).read_volatile() })
+                    .map(|i| unsafe { m.ptr.as_ptr().add(i).read_volatile() })
                     .collect(),
             ),
             Access::Lookup(array) => (start..start + len)
-                .map(|i| array.get(&i, 0).ok())
+                .map(|i| {
+                    let pair = array.get(&(i / maps::RING_LANES), 0).ok()?;
+                    Some(pair[i as usize % LANES])
+                })
                 .collect(),
         }
     }
@@ -160,7 +162,7 @@ impl Tables {
         }
         for (i, v) in values.enumerate() {
             // SAFETY: inside the writable mapping, checked above.
-            unsafe { m.ptr.as_ptr().add((start + i) * STRIDE).write_volatile(v) };
+            unsafe { m.ptr.as_ptr().add(start + i).write_volatile(v) };
         }
         Ok(())
     }

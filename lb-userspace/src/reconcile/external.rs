@@ -57,8 +57,15 @@ impl GroupKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Programmed {
     id: u32,
-    /// Start of its table region, when it has backends.
-    region: Option<u32>,
+    /// Its table region, when it has backends.
+    region: Option<Region>,
+}
+
+/// A table region: where it starts in the table array, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Region {
+    start: u32,
+    len: u32,
 }
 
 /// The reconciler's north-south state.
@@ -153,8 +160,10 @@ impl External {
             };
             groups.entry(gk).or_insert(Programmed {
                 id: v.id,
-                region: (v.ring_size > 0 && c.tables.contains_key(&v.ring_off))
-                    .then_some(v.ring_off),
+                region: (v.ring_size > 0 && c.tables.contains_key(&v.ring_off)).then_some(Region {
+                    start: v.ring_off,
+                    len: v.ring_size,
+                }),
             });
         }
         let used = c
@@ -225,9 +234,11 @@ impl External {
         !self.retry_groups.is_empty() || !self.retry_keys.is_empty()
     }
 
-    /// The programmed groups: key, id and region (for the CLI and tests).
+    /// The programmed groups: key, id and region start (for the CLI and tests).
     pub(super) fn programmed(&self) -> impl Iterator<Item = (&GroupKey, u32, Option<u32>)> {
-        self.groups.iter().map(|(k, p)| (k, p.id, p.region))
+        self.groups
+            .iter()
+            .map(|(k, p)| (k, p.id, p.region.map(|r| r.start)))
     }
 }
 
@@ -342,9 +353,9 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// The backend ids a table region names.
-    fn table_backends(&self, region: Option<u32>) -> BTreeSet<u32> {
+    fn table_backends(&self, region: Option<Region>) -> BTreeSet<u32> {
         region
-            .and_then(|r| self.mirror.tables.get(&r))
+            .and_then(|r| self.mirror.tables.get(&r.start))
             .map(|t| t.iter().copied().collect())
             .unwrap_or_default()
     }
@@ -371,7 +382,7 @@ impl<D: Datapath> Reconciler<D> {
         want: &ExternalGroup,
         report: &mut SyncReport,
     ) -> Result<(), ()> {
-        let m_size = self.limits.table_size;
+        let m_size = self.limits.table_size(want.backends.len());
         let current = self.ext.groups.get(gk).copied();
         // Capacity first: nothing is written for a group that cannot fit.
         let new_backends: Vec<Endpoint> = want
@@ -386,16 +397,20 @@ impl<D: Datapath> Reconciler<D> {
                 .push(self.full(gk, want, maps::BACKENDS, self.caps.backends));
             return Err(());
         }
+        // A table of the same size is rewritten in place (each entry moves from one valid
+        // backend to another); a table of another size is written to a new region, which
+        // the frontends switch to in one write each (phase 2), and the old one is cleared.
         let needs_region = !want.backends.is_empty();
         let region = match current.and_then(|p| p.region) {
             Some(r)
                 if needs_region
-                    && self.mirror.tables.get(&r).map(Vec::len) == Some(m_size as usize) =>
+                    && r.len == m_size
+                    && self.mirror.tables.get(&r.start).map(Vec::len) == Some(m_size as usize) =>
             {
                 Some(r)
             }
-            _ if needs_region => match self.free_region() {
-                Some(r) => Some(r),
+            _ if needs_region => match self.free_region(m_size) {
+                Some(start) => Some(Region { start, len: m_size }),
                 None => {
                     report
                         .full
@@ -454,7 +469,7 @@ impl<D: Datapath> Reconciler<D> {
         if current.is_none() {
             ops.push(Op::ResetCounters(id));
         }
-        if let Some(start) = region {
+        if let Some(Region { start, .. }) = region {
             let weighted: Vec<(Endpoint, u32)> = want.backends.iter().map(|b| (*b, 1)).collect();
             let table: Vec<u32> = maglev::table(&weighted, m_size)
                 .into_iter()
@@ -512,44 +527,40 @@ impl<D: Datapath> Reconciler<D> {
         result
     }
 
-    /// The first free region of the table size: one overlapping no region in use and none
-    /// freed in this sync.
-    fn free_region(&self) -> Option<u32> {
-        let size = u64::from(self.limits.table_size);
+    /// The first free region of `size` entries (first fit): one overlapping no region in
+    /// use (written, or held by a group) and none freed in this sync.
+    fn free_region(&self, size: u32) -> Option<u32> {
         let cap = u64::from(self.caps.table_entries);
-        let used: Vec<(u64, u64)> = self
+        let mut used: Vec<(u64, u64)> = self
             .mirror
             .tables
             .iter()
-            .map(|(s, t)| (u64::from(*s), t.len() as u64))
+            .map(|(s, t)| (u64::from(*s), u64::from(*s) + t.len() as u64))
             .chain(
                 self.ext
                     .groups
                     .values()
                     .filter_map(|p| p.region)
-                    .map(|r| (u64::from(r), size)),
+                    .map(|r| (u64::from(r.start), u64::from(r.start) + u64::from(r.len))),
             )
             .chain(
                 self.ext
                     .freed_regions
                     .iter()
-                    .map(|(s, l)| (u64::from(*s), u64::from(*l))),
+                    .map(|(s, l)| (u64::from(*s), u64::from(*s) + u64::from(*l))),
             )
             .collect();
+        used.sort_unstable();
         let mut start = 0u64;
-        while start + size <= cap {
-            match used
-                .iter()
-                .filter(|(s, l)| *s < start + size && start < s + l)
-                .map(|(s, l)| s + l)
-                .max()
-            {
-                None => return u32::try_from(start).ok(),
-                // Skip past the overlapping regions.
-                Some(end) => start = end.div_ceil(size) * size,
+        for (s, e) in used {
+            if s >= start + u64::from(size) {
+                break;
             }
+            start = start.max(e);
         }
-        None
+        (start + u64::from(size) <= cap)
+            .then(|| u32::try_from(start).ok())
+            .flatten()
     }
 
     /// Phase 2 for one frontend: the winner's entry, or none.
@@ -577,12 +588,8 @@ impl<D: Datapath> Reconciler<D> {
             }
             Some(NsService {
                 id: p.id,
-                ring_off: p.region.unwrap_or(0),
-                ring_size: if p.region.is_some() {
-                    self.limits.table_size
-                } else {
-                    0
-                },
+                ring_off: p.region.map_or(0, |r| r.start),
+                ring_size: p.region.map_or(0, |r| r.len),
                 flags,
                 _pad: 0,
             })
@@ -682,7 +689,12 @@ impl<D: Datapath> Reconciler<D> {
             .values()
             .filter(|v| v.ring_size > 0)
             .map(|v| v.ring_off)
-            .chain(self.ext.groups.values().filter_map(|p| p.region))
+            .chain(
+                self.ext
+                    .groups
+                    .values()
+                    .filter_map(|p| p.region.map(|r| r.start)),
+            )
             .collect();
         let unused: Vec<(u32, u32)> = self
             .mirror

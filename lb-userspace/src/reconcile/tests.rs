@@ -23,7 +23,8 @@ const CAPS: Capacities = Capacities {
 };
 const LIMITS: Limits = Limits {
     max_backends_per_service: 50,
-    table_size: 61,
+    max_table_size: 61,
+    entries_per_backend: 100,
 };
 
 fn web(ip: &str) -> Service {
@@ -697,7 +698,7 @@ impl Harness {
             ..CAPS
         };
         let limits = Limits {
-            table_size,
+            max_table_size: table_size,
             ..LIMITS
         };
         let mut store = Store::new(Some("n1".into()));
@@ -790,9 +791,21 @@ fn a_load_balancer_service_is_written_table_first_frontends_last() {
 
 #[test]
 fn removing_one_of_n_backends_rewrites_about_one_nth_of_the_table_then_deletes_it() {
-    // M/N = 1000: the table size the agent's defaults give a service of 16 backends.
+    // M/N = 1000 (1000 entries per backend, up to 10007).
     let m = 10007;
     let mut h = Harness::node(m);
+    h.rec = Reconciler::new(
+        FakeDatapath::new(Capacities {
+            table_entries: 8 * m,
+            ..CAPS
+        }),
+        Limits {
+            max_table_size: m,
+            entries_per_backend: 1000,
+            ..LIMITS
+        },
+    )
+    .unwrap();
     let svc = || vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)];
     let all = addrs(10);
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -941,7 +954,7 @@ fn a_restarted_reconciler_adopts_north_south_state_and_writes_nothing() {
     restarted.rec = Reconciler::new(
         dp,
         Limits {
-            table_size: 61,
+            max_table_size: 61,
             ..LIMITS
         },
     )
@@ -962,7 +975,7 @@ fn a_restarted_reconciler_adopts_north_south_state_and_writes_nothing() {
     resized.rec = Reconciler::new(
         dp,
         Limits {
-            table_size: 53,
+            max_table_size: 53,
             ..LIMITS
         },
     )
@@ -988,7 +1001,7 @@ fn a_full_table_array_refuses_the_new_service_and_keeps_the_others() {
     h.rec = Reconciler::new(
         FakeDatapath::new(caps),
         Limits {
-            table_size: 61,
+            max_table_size: 61,
             ..LIMITS
         },
     )
@@ -1062,7 +1075,7 @@ fn every_failed_north_south_write_leaves_lookups_whole_and_the_retry_converges()
         h.rec = Reconciler::new(
             dp,
             Limits {
-                table_size: 61,
+                max_table_size: 61,
                 ..LIMITS
             },
         )
@@ -1107,4 +1120,90 @@ fn health_checks_follow_local_load_balancer_services() {
     );
     h.sync(vec![], vec![]);
     assert!(h.rec.health_checks().is_empty());
+}
+
+#[test]
+fn tables_are_sized_from_the_backend_count_and_a_new_size_is_switched_in_one_write() {
+    // Tables of 251 entries up to 2 backends, 509 up to 5 (100 per backend), 1021 at most.
+    let mut h = Harness::node(1021);
+    let svc = || vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)];
+    h.sync(svc(), vec![lb_slice("web", &["10.0.0.1"])]);
+    let c = h.rec.contents().clone();
+    assert!(c.external.values().all(|v| v.ring_size == 251), "{c:?}");
+    let old_start = c.external.values().next().unwrap().ring_off;
+
+    let five = addrs(5);
+    let five: Vec<&str> = five.iter().map(String::as_str).collect();
+    let writes_before = h.log().len();
+    h.sync(svc(), vec![lb_slice("web", &five)]);
+    let ops = &h.log()[writes_before..];
+    let c = h.rec.contents();
+    assert!(c.external.values().all(|v| v.ring_size == 509));
+    let new_start = c.external.values().next().unwrap().ring_off;
+    assert!(
+        new_start >= old_start + 251 || new_start + 509 <= old_start,
+        "the new region {new_start} overlaps the old {old_start}"
+    );
+    // The whole new table is written before any frontend names it, and the old region is
+    // cleared only after none does.
+    let k = kinds(ops);
+    assert!(
+        position(ops, "put-table", true) < position(ops, "put-external", false)
+            && position(ops, "put-external", true) < position(ops, "clear-table", false),
+        "{k:?}"
+    );
+    assert_eq!(c.tables.len(), 1, "{:?}", c.tables.keys());
+    for (_, _, shares) in h.served_external().values() {
+        assert_eq!(shares.len(), 5);
+        assert!(
+            shares.values().all(|n| (101..=102).contains(n)),
+            "{shares:?}"
+        );
+    }
+}
+
+#[test]
+fn a_fragmented_table_array_reuses_freed_regions_first_fit() {
+    // Room for 4 tables of 251: three services, the middle one goes, a fourth and fifth come.
+    let caps = Capacities {
+        table_entries: 4 * 251,
+        ..CAPS
+    };
+    let mut h = Harness::node(1021);
+    h.rec = Reconciler::new(
+        FakeDatapath::new(caps),
+        Limits {
+            max_table_size: 1021,
+            ..LIMITS
+        },
+    )
+    .unwrap();
+    let svc = |i: usize| {
+        lb(
+            &format!("s{i}"),
+            &format!("10.96.0.{i}"),
+            &format!("198.51.100.{i}"),
+            30080 + i as i32,
+        )
+    };
+    let eps = |i: usize| lb_slice(&format!("s{i}"), &["10.0.0.1"]);
+    h.sync((1..=3).map(svc).collect(), (1..=3).map(eps).collect());
+    h.sync(vec![svc(1), svc(3)], vec![eps(1), eps(3)]);
+    let report = h.sync(
+        vec![svc(1), svc(3), svc(4), svc(5)],
+        (1..=5).filter(|i| *i != 2).map(eps).collect(),
+    );
+    assert!(report.full.is_empty(), "{:?}", report.full);
+    let c = h.rec.contents();
+    let mut starts: Vec<u32> = c.tables.keys().copied().collect();
+    starts.sort_unstable();
+    assert_eq!(starts, [0, 251, 502, 753]);
+    // A sixth does not fit: refused, the others kept.
+    let report = h.sync(
+        vec![svc(1), svc(3), svc(4), svc(5), svc(6)],
+        (1..=6).filter(|i| *i != 2).map(eps).collect(),
+    );
+    assert_eq!(report.full.len(), 1);
+    assert_eq!(report.full[0].map, maps::RINGS);
+    assert_eq!(h.rec.contents().tables.len(), 4);
 }
