@@ -317,7 +317,15 @@ impl World {
             .append(true)
             .open(self.dir.join("agent.log"))
             .expect("agent log");
-        let mut cmd = Command::new(self.bins.join("lb-agent"));
+        // LB_TEST_AGENT_WRAPPER runs the agent under a tool (a profiler such as heaptrack).
+        let mut cmd = match std::env::var_os("LB_TEST_AGENT_WRAPPER") {
+            Some(wrapper) => {
+                let mut cmd = Command::new(wrapper);
+                cmd.arg(self.bins.join("lb-agent"));
+                cmd
+            }
+            None => Command::new(self.bins.join("lb-agent")),
+        };
         if !extra.contains(&"--health-addr") {
             // Agents of parallel tests share the host namespace: no fixed health port.
             cmd.args(["--health-addr", "off"]);
