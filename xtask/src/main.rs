@@ -136,9 +136,21 @@ fn bench(quick: bool, only: Option<&str>) -> Result<()> {
             || "unknown".into(),
             |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
         );
+    let micro = only.is_none_or(|o| o.split(',').any(|n| n.trim() == "11"));
+    if micro {
+        step("micro-benchmarks of the pure code (criterion)");
+        let mut args = vec!["bench", "-p", "lb-userspace", "--bench", "pure", "--"];
+        if quick {
+            args.extend(["--warm-up-time", "1", "--measurement-time", "2"]);
+        }
+        cargo(&args)?;
+    }
     step("benchmarks");
     let mut cmd = Command::new(root().join("target/release/lb-bench"));
     cmd.current_dir(root()).args(["--revision", &revision]);
+    if micro {
+        cmd.args(["--criterion", "target/criterion"]);
+    }
     if quick {
         cmd.arg("--quick");
     }

@@ -52,6 +52,10 @@ struct Args {
     /// Only these benchmarks (comma-separated numbers, e.g. `1,10`); default all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u32>,
+    /// Where criterion wrote the micro-benchmarks' results (`cargo bench -p lb-userspace`),
+    /// to include them as benchmark 11.
+    #[arg(long)]
+    criterion: Option<PathBuf>,
 }
 
 /// Sizes of one run.
@@ -117,7 +121,7 @@ mod memory;
 mod north_south;
 mod updates;
 
-const TITLES: [(&str, &str); 10] = [
+const TITLES: [(&str, &str); 11] = [
     (
         "1-program-cost",
         "1. Program cost vs scale (ns per run, BPF_PROG_TEST_RUN)",
@@ -155,6 +159,10 @@ const TITLES: [(&str, &str); 10] = [
         "9. Memory: the agent's resident memory and its BPF maps' kernel memory",
     ),
     ("10-maglev", "10. Maglev"),
+    (
+        "11-micro",
+        "11. Micro-benchmarks of the pure code (criterion, `cargo bench -p lb-userspace`; µs per call)",
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -191,6 +199,9 @@ fn main() -> ExitCode {
     if wanted(9) {
         memory::memory(&mut report, plan.update_scale);
     }
+    if let Some(dir) = &args.criterion {
+        criterion_results(&mut report, dir);
+    }
     report.notes.push(
         "What profiling showed about the missed goals, and the plan: docs/performance.md.".into(),
     );
@@ -215,6 +226,38 @@ fn main() -> ExitCode {
         args.json.display()
     );
     ExitCode::SUCCESS
+}
+
+/// The medians criterion measured (each benchmark's `new/estimates.json`), as benchmark 11.
+fn criterion_results(report: &mut Report, dir: &std::path::Path) {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.ends_with("new") {
+                out.push(path);
+            } else if path.is_dir() {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, &mut found);
+    found.sort();
+    for new in found {
+        let read = |file: &str| -> Option<Value> {
+            serde_json::from_str(&fs::read_to_string(new.join(file)).ok()?).ok()
+        };
+        let (Some(id), Some(estimates)) = (read("benchmark.json"), read("estimates.json")) else {
+            continue;
+        };
+        let (Some(name), Some(ns)) = (
+            id["full_id"].as_str(),
+            estimates["median"]["point_estimate"].as_f64(),
+        ) else {
+            continue;
+        };
+        report.add("11-micro", 1, "ours", name, "µs", vec![ns / 1e3]);
+    }
 }
 
 fn meta(args: &Args) -> Meta {
