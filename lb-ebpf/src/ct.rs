@@ -24,18 +24,19 @@ static SNAT_PORT_MAX: u16 = 65535;
 /// Ports tried for a new SNAT flow before giving up.
 const SNAT_TRIES: u32 = 8;
 
-/// The conntrack entry of an established flow of service `svc_id` whose backend still
-/// exists. An entry of another service (the frontend was reprogrammed since) is ignored.
+/// The conntrack entry of an established flow of service `svc_id` and its backend, while
+/// that still exists (when it is gone, its pod is, and the flow moves). An entry of another
+/// service (the frontend was reprogrammed since) is ignored.
 #[inline(always)]
-pub fn established(key: &FlowKey, svc_id: u32) -> Option<&'static CtEntry> {
-    // SAFETY: LRU entries are replaced whole; the reference is used during this program run.
+pub fn established(key: &FlowKey, svc_id: u32) -> Option<(&'static CtEntry, Endpoint)> {
+    // SAFETY: LRU and hash entries are replaced whole; the references are used during this
+    // program run, and the backend is copied at once.
     let ct = unsafe { CONNTRACK.get(key) }?;
     if ct.svc_id != svc_id {
         return None;
     }
-    // A backend that no longer exists at all: the flow moves (its pod is gone).
-    BACKENDS.get_ptr(&ct.backend_id)?;
-    Some(ct)
+    let backend = unsafe { BACKENDS.get(&ct.backend_id) }?;
+    Some((ct, *backend))
 }
 
 /// The SNAT port range (set by the agent at load time).

@@ -114,24 +114,26 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
         return drop_for(svc.id, st::XDP_DROP_SOURCE_RANGE);
     }
     let established = ct::established(&p.key, svc.id);
-    let backend_id = match established {
-        Some(ct) => ct.backend_id,
+    let (backend_id, backend) = match established {
+        Some((ct, backend)) => (ct.backend_id, backend),
         None => {
             if svc.ring_size == 0 {
                 return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
             }
             let index = svc.ring_off + flow_hash(&p.key) % svc.ring_size;
-            match RINGS.get(index / RING_LANES) {
+            let id = match RINGS.get(index / RING_LANES) {
                 Some(pair) => pair[(index % RING_LANES) as usize],
                 None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
-            }
+            };
+            // SAFETY: see `north_south`.
+            let Some(&backend) = (unsafe { BACKENDS.get(&id) }) else {
+                stats::inc(st::ERR_BACKEND_MISSING);
+                return xdp_action::XDP_PASS;
+            };
+            (id, backend)
         }
     };
-    // SAFETY: see `north_south`.
-    let Some(&backend) = (unsafe { BACKENDS.get(&backend_id) }) else {
-        stats::inc(st::ERR_BACKEND_MISSING);
-        return xdp_action::XDP_PASS;
-    };
+    let established = established.map(|(ct, _)| ct);
     let rc = fib::lookup(ctx, s, p, &p.key.saddr, &backend.addr);
     match established {
         Some(ct) if ct.snat_port_be != 0 => {
