@@ -468,6 +468,8 @@ impl Drop for World {
     fn drop(&mut self) {
         if let Some(mut agent) = self.agent.take() {
             agent.kill();
+            // Under LB_TEST_AGENT_WRAPPER the child is the wrapper; the agent is its child.
+            kill_mentioning(&self.pin_dir.to_string_lossy());
         }
         if thread::panicking() {
             let log = self.agent_log();
