@@ -985,6 +985,26 @@ fn connect_hook_cost(report: &mut Report, w: &World, plan: &Plan, n: u64, ours: 
     );
 }
 
+/// Flags giving the service, slot and backend maps `cap` entries each.
+fn capacities(cap: &str) -> [&str; 6] {
+    [
+        "--max-backends",
+        cap,
+        "--max-slots",
+        cap,
+        "--max-services",
+        cap,
+    ]
+}
+
+/// Waits until the agent of `w` logged its first sync; the ms since `start`.
+fn wait_synced(w: &World, start: Instant) -> f64 {
+    w.wait_until("the agent synced", Duration::from_secs(120), || {
+        w.agent_log().contains("initial sync done")
+    });
+    start.elapsed().as_secs_f64() * 1e3
+}
+
 /// Runs `f` and returns how long it took, in ms.
 fn timed(f: impl FnOnce()) -> f64 {
     let t = Instant::now();
@@ -1059,18 +1079,8 @@ fn cluster(report: &mut Report, plan: &Plan, n: u64) {
     w.write_manifest("bench.json", &manifest(&svcs));
     let cap = (n * 10 + 1024).max(65_536).to_string();
     let start = Instant::now();
-    w.start_agent(&[
-        "--max-backends",
-        &cap,
-        "--max-slots",
-        &cap,
-        "--max-services",
-        &cap,
-    ]);
-    w.wait_until("the agent synced", Duration::from_secs(120), || {
-        w.agent_log().contains("initial sync done")
-    });
-    let cold = start.elapsed().as_secs_f64() * 1e3;
+    w.start_agent(&capacities(&cap));
+    let cold = wait_synced(&w, start);
     progress(&format!(
         "   agent synced {n} services in {cold:.0} ms; ours and DIRECT"
     ));

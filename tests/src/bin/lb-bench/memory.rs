@@ -5,12 +5,17 @@
 //! frontend with a Maglev table sized from its 10 backends. The agent reads them from the
 //! Kubernetes API (the fixture), as in production.
 
-use std::{collections::BTreeMap, fs, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use lb_tests::{apiserver::ApiServer, bench::Report, manifest::documents, run, world::World};
 use serde_json::{Value, json};
 
-use crate::{objects, progress, services};
+use crate::{objects, progress, services, wait_synced};
 
 const BENCH: &str = "9-memory";
 const MIB: f64 = 1024.0 * 1024.0;
@@ -82,9 +87,7 @@ pub fn memory(report: &mut Report, n: u64) {
     progress("9: memory of an idle agent at the default capacities");
     let mut idle = World::new(0);
     idle.start_agent(&[]);
-    idle.wait_until("the agent synced", Duration::from_secs(30), || {
-        idle.agent_log().contains("initial sync done")
-    });
+    wait_synced(&idle, Instant::now());
     let pid = idle.agent_pid().expect("the agent runs");
     let maps: f64 = map_bytes(pid).values().sum::<f64>() / MIB;
     report.add(
@@ -126,9 +129,7 @@ pub fn memory(report: &mut Report, n: u64) {
             &entries,
         ],
     );
-    w.wait_until("the agent synced", Duration::from_secs(120), || {
-        w.agent_log().contains("initial sync done")
-    });
+    wait_synced(&w, Instant::now());
     assert!(
         !w.agent_log().contains("map full"),
         "a map was too small for the benchmark"

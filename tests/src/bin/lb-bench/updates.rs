@@ -24,7 +24,7 @@ use lb_tests::{
 };
 use serde_json::Value;
 
-use crate::{Plan, objects, progress, services};
+use crate::{Plan, capacities, objects, progress, services, wait_synced};
 
 const BENCH: &str = "7-updates";
 /// A service over backend 1 whose endpoint is flipped to not-ready and back.
@@ -243,21 +243,8 @@ pub fn update_latency(report: &mut Report, plan: &Plan, n: u64) {
 
     let cap = (n * 12 + 1024).max(65_536).to_string();
     let start = Instant::now();
-    w.start_agent_kube(
-        &api,
-        &[
-            "--max-backends",
-            &cap,
-            "--max-slots",
-            &cap,
-            "--max-services",
-            &cap,
-        ],
-    );
-    w.wait_until("the agent synced", Duration::from_secs(120), || {
-        w.agent_log().contains("initial sync done")
-    });
-    let cold = start.elapsed().as_secs_f64() * 1e3;
+    w.start_agent_kube(&api, &capacities(&cap));
+    let cold = wait_synced(&w, start);
     report.add(
         "6-cold-sync",
         n,
