@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     addr::{frontend_string, protocol_name, to_ip, to_socket_addr},
-    datapath::Contents,
+    datapath::{Capacities, Contents},
 };
 
 /// One frontend, as `lbctl services` lists it.
@@ -511,6 +511,142 @@ pub fn stats_table(stats: &BTreeMap<&'static str, u64>) -> String {
     )
 }
 
+/// How full one map is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapacityRow {
+    /// The map's name.
+    pub map: String,
+    /// The agent flag that sets its capacity.
+    pub flag: String,
+    /// Entries in it now.
+    pub entries: u64,
+    /// Its capacity.
+    pub capacity: u64,
+    /// `entries` as a share of `capacity`, in percent.
+    pub fill_percent: f64,
+    /// What happens when it is full.
+    pub when_full: String,
+}
+
+fn fill(map: &str, flag: &str, entries: u64, capacity: u64, when_full: &str) -> CapacityRow {
+    CapacityRow {
+        map: map.to_owned(),
+        flag: flag.to_owned(),
+        entries,
+        capacity,
+        fill_percent: if capacity == 0 {
+            0.0
+        } else {
+            (entries as f64 * 1000.0 / capacity as f64).round() / 10.0
+        },
+        when_full: when_full.to_owned(),
+    }
+}
+
+/// The fill of every map with a capacity: those the agent writes (from `c` and `caps`; the
+/// Maglev array counts the table entries in use) and the LRU maps the programs write
+/// (`lru`: name, entries, capacity).
+pub fn capacity(
+    c: &Contents,
+    caps: &Capacities,
+    lru: &[(&'static str, u64, u64)],
+) -> Vec<CapacityRow> {
+    use lb_common::maps;
+    const REFUSED: &str = "new services refused, the rest kept";
+    let n = |x: usize| x as u64;
+    let table_entries: u64 = c.tables.values().map(|t| t.len() as u64).sum();
+    let mut rows = vec![
+        fill(
+            maps::SERVICES,
+            "--max-services",
+            n(c.services.len()),
+            caps.services.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::SLOTS,
+            "--max-slots",
+            n(c.slots.len()),
+            caps.slots.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::BACKENDS,
+            "--max-backends",
+            n(c.backends.len()),
+            caps.backends.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::AFFINITY_MATCH,
+            "--max-slots",
+            n(c.affinity_match.len()),
+            caps.affinity_match.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::NS_SERVICES,
+            "--max-external-frontends",
+            n(c.external.len()),
+            caps.external.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::NS_INFO,
+            "--max-external-services",
+            n(c.external_info.len()),
+            caps.external_ids.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::RINGS,
+            "--maglev-table-entries",
+            table_entries,
+            caps.table_entries.into(),
+            REFUSED,
+        ),
+        fill(
+            maps::SOURCE_RANGES,
+            "--max-source-ranges",
+            n(c.ranges.len()),
+            caps.ranges.into(),
+            REFUSED,
+        ),
+    ];
+    for (name, entries, cap) in lru {
+        let flag = match *name {
+            maps::REV_NAT => "--max-rev-nat",
+            maps::AFFINITY => "--max-affinity",
+            _ => "--max-flows",
+        };
+        rows.push(fill(
+            name,
+            flag,
+            *entries,
+            *cap,
+            "the least recently used are evicted",
+        ));
+    }
+    rows
+}
+
+/// The capacity view as a table.
+pub fn capacity_table(rows: &[CapacityRow]) -> String {
+    table(
+        &["MAP", "ENTRIES", "CAPACITY", "FILL", "FLAG", "WHEN FULL"],
+        rows.iter().map(|r| {
+            vec![
+                r.map.clone(),
+                r.entries.to_string(),
+                r.capacity.to_string(),
+                format!("{:.1}%", r.fill_percent),
+                r.flag.clone(),
+                r.when_full.clone(),
+            ]
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::{ServiceInfo, ServiceValue, proto};
@@ -723,5 +859,37 @@ mod tests {
         let json = serde_json::to_value(service_detail(&contents(), "prod/web")).unwrap();
         assert_eq!(json[0]["frontend"], "[fd00::1]:80/TCP");
         assert_eq!(json[0]["slots"][0]["backend"], "[fd00::5]:8080");
+    }
+
+    #[test]
+    fn capacity_shows_each_maps_fill_and_flag() {
+        use lb_common::maps;
+        let mut c = contents();
+        c.tables.insert(0, vec![1; 251]);
+        c.tables.insert(251, vec![2; 509]);
+        let caps = Capacities {
+            services: 4,
+            slots: 10,
+            backends: 8,
+            affinity_match: 10,
+            external: 10,
+            external_ids: 4,
+            table_entries: 1000,
+            ranges: 5,
+        };
+        let rows = capacity(&c, &caps, &[(maps::CONNTRACK, 3, 12)]);
+        let of = |m: &str| rows.iter().find(|r| r.map == m).unwrap().clone();
+        assert_eq!(of(maps::SERVICES).entries, c.services.len() as u64);
+        assert_eq!(of(maps::SERVICES).capacity, 4);
+        let rings = of(maps::RINGS);
+        assert_eq!((rings.entries, rings.fill_percent), (760, 76.0));
+        assert_eq!(rings.flag, "--maglev-table-entries");
+        let ct = of(maps::CONNTRACK);
+        assert_eq!((ct.fill_percent, ct.flag.as_str()), (25.0, "--max-flows"));
+        let text = capacity_table(&rows);
+        assert!(
+            text.contains("lb_ring_v2") && text.contains("76.0%"),
+            "{text}"
+        );
     }
 }

@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use lb_userspace::inspect::{BackendRow, ServiceDetail, ServiceRow};
+use lb_userspace::inspect::{BackendRow, CapacityRow, ServiceDetail, ServiceRow};
 
 use crate::{
     PREFIX,
@@ -393,6 +393,11 @@ impl World {
     /// The frontends the pinned maps hold (none if nothing is pinned yet).
     pub fn services(&self) -> Vec<ServiceRow> {
         self.lbctl_json(&["services"]).unwrap_or_default()
+    }
+
+    /// How full each map is (`lbctl capacity`).
+    pub fn capacity(&self) -> Vec<CapacityRow> {
+        self.lbctl_json(&["capacity"]).unwrap_or_default()
     }
 
     /// The backends the pinned maps hold.

@@ -61,6 +61,22 @@ fn tcp_connects_to_the_vip_are_spread_over_every_backend() {
             "the backend sees the client's own address: {a:?}"
         );
     }
+    // lbctl capacity counts what the maps hold against their capacities.
+    let capacity = w.capacity();
+    let entries = |map: &str| {
+        capacity
+            .iter()
+            .find(|r| r.map == map)
+            .unwrap_or_else(|| panic!("{map} in {capacity:?}"))
+    };
+    assert_eq!(entries("lb_svc_v1").entries, w.services().len() as u64);
+    assert_eq!(entries("lb_be_v1").entries, w.backends().len() as u64);
+    assert_eq!(entries("lb_svc_v1").flag, "--max-services");
+    let rev_nat = entries("lb_revnat_v1");
+    assert!(
+        rev_nat.entries >= 1 && rev_nat.capacity > rev_nat.entries,
+        "the connects left reverse-NAT entries: {rev_nat:?}"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
-    datapath::bpf::{MapSet, read_conntrack, read_stats},
+    datapath::bpf::{MapSet, lru_fill, read_conntrack, read_stats},
     inspect,
     loader::PinLayout,
 };
@@ -58,6 +58,8 @@ enum Command {
         /// Which service or frontend.
         selector: Option<String>,
     },
+    /// How full each map is, against its capacity and the agent flag that sets it.
+    Capacity,
     /// List tracked north-south flows: client, frontend, backend and SNAT address.
     Conntrack {
         /// Most flows to list.
@@ -121,6 +123,15 @@ fn run(args: Args) -> Result<(), String> {
             let entries = read_conntrack(&layout, limit).map_err(|e| e.to_string())?;
             emit(args.output, &inspect::flows(&contents()?, &entries), |r| {
                 inspect::flows_table(r)
+            });
+        }
+        Command::Capacity => {
+            let (maps, caps) =
+                MapSet::open_pinned_with_capacities(&layout).map_err(|e| e.to_string())?;
+            let c = maps.read().map_err(|e| e.to_string())?;
+            let lru = lru_fill(&layout).map_err(|e| e.to_string())?;
+            emit(args.output, &inspect::capacity(&c, &caps, &lru), |r| {
+                inspect::capacity_table(r)
             });
         }
         Command::Stats => {

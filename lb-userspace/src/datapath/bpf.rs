@@ -15,8 +15,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
-    ns::{CtEntry, FlowKey, NsCounters, NsService, SourceRange},
+    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+    ServiceValue, SlotKey, maps,
+    ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
     stats,
 };
 
@@ -266,7 +267,14 @@ impl MapSet {
 
     /// Opens the pinned maps read-only (the CLI).
     pub fn open_pinned(layout: &PinLayout) -> Result<Self, LoadError> {
-        Self::from_data(|name| pinned(layout, name), false).map(|(set, _)| set)
+        Self::open_pinned_with_capacities(layout).map(|(set, _)| set)
+    }
+
+    /// Opens the pinned maps read-only, with the capacities of those the agent writes.
+    pub fn open_pinned_with_capacities(
+        layout: &PinLayout,
+    ) -> Result<(Self, Capacities), LoadError> {
+        Self::from_data(|name| pinned(layout, name), false)
     }
 
     /// Everything the maps hold. Entries removed while reading are skipped.
@@ -334,6 +342,29 @@ pub fn read_conntrack(
             source,
         })?;
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
+}
+
+/// Entries and capacity of the LRU maps (socket reverse NAT, affinity, conntrack and
+/// north-south reverse NAT), their entries counted by walking the keys: map name -> (entries,
+/// capacity).
+pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, LoadError> {
+    fn count<K: aya::Pod, V: aya::Pod>(
+        layout: &PinLayout,
+        name: &'static str,
+    ) -> Result<(&'static str, u64, u64), LoadError> {
+        let data = pinned(layout, name)?;
+        let cap = capacity(name, &data)?;
+        let map: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
+            .map_err(|source| LoadError::Map { name, source })?;
+        let entries = map.keys().filter(Result::is_ok).count();
+        Ok((name, entries as u64, u64::from(cap)))
+    }
+    Ok(vec![
+        count::<RevNatKey, Endpoint>(layout, maps::REV_NAT)?,
+        count::<AffinityKey, AffinityValue>(layout, maps::AFFINITY)?,
+        count::<FlowKey, CtEntry>(layout, maps::CONNTRACK)?,
+        count::<FlowKey, NatRev>(layout, maps::NAT_REV)?,
+    ])
 }
 
 /// Per-counter totals over all CPUs, indexed like `lb_common::stats`.
