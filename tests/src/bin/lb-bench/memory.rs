@@ -5,17 +5,12 @@
 //! frontend with a Maglev table sized from its 10 backends. The agent reads them from the
 //! Kubernetes API (the fixture), as in production.
 
-use std::{
-    collections::BTreeMap,
-    fs,
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, fs, net::Ipv4Addr, time::Duration};
 
 use lb_tests::{apiserver::ApiServer, bench::Report, manifest::documents, run, world::World};
 use serde_json::{Value, json};
 
-use crate::{objects, progress, services, wait_synced};
+use crate::{objects, progress, services, timed_start};
 
 const BENCH: &str = "9-memory";
 const MIB: f64 = 1024.0 * 1024.0;
@@ -86,8 +81,7 @@ fn load_balancers(n: u64) -> Vec<Value> {
 pub fn memory(report: &mut Report, n: u64) {
     progress("9: memory of an idle agent at the default capacities");
     let mut idle = World::new(0);
-    idle.start_agent(&[]);
-    wait_synced(&idle, Instant::now());
+    timed_start(&mut idle, |w| w.start_agent(&[]));
     let pid = idle.agent_pid().expect("the agent runs");
     let maps: f64 = map_bytes(pid).values().sum::<f64>() / MIB;
     report.add(
@@ -118,18 +112,19 @@ pub fn memory(report: &mut Report, n: u64) {
     let backends = (n * 10 * 5 / 4).to_string();
     let external = (n * 5 / 4).to_string();
     let entries = (n * 1021 * 5 / 4).to_string();
-    w.start_agent_kube(
-        &api,
-        &[
-            "--max-backends",
-            &backends,
-            "--max-external-services",
-            &external,
-            "--maglev-table-entries",
-            &entries,
-        ],
-    );
-    wait_synced(&w, Instant::now());
+    timed_start(&mut w, |w| {
+        w.start_agent_kube(
+            &api,
+            &[
+                "--max-backends",
+                &backends,
+                "--max-external-services",
+                &external,
+                "--maglev-table-entries",
+                &entries,
+            ],
+        );
+    });
     assert!(
         !w.agent_log().contains("map full"),
         "a map was too small for the benchmark"

@@ -24,7 +24,7 @@ use lb_tests::{
 };
 use serde_json::Value;
 
-use crate::{Plan, capacities, objects, progress, services, wait_synced};
+use crate::{Plan, capacities, objects, progress, services, timed_start};
 
 const BENCH: &str = "7-updates";
 /// A service over backend 1 whose endpoint is flipped to not-ready and back.
@@ -242,9 +242,7 @@ pub fn update_latency(report: &mut Report, plan: &Plan, n: u64) {
     api.apply(&documents(&docs));
 
     let cap = (n * 12 + 1024).max(65_536).to_string();
-    let start = Instant::now();
-    w.start_agent_kube(&api, &capacities(&cap));
-    let cold = wait_synced(&w, start);
+    let cold = timed_start(&mut w, |w| w.start_agent_kube(&api, &capacities(&cap)));
     report.add(
         "6-cold-sync",
         n,
