@@ -555,64 +555,61 @@ pub fn capacity(
     const REFUSED: &str = "new services refused, the rest kept";
     let n = |x: usize| x as u64;
     let table_entries: u64 = c.tables.values().map(|t| t.len() as u64).sum();
-    let mut rows = vec![
-        fill(
+    // The maps the agent writes: a change that does not fit is refused.
+    let written: [(&str, &str, u64, u64); 8] = [
+        (
             maps::SERVICES,
             "--max-services",
             n(c.services.len()),
             caps.services.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::SLOTS,
             "--max-slots",
             n(c.slots.len()),
             caps.slots.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::BACKENDS,
             "--max-backends",
             n(c.backends.len()),
             caps.backends.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::AFFINITY_MATCH,
             "--max-slots",
             n(c.affinity_match.len()),
             caps.affinity_match.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::NS_SERVICES,
             "--max-external-frontends",
             n(c.external.len()),
             caps.external.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::NS_INFO,
             "--max-external-services",
             n(c.external_info.len()),
             caps.external_ids.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::RINGS,
             "--maglev-table-entries",
             table_entries,
             caps.table_entries.into(),
-            REFUSED,
         ),
-        fill(
+        (
             maps::SOURCE_RANGES,
             "--max-source-ranges",
             n(c.ranges.len()),
             caps.ranges.into(),
-            REFUSED,
         ),
     ];
+    let mut rows: Vec<CapacityRow> = written
+        .into_iter()
+        .map(|(map, flag, entries, cap)| fill(map, flag, entries, cap, REFUSED))
+        .collect();
     for (name, entries, cap) in lru {
         let flag = match *name {
             maps::REV_NAT => "--max-rev-nat",
