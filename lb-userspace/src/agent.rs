@@ -4,7 +4,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use aya::programs::XdpMode;
@@ -21,10 +22,11 @@ use crate::{
     addr::{frontend_string, to_addr6},
     config::{AgentArgs, XdpDevices, XdpModeArg},
     datapath::{Datapath, DatapathError},
-    health::{self, Readiness},
+    health::{self, Health},
     healthcheck::HealthCheckServers,
     host::{self, HostError},
     loader::{self, LoadError, Loaded, PinLayout},
+    metrics::{Metrics, Published},
     model::ObjectRef,
     netdev,
     reconcile::{Reconciler, SyncReport},
@@ -135,25 +137,43 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         failed: BTreeSet::new(),
     };
 
-    let ready = Readiness::default();
+    let health = Health::new(Duration::from_secs(args.stale_after));
+    let metrics = Arc::new(Metrics::new(Some(layout.clone())));
+    metrics.source_up(true);
+    metrics.publish(Published::of(
+        reconciler.contents(),
+        &reconciler.datapath().capacities(),
+    ));
     if let Some(addr) = args.health().map_err(AgentError::Config)? {
-        let ready = ready.clone();
+        let (health, metrics) = (health.clone(), metrics.clone());
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, ready).await {
+            if let Err(e) = health::serve(addr, health, metrics).await {
                 error!(%addr, error = %e, "the health endpoint failed");
             }
         });
     }
     let (tx, mut rx) = mpsc::channel(64);
     info!(source = source.describe(), node = ?args.node_name, "starting source");
-    let mut source_task = tokio::spawn(source.run(tx));
+    let up: source::SourceUp = {
+        let (health, metrics) = (health.clone(), metrics.clone());
+        Arc::new(move |up| {
+            health.source_up(up);
+            metrics.source_up(up);
+        })
+    };
+    let mut source_task = tokio::spawn(source.run(tx, up));
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut store = Store::new(args.node_name.clone());
-    let mut health_checks = HealthCheckServers::new(ready.clone());
+    let mut out = Outputs {
+        layout: layout.clone(),
+        health_checks: HealthCheckServers::new(health.clone()),
+        health,
+        metrics,
+        rejected_total: BTreeMap::new(),
+    };
     let mut poll = tokio::time::interval(NETWORK_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rejected_total: BTreeMap<&'static str, u64> = BTreeMap::new();
     // Nothing is synced before the source's first complete snapshot: the first sync removes
     // what no service claims.
     let mut have_snapshot = false;
@@ -179,21 +199,18 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     next = rx.try_recv().ok();
                     updates += usize::from(next.is_some());
                 }
+                out.metrics.received(updates);
+                out.health.node_deleting(store.node_deleting());
                 if !have_snapshot {
                     continue;
                 }
+                out.health.received(oldest);
                 if !synced {
                     // The first sync already knows the node's addresses and devices.
                     dirty.extend(network.poll(&mut store, &mut loaded));
                 }
                 let services = dirty.len();
-                let report = reconciler.sync(&store, std::mem::take(&mut dirty));
-                log_report(&report, &mut rejected_total);
-                destroy_stale_udp(&layout, &report);
-                health_checks.update(reconciler.health_checks());
-                if !reconciler.needs_retry() {
-                    ready.set_ready();
-                }
+                let report = out.sync(&mut reconciler, &store, std::mem::take(&mut dirty), Some(oldest));
                 let c = reconciler.contents();
                 let latency_us = oldest.elapsed().as_micros() as u64;
                 if !synced || updates >= TRIM_AFTER_UPDATES {
@@ -209,22 +226,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
             }
             () = tokio::time::sleep(RETRY_AFTER), if reconciler.needs_retry() => {
-                let report = reconciler.sync(&store, BTreeSet::new());
-                log_report(&report, &mut rejected_total);
-                destroy_stale_udp(&layout, &report);
-                health_checks.update(reconciler.health_checks());
-                if !reconciler.needs_retry() {
-                    ready.set_ready();
-                }
+                let report = out.sync(&mut reconciler, &store, BTreeSet::new(), None);
                 info!(writes = report.writes, "retried failed writes");
             }
             _ = poll.tick(), if synced => {
                 let changed = network.poll(&mut store, &mut loaded);
                 if !changed.is_empty() {
-                    let report = reconciler.sync(&store, changed);
-                    log_report(&report, &mut rejected_total);
-                    destroy_stale_udp(&layout, &report);
-                    health_checks.update(reconciler.health_checks());
+                    let report = out.sync(&mut reconciler, &store, changed, None);
                     info!(writes = report.writes, addresses = ?store.node().addresses,
                           "node addresses changed; node ports follow");
                 }
@@ -236,6 +244,45 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
     Ok(())
+}
+
+/// Where the results of a sync go: logs, the health endpoints and check ports, metrics, and
+/// the destruction of stale UDP sockets.
+struct Outputs {
+    layout: PinLayout,
+    health: Health,
+    health_checks: HealthCheckServers,
+    metrics: Arc<Metrics>,
+    rejected_total: BTreeMap<&'static str, u64>,
+}
+
+impl Outputs {
+    /// Syncs the services `dirty` (and whatever needs a retry), then reports the result
+    /// everywhere; `oldest` is when the oldest source update it covers was received.
+    fn sync<D: Datapath>(
+        &mut self,
+        reconciler: &mut Reconciler<D>,
+        store: &Store,
+        dirty: BTreeSet<ObjectRef>,
+        oldest: Option<Instant>,
+    ) -> SyncReport {
+        let started = Instant::now();
+        let report = reconciler.sync(store, dirty);
+        let duration = started.elapsed();
+        log_report(&report, &mut self.rejected_total);
+        destroy_stale_udp(&self.layout, &report);
+        self.health_checks.update(reconciler.health_checks());
+        if !reconciler.needs_retry() {
+            self.health.programmed();
+        }
+        self.metrics
+            .synced(&report, duration, oldest.map(|at| at.elapsed()));
+        self.metrics.publish(Published::of(
+            reconciler.contents(),
+            &reconciler.datapath().capacities(),
+        ));
+        report
+    }
 }
 
 /// The node's addresses (which serve node ports) and the devices running the north-south

@@ -168,10 +168,17 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_MAX_SOURCE_RANGES", default_value_t = DEFAULT_MAX_SOURCE_RANGES)]
     pub max_source_ranges: u32,
 
-    /// Address of the health endpoint (`/healthz`, `/readyz`) for the DaemonSet's probes;
-    /// `off` disables it.
+    /// Address of the health and metrics endpoint (`/livez`, `/healthz`, `/readyz` for the
+    /// DaemonSet's probes and load balancers, `/metrics` for Prometheus); `off` disables it.
     #[arg(long, env = "LB_HEALTH_ADDR", default_value = "0.0.0.0:9890")]
     pub health_addr: String,
+
+    /// Seconds after which programming counts as stale: `/livez` and `/healthz` fail when an
+    /// update has waited this long to reach the maps, and `/readyz` fails when the source
+    /// (the API server) has been unreachable this long.
+    #[arg(long, env = "LB_STALE_AFTER", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stale_after: u64,
 
     /// Detach every program, remove every pinned map and link, and exit.
     #[arg(long)]

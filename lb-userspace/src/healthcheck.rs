@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
-    health::Readiness,
+    health::Health,
     model::{HealthCheck, ObjectRef},
 };
 
@@ -63,15 +63,15 @@ impl Drop for Server {
 /// The health check servers, one per port.
 pub struct HealthCheckServers {
     servers: BTreeMap<u16, Server>,
-    ready: Readiness,
+    health: Health,
 }
 
 impl HealthCheckServers {
-    /// No servers yet; `ready` is the agent's readiness, reported as `serviceProxyHealthy`.
-    pub fn new(ready: Readiness) -> Self {
+    /// No servers yet; `health` says whether the proxy is healthy (`serviceProxyHealthy`).
+    pub fn new(health: Health) -> Self {
         Self {
             servers: BTreeMap::new(),
-            ready,
+            health,
         }
     }
 
@@ -103,7 +103,7 @@ impl HealthCheckServers {
                     info!(port, service = %answering.service, local_endpoints = answering.local_endpoints,
                           "serving the health check node port");
                     let state = Arc::new(Mutex::new(answering));
-                    let task = tokio::spawn(serve(listener, state.clone(), self.ready.clone()));
+                    let task = tokio::spawn(serve(listener, state.clone(), self.health.clone()));
                     self.servers.insert(port, Server { state, task });
                 }
                 Err(e) => warn!(port, service = %answering.service, error = %e,
@@ -124,7 +124,7 @@ fn bind(port: u16) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket)
 }
 
-async fn serve(listener: TcpListener, state: Arc<Mutex<Answering>>, ready: Readiness) {
+async fn serve(listener: TcpListener, state: Arc<Mutex<Answering>>, health: Health) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -133,11 +133,11 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<Answering>>, ready: Readi
                 continue;
             }
         };
-        let (state, ready) = (state.clone(), ready.clone());
+        let (state, health) = (state.clone(), health.clone());
         tokio::spawn(async move {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let current = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let (status, body) = answer(&current, ready.is_ready());
+                let (status, body) = answer(&current, health.proxy_healthy());
                 let mut resp = Response::new(Full::new(Bytes::from(body)));
                 *resp.status_mut() = status;
                 let h = resp.headers_mut();
@@ -195,9 +195,9 @@ mod tests {
 
     #[tokio::test]
     async fn opens_updates_and_closes_ports() {
-        let ready = Readiness::default();
-        ready.set_ready();
-        let mut servers = HealthCheckServers::new(ready);
+        let health = Health::new(std::time::Duration::from_secs(60));
+        health.programmed();
+        let mut servers = HealthCheckServers::new(health);
         // A free port, found by binding and releasing it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

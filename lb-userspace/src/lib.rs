@@ -23,6 +23,7 @@ pub mod host;
 pub mod inspect;
 pub mod loader;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod netdev;
 pub mod reconcile;

@@ -94,6 +94,7 @@ pub struct Store {
     node_name: Option<String>,
     node: NodeInfo,
     node_ips: Vec<IpAddr>,
+    node_deleting: bool,
     services: BTreeMap<ObjectRef, Service>,
     slices: BTreeMap<ObjectRef, Slice>,
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
@@ -173,6 +174,7 @@ impl Store {
         );
         info.addresses = self.node.addresses.clone();
         self.node_ips = node.map(node_ips).unwrap_or_default();
+        self.node_deleting = node.is_some_and(being_deleted);
         if info != self.node {
             self.node = info;
             // Topology depends on the node's zone: recompute everything.
@@ -290,9 +292,27 @@ impl Store {
     pub fn node_ips(&self) -> &[IpAddr] {
         &self.node_ips
     }
+
+    /// Whether this node is being deleted: its Node object has a deletion timestamp or the
+    /// cluster autoscaler's [`TO_BE_DELETED_TAINT`].
+    pub fn node_deleting(&self) -> bool {
+        self.node_deleting
+    }
 }
 
 /// The InternalIP and ExternalIP addresses of a Node.
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+fn being_deleted(node: &Node) -> bool {
+    node.metadata.deletion_timestamp.is_some()
+        || node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT))
+}
+
 fn node_ips(node: &Node) -> Vec<IpAddr> {
     let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
     let mut ips: Vec<IpAddr> = addresses
@@ -476,5 +496,35 @@ mod tests {
         );
         assert_eq!(store.node().zone, None);
         assert_eq!(store.node().name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn a_node_being_deleted_is_noticed_without_recomputing() {
+        use k8s_openapi::{
+            api::core::v1::{NodeSpec, Taint},
+            apimachinery::pkg::apis::meta::v1::Time,
+        };
+        let mut store = Store::new(Some("n1".into()));
+        store.update(snapshot(vec![svc("a", "10.0.0.1")], vec![]));
+        let apply = |n: Node| Update::Apply(Object::Node(Box::new(n)));
+        store.update(apply(node("n1", "z1")));
+        assert!(!store.node_deleting());
+        let mut tainted = node("n1", "z1");
+        tainted.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: TO_BE_DELETED_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            }]),
+            ..NodeSpec::default()
+        });
+        assert_eq!(store.update(apply(tainted)), refs(&[]));
+        assert!(store.node_deleting());
+        let mut deleted = node("n1", "z1");
+        deleted.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        store.update(apply(deleted));
+        assert!(store.node_deleting());
+        store.update(apply(node("n1", "z1")));
+        assert!(!store.node_deleting());
     }
 }

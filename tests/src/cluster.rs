@@ -34,6 +34,8 @@ pub const NODE_A_PEER: &str = "10.0.0.1";
 pub const POD_A: &str = "10.244.1.10";
 /// The pods on node B.
 pub const POD_B: [&str; 2] = ["10.244.2.10", "10.244.3.10"];
+/// The agent's health and metrics endpoint, on node A's own loopback.
+pub const NODE_HEALTH_ADDR: &str = "127.0.0.1:9890";
 
 /// The sandbox. Drops processes, then pins, then namespaces.
 pub struct Cluster {
@@ -213,7 +215,8 @@ impl Cluster {
         crate::write_manifest(&self.dir.join("manifests"), file, yaml);
     }
 
-    /// Starts the agent in node A as `node-a`, with XDP on `n-ext` and `n-peer`.
+    /// Starts the agent in node A as `node-a`, with XDP on `n-ext` and `n-peer`, its health and
+    /// metrics endpoint on node A's loopback at [`NODE_HEALTH_ADDR`].
     pub fn start_agent(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "the agent already runs");
         let log = fs::OpenOptions::new()
@@ -230,7 +233,7 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .args(["--node-name", "node-a", "--xdp-devices", "n-ext,n-peer"])
-            .args(["--health-addr", "off"])
+            .args(["--health-addr", NODE_HEALTH_ADDR])
             .args(extra)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info,lb_userspace=debug")
@@ -256,6 +259,25 @@ impl Cluster {
             .status()
             .expect("running lb-agent --cleanup")
             .success()
+    }
+
+    /// A GET of `path` (`/metrics`, `/healthz`...) on the agent's health endpoint, from inside
+    /// node A: the status code and body.
+    pub fn agent_http(&self, path: &str) -> Result<(u16, String), String> {
+        let out = command_in(&self.bins.join("lb-probe"), &self.node_a, None)
+            .expect("node namespace")
+            .args(["http-get", NODE_HEALTH_ADDR, "--path", path])
+            .output()
+            .expect("running lb-probe http-get");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+        Ok((
+            status.trim().parse().map_err(|_| text.clone())?,
+            body.to_owned(),
+        ))
     }
 
     /// `ip link show DEV` in node A.

@@ -118,9 +118,9 @@ fn the_daemonset_runs_the_agent_as_intended() {
     assert_eq!(args.source.as_deref(), Some("kubernetes"));
     let health = args.health().expect("valid").expect("enabled");
     for (probe, path) in [
-        (&agent.liveness_probe, "/healthz"),
+        (&agent.liveness_probe, "/livez"),
         (&agent.readiness_probe, "/readyz"),
-        (&agent.startup_probe, "/healthz"),
+        (&agent.startup_probe, "/livez"),
     ] {
         let get = probe
             .as_ref()

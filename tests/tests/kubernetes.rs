@@ -238,14 +238,32 @@ fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
     }
     let api = ApiServer::start();
     let mut w = world(&api, 2);
-    w.start_agent_kube(&api, &[]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    w.start_agent_kube(&api, &["--health-addr", &addr, "--stale-after", "2"]);
     w.wait_for_backends(WEB_TCP, 2);
+    w.wait_until("ready", Duration::from_secs(10), || {
+        health(port, "/readyz") == Some(200)
+    });
+    assert_eq!(metric(port, "lb_source_up"), Some(1.0));
     api.set_down(true);
     w.wait_until(
         "the agent notices the outage",
         Duration::from_secs(20),
         || w.agent_log().contains("watch failed"),
     );
+    assert_eq!(metric(port, "lb_source_up"), Some(0.0));
+    // After --stale-after the agent reports the outage as unready, and stays healthy and live:
+    // restarting it would not help, and the datapath serves its last state.
+    w.wait_until(
+        "readiness reports the outage",
+        Duration::from_secs(10),
+        || health(port, "/readyz") == Some(503),
+    );
+    let (_, why) = get(port, "/readyz").expect("readyz");
+    assert!(why.contains("unreachable for"), "{why}");
+    assert_eq!(health(port, "/healthz"), Some(200));
+    assert_eq!(health(port, "/livez"), Some(200));
     for _ in 0..3 {
         let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]);
         assert_eq!(
@@ -264,6 +282,85 @@ fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
         || w.backend_count(WEB_TCP) == Some(1),
     );
     assert!(w.agent_log().contains("watch recovered"));
+    w.wait_until("ready again", Duration::from_secs(10), || {
+        health(port, "/readyz") == Some(200)
+    });
+    assert_eq!(metric(port, "lb_source_up"), Some(1.0));
+}
+
+#[test]
+fn metrics_report_the_agent_and_the_datapath() {
+    if !require_privileges("metrics_report_the_agent_and_the_datapath") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 2);
+    // Port 80 twice: rejected as a duplicate port.
+    api.apply(
+        &Svc::new(
+            "demo",
+            "bad",
+            &["10.96.0.99"],
+            &[("a", 80, "TCP"), ("b", 80, "TCP")],
+        )
+        .yaml(),
+    );
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    w.start_agent_kube(&api, &["--health-addr", &addr]);
+    w.wait_for_backends(WEB_TCP, 2);
+    let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "20"]);
+    assert_eq!(Attempt::backends(&attempts).len(), 2);
+    api.apply(&other_manifest(&w));
+    w.wait_for_backends("10.96.0.20:80/TCP", 1);
+
+    let (status, text) = get(port, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    let m = |series: &str| {
+        lb_tests::metric(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert!(m(r#"lb_datapath_events_total{event="connect_translated"}"#) >= 20.0);
+    assert_eq!(
+        m(r#"lb_datapath_drops_total{reason="socket_no_backend"}"#),
+        0.0
+    );
+    assert_eq!(
+        m(r#"lb_rejected_services_total{reason="duplicate_port"}"#),
+        1.0
+    );
+    // demo/web has 4 frontends (IPv4 and IPv6, TCP and UDP), demo/other 1.
+    assert_eq!(m(r#"lb_frontends{path="socket"}"#), 5.0);
+    assert_eq!(m("lb_backends"), w.backends().len() as f64);
+    // Map fill as lbctl capacity reads it from the maps (the LRU maps change with traffic).
+    let lru = ["lb_revnat_v1", "lb_aff_v1", "lb_ct_v1", "lb_natrev_v1"];
+    let capacity = w.capacity();
+    assert!(capacity.len() >= 12, "{capacity:?}");
+    for row in capacity {
+        let labels = format!("{{map=\"{}\"}}", row.map);
+        assert_eq!(
+            m(&format!("lb_map_capacity{labels}")),
+            row.capacity as f64,
+            "{}",
+            row.map
+        );
+        if !lru.contains(&row.map.as_str()) {
+            assert_eq!(
+                m(&format!("lb_map_entries{labels}")),
+                row.entries as f64,
+                "{}",
+                row.map
+            );
+        }
+    }
+    assert_eq!(m(r#"lb_map_entries{map="lb_svc_v1"}"#), 5.0);
+    // The LRU maps are counted by walking them: 20 translated connections left entries.
+    assert!(m(r#"lb_map_entries{map="lb_revnat_v1"}"#) >= 1.0);
+    assert!(m("lb_source_updates_total") >= 2.0);
+    assert!(m("lb_syncs_total") >= 2.0);
+    assert!(m("lb_map_writes_total") >= 7.0);
+    assert!(m("lb_event_to_datapath_seconds_count") >= 2.0);
+    assert!(m("lb_sync_duration_seconds_count") >= 2.0);
+    assert_eq!(m("lb_map_write_errors_total"), 0.0);
 }
 
 #[test]
@@ -281,19 +378,27 @@ fn services_for_another_proxy_are_filtered_by_the_api() {
     assert!(w.backend_count("10.96.0.40:80/TCP").is_none());
 }
 
-/// The HTTP status of a GET on the agent's health endpoint (on loopback).
+/// A GET on the agent's health endpoint (on loopback): status and body.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    lb_tests::http_get(([127, 0, 0, 1], port).into(), path, Duration::from_secs(2)).ok()
+}
+
+/// The HTTP status of a GET on the agent's health endpoint.
 fn health(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    answer.split_whitespace().nth(1)?.parse().ok()
+    get(port, path).map(|(status, _)| status)
+}
+
+/// One sample of the agent's metrics.
+fn metric(port: u16, series: &str) -> Option<f64> {
+    lb_tests::metric(&get(port, "/metrics")?.1, series)
+}
+
+/// A free loopback port for the agent's health endpoint.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 #[test]
@@ -305,10 +410,7 @@ fn the_agent_is_ready_only_after_its_first_complete_sync() {
     let w = world(&api, 1);
     let mut w = w;
     api.set_down(true);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     w.start_agent_kube(&api, &["--health-addr", &addr]);
     w.wait_until(

@@ -274,6 +274,27 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
             && f.snat.is_some_and(|s| s.ip().to_string() == NODE_A_PEER)),
         "{flows:?}"
     );
+
+    // Prometheus sees the same counters, per service and per drop reason.
+    let (status, text) = c.agent_http("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    let m = |series: &str| {
+        lb_tests::metric(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    let web_labels = r#"{namespace="shop",service="web",port="tcp"}"#;
+    assert!(m(&format!("lb_service_packets_total{web_labels}")) >= web.counters.packets as f64);
+    assert!(m(&format!("lb_service_flows_total{web_labels}")) >= web.counters.flows as f64);
+    assert!(m(&format!("lb_service_bytes_total{web_labels}")) > 0.0);
+    let ranged_labels = r#"{namespace="shop",service="ranged",port="tcp"}"#;
+    assert!(m(&format!("lb_service_drops_total{ranged_labels}")) >= 1.0);
+    assert!(m(r#"lb_datapath_drops_total{reason="source_range"}"#) >= 1.0);
+    assert!(m(r#"lb_datapath_events_total{event="xdp_redirected"}"#) >= 1.0);
+    assert!(m(r#"lb_frontends{path="north_south"}"#) >= 1.0);
+    assert!(m(r#"lb_map_entries{map="lb_ct_v1"}"#) >= 1.0);
+    let (status, body) = c.agent_http("/healthz").expect("healthz");
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(body["nodeEligible"], true);
 }
 
 /// A cluster serving `web` over all pods, its agent in generic XDP mode; and web's node

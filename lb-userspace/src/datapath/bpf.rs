@@ -312,15 +312,7 @@ impl MapSet {
 
     /// The counters of north-south service `id`, summed over CPUs.
     pub fn counters(&self, id: u32) -> Result<NsCounters, MapError> {
-        let per_cpu = self.counters.get(&id, 0)?;
-        Ok(per_cpu
-            .iter()
-            .fold(NsCounters::default(), |a, c| NsCounters {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-                flows: a.flows + c.flows,
-                drops: a.drops + c.drops,
-            }))
+        sum_counters(&self.counters, id)
     }
 
     /// Lookup table entries `start..start + len`, if inside the array.
@@ -365,6 +357,50 @@ pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, Loa
         count::<FlowKey, CtEntry>(layout, maps::CONNTRACK)?,
         count::<FlowKey, NatRev>(layout, maps::NAT_REV)?,
     ])
+}
+
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    map: &PerCpuArray<T, NsCounters>,
+    id: u32,
+) -> Result<NsCounters, MapError> {
+    let per_cpu = map.get(&id, 0)?;
+    Ok(per_cpu
+        .iter()
+        .fold(NsCounters::default(), |a, c| NsCounters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            flows: a.flows + c.flows,
+            drops: a.drops + c.drops,
+        }))
+}
+
+/// The counters of the north-south services `ids`, summed over CPUs (ids outside the map
+/// are skipped).
+pub fn read_ns_counters(
+    layout: &PinLayout,
+    ids: &[u32],
+) -> Result<BTreeMap<u32, NsCounters>, LoadError> {
+    let data = pinned(layout, maps::NS_STATS)?;
+    let map: PerCpuArray<MapData, NsCounters> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| LoadError::Map {
+            name: maps::NS_STATS,
+            source,
+        })?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| sum_counters(&map, *id).ok().map(|c| (*id, c)))
+        .collect())
+}
+
+/// The names of the north-south services by id (the info map).
+pub fn read_ns_info(layout: &PinLayout) -> Result<BTreeMap<u32, ServiceInfo>, LoadError> {
+    let data = pinned(layout, maps::NS_INFO)?;
+    let map: HashMap<MapData, u32, ServiceInfo> =
+        HashMap::try_from(Map::HashMap(data)).map_err(|source| LoadError::Map {
+            name: maps::NS_INFO,
+            source,
+        })?;
+    Ok(map.iter().filter_map(Result::ok).collect())
 }
 
 /// Per-counter totals over all CPUs, indexed like `lb_common::stats`.

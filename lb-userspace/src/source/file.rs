@@ -24,7 +24,7 @@ use serde_yaml_ng::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Source, SourceError, SourceTask, Stamped};
+use super::{Source, SourceError, SourceTask, SourceUp, Stamped};
 use crate::{
     model::ObjectRef,
     store::{Kind, Object, Snapshot, Update},
@@ -286,7 +286,9 @@ impl Source for FileSource {
         format!("file:{}", self.dir.display())
     }
 
-    fn run(mut self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask {
+    // A directory cannot become unreachable the way an API server can: errors reading it are
+    // logged per file, and `_up` never changes.
+    fn run(mut self: Box<Self>, out: mpsc::Sender<Stamped>, _up: SourceUp) -> SourceTask {
         Box::pin(async move {
             let (tx, mut events) = mpsc::unbounded_channel();
             let mut watcher =
@@ -509,7 +511,7 @@ metadata: {name: web}
     async fn changes_are_sent_after_a_watch_event() {
         let d = dir(&[("web.yaml", GOOD)]);
         let (tx, mut rx) = mpsc::channel(4);
-        let task = tokio::spawn(Box::new(FileSource::new(&d)).run(tx));
+        let task = tokio::spawn(Box::new(FileSource::new(&d)).run(tx, std::sync::Arc::new(|_| {})));
         let Update::Snapshot(first) = rx.recv().await.unwrap().update else {
             panic!("the first update is a snapshot")
         };

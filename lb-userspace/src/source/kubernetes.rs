@@ -34,7 +34,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Source, SourceError, SourceTask, Stamped};
+use super::{Source, SourceError, SourceTask, SourceUp, Stamped};
 use crate::{
     model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
     store::{Kind, Object, Snapshot, Update},
@@ -239,7 +239,7 @@ impl Source for KubeSource {
         Some(&self.settings)
     }
 
-    fn run(self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask {
+    fn run(self: Box<Self>, out: mpsc::Sender<Stamped>, up: SourceUp) -> SourceTask {
         Box::pin(async move {
             let client = client(&self.settings).await?;
             let ours = format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}");
@@ -277,10 +277,16 @@ impl Source for KubeSource {
                     Ok(event) => {
                         if failing.remove(&kind) {
                             info!(?kind, "watch recovered");
+                            if failing.is_empty() {
+                                up(true);
+                            }
                         }
                         event
                     }
                     Err(e) => {
+                        if failing.is_empty() {
+                            up(false);
+                        }
                         if failing.insert(kind) {
                             warn!(?kind, error = %e, "watch failed; retrying with backoff, the datapath keeps its state");
                         } else {

@@ -52,6 +52,10 @@ pub enum SourceError {
 /// The future a source runs as.
 pub type SourceTask = Pin<Box<dyn Future<Output = Result<(), SourceError>> + Send>>;
 
+/// Told whether the source reaches its objects (`false` during an API server outage), on
+/// every change.
+pub type SourceUp = std::sync::Arc<dyn Fn(bool) + Send + Sync>;
+
 /// A provider of Kubernetes objects.
 pub trait Source: Send {
     /// What it reads, for logs.
@@ -62,8 +66,9 @@ pub trait Source: Send {
         None
     }
 
-    /// Runs until `out` closes, sending a snapshot at start and updates after every change.
-    fn run(self: Box<Self>, out: mpsc::Sender<Stamped>) -> SourceTask;
+    /// Runs until `out` closes, sending a snapshot at start and updates after every change,
+    /// and telling `up` when it loses or regains its objects.
+    fn run(self: Box<Self>, out: mpsc::Sender<Stamped>, up: SourceUp) -> SourceTask;
 }
 
 /// The source a `--source` argument names: `file:DIR` (the directory must exist) or

@@ -118,9 +118,11 @@ enum Cmd {
         #[arg(long)]
         dev: String,
     },
-    /// One HTTP/1.0 GET of / to ADDR: prints the status code on a line, then the body.
+    /// One HTTP/1.0 GET of PATH to ADDR: prints the status code on a line, then the body.
     HttpGet {
         addr: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
@@ -439,15 +441,8 @@ fn tc_sink(dev: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn http_get(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
-    use std::io::Read as _;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"GET / HTTP/1.0\r\nHost: probe\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let status = text.split_whitespace().nth(1).unwrap_or("0");
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<()> {
+    let (status, body) = lb_tests::http_get(addr, path, timeout)?;
     println!("{status}\n{body}");
     Ok(())
 }
@@ -517,7 +512,11 @@ fn main() -> io::Result<()> {
             udp: true,
             timeout_ms,
         } => hold_udp(addr, Duration::from_millis(timeout_ms)),
-        Cmd::HttpGet { addr, timeout_ms } => http_get(addr, Duration::from_millis(timeout_ms)),
+        Cmd::HttpGet {
+            addr,
+            path,
+            timeout_ms,
+        } => http_get(addr, &path, Duration::from_millis(timeout_ms)),
         Cmd::ConnectLoop { addr, count } => {
             connect_loop(addr, count);
             Ok(())

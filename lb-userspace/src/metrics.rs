@@ -1,0 +1,412 @@
+//! The agent's Prometheus metrics, served at `/metrics` by [`crate::health`].
+//!
+//! Two kinds:
+//! - The agent's own, updated as it works: sync duration and event-to-datapath latency
+//!   histograms, source updates, rejected services by reason, refused changes by full map,
+//!   failed writes and frontend conflicts.
+//! - The datapath's, read from the pinned maps at each scrape (as `lbctl` reads them): the
+//!   per-CPU counters of every hook outcome and every drop reason, per-service packet, byte,
+//!   flow and drop counters of north-south services, and every map's entries against its
+//!   capacity (the maps the agent writes as of its last sync, the LRU maps the programs write
+//!   counted by walking their keys).
+//!
+//! Every name starts with `lb_`.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    datapath::{Capacities, Contents, bpf},
+    inspect::{self, CapacityRow},
+    loader::PinLayout,
+    reconcile::SyncReport,
+};
+use lb_common::{ns::NsCounters, stats};
+
+/// The datapath counters that count dropped or refused traffic, with their reason label.
+const DROPS: [(u32, &str); 4] = [
+    (stats::REFUSED_NO_BACKEND, "socket_no_backend"),
+    (stats::XDP_DROP_NO_BACKEND, "no_backend"),
+    (stats::XDP_DROP_SOURCE_RANGE, "source_range"),
+    (stats::XDP_DROP_NO_SNAT_PORT, "no_snat_port"),
+];
+
+/// What the agent publishes after each sync for the scrape to report (a few numbers: the
+/// names of services are read from the maps at the scrape, so a sync costs no more).
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    /// Fill of the maps the agent writes.
+    pub capacity: Vec<CapacityRow>,
+    /// Socket-level (ClusterIP) frontends programmed.
+    pub frontends: u64,
+    /// North-south frontends programmed.
+    pub external_frontends: u64,
+    /// Backends programmed.
+    pub backends: u64,
+}
+
+impl Published {
+    /// What the maps hold, as the mirror `c` says, with capacities `caps`.
+    pub fn of(c: &Contents, caps: &Capacities) -> Self {
+        Self {
+            capacity: inspect::capacity(c, caps, &[]),
+            frontends: c.services.len() as u64,
+            external_frontends: c.external.len() as u64,
+            backends: c.backends.len() as u64,
+        }
+    }
+}
+
+/// The agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    event_latency: Histogram,
+    updates: Counter,
+    syncs: Counter,
+    writes: Counter,
+    rejected: Family<[(&'static str, &'static str); 1], Counter>,
+    map_full: Family<[(&'static str, &'static str); 1], Counter>,
+    write_errors: Counter,
+    conflicts: Counter,
+    source_up: Gauge,
+    published: Arc<Mutex<Published>>,
+}
+
+impl Metrics {
+    /// Metrics whose datapath part reads the maps pinned under `layout` (`None`: the agent's
+    /// own metrics only).
+    pub fn new(layout: Option<PinLayout>) -> Self {
+        let mut registry = Registry::with_prefix("lb");
+        let seconds = || Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
+        let m = Self {
+            sync_duration: seconds(),
+            event_latency: seconds(),
+            updates: Counter::default(),
+            syncs: Counter::default(),
+            writes: Counter::default(),
+            rejected: Family::default(),
+            map_full: Family::default(),
+            write_errors: Counter::default(),
+            conflicts: Counter::default(),
+            source_up: Gauge::default(),
+            published: Arc::default(),
+            registry: Registry::default(),
+        };
+        registry.register_with_unit(
+            "sync_duration",
+            "Time to compute and write one sync",
+            Unit::Seconds,
+            m.sync_duration.clone(),
+        );
+        registry.register_with_unit(
+            "event_to_datapath",
+            "Time from the source receiving an update to the last map write it caused",
+            Unit::Seconds,
+            m.event_latency.clone(),
+        );
+        registry.register(
+            "source_updates",
+            "Updates received from the source (objects added, changed, deleted; lists)",
+            m.updates.clone(),
+        );
+        registry.register("syncs", "Syncs run", m.syncs.clone());
+        registry.register("map_writes", "Map writes performed", m.writes.clone());
+        registry.register(
+            "rejected_services",
+            "Services (or service ports) not programmed, by reason; what they had is kept",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "map_full",
+            "Frontend changes refused because a map was full, by map",
+            m.map_full.clone(),
+        );
+        registry.register(
+            "map_write_errors",
+            "Map writes that failed (retried)",
+            m.write_errors.clone(),
+        );
+        registry.register(
+            "frontend_conflicts",
+            "Frontends claimed by two services (the first by namespace/name programs it)",
+            m.conflicts.clone(),
+        );
+        registry.register(
+            "source_up",
+            "1 while the source reaches its objects, 0 during an outage",
+            m.source_up.clone(),
+        );
+        if let Some(layout) = layout {
+            registry.register_collector(Box::new(DatapathCollector {
+                layout,
+                published: m.published.clone(),
+            }));
+        }
+        Self { registry, ..m }
+    }
+
+    /// `updates` source updates were received.
+    pub fn received(&self, updates: usize) {
+        self.updates.inc_by(updates as u64);
+    }
+
+    /// A sync took `duration` and its last write came `latency` after the oldest update it
+    /// covers (`None`: a retry or a poll, with no source update).
+    pub fn synced(
+        &self,
+        report: &SyncReport,
+        duration: std::time::Duration,
+        latency: Option<std::time::Duration>,
+    ) {
+        self.syncs.inc();
+        self.writes.inc_by(report.writes as u64);
+        self.sync_duration.observe(duration.as_secs_f64());
+        if let Some(latency) = latency {
+            self.event_latency.observe(latency.as_secs_f64());
+        }
+        for (_, rejection) in &report.rejected {
+            self.rejected
+                .get_or_create(&[("reason", rejection.reason())])
+                .inc();
+        }
+        for full in &report.full {
+            self.map_full.get_or_create(&[("map", full.map)]).inc();
+        }
+        self.write_errors.inc_by(report.errors.len() as u64);
+        self.conflicts.inc_by(report.conflicts.len() as u64);
+    }
+
+    /// Whether the source reaches its objects.
+    pub fn source_up(&self, up: bool) {
+        self.source_up.set(i64::from(up));
+    }
+
+    /// What the maps hold after a sync.
+    pub fn publish(&self, published: Published) {
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = published;
+    }
+
+    /// Every metric in the Prometheus text format (reads the maps: blocking).
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Reads the datapath's counters and map fill at each scrape.
+#[derive(Debug)]
+struct DatapathCollector {
+    layout: PinLayout,
+    published: Arc<Mutex<Published>>,
+}
+
+/// Encodes a counter or gauge family: `(labels, value)` rows under one descriptor.
+fn family<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    counter: bool,
+    rows: impl IntoIterator<Item = ([(&'static str, String); N], u64)>,
+) -> Result<(), std::fmt::Error> {
+    let metric_type = if counter {
+        ConstCounter::new(0u64).metric_type()
+    } else {
+        ConstGauge::new(0i64).metric_type()
+    };
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in rows {
+        let labelled = metric.encode_family(&labels)?;
+        if counter {
+            ConstCounter::new(value).encode(labelled)?;
+        } else {
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(labelled)?;
+        }
+    }
+    Ok(())
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let published = self
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // The maps may be missing (an agent that has not loaded yet): report what there is.
+        let totals = bpf::read_stats(&self.layout).unwrap_or_default();
+        family(
+            &mut encoder,
+            "datapath_events",
+            "Outcomes of the kernel programs, summed over CPUs (see lbctl stats)",
+            true,
+            stats::NAMES
+                .iter()
+                .zip(&totals)
+                .map(|(name, v)| ([("event", (*name).to_owned())], *v)),
+        )?;
+        family(
+            &mut encoder,
+            "datapath_drops",
+            "Connections refused and packets dropped by the kernel programs, by reason",
+            true,
+            DROPS.iter().filter_map(|(i, reason)| {
+                totals
+                    .get(*i as usize)
+                    .map(|v| ([("reason", (*reason).to_owned())], *v))
+            }),
+        )?;
+        let lru = bpf::lru_fill(&self.layout).unwrap_or_default();
+        let fill = published
+            .capacity
+            .iter()
+            .map(|r| (r.map.clone(), r.entries, r.capacity))
+            .chain(lru.iter().map(|(m, e, c)| ((*m).to_owned(), *e, *c)));
+        let fill: Vec<(String, u64, u64)> = fill.collect();
+        family(
+            &mut encoder,
+            "map_entries",
+            "Entries in each map",
+            false,
+            fill.iter().map(|(m, e, _)| ([("map", m.clone())], *e)),
+        )?;
+        family(
+            &mut encoder,
+            "map_capacity",
+            "Capacity of each map",
+            false,
+            fill.iter().map(|(m, _, c)| ([("map", m.clone())], *c)),
+        )?;
+        family(
+            &mut encoder,
+            "frontends",
+            "Frontends programmed: socket (cluster IPs) and north-south (node ports, \
+             load-balancer and external IPs)",
+            false,
+            [
+                ([("path", "socket".to_owned())], published.frontends),
+                (
+                    [("path", "north_south".to_owned())],
+                    published.external_frontends,
+                ),
+            ],
+        )?;
+        family(
+            &mut encoder,
+            "backends",
+            "Distinct backends programmed",
+            false,
+            [([], published.backends)],
+        )?;
+        let services = bpf::read_ns_info(&self.layout).unwrap_or_default();
+        let ids: Vec<u32> = services.keys().copied().collect();
+        let counters = bpf::read_ns_counters(&self.layout, &ids).unwrap_or_default();
+        let (services, counters) = (&services, &counters);
+        let per_service = |f: fn(&NsCounters) -> u64| {
+            services.iter().map(move |(id, info)| {
+                let labels = [
+                    ("namespace", info.namespace().unwrap_or("?").to_owned()),
+                    ("service", info.name().unwrap_or("?").to_owned()),
+                    ("port", info.port_name().unwrap_or_default().to_owned()),
+                ];
+                let value = counters.get(id).map(f).unwrap_or_default();
+                (labels, value)
+            })
+        };
+        for (name, help, f) in [
+            (
+                "service_packets",
+                "North-south packets translated for the service, both directions",
+                (|c: &NsCounters| c.packets) as fn(&NsCounters) -> u64,
+            ),
+            (
+                "service_bytes",
+                "Bytes of those packets (IP header on)",
+                |c: &NsCounters| c.bytes,
+            ),
+            (
+                "service_flows",
+                "New north-south flows (connections) of the service",
+                |c: &NsCounters| c.flows,
+            ),
+            (
+                "service_drops",
+                "North-south packets of the service dropped (no backend, source range, no SNAT port)",
+                |c: &NsCounters| c.drops,
+            ),
+        ] {
+            family(&mut encoder, name, help, true, per_service(f))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::{ObjectRef, Rejection},
+        reconcile::MapFull,
+    };
+    use lb_common::ServiceKey;
+
+    #[test]
+    fn the_agent_metrics_count_what_syncs_report() {
+        let m = Metrics::new(None);
+        m.received(3);
+        m.source_up(true);
+        let report = SyncReport {
+            writes: 7,
+            rejected: vec![(
+                ObjectRef::new("ns", "bad"),
+                Rejection::TooManyBackends {
+                    frontend: "10.0.0.1:80/TCP".into(),
+                    count: 9,
+                    limit: 4,
+                },
+            )],
+            full: vec![MapFull {
+                service: ObjectRef::new("ns", "big"),
+                frontend: ServiceKey::new(
+                    lb_common::Addr6::default(),
+                    80u16.to_be(),
+                    lb_common::proto::TCP,
+                ),
+                map: lb_common::maps::SLOTS,
+                capacity: 1,
+            }],
+            ..SyncReport::default()
+        };
+        m.synced(
+            &report,
+            std::time::Duration::from_millis(2),
+            Some(std::time::Duration::from_millis(3)),
+        );
+        let text = m.encode().unwrap();
+        for line in [
+            "lb_source_updates_total 3",
+            "lb_syncs_total 1",
+            "lb_map_writes_total 7",
+            "lb_rejected_services_total{reason=\"too_many_backends\"} 1",
+            "lb_map_full_total{map=\"lb_slot_v1\"} 1",
+            "lb_source_up 1",
+            "lb_sync_duration_seconds_count 1",
+            "lb_event_to_datapath_seconds_sum 0.003",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}
