@@ -28,7 +28,7 @@ use crate::{
     loader::{self, LoadError, Loaded, PinLayout},
     metrics::{Metrics, Published},
     model::ObjectRef,
-    netdev,
+    netdev, privileges,
     reconcile::{Reconciler, SyncReport},
     sockets,
     source::{self, SourceError},
@@ -112,6 +112,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         Ok(_) => {}
         Err(e) => warn!(error = %e, "cannot remove the pins of maps of an older layout"),
+    }
+    match privileges::limit(&privileges::RUNTIME) {
+        Ok(l) => info!(dropped = ?l.dropped, kept = ?l.kept, "start-up done: capabilities limited"),
+        Err(e) => warn!(error = %e, "cannot drop the start-up capabilities"),
     }
     if let Some(local) = netdev::local_port_range()
         && netdev::overlaps(local, snat_ports)

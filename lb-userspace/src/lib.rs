@@ -26,6 +26,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
+pub mod privileges;
 pub mod reconcile;
 pub mod sockets;
 pub mod source;

@@ -12,7 +12,10 @@ use std::{
     fs, io,
     os::{
         fd::{FromRawFd as _, OwnedFd},
-        unix::{ffi::OsStrExt as _, fs::DirBuilderExt as _},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, PermissionsExt as _},
+        },
     },
     path::{Path, PathBuf},
 };
@@ -366,12 +369,14 @@ impl Loaded {
         sizes: &MapSizes,
         snat_ports: (u16, u16),
     ) -> Result<Self, LoadError> {
+        // Only root reads or writes the maps and links, also when the directories existed.
         for dir in [layout.root().to_owned(), layout.maps(), layout.links()] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&dir)
                 .map_err(io_err(&dir))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
         }
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(layout.maps());

@@ -164,3 +164,59 @@ fn a_deleted_service_stops_being_translated() {
         assert_eq!(a.error.as_deref(), Some("ENETUNREACH"), "{a:?}");
     }
 }
+
+/// A capability set from `/proc/PID/status` (`CapEff`, `CapBnd`...).
+fn capabilities(pid: u32, set: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{set}:")))
+        .unwrap_or_else(|| panic!("{set} missing"));
+    u64::from_str_radix(hex.trim(), 16).expect("hex")
+}
+
+#[test]
+fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_only() {
+    if !require_privileges(
+        "the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_only",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut w = web_world(2, &[]);
+    let pid = w.agent_pid().expect("the agent runs");
+    let runtime = lb_userspace::privileges::mask(&lb_userspace::privileges::RUNTIME);
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(capabilities(pid, set), runtime, "{set}");
+    }
+    assert_eq!(capabilities(pid, "CapInh"), 0);
+    assert_eq!(capabilities(pid, "CapAmb"), 0);
+    assert!(
+        w.agent_log()
+            .contains("start-up done: capabilities limited")
+    );
+
+    // Still able to do its work: a change is programmed and translated.
+    w.write_manifest("web.yaml", &web_manifest(&w, &[1]));
+    w.wait_for_backends(&format!("{WEB_V4}:80/TCP"), 1);
+    let attempts = w.probe(&["tcp", &vip(), "--count", "5"]);
+    assert!(
+        attempts.iter().all(|a| a.backend.as_deref() == Some("b1")),
+        "{attempts:?}"
+    );
+
+    // Only root reads or writes the maps and links.
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("pin").permissions().mode() & 0o777;
+    for dir in [
+        w.pin_dir().to_owned(),
+        w.pin_dir().join("maps"),
+        w.pin_dir().join("links"),
+    ] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for pin in std::fs::read_dir(w.pin_dir().join("maps")).expect("maps") {
+        let pin = pin.expect("entry").path();
+        assert_eq!(mode(&pin) & 0o077, 0, "{}", pin.display());
+    }
+}

@@ -1,11 +1,20 @@
 //! lb-agent: keeps the socket-level service load balancer programmed. See `--help`.
 
 use clap::Parser as _;
-use lb_userspace::{agent, config};
+use lb_userspace::{agent, config, privileges};
 
 fn main() -> std::process::ExitCode {
     let args = config::AgentArgs::parse();
     config::init_logging(args.log_format);
+    // Before any other thread exists: threads inherit the set.
+    match privileges::limit(&privileges::startup()) {
+        Ok(l) => {
+            tracing::info!(dropped = ?l.dropped, kept = ?l.kept, "capabilities limited for start-up")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot limit the capabilities; running with all of them")
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
