@@ -33,6 +33,8 @@ pub mod source;
 pub mod store;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod testutil;
 
 /// The kernel object (`lb-ebpf`), built by `cargo xtask build-ebpf` and embedded here.

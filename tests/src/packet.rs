@@ -123,42 +123,127 @@ pub struct Parsed {
     pub payload: Vec<u8>,
 }
 
-/// Parses a frame built like [`frame`] builds them, verifying the IPv4 header checksum and
-/// the TCP or UDP checksum (over the pseudo-header) from scratch.
-pub fn parse(f: &[u8]) -> Result<Parsed, String> {
-    let mac = |o: usize| -> [u8; 6] { f[o..o + 6].try_into().expect("6 bytes") };
-    let ethertype = u16::from_be_bytes([f[12], f[13]]);
-    let (src, dst, proto, l4) = match ethertype {
+/// The layout of a plain TCP or UDP packet in a frame: no IPv4 options, no IPv6 extension
+/// headers, not a fragment, lengths consistent with the frame (trailing bytes allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// Protocol.
+    pub proto: u8,
+    /// Where the L4 header starts.
+    pub l4: usize,
+    /// Where the L4 data (header and payload) ends, by the IP length.
+    pub end: usize,
+}
+
+/// The layout of `f` if it is a plain TCP or UDP packet (see [`Layout`]), else `None`; never
+/// panics, whatever the bytes.
+pub fn layout(f: &[u8]) -> Option<Layout> {
+    let ethertype = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
+    let (src, dst, proto, l4, end) = match ethertype {
         0x0800 => {
-            let ip = &f[14..34];
-            if fold(sum16(ip, 0)) != 0 {
-                return Err(format!("bad IPv4 header checksum in {ip:02x?}"));
+            let ip = f.get(L3..L3 + 20)?;
+            if ip[0] != 0x45 {
+                return None;
+            }
+            let frag = u16::from_be_bytes([ip[6], ip[7]]);
+            if frag & 0x3fff != 0 {
+                return None;
             }
             let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-            let s: [u8; 4] = ip[12..16].try_into().expect("4");
-            let d: [u8; 4] = ip[16..20].try_into().expect("4");
-            (IpAddr::from(s), IpAddr::from(d), ip[9], &f[34..14 + tot])
+            let s: [u8; 4] = ip[12..16].try_into().ok()?;
+            let d: [u8; 4] = ip[16..20].try_into().ok()?;
+            (IpAddr::from(s), IpAddr::from(d), ip[9], L3 + 20, L3 + tot)
         }
         0x86dd => {
-            let ip = &f[14..54];
+            let ip = f.get(L3..L3 + 40)?;
+            if ip[0] >> 4 != 6 {
+                return None;
+            }
             let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-            let s: [u8; 16] = ip[8..24].try_into().expect("16");
-            let d: [u8; 16] = ip[24..40].try_into().expect("16");
-            (IpAddr::from(s), IpAddr::from(d), ip[6], &f[54..54 + len])
+            let s: [u8; 16] = ip[8..24].try_into().ok()?;
+            let d: [u8; 16] = ip[24..40].try_into().ok()?;
+            (
+                IpAddr::from(s),
+                IpAddr::from(d),
+                ip[6],
+                L3 + 40,
+                L3 + 40 + len,
+            )
         }
-        other => return Err(format!("not IP: ethertype {other:#x}")),
+        _ => return None,
     };
-    if fold(sum16(l4, pseudo_sum(src, dst, proto, l4.len()))) != 0 {
-        return Err(format!("bad L4 checksum ({proto}) from {src} to {dst}"));
+    let header = match proto {
+        TCP => 20,
+        UDP => 8,
+        _ => return None,
+    };
+    if end > f.len() || end < l4 + header {
+        return None;
     }
+    Some(Layout {
+        src,
+        dst,
+        proto,
+        l4,
+        end,
+    })
+}
+
+/// Whether the IPv4 header checksum (if any) and the L4 checksum of a plain packet are valid.
+fn checksums_ok(f: &[u8], l: &Layout) -> bool {
+    if l.src.is_ipv4() && fold(sum16(&f[L3..L3 + 20], 0)) != 0 {
+        return false;
+    }
+    let data = &f[l.l4..l.end];
+    fold(sum16(data, pseudo_sum(l.src, l.dst, l.proto, data.len()))) == 0
+}
+
+/// Recomputes the IPv4 header and L4 checksums of a plain packet (after editing it); other
+/// frames are left as they are.
+pub fn fix_checksums(f: &mut [u8]) {
+    let Some(l) = layout(f) else { return };
+    if l.src.is_ipv4() {
+        fix_ipv4_checksum(f);
+    }
+    let at = l.l4 + if l.proto == TCP { 16 } else { 6 };
+    f[at..at + 2].copy_from_slice(&[0, 0]);
+    let data = &f[l.l4..l.end];
+    let mut c = fold(sum16(data, pseudo_sum(l.src, l.dst, l.proto, data.len())));
+    if l.proto == UDP && c == 0 {
+        c = 0xffff;
+    }
+    f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Parses a plain TCP or UDP frame (see [`layout`]), verifying the IPv4 header checksum and
+/// the TCP or UDP checksum (over the pseudo-header) from scratch.
+pub fn parse(f: &[u8]) -> Result<Parsed, String> {
+    let l = layout(f).ok_or_else(|| format!("not a plain TCP or UDP frame: {f:02x?}"))?;
+    if !checksums_ok(f, &l) {
+        return Err(format!(
+            "bad checksum ({}) from {} to {}",
+            l.proto, l.src, l.dst
+        ));
+    }
+    let l4 = &f[l.l4..l.end];
+    let mac = |o: usize| -> [u8; 6] { f[o..o + 6].try_into().expect("6 bytes") };
     let port = |o: usize| u16::from_be_bytes([l4[o], l4[o + 1]]);
-    let header = if proto == TCP { 20 } else { 8 };
+    let header = if l.proto == TCP {
+        usize::from(l4[12] >> 4) * 4
+    } else {
+        8
+    }
+    .clamp(8, l4.len());
     Ok(Parsed {
         dmac: mac(0),
         smac: mac(6),
-        proto,
-        src: SocketAddr::new(src, port(0)),
-        dst: SocketAddr::new(dst, port(2)),
+        proto: l.proto,
+        src: SocketAddr::new(l.src, port(0)),
+        dst: SocketAddr::new(l.dst, port(2)),
         payload: l4[header..].to_vec(),
     })
 }
@@ -229,6 +314,27 @@ mod tests {
             let at = if s.contains('[') { L3 + 8 } else { L3 + 12 };
             bad[at] ^= 1;
             assert!(parse(&bad).is_err(), "{s}");
+            fix_checksums(&mut bad);
+            assert!(parse(&bad).is_ok(), "{s}: fixed");
+            // Any prefix is rejected without a panic.
+            for n in 0..f.len() {
+                assert!(parse(&f[..n]).is_err(), "{s}: {n} bytes");
+            }
         }
+        let f = frame(
+            TCP,
+            "203.0.113.7:1".parse().unwrap(),
+            "192.0.2.1:2".parse().unwrap(),
+            b"",
+        );
+        assert!(layout(&as_fragment(f.clone())).is_none());
+        assert!(layout(&with_ipv4_options(f)).is_none());
+        let f6 = frame(
+            UDP,
+            "[2001:db8::1]:1".parse().unwrap(),
+            "[2001:db8::2]:2".parse().unwrap(),
+            b"",
+        );
+        assert!(layout(&with_ipv6_hop_by_hop(f6)).is_none());
     }
 }

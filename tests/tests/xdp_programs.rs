@@ -17,7 +17,7 @@ use lb_common::stats as st;
 use lb_tests::{
     manifest::{Ep, slice},
     netns::Netns,
-    packet::{self, Parsed, TCP, UDP, frame},
+    packet::{self, L3, Parsed, TCP, UDP, frame},
     require_privileges,
     world::{new_tag, pin_dir_of},
 };
@@ -693,5 +693,310 @@ fn established_flows_keep_their_backend_while_the_backend_set_changes() {
             spread.get(&sa("192.0.2.54:8080")).is_some_and(|n| *n >= 60),
             "{spread:?}"
         );
+    });
+}
+
+const XDP_REDIRECT: i32 = 4;
+const TC_ACT_OK: i32 = 0;
+
+/// The packet fuzzer's run: `LB_FUZZ_ITERATIONS` frames (2000 by default; `cargo xtask
+/// fuzz` runs more) from `LB_FUZZ_SEED` (random by default, printed so a failure can be
+/// replayed).
+fn fuzz_settings() -> (u64, u64) {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let iterations = env("LB_FUZZ_ITERATIONS").unwrap_or(2000);
+    let seed = env("LB_FUZZ_SEED").unwrap_or_else(|| fastrand::u64(..));
+    (iterations, seed)
+}
+
+/// What the datapath serves, from the maps the pipeline wrote: north-south frontends
+/// (address, port, protocol) and backends.
+struct Served {
+    frontends: BTreeSet<(IpAddr, u16, u8)>,
+    backends: BTreeSet<SocketAddr>,
+    node_ips: [IpAddr; 2],
+}
+
+impl Served {
+    fn of(lab: &Lab) -> Self {
+        let c = lab.reconciler.contents();
+        Self {
+            frontends: c
+                .external
+                .keys()
+                .map(|k| {
+                    (
+                        lb_userspace::addr::to_ip(k.addr),
+                        u16::from_be(k.port_be),
+                        k.proto,
+                    )
+                })
+                .collect(),
+            backends: c
+                .backends
+                .values()
+                .map(lb_userspace::addr::to_socket_addr)
+                .collect(),
+            node_ips: [
+                "192.0.2.1".parse().unwrap(),
+                "2001:db8:1::1".parse().unwrap(),
+            ],
+        }
+    }
+
+    /// The plain TCP or UDP packet's source and destination, if `f` is one.
+    fn ends(f: &[u8]) -> Option<(SocketAddr, SocketAddr, u8)> {
+        let l = packet::layout(f)?;
+        let port = |o: usize| u16::from_be_bytes([f[l.l4 + o], f[l.l4 + o + 1]]);
+        Some((
+            SocketAddr::new(l.src, port(0)),
+            SocketAddr::new(l.dst, port(2)),
+            l.proto,
+        ))
+    }
+
+    /// Whether XDP may rewrite `f`: a packet to a frontend, or a reply to a SNAT port.
+    fn xdp_may_translate(&self, f: &[u8]) -> bool {
+        Self::ends(f).is_some_and(|(_, dst, proto)| {
+            self.to_frontend(dst, proto)
+                || (self.node_ips.contains(&dst.ip()) && in_snat_range(dst.port()))
+        })
+    }
+
+    fn to_frontend(&self, dst: SocketAddr, proto: u8) -> bool {
+        self.frontends.contains(&(dst.ip(), dst.port(), proto))
+    }
+
+    /// Whether tc may rewrite `f`: a reply from a backend.
+    fn tc_may_translate(&self, f: &[u8]) -> bool {
+        Self::ends(f).is_some_and(|(src, _, _)| self.backends.contains(&src))
+    }
+
+    /// Frames to start mutating from: packets to every frontend from inside and outside the
+    /// source ranges, replies to SNAT ports, packets to the node and elsewhere, fragments,
+    /// options and extension headers.
+    fn seeds(&self, rng: &mut fastrand::Rng) -> Vec<Vec<u8>> {
+        let mut seeds = Vec::new();
+        for (ip, port, proto) in &self.frontends {
+            let dst = SocketAddr::new(*ip, *port);
+            let clients: Vec<IpAddr> = if ip.is_ipv4() {
+                vec![
+                    format!("203.0.113.{}", rng.u8(1..250)).parse().unwrap(),
+                    "192.0.2.99".parse().unwrap(),
+                ]
+            } else {
+                vec![format!("2001:db8:9::{:x}", rng.u16(1..)).parse().unwrap()]
+            };
+            for client in clients {
+                let src = SocketAddr::new(client, rng.u16(1024..));
+                let f = frame(*proto, src, dst, b"fuzz");
+                if ip.is_ipv4() {
+                    seeds.push(packet::as_fragment(f.clone()));
+                    seeds.push(packet::with_ipv4_options(f.clone()));
+                } else {
+                    seeds.push(packet::with_ipv6_hop_by_hop(f.clone()));
+                }
+                seeds.push(f);
+            }
+        }
+        for backend in &self.backends {
+            let node = self.node_ips[usize::from(backend.is_ipv6())];
+            for proto in [TCP, UDP] {
+                let snat = SocketAddr::new(node, rng.u16(61000..));
+                seeds.push(frame(proto, *backend, snat, b"reply"));
+                let client = if backend.is_ipv4() {
+                    sa("203.0.113.7:40000")
+                } else {
+                    sa("[2001:db8:9::7]:40000")
+                };
+                seeds.push(frame(proto, *backend, client, b"reply"));
+            }
+        }
+        for (src, dst) in [
+            ("203.0.113.7:40000", "192.0.2.1:22"),
+            ("203.0.113.7:40000", "192.0.2.77:30080"),
+            ("192.0.2.50:8080", "203.0.113.9:5000"),
+            ("[2001:db8:9::7]:40000", "[2001:db8:1::1]:22"),
+        ] {
+            seeds.push(frame(TCP, sa(src), sa(dst), b"other"));
+            seeds.push(frame(UDP, sa(src), sa(dst), b"other"));
+        }
+        seeds
+    }
+}
+
+/// Changes `f` at random: bits, bytes, header fields (ethertype, IP version and header
+/// length, lengths, fragment bits, protocol, ports, TCP flags), truncation, trailing bytes;
+/// then, half the time, makes its checksums valid again so that the translation of
+/// consistent packets is exercised too.
+fn mutate(f: &mut Vec<u8>, rng: &mut fastrand::Rng) {
+    const MIN_FRAME: usize = 14; // BPF_PROG_TEST_RUN takes at least an Ethernet header
+    const FIELDS: [usize; 9] = [12, 13, L3, L3 + 2, L3 + 3, L3 + 4, L3 + 6, L3 + 9, L3 + 5];
+    for _ in 0..rng.usize(0..=3) {
+        let n = f.len();
+        match rng.u8(0..8) {
+            0 => f[rng.usize(..n)] ^= 1 << rng.u8(0..8),
+            1 => f[rng.usize(..n)] = rng.u8(..),
+            2 => f.truncate(rng.usize(MIN_FRAME..=n)),
+            3 => f.extend((0..rng.usize(1..64)).map(|_| rng.u8(..))),
+            4 => {
+                let at = FIELDS[rng.usize(..FIELDS.len())];
+                if at < n {
+                    f[at] = rng.u8(..);
+                }
+            }
+            5 => {
+                // A port (source or destination) of a plain packet.
+                if let Some(l) = packet::layout(f) {
+                    let at = l.l4 + 2 * rng.usize(0..2);
+                    f[at..at + 2].copy_from_slice(&rng.u16(..).to_be_bytes());
+                }
+            }
+            6 => {
+                if let Some(l) = packet::layout(f).filter(|l| l.proto == TCP) {
+                    f[l.l4 + 13] = rng.u8(..);
+                }
+            }
+            _ => {
+                // A fresh random frame of IPv4 or IPv6.
+                let len = rng.usize(MIN_FRAME..200);
+                *f = (0..len).map(|_| rng.u8(..)).collect();
+                let ethertype: u16 = if rng.bool() { 0x0800 } else { 0x86dd };
+                f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+            }
+        }
+    }
+    if rng.bool() {
+        packet::fix_checksums(f);
+    }
+}
+
+/// Whether an IPv4 or IPv6 frame holds its whole fixed IP header.
+fn whole_ip_header(f: &[u8]) -> bool {
+    match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 => f.len() >= L3 + 20,
+        0x86dd => f.len() >= L3 + 40,
+        _ => true,
+    }
+}
+
+/// Whether `f` is an IPv4 UDP packet without a checksum (zero): it must stay without one.
+fn udp4_without_checksum(f: &[u8]) -> Option<usize> {
+    let l = packet::layout(f)?;
+    let at = l.l4 + 6;
+    (l.src.is_ipv4() && l.proto == UDP && f[at..at + 2] == [0, 0]).then_some(at)
+}
+
+#[test]
+fn fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums() {
+    if !require_privileges(
+        "fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums",
+    ) {
+        return;
+    }
+    let (iterations, seed) = fuzz_settings();
+    eprintln!("packet fuzzer: {iterations} frames, LB_FUZZ_SEED={seed}");
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0, 1]));
+        let served = Served::of(&lab);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut seeds = served.seeds(&mut rng);
+        // The replies of flows the seeds open: XDP reverses those of SNATed flows, tc those
+        // of local backends.
+        let replies: Vec<Vec<u8>> = seeds
+            .iter()
+            .filter_map(|f| {
+                let (v, out) = lab.xdp(f);
+                let p = packet::parse(&out)
+                    .ok()
+                    .filter(|_| v != XDP_DROP && out != *f)?;
+                Some(frame(p.proto, p.dst, p.src, b"reply"))
+            })
+            .collect();
+        assert!(!replies.is_empty(), "the seeds open flows");
+        seeds.extend(replies);
+        let mut verdicts: BTreeMap<&str, u64> = BTreeMap::new();
+        for i in 0..iterations {
+            let mut f = seeds[rng.usize(..seeds.len())].clone();
+            mutate(&mut f, &mut rng);
+            let context = || format!("LB_FUZZ_SEED={seed}, frame {i}: {f:02x?}");
+            let valid = packet::parse(&f).is_ok();
+
+            // XDP.
+            let (v, out) = lab.xdp(&f);
+            assert!(
+                [XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT].contains(&v),
+                "verdict {v}; {}",
+                context()
+            );
+            assert_eq!(out.len(), f.len(), "XDP changed the length; {}", context());
+            let may = served.xdp_may_translate(&f);
+            if v == XDP_DROP {
+                let to_frontend =
+                    Served::ends(&f).is_some_and(|(_, dst, proto)| served.to_frontend(dst, proto));
+                assert!(to_frontend, "dropped traffic of no service; {}", context());
+            }
+            if out != f {
+                assert!(
+                    may,
+                    "translated a frame of no service: {out:02x?}; {}",
+                    context()
+                );
+                if valid {
+                    let parsed = packet::parse(&out);
+                    assert!(parsed.is_ok(), "{parsed:?} after XDP; {}", context());
+                }
+                if let Some(at) = udp4_without_checksum(&f) {
+                    assert_eq!(out[at..at + 2], [0, 0], "UDP checksum added; {}", context());
+                }
+            }
+            if !may {
+                assert_eq!(v, XDP_PASS, "{}", context());
+            }
+            *verdicts
+                .entry(match (v, out != f) {
+                    (XDP_DROP, _) => "xdp drop",
+                    (_, true) => "xdp translated",
+                    _ => "xdp untouched",
+                })
+                .or_default() += 1;
+
+            // tc egress. The kernel's test run builds an skb only around a whole IP header
+            // (as the stack's egress skbs always have one).
+            if !whole_ip_header(&f) {
+                continue;
+            }
+            let (v, out) = lab.tc(&f);
+            assert!(
+                [TCX_NEXT, TC_ACT_OK].contains(&v),
+                "tc verdict {v}; {}",
+                context()
+            );
+            assert_eq!(out.len(), f.len(), "tc changed the length; {}", context());
+            if out != f {
+                assert!(
+                    served.tc_may_translate(&f),
+                    "tc rewrote a frame of no backend: {out:02x?}; {}",
+                    context()
+                );
+                if valid {
+                    let parsed = packet::parse(&out);
+                    assert!(parsed.is_ok(), "{parsed:?} after tc; {}", context());
+                }
+                *verdicts.entry("tc translated").or_default() += 1;
+            }
+        }
+        eprintln!("packet fuzzer: {verdicts:?}");
+        // The run reached every outcome: the invariants were checked on each.
+        if iterations >= 1000 {
+            for outcome in ["xdp drop", "xdp translated", "xdp untouched"] {
+                assert!(
+                    verdicts.get(outcome).is_some_and(|n| *n > 0),
+                    "{outcome}: {verdicts:?}"
+                );
+            }
+        }
     });
 }

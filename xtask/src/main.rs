@@ -37,6 +37,20 @@ enum Task {
     },
     /// Show ClusterIP traffic balanced by the kernel programs, in a sandbox removed afterwards.
     Demo,
+    /// Longer fuzzing than the test suite's: the packet programs on random and mutated frames
+    /// (BPF_PROG_TEST_RUN, in a namespace of its own), and the object pipeline on random and
+    /// hostile Services and EndpointSlices (property tests).
+    Fuzz {
+        /// Frames for the packet programs.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Cases per property test.
+        #[arg(long, default_value_t = 20_000)]
+        cases: u64,
+        /// Seed of the packet fuzzer (to replay a failure); random by default.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run the benchmarks against their baselines (DIRECT, kube-proxy's iptables and nftables
     /// layouts, an empty program) and write BENCHMARKS.md and benchmarks.json.
     Bench {
@@ -97,6 +111,55 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     let mut args = vec!["test", "--workspace"];
     args.extend(cargo_test_args.iter().map(String::as_str));
     cargo(&args)
+}
+
+fn fuzz(frames: u64, cases: u64, seed: Option<u64>) -> Result<()> {
+    setup::run()?;
+    build_ebpf::run(true)?;
+    let run = |what: &str, args: &[&str], env: &[(&str, String)]| -> Result<()> {
+        step(what);
+        let status = Command::new(env!("CARGO"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .current_dir(root())
+            .status()
+            .with_context(|| format!("running cargo {}", args.join(" ")))?;
+        if !status.success() {
+            bail!("{what} failed ({status})");
+        }
+        Ok(())
+    };
+    let mut env = vec![("LB_FUZZ_ITERATIONS", frames.to_string())];
+    if let Some(seed) = seed {
+        env.push(("LB_FUZZ_SEED", seed.to_string()));
+    }
+    run(
+        &format!("packet programs: {frames} frames"),
+        &[
+            "test",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--test",
+            "xdp_programs",
+            "fuzzed",
+            "--",
+            "--nocapture",
+        ],
+        &env,
+    )?;
+    run(
+        &format!("object pipeline: {cases} cases per property"),
+        &[
+            "test",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--lib",
+            "proptests",
+        ],
+        &[("PROPTEST_CASES", cases.to_string())],
+    )
 }
 
 fn demo() -> Result<()> {
@@ -170,6 +233,11 @@ fn main() -> Result<()> {
         Task::BuildEbpf { release } => build_ebpf::run(release).map(drop),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Demo => demo(),
+        Task::Fuzz {
+            frames,
+            cases,
+            seed,
+        } => fuzz(frames, cases, seed),
         Task::Bench { quick, only } => bench(quick, only.as_deref()),
     }
 }
