@@ -22,6 +22,7 @@ use crate::{
     addr::{frontend_string, to_addr6},
     config::{AgentArgs, XdpDevices, XdpModeArg},
     datapath::{Datapath, DatapathError},
+    events::Events,
     health::{self, Health},
     healthcheck::HealthCheckServers,
     host::{self, HostError},
@@ -156,6 +157,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         });
     }
+    let events = match source.api() {
+        Some(settings) => match source::kubernetes::client(settings).await {
+            Ok(client) => Some(Events::start(client, args.node_name.clone())),
+            Err(e) => {
+                warn!(error = %e, "no Kubernetes Events on unprogrammable services");
+                None
+            }
+        },
+        None => None,
+    };
     let (tx, mut rx) = mpsc::channel(64);
     info!(source = source.describe(), node = ?args.node_name, "starting source");
     let up: source::SourceUp = {
@@ -170,6 +181,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut store = Store::new(args.node_name.clone());
     let mut out = Outputs {
+        events,
         layout: layout.clone(),
         health_checks: HealthCheckServers::new(health.clone()),
         health,
@@ -258,6 +270,8 @@ struct Outputs {
     health_checks: HealthCheckServers,
     metrics: Arc<Metrics>,
     rejected_total: BTreeMap<&'static str, u64>,
+    /// Events on services that cannot be programmed (with the Kubernetes source).
+    events: Option<Events>,
 }
 
 impl Outputs {
@@ -274,6 +288,12 @@ impl Outputs {
         let report = reconciler.sync(store, dirty);
         let duration = started.elapsed();
         log_report(&report, &mut self.rejected_total);
+        if let Some(events) = &mut self.events {
+            let dropped = events.dropped();
+            let published = events.report(&report, store);
+            self.metrics
+                .events(published, events.dropped().saturating_sub(dropped));
+        }
         destroy_stale_udp(&self.layout, &report);
         self.health_checks.update(reconciler.health_checks());
         if !reconciler.needs_retry() {

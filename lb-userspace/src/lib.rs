@@ -17,6 +17,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod endpoints;
+pub mod events;
 pub mod health;
 pub mod healthcheck;
 pub mod host;

@@ -82,6 +82,8 @@ pub struct Metrics {
     write_errors: Counter,
     conflicts: Counter,
     source_up: Gauge,
+    events: Counter,
+    events_dropped: Counter,
     published: Arc<Mutex<Published>>,
 }
 
@@ -102,6 +104,8 @@ impl Metrics {
             write_errors: Counter::default(),
             conflicts: Counter::default(),
             source_up: Gauge::default(),
+            events: Counter::default(),
+            events_dropped: Counter::default(),
             published: Arc::default(),
             registry: Registry::default(),
         };
@@ -149,6 +153,16 @@ impl Metrics {
             "1 while the source reaches its objects, 0 during an outage",
             m.source_up.clone(),
         );
+        registry.register(
+            "kubernetes_events",
+            "Warning Events published on Services that could not be programmed",
+            m.events.clone(),
+        );
+        registry.register(
+            "kubernetes_events_dropped",
+            "Warnings not published as Events (rate limit or full queue)",
+            m.events_dropped.clone(),
+        );
         if let Some(layout) = layout {
             registry.register_collector(Box::new(DatapathCollector {
                 layout,
@@ -187,6 +201,12 @@ impl Metrics {
         }
         self.write_errors.inc_by(report.errors.len() as u64);
         self.conflicts.inc_by(report.conflicts.len() as u64);
+    }
+
+    /// `published` Events were queued and `dropped` more warnings were not.
+    pub fn events(&self, published: usize, dropped: u64) {
+        self.events.inc_by(published as u64);
+        self.events_dropped.inc_by(dropped);
     }
 
     /// Whether the source reaches its objects.

@@ -1,7 +1,8 @@
 //! An in-process Kubernetes API server for the resources the agent watches.
 //!
 //! No kube-apiserver binary can be installed on these machines, so this fixture speaks the
-//! real protocol over HTTP for Services, EndpointSlices and Nodes: lists carrying a
+//! real protocol over HTTP for Services, EndpointSlices and Nodes (and takes the Events the
+//! agent creates and patches): lists carrying a
 //! resourceVersion, label and field selectors, watch streams (one JSON event per line) with
 //! ADDED, MODIFIED, DELETED and BOOKMARK events from a given resourceVersion, `410 Gone` for a
 //! resourceVersion older than the retained history, cut connections, and outages (the server
@@ -93,6 +94,8 @@ struct State {
     oldest: u64,
     down: bool,
     requests: Requests,
+    /// Events (events.k8s.io/v1) by namespace and name, as created and patched.
+    events: BTreeMap<(String, String), Value>,
 }
 
 struct Shared {
@@ -290,6 +293,66 @@ impl ApiServer {
     pub fn requests(&self) -> Requests {
         self.shared.lock().requests.clone()
     }
+
+    /// The Events (events.k8s.io/v1) clients created, with their patches applied.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.values().cloned().collect()
+    }
+}
+
+const EVENTS_PREFIX: &str = "/apis/events.k8s.io/v1/namespaces/";
+
+/// Creates (POST .../namespaces/NS/events) or merge-patches (PATCH .../events/NAME) an Event.
+async fn handle_event(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix(EVENTS_PREFIX).unwrap_or_default();
+    let parts: Vec<&str> = rest.split('/').collect();
+    let method = req.method().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", "body")),
+    };
+    let Ok(object) = serde_json::from_slice::<Value>(&body) else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            status(400, "BadRequest", "not JSON"),
+        );
+    };
+    let mut st = shared.lock();
+    if st.down {
+        return full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            status(503, "ServiceUnavailable", "the fixture is down"),
+        );
+    }
+    match (method, parts.as_slice()) {
+        (hyper::Method::POST, [ns, "events"]) => {
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            st.events.insert((ns.to_string(), name), object.clone());
+            full(StatusCode::CREATED, object)
+        }
+        (hyper::Method::PATCH, [ns, "events", name]) => {
+            let Some(stored) = st.events.get_mut(&(ns.to_string(), name.to_string())) else {
+                return full(
+                    StatusCode::NOT_FOUND,
+                    status(404, "NotFound", "no such event"),
+                );
+            };
+            if let (Some(stored), Some(patch)) = (stored.as_object_mut(), object.as_object()) {
+                for (k, v) in patch {
+                    stored.insert(k.clone(), v.clone());
+                }
+            }
+            full(StatusCode::OK, stored.clone())
+        }
+        _ => full(
+            StatusCode::METHOD_NOT_ALLOWED,
+            status(405, "MethodNotAllowed", "events: create and patch only"),
+        ),
+    }
 }
 
 impl Drop for ApiServer {
@@ -409,6 +472,9 @@ fn event(kind: &str, object: Value) -> Bytes {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if req.uri().path().starts_with(EVENTS_PREFIX) {
+        return Ok(handle_event(&shared, req).await);
+    }
     let Some(resource) = Resource::ALL
         .into_iter()
         .find(|r| r.path() == req.uri().path())

@@ -207,19 +207,24 @@ fn the_daemonset_runs_the_agent_as_intended() {
 }
 
 #[test]
-fn the_cluster_role_only_reads_what_the_agent_watches() {
+fn the_cluster_role_only_reads_what_the_agent_watches_and_creates_events() {
     let role: ClusterRole = one("rbac.yaml", "ClusterRole");
     let mut granted = BTreeSet::new();
     for rule in role.rules.into_iter().flatten() {
+        let resources = rule.resources.clone().unwrap_or_default();
+        let groups = rule.api_groups.clone().unwrap_or_default();
         for verb in &rule.verbs {
-            assert!(
-                ["get", "list", "watch"].contains(&verb.as_str()),
-                "read-only: {verb}"
-            );
+            let events = resources == ["events"] && groups == ["events.k8s.io"];
+            let allowed: &[&str] = if events {
+                &["create", "patch"]
+            } else {
+                &["get", "list", "watch"]
+            };
+            assert!(allowed.contains(&verb.as_str()), "{verb} on {resources:?}");
         }
-        granted.extend(rule.resources.into_iter().flatten());
+        granted.extend(resources);
     }
-    let expected: BTreeSet<String> = ["services", "endpointslices", "nodes"]
+    let expected: BTreeSet<String> = ["services", "endpointslices", "nodes", "events"]
         .map(String::from)
         .into();
     assert_eq!(granted, expected);

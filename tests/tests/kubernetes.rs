@@ -540,3 +540,55 @@ fn service_semantics_arrive_through_the_api() {
     );
     assert_eq!(seen("192.0.2.33:80"), names(&["b2"]), "external IP");
 }
+
+#[test]
+fn an_unprogrammable_service_gets_one_warning_event() {
+    if !require_privileges("an_unprogrammable_service_gets_one_warning_event") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 1);
+    api.apply(
+        &Svc::new(
+            "demo",
+            "bad",
+            &["10.96.0.99"],
+            &[("a", 80, "TCP"), ("b", 80, "TCP")],
+        )
+        .yaml(),
+    );
+    w.start_agent_kube(&api, &["--node-name", "node-a"]);
+    w.wait_for_backends(WEB_TCP, 1);
+    let events_of = |name: &str| -> Vec<serde_json::Value> {
+        api.events()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == name)
+            .collect()
+    };
+    w.wait_until("the event is published", Duration::from_secs(10), || {
+        !events_of("bad").is_empty()
+    });
+    let e = &events_of("bad")[0];
+    assert_eq!(e["type"], "Warning");
+    assert_eq!(e["reason"], "InvalidService");
+    assert_eq!(e["regarding"]["kind"], "Service");
+    assert_eq!(e["regarding"]["namespace"], "demo");
+    assert_eq!(e["reportingController"], "lb-agent");
+    assert_eq!(e["reportingInstance"], "node-a");
+    assert!(
+        e["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("port 80/TCP is listed twice")),
+        "{e}"
+    );
+    // More syncs reject it again, but within the interval no new event is made.
+    for n in [0, 1, 0] {
+        api.apply(&web_manifest(&w, &[n][..]));
+        thread::sleep(Duration::from_millis(200));
+    }
+    w.wait_for_backends(WEB_TCP, 1);
+    let again = events_of("bad");
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(again[0]["series"].is_null(), "{again:?}");
+    assert!(events_of("web").is_empty(), "valid services get no event");
+}

@@ -177,7 +177,8 @@ async fn config(settings: &Settings) -> Result<Config, SourceError> {
     Ok(config)
 }
 
-async fn client(settings: &Settings) -> Result<Client, SourceError> {
+/// A client of the API with these settings.
+pub async fn client(settings: &Settings) -> Result<Client, SourceError> {
     let config = config(settings).await?;
     info!(api_server = %config.cluster_url, "connecting to the Kubernetes API");
     Client::try_from(config).map_err(api_error)
