@@ -42,9 +42,13 @@ fn north_south(ctx: &XdpContext) -> u32 {
         }
     };
     // Replies of SNATed flows come to an SNAT port: only those look up the reverse-NAT map.
+    // The map also holds the replies of flows that kept the client's address (Local policy),
+    // which leave by tc egress: those are not reversed here, even when the client's own port
+    // is in the SNAT range (such a packet arriving from outside is spoofed).
     // SAFETY (map reads): entries are replaced whole; values are copied at once.
     if ct::is_snat_port(p.key.dport_be)
         && let Some(rev) = unsafe { NAT_REV.get(&p.key) }
+        && (rev.dst != p.key.daddr || rev.dport_be != p.key.dport_be)
     {
         return reverse(ctx, &p, rev);
     }

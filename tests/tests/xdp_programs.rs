@@ -453,6 +453,18 @@ fn xdp_and_tc_translate_each_service_kind_with_valid_checksums() {
         let out = packet::parse(&out).expect("valid checksums after tc");
         assert_eq!((out.src, out.dst), (sa("198.51.100.10:443"), client));
         assert_eq!(out.payload, b"ho");
+        // A client port in the SNAT range: XDP leaves the flow's replies to tc, and a
+        // spoofed "reply" arriving from outside passes untouched.
+        let high = sa("203.0.113.7:65000");
+        let out = lab.translated(&frame(TCP, high, sa("198.51.100.10:443"), b""), XDP_PASS);
+        assert_eq!(out.dst, sa("10.244.0.10:8443"));
+        let spoofed = frame(TCP, sa("10.244.0.10:8443"), high, b"");
+        assert_eq!(lab.xdp(&spoofed), (XDP_PASS, spoofed.clone()));
+        let (_, out) = lab.tc(&spoofed);
+        assert_eq!(
+            packet::parse(&out).expect("valid").src,
+            sa("198.51.100.10:443")
+        );
         // Other traffic leaving the node is untouched by tc.
         let other = frame(TCP, sa("10.244.0.10:8443"), sa("203.0.113.99:5000"), b"x");
         assert_eq!(lab.tc(&other), (TCX_NEXT, other.clone()));
@@ -489,15 +501,16 @@ fn xdp_and_tc_translate_each_service_kind_with_valid_checksums() {
 
         let after = lab.stats();
         let delta = |i: u32| after[i as usize] - before[i as usize];
-        // Four flows twice each, the LB IP, the node port and the outsider at the node port.
-        assert_eq!(delta(st::XDP_TRANSLATED), 4 * 2 + 3);
+        // Four flows twice each, the LB IP from two clients, the node port and the outsider
+        // at the node port.
+        assert_eq!(delta(st::XDP_TRANSLATED), 4 * 2 + 4);
         assert_eq!(delta(st::XDP_REVERSED), 4);
-        assert_eq!(delta(st::TC_REVERSED), 1);
+        assert_eq!(delta(st::TC_REVERSED), 2);
         assert_eq!(delta(st::XDP_DROP_SOURCE_RANGE), 1);
         assert_eq!(delta(st::XDP_DROP_NO_BACKEND), 1);
         assert_eq!(delta(st::XDP_REDIRECTED), 4 * 3);
         // The Local service's packets went to the stack, for the local pod.
-        assert_eq!(delta(st::XDP_TO_STACK), 3);
+        assert_eq!(delta(st::XDP_TO_STACK), 4);
     });
 }
 
