@@ -1,9 +1,15 @@
-//! The agent: load or adopt the datapath, attach the programs, then keep the maps equal to
-//! what the source says, until stopped. Stopping leaves everything programmed: the pinned
-//! links and maps keep serving, and the next agent adopts them.
+//! The agent: load or adopt the maps, write the first complete sync, only then attach this
+//! build's programs (replacing a previous agent's in place), and keep the maps equal to what
+//! the source says until stopped. Stopping leaves everything programmed: the pinned links and
+//! maps keep serving, and the next agent adopts them.
+//!
+//! Attaching after the first sync is what makes upgrades gapless: a build with a new map
+//! layout starts with empty maps, and until they hold every service the previous programs
+//! keep serving from the previous maps, however long the API server takes to answer.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -104,19 +110,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             api.port().to_be(),
             proto::TCP,
         ));
-    }
-    loaded.attach(&cgroup)?;
-    info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
-    match loader::remove_stale_map_pins(&layout) {
-        Ok(removed) if !removed.is_empty() => {
-            info!(maps = ?removed, "removed the pins of maps of an older layout");
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot remove the pins of maps of an older layout"),
-    }
-    match privileges::limit(&privileges::RUNTIME) {
-        Ok(l) => info!(dropped = ?l.dropped, kept = ?l.kept, "start-up done: capabilities limited"),
-        Err(e) => warn!(error = %e, "cannot drop the start-up capabilities"),
     }
     if let Some(local) = netdev::local_port_range()
         && netdev::overlaps(local, snat_ports)
@@ -222,11 +215,21 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 }
                 out.health.received(oldest);
                 if !synced {
-                    // The first sync already knows the node's addresses and devices.
-                    dirty.extend(network.poll(&mut store, &mut loaded));
+                    // The first sync already knows the node's addresses.
+                    if let Some((changed, _)) = Network::addresses(&network.cidrs, &mut store) {
+                        dirty.extend(changed);
+                    }
                 }
                 let services = dirty.len();
                 let report = out.sync(&mut reconciler, &store, std::mem::take(&mut dirty), Some(oldest));
+                if !synced {
+                    // Only now do this build's programs replace the running ones: until the
+                    // maps they read hold every service, the previous programs keep serving
+                    // from theirs (an upgrade to a new map layout has no gap).
+                    start_serving(&mut loaded, &cgroup, &layout)?;
+                    network.poll(&mut store, &mut loaded);
+                    out.health.serving();
+                }
                 let c = reconciler.contents();
                 let latency_us = oldest.elapsed().as_micros() as u64;
                 if !synced || updates >= TRIM_AFTER_UPDATES {
@@ -259,6 +262,25 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
+    Ok(())
+}
+
+/// Attaches this build's socket programs to `cgroup` (replacing a previous agent's in place),
+/// removes the pins of maps of an older layout, and drops the start-up capabilities.
+fn start_serving(loaded: &mut Loaded, cgroup: &Path, layout: &PinLayout) -> Result<(), AgentError> {
+    loaded.attach(cgroup)?;
+    info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
+    match loader::remove_stale_map_pins(layout) {
+        Ok(removed) if !removed.is_empty() => {
+            info!(maps = ?removed, "removed the pins of maps of an older layout");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot remove the pins of maps of an older layout"),
+    }
+    match privileges::limit(&privileges::RUNTIME) {
+        Ok(l) => info!(dropped = ?l.dropped, kept = ?l.kept, "start-up done: capabilities limited"),
+        Err(e) => warn!(error = %e, "cannot drop the start-up capabilities"),
+    }
     Ok(())
 }
 
@@ -326,19 +348,38 @@ impl Network {
     /// Reads the node's addresses into the store and attaches or detaches devices; returns
     /// the services to recompute.
     fn poll(&mut self, store: &mut Store, loaded: &mut Loaded) -> BTreeSet<ObjectRef> {
+        let Some((changed, addrs)) = Self::addresses(&self.cidrs, store) else {
+            return BTreeSet::new();
+        };
+        self.attach_devices(&addrs, store, loaded);
+        changed
+    }
+
+    /// Reads the node's addresses into the store: the services to recompute, and every
+    /// interface's addresses (`None` when they cannot be listed).
+    fn addresses(
+        cidrs: &[IpNet],
+        store: &mut Store,
+    ) -> Option<(BTreeSet<ObjectRef>, Vec<netdev::IfAddr>)> {
         let addrs = match netdev::interfaces() {
             Ok(addrs) => addrs,
             Err(e) => {
                 warn!(error = %e, "cannot list the node's addresses; keeping the last ones");
-                return BTreeSet::new();
+                return None;
             }
         };
-        let changed = store.set_addresses(netdev::nodeport_addresses(&addrs, &self.cidrs));
+        let changed = store.set_addresses(netdev::nodeport_addresses(&addrs, cidrs));
+        Some((changed, addrs))
+    }
+
+    /// Attaches the north-south programs to the devices that should run them, and detaches
+    /// them from the others.
+    fn attach_devices(&mut self, addrs: &[netdev::IfAddr], store: &Store, loaded: &mut Loaded) {
         let wanted: Vec<String> = match &self.devices {
             XdpDevices::None => Vec::new(),
             XdpDevices::Named(names) => names.clone(),
             XdpDevices::Auto => {
-                netdev::auto_devices(&addrs, store.node_ips(), &netdev::default_route_devices())
+                netdev::auto_devices(addrs, store.node_ips(), &netdev::default_route_devices())
             }
         };
         let present: Vec<(String, u32)> = wanted
@@ -399,7 +440,6 @@ impl Network {
                 }
             }
         }
-        changed
     }
 }
 

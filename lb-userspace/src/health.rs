@@ -7,9 +7,10 @@
 //!   deletion timestamp or the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint), so
 //!   that load balancers stop sending to it. The body is kube-proxy's JSON:
 //!   `lastUpdated`, `currentTime`, `nodeEligible`.
-//! - `/readyz`: 200 once the first complete sync is written, and 503 while the source has been
-//!   unable to reach its objects (an API server outage) for longer than `--stale-after`: the
-//!   datapath keeps serving its last state, and the body says since when.
+//! - `/readyz`: 200 once the first complete sync is written and the programs attached, and 503
+//!   while the source has been unable to reach its objects (an API server outage) for longer
+//!   than `--stale-after`: the datapath keeps serving its last state, and the body says since
+//!   when.
 //! - `/metrics`: Prometheus text format (see [`crate::metrics`]).
 
 use std::{
@@ -42,6 +43,8 @@ pub struct Health {
 pub struct State {
     /// The first complete sync has been written.
     pub synced: bool,
+    /// This build's programs are attached (after the first sync).
+    pub serving: bool,
     /// When the maps last became equal to what the source says (wall clock, for the body).
     pub last_updated: Option<jiff::Timestamp>,
     /// When the oldest update that has not reached the maps yet was received.
@@ -117,7 +120,7 @@ impl State {
                     json: true,
                 }
             }
-            "/readyz" if !self.synced => {
+            "/readyz" if !self.synced || !self.serving => {
                 Answer::text(StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
             }
             "/readyz" => match self.source_down_since {
@@ -183,11 +186,16 @@ impl Health {
         self.with(|s| s.node_deleting = deleting);
     }
 
-    /// Whether the first sync is done and programming is fresh: kube-proxy's
-    /// `serviceProxyHealthy` of the health check node ports.
+    /// This build's programs are attached.
+    pub fn serving(&self) {
+        self.with(|s| s.serving = true);
+    }
+
+    /// Whether the first sync is done, the programs serve and programming is fresh:
+    /// kube-proxy's `serviceProxyHealthy` of the health check node ports.
     pub fn proxy_healthy(&self) -> bool {
         let stale_after = self.stale_after;
-        self.with(|s| s.synced && s.fresh(Instant::now(), stale_after))
+        self.with(|s| s.synced && s.serving && s.fresh(Instant::now(), stale_after))
     }
 
     /// A copy of the state.
@@ -277,6 +285,8 @@ mod tests {
         assert_eq!(status(&s, "/livez", now), StatusCode::OK);
         assert_eq!(status(&s, "/readyz", now), StatusCode::SERVICE_UNAVAILABLE);
         s.synced = true;
+        assert_eq!(status(&s, "/readyz", now), StatusCode::SERVICE_UNAVAILABLE);
+        s.serving = true;
         assert_eq!(status(&s, "/readyz", now), StatusCode::OK);
         assert_eq!(status(&s, "/other", now), StatusCode::NOT_FOUND);
     }
@@ -286,6 +296,7 @@ mod tests {
         let t0 = Instant::now();
         let s = State {
             synced: true,
+            serving: true,
             pending_since: Some(t0),
             ..State::default()
         };
@@ -307,6 +318,7 @@ mod tests {
         let now = Instant::now();
         let s = State {
             synced: true,
+            serving: true,
             node_deleting: true,
             last_updated: Some(jiff::Timestamp::UNIX_EPOCH),
             ..State::default()
@@ -326,6 +338,7 @@ mod tests {
         let t0 = Instant::now();
         let s = State {
             synced: true,
+            serving: true,
             source_down_since: Some(t0),
             ..State::default()
         };
@@ -353,6 +366,8 @@ mod tests {
         assert!(!h.proxy_healthy(), "not synced yet");
         h.programmed();
         assert_eq!(h.state().pending_since, None);
+        assert!(!h.proxy_healthy(), "not serving yet");
+        h.serving();
         assert!(h.proxy_healthy());
         h.source_up(false);
         let down = h.state().source_down_since;

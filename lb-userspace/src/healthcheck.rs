@@ -197,6 +197,7 @@ mod tests {
     async fn opens_updates_and_closes_ports() {
         let health = Health::new(std::time::Duration::from_secs(60));
         health.programmed();
+        health.serving();
         let mut servers = HealthCheckServers::new(health);
         // A free port, found by binding and releasing it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -3,9 +3,9 @@
 //! Everything lives under one bpffs directory ([`PinLayout`]): `maps/<name>` and
 //! `links/<program>`. Pinned maps are reused by a restarted agent, after checking that their
 //! type and layout are what this build expects (aya would reuse them unchecked). Pinned links
-//! keep the programs attached while no agent runs; a new agent attaches its programs first and
-//! then renames the new link pins over the old ones, so there is never a moment without a
-//! program on the cgroup.
+//! keep the programs attached while no agent runs; a new agent (once its maps are written)
+//! attaches its programs first and then renames the new link pins over the old ones, so
+//! there is never a moment without a program on the cgroup.
 
 use std::{
     ffi::CString,

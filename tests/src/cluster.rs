@@ -280,6 +280,15 @@ impl Cluster {
         ))
     }
 
+    /// Waits until the agent's `/readyz` answers 200: its first sync is written and its
+    /// programs attached.
+    pub fn wait_ready(&self) {
+        self.wait_until("the agent is ready", Duration::from_secs(30), || {
+            self.agent_http("/readyz")
+                .is_ok_and(|(status, _)| status == 200)
+        });
+    }
+
     /// `ip link show DEV` in node A.
     pub fn node_link(&self, dev: &str) -> String {
         self.node_a

@@ -128,6 +128,8 @@ pub struct World {
     bins: PathBuf,
     dir: PathBuf,
     pin_dir: PathBuf,
+    /// Agents started so far.
+    starts: usize,
     servers: Vec<Proc>,
     agent: Option<Proc>,
     // Fields drop in order: processes first, then the cgroup (detaching the programs), then
@@ -150,6 +152,7 @@ impl World {
         let world = Self {
             bins: bin_dir(),
             pin_dir: pin_dir_of(&tag),
+            starts: 0,
             cgroup: Cgroup::create(&tag).expect("cgroup"),
             servers: Vec::new(),
             agent: None,
@@ -345,6 +348,7 @@ impl World {
             .stdout(Stdio::null())
             .stderr(log);
         self.agent = Some(Proc::spawn(cmd).expect("spawning lb-agent"));
+        self.starts += 1;
     }
 
     /// Kills the agent with SIGKILL (a crash).
@@ -418,6 +422,14 @@ impl World {
             .map(|r| r.backends)
     }
 
+    /// Waits until the last agent started has written its first sync and attached its
+    /// programs (it logs `initial sync done` after both).
+    pub fn wait_ready(&self) {
+        self.wait_until("the agent is ready", Duration::from_secs(60), || {
+            self.agent_log().matches("initial sync done").count() >= self.starts
+        });
+    }
+
     /// Polls `done` every 20 ms until it holds; panics after `timeout` with `what`.
     pub fn wait_until(
         &self,
@@ -430,6 +442,7 @@ impl World {
 
     /// Waits until a frontend is programmed with `backends` backends.
     pub fn wait_for_backends(&self, frontend: &str, backends: u16) -> Duration {
+        self.wait_ready();
         self.wait_until(
             &format!("{frontend} has {backends} backends"),
             Duration::from_secs(10),

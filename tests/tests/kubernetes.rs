@@ -592,3 +592,72 @@ fn an_unprogrammable_service_gets_one_warning_event() {
     assert!(again[0]["series"].is_null(), "{again:?}");
     assert!(events_of("web").is_empty(), "valid services get no event");
 }
+
+#[test]
+fn an_upgrade_to_new_map_layouts_has_no_gap_even_before_the_api_answers() {
+    if !require_privileges("an_upgrade_to_new_map_layouts_has_no_gap_even_before_the_api_answers") {
+        return;
+    }
+    use lb_common::maps;
+    let api = ApiServer::start();
+    let mut w = world(&api, 2);
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(WEB_TCP, 2);
+    let vip = format!("{WEB_V4}:80");
+    let mut held = w.hold(&vip);
+    let backend = held.first.backend.clone().expect("answered");
+
+    // A new build whose service maps have new layouts (new names): its agent finds none of
+    // them pinned and creates them empty. The old agent dies (SIGKILL, as in a rolling
+    // update that kills), and the new one starts while the API server is unreachable, so
+    // its first sync waits.
+    w.kill_agent();
+    for name in [
+        maps::SERVICES,
+        maps::SLOTS,
+        maps::BACKENDS,
+        maps::SERVICE_INFO,
+    ] {
+        std::fs::remove_file(w.pin_dir().join("maps").join(name)).expect("unpinning");
+    }
+    api.set_down(true);
+    w.start_agent_kube(&api, &[]);
+    w.wait_until(
+        "the new agent waits for the API",
+        Duration::from_secs(10),
+        || w.agent_log().matches("watch failed").count() >= 1,
+    );
+    // The old programs keep serving from the old maps: no connection fails.
+    for _ in 0..5 {
+        let attempts = w.probe(&["tcp", &vip, "--count", "10"]);
+        assert!(
+            attempts.iter().all(|a| a.error.is_none()),
+            "served while the new agent waits: {attempts:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    let attached = || w.agent_log().matches("programs attached").count();
+    assert_eq!(
+        attached(),
+        1,
+        "the new agent attaches nothing before its first sync"
+    );
+
+    api.set_down(false);
+    w.wait_until("the new programs serve", Duration::from_secs(40), || {
+        attached() == 2
+    });
+    assert_eq!(
+        w.backend_count(WEB_TCP),
+        Some(2),
+        "the new maps hold the service"
+    );
+    let attempts = w.probe(&["tcp", &vip, "--count", "20"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    assert_eq!(Attempt::backends(&attempts).len(), 2);
+    assert_eq!(
+        held.ping().backend,
+        Some(backend),
+        "the connection survived"
+    );
+}

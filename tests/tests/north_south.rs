@@ -167,6 +167,7 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
     manifests(&c);
     c.native_peers();
     c.start_agent(&["--xdp-mode", "native"]);
+    c.wait_ready();
     c.wait_until(
         "the north-south frontends are programmed",
         Duration::from_secs(15),
@@ -303,6 +304,7 @@ fn web_cluster() -> (Cluster, String) {
     let mut c = Cluster::new(PORT);
     c.write_manifest("web.yaml", &web(&ALL_PODS));
     c.start_agent(&["--xdp-mode", "generic"]);
+    c.wait_ready();
     let frontend = format!("{NODE_A}:30080");
     c.wait_until("web is programmed", Duration::from_secs(15), || {
         row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)

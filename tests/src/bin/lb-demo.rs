@@ -195,6 +195,7 @@ fn north_south() {
     c.write_manifest("north-south.yaml", NORTH_SOUTH);
     c.native_peers();
     c.start_agent(&["--xdp-mode", "native"]);
+    c.wait_ready();
     c.wait_until(
         "the frontends are programmed",
         Duration::from_secs(15),
