@@ -260,6 +260,9 @@ pub struct Reconciler<D: Datapath> {
     claims: BTreeMap<ServiceKey, BTreeSet<ObjectRef>>,
     /// Frontends whose writes failed, retried on the next sync.
     retry: BTreeSet<ServiceKey>,
+    /// Frontends refused for lack of map space (reported once), tried again after every
+    /// sync: they are programmed as soon as the space is there.
+    refused: BTreeSet<ServiceKey>,
     /// Whether entries nothing refers to may exist (after a restart or a failed write).
     garbage: bool,
     /// The agent's own API server address, if it is a service frontend.
@@ -287,6 +290,7 @@ impl<D: Datapath> Reconciler<D> {
             desired: BTreeMap::new(),
             claims: BTreeMap::new(),
             retry: BTreeSet::new(),
+            refused: BTreeSet::new(),
             garbage: true,
             api: None,
             ext,
@@ -422,29 +426,22 @@ impl<D: Datapath> Reconciler<D> {
 
         let mut removals = Vec::new();
         for key in touched {
-            let Some(claimants) = self.claims.get(&key) else {
+            if !self.claims.contains_key(&key) {
                 removals.push(key);
                 continue;
-            };
-            let mut claimants = claimants.iter();
-            let winner = claimants
-                .next()
-                .expect("claim sets are never empty")
-                .clone();
-            report.conflicts.extend(claimants.map(|loser| Conflict {
-                frontend: key,
-                winner: winner.clone(),
-                loser: loser.clone(),
-            }));
-            let frontend = self.desired[&winner]
-                .iter()
-                .find(|f| f.key == key)
-                .expect("claims follow desired")
-                .clone();
-            self.upsert(&winner, &frontend, &mut report);
+            }
+            self.program(key, true, &mut report);
         }
         for key in removals {
+            self.refused.remove(&key);
             self.remove(&key, &mut report);
+        }
+        // What this sync removed or shrank may have made room for frontends refused before.
+        let claims = &self.claims;
+        self.refused.retain(|key| claims.contains_key(key));
+        let waiting: Vec<ServiceKey> = self.refused.iter().copied().collect();
+        for key in waiting {
+            self.program(key, false, &mut report);
         }
         self.sync_external(ext_touched, &mut report);
         if self.garbage && report.errors.is_empty() {
@@ -452,6 +449,32 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.synced = true;
         report
+    }
+
+    /// Programs frontend `key` as its first claimant wants it (reporting the other claimants
+    /// as conflicts when `report_conflicts`).
+    fn program(&mut self, key: ServiceKey, report_conflicts: bool, report: &mut SyncReport) {
+        let Some(claimants) = self.claims.get(&key) else {
+            return;
+        };
+        let mut claimants = claimants.iter();
+        let winner = claimants
+            .next()
+            .expect("claim sets are never empty")
+            .clone();
+        if report_conflicts {
+            report.conflicts.extend(claimants.map(|loser| Conflict {
+                frontend: key,
+                winner: winner.clone(),
+                loser: loser.clone(),
+            }));
+        }
+        let frontend = self.desired[&winner]
+            .iter()
+            .find(|f| f.key == key)
+            .expect("claims follow desired")
+            .clone();
+        self.upsert(&winner, &frontend, report);
     }
 
     /// Replaces the desired frontends of `owner`, updating claims and noting every frontend
@@ -619,14 +642,18 @@ impl<D: Datapath> Reconciler<D> {
         };
         if let Some(full) = self.overflow(id, &growth) {
             release(&mut self.idx, &self.mirror);
-            report.full.push(MapFull {
-                service: owner.clone(),
-                frontend: key,
-                map: full.0,
-                capacity: full.1,
-            });
+            // Reported when first refused; tried again quietly after every sync.
+            if self.refused.insert(key) {
+                report.full.push(MapFull {
+                    service: owner.clone(),
+                    frontend: key,
+                    map: full.0,
+                    capacity: full.1,
+                });
+            }
             return;
         }
+        self.refused.remove(&key);
 
         let mut ops = new_backends;
         ops.extend(members.difference(&matched).map(|m| Op::PutMatch(*m)));

@@ -304,3 +304,65 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
         2
     );
 }
+
+#[test]
+fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_room() {
+    if !require_privileges(
+        "a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_room",
+    ) {
+        return;
+    }
+    // demo/web's four frontends fill a service map of four.
+    let w = web_world(2, &["--max-services", "4"]);
+    let vip = format!("{}:80", lb_tests::fixture::WEB_V4);
+    let mut held = w.hold(&vip);
+    let other = documents(&[
+        service("demo", "other", &["10.96.0.20"], &[("", 80, "TCP")]),
+        slice(
+            "demo",
+            "other-1",
+            "other",
+            "IPv4",
+            &[("", SPORT, "TCP")],
+            &[Ep::ready(w.backend_v4(0))],
+        ),
+    ]);
+    w.write_manifest("other.yaml", &other);
+    w.wait_until(
+        "the refusal is logged",
+        std::time::Duration::from_secs(10),
+        || w.agent_log().contains("map full"),
+    );
+    assert_eq!(
+        w.agent_log().matches("map full").count(),
+        1,
+        "reported once"
+    );
+    // Nothing of the newcomer is written, and the rest serves on.
+    assert!(w.backend_count("10.96.0.20:80/TCP").is_none());
+    let services = w
+        .capacity()
+        .into_iter()
+        .find(|r| r.map == "lb_svc_v1")
+        .expect("row");
+    assert_eq!((services.entries, services.capacity), (4, 4));
+    for a in w.probe(&["tcp", "10.96.0.20:80", "--count", "2"]) {
+        assert_eq!(
+            a.error.as_deref(),
+            Some("ENETUNREACH"),
+            "not translated: {a:?}"
+        );
+    }
+    let attempts = w.probe(&["tcp", &vip, "--count", "20"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    assert!(held.ping().error.is_none(), "the held connection survives");
+
+    // web goes: the newcomer is programmed in the same sync, without a change of its own.
+    w.write_manifest("web.yaml", "");
+    w.wait_for_backends("10.96.0.20:80/TCP", 1);
+    let attempts = w.probe(&["tcp", "10.96.0.20:80", "--count", "5"]);
+    assert!(
+        attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
+        "{attempts:?}"
+    );
+}

@@ -469,6 +469,37 @@ fn a_full_map_refuses_the_new_service_and_keeps_the_others() {
 }
 
 #[test]
+fn a_refused_service_is_reported_once_and_programmed_when_room_is_made() {
+    let caps = Capacities { slots: 3, ..CAPS };
+    let mut h = Harness::over(FakeDatapath::new(caps));
+    let (dns_svc, dns_slice) = dns(&["10.0.1.1"]);
+    // After dns's frontends in key order: web is the one that does not fit.
+    let web_svc = web("10.96.0.200");
+    let web_eps = web_slice(&["10.0.0.1", "10.0.0.2"]);
+    let report = h.sync(
+        vec![dns_svc.clone(), web_svc.clone()],
+        vec![dns_slice.clone(), web_eps.clone()],
+    );
+    assert_eq!(report.full.len(), 1, "{report:?}");
+    // Other changes: the refusal is not reported again.
+    let (other_svc, other_slice) = dns(&["10.0.1.2"]);
+    let report = h.sync(
+        vec![other_svc, web_svc.clone()],
+        vec![other_slice, web_eps.clone()],
+    );
+    assert!(report.full.is_empty(), "{:?}", report.full);
+    assert!(!h.served().contains_key("10.96.0.200:80/TCP"));
+    // dns goes: its slots free, and web is programmed in the same sync.
+    let report = h.sync(vec![web_svc], vec![web_eps]);
+    assert!(report.full.is_empty(), "{:?}", report.full);
+    assert_eq!(
+        h.served()["10.96.0.200:80/TCP"],
+        entry("ns/web:http", &["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+    assert_eq!(h.served().len(), 1);
+}
+
+#[test]
 fn a_frontend_claimed_twice_goes_to_the_first_service() {
     let mut h = Harness::new();
     let twin = service("ns", "aaa-twin", &["10.96.0.1"], &[("http", 80, "TCP")]);
