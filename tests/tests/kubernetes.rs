@@ -661,3 +661,93 @@ fn an_upgrade_to_new_map_layouts_has_no_gap_even_before_the_api_answers() {
         "the connection survived"
     );
 }
+
+/// The agent's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn sustained_endpoint_churn_is_coalesced_with_bounded_memory() {
+    if !require_privileges("sustained_endpoint_churn_is_coalesced_with_bounded_memory") {
+        return;
+    }
+    const SERVICES: usize = 100;
+    const MAX_UPDATES: usize = 20_000;
+    const BURST: Duration = Duration::from_secs(3);
+    let api = ApiServer::start();
+    let mut w = world(&api, 3);
+    let addrs: Vec<String> = (0..3).map(|b| w.backend_v4(b).to_string()).collect();
+    let churn = |i: usize, backends: &[usize]| {
+        let eps: Vec<Ep> = backends.iter().map(|b| Ep::ready(&addrs[*b])).collect();
+        slice(
+            "churn",
+            &format!("s{i}-1"),
+            &format!("s{i}"),
+            "IPv4",
+            &[("", P, "TCP")],
+            &eps,
+        )
+    };
+    for i in 0..SERVICES {
+        let ip = format!("10.96.10.{}", i + 1);
+        api.apply(&documents(&[
+            service("churn", &format!("s{i}"), &[&ip], &[("", 80, "TCP")]),
+            churn(i, &[0, 1, 2]),
+        ]));
+    }
+    w.start_agent_kube(&api, &[]);
+    w.wait_for_backends(&format!("10.96.10.{SERVICES}:80/TCP"), 3);
+    let pid = w.agent_pid().expect("the agent runs");
+    let rss_before = rss_kib(pid);
+    let syncs_before = write_syncs(&w);
+
+    // As many slice updates as the API fixture takes for a few seconds, bounded in count.
+    let sets: [&[usize]; 4] = [&[0, 1], &[2], &[0, 1, 2], &[1, 2]];
+    let started = std::time::Instant::now();
+    let mut updates = 0;
+    while started.elapsed() < BURST && updates < MAX_UPDATES {
+        let i = updates % SERVICES;
+        let set = (updates / SERVICES + i) % 4;
+        api.apply(&churn(i, sets[set]));
+        updates += 1;
+    }
+    let burst = started.elapsed();
+    // The final state: every service on one backend, b0, so convergence is plain to see.
+    for i in 0..SERVICES {
+        api.apply(&churn(i, &[0]));
+    }
+    let converged = w.wait_until("the agent caught up", Duration::from_secs(20), || {
+        let rows = w.services();
+        rows.iter()
+            .filter(|r| r.frontend.starts_with("10.96.10.") && r.backends == 1)
+            .count()
+            == SERVICES
+    });
+    let rss_after = rss_kib(pid);
+    let syncs = write_syncs(&w) - syncs_before;
+    let total = updates + SERVICES;
+    eprintln!(
+        "churn: {total} slice updates in {burst:?} ({:.0}/s), {syncs} syncs that wrote \
+         ({:.1} updates per sync), caught up {converged:?} after the last one, RSS \
+         {rss_before} -> {rss_after} KiB",
+        updates as f64 / burst.as_secs_f64(),
+        total as f64 / syncs.max(1) as f64,
+    );
+    assert!(updates >= 1000, "the burst was a burst: {updates}");
+    assert!(
+        syncs < total,
+        "updates were coalesced: {syncs} syncs for {total}"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "memory stayed bounded: {rss_before} -> {rss_after} KiB"
+    );
+    let attempts = w.probe(&["tcp", "10.96.10.7:80", "--count", "5"]);
+    assert_eq!(Attempt::backends(&attempts), names(&["b0"]));
+}
