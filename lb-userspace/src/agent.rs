@@ -142,10 +142,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         reconciler.contents(),
         &reconciler.datapath().capacities(),
     ));
+    let (explainer, mut explain_rx) = mpsc::channel::<health::ExplainRequest>(8);
     if let Some(addr) = args.health().map_err(AgentError::Config)? {
         let (health, metrics) = (health.clone(), metrics.clone());
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, health, metrics).await {
+            if let Err(e) = health::serve(addr, health, metrics, explainer).await {
                 error!(%addr, error = %e, "the health endpoint failed");
             }
         });
@@ -256,6 +257,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                           "node addresses changed; node ports follow");
                 }
             }
+            Some((service, reply)) = explain_rx.recv() => {
+                let _gone = reply.send(explanation(&store, &service));
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -263,6 +267,21 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
     Ok(())
+}
+
+/// Why each endpoint of `service` does or does not get new connections on this node, as
+/// JSON; `None` if the store has no such service.
+fn explanation(store: &Store, service: &ObjectRef) -> Option<String> {
+    let svc = store.service(service)?;
+    let value = match crate::model::explain(svc, store.slices_of(service), store.node()) {
+        Ok(ports) => serde_json::json!({"service": service.to_string(), "ports": ports}),
+        Err(rejection) => serde_json::json!({
+            "service": service.to_string(),
+            "rejected": rejection.to_string(),
+            "ports": [],
+        }),
+    };
+    Some(value.to_string())
 }
 
 /// Attaches this build's socket programs to `cgroup` (replacing a previous agent's in place),

@@ -137,6 +137,52 @@ pub fn usable<'a>(
     }
 }
 
+/// Why an endpoint does or does not get new connections, as `explain` says it.
+pub fn verdicts<'a>(
+    endpoints: &'a [Candidate],
+    policy: TrafficPolicy,
+    node: &NodeInfo,
+) -> Vec<(&'a Candidate, Result<&'static str, String>)> {
+    let chosen = usable(endpoints, policy, node);
+    let fallback = chosen.iter().all(|c| !c.ready) && !chosen.is_empty();
+    let topo = topology(endpoints, node);
+    let here = node.name.as_deref().unwrap_or("?");
+    endpoints
+        .iter()
+        .map(|c| {
+            let verdict = if chosen.iter().any(|x| std::ptr::eq(*x, c)) {
+                Ok(if fallback {
+                    "serving and terminating: used because no endpoint is ready"
+                } else {
+                    "ready"
+                })
+            } else if policy == TrafficPolicy::Local && !c.local(node) {
+                Err(format!(
+                    "on node {}, not this one ({here}): the traffic policy is Local",
+                    c.node_name.as_deref().unwrap_or("(none)")
+                ))
+            } else if c.ready {
+                let (kind, hints, mine) = match topo {
+                    Topology::SameNode => ("nodes", &c.node_hints, node.name.as_deref()),
+                    _ => ("zones", &c.zone_hints, node.zone.as_deref()),
+                };
+                Err(format!(
+                    "topology: hinted for {kind} {:?}, this node's is {}",
+                    hints,
+                    mine.unwrap_or("?")
+                ))
+            } else if c.serving_terminating() {
+                Err("serving but terminating: used only while no endpoint is ready".into())
+            } else if c.terminating {
+                Err("terminating and not serving".into())
+            } else {
+                Err("not ready".into())
+            };
+            (c, verdict)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +406,58 @@ mod tests {
         assert_eq!(
             topology(&[ep("1 zone=a node=n1")], &node),
             Topology::SameNode
+        );
+    }
+
+    #[test]
+    fn verdicts_say_why_each_endpoint_is_left_out() {
+        let node = NodeInfo {
+            name: Some("n1".into()),
+            zone: Some("a".into()),
+            addresses: Vec::new(),
+        };
+        let eps: Vec<Candidate> = ["1 zone=a", "2 zone=b", "3 unready", "4 serving-terminating"]
+            .iter()
+            .map(|s| ep(s))
+            .collect();
+        let got: Vec<(u8, String)> = verdicts(&eps, Cluster, &node)
+            .into_iter()
+            .map(|(c, v)| {
+                let last = match c.ip {
+                    IpAddr::V4(ip) => ip.octets()[3],
+                    IpAddr::V6(_) => 0,
+                };
+                (last, v.map(String::from).unwrap_or_else(|e| e))
+            })
+            .collect();
+        assert_eq!(got[0], (1, "ready".into()));
+        assert!(
+            got[1].1.starts_with("topology: hinted for zones {\"b\"}"),
+            "{got:?}"
+        );
+        assert_eq!(got[2], (3, "not ready".into()));
+        assert!(got[3].1.starts_with("serving but terminating"), "{got:?}");
+
+        // Nothing ready: the serving-terminating one is used, and says why.
+        let eps: Vec<Candidate> = ["3 unready", "4 serving-terminating"]
+            .iter()
+            .map(|s| ep(s))
+            .collect();
+        let v = verdicts(&eps, Cluster, &node);
+        assert_eq!(
+            v[1].1,
+            Ok("serving and terminating: used because no endpoint is ready")
+        );
+
+        // Local: another node's endpoint is named.
+        let mut remote = ep("5");
+        remote.node_name = Some("n2".into());
+        let eps = vec![ep("6 local"), remote];
+        let v = verdicts(&eps, Local, &node);
+        assert_eq!(v[0].1, Ok("ready"));
+        assert_eq!(
+            v[1].1,
+            Err("on node n2, not this one (n1): the traffic policy is Local".into())
         );
     }
 }

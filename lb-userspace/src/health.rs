@@ -12,6 +12,8 @@
 //!   than `--stale-after`: the datapath keeps serving its last state, and the body says since
 //!   when.
 //! - `/metrics`: Prometheus text format (see [`crate::metrics`]).
+//! - `/explain/NAMESPACE/NAME`, from loopback only: why each endpoint of the service does or
+//!   does not get new connections on this node, as JSON (`lbctl explain` asks it).
 
 use std::{
     convert::Infallible,
@@ -26,9 +28,10 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, model::ObjectRef};
 
 /// The state the health endpoints report, shared by the agent loop, the source and the
 /// servers.
@@ -213,18 +216,65 @@ impl Health {
     }
 }
 
+/// A question to the agent's loop: the explanation of a service (JSON), if it exists.
+pub type ExplainRequest = (ObjectRef, oneshot::Sender<Option<String>>);
+
+/// Asks the agent's loop to explain `path`'s service (`/explain/NAMESPACE/NAME`).
+async fn explain(path: &str, peer: SocketAddr, explainer: &mpsc::Sender<ExplainRequest>) -> Answer {
+    if !peer.ip().to_canonical().is_loopback() {
+        return Answer::text(
+            StatusCode::FORBIDDEN,
+            "explain is served on loopback only\n",
+        );
+    }
+    let Some((ns, name)) = path
+        .strip_prefix("/explain/")
+        .and_then(|rest| rest.split_once('/'))
+    else {
+        return Answer::text(StatusCode::NOT_FOUND, "use /explain/NAMESPACE/NAME\n");
+    };
+    let (tx, rx) = oneshot::channel();
+    if explainer
+        .send((ObjectRef::new(ns, name), tx))
+        .await
+        .is_err()
+    {
+        return Answer::text(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n");
+    }
+    match tokio::time::timeout(Duration::from_secs(5), rx).await {
+        Ok(Ok(Some(json))) => Answer {
+            status: StatusCode::OK,
+            body: json,
+            json: true,
+        },
+        Ok(Ok(None)) => Answer::text(StatusCode::NOT_FOUND, format!("no service {ns}/{name}\n")),
+        _ => Answer::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent did not answer\n",
+        ),
+    }
+}
+
 /// Serves the endpoints on `addr` until the runtime stops.
-pub async fn serve(addr: SocketAddr, health: Health, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    health: Health,
+    metrics: Arc<Metrics>,
+    explainer: mpsc::Sender<ExplainRequest>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, "health and metrics endpoint listening");
     loop {
-        let (stream, _) = listener.accept().await?;
-        let (health, metrics) = (health.clone(), metrics.clone());
+        let (stream, peer) = listener.accept().await?;
+        let (health, metrics, explainer) = (health.clone(), metrics.clone(), explainer.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (health, metrics) = (health.clone(), metrics.clone());
+                let (health, metrics, explainer) =
+                    (health.clone(), metrics.clone(), explainer.clone());
                 async move {
-                    let answer = if req.uri().path() == "/metrics" {
+                    let answer = if req.uri().path().starts_with("/explain/") {
+                        explain(req.uri().path(), peer, &explainer).await
+                    } else if req.uri().path() == "/metrics" {
                         // Reading the maps makes system calls: off the runtime's thread.
                         let text = tokio::task::spawn_blocking(move || metrics.encode()).await;
                         match text {
@@ -248,6 +298,24 @@ pub async fn serve(addr: SocketAddr, health: Health, metrics: Arc<Metrics>) -> s
             }
         });
     }
+}
+
+/// One HTTP/1.0 GET of `path` from `addr` (the agent's endpoint, from `lbctl` and the tests):
+/// the status code and the body.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: lb-agent\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, body.to_owned()))
 }
 
 fn response(answer: Answer, metrics: bool) -> Response<Full<Bytes>> {

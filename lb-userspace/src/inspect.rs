@@ -511,6 +511,310 @@ pub fn stats_table(stats: &BTreeMap<&'static str, u64>) -> String {
     )
 }
 
+/// A backend's part of a frontend's picks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Pick {
+    /// The backend.
+    pub backend: Option<SocketAddr>,
+    /// The share of new connections or flows it gets, in percent.
+    pub percent: f64,
+}
+
+/// What the socket hooks do with connections from this node's processes to a frontend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SocketPath {
+    /// `namespace/name`.
+    pub service: String,
+    /// The service port's name.
+    pub port_name: String,
+    /// Service id.
+    pub id: u32,
+    /// The backends in its slots, with their shares.
+    pub backends: Vec<Pick>,
+    /// Session affinity timeout (0: none).
+    pub affinity_timeout_s: u32,
+    /// How the hook picks.
+    pub pick: String,
+}
+
+/// The XDP program's answer for one built packet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpRun {
+    /// The device whose program ran.
+    pub device: String,
+    /// Its verdict: `XDP_TX`, `XDP_REDIRECT`, `XDP_PASS`, `XDP_DROP`, `XDP_ABORTED`.
+    pub verdict: String,
+    /// The packet's source after the program, if it rewrote it.
+    pub source: Option<SocketAddr>,
+    /// The packet's destination after the program (the backend), if it rewrote it.
+    pub destination: Option<SocketAddr>,
+    /// What that means.
+    pub meaning: String,
+}
+
+/// What XDP does with packets from outside to a north-south frontend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NorthSouthPath {
+    /// `namespace/name`.
+    pub service: String,
+    /// The service port's name.
+    pub port_name: String,
+    /// North-south service id.
+    pub id: u32,
+    /// `Cluster` or `Local`.
+    pub policy: String,
+    /// Whether loadBalancerSourceRanges filter it.
+    pub source_ranges: bool,
+    /// Maglev table size (0: no backend, new flows are dropped).
+    pub table_size: u32,
+    /// The backends in the table, with their shares of new flows.
+    pub backends: Vec<Pick>,
+    /// The program's own answer for the packet asked about, when it was run.
+    pub datapath: Option<XdpRun>,
+}
+
+/// `lbctl explain`: what the datapath does with traffic to one address, port and protocol.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// `address:port/PROTO`.
+    pub destination: String,
+    /// The client asked about.
+    pub source: SocketAddr,
+    /// The socket-level frontend, if the address is one (connections from this node).
+    pub socket: Option<SocketPath>,
+    /// The north-south frontend, if the address is one (packets from outside).
+    pub north_south: Option<NorthSouthPath>,
+    /// Why each endpoint of the service is or is not eligible, from the agent.
+    pub endpoints: Option<serde_json::Value>,
+    /// Why the agent's view is missing, when it is.
+    pub endpoints_unavailable: Option<String>,
+}
+
+fn percent(part: u32, whole: u32) -> f64 {
+    (f64::from(part) * 1000.0 / f64::from(whole.max(1))).round() / 10.0
+}
+
+/// What the maps say about traffic from `source` to `key` (the datapath run and the agent's
+/// endpoint verdicts are added by the caller).
+pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanation {
+    let socket = c.services.get(key).map(|v| {
+        let row = row(c, key);
+        let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+        for (k, id) in c.slots_of(v.id) {
+            if k.slot < u32::from(v.count) {
+                *slots.entry(*id).or_default() += 1;
+            }
+        }
+        let pick = match (v.count, v.affinity_timeout_s) {
+            (0, _) => "no backends: connect() and sendmsg() are refused (ECONNREFUSED)".into(),
+            (n, 0) => format!(
+                "connect() and unconnected sendmsg() take one of {n} slots at random; a \
+                 backend's share is its slots"
+            ),
+            (n, t) => format!(
+                "one of {n} slots at random, then ClientIP affinity keeps each client (network \
+                 namespace) on its backend for {t}s"
+            ),
+        };
+        SocketPath {
+            service: row.service,
+            port_name: row.port_name,
+            id: v.id,
+            backends: slots
+                .into_iter()
+                .map(|(id, n)| Pick {
+                    backend: c.backends.get(&id).map(to_socket_addr),
+                    percent: percent(n, u32::from(v.count)),
+                })
+                .collect(),
+            affinity_timeout_s: v.affinity_timeout_s,
+            pick,
+        }
+    });
+    let north_south = c.external.get(key).map(|v| {
+        let (service, port_name) = info_text(c.external_info.get(&v.id));
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in c.table_of(v).into_iter().flatten() {
+            *counts.entry(*id).or_default() += 1;
+        }
+        NorthSouthPath {
+            service,
+            port_name,
+            id: v.id,
+            policy: if v.flags & NS_F_LOCAL != 0 {
+                "Local"
+            } else {
+                "Cluster"
+            }
+            .into(),
+            source_ranges: v.flags & NS_F_SOURCE_RANGES != 0,
+            table_size: v.ring_size,
+            backends: counts
+                .into_iter()
+                .map(|(id, n)| Pick {
+                    backend: c.backends.get(&id).map(to_socket_addr),
+                    percent: percent(n, v.ring_size),
+                })
+                .collect(),
+            datapath: None,
+        }
+    });
+    Explanation {
+        destination: frontend_string(key),
+        source,
+        socket,
+        north_south,
+        endpoints: None,
+        endpoints_unavailable: None,
+    }
+}
+
+/// The meaning of an XDP verdict on `input`, given the frame it left (`output`).
+pub fn xdp_run(device: &str, verdict: i32, input: &[u8], output: &[u8]) -> XdpRun {
+    let after = crate::packet::parse(output).ok();
+    let rewritten = output != input;
+    let (source, destination) = match (&after, rewritten) {
+        (Some(p), true) => (Some(p.src), Some(p.dst)),
+        _ => (None, None),
+    };
+    let (name, meaning) = match (verdict, rewritten) {
+        (1, _) => (
+            "XDP_DROP",
+            "dropped: no (local) backend, a source outside loadBalancerSourceRanges, or no \
+             free SNAT port (see lbctl stats)",
+        ),
+        (2, true) => (
+            "XDP_PASS",
+            "translated and handed to the stack (a backend on this node, or a next hop the \
+             FIB could not resolve)",
+        ),
+        (2, false) => ("XDP_PASS", "not translated: handed to the stack as it came"),
+        (3, _) => (
+            "XDP_TX",
+            "translated and sent back out of the device it came in by",
+        ),
+        (4, _) => (
+            "XDP_REDIRECT",
+            "translated and redirected to another device",
+        ),
+        _ => ("XDP_ABORTED", "the program failed"),
+    };
+    XdpRun {
+        device: device.to_owned(),
+        verdict: name.into(),
+        source,
+        destination,
+        meaning: meaning.into(),
+    }
+}
+
+/// The explanation as text.
+pub fn explain_text(e: &Explanation) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let picks = |b: &[Pick]| -> String {
+        b.iter()
+            .map(|p| {
+                format!(
+                    "{} {:.1}%",
+                    p.backend.map_or("?".into(), |a| a.to_string()),
+                    p.percent
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(out, "{} from {}", e.destination, e.source);
+    match &e.socket {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "socket hooks (connections from this node): {} port {:?}, id {}",
+                s.service, s.port_name, s.id
+            );
+            let _ = writeln!(out, "  backends: {}", picks(&s.backends));
+            let _ = writeln!(out, "  pick: {}", s.pick);
+        }
+        None => {
+            let _ = writeln!(out, "socket hooks: not a frontend (not translated)");
+        }
+    }
+    match &e.north_south {
+        Some(n) => {
+            let _ = writeln!(
+                out,
+                "XDP (packets from outside): {} port {:?}, id {}, policy {}{}",
+                n.service,
+                n.port_name,
+                n.id,
+                n.policy,
+                if n.source_ranges {
+                    ", source ranges apply"
+                } else {
+                    ""
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  Maglev table of {}: {}",
+                n.table_size,
+                picks(&n.backends)
+            );
+            if let Some(r) = &n.datapath {
+                let _ = writeln!(
+                    out,
+                    "  xdp_lb on {} says {}: {}",
+                    r.device, r.verdict, r.meaning
+                );
+                if let (Some(src), Some(dst)) = (r.source, r.destination) {
+                    let _ = writeln!(out, "    rewritten: {src} -> {dst}");
+                }
+            }
+        }
+        None => {
+            let _ = writeln!(out, "XDP: not a north-south frontend");
+        }
+    }
+    if let Some(why) = &e.endpoints_unavailable {
+        let _ = writeln!(out, "endpoints: {why}");
+    }
+    if let Some(ports) = e.endpoints.as_ref().and_then(|v| v["ports"].as_array()) {
+        if let Some(r) = e.endpoints.as_ref().and_then(|v| v["rejected"].as_str()) {
+            let _ = writeln!(out, "the service is not programmed: {r}");
+        }
+        for p in ports {
+            let _ = writeln!(
+                out,
+                "endpoints of port {} {}/{} ({}; internalTrafficPolicy {}, externalTrafficPolicy {}):",
+                p["port_name"],
+                p["port"],
+                p["protocol"].as_str().unwrap_or("?"),
+                p["family"].as_str().unwrap_or("?"),
+                p["internal_policy"].as_str().unwrap_or("?"),
+                p["external_policy"].as_str().unwrap_or("?"),
+            );
+            for ep in p["endpoints"].as_array().into_iter().flatten() {
+                let verdict = |v: &serde_json::Value| {
+                    format!(
+                        "{} ({})",
+                        if v["eligible"] == true { "yes" } else { "no" },
+                        v["why"].as_str().unwrap_or("?")
+                    )
+                };
+                let _ = writeln!(
+                    out,
+                    "  {} on {}: cluster IP {}; from outside {}",
+                    ep["address"].as_str().unwrap_or("?"),
+                    ep["node"].as_str().unwrap_or("?"),
+                    verdict(&ep["cluster_ip"]),
+                    verdict(&ep["external"]),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// How full one map is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CapacityRow {
@@ -695,6 +999,56 @@ mod tests {
         c.slots.insert(SlotKey { svc_id: 1, slot: 1 }, 2);
         c.slots.insert(SlotKey { svc_id: 2, slot: 0 }, 3);
         c
+    }
+
+    #[test]
+    fn explain_reads_the_frontend_its_backends_and_how_one_is_picked() {
+        let c = contents();
+        let key = ServiceKey::new(
+            to_addr6("10.96.0.10".parse().unwrap()),
+            53u16.to_be(),
+            proto::UDP,
+        );
+        let e = explain(&c, &key, "198.18.0.1:40000".parse().unwrap());
+        assert_eq!(e.destination, "10.96.0.10:53/UDP");
+        let s = e.socket.expect("a socket frontend");
+        assert_eq!((s.service.as_str(), s.id), ("kube-system/dns", 1));
+        let picks: Vec<(String, f64)> = s
+            .backends
+            .iter()
+            .map(|p| (p.backend.unwrap().to_string(), p.percent))
+            .collect();
+        assert_eq!(
+            picks,
+            [
+                ("10.0.0.1:53".to_string(), 50.0),
+                ("10.0.0.2:53".to_string(), 50.0)
+            ]
+        );
+        assert!(s.pick.contains("one of 2 slots at random"), "{}", s.pick);
+        assert!(e.north_south.is_none());
+        let text = explain_text(&explain(&c, &key, "198.18.0.1:40000".parse().unwrap()));
+        assert!(text.contains("XDP: not a north-south frontend"), "{text}");
+        // A verdict that rewrote the packet names where it goes.
+        let f = crate::packet::frame(
+            proto::TCP,
+            "1.1.1.1:1".parse().unwrap(),
+            "2.2.2.2:2".parse().unwrap(),
+            b"",
+        );
+        let g = crate::packet::frame(
+            proto::TCP,
+            "3.3.3.3:3".parse().unwrap(),
+            "4.4.4.4:4".parse().unwrap(),
+            b"",
+        );
+        let run = xdp_run("eth0", 3, &f, &g);
+        assert_eq!(run.verdict, "XDP_TX");
+        assert_eq!(run.destination, Some("4.4.4.4:4".parse().unwrap()));
+        assert_eq!(
+            xdp_run("eth0", 2, &f, &f).meaning,
+            "not translated: handed to the stack as it came"
+        );
     }
 
     #[test]

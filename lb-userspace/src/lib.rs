@@ -27,6 +27,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod model;
 pub mod netdev;
+pub mod packet;
 pub mod privileges;
 pub mod reconcile;
 pub mod sockets;

@@ -467,19 +467,13 @@ impl Loaded {
                 .test_run(opts)
                 .map_err(perr)?
         } else {
-            for word in [0, frame.len() as u32, 0, ifindex, 0, 0] {
-                ctx.extend_from_slice(&word.to_ne_bytes());
-            }
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
+            return run_xdp(
+                program::<Xdp>(&mut self.ebpf, name)?,
+                frame,
+                ifindex,
                 repeat,
-                ..Default::default()
-            };
-            program::<Xdp>(&mut self.ebpf, name)?
-                .test_run(opts)
-                .map_err(perr)?
+            )
+            .map_err(perr);
         };
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutput {
@@ -492,16 +486,7 @@ impl Loaded {
     /// The devices the north-south programs are attached to (from the link pins, so a
     /// restarted agent sees its predecessor's).
     pub fn attached_devices(&self) -> Result<Vec<String>, LoadError> {
-        let dir = self.layout.links();
-        let mut names = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let name = entry.map_err(io_err(&dir))?.file_name();
-            if let Some(dev) = name.to_str().and_then(|n| n.strip_prefix(XDP_LINK_PREFIX)) {
-                names.push(dev.to_owned());
-            }
-        }
-        names.sort();
-        Ok(names)
+        attached_devices(&self.layout)
     }
 
     /// Attaches the north-south programs to `device` (XDP in `mode` at ingress, tc egress),
@@ -591,6 +576,82 @@ impl Loaded {
         }
         Ok(())
     }
+}
+
+/// The devices with a pinned XDP link under `layout`, by name.
+pub fn attached_devices(layout: &PinLayout) -> Result<Vec<String>, LoadError> {
+    let dir = layout.links();
+    let mut names = Vec::new();
+    for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let name = entry.map_err(io_err(&dir))?.file_name();
+        if let Some(dev) = name.to_str().and_then(|n| n.strip_prefix(XDP_LINK_PREFIX)) {
+            names.push(dev.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Runs `prog` on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on device `ifindex`.
+fn run_xdp(
+    prog: &Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<TestRunOutput, ProgramError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let mut ctx = Vec::new();
+    for word in [0, frame.len() as u32, 0, ifindex, 0, 0] {
+        ctx.extend_from_slice(&word.to_ne_bytes());
+    }
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    let result = prog.test_run(opts)?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        verdict: result.return_value as i32,
+        frame: out,
+        duration: result.duration,
+    })
+}
+
+/// Runs the XDP program attached to `device` (through its pinned link) once on `frame`, as
+/// if the frame arrived on that device: the datapath's own answer to where a packet goes.
+/// The run acts like a packet: a new flow gets a conntrack entry and the counters count it.
+pub fn run_attached_xdp(
+    layout: &PinLayout,
+    device: &str,
+    ifindex: u32,
+    frame: &[u8],
+) -> Result<TestRunOutput, LoadError> {
+    let name = XDP_PROGRAM;
+    let pin = layout.links().join(format!("{XDP_LINK_PREFIX}{device}"));
+    let link: FdLink = PinnedLink::from_pin(&pin)
+        .map_err(|source| LoadError::Link { name, source })?
+        .into();
+    let id = link
+        .info()
+        .map_err(|source| LoadError::Link { name, source })?
+        .program_id();
+    let perr = |source| LoadError::Program { name, source };
+    let info = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .ok_or_else(|| perr(ProgramError::NotLoaded))?;
+    let prog = Xdp::from_program_info(
+        info,
+        name.into(),
+        aya_obj::programs::XdpAttachType::Interface,
+    )
+    .map_err(perr)?;
+    run_xdp(&prog, frame, ifindex, 1).map_err(perr)
 }
 
 /// Pins `link` at `path`, atomically replacing what was pinned there (whose link detaches

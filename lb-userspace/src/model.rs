@@ -42,7 +42,7 @@ use lb_common::{
 
 use crate::{
     addr::{to_addr6, to_endpoint},
-    endpoints::{Candidate, NodeInfo, TrafficPolicy, usable},
+    endpoints::{self, Candidate, NodeInfo, TrafficPolicy, usable},
 };
 
 /// Label naming the service an EndpointSlice belongs to.
@@ -490,6 +490,139 @@ pub fn desired<'a>(
             port,
             local_endpoints: local_ready.len(),
         });
+    }
+    Ok(out)
+}
+
+/// Whether an endpoint gets new connections on one path, and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Verdict {
+    /// It gets new connections.
+    pub eligible: bool,
+    /// Why (or why not).
+    pub why: String,
+}
+
+impl From<Result<&'static str, String>> for Verdict {
+    fn from(r: Result<&'static str, String>) -> Self {
+        match r {
+            Ok(why) => Self {
+                eligible: true,
+                why: why.into(),
+            },
+            Err(why) => Self {
+                eligible: false,
+                why,
+            },
+        }
+    }
+}
+
+/// One endpoint of a service port, as `explain` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EndpointExplanation {
+    /// Address and target port.
+    pub address: std::net::SocketAddr,
+    /// Its node.
+    pub node: Option<String>,
+    /// `conditions.ready`.
+    pub ready: bool,
+    /// `conditions.serving`.
+    pub serving: bool,
+    /// `conditions.terminating`.
+    pub terminating: bool,
+    /// For connections to the cluster IPs from this node (`internalTrafficPolicy`).
+    pub cluster_ip: Verdict,
+    /// For traffic from outside to node ports, load-balancer and external IPs
+    /// (`externalTrafficPolicy`).
+    pub external: Verdict,
+}
+
+/// One service port of one family, with every endpoint the slices list for it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortExplanation {
+    /// The service port's name.
+    pub port_name: String,
+    /// Its number.
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// `IPv4` or `IPv6`.
+    pub family: String,
+    /// `internalTrafficPolicy`.
+    pub internal_policy: String,
+    /// `externalTrafficPolicy`.
+    pub external_policy: String,
+    /// Notes on the service (skipped ports, invalid endpoint addresses...).
+    pub notes: Vec<String>,
+    /// The endpoints.
+    pub endpoints: Vec<EndpointExplanation>,
+}
+
+/// Why each endpoint of each port of `svc` does or does not get new connections on this
+/// node, by the same rules [`desired`] programs (connections from this node to external
+/// addresses, which kube-proxy gives cluster-wide endpoints unless both policies are Local,
+/// are not shown apart).
+pub fn explain<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a Slice>,
+    node: &NodeInfo,
+) -> Result<Vec<PortExplanation>, Rejection> {
+    let Some(spec) = &svc.spec else {
+        return Ok(Vec::new());
+    };
+    let mut notes = Vec::new();
+    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut notes)?;
+    let internal = traffic_policy(
+        "internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+    )?;
+    let external = traffic_policy(
+        "externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
+    let cluster = cluster_ips(
+        spec.cluster_ips.as_deref().unwrap_or_default(),
+        spec.cluster_ip.as_deref(),
+    )?
+    .unwrap_or_default();
+    let slices: Vec<&Slice> = slices.into_iter().filter(|s| s.ipv6.is_some()).collect();
+    for s in &slices {
+        notes.extend(s.notes.iter().cloned());
+    }
+    let name = |p: TrafficPolicy| format!("{p:?}");
+    let mut out = Vec::new();
+    for port in &ports {
+        for ipv6 in [false, true]
+            .into_iter()
+            .filter(|v6| cluster.iter().any(|ip| ip.is_ipv6() == *v6))
+        {
+            let candidates = candidates_for(ipv6, port, &slices);
+            let inside = endpoints::verdicts(&candidates, internal, node);
+            let outside = endpoints::verdicts(&candidates, external, node);
+            out.push(PortExplanation {
+                port_name: port.name.to_owned(),
+                port: port.port,
+                protocol: port.protocol.to_owned(),
+                family: if ipv6 { "IPv6" } else { "IPv4" }.into(),
+                internal_policy: name(internal),
+                external_policy: name(external),
+                notes: notes.clone(),
+                endpoints: inside
+                    .into_iter()
+                    .zip(outside)
+                    .map(|((c, a), (_, b))| EndpointExplanation {
+                        address: (c.ip, c.port).into(),
+                        node: c.node_name.clone(),
+                        ready: c.ready,
+                        serving: c.serving,
+                        terminating: c.terminating,
+                        cluster_ip: a.into(),
+                        external: b.into(),
+                    })
+                    .collect(),
+            });
+        }
     }
     Ok(out)
 }
@@ -1458,6 +1591,69 @@ mod tests {
             desired(&svc, [&s], &node(), &LIMITS).unwrap_err().reason(),
             "unsupported_value"
         );
+    }
+
+    #[test]
+    fn explain_gives_every_endpoint_a_verdict_per_path_that_agrees_with_desired() {
+        let mut svc = exposed("NodePort", &["10.96.0.1"], &[("http", 80, "TCP", 30080)]);
+        svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+        let mut s = slice(
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[
+                ready("10.0.0.1"),
+                ready("10.0.0.2"),
+                ("10.0.0.3", Some(false), Some(false), Some(false)),
+            ],
+        );
+        s.endpoints.as_mut().unwrap()[1].node_name = Some("n1".into());
+        let kept = [Slice::new(&s)];
+        let ports = explain(&svc, &kept, &node()).unwrap();
+        assert_eq!(ports.len(), 1);
+        let p = &ports[0];
+        assert_eq!(
+            (
+                p.port_name.as_str(),
+                p.family.as_str(),
+                p.external_policy.as_str()
+            ),
+            ("http", "IPv4", "Local")
+        );
+        let table: Vec<(String, bool, bool)> = p
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.address.to_string(),
+                    e.cluster_ip.eligible,
+                    e.external.eligible,
+                )
+            })
+            .collect();
+        assert_eq!(
+            table,
+            [
+                ("10.0.0.1:8080".to_string(), true, false),
+                ("10.0.0.2:8080".to_string(), true, true),
+                ("10.0.0.3:8080".to_string(), false, false),
+            ]
+        );
+        assert!(
+            p.endpoints[0]
+                .external
+                .why
+                .contains("traffic policy is Local")
+        );
+        assert_eq!(p.endpoints[2].cluster_ip.why, "not ready");
+        // The same endpoints as the programmed frontends have.
+        let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
+        // (The node port from this node's own processes gets cluster-wide endpoints, as
+        // kube-proxy gives them, unless both policies are Local.)
+        assert_eq!(
+            render(&d)[0],
+            "10.96.0.1:80/TCP -> [10.0.0.1:8080 10.0.0.2:8080]"
+        );
+        assert_eq!(d.external[0].backends.len(), 1);
     }
 
     #[test]

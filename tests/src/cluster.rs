@@ -280,6 +280,26 @@ impl Cluster {
         ))
     }
 
+    /// Runs `lbctl -o json ARGS` in node A (where the XDP devices are, for `explain`'s run
+    /// of the program); its parsed output, or its stderr.
+    pub fn lbctl_in_node<T: serde::de::DeserializeOwned>(
+        &self,
+        args: &[&str],
+    ) -> Result<T, String> {
+        let out = command_in(&self.bins.join("lbctl"), &self.node_a, None)
+            .expect("node namespace")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(["-o", "json"])
+            .args(args)
+            .output()
+            .expect("running lbctl");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
     /// Waits until the agent's `/readyz` answers 200: its first sync is written and its
     /// programs attached.
     pub fn wait_ready(&self) {

@@ -37,25 +37,7 @@ pub const SKIP_ENV: &str = "LB_TESTS_SKIP_PRIVILEGED";
 
 /// One HTTP/1.0 GET of `path` from `addr` (from the calling thread's network namespace): the
 /// status code and the body.
-pub fn http_get(
-    addr: std::net::SocketAddr,
-    path: &str,
-    timeout: std::time::Duration,
-) -> io::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: probe\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((status, body.to_owned()))
-}
+pub use lb_userspace::health::get as http_get;
 
 /// The value of the Prometheus sample `series` (name and labels exactly as exposed, e.g.
 /// `lb_syncs_total` or `lb_map_entries{map="lb_svc_v1"}`) in `text`.

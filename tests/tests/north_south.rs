@@ -15,7 +15,7 @@ use lb_tests::{
     probe::Attempt,
     require_privileges,
 };
-use lb_userspace::inspect::{ExternalRow, FlowRow, MaglevSummary};
+use lb_userspace::inspect::{Explanation, ExternalRow, FlowRow, MaglevSummary};
 use serde_json::json;
 
 const PORT: u16 = 8080;
@@ -275,6 +275,39 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
             && f.snat.is_some_and(|s| s.ip().to_string() == NODE_A_PEER)),
         "{flows:?}"
     );
+
+    // explain runs the attached program on a built packet: the datapath's own answer.
+    let e: Explanation = c
+        .lbctl_in_node(&[
+            "explain",
+            &format!("{NODE_A}:30080"),
+            "--from",
+            "203.0.113.2:45000",
+        ])
+        .expect("explain");
+    let ns = e.north_south.expect("a north-south frontend");
+    assert_eq!(
+        (ns.service.as_str(), ns.policy.as_str()),
+        ("shop/web", "Cluster")
+    );
+    assert_eq!(ns.backends.len(), 3);
+    let run = ns.datapath.expect("the program ran");
+    assert!(
+        ["XDP_TX", "XDP_REDIRECT", "XDP_PASS"].contains(&run.verdict.as_str()),
+        "{run:?}"
+    );
+    let to = run.destination.expect("translated");
+    assert!(
+        ns.backends.iter().any(|b| b.backend == Some(to)),
+        "{to} is a backend"
+    );
+    let endpoints = e.endpoints.expect("the agent's verdicts");
+    assert_eq!(endpoints["service"], "shop/web");
+    let outsider: Explanation = c
+        .lbctl_in_node(&["explain", "198.51.100.13:80", "--from", "203.0.113.2:45001"])
+        .expect("explain");
+    let run = outsider.north_south.and_then(|n| n.datapath).expect("ran");
+    assert_eq!(run.verdict, "XDP_DROP", "outside the source ranges");
 
     // Prometheus sees the same counters, per service and per drop reason.
     let (status, text) = c.agent_http("/metrics").expect("metrics");

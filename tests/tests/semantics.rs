@@ -256,3 +256,85 @@ fn services_of_another_proxy_and_headless_services_get_no_entries() {
     let frontends: Vec<String> = w.services().into_iter().map(|r| r.frontend).collect();
     assert_eq!(frontends, [format!("{VIP}:80/TCP")]);
 }
+
+#[test]
+fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
+    if !require_privileges("explain_says_why_each_endpoint_is_or_is_not_eligible") {
+        return;
+    }
+    let mut w = world(4);
+    let svc = plain().spec("internalTrafficPolicy", json!("Local"));
+    let eps = [
+        Ep::ready(w.backend_v4(0)).on_node("node-a"),
+        Ep::not_ready(w.backend_v4(1)).on_node("node-a"),
+        Ep::terminating(w.backend_v4(2)).on_node("node-a"),
+        Ep::ready(w.backend_v4(3)).on_node("node-b"),
+    ];
+    w.write_manifest("s.yaml", &manifest(svc, &eps));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let agent = format!("127.0.0.1:{port}");
+    w.start_agent(&["--node-name", "node-a", "--health-addr", &agent]);
+    w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+
+    let out = w
+        .lbctl(&[
+            "-o",
+            "json",
+            "explain",
+            &format!("{VIP}:80"),
+            "--agent",
+            &agent,
+        ])
+        .expect("lbctl explain");
+    let e: lb_userspace::inspect::Explanation = serde_json::from_str(&out).expect("JSON");
+    let socket = e.socket.expect("a socket frontend");
+    assert_eq!(socket.service, "demo/s");
+    let b0: std::net::SocketAddr = format!("{}:{P}", w.backend_v4(0)).parse().unwrap();
+    assert_eq!(socket.backends.len(), 1);
+    assert_eq!(
+        (socket.backends[0].backend, socket.backends[0].percent),
+        (Some(b0), 100.0)
+    );
+    assert!(e.north_south.is_none());
+    let ports = e.endpoints.expect("the agent's verdicts");
+    let eps = ports["ports"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .clone();
+    let verdicts: Vec<(bool, String)> = eps
+        .iter()
+        .map(|ep| {
+            let v = &ep["cluster_ip"];
+            (
+                v["eligible"] == true,
+                v["why"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(verdicts[0], (true, "ready".to_string()), "{eps:?}");
+    assert_eq!(verdicts[1], (false, "not ready".to_string()), "{eps:?}");
+    assert!(
+        !verdicts[2].0 && verdicts[2].1.starts_with("serving but terminating"),
+        "{eps:?}"
+    );
+    assert!(
+        !verdicts[3].0
+            && verdicts[3]
+                .1
+                .contains("on node node-b, not this one (node-a)"),
+        "{eps:?}"
+    );
+    // The text says the same; an unknown address is an error.
+    let text = w
+        .lbctl(&["explain", &format!("{VIP}:80"), "--agent", &agent])
+        .expect("text");
+    assert!(text.contains("one of 1 slots at random"), "{text}");
+    assert!(text.contains("the traffic policy is Local"), "{text}");
+    assert!(
+        w.lbctl(&["explain", "10.96.99.99:80", "--agent", "off"])
+            .is_err()
+    );
+}

@@ -60,12 +60,40 @@ enum Command {
     },
     /// How full each map is, against its capacity and the agent flag that sets it.
     Capacity,
+    /// Explain what the datapath does with traffic to DESTINATION (`address:port`): the
+    /// frontend it is on each path, its backends and how one is picked, the XDP program's
+    /// own answer for a packet from `--from` (run with BPF_PROG_TEST_RUN on the loaded
+    /// program, in this network namespace), and, from the agent, why each endpoint of the
+    /// service is or is not eligible. The run acts like a packet: a new flow gets a
+    /// conntrack entry and the counters count it (`--no-run` only reads the maps).
+    Explain(ExplainArgs),
     /// List tracked north-south flows: client, frontend, backend and SNAT address.
     Conntrack {
         /// Most flows to list.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// `address:port` (`[v6]:port` for IPv6).
+    destination: std::net::SocketAddr,
+    /// `tcp` or `udp`.
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    /// The client, `address:port` [default: 198.18.0.1:40000, or [2001:2::1]:40000].
+    #[arg(long)]
+    from: Option<std::net::SocketAddr>,
+    /// The device whose XDP program runs the packet [default: the first one with it].
+    #[arg(long)]
+    device: Option<String>,
+    /// Only read the maps: do not run the XDP program.
+    #[arg(long)]
+    no_run: bool,
+    /// The agent's health address, asked for endpoint eligibility; `off` to skip.
+    #[arg(long, default_value = "127.0.0.1:9890")]
+    agent: String,
 }
 
 fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) {
@@ -134,6 +162,10 @@ fn run(args: Args) -> Result<(), String> {
                 inspect::capacity_table(r)
             });
         }
+        Command::Explain(a) => {
+            let e = explain(&layout, &contents()?, a)?;
+            emit(args.output, &e, inspect::explain_text);
+        }
         Command::Stats => {
             let totals = read_stats(&layout).map_err(|e| e.to_string())?;
             emit(args.output, &inspect::stats(&totals), |s| {
@@ -142,6 +174,93 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `lbctl explain`: the maps' view, the XDP program's answer and the agent's endpoint
+/// verdicts.
+fn explain(
+    layout: &PinLayout,
+    c: &lb_userspace::datapath::Contents,
+    args: ExplainArgs,
+) -> Result<inspect::Explanation, String> {
+    let ExplainArgs {
+        destination,
+        protocol,
+        from,
+        device,
+        no_run,
+        agent,
+    } = args;
+    use lb_common::{ServiceKey, proto};
+    use lb_userspace::{addr::to_addr6, health, loader, netdev, packet};
+    let proto = match protocol.to_ascii_lowercase().as_str() {
+        "tcp" => proto::TCP,
+        "udp" => proto::UDP,
+        other => return Err(format!("--protocol {other}: tcp or udp")),
+    };
+    let source = from.unwrap_or_else(|| {
+        if destination.is_ipv6() {
+            "[2001:2::1]:40000".parse().expect("valid")
+        } else {
+            "198.18.0.1:40000".parse().expect("valid")
+        }
+    });
+    if source.is_ipv6() != destination.is_ipv6() {
+        return Err("--from and the destination must be of one family".into());
+    }
+    let key = ServiceKey::new(
+        to_addr6(destination.ip().to_canonical()),
+        destination.port().to_be(),
+        proto,
+    );
+    let mut e = inspect::explain(c, &key, source);
+    if e.socket.is_none() && e.north_south.is_none() {
+        return Err(format!(
+            "{} is not a frontend on this node (see lbctl services and lbctl external)",
+            e.destination
+        ));
+    }
+    if let Some(ns) = e.north_south.as_mut().filter(|_| !no_run) {
+        let devices = loader::attached_devices(layout).map_err(|e| e.to_string())?;
+        let device = device.or_else(|| devices.first().cloned()).ok_or(
+            "no device runs the XDP program (see --xdp-devices); --no-run reads the maps only",
+        )?;
+        let ifindex = netdev::ifindex(&device)
+            .ok_or_else(|| format!("no device {device} in this network namespace"))?;
+        let frame = packet::frame(proto, source, destination, b"lbctl explain");
+        let out = loader::run_attached_xdp(layout, &device, ifindex, &frame)
+            .map_err(|e| e.to_string())?;
+        ns.datapath = Some(inspect::xdp_run(&device, out.verdict, &frame, &out.frame));
+    }
+    let service = e
+        .socket
+        .as_ref()
+        .map(|s| s.service.clone())
+        .or_else(|| e.north_south.as_ref().map(|n| n.service.clone()))
+        .unwrap_or_default();
+    if agent == "off" {
+        e.endpoints_unavailable = Some("not asked (--agent off)".into());
+    } else {
+        let addr: std::net::SocketAddr = agent
+            .parse()
+            .map_err(|err| format!("--agent {agent}: {err}"))?;
+        let path = format!("/explain/{service}");
+        match health::get(addr, &path, std::time::Duration::from_secs(5)) {
+            Ok((200, body)) => {
+                e.endpoints = serde_json::from_str(&body).ok();
+            }
+            Ok((status, body)) => {
+                e.endpoints_unavailable = Some(format!(
+                    "the agent at {addr} answered {status}: {}",
+                    body.trim()
+                ));
+            }
+            Err(err) => {
+                e.endpoints_unavailable = Some(format!("the agent at {addr}: {err}"));
+            }
+        }
+    }
+    Ok(e)
 }
 
 fn main() -> ExitCode {
