@@ -55,4 +55,5 @@ mod pod {
     unsafe impl aya::Pod for crate::ns::NatRev {}
     unsafe impl aya::Pod for crate::ns::SourceRange {}
     unsafe impl aya::Pod for crate::ns::NsCounters {}
+    unsafe impl aya::Pod for crate::stats::SocketCounters {}
 }

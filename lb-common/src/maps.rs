@@ -94,6 +94,14 @@ pub const SCRATCH_SIZE: u32 = 512;
 /// Counters: per-CPU array of `u64` indexed by [`crate::stats`] constants. Written by the
 /// hooks, read by the CLI. Disposable.
 pub const STATS: &str = "lb_stats_v1";
+/// Per socket-level frontend counters: array of [`crate::stats::SocketCounters`] indexed by
+/// service id (ids start at 1), added to atomically by the socket hooks. The agent zeroes an
+/// id's entry before giving the id to a new frontend. Disposable.
+pub const SVC_STATS: &str = "lb_svcstat_v1";
+/// Per backend counters: array of `u64` (connections and unconnected datagrams translated to
+/// it) indexed by backend id, added to atomically by the socket hooks; zeroed like
+/// [`SVC_STATS`]. Disposable.
+pub const BE_STATS: &str = "lb_bestat_v1";
 
 /// Default capacity of the service map (frontends: VIP x port x protocol).
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
@@ -161,7 +169,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 17] = [
+pub const ALL: [MapSpec; 19] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Endpoint>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
@@ -191,6 +199,9 @@ pub const ALL: [MapSpec; 17] = [
     spec::<u32, NsCounters>(NS_STATS, TYPE_PERCPU_ARRAY, DEFAULT_MAX_EXTERNAL + 1, 0),
     spec::<u32, u8>(XDP_DEVICES, TYPE_HASH, MAX_XDP_DEVICES, 0),
     spec::<u32, [u8; SCRATCH_SIZE as usize]>(SCRATCH, TYPE_PERCPU_ARRAY, 1, 0),
+    // Ids start at 1.
+    spec::<u32, crate::stats::SocketCounters>(SVC_STATS, TYPE_ARRAY, DEFAULT_MAX_SERVICES + 1, 0),
+    spec::<u32, u64>(BE_STATS, TYPE_ARRAY, DEFAULT_MAX_BACKENDS + 1, 0),
 ];
 
 const _: () = {

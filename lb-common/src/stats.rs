@@ -77,3 +77,16 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_pass_ip_options",
     "xdp_pass_malformed",
 ];
+
+/// Connections of one socket-level frontend (a service id's entry of
+/// [`crate::maps::SVC_STATS`]), counted with atomic adds across CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketCounters {
+    /// connect() calls and unconnected UDP datagrams translated to a backend.
+    pub translated: u64,
+    /// connect() and sendmsg() calls refused because the frontend had no backend.
+    pub refused: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SocketCounters>() == 16);

@@ -13,6 +13,10 @@
 //!   (conntrack, SNAT ports, source ranges).
 #![no_std]
 #![no_main]
+// The socket hooks' per-service counters are shared by all CPUs: atomic adds (BPF_ATOMIC),
+// which core's atomics do not offer on the BPF target (it has no compare-and-swap).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod csum;
 mod ct;

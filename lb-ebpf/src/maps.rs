@@ -56,6 +56,14 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
 #[map(name = "lb_stats_v1")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
+/// Per socket-level frontend counters. See `lb_common::maps::SVC_STATS`.
+#[map(name = "lb_svcstat_v1")]
+pub static SVC_STATS: Array<stats::SocketCounters> = Array::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+
+/// Per backend counters. See `lb_common::maps::BE_STATS`.
+#[map(name = "lb_bestat_v1")]
+pub static BE_STATS: Array<u64> = Array::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
+
 /// North-south frontends. See `lb_common::maps::NS_SERVICES`.
 #[map(name = "lb_nssvc_v1")]
 pub static NS_SERVICES: HashMap<ServiceKey, NsService> =

@@ -34,6 +34,7 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     let svc = *svc;
     if svc.count == 0 {
         stats::inc(st::REFUSED_NO_BACKEND);
+        stats::socket(svc.id, None);
         // SAFETY: plain helper call; sock_addr hooks may set their syscall's error.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
@@ -52,5 +53,6 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     sa.user_port = u32::from(backend.port_be);
     revnat::remember(ctx, &backend, &Endpoint::new(key.addr, key.port_be));
     stats::inc(translated);
+    stats::socket(svc.id, Some(backend_id));
     ALLOW
 }

@@ -170,6 +170,9 @@ impl MapSizes {
             // A service with affinity has one match entry per slot.
             maps::SLOTS | maps::AFFINITY_MATCH => Some(self.slots),
             maps::BACKENDS => Some(self.backends),
+            // Ids start at 1.
+            maps::SVC_STATS => Some(self.services + 1),
+            maps::BE_STATS => Some(self.backends + 1),
             maps::REV_NAT => Some(self.rev_nat),
             maps::AFFINITY => Some(self.affinity),
             maps::NS_SERVICES => Some(self.external),

@@ -27,12 +27,17 @@ use prometheus_client::{
 };
 
 use crate::{
+    addr::{frontend_string, to_socket_addr},
     datapath::{Capacities, Contents, bpf},
     inspect::{self, CapacityRow},
     loader::PinLayout,
     reconcile::SyncReport,
 };
-use lb_common::{ns::NsCounters, stats};
+use lb_common::{
+    ServiceInfo,
+    ns::NsCounters,
+    stats::{self, SocketCounters},
+};
 
 /// The datapath counters that count dropped or refused traffic, with their reason label.
 const DROPS: [(u32, &str); 4] = [
@@ -346,6 +351,59 @@ impl Collector for DatapathCollector {
                 (labels, value)
             })
         };
+        // The socket path's frontends and backends.
+        let labels = bpf::read_socket_labels(&self.layout).ok();
+        let frontends = labels
+            .as_ref()
+            .map(|l| l.frontends.as_slice())
+            .unwrap_or_default();
+        let backends = labels.as_ref().map(|l| &l.backends);
+        let svc_ids: Vec<u32> = frontends.iter().map(|(_, id, _)| *id).collect();
+        let be_ids: Vec<u32> = backends
+            .into_iter()
+            .flat_map(|b| b.keys().copied())
+            .collect();
+        let (socket, per_backend) =
+            bpf::read_socket_counters(&self.layout, &svc_ids, &be_ids).unwrap_or_default();
+        let socket = &socket;
+        let frontend_rows = |f: fn(&SocketCounters) -> u64| {
+            frontends.iter().map(move |(key, id, info)| {
+                let text = |g: fn(&ServiceInfo) -> Option<&str>| {
+                    info.as_ref().and_then(g).unwrap_or("?").to_owned()
+                };
+                let labels = [
+                    ("namespace", text(ServiceInfo::namespace)),
+                    ("service", text(ServiceInfo::name)),
+                    ("port", text(ServiceInfo::port_name)),
+                    ("frontend", frontend_string(key)),
+                ];
+                (labels, socket.get(id).map(f).unwrap_or_default())
+            })
+        };
+        family(
+            &mut encoder,
+            "service_connections",
+            "Connections (and unconnected UDP datagrams) the socket hooks translated, per frontend",
+            true,
+            frontend_rows(|c| c.translated),
+        )?;
+        family(
+            &mut encoder,
+            "service_refused",
+            "connect() and sendmsg() calls refused for want of a backend, per frontend",
+            true,
+            frontend_rows(|c| c.refused),
+        )?;
+        family(
+            &mut encoder,
+            "backend_connections",
+            "Connections (and unconnected UDP datagrams) the socket hooks sent to each backend",
+            true,
+            backends.into_iter().flatten().map(|(id, ep)| {
+                let labels = [("backend", to_socket_addr(ep).to_string())];
+                (labels, per_backend.get(id).copied().unwrap_or_default())
+            }),
+        )?;
         for (name, help, f) in [
             (
                 "service_packets",

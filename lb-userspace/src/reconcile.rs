@@ -242,7 +242,9 @@ impl Index {
             | Op::DeleteExternalInfo(_)
             | Op::PutRange(_)
             | Op::DeleteRange(_)
-            | Op::ResetCounters(_) => {}
+            | Op::ResetCounters(_)
+            | Op::ResetServiceCounters(_)
+            | Op::ResetBackendCounters(_) => {}
         }
     }
 }
@@ -585,6 +587,7 @@ impl<D: Datapath> Reconciler<D> {
                 None => {
                     let id = self.idx.backend_alloc.take();
                     taken_backends.push(id);
+                    new_backends.push(Op::ResetBackendCounters(id));
                     new_backends.push(Op::PutBackend(id, *ep));
                     id
                 }
@@ -655,7 +658,12 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.refused.remove(&key);
 
-        let mut ops = new_backends;
+        // A new id starts its counters from zero (another frontend may have had it).
+        let mut ops: Vec<Op> = taken_service
+            .map(Op::ResetServiceCounters)
+            .into_iter()
+            .collect();
+        ops.extend(new_backends);
         ops.extend(members.difference(&matched).map(|m| Op::PutMatch(*m)));
         for (slot, backend) in (0u32..).zip(&slots) {
             let k = SlotKey { svc_id: id, slot };

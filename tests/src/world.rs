@@ -390,7 +390,8 @@ impl World {
         crate::lbctl(&self.bins, &self.pin_dir, args)
     }
 
-    fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
+    /// Runs `lbctl -o json ARGS` on this world's pins; `None` until it succeeds.
+    pub fn lbctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Option<T> {
         crate::lbctl_json(&self.bins, &self.pin_dir, args)
     }
 

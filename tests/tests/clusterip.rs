@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use lb_userspace::inspect::{BackendStatsRow, ServiceStatsRow};
+
 use lb_tests::{
     fixture::{BACKEND_PORT, web_world},
     manifest::{Ep, documents, service, slice},
@@ -77,6 +79,26 @@ fn tcp_connects_to_the_vip_are_spread_over_every_backend() {
         rev_nat.entries >= 1 && rev_nat.capacity > rev_nat.entries,
         "the connects left reverse-NAT entries: {rev_nat:?}"
     );
+    // The per-frontend and per-backend counters count exactly these connections.
+    let rows: Vec<ServiceStatsRow> = w.lbctl_json(&["stats", "--services"]).expect("stats");
+    let tcp = rows
+        .iter()
+        .find(|r| r.frontend == "10.96.0.10:80/TCP")
+        .expect("the frontend");
+    assert_eq!(
+        (tcp.path.as_str(), tcp.connections, tcp.rejected),
+        ("socket", 300, 0)
+    );
+    let by_backend: Vec<BackendStatsRow> = w.lbctl_json(&["stats", "--backends"]).expect("stats");
+    for (name, n) in shares(&attempts) {
+        let i: usize = name.trim_start_matches('b').parse().expect("bN");
+        let address = format!("{}:{PORT}", w.backend_v4(i));
+        let row = by_backend
+            .iter()
+            .find(|r| r.address.to_string() == address)
+            .expect("the backend");
+        assert_eq!(row.connections as usize, n, "{address}");
+    }
 }
 
 #[test]
@@ -206,6 +228,12 @@ fn a_service_without_backends_refuses_at_once() {
             );
         }
     }
+    let rows: Vec<ServiceStatsRow> = w.lbctl_json(&["stats", "--services"]).expect("stats");
+    let refused = |f: &str| rows.iter().find(|r| r.frontend == f).map(|r| r.rejected);
+    assert_eq!(refused("10.96.0.20:80/TCP"), Some(5));
+    // Five datagrams, and the one connect() of the connected socket.
+    assert_eq!(refused("10.96.0.20:53/UDP"), Some(6));
+    assert_eq!(refused("[fd00:96::20]:80/TCP"), Some(5));
 }
 
 #[test]

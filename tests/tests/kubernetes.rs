@@ -361,6 +361,19 @@ fn metrics_report_the_agent_and_the_datapath() {
     assert!(m("lb_event_to_datapath_seconds_count") >= 2.0);
     assert!(m("lb_sync_duration_seconds_count") >= 2.0);
     assert_eq!(m("lb_map_write_errors_total"), 0.0);
+    // Per frontend and per backend, exactly the 20 connections made.
+    assert_eq!(
+        m(
+            r#"lb_service_connections_total{namespace="demo",service="web",port="http",frontend="10.96.0.10:80/TCP"}"#
+        ),
+        20.0
+    );
+    let per_backend: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("lb_backend_connections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(per_backend, 20.0);
 }
 
 #[test]

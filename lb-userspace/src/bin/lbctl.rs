@@ -10,7 +10,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
-    datapath::bpf::{MapSet, lru_fill, read_conntrack, read_stats},
+    datapath::bpf::{MapSet, lru_fill, read_conntrack, read_socket_counters, read_stats},
     inspect,
     loader::PinLayout,
 };
@@ -47,8 +47,16 @@ enum Command {
     },
     /// List backends.
     Backends,
-    /// Show the datapath counters, summed over CPUs.
-    Stats,
+    /// Show the datapath counters, summed over CPUs; per frontend or per backend with a flag.
+    Stats {
+        /// Per frontend: new connections, refusals or drops, and (north-south) packets and
+        /// bytes.
+        #[arg(long, conflicts_with = "backends")]
+        services: bool,
+        /// Per backend: connections the socket hooks sent to it.
+        #[arg(long)]
+        backends: bool,
+    },
     /// List north-south frontends (node ports, load-balancer IPs, external IPs) with their
     /// policy, backends and per-service packet, byte, flow and drop counters.
     External,
@@ -166,7 +174,34 @@ fn run(args: Args) -> Result<(), String> {
             let e = explain(&layout, &contents()?, a)?;
             emit(args.output, &e, inspect::explain_text);
         }
-        Command::Stats => {
+        Command::Stats { services: true, .. } => {
+            let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
+            let c = maps.read().map_err(|e| e.to_string())?;
+            let ids: Vec<u32> = c.services.values().map(|v| v.id).collect();
+            let (socket, _) =
+                read_socket_counters(&layout, &ids, &[]).map_err(|e| e.to_string())?;
+            let ns_ids: BTreeSet<u32> = c.external.values().map(|v| v.id).collect();
+            let ns = ns_ids
+                .into_iter()
+                .map(|id| maps.counters(id).map(|n| (id, n)))
+                .collect::<Result<BTreeMap<_, _>, _>>()
+                .map_err(|e| e.to_string())?;
+            emit(
+                args.output,
+                &inspect::service_stats(&c, &socket, &ns),
+                |r| inspect::service_stats_table(r),
+            );
+        }
+        Command::Stats { backends: true, .. } => {
+            let c = contents()?;
+            let ids: Vec<u32> = c.backends.keys().copied().collect();
+            let (_, counts) =
+                read_socket_counters(&layout, &[], &ids).map_err(|e| e.to_string())?;
+            emit(args.output, &inspect::backend_stats(&c, &counts), |r| {
+                inspect::backend_stats_table(r)
+            });
+        }
+        Command::Stats { .. } => {
             let totals = read_stats(&layout).map_err(|e| e.to_string())?;
             emit(args.output, &inspect::stats(&totals), |s| {
                 inspect::stats_table(s)

@@ -18,7 +18,7 @@ use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
     ServiceValue, SlotKey, maps,
     ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
-    stats,
+    stats::{self, SocketCounters},
 };
 
 use super::{Capacities, Contents, Datapath, DatapathError, Op};
@@ -35,6 +35,8 @@ pub struct MapSet {
     external_info: HashMap<MapData, u32, ServiceInfo>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
     counters: PerCpuArray<MapData, NsCounters>,
+    svc_stats: Array<MapData, SocketCounters>,
+    be_stats: Array<MapData, u64>,
     tables: Tables,
 }
 
@@ -233,11 +235,15 @@ impl MapSet {
         let (external, external_info) = (get(maps::NS_SERVICES)?, get(maps::NS_INFO)?);
         let (ranges, counters) = (get(maps::SOURCE_RANGES)?, get(maps::NS_STATS)?);
         let tables = Tables::open(maps::RINGS, get(maps::RINGS)?, writable)?;
+        let (svc_stats, be_stats) = (get(maps::SVC_STATS)?, get(maps::BE_STATS)?);
+        // Ids run from 1 to the capacity: the counter arrays hold one more entry.
         let caps = Capacities {
             services: capacity(maps::SERVICES, &services)?
-                .min(capacity(maps::SERVICE_INFO, &info)?),
+                .min(capacity(maps::SERVICE_INFO, &info)?)
+                .min(capacity(maps::SVC_STATS, &svc_stats)?.saturating_sub(1)),
             slots: capacity(maps::SLOTS, &slots)?,
-            backends: capacity(maps::BACKENDS, &backends)?,
+            backends: capacity(maps::BACKENDS, &backends)?
+                .min(capacity(maps::BE_STATS, &be_stats)?.saturating_sub(1)),
             affinity_match: capacity(maps::AFFINITY_MATCH, &affinity_match)?,
             external: capacity(maps::NS_SERVICES, &external)?,
             // Id 0 is never used: the maps hold ids 1..capacity.
@@ -260,6 +266,8 @@ impl MapSet {
                 .map_err(map_err(maps::SOURCE_RANGES))?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(counters))
                 .map_err(map_err(maps::NS_STATS))?,
+            svc_stats: Array::try_from(Map::Array(svc_stats)).map_err(map_err(maps::SVC_STATS))?,
+            be_stats: Array::try_from(Map::Array(be_stats)).map_err(map_err(maps::BE_STATS))?,
             tables,
         };
         Ok((set, caps))
@@ -403,6 +411,67 @@ pub fn read_ns_info(layout: &PinLayout) -> Result<BTreeMap<u32, ServiceInfo>, Lo
     Ok(map.iter().filter_map(Result::ok).collect())
 }
 
+/// The socket-level frontends with their service ids and names, and the backends by id:
+/// what the per-service and per-backend counters are labelled with.
+pub struct SocketLabels {
+    /// Frontend, service id, and the info of that id.
+    pub frontends: Vec<(ServiceKey, u32, Option<ServiceInfo>)>,
+    /// Backends by id.
+    pub backends: BTreeMap<u32, Endpoint>,
+}
+
+/// Reads [`SocketLabels`] from the pinned maps (entries changing meanwhile are skipped).
+pub fn read_socket_labels(layout: &PinLayout) -> Result<SocketLabels, LoadError> {
+    fn open<K: aya::Pod, V: aya::Pod>(
+        layout: &PinLayout,
+        name: &'static str,
+    ) -> Result<HashMap<MapData, K, V>, LoadError> {
+        HashMap::try_from(Map::HashMap(pinned(layout, name)?))
+            .map_err(|source| LoadError::Map { name, source })
+    }
+    let services: HashMap<_, ServiceKey, ServiceValue> = open(layout, maps::SERVICES)?;
+    let info: HashMap<_, u32, ServiceInfo> = open(layout, maps::SERVICE_INFO)?;
+    let backends: HashMap<_, u32, Endpoint> = open(layout, maps::BACKENDS)?;
+    let names: BTreeMap<u32, ServiceInfo> = info.iter().filter_map(Result::ok).collect();
+    Ok(SocketLabels {
+        frontends: services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.id, names.get(&v.id).copied()))
+            .collect(),
+        backends: backends.iter().filter_map(Result::ok).collect(),
+    })
+}
+
+/// Socket-level counters: per frontend by service id, and per backend by backend id.
+pub type SocketCounts = (BTreeMap<u32, SocketCounters>, BTreeMap<u32, u64>);
+
+/// The socket-level counters of the frontends (by service id) and backends (by backend id)
+/// asked for; ids outside the arrays are skipped.
+pub fn read_socket_counters(
+    layout: &PinLayout,
+    services: &[u32],
+    backends: &[u32],
+) -> Result<SocketCounts, LoadError> {
+    let open =
+        |name: &'static str| -> Result<Map, LoadError> { Ok(Map::Array(pinned(layout, name)?)) };
+    let map_err = |name| move |source| LoadError::Map { name, source };
+    let svc: Array<MapData, SocketCounters> =
+        Array::try_from(open(maps::SVC_STATS)?).map_err(map_err(maps::SVC_STATS))?;
+    let be: Array<MapData, u64> =
+        Array::try_from(open(maps::BE_STATS)?).map_err(map_err(maps::BE_STATS))?;
+    Ok((
+        services
+            .iter()
+            .filter_map(|id| svc.get(id, 0).ok().map(|c| (*id, c)))
+            .collect(),
+        backends
+            .iter()
+            .filter_map(|id| be.get(id, 0).ok().map(|c| (*id, c)))
+            .collect(),
+    ))
+}
+
 /// Per-counter totals over all CPUs, indexed like `lb_common::stats`.
 pub fn read_stats(layout: &PinLayout) -> Result<Vec<u64>, LoadError> {
     let data = pinned(layout, maps::STATS)?;
@@ -487,6 +556,8 @@ impl Datapath for BpfDatapath {
                     })
                 })
                 .and_then(|zero| m.counters.set(*id, zero, 0)),
+            Op::ResetServiceCounters(id) => m.svc_stats.set(*id, SocketCounters::default(), 0),
+            Op::ResetBackendCounters(id) => m.be_stats.set(*id, 0, 0),
             Op::PutTable { start, at, ids } => {
                 return m
                     .tables

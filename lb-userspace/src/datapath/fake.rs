@@ -57,6 +57,8 @@ impl FakeDatapath {
             }
             // Ids run from 1 to the capacity (the kernel's array and info maps hold one more).
             Op::PutExternalInfo(id, _) | Op::ResetCounters(id) => *id > self.caps.external_ids,
+            Op::ResetServiceCounters(id) => *id > self.caps.services,
+            Op::ResetBackendCounters(id) => *id > self.caps.backends,
             Op::PutRange(k) => !c.ranges.contains(k) && c.ranges.len() >= self.caps.ranges as usize,
             Op::PutTable { start, at, ids } => {
                 (start + at) as usize + ids.len() > self.caps.table_entries as usize

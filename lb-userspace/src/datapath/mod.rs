@@ -73,6 +73,10 @@ pub enum Op {
     DeleteRange(RangeKey),
     /// Zero the counters of a north-south service id (a new service takes it).
     ResetCounters(u32),
+    /// Zero the counters of a socket-level service id (a new frontend takes it).
+    ResetServiceCounters(u32),
+    /// Zero the counters of a backend id (a new backend takes it).
+    ResetBackendCounters(u32),
 }
 
 /// Everything the maps the agent writes hold.
@@ -161,7 +165,7 @@ impl Contents {
             Op::DeleteRange(key) => {
                 self.ranges.remove(key);
             }
-            Op::ResetCounters(_) => {}
+            Op::ResetCounters(_) | Op::ResetServiceCounters(_) | Op::ResetBackendCounters(_) => {}
         }
     }
 

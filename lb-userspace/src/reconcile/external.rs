@@ -460,6 +460,7 @@ impl<D: Datapath> Reconciler<D> {
                 None => {
                     let bid = self.idx.backend_alloc.take();
                     taken.push(bid);
+                    ops.push(Op::ResetBackendCounters(bid));
                     ops.push(Op::PutBackend(bid, *b));
                     bid
                 }

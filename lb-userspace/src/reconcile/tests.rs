@@ -161,6 +161,8 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
             Op::PutRange(_) => "put-range",
             Op::DeleteRange(_) => "del-range",
             Op::ResetCounters(_) => "reset-counters",
+            Op::ResetServiceCounters(_) => "reset-svc-counters",
+            Op::ResetBackendCounters(_) => "reset-be-counters",
         })
         .collect()
 }
@@ -176,13 +178,17 @@ fn a_new_service_is_written_backends_first_service_last() {
     assert_eq!(
         kinds(h.log()),
         [
+            "reset-svc-counters",
+            "reset-be-counters",
             "put-backend",
+            "reset-be-counters",
             "put-backend",
             "put-slot",
             "put-slot",
             "put-info",
             "put-service"
-        ]
+        ],
+        "the new ids' counters are zeroed before anything names them"
     );
     assert_eq!(
         h.served(),
@@ -222,7 +228,15 @@ fn replacing_one_backend_rewrites_one_slot_and_touches_no_other_service() {
         vec![web_slice(&["10.0.0.1", "10.0.0.4", "10.0.0.3"]), dns_slice],
     );
     let ops = &h.log()[before..];
-    assert_eq!(kinds(ops), ["put-backend", "put-slot", "del-backend"]);
+    assert_eq!(
+        kinds(ops),
+        [
+            "reset-be-counters",
+            "put-backend",
+            "put-slot",
+            "del-backend"
+        ]
+    );
     // The new backend took the removed one's slot; the others kept theirs.
     assert_eq!(
         h.served()["10.96.0.1:80/TCP"].1,
@@ -534,7 +548,10 @@ fn affinity_members_are_added_before_slots_and_removed_after() {
     assert_eq!(
         kinds(h.log()),
         [
+            "reset-svc-counters",
+            "reset-be-counters",
             "put-backend",
+            "reset-be-counters",
             "put-backend",
             "put-match",
             "put-match",
