@@ -511,6 +511,89 @@ pub fn stats_table(stats: &BTreeMap<&'static str, u64>) -> String {
     )
 }
 
+/// A client kept on a backend by session affinity, as `lbctl affinity` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AffinityRow {
+    /// The frontend (`address:port/PROTO`), if the service id is still programmed.
+    pub frontend: Option<String>,
+    /// `namespace/name`.
+    pub service: String,
+    /// The client: its network namespace's cookie (`ClientIP` affinity is kept per network
+    /// namespace: a pod, or the node).
+    pub netns_cookie: u64,
+    /// The backend it is kept on.
+    pub backend: Option<SocketAddr>,
+    /// Seconds since its last connection.
+    pub idle_s: u64,
+    /// Seconds until the entry expires (0: expired; the next connection picks anew).
+    pub expires_in_s: u64,
+    /// Whether the backend still serves the service (an entry naming a removed backend is
+    /// ignored).
+    pub honoured: bool,
+}
+
+/// The affinity entries `entries`, at `now_ns` on the hooks' coarse monotonic clock.
+pub fn affinity(
+    c: &Contents,
+    entries: &[(lb_common::AffinityKey, lb_common::AffinityValue)],
+    now_ns: u64,
+) -> Vec<AffinityRow> {
+    let by_id: BTreeMap<u32, &ServiceKey> = c.services.iter().map(|(k, v)| (v.id, k)).collect();
+    let mut rows: Vec<AffinityRow> = entries
+        .iter()
+        .map(|(k, v)| {
+            let key = by_id.get(&k.svc_id);
+            let timeout = key
+                .and_then(|key| c.services.get(key))
+                .map_or(0, |s| u64::from(s.affinity_timeout_s));
+            let idle_s = now_ns.saturating_sub(v.last_used_ns) / 1_000_000_000;
+            let (service, _) = info_text(c.info.get(&k.svc_id));
+            AffinityRow {
+                frontend: key.map(|key| frontend_string(key)),
+                service,
+                netns_cookie: k.netns_cookie,
+                backend: c.backends.get(&v.backend_id).map(to_socket_addr),
+                idle_s,
+                expires_in_s: timeout.saturating_sub(idle_s),
+                honoured: c.affinity_match.contains(&lb_common::AffinityMatchKey {
+                    svc_id: k.svc_id,
+                    backend_id: v.backend_id,
+                }),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.service, &a.frontend, a.netns_cookie).cmp(&(&b.service, &b.frontend, b.netns_cookie))
+    });
+    rows
+}
+
+/// The affinity entries as a table.
+pub fn affinity_table(rows: &[AffinityRow]) -> String {
+    table(
+        &[
+            "FRONTEND",
+            "SERVICE",
+            "CLIENT NETNS",
+            "BACKEND",
+            "IDLE",
+            "EXPIRES IN",
+            "HONOURED",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.frontend.clone().unwrap_or_else(|| "(gone)".into()),
+                r.service.clone(),
+                r.netns_cookie.to_string(),
+                r.backend.map_or("?".into(), |b| b.to_string()),
+                format!("{}s", r.idle_s),
+                format!("{}s", r.expires_in_s),
+                if r.honoured { "yes" } else { "no" }.into(),
+            ]
+        }),
+    )
+}
+
 /// One frontend's traffic, as `lbctl stats --services` lists it (an `ipvsadm --stats` view).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatsRow {
@@ -1184,6 +1267,47 @@ mod tests {
             xdp_run("eth0", 2, &f, &f).meaning,
             "not translated: handed to the stack as it came"
         );
+    }
+
+    #[test]
+    fn affinity_entries_show_time_left_and_whether_they_are_honoured() {
+        use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue};
+        let mut c = contents();
+        for v in c.services.values_mut() {
+            v.affinity_timeout_s = 100;
+        }
+        c.affinity_match.insert(AffinityMatchKey {
+            svc_id: 1,
+            backend_id: 2,
+        });
+        let entry = |svc_id, backend_id, last_used_s: u64| {
+            (
+                AffinityKey::new(svc_id, 7),
+                AffinityValue {
+                    backend_id,
+                    _pad: 0,
+                    last_used_ns: last_used_s * 1_000_000_000,
+                },
+            )
+        };
+        let rows = affinity(
+            &c,
+            &[entry(1, 2, 970), entry(1, 1, 800), entry(9, 1, 999)],
+            1_000_000_000_000,
+        );
+        let got: Vec<(Option<String>, u64, u64, bool)> = rows
+            .iter()
+            .map(|r| (r.frontend.clone(), r.idle_s, r.expires_in_s, r.honoured))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (None, 1, 0, false),
+                (Some("10.96.0.10:53/UDP".into()), 30, 70, true),
+                (Some("10.96.0.10:53/UDP".into()), 200, 0, false),
+            ]
+        );
+        assert!(affinity_table(&rows).contains("(gone)"));
     }
 
     #[test]

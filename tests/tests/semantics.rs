@@ -53,6 +53,18 @@ fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one
     assert_eq!(first.len(), 1, "one backend for the client: {first:?}");
     let pinned = first.into_iter().next().expect("one");
     let index: usize = pinned[1..].parse().expect("b<i>");
+    // lbctl affinity shows the client's entry, on that backend, honoured and not expired.
+    let rows: Vec<lb_userspace::inspect::AffinityRow> =
+        w.lbctl_json(&["affinity"]).expect("lbctl affinity");
+    let ours: Vec<_> = rows.iter().filter(|r| r.service == "demo/s").collect();
+    assert_eq!(ours.len(), 1, "one client namespace: {rows:?}");
+    let backend = format!("{}:{P}", w.backend_v4(index));
+    assert_eq!(ours[0].backend.map(|b| b.to_string()), Some(backend));
+    assert!(
+        ours[0].honoured && ours[0].expires_in_s > 10_000,
+        "{:?}",
+        ours[0]
+    );
 
     // The pinned backend leaves the service: the client moves, and sticks again.
     let rest: Vec<Ep> = (0..3)

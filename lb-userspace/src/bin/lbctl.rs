@@ -10,7 +10,10 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
-    datapath::bpf::{MapSet, lru_fill, read_conntrack, read_socket_counters, read_stats},
+    datapath::bpf::{
+        MapSet, coarse_now_ns, lru_fill, read_affinity, read_conntrack, read_socket_counters,
+        read_stats,
+    },
     inspect,
     loader::PinLayout,
 };
@@ -75,6 +78,13 @@ enum Command {
     /// service is or is not eligible. The run acts like a packet: a new flow gets a
     /// conntrack entry and the counters count it (`--no-run` only reads the maps).
     Explain(ExplainArgs),
+    /// List session affinity entries: frontend, client network namespace, backend, idle time
+    /// and time left.
+    Affinity {
+        /// Most entries to list.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// List tracked north-south flows: client, frontend, backend and SNAT address.
     Conntrack {
         /// Most flows to list.
@@ -154,6 +164,11 @@ fn run(args: Args) -> Result<(), String> {
                 return Err(format!("no north-south frontend matches {selector:?}"));
             }
             emit(args.output, &summaries, |m| inspect::maglev_text(m));
+        }
+        Command::Affinity { limit } => {
+            let entries = read_affinity(&layout, limit).map_err(|e| e.to_string())?;
+            let rows = inspect::affinity(&contents()?, &entries, coarse_now_ns());
+            emit(args.output, &rows, |r| inspect::affinity_table(r));
         }
         Command::Conntrack { limit } => {
             let entries = read_conntrack(&layout, limit).map_err(|e| e.to_string())?;

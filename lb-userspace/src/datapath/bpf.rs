@@ -344,6 +344,33 @@ pub fn read_conntrack(
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 
+/// Up to `limit` session affinity entries (the LRU affinity map; entries evicted or
+/// replaced while reading are skipped).
+pub fn read_affinity(
+    layout: &PinLayout,
+    limit: usize,
+) -> Result<Vec<(AffinityKey, AffinityValue)>, LoadError> {
+    let data = pinned(layout, maps::AFFINITY)?;
+    let map: HashMap<MapData, AffinityKey, AffinityValue> =
+        HashMap::try_from(Map::LruHashMap(data)).map_err(|source| LoadError::Map {
+            name: maps::AFFINITY,
+            source,
+        })?;
+    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
+}
+
+/// The clock the hooks stamp affinity entries with (`bpf_ktime_get_coarse_ns`: the coarse
+/// monotonic clock), now, in nanoseconds.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Entries and capacity of the LRU maps (socket reverse NAT, affinity, conntrack and
 /// north-south reverse NAT), their entries counted by walking the keys: map name -> (entries,
 /// capacity).
