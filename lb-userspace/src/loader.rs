@@ -22,7 +22,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError},
+    maps::{HashMap, Map, MapData, MapError},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         TestRun as _, TestRunOptions, Xdp, XdpMode,
@@ -32,7 +32,7 @@ use aya::{
     },
 };
 use lb_common::maps::{self, MapSpec};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::{EBPF_OBJECT, datapath::bpf::BpfDatapath};
 
@@ -341,6 +341,9 @@ pub struct Loaded {
     ebpf: Ebpf,
     layout: PinLayout,
     devices: HashMap<MapData, u32, u8>,
+    /// Maps created anew at another capacity, whose old maps the running programs still
+    /// use until [`Loaded::attach`].
+    resized: Vec<&'static str>,
 }
 
 /// What one [`Loaded::test_run`] gave.
@@ -388,13 +391,20 @@ impl Loaded {
                 Some(data) => {
                     let pinned = data.info().map(|i| i.max_entries()).unwrap_or_default();
                     match sizes.of(spec.name) {
-                        Some(want) if want != pinned => warn!(
-                            map = spec.name,
-                            pinned,
-                            configured = want,
-                            "adopting a pinned map whose capacity differs from the configured \
-                             one; the pinned capacity applies until the map is recreated"
-                        ),
+                        Some(want) if want != pinned => {
+                            // A new capacity: this build's object creates the map anew, its
+                            // entries are copied over from the old one (set aside), and the
+                            // running programs keep the old map until they are replaced.
+                            let old = resize_pin(layout, spec.name);
+                            fs::rename(layout.map(spec.name), &old).map_err(io_err(&old))?;
+                            loader.map_max_entries(spec.name, want);
+                            info!(
+                                map = spec.name,
+                                pinned,
+                                configured = want,
+                                "resizing the map: entries are copied into a new one"
+                            );
+                        }
                         _ => info!(map = spec.name, capacity = pinned, "adopting pinned map"),
                     }
                 }
@@ -424,6 +434,16 @@ impl Loaded {
                 name: TC_PROGRAM,
                 source,
             })?;
+        // Maps being resized (also those an interrupted resize left): fill the new ones.
+        let resized: Vec<&'static str> = maps::ALL
+            .iter()
+            .map(|s| s.name)
+            .filter(|name| resize_pin(layout, name).exists())
+            .collect();
+        for name in &resized {
+            let copied = copy_map(layout, name)?;
+            info!(map = name, entries = copied, "map resized: entries copied");
+        }
         let devices = ebpf
             .take_map(maps::XDP_DEVICES)
             .ok_or_else(|| LoadError::Missing(format!("map {}", maps::XDP_DEVICES)))?;
@@ -435,6 +455,7 @@ impl Loaded {
             ebpf,
             layout: layout.clone(),
             devices,
+            resized,
         })
     }
 
@@ -565,6 +586,13 @@ impl Loaded {
     /// Attaches every program to the cgroup at `cgroup` and pins the links, replacing the
     /// links of an earlier run only once the new ones are attached.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoadError> {
+        // What the running programs wrote into the old maps of resized ones since the copy
+        // at load (flows, reverse NAT, affinity) is copied again, just before they go.
+        for name in std::mem::take(&mut self.resized) {
+            if is_lru(name) {
+                copy_map(&self.layout, name)?;
+            }
+        }
         let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let links = self.layout.links();
         for name in PROGRAMS {
@@ -655,6 +683,98 @@ pub fn run_attached_xdp(
     )
     .map_err(perr)?;
     run_xdp(&prog, frame, ifindex, 1).map_err(perr)
+}
+
+/// Where the old map of a map being resized is pinned until the new programs replace the
+/// running ones (then [`remove_stale_map_pins`] removes it).
+fn resize_pin(layout: &PinLayout, name: &str) -> PathBuf {
+    layout.map(&format!("{name}-old"))
+}
+
+fn is_lru(name: &str) -> bool {
+    maps::ALL
+        .iter()
+        .any(|s| s.name == name && s.map_type == maps::TYPE_LRU_HASH)
+}
+
+/// Copies the entries of map `name`'s old map (set aside by a resize) into the new one;
+/// returns how many. Entries beyond a smaller new capacity are left out (the agent then
+/// refuses what does not fit, as for any full map). Per-CPU counters start from zero.
+fn copy_map(layout: &PinLayout, name: &'static str) -> Result<usize, LoadError> {
+    use aya::maps::{Array, lpm_trie::LpmTrie};
+    use lb_common::{
+        AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
+        ServiceValue, SlotKey,
+        maps::RingPair,
+        ns::{CtEntry, FlowKey, NatRev, NsService, SourceRange},
+        stats::SocketCounters,
+    };
+    let merr = move |source| LoadError::Map { name, source };
+    let old_path = resize_pin(layout, name);
+    let old = MapData::from_pin(&old_path).map_err(merr)?;
+    let new = MapData::from_pin(layout.map(name)).map_err(merr)?;
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        old: Map,
+        new: Map,
+        merr: impl Fn(MapError) -> LoadError,
+    ) -> Result<usize, LoadError> {
+        let from: HashMap<MapData, K, V> = HashMap::try_from(old).map_err(&merr)?;
+        let mut to: HashMap<MapData, K, V> = HashMap::try_from(new).map_err(&merr)?;
+        let mut n = 0;
+        for (k, v) in from.iter().filter_map(Result::ok) {
+            if to.insert(k, v, 0).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+    fn array<V: aya::Pod + PartialEq + Default>(
+        old: MapData,
+        new: MapData,
+        merr: impl Fn(MapError) -> LoadError,
+    ) -> Result<usize, LoadError> {
+        let from: Array<MapData, V> = Array::try_from(Map::Array(old)).map_err(&merr)?;
+        let mut to: Array<MapData, V> = Array::try_from(Map::Array(new)).map_err(&merr)?;
+        let mut n = 0;
+        for i in 0..from.len().min(to.len()) {
+            let v = from.get(&i, 0).map_err(&merr)?;
+            if v != V::default() {
+                to.set(i, v, 0).map_err(&merr)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+    let (h, l) = (Map::HashMap, Map::LruHashMap);
+    match name {
+        maps::SERVICES => hash::<ServiceKey, ServiceValue>(h(old), h(new), merr),
+        maps::SLOTS => hash::<SlotKey, u32>(h(old), h(new), merr),
+        maps::BACKENDS => hash::<u32, Endpoint>(h(old), h(new), merr),
+        maps::SERVICE_INFO | maps::NS_INFO => hash::<u32, ServiceInfo>(h(old), h(new), merr),
+        maps::AFFINITY_MATCH => hash::<AffinityMatchKey, u8>(h(old), h(new), merr),
+        maps::NS_SERVICES => hash::<ServiceKey, NsService>(h(old), h(new), merr),
+        maps::REV_NAT => hash::<RevNatKey, Endpoint>(l(old), l(new), merr),
+        maps::AFFINITY => hash::<AffinityKey, AffinityValue>(l(old), l(new), merr),
+        maps::CONNTRACK => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
+        maps::NAT_REV => hash::<FlowKey, NatRev>(l(old), l(new), merr),
+        maps::RINGS => array::<RingPair>(old, new, merr),
+        maps::SVC_STATS => array::<SocketCounters>(old, new, merr),
+        maps::BE_STATS => array::<u64>(old, new, merr),
+        maps::SOURCE_RANGES => {
+            let from: LpmTrie<MapData, SourceRange, u8> =
+                LpmTrie::try_from(Map::LpmTrie(old)).map_err(&merr)?;
+            let mut to: LpmTrie<MapData, SourceRange, u8> =
+                LpmTrie::try_from(Map::LpmTrie(new)).map_err(&merr)?;
+            let mut n = 0;
+            for (k, v) in from.iter().filter_map(Result::ok) {
+                if to.insert(&k, v, 0).is_ok() {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        _ => Ok(0),
+    }
 }
 
 /// Pins `link` at `path`, atomically replacing what was pinned there (whose link detaches

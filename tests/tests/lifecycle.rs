@@ -220,3 +220,56 @@ fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_
         assert_eq!(mode(&pin) & 0o077, 0, "{}", pin.display());
     }
 }
+
+#[test]
+fn raising_map_capacities_copies_the_maps_without_a_gap() {
+    if !require_privileges("raising_map_capacities_copies_the_maps_without_a_gap") {
+        return;
+    }
+    let small = ["--max-rev-nat", "1024", "--max-services", "16"];
+    let mut w = web_world(2, &small);
+    let mut held = w.hold(&vip());
+    let backend = held.first.backend.clone().expect("answered");
+    let attempts = w.probe(&["tcp", &vip(), "--count", "20"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()));
+    let row = |w: &lb_tests::world::World, map: &str| {
+        w.capacity()
+            .into_iter()
+            .find(|r| r.map == map)
+            .unwrap_or_else(|| panic!("{map}"))
+    };
+    let rev_nat_before = row(&w, "lb_revnat_v1");
+    assert_eq!(rev_nat_before.capacity, 1024);
+    let services = w.services();
+
+    // A restart with larger maps: new maps, filled from the old ones, and the old programs
+    // keep serving until the new ones replace them.
+    w.kill_agent();
+    w.start_agent(&["--max-rev-nat", "4096", "--max-services", "64"]);
+    for _ in 0..5 {
+        let attempts = w.probe(&["tcp", &vip(), "--count", "10"]);
+        assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    }
+    w.wait_ready();
+    assert!(w.agent_log().contains("map resized: entries copied"));
+    assert_eq!(row(&w, "lb_revnat_v1").capacity, 4096);
+    assert_eq!(row(&w, "lb_svc_v1").capacity, 64);
+    assert!(
+        row(&w, "lb_revnat_v1").entries >= rev_nat_before.entries,
+        "reverse-NAT entries carried over"
+    );
+    assert_eq!(w.services(), services, "same frontends and ids");
+    assert_eq!(
+        held.ping().backend,
+        Some(backend),
+        "the connection survived"
+    );
+    let attempts = w.probe(&["tcp", &vip(), "--count", "20"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()));
+    let leftovers: Vec<String> = std::fs::read_dir(w.pin_dir().join("maps"))
+        .expect("maps")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-old"))
+        .collect();
+    assert!(leftovers.is_empty(), "old maps unpinned: {leftovers:?}");
+}
