@@ -273,3 +273,32 @@ fn raising_map_capacities_copies_the_maps_without_a_gap() {
         .collect();
     assert!(leftovers.is_empty(), "old maps unpinned: {leftovers:?}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    if !require_privileges("json_logs_are_one_object_per_line") {
+        return;
+    }
+    let w = web_world(1, &["--log-format", "json"]);
+    let log = w.agent_log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{log}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    let synced = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "initial sync done")
+        .expect("the initial sync is logged");
+    assert!(
+        synced["fields"]["frontends"]
+            .as_u64()
+            .is_some_and(|n| n >= 4),
+        "{synced}"
+    );
+}
