@@ -12,6 +12,7 @@
 #![no_std]
 
 pub mod addr;
+pub mod debug;
 pub mod maps;
 pub mod ns;
 pub mod service;

@@ -20,6 +20,7 @@
 
 mod csum;
 mod ct;
+mod debug;
 mod family;
 mod fib;
 mod maps;

@@ -4,16 +4,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
     ServiceValue, SlotKey,
     maps::{
-        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS,
-        DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
-        DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC, MAX_XDP_DEVICES, RING_LANES, RingPair,
-        SCRATCH_SIZE,
+        DEBUG_RING_BYTES, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
+        DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
+        DEFAULT_MAX_SOURCE_RANGES, DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC,
+        MAX_XDP_DEVICES, RING_LANES, RingPair, SCRATCH_SIZE,
     },
     ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
     stats,
@@ -59,6 +59,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 /// Per socket-level frontend counters. See `lb_common::maps::SVC_STATS`.
 #[map(name = "lb_svcstat_v1")]
 pub static SVC_STATS: Array<stats::SocketCounters> = Array::pinned(DEFAULT_MAX_SERVICES + 1, 0);
+
+/// Debug events, written only with `--kernel-debug`. See `lb_common::maps::DEBUG_EVENTS`.
+#[map(name = "lb_debug_v1")]
+pub static DEBUG_EVENTS: RingBuf = RingBuf::pinned(DEBUG_RING_BYTES, 0);
 
 /// Per backend counters. See `lb_common::maps::BE_STATS`.
 #[map(name = "lb_bestat_v1")]

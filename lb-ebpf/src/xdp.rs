@@ -10,7 +10,7 @@ use lb_common::{
 };
 
 use crate::{
-    ct, fib,
+    ct, debug, fib,
     maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
@@ -79,6 +79,7 @@ fn drop_for(svc_id: u32, why: u32) -> u32 {
         unsafe { (*c).drops += 1 };
     }
     stats::inc(why);
+    debug::event(lb_common::debug::XDP_DROP, svc_id, why);
     xdp_action::XDP_DROP
 }
 
@@ -159,6 +160,7 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
             if !ct::create(s, &p.key, &snat) {
                 return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
             }
+            debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, backend_id);
         }
     }
     s.rw.dst.ip = backend.addr;

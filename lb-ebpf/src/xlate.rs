@@ -4,6 +4,7 @@ use aya_ebpf::{helpers::generated::bpf_set_retval, programs::SockAddrContext};
 use lb_common::{Endpoint, ServiceKey, stats as st};
 
 use crate::{
+    debug,
     family::Family,
     maps::{BACKENDS, SERVICES},
     revnat, select, stats,
@@ -35,6 +36,7 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     if svc.count == 0 {
         stats::inc(st::REFUSED_NO_BACKEND);
         stats::socket(svc.id, None);
+        debug::event(lb_common::debug::SOCKET_REFUSED, svc.id, 0);
         // SAFETY: plain helper call; sock_addr hooks may set their syscall's error.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
@@ -54,5 +56,6 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     revnat::remember(ctx, &backend, &Endpoint::new(key.addr, key.port_be));
     stats::inc(translated);
     stats::socket(svc.id, Some(backend_id));
+    debug::event(lb_common::debug::SOCKET_TRANSLATED, svc.id, backend_id);
     ALLOW
 }

@@ -93,7 +93,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     host::check_cgroup2(&cgroup)?;
 
     let snat_ports = args.snat_range().map_err(AgentError::Config)?;
-    let mut loaded = Loaded::load(&layout, &args.map_sizes(), snat_ports)?;
+    let mut loaded = Loaded::load_with(&layout, &args.map_sizes(), snat_ports, args.kernel_debug)?;
+    if args.kernel_debug {
+        let ring = loaded.take_debug_events()?;
+        tokio::spawn(log_kernel_events(ring));
+        info!("kernel debug events on: every decision of the programs is logged");
+    }
     let mut reconciler = Reconciler::new(loaded.datapath()?, args.limits())?;
     let c = reconciler.contents();
     info!(
@@ -267,6 +272,41 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
     Ok(())
+}
+
+/// Logs the kernel's debug events as they come (`--kernel-debug`).
+async fn log_kernel_events(ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the ring buffer owns its map's file descriptor, open until it is dropped with
+    // the AsyncFd, and always returns that descriptor.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot read the kernel debug events");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                warn!(error = %e, "cannot read the kernel debug events");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some(bytes) = item.get(..size_of::<lb_common::debug::DebugEvent>()) else {
+                continue;
+            };
+            // SAFETY: the kernel wrote a DebugEvent (plain integers) there; read unaligned.
+            let e: lb_common::debug::DebugEvent =
+                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            info!(target: "lb_ebpf", kind = e.kind_name(), id = e.id, arg = e.arg, "kernel event");
+        }
+        guard.clear_ready();
+    }
 }
 
 /// Why each endpoint of `service` does or does not get new connections on this node, as

@@ -184,6 +184,12 @@ pub struct AgentArgs {
     #[arg(long)]
     pub cleanup: bool,
 
+    /// Log every decision of the kernel programs (each translated or refused connection, each
+    /// new or dropped north-south flow), sent through a ring buffer. For debugging only; off,
+    /// the logging code is removed from the programs when they are verified.
+    #[arg(long, env = "LB_KERNEL_DEBUG")]
+    pub kernel_debug: bool,
+
     /// Log format. The level comes from RUST_LOG (default: info).
     #[arg(long, env = "LB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,

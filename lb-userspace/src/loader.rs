@@ -375,6 +375,17 @@ impl Loaded {
         sizes: &MapSizes,
         snat_ports: (u16, u16),
     ) -> Result<Self, LoadError> {
+        Self::load_with(layout, sizes, snat_ports, false)
+    }
+
+    /// [`Self::load`], with the kernel's debug events on (`debug`: see
+    /// [`Self::take_debug_events`]) or off (removed from the programs by the verifier).
+    pub fn load_with(
+        layout: &PinLayout,
+        sizes: &MapSizes,
+        snat_ports: (u16, u16),
+        debug: bool,
+    ) -> Result<Self, LoadError> {
         // Only root reads or writes the maps and links, also when the directories existed.
         for dir in [layout.root().to_owned(), layout.maps(), layout.links()] {
             fs::DirBuilder::new()
@@ -417,6 +428,8 @@ impl Loaded {
         }
         loader.override_global("SNAT_PORT_MIN", &snat_ports.0, true);
         loader.override_global("SNAT_PORT_MAX", &snat_ports.1, true);
+        let debug = u8::from(debug);
+        loader.override_global("DEBUG", &debug, true);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?
@@ -581,6 +594,21 @@ impl Loaded {
     /// Takes the maps the agent writes.
     pub fn datapath(&mut self) -> Result<BpfDatapath, LoadError> {
         BpfDatapath::take(&mut self.ebpf)
+    }
+
+    /// The size in bytes of program `name` as the verifier left it (dead code removed).
+    pub fn translated_size(&self, name: &str) -> Option<u32> {
+        self.ebpf.program(name)?.info().ok()?.size_translated()
+    }
+
+    /// The ring buffer of the kernel's debug events (written only when loaded with them on).
+    pub fn take_debug_events(&mut self) -> Result<aya::maps::RingBuf<MapData>, LoadError> {
+        let name = maps::DEBUG_EVENTS;
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or_else(|| LoadError::Missing(format!("map {name}")))?;
+        aya::maps::RingBuf::try_from(map).map_err(|source| LoadError::Map { name, source })
     }
 
     /// Attaches every program to the cgroup at `cgroup` and pins the links, replacing the

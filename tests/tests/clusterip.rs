@@ -394,3 +394,33 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
         "{attempts:?}"
     );
 }
+
+#[test]
+fn kernel_debug_events_are_logged_only_when_asked_for() {
+    if !require_privileges("kernel_debug_events_are_logged_only_when_asked_for") {
+        return;
+    }
+    let quiet = three_backends(&[]);
+    let attempts = quiet.probe(&["tcp", "10.96.0.10:80", "--count", "5"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()));
+    assert!(
+        !quiet.agent_log().contains("kernel event"),
+        "off by default"
+    );
+    drop(quiet);
+
+    let w = three_backends(&["--kernel-debug"]);
+    let attempts = w.probe(&["tcp", "10.96.0.10:80", "--count", "5"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()));
+    w.wait_until(
+        "the events are logged",
+        std::time::Duration::from_secs(5),
+        || {
+            w.agent_log()
+                .lines()
+                .filter(|l| l.contains("kernel event") && l.contains("kind=\"socket_translated\""))
+                .count()
+                >= 5
+        },
+    );
+}

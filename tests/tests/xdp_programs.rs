@@ -1013,3 +1013,38 @@ fn fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums() {
         }
     });
 }
+
+#[test]
+fn kernel_debug_events_cost_nothing_when_off() {
+    if !require_privileges("kernel_debug_events_cost_nothing_when_off") {
+        return;
+    }
+    // The verifier removes the event code when the switch is off: the programs it leaves
+    // are smaller than with the switch on.
+    let size = |debug: bool| {
+        let tag = new_tag();
+        let pins = pin_dir_of(&tag);
+        let layout = PinLayout::new(&pins);
+        let sizes = MapSizes {
+            services: 16,
+            slots: 64,
+            backends: 16,
+            rev_nat: 64,
+            affinity: 64,
+            external: 16,
+            external_ids: 4,
+            table_entries: 4 * 251,
+            flows: 64,
+            source_ranges: 16,
+        };
+        let loaded = Loaded::load_with(&layout, &sizes, (61000, 65535), debug).expect("loads");
+        let got = ["connect4", XDP_PROGRAM].map(|p| loaded.translated_size(p).expect("size"));
+        drop(loaded);
+        fs::remove_dir_all(&pins).expect("cleanup");
+        got
+    };
+    let (off, on) = (size(false), size(true));
+    for i in 0..2 {
+        assert!(off[i] < on[i], "off {off:?} on {on:?}");
+    }
+}
