@@ -348,14 +348,7 @@ pub fn desired<'a>(
         }
     }
     let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut out.notes)?;
-    let internal = traffic_policy(
-        "internalTrafficPolicy",
-        spec.internal_traffic_policy.as_deref(),
-    )?;
-    let external = traffic_policy(
-        "externalTrafficPolicy",
-        spec.external_traffic_policy.as_deref(),
-    )?;
+    let (internal, external) = traffic_policies(spec)?;
     let affinity_timeout_s = affinity_timeout(spec)?;
     let lb_ips = load_balancer_ips(svc, &mut out.notes);
     let source_ranges = source_ranges(spec, &mut out.notes);
@@ -573,14 +566,7 @@ pub fn explain<'a>(
     };
     let mut notes = Vec::new();
     let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut notes)?;
-    let internal = traffic_policy(
-        "internalTrafficPolicy",
-        spec.internal_traffic_policy.as_deref(),
-    )?;
-    let external = traffic_policy(
-        "externalTrafficPolicy",
-        spec.external_traffic_policy.as_deref(),
-    )?;
+    let (internal, external) = traffic_policies(spec)?;
     let cluster = cluster_ips(
         spec.cluster_ips.as_deref().unwrap_or_default(),
         spec.cluster_ip.as_deref(),
@@ -754,6 +740,20 @@ fn traffic_policy(field: &'static str, value: Option<&str>) -> Result<TrafficPol
             value: other.to_owned(),
         }),
     }
+}
+
+/// `internalTrafficPolicy` and `externalTrafficPolicy`.
+fn traffic_policies(spec: &ServiceSpec) -> Result<(TrafficPolicy, TrafficPolicy), Rejection> {
+    Ok((
+        traffic_policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )?,
+        traffic_policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?,
+    ))
 }
 
 fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, Rejection> {

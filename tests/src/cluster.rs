@@ -264,20 +264,10 @@ impl Cluster {
     /// A GET of `path` (`/metrics`, `/healthz`...) on the agent's health endpoint, from inside
     /// node A: the status code and body.
     pub fn agent_http(&self, path: &str) -> Result<(u16, String), String> {
-        let out = command_in(&self.bins.join("lb-probe"), &self.node_a, None)
-            .expect("node namespace")
-            .args(["http-get", NODE_HEALTH_ADDR, "--path", path])
-            .output()
-            .expect("running lb-probe http-get");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
-        Ok((
-            status.trim().parse().map_err(|_| text.clone())?,
-            body.to_owned(),
-        ))
+        let mut cmd =
+            command_in(&self.bins.join("lb-probe"), &self.node_a, None).expect("node namespace");
+        cmd.args(["http-get", NODE_HEALTH_ADDR, "--path", path]);
+        probe_http_get(cmd)
     }
 
     /// Runs `lbctl -o json ARGS` in node A (where the XDP devices are, for `explain`'s run
@@ -393,21 +383,24 @@ impl Cluster {
     /// An HTTP GET from the client to `addr` (a health check node port): the status code
     /// and body.
     pub fn http_get(&self, addr: SocketAddr) -> Result<(u16, String), String> {
-        let out = self
-            .client_probe()
-            .args(["http-get", &addr.to_string()])
-            .output()
-            .expect("running lb-probe http-get");
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
-        Ok((
-            status.trim().parse().map_err(|_| text.clone())?,
-            body.to_owned(),
-        ))
+        let mut cmd = self.client_probe();
+        cmd.args(["http-get", &addr.to_string()]);
+        probe_http_get(cmd)
     }
+}
+
+/// Runs an `lb-probe http-get` command: the status code and body it printed.
+fn probe_http_get(mut cmd: Command) -> Result<(u16, String), String> {
+    let out = cmd.output().expect("running lb-probe http-get");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+    Ok((
+        status.trim().parse().map_err(|_| text.clone())?,
+        body.to_owned(),
+    ))
 }
 
 impl Drop for Cluster {

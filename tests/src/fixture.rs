@@ -49,3 +49,18 @@ pub fn web_world(n: usize, agent_args: &[&str]) -> World {
     }
     w
 }
+
+/// A second service, `demo/other` on 10.96.0.20:80/TCP, over backend 0.
+pub fn other_manifest(w: &World) -> String {
+    documents(&[
+        service("demo", "other", &["10.96.0.20"], &[("", 80, "TCP")]),
+        slice(
+            "demo",
+            "other-1",
+            "other",
+            "IPv4",
+            &[("", i64::from(BACKEND_PORT), "TCP")],
+            &[Ep::ready(w.backend_v4(0))],
+        ),
+    ])
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use lb_userspace::inspect::{BackendStatsRow, ServiceStatsRow};
 
 use lb_tests::{
-    fixture::{BACKEND_PORT, web_world},
+    fixture::{BACKEND_PORT, other_manifest, web_world},
     manifest::{Ep, documents, service, slice},
     probe::Attempt,
     require_privileges,
@@ -344,18 +344,7 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
     let w = web_world(2, &["--max-services", "4"]);
     let vip = format!("{}:80", lb_tests::fixture::WEB_V4);
     let mut held = w.hold(&vip);
-    let other = documents(&[
-        service("demo", "other", &["10.96.0.20"], &[("", 80, "TCP")]),
-        slice(
-            "demo",
-            "other-1",
-            "other",
-            "IPv4",
-            &[("", SPORT, "TCP")],
-            &[Ep::ready(w.backend_v4(0))],
-        ),
-    ]);
-    w.write_manifest("other.yaml", &other);
+    w.write_manifest("other.yaml", &other_manifest(&w));
     w.wait_until(
         "the refusal is logged",
         std::time::Duration::from_secs(10),

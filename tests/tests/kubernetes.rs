@@ -7,7 +7,7 @@ use serde_json::json;
 
 use lb_tests::{
     apiserver::{ApiServer, Resource},
-    fixture::{BACKEND_PORT, WEB_V4, web_manifest},
+    fixture::{BACKEND_PORT, WEB_V4, other_manifest, web_manifest},
     manifest::{Ep, Svc, documents, node, service, slice},
     probe::{Attempt, names},
     require_privileges,
@@ -39,21 +39,6 @@ const WEB_TCP: &str = "10.96.0.10:80/TCP";
 /// Lines of the agent's log that report a sync that wrote to the maps.
 fn write_syncs(w: &World) -> usize {
     w.agent_log().matches("agent: synced ").count()
-}
-
-/// A second service, `demo/other` on 10.96.0.20:80, over backend 0.
-fn other_manifest(w: &World) -> String {
-    documents(&[
-        service("demo", "other", &["10.96.0.20"], &[("", 80, "TCP")]),
-        slice(
-            "demo",
-            "other-1",
-            "other",
-            "IPv4",
-            &[("", P, "TCP")],
-            &[Ep::ready(w.backend_v4(0))],
-        ),
-    ])
 }
 
 const P: i64 = BACKEND_PORT as i64;
@@ -295,16 +280,7 @@ fn metrics_report_the_agent_and_the_datapath() {
     }
     let api = ApiServer::start();
     let mut w = world(&api, 2);
-    // Port 80 twice: rejected as a duplicate port.
-    api.apply(
-        &Svc::new(
-            "demo",
-            "bad",
-            &["10.96.0.99"],
-            &[("a", 80, "TCP"), ("b", 80, "TCP")],
-        )
-        .yaml(),
-    );
+    api.apply(&duplicate_port_service());
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     w.start_agent_kube(&api, &["--health-addr", &addr]);
@@ -404,6 +380,17 @@ fn health(port: u16, path: &str) -> Option<u16> {
 /// One sample of the agent's metrics.
 fn metric(port: u16, series: &str) -> Option<f64> {
     lb_tests::metric(&get(port, "/metrics")?.1, series)
+}
+
+/// `demo/bad`, with port 80/TCP twice: rejected as a duplicate port.
+fn duplicate_port_service() -> String {
+    Svc::new(
+        "demo",
+        "bad",
+        &["10.96.0.99"],
+        &[("a", 80, "TCP"), ("b", 80, "TCP")],
+    )
+    .yaml()
 }
 
 /// A free loopback port for the agent's health endpoint.
@@ -561,15 +548,7 @@ fn an_unprogrammable_service_gets_one_warning_event() {
     }
     let api = ApiServer::start();
     let mut w = world(&api, 1);
-    api.apply(
-        &Svc::new(
-            "demo",
-            "bad",
-            &["10.96.0.99"],
-            &[("a", 80, "TCP"), ("b", 80, "TCP")],
-        )
-        .yaml(),
-    );
+    api.apply(&duplicate_port_service());
     w.start_agent_kube(&api, &["--node-name", "node-a"]);
     w.wait_for_backends(WEB_TCP, 1);
     let events_of = |name: &str| -> Vec<serde_json::Value> {
