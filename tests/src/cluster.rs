@@ -276,18 +276,24 @@ impl Cluster {
         &self,
         args: &[&str],
     ) -> Result<T, String> {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.lbctl_text_in_node(&all)?).map_err(|e| e.to_string())
+    }
+
+    /// Runs `lbctl ARGS` in node A: its stdout, or its stderr.
+    pub fn lbctl_text_in_node(&self, args: &[&str]) -> Result<String, String> {
         let out = command_in(&self.bins.join("lbctl"), &self.node_a, None)
             .expect("node namespace")
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .args(["-o", "json"])
             .args(args)
             .output()
             .expect("running lbctl");
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Waits until the agent's `/readyz` answers 200: its first sync is written and its

@@ -297,7 +297,29 @@ fn explain(
         let path = format!("/explain/{service}");
         match health::get(addr, &path, std::time::Duration::from_secs(5)) {
             Ok((200, body)) => {
-                e.endpoints = serde_json::from_str(&body).ok();
+                // Only the service port (and family) asked about.
+                let port_name = e
+                    .socket
+                    .as_ref()
+                    .map(|s| s.port_name.clone())
+                    .or_else(|| e.north_south.as_ref().map(|n| n.port_name.clone()))
+                    .unwrap_or_default();
+                let family = if destination.is_ipv6() {
+                    "IPv6"
+                } else {
+                    "IPv4"
+                };
+                let mut value: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+                if let Some(ports) = value.as_mut().and_then(|v| v["ports"].as_array_mut()) {
+                    ports.retain(|p| {
+                        p["port_name"] == port_name.as_str()
+                            && p["protocol"]
+                                .as_str()
+                                .is_some_and(|x| x.eq_ignore_ascii_case(&protocol))
+                            && p["family"] == family
+                    });
+                }
+                e.endpoints = value;
             }
             Ok((status, body)) => {
                 e.endpoints_unavailable = Some(format!(

@@ -254,6 +254,17 @@ fn north_south() {
     ] {
         print!("{}", indent(&c.lbctl(args).unwrap_or_else(|e| e)));
     }
+    section(
+        11,
+        "lbctl explain: the XDP program itself run on a built packet, and the agent's reasons",
+    );
+    let node_port = format!("{NODE_A}:30080");
+    let client = format!("{CLIENT}:40000");
+    let explain = ["explain", &node_port, "--from", &client];
+    print!(
+        "{}",
+        indent(&c.lbctl_text_in_node(&explain).unwrap_or_else(|e| e))
+    );
     let leftovers = [
         PathBuf::from(format!("/run/netns/{}-na", c.tag())),
         PathBuf::from(format!("/sys/fs/bpf/{}", c.tag())),
