@@ -262,9 +262,11 @@ pub struct Reconciler<D: Datapath> {
     claims: BTreeMap<ServiceKey, BTreeSet<ObjectRef>>,
     /// Frontends whose writes failed, retried on the next sync.
     retry: BTreeSet<ServiceKey>,
-    /// Frontends refused for lack of map space (reported once), tried again after every
-    /// sync: they are programmed as soon as the space is there.
+    /// Frontends refused for lack of map space (reported once), tried again after a sync
+    /// that freed space: they are programmed as soon as the space is there.
     refused: BTreeSet<ServiceKey>,
+    /// The maps' occupancy when the refused frontends were last tried.
+    refused_at: [usize; 4],
     /// Whether entries nothing refers to may exist (after a restart or a failed write).
     garbage: bool,
     /// The agent's own API server address, if it is a service frontend.
@@ -293,6 +295,7 @@ impl<D: Datapath> Reconciler<D> {
             claims: BTreeMap::new(),
             retry: BTreeSet::new(),
             refused: BTreeSet::new(),
+            refused_at: [0; 4],
             garbage: true,
             api: None,
             ext,
@@ -438,19 +441,39 @@ impl<D: Datapath> Reconciler<D> {
             self.refused.remove(&key);
             self.remove(&key, &mut report);
         }
-        // What this sync removed or shrank may have made room for frontends refused before.
+        // What this sync removed or shrank may have made room for frontends refused before:
+        // they are tried again when a map holds fewer entries than when they were last tried.
         let claims = &self.claims;
         self.refused.retain(|key| claims.contains_key(key));
-        let waiting: Vec<ServiceKey> = self.refused.iter().copied().collect();
-        for key in waiting {
-            self.program(key, false, &mut report);
+        let freed = self
+            .occupancy()
+            .iter()
+            .zip(self.refused_at)
+            .any(|(now, then)| *now < then);
+        if freed {
+            let waiting: Vec<ServiceKey> = self.refused.iter().copied().collect();
+            for key in waiting {
+                self.program(key, false, &mut report);
+            }
         }
+        self.refused_at = self.occupancy();
         self.sync_external(ext_touched, &mut report);
         if self.garbage && report.errors.is_empty() {
             self.collect_garbage(&mut report);
         }
         self.synced = true;
         report
+    }
+
+    /// Entries in the maps a socket-level frontend takes room in.
+    fn occupancy(&self) -> [usize; 4] {
+        let c = &self.mirror;
+        [
+            c.services.len(),
+            c.slots.len(),
+            c.backends.len(),
+            c.affinity_match.len(),
+        ]
     }
 
     /// Programs frontend `key` as its first claimant wants it (reporting the other claimants
