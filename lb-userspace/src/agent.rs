@@ -220,11 +220,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     continue;
                 }
                 out.health.received(oldest);
-                if !synced {
-                    // The first sync already knows the node's addresses.
-                    if let Some((changed, _)) = Network::addresses(&network.cidrs, &mut store) {
-                        dirty.extend(changed);
-                    }
+                // The first sync already knows the node's addresses.
+                let mut first_addrs = None;
+                if !synced && let Some((changed, addrs)) = Network::addresses(&network.cidrs, &mut store) {
+                    dirty.extend(changed);
+                    first_addrs = Some(addrs);
                 }
                 let services = dirty.len();
                 let report = out.sync(&mut reconciler, &store, std::mem::take(&mut dirty), Some(oldest));
@@ -233,7 +233,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     // maps they read hold every service, the previous programs keep serving
                     // from theirs (an upgrade to a new map layout has no gap).
                     start_serving(&mut loaded, &cgroup, &layout)?;
-                    network.poll(&mut store, &mut loaded);
+                    if let Some(addrs) = &first_addrs {
+                        network.attach_devices(addrs, &store, &mut loaded);
+                    }
                     out.health.serving();
                 }
                 let c = reconciler.contents();
