@@ -84,6 +84,24 @@ pub(super) struct External {
     /// Groups and frontends whose writes failed, retried on the next sync.
     retry_groups: BTreeSet<GroupKey>,
     retry_keys: BTreeSet<ServiceKey>,
+    /// Groups refused for lack of map space (reported once), tried again in the sync after
+    /// one that freed space (when what it freed is reusable).
+    refused: BTreeSet<GroupKey>,
+    /// The maps' occupancy when the refused groups were last tried.
+    refused_at: [usize; 4],
+    /// The last sync freed space: try the refused groups again.
+    retry_refused: bool,
+}
+
+/// Why phase 1 did not program a group.
+#[derive(Debug, PartialEq, Eq)]
+enum NotPrepared {
+    /// A map is too small: refused until space is freed.
+    Full,
+    /// The object cannot be programmed (reported as a rejection).
+    Rejected,
+    /// A write failed: retried on the next sync.
+    Failed,
 }
 
 /// What to revisit in one sync.
@@ -229,9 +247,12 @@ impl External {
             .find(|g| g.port_name == gk.port_name && g.ipv6 == gk.ipv6)
     }
 
-    /// Whether writes failed and a sync should run again soon.
+    /// Whether writes failed, or space was freed for refused groups, and a sync should run
+    /// again soon.
     pub(super) fn needs_retry(&self) -> bool {
-        !self.retry_groups.is_empty() || !self.retry_keys.is_empty()
+        !self.retry_groups.is_empty()
+            || !self.retry_keys.is_empty()
+            || (self.retry_refused && !self.refused.is_empty())
     }
 
     /// The programmed groups: key, id and region start (for the CLI and tests).
@@ -306,18 +327,31 @@ impl<D: Datapath> Reconciler<D> {
         touched
             .keys
             .extend(std::mem::take(&mut self.ext.retry_keys));
+        if std::mem::take(&mut self.ext.retry_refused) {
+            touched.groups.extend(self.ext.refused.iter().cloned());
+        }
         // Phase 1: the groups that are desired.
         let mut failed: BTreeSet<GroupKey> = BTreeSet::new();
+        let mut not_prepared: BTreeSet<GroupKey> = BTreeSet::new();
         let mut previous: BTreeSet<u32> = BTreeSet::new();
         for gk in &touched.groups {
             if let Some(p) = self.ext.groups.get(gk) {
                 previous.extend(self.table_backends(p.region));
             }
             let Some(want) = self.ext.group(gk).cloned() else {
+                self.ext.refused.remove(gk);
                 continue;
             };
-            if self.prepare(gk, &want, report).is_err() {
-                failed.insert(gk.clone());
+            match self.prepare(gk, &want, report) {
+                Ok(()) => {
+                    self.ext.refused.remove(gk);
+                }
+                Err(NotPrepared::Failed) => {
+                    failed.insert(gk.clone());
+                }
+                Err(NotPrepared::Full | NotPrepared::Rejected) => {
+                    not_prepared.insert(gk.clone());
+                }
             }
             // Its frontends may need new values (id, region, flags).
             touched.keys.extend(want.frontends.iter().map(|f| f.key));
@@ -330,7 +364,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         // Phase 3: what nothing names any more.
         for gk in &touched.groups {
-            if failed.contains(gk) {
+            if failed.contains(gk) || not_prepared.contains(gk) {
                 continue;
             }
             let done = match self.ext.group(gk).cloned() {
@@ -350,6 +384,37 @@ impl<D: Datapath> Reconciler<D> {
         for id in self.ext.freed_ids.drain(..) {
             self.ext.ids.release(id);
         }
+        // Space freed now is reusable from the next sync: the refused groups are tried then.
+        let now = self.ext_occupancy();
+        self.ext.retry_refused = now.iter().zip(self.ext.refused_at).any(|(n, t)| *n < t);
+        self.ext.refused_at = now;
+    }
+
+    /// Entries in the maps a north-south group takes room in: backends, table entries in
+    /// use, ids, source ranges.
+    fn ext_occupancy(&self) -> [usize; 4] {
+        let c = &self.mirror;
+        [
+            c.backends.len(),
+            c.tables.values().map(Vec::len).sum(),
+            c.external_info.len(),
+            c.ranges.len(),
+        ]
+    }
+
+    /// Refuses group `gk` for lack of space in `map` (reported the first time).
+    fn refuse(
+        &mut self,
+        gk: &GroupKey,
+        want: &ExternalGroup,
+        map: &'static str,
+        capacity: u32,
+        report: &mut SyncReport,
+    ) -> NotPrepared {
+        if self.ext.refused.insert(gk.clone()) {
+            report.full.push(self.full(gk, want, map, capacity));
+        }
+        NotPrepared::Full
     }
 
     /// The backend ids a table region names.
@@ -381,7 +446,7 @@ impl<D: Datapath> Reconciler<D> {
         gk: &GroupKey,
         want: &ExternalGroup,
         report: &mut SyncReport,
-    ) -> Result<(), ()> {
+    ) -> Result<(), NotPrepared> {
         let m_size = self.limits.table_size(want.backends.len());
         let current = self.ext.groups.get(gk).copied();
         // Capacity first: nothing is written for a group that cannot fit.
@@ -392,10 +457,8 @@ impl<D: Datapath> Reconciler<D> {
             .copied()
             .collect();
         if self.mirror.backends.len() + new_backends.len() > self.caps.backends as usize {
-            report
-                .full
-                .push(self.full(gk, want, maps::BACKENDS, self.caps.backends));
-            return Err(());
+            let caps = self.caps.backends;
+            return Err(self.refuse(gk, want, maps::BACKENDS, caps, report));
         }
         // A table of the same size is rewritten in place (each entry moves from one valid
         // backend to another); a table of another size is written to a new region, which
@@ -412,10 +475,8 @@ impl<D: Datapath> Reconciler<D> {
             _ if needs_region => match self.free_region(m_size) {
                 Some(start) => Some(Region { start, len: m_size }),
                 None => {
-                    report
-                        .full
-                        .push(self.full(gk, want, maps::RINGS, self.caps.table_entries));
-                    return Err(());
+                    let caps = self.caps.table_entries;
+                    return Err(self.refuse(gk, want, maps::RINGS, caps, report));
                 }
             },
             _ => None,
@@ -426,10 +487,8 @@ impl<D: Datapath> Reconciler<D> {
                 let id = self.ext.ids.take();
                 if id > self.caps.external_ids {
                     self.ext.ids.release(id);
-                    report
-                        .full
-                        .push(self.full(gk, want, maps::NS_INFO, self.caps.external_ids));
-                    return Err(());
+                    let caps = self.caps.external_ids;
+                    return Err(self.refuse(gk, want, maps::NS_INFO, caps, report));
                 }
                 id
             }
@@ -445,10 +504,8 @@ impl<D: Datapath> Reconciler<D> {
             if current.is_none() {
                 self.ext.ids.release(id);
             }
-            report
-                .full
-                .push(self.full(gk, want, maps::SOURCE_RANGES, self.caps.ranges));
-            return Err(());
+            let caps = self.caps.ranges;
+            return Err(self.refuse(gk, want, maps::SOURCE_RANGES, caps, report));
         }
 
         let mut ops = Vec::new();
@@ -497,7 +554,7 @@ impl<D: Datapath> Reconciler<D> {
                     max: lb_common::service::NAME_MAX,
                 },
             ));
-            return Err(());
+            return Err(NotPrepared::Rejected);
         }
         ops.extend(
             ranges
@@ -525,7 +582,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.idx.backend_alloc.release(*b);
             }
         }
-        result
+        result.map_err(|()| NotPrepared::Failed)
     }
 
     /// The first free region of `size` entries (first fit): one overlapping no region in

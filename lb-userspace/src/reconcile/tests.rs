@@ -1076,6 +1076,37 @@ fn a_full_table_array_refuses_the_new_service_and_keeps_the_others() {
     assert!(served.values().all(|(owner, ..)| owner == "ns/web"));
     // api's cluster IP is still served at the socket level.
     assert!(h.served().contains_key("10.96.0.2:80/TCP"));
+    // A refusal is not a failed write: no retry loop, and it is reported once.
+    assert!(!h.rec.needs_retry());
+    let report = h.sync(
+        vec![
+            lb("web", "10.96.0.1", "198.51.100.1", 30080),
+            lb("api", "10.96.0.2", "198.51.100.2", 30081),
+        ],
+        vec![
+            lb_slice("web", &["10.0.0.1", "10.0.0.3"]),
+            lb_slice("api", &["10.0.0.2"]),
+        ],
+    );
+    assert!(report.full.is_empty(), "{:?}", report.full);
+    // web goes: the region it frees is reusable from the next sync, which the reconciler
+    // asks for, and which programs api.
+    h.sync(
+        vec![lb("api", "10.96.0.2", "198.51.100.2", 30081)],
+        vec![lb_slice("api", &["10.0.0.2"])],
+    );
+    assert!(h.rec.needs_retry(), "a sync to try the refused group again");
+    let report = h.rec.sync(&h.store, BTreeSet::new());
+    assert!(
+        report.full.is_empty() && report.errors.is_empty(),
+        "{report:?}"
+    );
+    assert!(!h.rec.needs_retry());
+    let served = h.served_external();
+    assert!(
+        !served.is_empty() && served.values().all(|(owner, ..)| owner == "ns/api"),
+        "{served:?}"
+    );
 }
 
 #[test]
