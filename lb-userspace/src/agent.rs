@@ -94,6 +94,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let snat_ports = args.snat_range().map_err(AgentError::Config)?;
     let mut loaded = Loaded::load_with(&layout, &args.map_sizes(), snat_ports, args.kernel_debug)?;
+    // Loading was the last thing that needed more: before any other thread exists (the
+    // source's), limit the agent to what it needs from now on.
+    match privileges::limit(&privileges::RUNTIME) {
+        Ok(l) => info!(dropped = ?l.dropped, kept = ?l.kept, "start-up done: capabilities limited"),
+        Err(e) => warn!(error = %e, "cannot drop the start-up capabilities"),
+    }
     if args.kernel_debug {
         let ring = loaded.take_debug_events()?;
         tokio::spawn(log_kernel_events(ring));
@@ -326,8 +332,8 @@ fn explanation(store: &Store, service: &ObjectRef) -> Option<String> {
     Some(value.to_string())
 }
 
-/// Attaches this build's socket programs to `cgroup` (replacing a previous agent's in place),
-/// removes the pins of maps of an older layout, and drops the start-up capabilities.
+/// Attaches this build's socket programs to `cgroup` (replacing a previous agent's in place)
+/// and removes the pins of maps of an older layout.
 fn start_serving(loaded: &mut Loaded, cgroup: &Path, layout: &PinLayout) -> Result<(), AgentError> {
     loaded.attach(cgroup)?;
     info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
@@ -337,10 +343,6 @@ fn start_serving(loaded: &mut Loaded, cgroup: &Path, layout: &PinLayout) -> Resu
         }
         Ok(_) => {}
         Err(e) => warn!(error = %e, "cannot remove the pins of maps of an older layout"),
-    }
-    match privileges::limit(&privileges::RUNTIME) {
-        Ok(l) => info!(dropped = ?l.dropped, kept = ?l.kept, "start-up done: capabilities limited"),
-        Err(e) => warn!(error = %e, "cannot drop the start-up capabilities"),
     }
     Ok(())
 }

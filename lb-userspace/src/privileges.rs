@@ -1,14 +1,15 @@
 //! The capabilities the agent keeps, and dropping the rest.
 //!
 //! The DaemonSet runs the agent privileged (portable across runtimes), so it starts with every
-//! capability. Before anything else it limits itself to [`STARTUP`], and once the programs
-//! are loaded and attached to [`RUNTIME`]: from the permitted, effective and inheritable sets,
-//! the ambient set, and the bounding set (so no exec can regain them). Why each is kept:
+//! capability. Before anything else it limits itself to the start-up set ([`startup`]), and
+//! once the programs are loaded (before any other thread starts) to [`RUNTIME`]: from the
+//! permitted, effective and inheritable sets, the ambient set, and the bounding set (so no
+//! exec can regain them). Why each is kept:
 //!
 //! | capability | for |
 //! |---|---|
 //! | `CAP_BPF` | map and link operations on the pinned objects |
-//! | `CAP_NET_ADMIN` | attaching XDP and tc to devices that appear later, destroying stale UDP sockets (`SOCK_DESTROY`), `accept_local` |
+//! | `CAP_NET_ADMIN` | attaching the programs (after the first sync) and XDP and tc to devices that appear later, destroying stale UDP sockets (`SOCK_DESTROY`), `accept_local` |
 //! | `CAP_SYS_ADMIN` | entering pods' network namespaces (`setns`) to find stale UDP sockets; mounting bpffs at start |
 //! | `CAP_SYS_PTRACE` | opening other processes' `/proc/PID/ns/net` |
 //! | `CAP_NET_BIND_SERVICE` | a `--health-addr` or health check node port below 1024 |
@@ -17,7 +18,8 @@
 //! | `CAP_SETPCAP` (start only) | dropping the others from the bounding set after start-up |
 //!
 //! Capabilities are per thread: the drop after start-up applies to the agent's thread (the
-//! runtime is single-threaded) and to threads started after it.
+//! runtime is single-threaded) and to threads started after it; the runtime's blocking-pool
+//! threads limit themselves to [`RUNTIME`] as they start, whenever that is.
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -30,7 +32,7 @@ pub const RUNTIME: [Capability; 5] = [
     Capability::CAP_NET_BIND_SERVICE,
 ];
 
-/// Kept until the programs are loaded and attached: [`RUNTIME`] and these.
+/// Kept until the programs are loaded: [`RUNTIME`] and these.
 pub const STARTUP_ONLY: [Capability; 3] = [
     Capability::CAP_PERFMON,
     Capability::CAP_SYS_RESOURCE,

@@ -183,11 +183,33 @@ fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_
         return;
     }
     use std::os::unix::fs::PermissionsExt as _;
-    let mut w = web_world(2, &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut w = web_world(2, &["--health-addr", &format!("127.0.0.1:{port}")]);
+    // A scrape reads the maps on a thread of the blocking pool, started now.
+    let (status, _) = lb_tests::http_get(
+        ([127, 0, 0, 1], port).into(),
+        "/metrics",
+        Duration::from_secs(5),
+    )
+    .expect("metrics");
+    assert_eq!(status, 200);
     let pid = w.agent_pid().expect("the agent runs");
     let runtime = lb_userspace::privileges::mask(&lb_userspace::privileges::RUNTIME);
     for set in ["CapEff", "CapPrm", "CapBnd"] {
         assert_eq!(capabilities(pid, set), runtime, "{set}");
+    }
+    // Every thread, the blocking pool's too.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let tid: u32 = task
+            .expect("task")
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .expect("tid");
+        assert_eq!(capabilities(tid, "CapEff"), runtime, "thread {tid}");
     }
     assert_eq!(capabilities(pid, "CapInh"), 0);
     assert_eq!(capabilities(pid, "CapAmb"), 0);

@@ -17,6 +17,11 @@ fn main() -> std::process::ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // The blocking pool's threads (map reads for metrics, stale UDP sockets) never need
+        // the start-up capabilities: they start with the running set, whenever they start.
+        .on_thread_start(|| {
+            let _kept_all = privileges::limit(&privileges::RUNTIME);
+        })
         .build()
     {
         Ok(rt) => rt,
