@@ -286,6 +286,15 @@ pub struct MaglevSummary {
     pub shares: Vec<Share>,
 }
 
+/// How many entries of a north-south frontend's table name each backend id.
+fn table_counts(c: &Contents, v: &lb_common::ns::NsService) -> BTreeMap<u32, u32> {
+    let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+    for id in c.table_of(v).into_iter().flatten() {
+        *counts.entry(*id).or_default() += 1;
+    }
+    counts
+}
+
 /// The Maglev tables of the north-south services `selector` picks (`namespace/name` or a
 /// frontend, as for `lbctl service`; empty: all).
 pub fn maglev(c: &Contents, selector: &str) -> Vec<MaglevSummary> {
@@ -304,10 +313,7 @@ pub fn maglev(c: &Contents, selector: &str) -> Vec<MaglevSummary> {
             continue;
         }
         let summary = by_id.entry(v.id).or_insert_with(|| {
-            let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
-            for id in c.table_of(v).into_iter().flatten() {
-                *counts.entry(*id).or_default() += 1;
-            }
+            let counts = table_counts(c, v);
             let size = v.ring_size;
             MaglevSummary {
                 id: v.id,
@@ -851,10 +857,7 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
     });
     let north_south = c.external.get(key).map(|v| {
         let (service, port_name) = info_text(c.external_info.get(&v.id));
-        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
-        for id in c.table_of(v).into_iter().flatten() {
-            *counts.entry(*id).or_default() += 1;
-        }
+        let counts = table_counts(c, v);
         NorthSouthPath {
             service,
             port_name,

@@ -412,7 +412,12 @@ impl<D: Datapath> Reconciler<D> {
         report: &mut SyncReport,
     ) -> NotPrepared {
         if self.ext.refused.insert(gk.clone()) {
-            report.full.push(self.full(gk, want, map, capacity));
+            report.full.push(MapFull {
+                service: gk.owner.clone(),
+                frontend: want.frontends[0].key,
+                map,
+                capacity,
+            });
         }
         NotPrepared::Full
     }
@@ -423,21 +428,6 @@ impl<D: Datapath> Reconciler<D> {
             .and_then(|r| self.mirror.tables.get(&r.start))
             .map(|t| t.iter().copied().collect())
             .unwrap_or_default()
-    }
-
-    fn full(
-        &self,
-        gk: &GroupKey,
-        want: &ExternalGroup,
-        map: &'static str,
-        capacity: u32,
-    ) -> MapFull {
-        MapFull {
-            service: gk.owner.clone(),
-            frontend: want.frontends[0].key,
-            map,
-            capacity,
-        }
     }
 
     /// Phase 1 for one group: backends, id, table, info, added source ranges.
