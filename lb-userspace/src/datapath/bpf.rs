@@ -205,6 +205,15 @@ fn pinned(layout: &PinLayout, name: &'static str) -> Result<MapData, LoadError> 
     })
 }
 
+/// The pinned map `name` as the typed map `M` (`kind` says which [`Map`] variant it is).
+fn open_as<M: TryFrom<Map, Error = MapError>>(
+    layout: &PinLayout,
+    name: &'static str,
+    kind: fn(MapData) -> Map,
+) -> Result<M, LoadError> {
+    M::try_from(kind(pinned(layout, name)?)).map_err(|source| LoadError::Map { name, source })
+}
+
 fn read_all<K: aya::Pod + Ord, V: aya::Pod>(
     name: &'static str,
     map: &HashMap<MapData, K, V>,
@@ -335,12 +344,8 @@ pub fn read_conntrack(
     layout: &PinLayout,
     limit: usize,
 ) -> Result<Vec<(FlowKey, CtEntry)>, LoadError> {
-    let data = pinned(layout, maps::CONNTRACK)?;
-    let map: HashMap<MapData, FlowKey, CtEntry> = HashMap::try_from(Map::LruHashMap(data))
-        .map_err(|source| LoadError::Map {
-            name: maps::CONNTRACK,
-            source,
-        })?;
+    let map: HashMap<MapData, FlowKey, CtEntry> =
+        open_as(layout, maps::CONNTRACK, Map::LruHashMap)?;
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 
@@ -350,12 +355,8 @@ pub fn read_affinity(
     layout: &PinLayout,
     limit: usize,
 ) -> Result<Vec<(AffinityKey, AffinityValue)>, LoadError> {
-    let data = pinned(layout, maps::AFFINITY)?;
     let map: HashMap<MapData, AffinityKey, AffinityValue> =
-        HashMap::try_from(Map::LruHashMap(data)).map_err(|source| LoadError::Map {
-            name: maps::AFFINITY,
-            source,
-        })?;
+        open_as(layout, maps::AFFINITY, Map::LruHashMap)?;
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 
@@ -415,12 +416,7 @@ pub fn read_ns_counters(
     layout: &PinLayout,
     ids: &[u32],
 ) -> Result<BTreeMap<u32, NsCounters>, LoadError> {
-    let data = pinned(layout, maps::NS_STATS)?;
-    let map: PerCpuArray<MapData, NsCounters> = PerCpuArray::try_from(Map::PerCpuArray(data))
-        .map_err(|source| LoadError::Map {
-            name: maps::NS_STATS,
-            source,
-        })?;
+    let map: PerCpuArray<MapData, NsCounters> = open_as(layout, maps::NS_STATS, Map::PerCpuArray)?;
     Ok(ids
         .iter()
         .filter_map(|id| sum_counters(&map, *id).ok().map(|c| (*id, c)))
@@ -429,12 +425,7 @@ pub fn read_ns_counters(
 
 /// The names of the north-south services by id (the info map).
 pub fn read_ns_info(layout: &PinLayout) -> Result<BTreeMap<u32, ServiceInfo>, LoadError> {
-    let data = pinned(layout, maps::NS_INFO)?;
-    let map: HashMap<MapData, u32, ServiceInfo> =
-        HashMap::try_from(Map::HashMap(data)).map_err(|source| LoadError::Map {
-            name: maps::NS_INFO,
-            source,
-        })?;
+    let map: HashMap<MapData, u32, ServiceInfo> = open_as(layout, maps::NS_INFO, Map::HashMap)?;
     Ok(map.iter().filter_map(Result::ok).collect())
 }
 
@@ -449,16 +440,10 @@ pub struct SocketLabels {
 
 /// Reads [`SocketLabels`] from the pinned maps (entries changing meanwhile are skipped).
 pub fn read_socket_labels(layout: &PinLayout) -> Result<SocketLabels, LoadError> {
-    fn open<K: aya::Pod, V: aya::Pod>(
-        layout: &PinLayout,
-        name: &'static str,
-    ) -> Result<HashMap<MapData, K, V>, LoadError> {
-        HashMap::try_from(Map::HashMap(pinned(layout, name)?))
-            .map_err(|source| LoadError::Map { name, source })
-    }
-    let services: HashMap<_, ServiceKey, ServiceValue> = open(layout, maps::SERVICES)?;
-    let info: HashMap<_, u32, ServiceInfo> = open(layout, maps::SERVICE_INFO)?;
-    let backends: HashMap<_, u32, Endpoint> = open(layout, maps::BACKENDS)?;
+    let services: HashMap<_, ServiceKey, ServiceValue> =
+        open_as(layout, maps::SERVICES, Map::HashMap)?;
+    let info: HashMap<_, u32, ServiceInfo> = open_as(layout, maps::SERVICE_INFO, Map::HashMap)?;
+    let backends: HashMap<_, u32, Endpoint> = open_as(layout, maps::BACKENDS, Map::HashMap)?;
     let names: BTreeMap<u32, ServiceInfo> = info.iter().filter_map(Result::ok).collect();
     Ok(SocketLabels {
         frontends: services
@@ -480,13 +465,8 @@ pub fn read_socket_counters(
     services: &[u32],
     backends: &[u32],
 ) -> Result<SocketCounts, LoadError> {
-    let open =
-        |name: &'static str| -> Result<Map, LoadError> { Ok(Map::Array(pinned(layout, name)?)) };
-    let map_err = |name| move |source| LoadError::Map { name, source };
-    let svc: Array<MapData, SocketCounters> =
-        Array::try_from(open(maps::SVC_STATS)?).map_err(map_err(maps::SVC_STATS))?;
-    let be: Array<MapData, u64> =
-        Array::try_from(open(maps::BE_STATS)?).map_err(map_err(maps::BE_STATS))?;
+    let svc: Array<MapData, SocketCounters> = open_as(layout, maps::SVC_STATS, Map::Array)?;
+    let be: Array<MapData, u64> = open_as(layout, maps::BE_STATS, Map::Array)?;
     Ok((
         services
             .iter()
@@ -501,12 +481,7 @@ pub fn read_socket_counters(
 
 /// Per-counter totals over all CPUs, indexed like `lb_common::stats`.
 pub fn read_stats(layout: &PinLayout) -> Result<Vec<u64>, LoadError> {
-    let data = pinned(layout, maps::STATS)?;
-    let map: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| LoadError::Map {
-            name: maps::STATS,
-            source,
-        })?;
+    let map: PerCpuArray<MapData, u64> = open_as(layout, maps::STATS, Map::PerCpuArray)?;
     (0..stats::COUNT)
         .map(|i| {
             map.get(&i, 0)
