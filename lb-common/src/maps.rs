@@ -41,10 +41,13 @@ pub const PIN_MAPS_SUBDIR: &str = "maps";
 pub const PIN_LINKS_SUBDIR: &str = "links";
 
 /// Service map: [`ServiceKey`] -> [`ServiceValue`]. Written by the agent, read by the socket
-/// hooks. Rebuildable from the Kubernetes objects, adopted across agent restarts.
-pub const SERVICES: &str = "lb_svc_v1";
-/// Slot map: [`SlotKey`] -> backend id (`u32`). Written by the agent, read by the hooks.
-pub const SLOTS: &str = "lb_slot_v1";
+/// hooks. Rebuildable from the Kubernetes objects, adopted across agent restarts. v2: the
+/// value's flags name the generation of the service's slots ([`crate::service::SVC_F_GEN1`]).
+pub const SERVICES: &str = "lb_svc_v2";
+/// Slot map: [`SlotKey`] -> backend id (`u32`). Written by the agent, read by the hooks. v2:
+/// the slot number carries the generation bit ([`crate::service::SLOT_GEN1`]).
+pub const SLOTS: &str = "lb_slot_v2";
+
 /// Backend map: backend id (`u32`) -> [`Endpoint`]. Written by the agent, read by the hooks.
 pub const BACKENDS: &str = "lb_be_v1";
 /// Service-info map: service id (`u32`) -> [`ServiceInfo`]. Written and read by userspace
@@ -66,9 +69,9 @@ pub const AFFINITY_MATCH: &str = "lb_affmatch_v1";
 pub const NS_SERVICES: &str = "lb_nssvc_v1";
 /// Maglev lookup tables: an array of [`RingPair`]s, read as one dense array of backend ids
 /// (`u32`); each north-south service with backends has a region of it, sized from its backend
-/// count. Memory-mapped by the agent, which rewrites a region in place when the size stays
-/// (each entry moves from one valid backend to another) and otherwise writes a new region
-/// and then switches the frontends to it; read by XDP. Rebuildable.
+/// count. Memory-mapped by the agent, which writes every new table to a free region and then
+/// switches the frontends to it (the old region is cleared after a grace period); read by
+/// XDP. Rebuildable.
 pub const RINGS: &str = "lb_ring_v2";
 /// North-south service info: id -> [`ServiceInfo`] (namespace, name, port name), for the CLI
 /// and for a restarted agent to adopt ids. Written by the agent. Rebuildable.

@@ -2,9 +2,9 @@
 //!
 //! How a lookup goes: the socket hook builds a [`ServiceKey`] from the destination of a
 //! `connect()`/`sendmsg()`, finds the [`ServiceValue`] (the service's id and backend count),
-//! picks a slot in `0..count`, reads the backend id at [`SlotKey`] `(id, slot)` and the backend's
-//! [`Endpoint`] by that id. Slots are per service, so changing one service's backends writes
-//! only that service's slots.
+//! picks a slot in `0..count`, reads the backend id at [`SlotKey`] `(id, slot)` (with the
+//! generation bit the value names) and the backend's [`Endpoint`] by that id. Slots are per
+//! service, so changing one service's backends writes only that service's slots.
 
 use crate::addr::Addr6;
 
@@ -48,7 +48,7 @@ pub struct ServiceValue {
     /// Number of backends, i.e. of slots `0..count`. Zero means the service exists but has no
     /// backends: connects are refused.
     pub count: u16,
-    /// Reserved, zero.
+    /// [`SVC_F_GEN1`]: the service's slots are those of generation 1 (else 0).
     pub flags: u16,
     /// Session affinity (`ClientIP`) timeout in seconds; zero when the service has none.
     pub affinity_timeout_s: u32,
@@ -56,17 +56,63 @@ pub struct ServiceValue {
 
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
 
+/// [`ServiceValue::flags`] bit: the service's slots are those of generation 1.
+///
+/// A service's slots come in two generations. A change of its backends writes the new slots
+/// in the generation not in use and then switches the service entry to it in one write, so
+/// a lookup sees the old table or the new one, never a mix; the old slots are deleted once no
+/// program can still be reading them.
+pub const SVC_F_GEN1: u16 = 1;
+
+/// The bit of [`SlotKey::slot`] that marks a slot of generation 1.
+pub const SLOT_GEN1: u32 = 1 << 31;
+
+impl ServiceValue {
+    /// The generation bit of the service's slots ([`SLOT_GEN1`] or zero).
+    #[inline(always)]
+    pub const fn slot_gen(&self) -> u32 {
+        if self.flags & SVC_F_GEN1 != 0 {
+            SLOT_GEN1
+        } else {
+            0
+        }
+    }
+}
+
 /// One backend slot of one service. Key of the slot map; the value is a backend id (`u32`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlotKey {
     /// The service id ([`ServiceValue::id`]).
     pub svc_id: u32,
-    /// The slot, `0..ServiceValue::count`.
+    /// The slot, `0..ServiceValue::count`, with the generation bit ([`SLOT_GEN1`]).
     pub slot: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<SlotKey>() == 8);
+
+impl SlotKey {
+    /// Slot `index` of generation `gen` ([`SLOT_GEN1`] or zero) of service `svc_id`.
+    #[inline(always)]
+    pub const fn new(svc_id: u32, generation: u32, index: u32) -> Self {
+        Self {
+            svc_id,
+            slot: generation | index,
+        }
+    }
+
+    /// The slot's position in its table.
+    #[inline(always)]
+    pub const fn index(&self) -> u32 {
+        self.slot & !SLOT_GEN1
+    }
+
+    /// The slot's generation bit.
+    #[inline(always)]
+    pub const fn generation(&self) -> u32 {
+        self.slot & SLOT_GEN1
+    }
+}
 
 /// An address and port: a backend (value of the backend map, keyed by backend id) or a
 /// service frontend to restore (value of the reverse-NAT map).

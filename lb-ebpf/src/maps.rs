@@ -20,12 +20,12 @@ use lb_common::{
 };
 
 /// Service frontends. See `lb_common::maps::SERVICES`.
-#[map(name = "lb_svc_v1")]
+#[map(name = "lb_svc_v2")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(DEFAULT_MAX_SERVICES, F_NO_PREALLOC);
 
 /// Per-service backend slots. See `lb_common::maps::SLOTS`.
-#[map(name = "lb_slot_v1")]
+#[map(name = "lb_slot_v2")]
 pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(DEFAULT_MAX_SLOTS, F_NO_PREALLOC);
 
 /// Backends by id. See `lb_common::maps::BACKENDS`.

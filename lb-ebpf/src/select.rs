@@ -16,13 +16,15 @@ use crate::{
 
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// The backend id of a random slot of the service (`count` > 0).
+/// The backend id of a random slot of the service's table (`count` > 0).
 #[inline(always)]
-fn random_slot(svc_id: u32, count: u32) -> Option<u32> {
+fn random_slot(svc: &ServiceValue, count: u32) -> Option<u32> {
     // SAFETY: plain helper call.
     let slot = unsafe { bpf_get_prandom_u32() } % count;
-    // SAFETY: slots are replaced whole by the agent; the id is copied at once.
-    match unsafe { SLOTS.get(&SlotKey { svc_id, slot }) } {
+    let key = SlotKey::new(svc.id, svc.slot_gen(), slot);
+    // SAFETY: slots are replaced whole by the agent; the id is copied at once. The slots of
+    // the generation this value names stay until no program can be reading it.
+    match unsafe { SLOTS.get(&key) } {
         Some(&id) => Some(id),
         None => {
             stats::inc(st::ERR_SLOT_MISSING);
@@ -37,7 +39,7 @@ fn random_slot(svc_id: u32, count: u32) -> Option<u32> {
 pub fn backend(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<u32> {
     let count = u32::from(svc.count);
     if svc.affinity_timeout_s == 0 {
-        return random_slot(svc.id, count);
+        return random_slot(svc, count);
     }
     // SAFETY: plain helper calls on the program's context.
     let (cookie, now) = unsafe {
@@ -62,7 +64,7 @@ pub fn backend(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<u32> {
             return Some(entry.backend_id);
         }
     }
-    let backend_id = random_slot(svc.id, count)?;
+    let backend_id = random_slot(svc, count)?;
     let value = AffinityValue {
         backend_id,
         _pad: 0,

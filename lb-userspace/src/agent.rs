@@ -384,8 +384,14 @@ impl Outputs {
         if !reconciler.needs_retry() {
             self.health.programmed();
         }
-        self.metrics
-            .synced(&report, duration, oldest.map(|at| at.elapsed()));
+        // An update reached the datapath when its frontends switched (what they switched
+        // away from is deleted after a grace period, within the sync's duration).
+        let switched = report.switched.unwrap_or_else(Instant::now);
+        self.metrics.synced(
+            &report,
+            duration,
+            oldest.map(|at| switched.saturating_duration_since(at)),
+        );
         self.metrics.publish(Published::of(
             reconciler.contents(),
             &reconciler.datapath().capacities(),

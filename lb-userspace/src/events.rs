@@ -264,7 +264,7 @@ mod tests {
             w[0].note
         );
         assert!(
-            w[1].note.contains("lb_slot_v1 is full (capacity 10)"),
+            w[1].note.contains("lb_slot_v2 is full (capacity 10)"),
             "{}",
             w[1].note
         );

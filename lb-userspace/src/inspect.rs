@@ -7,7 +7,7 @@ use std::{
 
 use comfy_table::{Table, presets::NOTHING};
 use lb_common::{
-    ServiceInfo, ServiceKey, SlotKey,
+    ServiceInfo, ServiceKey,
     ns::{CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
     stats,
 };
@@ -114,10 +114,9 @@ pub fn service_detail(c: &Contents, selector: &str) -> Vec<ServiceDetail> {
             let row = row(c, key);
             selects(selector, key, &row).then(|| ServiceDetail {
                 slots: c
-                    .slots_of(value.id)
-                    .filter(|(k, _)| k.slot < u32::from(value.count))
-                    .map(|(SlotKey { slot, .. }, id)| SlotRow {
-                        slot: *slot,
+                    .live_slots(value)
+                    .map(|(k, id)| SlotRow {
+                        slot: k.index(),
                         backend_id: *id,
                         backend: c.backends.get(id).map(to_socket_addr),
                     })
@@ -133,7 +132,7 @@ pub fn service_detail(c: &Contents, selector: &str) -> Vec<ServiceDetail> {
 /// Every backend with the number of slots naming it.
 pub fn backends(c: &Contents) -> Vec<BackendRow> {
     let mut refs: BTreeMap<u32, usize> = BTreeMap::new();
-    for id in c.slots.values() {
+    for (_, id) in c.services.values().flat_map(|v| c.live_slots(v)) {
         *refs.entry(*id).or_default() += 1;
     }
     c.backends
@@ -824,10 +823,8 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
     let socket = c.services.get(key).map(|v| {
         let row = row(c, key);
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
-        for (k, id) in c.slots_of(v.id) {
-            if k.slot < u32::from(v.count) {
-                *slots.entry(*id).or_default() += 1;
-            }
+        for (_, id) in c.live_slots(v) {
+            *slots.entry(*id).or_default() += 1;
         }
         let pick = match (v.count, v.affinity_timeout_s) {
             (0, _) => "no backends: connect() and sendmsg() are refused (ECONNREFUSED)".into(),
@@ -1216,9 +1213,9 @@ mod tests {
             .insert(2, to_endpoint("10.0.0.2:53".parse().unwrap()));
         c.backends
             .insert(3, to_endpoint("[fd00::5]:8080".parse().unwrap()));
-        c.slots.insert(SlotKey { svc_id: 1, slot: 0 }, 1);
-        c.slots.insert(SlotKey { svc_id: 1, slot: 1 }, 2);
-        c.slots.insert(SlotKey { svc_id: 2, slot: 0 }, 3);
+        c.slots.insert(lb_common::SlotKey { svc_id: 1, slot: 0 }, 1);
+        c.slots.insert(lb_common::SlotKey { svc_id: 1, slot: 1 }, 2);
+        c.slots.insert(lb_common::SlotKey { svc_id: 2, slot: 0 }, 3);
         c
     }
 

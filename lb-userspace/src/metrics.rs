@@ -479,7 +479,7 @@ mod tests {
             "lb_syncs_total 1",
             "lb_map_writes_total 7",
             "lb_rejected_services_total{reason=\"too_many_backends\"} 1",
-            "lb_map_full_total{map=\"lb_slot_v1\"} 1",
+            "lb_map_full_total{map=\"lb_slot_v2\"} 1",
             "lb_source_up 1",
             "lb_sync_duration_seconds_count 1",
             "lb_event_to_datapath_seconds_sum 0.003",

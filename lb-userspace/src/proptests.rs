@@ -362,8 +362,7 @@ fn good_backends(c: &Contents) -> Option<Vec<String>> {
         .find(|(k, _)| frontend_string(k) == "10.100.0.1:80/TCP")?;
     let _ = key;
     let mut backends: Vec<String> = c
-        .slots_of(value.id)
-        .filter(|(k, _)| k.slot < u32::from(value.count))
+        .live_slots(value)
         .map(|(_, id)| to_socket_addr(&c.backends[id]).to_string())
         .collect();
     backends.sort();

@@ -17,9 +17,15 @@
 //! Ids are the lowest free ones. Capacity is checked before a frontend is touched: a change
 //! that would overflow a map is refused and the frontend keeps what it had.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::Instant,
+};
 
-use lb_common::{AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps};
+use lb_common::{
+    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
+    service::{SLOT_GEN1, SVC_F_GEN1},
+};
 
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
@@ -76,6 +82,9 @@ pub struct SyncReport {
     /// UDP backends that left a frontend: connected sockets the hooks pointed at them are
     /// stale (see [`crate::sockets`]).
     pub stale_udp: Vec<StaleUdp>,
+    /// When every frontend had been switched to its new table (what it switched away from
+    /// is deleted after that, past a grace period).
+    pub switched: Option<Instant>,
 }
 
 /// A backend that no longer serves a UDP frontend.
@@ -91,6 +100,8 @@ pub struct StaleUdp {
 struct Growth {
     /// A new service entry.
     service: bool,
+    /// The generation of its new table.
+    generation: u32,
     /// Its slot count.
     slots: usize,
     /// Backends new to the backend map.
@@ -148,6 +159,8 @@ struct Index {
     /// How many slots and affinity-match entries name each backend.
     backend_refs: HashMap<u32, u32>,
     service_ids: Ids,
+    /// The frontend of each service id with a service entry.
+    service_keys: HashMap<u32, ServiceKey>,
     backend_alloc: Ids,
 }
 
@@ -159,10 +172,20 @@ impl Index {
         for b in c.slots.values().chain(matched).chain(tables) {
             *backend_refs.entry(*b).or_default() += 1;
         }
+        // An id is in use while anything carries it: its entry, or slots, info or
+        // affinity-match entries not yet deleted.
+        let service_ids = c
+            .services
+            .values()
+            .map(|v| v.id)
+            .chain(c.slots.keys().map(|k| k.svc_id))
+            .chain(c.info.keys().copied())
+            .chain(c.affinity_match.iter().map(|m| m.svc_id));
         Self {
             backend_ids: c.backends.iter().map(|(id, ep)| (*ep, *id)).collect(),
             backend_refs,
-            service_ids: Ids::from_used(c.services.values().map(|v| v.id)),
+            service_ids: Ids::from_used(service_ids),
+            service_keys: c.services.iter().map(|(k, v)| (v.id, *k)).collect(),
             backend_alloc: Ids::from_used(c.backends.keys().copied()),
         }
     }
@@ -203,10 +226,19 @@ impl Index {
                     self.unref(*old);
                 }
             }
-            Op::PutService(_, value) => self.service_ids.mark_used(value.id),
+            Op::PutService(key, value) => {
+                self.service_ids.mark_used(value.id);
+                self.service_keys.insert(value.id, *key);
+            }
+            // The id stays taken until its slots and info are gone (see `retire`).
             Op::DeleteService(key) => {
                 if let Some(old) = before.services.get(key) {
-                    self.service_ids.release(old.id);
+                    self.service_keys.remove(&old.id);
+                }
+            }
+            Op::DeleteInfo(id) => {
+                if !self.service_keys.contains_key(id) {
+                    self.service_ids.release(*id);
                 }
             }
             Op::PutMatch(key) => {
@@ -235,7 +267,6 @@ impl Index {
                 }
             }
             Op::PutInfo(..)
-            | Op::DeleteInfo(_)
             | Op::PutExternal(..)
             | Op::DeleteExternal(_)
             | Op::PutExternalInfo(..)
@@ -246,6 +277,30 @@ impl Index {
             | Op::ResetServiceCounters(_)
             | Op::ResetBackendCounters(_) => {}
         }
+    }
+}
+
+/// What a sync switched away from: deleted after the next grace period (see
+/// [`Reconciler::retire`]), when no program can still be reading it.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Service ids whose slots outside the live table go (all of them, and the info, once
+    /// the id has no service entry).
+    services: BTreeSet<u32>,
+    /// Backends to delete if nothing names them any more.
+    backends: BTreeSet<u32>,
+    /// Table regions that no entry and no group names go.
+    regions: bool,
+    /// North-south ids given back.
+    external_ids: Vec<u32>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.backends.is_empty()
+            && !self.regions
+            && self.external_ids.is_empty()
     }
 }
 
@@ -269,6 +324,8 @@ pub struct Reconciler<D: Datapath> {
     refused_at: [usize; 4],
     /// Whether entries nothing refers to may exist (after a restart or a failed write).
     garbage: bool,
+    /// What is deleted after the next grace period.
+    pending: Pending,
     /// The agent's own API server address, if it is a service frontend.
     api: Option<ServiceKey>,
     /// North-south state.
@@ -297,6 +354,7 @@ impl<D: Datapath> Reconciler<D> {
             refused: BTreeSet::new(),
             refused_at: [0; 4],
             garbage: true,
+            pending: Pending::default(),
             api: None,
             ext,
             health_checks: BTreeMap::new(),
@@ -365,16 +423,23 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Whether a sync should run again soon to retry failed writes.
+    /// Whether a sync should run again soon to retry failed writes (or deletions).
     pub fn needs_retry(&self) -> bool {
-        !self.retry.is_empty() || self.ext.needs_retry()
+        !self.retry.is_empty() || !self.pending.is_empty() || self.ext.needs_retry()
     }
 
     /// Brings the frontends of the `dirty` services (and of frontends awaiting a retry) to
     /// what `store` asks for. The first sync considers every service and every programmed
     /// frontend.
+    ///
+    /// Each frontend is switched to its new table in one write. What it switched away from
+    /// is deleted at the end, after a grace period ([`Datapath::grace`]); the report says
+    /// when the switches were done.
     pub fn sync(&mut self, store: &Store, dirty: BTreeSet<ObjectRef>) -> SyncReport {
         let mut report = SyncReport::default();
+        // What an earlier sync could not delete goes first: a table generation or region is
+        // written again only once it is out of use.
+        self.retire(&mut report);
         let mut touched: BTreeSet<ServiceKey> = std::mem::take(&mut self.retry);
         let first = !self.synced;
         let mut dirty = dirty;
@@ -441,28 +506,99 @@ impl<D: Datapath> Reconciler<D> {
             self.refused.remove(&key);
             self.remove(&key, &mut report);
         }
-        // What this sync removed or shrank may have made room for frontends refused before:
-        // they are tried again when a map holds fewer entries than when they were last tried.
         let claims = &self.claims;
         self.refused.retain(|key| claims.contains_key(key));
-        let freed = self
-            .occupancy()
-            .iter()
-            .zip(self.refused_at)
-            .any(|(now, then)| *now < then);
-        if freed {
-            let waiting: Vec<ServiceKey> = self.refused.iter().copied().collect();
-            for key in waiting {
-                self.program(key, false, &mut report);
-            }
-        }
-        self.refused_at = self.occupancy();
         self.sync_external(ext_touched, &mut report);
         if self.garbage && report.errors.is_empty() {
             self.collect_garbage(&mut report);
         }
         self.synced = true;
+        report.switched = Some(Instant::now());
+        self.retire(&mut report);
+        // What this sync deleted may have made room for frontends refused before: they are
+        // tried again when a map holds fewer entries than when they were last tried.
+        let (socket, external) = (self.socket_space_freed(), self.ext_space_freed());
+        if socket || external {
+            let waiting: Vec<ServiceKey> = self.refused.iter().copied().collect();
+            for key in waiting {
+                self.program(key, false, &mut report);
+            }
+            self.sync_external(Touched::default(), &mut report);
+            self.retire(&mut report);
+            self.socket_space_freed();
+            self.ext_space_freed();
+        }
         report
+    }
+
+    /// Deletes what the syncs switched away from, once a grace period has passed: slots
+    /// outside each service's live table, the slots and info of services that are gone, table
+    /// regions nothing names, and backends nothing names. Until then nothing of it is
+    /// deleted or reused, so a program that read an entry just before it changed still finds
+    /// the whole table it read.
+    fn retire(&mut self, report: &mut SyncReport) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if let Err(e) = self.dp.grace() {
+            report.errors.push(e);
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let m = &self.mirror;
+        let mut ops = Vec::new();
+        for id in &pending.services {
+            match self
+                .idx
+                .service_keys
+                .get(id)
+                .and_then(|k| m.services.get(k))
+            {
+                Some(value) => {
+                    let (generation, count) = (value.slot_gen(), u32::from(value.count));
+                    ops.extend(
+                        m.slots_of(*id)
+                            .filter(|(k, _)| k.generation() != generation || k.index() >= count)
+                            .map(|(k, _)| Op::DeleteSlot(*k)),
+                    );
+                }
+                None => {
+                    ops.extend(m.slots_of(*id).map(|(k, _)| Op::DeleteSlot(*k)));
+                    ops.extend(m.matches_of(*id).map(|k| Op::DeleteMatch(*k)));
+                    if m.info.contains_key(id) {
+                        ops.push(Op::DeleteInfo(*id));
+                    }
+                }
+            }
+        }
+        let done = self
+            .write_all(ops, report)
+            .and_then(|()| {
+                if pending.regions {
+                    self.clear_unused_regions(report)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| self.delete_unreferenced(pending.backends.clone(), report));
+        match done {
+            Ok(()) => {
+                for id in &pending.external_ids {
+                    self.ext.ids.release(*id);
+                }
+            }
+            // Tried again with the next sync (what was done is not redone).
+            Err(()) => self.pending = pending,
+        }
+    }
+
+    /// Whether a map a socket-level frontend needs holds fewer entries than when the
+    /// refused frontends were last tried; notes the occupancy for next time.
+    fn socket_space_freed(&mut self) -> bool {
+        let now = self.occupancy();
+        let freed = now.iter().zip(self.refused_at).any(|(n, then)| *n < then);
+        self.refused_at = now;
+        freed && !self.refused.is_empty()
     }
 
     /// Entries in the maps a socket-level frontend takes room in.
@@ -554,8 +690,7 @@ impl<D: Datapath> Reconciler<D> {
     fn programmed_backends(&self, value: &ServiceValue) -> Vec<Endpoint> {
         let m = &self.mirror;
         let mut backends: Vec<Endpoint> = m
-            .slots_of(value.id)
-            .filter(|(k, _)| k.slot < u32::from(value.count))
+            .live_slots(value)
             .filter_map(|(_, b)| m.backends.get(b).copied())
             .collect();
         backends.sort();
@@ -618,20 +753,25 @@ impl<D: Datapath> Reconciler<D> {
             .collect();
         let taken_service = existing.is_none().then(|| self.idx.service_ids.take());
         let id = existing.map_or_else(|| taken_service.expect("taken above"), |v| v.id);
-        let old_count = existing.map_or(0, |v| u32::from(v.count));
-        let old: Vec<Option<u32>> = (0..old_count)
-            .map(|slot| {
-                self.mirror
-                    .slots
-                    .get(&SlotKey { svc_id: id, slot })
-                    .copied()
-            })
+        let live = existing.map_or(0, |v| v.slot_gen());
+        let old: Vec<Option<u32>> = (0..existing.map_or(0, |v| u32::from(v.count)))
+            .map(|i| self.mirror.slots.get(&SlotKey::new(id, live, i)).copied())
             .collect();
         let slots = arrange(&old, &ids);
+        // The live table is extended or cut in place when every slot it keeps keeps its
+        // backend (lookups under the old count see the old table, under the new one the new
+        // table); any other change writes the whole new table in the other generation. Either
+        // way the service entry switches the lookups in one write.
+        let in_place = slots.iter().zip(&old).all(|(new, old)| Some(*new) == *old);
+        let generation = if in_place { live } else { live ^ SLOT_GEN1 };
         let value = ServiceValue {
             id,
             count: u16::try_from(slots.len()).expect("the model limits backends to u16"),
-            flags: 0,
+            flags: if generation == SLOT_GEN1 {
+                SVC_F_GEN1
+            } else {
+                0
+            },
             affinity_timeout_s: want.affinity_timeout_s,
         };
         let members: BTreeSet<AffinityMatchKey> = if want.affinity_timeout_s == 0 {
@@ -662,13 +802,23 @@ impl<D: Datapath> Reconciler<D> {
         let new_matches = members.difference(&matched).count();
         let growth = Growth {
             service: existing.is_none(),
+            generation,
             slots: slots.len(),
             backends: new_backends.len(),
             matches: new_matches,
         };
         if let Some(full) = self.overflow(id, &growth) {
             release(&mut self.idx, &self.mirror);
-            // Reported when first refused; tried again quietly after every sync.
+            if !self.pending.is_empty() {
+                // What earlier frontends of this sync switched away from may be what fills
+                // the map: deleted now, after a grace period, and the frontend planned anew
+                // (a backend it counted on may have gone).
+                self.retire(report);
+                if self.pending.is_empty() {
+                    return self.upsert(owner, want, report);
+                }
+            }
+            // Reported when first refused; tried again once a sync frees space.
             if self.refused.insert(key) {
                 report.full.push(MapFull {
                     service: owner.clone(),
@@ -689,7 +839,7 @@ impl<D: Datapath> Reconciler<D> {
         ops.extend(new_backends);
         ops.extend(members.difference(&matched).map(|m| Op::PutMatch(*m)));
         for (slot, backend) in (0u32..).zip(&slots) {
-            let k = SlotKey { svc_id: id, slot };
+            let k = SlotKey::new(id, generation, slot);
             if self.mirror.slots.get(&k) != Some(backend) {
                 ops.push(Op::PutSlot(k, *backend));
             }
@@ -702,21 +852,15 @@ impl<D: Datapath> Reconciler<D> {
         }
         let previous = self.referenced_by(id);
         let stale = self.stale_udp(&key, &want.backends);
-        ops.extend(
-            self.mirror
-                .slots_of(id)
-                .filter(|(k, _)| k.slot >= u32::from(value.count))
-                .map(|(k, _)| Op::DeleteSlot(*k)),
-        );
         ops.extend(matched.difference(&members).map(|m| Op::DeleteMatch(*m)));
         if ops.is_empty() {
             return;
         }
         report.frontends_changed += 1;
-        let done = self
-            .write_all(ops, report)
-            .and_then(|()| self.delete_unreferenced(previous, report));
-        match done {
+        // Slots outside the new table and backends no one names go after a grace period.
+        self.pending.services.insert(id);
+        self.pending.backends.extend(previous);
+        match self.write_all(ops, report) {
             Ok(()) => report.stale_udp.extend(stale),
             Err(()) => {
                 release(&mut self.idx, &self.mirror);
@@ -755,7 +899,10 @@ impl<D: Datapath> Reconciler<D> {
     fn overflow(&self, id: u32, growth: &Growth) -> Option<(&'static str, u32)> {
         let m = &self.mirror;
         let new_slots = (0..growth.slots as u32)
-            .filter(|&slot| !m.slots.contains_key(&SlotKey { svc_id: id, slot }))
+            .filter(|&slot| {
+                !m.slots
+                    .contains_key(&SlotKey::new(id, growth.generation, slot))
+            })
             .count();
         let new_info = usize::from(!m.info.contains_key(&id));
         let c = &self.caps;
@@ -800,8 +947,8 @@ impl<D: Datapath> Reconciler<D> {
         self.write_all(ops, report)
     }
 
-    /// Removes a frontend: the service entry first, then its slots, info, affinity-match
-    /// entries and backends.
+    /// Removes a frontend: the service entry, then its affinity-match entries; its slots,
+    /// info and backends after a grace period.
     fn remove(&mut self, key: &ServiceKey, report: &mut SyncReport) {
         let Some(value) = self.mirror.services.get(key).copied() else {
             return;
@@ -811,20 +958,14 @@ impl<D: Datapath> Reconciler<D> {
         let mut ops = vec![Op::DeleteService(*key)];
         ops.extend(
             self.mirror
-                .slots_of(value.id)
-                .map(|(k, _)| Op::DeleteSlot(*k)),
-        );
-        ops.push(Op::DeleteInfo(value.id));
-        ops.extend(
-            self.mirror
                 .matches_of(value.id)
                 .map(|m| Op::DeleteMatch(*m)),
         );
         report.frontends_changed += 1;
-        let done = self
-            .write_all(ops, report)
-            .and_then(|()| self.delete_unreferenced(previous, report));
-        match done {
+        // Its slots, info and id, and backends no one names, go after a grace period.
+        self.pending.services.insert(value.id);
+        self.pending.backends.extend(previous);
+        match self.write_all(ops, report) {
             Ok(()) => report.stale_udp.extend(stale),
             Err(()) => {
                 self.retry.insert(*key);
@@ -832,38 +973,22 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Deletes what no service refers to: slots, info and affinity-match entries of ids
-    /// without a service entry (left by an interrupted run), and backends nothing names.
+    /// Marks for deletion after the next grace period whatever no service refers to (left by
+    /// an interrupted run or a failed write): slots outside live tables, the slots, info and
+    /// affinity-match entries of ids without a service entry, backends nothing names, and
+    /// table regions nothing names.
     fn collect_garbage(&mut self, report: &mut SyncReport) {
-        let live: HashSet<u32> = self.mirror.services.values().map(|v| v.id).collect();
-        let mut ops: Vec<Op> = self
-            .mirror
+        let m = &self.mirror;
+        let ids = m
             .slots
             .keys()
-            .filter(|k| !live.contains(&k.svc_id))
-            .map(|k| Op::DeleteSlot(*k))
-            .collect();
-        ops.extend(
-            self.mirror
-                .info
-                .keys()
-                .filter(|id| !live.contains(id))
-                .map(|id| Op::DeleteInfo(*id)),
-        );
-        ops.extend(
-            self.mirror
-                .affinity_match
-                .iter()
-                .filter(|m| !live.contains(&m.svc_id))
-                .map(|m| Op::DeleteMatch(*m)),
-        );
-        let candidates: BTreeSet<u32> = self.mirror.backends.keys().copied().collect();
-        if self
-            .write_all(ops, report)
-            .and_then(|()| self.external_garbage(report))
-            .and_then(|()| self.delete_unreferenced(candidates, report))
-            .is_ok()
-        {
+            .map(|k| k.svc_id)
+            .chain(m.info.keys().copied())
+            .chain(m.affinity_match.iter().map(|k| k.svc_id));
+        self.pending.services.extend(ids);
+        self.pending.backends.extend(m.backends.keys().copied());
+        self.pending.regions = true;
+        if self.external_garbage(report).is_ok() {
             self.garbage = false;
         }
     }

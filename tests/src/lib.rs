@@ -40,7 +40,7 @@ pub const SKIP_ENV: &str = "LB_TESTS_SKIP_PRIVILEGED";
 pub use lb_userspace::health::get as http_get;
 
 /// The value of the Prometheus sample `series` (name and labels exactly as exposed, e.g.
-/// `lb_syncs_total` or `lb_map_entries{map="lb_svc_v1"}`) in `text`.
+/// `lb_syncs_total` or `lb_map_entries{map="lb_svc_v2"}`) in `text`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         l.strip_prefix(series)?

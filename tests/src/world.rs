@@ -451,7 +451,8 @@ impl World {
         )
     }
 
-    fn client_probe(&self) -> Command {
+    /// An `lb-probe` command in the client namespace and cgroup (arguments to add).
+    pub fn client_probe(&self) -> Command {
         command_in(
             &self.bins.join("lb-probe"),
             &self.client,

@@ -71,9 +71,9 @@ fn tcp_connects_to_the_vip_are_spread_over_every_backend() {
             .find(|r| r.map == map)
             .unwrap_or_else(|| panic!("{map} in {capacity:?}"))
     };
-    assert_eq!(entries("lb_svc_v1").entries, w.services().len() as u64);
+    assert_eq!(entries("lb_svc_v2").entries, w.services().len() as u64);
     assert_eq!(entries("lb_be_v1").entries, w.backends().len() as u64);
-    assert_eq!(entries("lb_svc_v1").flag, "--max-services");
+    assert_eq!(entries("lb_svc_v2").flag, "--max-services");
     let rev_nat = entries("lb_revnat_v1");
     assert!(
         rev_nat.entries >= 1 && rev_nat.capacity > rev_nat.entries,
@@ -360,7 +360,7 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
     let services = w
         .capacity()
         .into_iter()
-        .find(|r| r.map == "lb_svc_v1")
+        .find(|r| r.map == "lb_svc_v2")
         .expect("row");
     assert_eq!((services.entries, services.capacity), (4, 4));
     for a in w.probe(&["tcp", "10.96.0.20:80", "--count", "2"]) {

@@ -328,7 +328,7 @@ fn metrics_report_the_agent_and_the_datapath() {
             );
         }
     }
-    assert_eq!(m(r#"lb_map_entries{map="lb_svc_v1"}"#), 5.0);
+    assert_eq!(m(r#"lb_map_entries{map="lb_svc_v2"}"#), 5.0);
     // The LRU maps are counted by walking them: 20 translated connections left entries.
     assert!(m(r#"lb_map_entries{map="lb_revnat_v1"}"#) >= 1.0);
     assert!(m("lb_source_updates_total") >= 2.0);

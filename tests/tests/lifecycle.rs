@@ -1,10 +1,14 @@
 //! Changes over time: endpoints going away, the agent crashing and restarting, stopping and
 //! cleaning up. Needs root (see tests/README.md).
 
-use std::time::Duration;
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use lb_tests::{
-    fixture::{WEB_V4, web_manifest, web_world},
+    fixture::{BACKEND_PORT, WEB_V4, web_manifest, web_world},
     require_privileges,
 };
 
@@ -57,6 +61,90 @@ fn a_removed_backend_gets_no_new_connections_within_a_second_and_keeps_establish
             .any(|b| b.contains(&w.backend_v4(2).to_string())),
         "{backends:?}"
     );
+}
+
+#[test]
+fn backend_changes_under_load_leave_no_connection_untranslated() {
+    if !require_privileges("backend_changes_under_load_leave_no_connection_untranslated") {
+        return;
+    }
+    let w = web_world(4, &[]);
+    let frontend = format!("{WEB_V4}:80/TCP");
+    // Connections all along, from another thread, while the backends change under them:
+    // replaced (a new table in the other generation), added (the table grows in place),
+    // removed from the end and from the middle.
+    let done = AtomicBool::new(false);
+    let attempts = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let mut attempts = Vec::new();
+            // Bounded: at most 40 rounds of 100 connections.
+            for _ in 0..40 {
+                if done.load(Ordering::Relaxed) && !attempts.is_empty() {
+                    break;
+                }
+                let args = ["tcp", &vip(), "--count", "100"];
+                attempts.extend(lb_tests::run_probe(w.client_probe(), &args));
+            }
+            attempts
+        });
+        let sets: [&[usize]; 8] = [
+            &[0, 1, 2],
+            &[1, 2, 3],
+            &[1, 2, 3, 0],
+            &[1, 2],
+            &[2, 3],
+            &[0, 1, 2, 3],
+            &[3],
+            &[0, 2, 3],
+        ];
+        for set in sets {
+            w.write_manifest("web.yaml", &web_manifest(&w, set));
+            let want: BTreeSet<String> = set
+                .iter()
+                .map(|&i| format!("{}:{BACKEND_PORT}", w.backend_v4(i)))
+                .collect();
+            w.wait_until(
+                &format!("{frontend} served by {want:?}"),
+                Duration::from_secs(10),
+                || {
+                    let slots = w.service(&frontend);
+                    let have: BTreeSet<String> = slots
+                        .iter()
+                        .flat_map(|d| &d.slots)
+                        .filter_map(|s| s.backend.map(|b| b.to_string()))
+                        .collect();
+                    have == want
+                },
+            );
+            // Some connections under each table.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done.store(true, Ordering::Relaxed);
+        load.join().expect("the load thread")
+    });
+    eprintln!("{} connections during 8 changes", attempts.len());
+    assert!(attempts.len() >= 200, "connections all along the changes");
+    let failed: Vec<_> = attempts.iter().filter(|a| a.error.is_some()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed, first {:?}",
+        failed.len(),
+        attempts.len(),
+        failed.first()
+    );
+    // Every connect found the whole table it looked up: no slot or backend was deleted
+    // under a lookup (they go only after a grace period).
+    let stats = w.stats();
+    assert_eq!(stats.get("err_slot_missing"), Some(&0), "{stats:?}");
+    assert_eq!(stats.get("err_backend_missing"), Some(&0), "{stats:?}");
+    assert!(
+        stats["connect_translated"] >= attempts.len() as u64,
+        "{stats:?}"
+    );
+    // Nothing is left of the tables switched away from.
+    let programmed = w.service(&frontend);
+    assert_eq!(programmed[0].slots.len(), 3);
+    assert_eq!(w.backends().len(), 3 * 2, "IPv4 and IPv6 of b0, b2, b3");
 }
 
 #[test]
@@ -156,10 +244,12 @@ fn a_deleted_service_stops_being_translated() {
     }
     let w = web_world(1, &[]);
     w.remove_manifest("web.yaml");
-    w.wait_until("the service is removed", Duration::from_secs(5), || {
-        w.services().is_empty()
-    });
-    assert!(w.backends().is_empty(), "its backends go with it");
+    // Its backends go with it, after a grace period.
+    w.wait_until(
+        "the service and its backends are removed",
+        Duration::from_secs(5),
+        || w.services().is_empty() && w.backends().is_empty(),
+    );
     for a in w.probe(&["tcp", &vip(), "--count", "2"]) {
         assert_eq!(a.error.as_deref(), Some("ENETUNREACH"), "{a:?}");
     }
@@ -275,7 +365,7 @@ fn raising_map_capacities_copies_the_maps_without_a_gap() {
     w.wait_ready();
     assert!(w.agent_log().contains("map resized: entries copied"));
     assert_eq!(row(&w, "lb_revnat_v1").capacity, 4096);
-    assert_eq!(row(&w, "lb_svc_v1").capacity, 64);
+    assert_eq!(row(&w, "lb_svc_v2").capacity, 64);
     assert!(
         row(&w, "lb_revnat_v1").entries >= rev_nat_before.entries,
         "reverse-NAT entries carried over"

@@ -21,7 +21,7 @@ use lb_common::{
     stats::{self, SocketCounters},
 };
 
-use super::{Capacities, Contents, Datapath, DatapathError, Op};
+use super::{Capacities, Contents, Datapath, DatapathError, Op, rcu::Grace};
 use crate::loader::{LoadError, PinLayout, open_pinned};
 
 /// The maps the agent writes.
@@ -498,13 +498,18 @@ pub fn read_stats(layout: &PinLayout) -> Result<Vec<u64>, LoadError> {
 pub struct BpfDatapath {
     maps: MapSet,
     caps: Capacities,
+    grace: Grace,
 }
 
 impl BpfDatapath {
     /// Takes the maps out of the loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, LoadError> {
         let (maps, caps) = MapSet::from_data(|name| take(ebpf, name), true)?;
-        Ok(Self { maps, caps })
+        let grace = Grace::new().map_err(|source| LoadError::Map {
+            name: "lb_grace",
+            source,
+        })?;
+        Ok(Self { maps, caps, grace })
     }
 }
 
@@ -581,5 +586,11 @@ impl Datapath for BpfDatapath {
 
     fn capacities(&self) -> Capacities {
         self.caps
+    }
+
+    fn grace(&mut self) -> Result<(), DatapathError> {
+        self.grace
+            .wait()
+            .map_err(|e| DatapathError::Grace(Box::new(e)))
     }
 }

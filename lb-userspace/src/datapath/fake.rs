@@ -1,7 +1,55 @@
 //! An in-memory datapath for tests: it enforces capacities like the kernel, can fail a
-//! chosen write, and checks after every write that lookups see only whole services.
+//! chosen write, and checks after every write that lookups see only whole services, and
+//! that every lookup begun since the last grace period still sees the table it began with.
+
+use lb_common::{Endpoint, ServiceValue, ns::NsService};
 
 use super::{Capacities, Contents, Datapath, DatapathError, Op};
+
+/// A service entry as a program may have read it since the last grace period, with the
+/// backends its table held then.
+#[derive(Debug)]
+enum Reader {
+    Socket(ServiceValue, Vec<Option<Endpoint>>),
+    External(NsService, Vec<Option<Endpoint>>),
+}
+
+impl Reader {
+    fn socket(c: &Contents, v: &ServiceValue) -> Self {
+        let table = (0..u32::from(v.count))
+            .map(|i| {
+                let key = lb_common::SlotKey::new(v.id, v.slot_gen(), i);
+                c.slots.get(&key).and_then(|b| c.backends.get(b)).copied()
+            })
+            .collect();
+        Self::Socket(*v, table)
+    }
+
+    fn external(c: &Contents, v: &NsService) -> Self {
+        let table = c
+            .table_of(v)
+            .unwrap_or_default()
+            .iter()
+            .map(|b| c.backends.get(b).copied())
+            .collect();
+        Self::External(*v, table)
+    }
+
+    /// Whether the table this reader began with is still there, unchanged.
+    fn check(&self, c: &Contents) -> Result<(), String> {
+        let (now, then) = match self {
+            Self::Socket(v, then) => (Self::socket(c, v), then),
+            Self::External(v, then) => (Self::external(c, v), then),
+        };
+        let (Self::Socket(_, now) | Self::External(_, now)) = now;
+        if &now != then {
+            return Err(format!(
+                "a lookup that read {self:?} before the last grace period now finds {now:?}"
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The in-memory datapath.
 #[derive(Debug)]
@@ -12,8 +60,12 @@ pub struct FakeDatapath {
     pub log: Vec<Op>,
     /// Fail the write with this index in `log` order (counting attempts).
     pub fail_at: Option<usize>,
+    /// Grace periods waited for.
+    pub graces: usize,
     attempts: usize,
     caps: Capacities,
+    /// Every service entry written since the last grace period.
+    readers: Vec<Reader>,
 }
 
 impl FakeDatapath {
@@ -24,13 +76,26 @@ impl FakeDatapath {
 
     /// A datapath that already holds `contents` (as after an agent restart).
     pub fn with_contents(caps: Capacities, contents: Contents) -> Self {
-        Self {
+        let mut fake = Self {
             contents,
             log: Vec::new(),
             fail_at: None,
+            graces: 0,
             attempts: 0,
             caps,
-        }
+            readers: Vec::new(),
+        };
+        fake.readers = fake.current_readers();
+        fake
+    }
+
+    /// The entries lookups can read now, with their tables.
+    fn current_readers(&self) -> Vec<Reader> {
+        let c = &self.contents;
+        let socket = c.services.values().map(|v| Reader::socket(c, v));
+        socket
+            .chain(c.external.values().map(|v| Reader::external(c, v)))
+            .collect()
     }
 
     fn full(&self, op: &Op) -> bool {
@@ -94,10 +159,27 @@ impl Datapath for FakeDatapath {
         if let Err(e) = self.contents.check_lookups() {
             panic!("after {op:?} a lookup could see a half-written service: {e}");
         }
+        let c = &self.contents;
+        match op {
+            Op::PutService(_, v) => self.readers.push(Reader::socket(c, v)),
+            Op::PutExternal(_, v) => self.readers.push(Reader::external(c, v)),
+            _ => {}
+        }
+        for r in &self.readers {
+            if let Err(e) = r.check(&self.contents) {
+                panic!("after {op:?}: {e}");
+            }
+        }
         Ok(())
     }
 
     fn capacities(&self) -> Capacities {
         self.caps
+    }
+
+    fn grace(&mut self) -> Result<(), DatapathError> {
+        self.graces += 1;
+        self.readers = self.current_readers();
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub type RangeKey = (u32, SourceRange);
 
 pub mod bpf;
 pub mod fake;
+pub mod rcu;
 
 /// One write to one map.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,7 +188,18 @@ impl Contents {
             .take_while(move |k| k.svc_id == id)
     }
 
-    /// The slots of service `id` (all of them, also any beyond its count), in slot order.
+    /// The slots a service entry's lookups read: those of its generation below its count.
+    pub fn live_slots<'a>(
+        &'a self,
+        value: &ServiceValue,
+    ) -> impl Iterator<Item = (&'a SlotKey, &'a u32)> + 'a {
+        let (generation, count) = (value.slot_gen(), u32::from(value.count));
+        self.slots_of(value.id)
+            .filter(move |(k, _)| k.generation() == generation && k.index() < count)
+    }
+
+    /// The slots of service `id` (all of them: both generations, also any beyond its count),
+    /// in key order.
     pub fn slots_of(&self, id: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {
         let start = SlotKey {
             svc_id: id,
@@ -215,10 +227,10 @@ impl Contents {
                 return Err(format!("{frontend} (id {}) has no info", value.id));
             }
             for slot in 0..u32::from(value.count) {
-                let Some(backend) = self.slots.get(&SlotKey {
-                    svc_id: value.id,
-                    slot,
-                }) else {
+                let Some(backend) = self
+                    .slots
+                    .get(&SlotKey::new(value.id, value.slot_gen(), slot))
+                else {
                     return Err(format!("{frontend} (id {}) misses slot {slot}", value.id));
                 };
                 if !self.backends.contains_key(backend) {
@@ -285,6 +297,9 @@ pub enum DatapathError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Waiting for the running programs to return failed.
+    #[error("waiting for a grace period: {0}")]
+    Grace(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A map could not be read.
     #[error("reading map {map}: {source}")]
     Read {
@@ -304,4 +319,7 @@ pub trait Datapath {
     fn apply(&mut self, op: &Op) -> Result<(), DatapathError>;
     /// The maps' capacities.
     fn capacities(&self) -> Capacities;
+    /// Returns once no program is still using a value it read before the call: what the
+    /// agent switched away from may then be deleted or reused (see [`rcu`]).
+    fn grace(&mut self) -> Result<(), DatapathError>;
 }

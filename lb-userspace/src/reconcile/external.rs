@@ -5,16 +5,16 @@
 //! load-balancer IPs, external IPs) whose entries name the id and the region. A sync runs in
 //! three phases, so that every prefix of the writes leaves lookups consistent:
 //!
-//! 1. per changed group: new backends, a new id (counters zeroed) or region when it needs
-//!    one, the table written in place (only the positions that change: each moves from one
-//!    live backend to another), its info, and source ranges it gains;
+//! 1. per changed group: new backends, a new id (counters zeroed), a changed table written
+//!    whole to a free region, its info, and source ranges it gains;
 //! 2. per frontend whose claims or group changed: the entry, pointing at the group's id,
-//!    region and flags; or its removal;
-//! 3. what nothing names any more: regions no entry points at (zeroed), source ranges the
-//!    group lost, the info, ids and backends of groups that are gone.
+//!    region and flags (the one write that switches it to the new table); or its removal;
+//! 3. what nothing names any more: source ranges the group lost, the info of groups that
+//!    are gone.
 //!
-//! Ids and regions freed in a sync are reused only by later syncs, so a packet that read an
-//! entry just before it changed never finds another service's table.
+//! Old regions (zeroed), backends nothing names and the ids of groups that are gone are
+//! freed only after a grace period ([`Reconciler::retire`]), so a packet that read an entry
+//! just before it changed still finds the whole table it read, and never another service's.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -77,10 +77,7 @@ pub(super) struct External {
     claims: BTreeMap<ServiceKey, BTreeSet<GroupKey>>,
     /// Groups with an id.
     groups: BTreeMap<GroupKey, Programmed>,
-    ids: Ids,
-    /// Ids and regions freed in this sync, reusable from the next.
-    freed_ids: Vec<u32>,
-    freed_regions: Vec<(u32, u32)>,
+    pub(super) ids: Ids,
     /// Groups and frontends whose writes failed, retried on the next sync.
     retry_groups: BTreeSet<GroupKey>,
     retry_keys: BTreeSet<ServiceKey>,
@@ -89,7 +86,7 @@ pub(super) struct External {
     refused: BTreeSet<GroupKey>,
     /// The maps' occupancy when the refused groups were last tried.
     refused_at: [usize; 4],
-    /// The last sync freed space: try the refused groups again.
+    /// A sync freed space: try the refused groups again.
     retry_refused: bool,
 }
 
@@ -319,8 +316,6 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Brings the touched north-south groups and frontends to what is desired.
     pub(super) fn sync_external(&mut self, mut touched: Touched, report: &mut SyncReport) {
-        self.ext.freed_ids.clear();
-        self.ext.freed_regions.clear();
         touched
             .groups
             .extend(std::mem::take(&mut self.ext.retry_groups));
@@ -376,18 +371,20 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
         self.ext.retry_groups.extend(failed);
-        if self.clear_unused_regions(report).is_err()
-            || self.delete_unreferenced(previous, report).is_err()
-        {
-            self.garbage = true;
-        }
-        for id in self.ext.freed_ids.drain(..) {
-            self.ext.ids.release(id);
-        }
-        // Space freed now is reusable from the next sync: the refused groups are tried then.
+        // Old regions and backends no one names go after a grace period.
+        self.pending.regions = true;
+        self.pending.backends.extend(previous);
+    }
+
+    /// Whether a map a north-south group needs holds fewer entries than when the refused
+    /// groups were last tried (then the next [`Self::sync_external`] tries them); notes the
+    /// occupancy for next time.
+    pub(super) fn ext_space_freed(&mut self) -> bool {
         let now = self.ext_occupancy();
-        self.ext.retry_refused = now.iter().zip(self.ext.refused_at).any(|(n, t)| *n < t);
+        let freed = now.iter().zip(self.ext.refused_at).any(|(n, t)| *n < t);
         self.ext.refused_at = now;
+        self.ext.retry_refused = freed && !self.ext.refused.is_empty();
+        self.ext.retry_refused
     }
 
     /// Entries in the maps a north-south group takes room in: backends, table entries in
@@ -450,26 +447,37 @@ impl<D: Datapath> Reconciler<D> {
             let caps = self.caps.backends;
             return Err(self.refuse(gk, want, maps::BACKENDS, caps, report));
         }
-        // A table of the same size is rewritten in place (each entry moves from one valid
-        // backend to another); a table of another size is written to a new region, which
-        // the frontends switch to in one write each (phase 2), and the old one is cleared.
-        let needs_region = !want.backends.is_empty();
-        let region = match current.and_then(|p| p.region) {
-            Some(r)
-                if needs_region
-                    && r.len == m_size
-                    && self.mirror.tables.get(&r.start).map(Vec::len) == Some(m_size as usize) =>
-            {
-                Some(r)
-            }
-            _ if needs_region => match self.free_region(m_size) {
+        // A new table goes to a free region, which the frontends switch to in one write each
+        // (phase 2), so a packet sees the old table or the new one, never a mix; the old
+        // region is cleared after a grace period. An unchanged table keeps its region.
+        let order: Vec<u32> = if want.backends.is_empty() {
+            Vec::new()
+        } else {
+            let weighted: Vec<(Endpoint, u32)> = want.backends.iter().map(|b| (*b, 1)).collect();
+            maglev::table(&weighted, m_size)
+        };
+        let unchanged = |r: &Region| {
+            let have = self.mirror.tables.get(&r.start);
+            r.len == m_size
+                && new_backends.is_empty()
+                && have.is_some_and(|t| {
+                    t.len() == order.len()
+                        && order.iter().zip(t).all(|(i, id)| {
+                            self.idx.backend_ids.get(&want.backends[*i as usize]) == Some(id)
+                        })
+                })
+        };
+        let kept = current.and_then(|p| p.region).filter(|r| unchanged(r));
+        let region = match kept {
+            _ if order.is_empty() => None,
+            Some(r) => Some(r),
+            None => match self.free_region(m_size) {
                 Some(start) => Some(Region { start, len: m_size }),
                 None => {
                     let caps = self.caps.table_entries;
                     return Err(self.refuse(gk, want, maps::RINGS, caps, report));
                 }
             },
-            _ => None,
         };
         let id = match current {
             Some(p) => p.id,
@@ -517,19 +525,16 @@ impl<D: Datapath> Reconciler<D> {
         if current.is_none() {
             ops.push(Op::ResetCounters(id));
         }
-        if let Some(Region { start, .. }) = region {
-            let weighted: Vec<(Endpoint, u32)> = want.backends.iter().map(|b| (*b, 1)).collect();
-            let table: Vec<u32> = maglev::table(&weighted, m_size)
-                .into_iter()
-                .map(|i| ids_of[&want.backends[i as usize]])
+        if let Some(Region { start, .. }) = region.filter(|_| kept.is_none()) {
+            let table: Vec<u32> = order
+                .iter()
+                .map(|i| ids_of[&want.backends[*i as usize]])
                 .collect();
-            let old = self
-                .mirror
-                .tables
-                .get(&start)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            ops.extend(table_writes(start, old, &table));
+            ops.push(Op::PutTable {
+                start,
+                at: 0,
+                ids: table,
+            });
         }
         if let Some(info) = ServiceInfo::new(&gk.owner.namespace, &gk.owner.name, &want.port_name) {
             if self.mirror.external_info.get(&id) != Some(&info) {
@@ -558,6 +563,16 @@ impl<D: Datapath> Reconciler<D> {
         // The id and region are the group's once anything was written for it; an id never
         // written is given back.
         if result.is_ok() || self.mirror.external_info.contains_key(&id) {
+            // The frontends switch to the new table only once it is all written.
+            let written =
+                |r: &Region| self.mirror.tables.get(&r.start).map(Vec::len) == Some(r.len as usize);
+            let region = if result.is_ok() {
+                region
+            } else {
+                region
+                    .filter(written)
+                    .or_else(|| current.and_then(|p| p.region))
+            };
             self.ext
                 .groups
                 .insert(gk.clone(), Programmed { id, region });
@@ -575,8 +590,8 @@ impl<D: Datapath> Reconciler<D> {
         result.map_err(|()| NotPrepared::Failed)
     }
 
-    /// The first free region of `size` entries (first fit): one overlapping no region in
-    /// use (written, or held by a group) and none freed in this sync.
+    /// The first free region of `size` entries (first fit): one overlapping no region
+    /// written (regions are cleared only once out of use) or held by a group.
     fn free_region(&self, size: u32) -> Option<u32> {
         let cap = u64::from(self.caps.table_entries);
         let mut used: Vec<(u64, u64)> = self
@@ -590,12 +605,6 @@ impl<D: Datapath> Reconciler<D> {
                     .values()
                     .filter_map(|p| p.region)
                     .map(|r| (u64::from(r.start), u64::from(r.start) + u64::from(r.len))),
-            )
-            .chain(
-                self.ext
-                    .freed_regions
-                    .iter()
-                    .map(|(s, l)| (u64::from(*s), u64::from(*s) + u64::from(*l))),
             )
             .collect();
         used.sort_unstable();
@@ -725,12 +734,14 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.write_all(ops, report)?;
         self.ext.groups.remove(gk);
-        self.ext.freed_ids.push(p.id);
+        // Reused only after a grace period: a packet may still be counted under it.
+        self.pending.external_ids.push(p.id);
         Ok(())
     }
 
-    /// Zeroes the table regions that no entry and no group uses.
-    fn clear_unused_regions(&mut self, report: &mut SyncReport) -> Result<(), ()> {
+    /// Zeroes the table regions that no entry and no group uses (after a grace period:
+    /// see [`Reconciler::retire`]).
+    pub(super) fn clear_unused_regions(&mut self, report: &mut SyncReport) -> Result<(), ()> {
         let named: BTreeSet<u32> = self
             .mirror
             .external
@@ -753,7 +764,6 @@ impl<D: Datapath> Reconciler<D> {
             .collect();
         for (start, len) in unused {
             self.write(Op::ClearTable { start, len }, report)?;
-            self.ext.freed_regions.push((start, len));
         }
         Ok(())
     }
@@ -784,72 +794,14 @@ impl<D: Datapath> Reconciler<D> {
             .copied()
             .collect();
         self.write_all(ops, report)?;
-        for id in dead {
-            self.ext.ids.release(id);
-        }
-        self.clear_unused_regions(report)
+        self.pending.external_ids.extend(dead);
+        Ok(())
     }
-}
-
-/// The writes that turn table region `old` (at `start`) into `new`: runs of changed
-/// positions, neighbouring runs merged when the gap between them is small.
-fn table_writes(start: u32, old: &[u32], new: &[u32]) -> Vec<Op> {
-    const GAP: usize = 16;
-    let mut ops = Vec::new();
-    let mut i = 0;
-    while i < new.len() {
-        if old.get(i) == Some(&new[i]) {
-            i += 1;
-            continue;
-        }
-        let first = i;
-        let mut last = i;
-        let mut j = i + 1;
-        while j < new.len() && j <= last + GAP {
-            if old.get(j) != Some(&new[j]) {
-                last = j;
-            }
-            j += 1;
-        }
-        ops.push(Op::PutTable {
-            start,
-            at: first as u32,
-            ids: new[first..=last].to_vec(),
-        });
-        i = last + 1;
-    }
-    ops
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_writes_cover_exactly_the_changes() {
-        let old = vec![1u32; 100];
-        let mut new = old.clone();
-        for i in [3, 5, 60, 99] {
-            new[i] = 2;
-        }
-        let ops = table_writes(1000, &old, &new);
-        let mut applied = old.clone();
-        for op in &ops {
-            let Op::PutTable { start, at, ids } = op else {
-                panic!("{op:?}")
-            };
-            assert_eq!(*start, 1000);
-            applied[*at as usize..*at as usize + ids.len()].copy_from_slice(ids);
-        }
-        assert_eq!(applied, new);
-        assert_eq!(ops.len(), 3, "3 and 5 share a write: {ops:?}");
-        assert!(table_writes(0, &new, &new).is_empty());
-        assert_eq!(
-            table_writes(0, &[], &[7, 7]).len(),
-            1,
-            "a new region is one write"
-        );
-    }
 
     #[test]
     fn range_keys_round_trip() {
