@@ -47,6 +47,11 @@ pub const SERVICES: &str = "lb_svc_v2";
 /// Slot map: [`SlotKey`] -> backend id (`u32`). Written by the agent, read by the hooks. v2:
 /// the slot number carries the generation bit ([`crate::service::SLOT_GEN1`]).
 pub const SLOTS: &str = "lb_slot_v2";
+/// Maps of earlier layouts whose entries are valid entries of a current map, old name first.
+/// An agent that finds the old map pinned and not the new one copies the entries over before
+/// its first sync, so services keep their ids (and with them their affinity entries and
+/// counters) across the upgrade. v1 services and slots are v2 ones of generation 0.
+pub const MIGRATIONS: [(&str, &str); 2] = [("lb_svc_v1", SERVICES), ("lb_slot_v1", SLOTS)];
 
 /// Backend map: backend id (`u32`) -> [`Endpoint`]. Written by the agent, read by the hooks.
 pub const BACKENDS: &str = "lb_be_v1";

@@ -395,6 +395,12 @@ impl Loaded {
                 .map_err(io_err(&dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
         }
+        // Maps of an earlier layout whose entries this build can take over: copied once its
+        // maps exist.
+        let migrations: Vec<(&'static str, &'static str)> = maps::MIGRATIONS
+            .into_iter()
+            .filter(|(old, new)| layout.map(old).exists() && !layout.map(new).exists())
+            .collect();
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(layout.maps());
         for spec in &maps::ALL {
@@ -454,8 +460,17 @@ impl Loaded {
             .filter(|name| resize_pin(layout, name).exists())
             .collect();
         for name in &resized {
-            let copied = copy_map(layout, name)?;
+            let copied = copy_map(&resize_pin(layout, name), layout, name)?;
             info!(map = name, entries = copied, "map resized: entries copied");
+        }
+        for (old, new) in migrations {
+            let copied = copy_map(&layout.map(old), layout, new)?;
+            info!(
+                from = old,
+                to = new,
+                entries = copied,
+                "map layout migrated"
+            );
         }
         let devices = ebpf
             .take_map(maps::XDP_DEVICES)
@@ -618,7 +633,7 @@ impl Loaded {
         // at load (flows, reverse NAT, affinity) is copied again, just before they go.
         for name in std::mem::take(&mut self.resized) {
             if is_lru(name) {
-                copy_map(&self.layout, name)?;
+                copy_map(&resize_pin(&self.layout, name), &self.layout, name)?;
             }
         }
         let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
@@ -725,10 +740,11 @@ fn is_lru(name: &str) -> bool {
         .any(|s| s.name == name && s.map_type == maps::TYPE_LRU_HASH)
 }
 
-/// Copies the entries of map `name`'s old map (set aside by a resize) into the new one;
-/// returns how many. Entries beyond a smaller new capacity are left out (the agent then
-/// refuses what does not fit, as for any full map). Per-CPU counters start from zero.
-fn copy_map(layout: &PinLayout, name: &'static str) -> Result<usize, LoadError> {
+/// Copies the entries of the map pinned at `from` (set aside by a resize, or of an earlier
+/// layout that [`maps::MIGRATIONS`] names) into map `name`; returns how many. Entries beyond a
+/// smaller new capacity are left out (the agent then refuses what does not fit, as for any
+/// full map). Per-CPU counters start from zero.
+fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize, LoadError> {
     use aya::maps::{Array, lpm_trie::LpmTrie};
     use lb_common::{
         AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
@@ -738,8 +754,7 @@ fn copy_map(layout: &PinLayout, name: &'static str) -> Result<usize, LoadError> 
         stats::SocketCounters,
     };
     let merr = move |source| LoadError::Map { name, source };
-    let old_path = resize_pin(layout, name);
-    let old = MapData::from_pin(&old_path).map_err(merr)?;
+    let old = MapData::from_pin(from).map_err(merr)?;
     let new = MapData::from_pin(layout.map(name)).map_err(merr)?;
     fn hash<K: aya::Pod, V: aya::Pod>(
         old: Map,

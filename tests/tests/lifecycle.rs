@@ -387,6 +387,63 @@ fn raising_map_capacities_copies_the_maps_without_a_gap() {
 }
 
 #[test]
+fn an_upgrade_from_the_v1_service_maps_migrates_them_and_keeps_the_ids() {
+    if !require_privileges("an_upgrade_from_the_v1_service_maps_migrates_them") {
+        return;
+    }
+    let mut w = web_world(3, &[]);
+    let mut held = w.hold(&vip());
+    let backend = held.first.backend.clone().expect("answered");
+    let attempts = w.probe(&["tcp", &vip(), "--count", "30"]);
+    assert!(attempts.iter().all(|a| a.error.is_none()));
+    let services = w.services();
+    let connections = |w: &lb_tests::world::World| -> u64 {
+        let rows: Vec<serde_json::Value> = w
+            .lbctl_json(&["stats", "--services"])
+            .expect("lbctl stats --services");
+        let web = format!("{WEB_V4}:80/TCP");
+        rows.iter()
+            .find(|r| r["frontend"] == web.as_str() && r["path"] == "socket")
+            .and_then(|r| r["connections"].as_u64())
+            .unwrap_or_else(|| panic!("{web} in {rows:?}"))
+    };
+    let before = connections(&w);
+    assert!(before >= 31, "{before}");
+
+    // As an agent of the previous release left them: the service and slot maps pinned
+    // under their v1 names (v2 only added the generation bit, zero in v1), still read by
+    // the running programs.
+    w.kill_agent();
+    let maps = w.pin_dir().join("maps");
+    for (old, new) in lb_common::maps::MIGRATIONS {
+        std::fs::rename(maps.join(new), maps.join(old)).expect("renaming a pin");
+    }
+    w.start_agent(&[]);
+    for _ in 0..5 {
+        let attempts = w.probe(&["tcp", &vip(), "--count", "10"]);
+        assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    }
+    w.wait_ready();
+    assert_eq!(
+        w.agent_log().matches("map layout migrated").count(),
+        2,
+        "{}",
+        w.agent_log()
+    );
+    // The same ids, so the same counters (and affinity entries) go on.
+    assert_eq!(w.services(), services, "same frontends and ids");
+    assert!(connections(&w) >= before + 50, "the counters went on");
+    assert_eq!(
+        held.ping().backend,
+        Some(backend),
+        "the connection survived"
+    );
+    for (old, _) in lb_common::maps::MIGRATIONS {
+        assert!(!maps.join(old).exists(), "{old} is unpinned once unused");
+    }
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     if !require_privileges("json_logs_are_one_object_per_line") {
         return;
