@@ -1044,18 +1044,29 @@ pub struct CapacityRow {
     pub entries: u64,
     /// Its capacity.
     pub capacity: u64,
+    /// The capacity the current state needs: its entries, and for the slot map and the
+    /// table array room to write the largest table beside the one it replaces (a change
+    /// switches to a whole new table; without that room the change is refused).
+    pub needed: u64,
     /// `entries` as a share of `capacity`, in percent.
     pub fill_percent: f64,
     /// What happens when it is full.
     pub when_full: String,
 }
 
-fn fill(map: &str, flag: &str, entries: u64, capacity: u64, when_full: &str) -> CapacityRow {
+fn fill(
+    map: &str,
+    flag: &str,
+    (entries, needed): (u64, u64),
+    capacity: u64,
+    when_full: &str,
+) -> CapacityRow {
     CapacityRow {
         map: map.to_owned(),
         flag: flag.to_owned(),
         entries,
         capacity,
+        needed,
         fill_percent: if capacity == 0 {
             0.0
         } else {
@@ -1077,6 +1088,8 @@ pub fn capacity(
     const REFUSED: &str = "new services refused, the rest kept";
     let n = |x: usize| x as u64;
     let table_entries: u64 = c.tables.values().map(|t| t.len() as u64).sum();
+    let largest_slots = c.services.values().map(|v| u64::from(v.count)).max();
+    let largest_table = c.tables.values().map(|t| t.len() as u64).max();
     // The maps the agent writes: a change that does not fit is refused.
     let written: [(&str, &str, u64, u64); 8] = [
         (
@@ -1130,7 +1143,15 @@ pub fn capacity(
     ];
     let mut rows: Vec<CapacityRow> = written
         .into_iter()
-        .map(|(map, flag, entries, cap)| fill(map, flag, entries, cap, REFUSED))
+        .map(|(map, flag, entries, cap)| {
+            let room = match map {
+                maps::SLOTS => largest_slots,
+                maps::RINGS => largest_table,
+                _ => None,
+            };
+            let needed = entries + room.unwrap_or(0);
+            fill(map, flag, (entries, needed), cap, REFUSED)
+        })
         .collect();
     for (name, entries, cap) in lru {
         let flag = match *name {
@@ -1141,7 +1162,7 @@ pub fn capacity(
         rows.push(fill(
             name,
             flag,
-            *entries,
+            (*entries, *entries),
             *cap,
             "the least recently used are evicted",
         ));
@@ -1152,13 +1173,22 @@ pub fn capacity(
 /// The capacity view as a table.
 pub fn capacity_table(rows: &[CapacityRow]) -> String {
     table(
-        &["MAP", "ENTRIES", "CAPACITY", "FILL", "FLAG", "WHEN FULL"],
+        &[
+            "MAP",
+            "ENTRIES",
+            "CAPACITY",
+            "FILL",
+            "NEEDS",
+            "FLAG",
+            "WHEN FULL",
+        ],
         rows.iter().map(|r| {
             vec![
                 r.map.clone(),
                 r.entries.to_string(),
                 r.capacity.to_string(),
                 format!("{:.1}%", r.fill_percent),
+                r.needed.to_string(),
                 r.flag.clone(),
                 r.when_full.clone(),
             ]
@@ -1494,6 +1524,16 @@ mod tests {
         let rings = of(maps::RINGS);
         assert_eq!((rings.entries, rings.fill_percent), (760, 76.0));
         assert_eq!(rings.flag, "--maglev-table-entries");
+        // A changed table is written beside the one it replaces: room for the largest.
+        assert_eq!(rings.needed, 760 + 509);
+        let largest = c
+            .services
+            .values()
+            .map(|v| u64::from(v.count))
+            .max()
+            .unwrap();
+        assert_eq!(of(maps::SLOTS).needed, c.slots.len() as u64 + largest);
+        assert_eq!(of(maps::BACKENDS).needed, c.backends.len() as u64);
         let ct = of(maps::CONNTRACK);
         assert_eq!((ct.fill_percent, ct.flag.as_str()), (25.0, "--max-flows"));
         let text = capacity_table(&rows);

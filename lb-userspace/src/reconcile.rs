@@ -5,17 +5,25 @@
 //! that succeeds, so it always equals the maps. A sync recomputes only the services that
 //! changed and writes only the differences, per frontend in this order:
 //!
-//! new backends, affinity-match entries of new members, slots, the service's info, the service
-//! entry (its backend count and affinity timeout), slots beyond the new count, match entries
-//! of former members, and last backends nothing names any more.
+//! new backends, affinity-match entries of new members, the new table's slots, the service's
+//! info, the service entry (its count, table generation and affinity timeout: the one write
+//! that switches lookups to the new table), and match entries of former members.
 //!
-//! Removal is the reverse: the service entry first. So every prefix of the writes is a state
-//! in which any lookup finds a whole service (old or new), and a write that fails leaves the
-//! maps consistent; the frontend is retried on the next sync.
+//! A table that only gains slots at its end or loses its last ones is changed in place: the
+//! count switches. Any other change writes the whole table in the other generation of slots
+//! (see [`lb_common::service::SVC_F_GEN1`]), so no lookup ever sees a mix of old and new.
+//! Removal starts with the service entry.
 //!
-//! Slots keep their backends where possible: replacing one of N backends rewrites one slot.
-//! Ids are the lowest free ones. Capacity is checked before a frontend is touched: a change
-//! that would overflow a map is refused and the frontend keeps what it had.
+//! What the switches leave behind (old slots, the slots and info of removed frontends, old
+//! table regions, backends nothing names, freed ids) is deleted only after a grace period
+//! ([`Datapath::grace`]): a program that read an entry just before it changed still finds the
+//! whole table it read. So every prefix of the writes is a state in which any lookup finds a
+//! whole service, and a write that fails leaves the maps consistent; the frontend is retried
+//! on the next sync.
+//!
+//! Slots keep their backends where possible. Capacity is checked before a frontend is
+//! touched, counting the new table beside the old: a change that would overflow a map is
+//! refused and the frontend keeps what it had.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
