@@ -118,45 +118,56 @@ struct Growth {
     matches: usize,
 }
 
-/// Lowest-free id allocation.
+/// Ids derived from what they name, from 1 to a maximum (the capacity of the maps the id
+/// indexes).
+///
+/// An object's id is its identity's hash (FNV-1a of a stable string: a frontend's
+/// `10.96.0.1:80/TCP`, a backend's `10.0.0.1:8080`, a north-south service's
+/// `ns/name:port/IPv4`) modulo the maximum, plus one; if another object has that id, the
+/// next free one after it. So the same object gets the same id on every node and after any
+/// restart or reinstall, unless a collision moved it, and an id is never handed to another
+/// object while anything still carries it. A restarted agent adopts the ids in the maps.
 #[derive(Debug, Default)]
 struct Ids {
-    next: u32,
-    free: BTreeSet<u32>,
+    max: u32,
+    used: BTreeSet<u32>,
+}
+
+/// The hash an object's id derives from (see [`Ids`]).
+fn identity(name: &str) -> u64 {
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, name.as_bytes());
+    std::hash::Hasher::finish(&h)
 }
 
 impl Ids {
-    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
-        let mut ids = Self {
-            next: 1,
-            free: BTreeSet::new(),
-        };
-        for id in used {
-            ids.mark_used(id);
+    fn from_used(max: u32, used: impl IntoIterator<Item = u32>) -> Self {
+        Self {
+            max,
+            used: used.into_iter().collect(),
         }
-        ids
     }
 
-    fn take(&mut self) -> u32 {
-        self.free.pop_first().unwrap_or_else(|| {
-            self.next += 1;
-            self.next - 1
-        })
+    /// The id of the object whose identity hashes to `hash`, now taken; `None` when every
+    /// id is taken.
+    fn take(&mut self, hash: u64) -> Option<u32> {
+        if self.max == 0 {
+            return None;
+        }
+        let own = u32::try_from(hash % u64::from(self.max)).expect("below a u32") + 1;
+        let id = (own..=self.max)
+            .chain(1..own)
+            .find(|id| !self.used.contains(id))?;
+        self.used.insert(id);
+        Some(id)
     }
 
     fn mark_used(&mut self, id: u32) {
-        if id >= self.next {
-            self.free.extend(self.next..id);
-            self.next = id + 1;
-        } else {
-            self.free.remove(&id);
-        }
+        self.used.insert(id);
     }
 
     fn release(&mut self, id: u32) {
-        if id < self.next {
-            self.free.insert(id);
-        }
+        self.used.remove(&id);
     }
 }
 
@@ -173,7 +184,7 @@ struct Index {
 }
 
 impl Index {
-    fn build(c: &Contents) -> Self {
+    fn build(c: &Contents, caps: &Capacities) -> Self {
         let mut backend_refs: HashMap<u32, u32> = HashMap::new();
         let matched = c.affinity_match.iter().map(|m| &m.backend_id);
         let tables = c.tables.values().flatten();
@@ -192,9 +203,9 @@ impl Index {
         Self {
             backend_ids: c.backends.iter().map(|(id, ep)| (*ep, *id)).collect(),
             backend_refs,
-            service_ids: Ids::from_used(service_ids),
+            service_ids: Ids::from_used(caps.services, service_ids),
             service_keys: c.services.iter().map(|(k, v)| (v.id, *k)).collect(),
-            backend_alloc: Ids::from_used(c.backends.keys().copied()),
+            backend_alloc: Ids::from_used(caps.backends, c.backends.keys().copied()),
         }
     }
 
@@ -349,10 +360,11 @@ impl<D: Datapath> Reconciler<D> {
     /// that no service claims then are removed.
     pub fn new(dp: D, limits: Limits) -> Result<Self, DatapathError> {
         let mirror = dp.read()?;
-        let ext = External::adopt(&mirror);
+        let caps = dp.capacities();
+        let ext = External::adopt(&mirror, &caps);
         Ok(Self {
-            idx: Index::build(&mirror),
-            caps: dp.capacities(),
+            idx: Index::build(&mirror, &caps),
+            caps,
             dp,
             mirror,
             limits,
@@ -745,13 +757,18 @@ impl<D: Datapath> Reconciler<D> {
         let existing = self.mirror.services.get(&key).copied();
         let mut taken_backends = Vec::new();
         let mut new_backends = Vec::new();
+        let mut out_of_ids = None;
         let ids: Vec<u32> = want
             .backends
             .iter()
             .map(|ep| match self.idx.backend_ids.get(ep) {
                 Some(id) => *id,
                 None => {
-                    let id = self.idx.backend_alloc.take();
+                    let hash = identity(&crate::addr::to_socket_addr(ep).to_string());
+                    let Some(id) = self.idx.backend_alloc.take(hash) else {
+                        out_of_ids = Some((maps::BACKENDS, self.caps.backends));
+                        return 0;
+                    };
                     taken_backends.push(id);
                     new_backends.push(Op::ResetBackendCounters(id));
                     new_backends.push(Op::PutBackend(id, *ep));
@@ -759,7 +776,27 @@ impl<D: Datapath> Reconciler<D> {
                 }
             })
             .collect();
-        let taken_service = existing.is_none().then(|| self.idx.service_ids.take());
+        let taken_service = match existing {
+            Some(_) => None,
+            None => {
+                let hash = identity(&crate::addr::frontend_string(&key));
+                let id = self.idx.service_ids.take(hash);
+                if id.is_none() {
+                    out_of_ids.get_or_insert((maps::SERVICES, self.caps.services));
+                }
+                id
+            }
+        };
+        if let Some(full) = out_of_ids {
+            for b in taken_backends {
+                self.idx.backend_alloc.release(b);
+            }
+            if let Some(s) = taken_service {
+                self.idx.service_ids.release(s);
+            }
+            self.refuse_frontend(owner, key, full, report);
+            return;
+        }
         let id = existing.map_or_else(|| taken_service.expect("taken above"), |v| v.id);
         let live = existing.map_or(0, |v| v.slot_gen());
         let old: Vec<Option<u32>> = (0..existing.map_or(0, |v| u32::from(v.count)))
@@ -826,15 +863,7 @@ impl<D: Datapath> Reconciler<D> {
                     return self.upsert(owner, want, report);
                 }
             }
-            // Reported when first refused; tried again once a sync frees space.
-            if self.refused.insert(key) {
-                report.full.push(MapFull {
-                    service: owner.clone(),
-                    frontend: key,
-                    map: full.0,
-                    capacity: full.1,
-                });
-            }
+            self.refuse_frontend(owner, key, full, report);
             return;
         }
         self.refused.remove(&key);
@@ -874,6 +903,25 @@ impl<D: Datapath> Reconciler<D> {
                 release(&mut self.idx, &self.mirror);
                 self.retry.insert(key);
             }
+        }
+    }
+
+    /// Refuses frontend `key` of `owner` for lack of space in `full` (a map and its
+    /// capacity): reported when first refused, tried again once a sync frees space.
+    fn refuse_frontend(
+        &mut self,
+        owner: &ObjectRef,
+        key: ServiceKey,
+        full: (&'static str, u32),
+        report: &mut SyncReport,
+    ) {
+        if self.refused.insert(key) {
+            report.full.push(MapFull {
+                service: owner.clone(),
+                frontend: key,
+                map: full.0,
+                capacity: full.1,
+            });
         }
     }
 

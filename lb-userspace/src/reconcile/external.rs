@@ -24,10 +24,10 @@ use lb_common::{
     ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NsService, SOURCE_RANGE_ID_BITS, SourceRange},
 };
 
-use super::{Conflict, Ids, MapFull, Reconciler, SyncReport};
+use super::{Conflict, Ids, MapFull, Reconciler, SyncReport, identity};
 use crate::{
     addr::to_addr6,
-    datapath::{Contents, Datapath, Op, RangeKey},
+    datapath::{Capacities, Contents, Datapath, Op, RangeKey},
     maglev,
     model::{ExternalFrontend, ExternalGroup, ExternalKind, ObjectRef, Rejection},
 };
@@ -157,7 +157,7 @@ fn range_net(key: &RangeKey) -> Option<IpNet> {
 
 impl External {
     /// The state a reconciler adopting `c` starts from.
-    pub(super) fn adopt(c: &Contents) -> Self {
+    pub(super) fn adopt(c: &Contents, caps: &Capacities) -> Self {
         let mut groups = BTreeMap::new();
         for (key, v) in &c.external {
             let Some(info) = c.external_info.get(&v.id) else {
@@ -188,7 +188,7 @@ impl External {
             .chain(c.external.values().map(|v| v.id));
         Self {
             groups,
-            ids: Ids::from_used(used),
+            ids: Ids::from_used(caps.external_ids, used),
             ..Self::default()
         }
     }
@@ -482,13 +482,15 @@ impl<D: Datapath> Reconciler<D> {
         let id = match current {
             Some(p) => p.id,
             None => {
-                let id = self.ext.ids.take();
-                if id > self.caps.external_ids {
-                    self.ext.ids.release(id);
-                    let caps = self.caps.external_ids;
-                    return Err(self.refuse(gk, want, maps::NS_INFO, caps, report));
+                let family = if gk.ipv6 { "IPv6" } else { "IPv4" };
+                let name = format!("{}:{}/{family}", gk.owner, gk.port_name);
+                match self.ext.ids.take(identity(&name)) {
+                    Some(id) => id,
+                    None => {
+                        let caps = self.caps.external_ids;
+                        return Err(self.refuse(gk, want, maps::NS_INFO, caps, report));
+                    }
                 }
-                id
             }
         };
         let ranges: BTreeSet<RangeKey> = want
@@ -513,7 +515,19 @@ impl<D: Datapath> Reconciler<D> {
             let bid = match self.idx.backend_ids.get(b) {
                 Some(bid) => *bid,
                 None => {
-                    let bid = self.idx.backend_alloc.take();
+                    let hash = identity(&crate::addr::to_socket_addr(b).to_string());
+                    // The backend map has room (checked above), so an id is free; this
+                    // only guards that.
+                    let Some(bid) = self.idx.backend_alloc.take(hash) else {
+                        for t in taken {
+                            self.idx.backend_alloc.release(t);
+                        }
+                        if current.is_none() {
+                            self.ext.ids.release(id);
+                        }
+                        let caps = self.caps.backends;
+                        return Err(self.refuse(gk, want, maps::BACKENDS, caps, report));
+                    };
                     taken.push(bid);
                     ops.push(Op::ResetBackendCounters(bid));
                     ops.push(Op::PutBackend(bid, *b));

@@ -749,15 +749,77 @@ fn the_agents_own_api_service_keeps_its_last_backends() {
 }
 
 #[test]
-fn ids_are_lowest_free_and_reused() {
-    let mut ids = Ids::from_used([1, 4]);
-    assert_eq!(ids.take(), 2);
-    assert_eq!(ids.take(), 3);
-    assert_eq!(ids.take(), 5);
-    ids.release(2);
-    assert_eq!(ids.take(), 2);
-    ids.mark_used(9);
-    assert_eq!(ids.take(), 6);
+fn ids_are_the_hash_of_the_identity_or_the_next_free_one() {
+    let mut ids = Ids::from_used(10, [4, 5]);
+    // Hash 2 is id 3 (ids run from 1); 13 wraps to 4, taken, as is 5: 6.
+    assert_eq!(ids.take(2), Some(3));
+    assert_eq!(ids.take(13), Some(6));
+    // The last id wraps around to the first.
+    assert_eq!(ids.take(9), Some(10));
+    assert_eq!(ids.take(9), Some(1));
+    ids.release(3);
+    assert_eq!(ids.take(2), Some(3), "a released id is its object's again");
+    for _ in 0..4 {
+        assert!(ids.take(0).is_some());
+    }
+    assert_eq!(ids.take(0), None, "all ten taken");
+    assert_eq!(Ids::from_used(0, []).take(1), None);
+    // The identity hash is FNV-1a 64 of the name: stable across builds and nodes.
+    assert_eq!(identity(""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(identity("a"), 0xaf63_dc4c_8601_ec8c);
+}
+
+#[test]
+fn ids_follow_the_objects_not_the_order_they_come_in() {
+    let (dns_svc, dns_slice) = dns(&["10.0.1.1", "10.0.1.2"]);
+    let ids = |services: Vec<Service>, slices: Vec<EndpointSlice>| {
+        let mut h = Harness::new();
+        h.sync(services, slices);
+        let c = h.rec.contents().clone();
+        let services: BTreeMap<String, u32> = c
+            .services
+            .iter()
+            .map(|(k, v)| (frontend_string(k), v.id))
+            .collect();
+        let backends: BTreeMap<String, u32> = c
+            .backends
+            .iter()
+            .map(|(id, ep)| (to_socket_addr(ep).to_string(), *id))
+            .collect();
+        (services, backends)
+    };
+    let web_slice = web_slice(&["10.0.0.1", "10.0.0.2"]);
+    let one = ids(
+        vec![web("10.96.0.1"), dns_svc.clone()],
+        vec![web_slice.clone(), dns_slice.clone()],
+    );
+    let other = ids(
+        vec![dns_svc.clone(), web("10.96.0.1")],
+        vec![dns_slice.clone(), web_slice.clone()],
+    );
+    assert_eq!(one, other);
+    // Each is its identity's hash into 1..=capacity, or the next id when another object
+    // holds that one.
+    let check = |ids: &BTreeMap<String, u32>, max: u32| {
+        for (name, id) in ids {
+            let own = u32::try_from(identity(name) % u64::from(max)).unwrap() + 1;
+            assert!(
+                *id == own || ids.values().any(|other| *other == own),
+                "{name}: {id}, its own {own} free"
+            );
+        }
+    };
+    check(&one.0, CAPS.services);
+    check(&one.1, CAPS.backends);
+    // A frontend that goes and comes back has its id again.
+    let mut h = Harness::new();
+    h.sync(vec![web("10.96.0.1")], vec![web_slice.clone()]);
+    let first = h.key("10.96.0.1:80/TCP");
+    let id = h.rec.contents().services[&first].id;
+    h.sync(vec![], vec![]);
+    assert!(h.rec.contents().services.is_empty());
+    h.sync(vec![web("10.96.0.1")], vec![web_slice]);
+    assert_eq!(h.rec.contents().services[&first].id, id);
 }
 
 #[test]
