@@ -117,7 +117,13 @@ impl Datapath for Recorder {
             ranges: u32::MAX,
         }
     }
-    fn grace(&mut self) -> Result<(), DatapathError> {
+    fn begin_grace(&mut self) -> u64 {
+        0
+    }
+    fn graces_ended(&self) -> u64 {
+        0
+    }
+    fn wait_grace(&mut self, _n: u64) -> Result<(), DatapathError> {
         Ok(())
     }
 }

@@ -46,6 +46,9 @@ use crate::{
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often the node's addresses and devices are looked at again.
 const NETWORK_POLL: Duration = Duration::from_secs(2);
+/// How often the agent looks whether the grace period of what it switched away from has
+/// ended (one lasts some milliseconds).
+const GRACE_POLL: Duration = Duration::from_millis(5);
 /// A sync of at least this many source updates (a relist, a burst) gives freed heap back.
 const TRIM_AFTER_UPDATES: usize = 64;
 
@@ -200,6 +203,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut have_snapshot = false;
     let mut synced = false;
     let mut dirty = BTreeSet::new();
+    let mut retire_at = tokio::time::Instant::now();
 
     loop {
         tokio::select! {
@@ -257,6 +261,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 } else {
                     debug!(updates, services, latency_us, "synced, nothing to write");
                 }
+            }
+            // What the syncs switched away from is deleted once its grace period (waited
+            // for on a thread of its own) has ended: looked at every GRACE_POLL.
+            () = tokio::time::sleep_until(retire_at), if synced && reconciler.has_pending() => {
+                let failed = out.retire(&mut reconciler, &store);
+                retire_at = tokio::time::Instant::now() + if failed { RETRY_AFTER } else { GRACE_POLL };
             }
             () = tokio::time::sleep(RETRY_AFTER), if reconciler.needs_retry() => {
                 let report = out.sync(&mut reconciler, &store, BTreeSet::new(), None);
@@ -372,31 +382,54 @@ impl Outputs {
         let started = Instant::now();
         let report = reconciler.sync(store, dirty);
         let duration = started.elapsed();
-        log_report(&report, &mut self.rejected_total);
+        self.metrics
+            .synced(&report, duration, oldest.map(|at| at.elapsed()));
+        self.report(reconciler, store, &report);
+        report
+    }
+
+    /// Deletes what the syncs switched away from, after a grace period, and reports it;
+    /// whether something failed.
+    fn retire<D: Datapath>(&mut self, reconciler: &mut Reconciler<D>, store: &Store) -> bool {
+        let started = Instant::now();
+        let report = reconciler.retire();
+        if report.writes == 0 && report.errors.is_empty() && report.full.is_empty() {
+            // Nothing whose grace period has ended yet.
+            return false;
+        }
+        self.metrics.retired(&report, started.elapsed());
+        self.report(reconciler, store, &report);
+        debug!(
+            writes = report.writes,
+            took_us = started.elapsed().as_micros() as u64,
+            "deleted what the syncs switched away from"
+        );
+        !report.errors.is_empty()
+    }
+
+    /// Reports what a sync or retirement did everywhere.
+    fn report<D: Datapath>(
+        &mut self,
+        reconciler: &Reconciler<D>,
+        store: &Store,
+        report: &SyncReport,
+    ) {
+        log_report(report, &mut self.rejected_total);
         if let Some(events) = &mut self.events {
             let dropped = events.dropped();
-            let published = events.report(&report, store);
+            let published = events.report(report, store);
             self.metrics
                 .events(published, events.dropped().saturating_sub(dropped));
         }
-        destroy_stale_udp(&self.layout, &report);
+        destroy_stale_udp(&self.layout, report);
         self.health_checks.update(reconciler.health_checks());
         if !reconciler.needs_retry() {
             self.health.programmed();
         }
-        // An update reached the datapath when its frontends switched (what they switched
-        // away from is deleted after a grace period, within the sync's duration).
-        let switched = report.switched.unwrap_or_else(Instant::now);
-        self.metrics.synced(
-            &report,
-            duration,
-            oldest.map(|at| switched.saturating_duration_since(at)),
-        );
         self.metrics.publish(Published::of(
             reconciler.contents(),
             &reconciler.datapath().capacities(),
         ));
-        report
     }
 }
 

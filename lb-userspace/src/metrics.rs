@@ -78,6 +78,7 @@ impl Published {
 pub struct Metrics {
     registry: Registry,
     sync_duration: Histogram,
+    retire_duration: Histogram,
     event_latency: Histogram,
     updates: Counter,
     syncs: Counter,
@@ -100,6 +101,7 @@ impl Metrics {
         let seconds = || Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
         let m = Self {
             sync_duration: seconds(),
+            retire_duration: seconds(),
             event_latency: seconds(),
             updates: Counter::default(),
             syncs: Counter::default(),
@@ -119,6 +121,12 @@ impl Metrics {
             "Time to compute and write one sync",
             Unit::Seconds,
             m.sync_duration.clone(),
+        );
+        registry.register_with_unit(
+            "retire_duration",
+            "Time to delete what syncs switched away from, once its grace period has ended",
+            Unit::Seconds,
+            m.retire_duration.clone(),
         );
         registry.register_with_unit(
             "event_to_datapath",
@@ -191,11 +199,23 @@ impl Metrics {
         latency: Option<std::time::Duration>,
     ) {
         self.syncs.inc();
-        self.writes.inc_by(report.writes as u64);
         self.sync_duration.observe(duration.as_secs_f64());
         if let Some(latency) = latency {
             self.event_latency.observe(latency.as_secs_f64());
         }
+        self.count(report);
+    }
+
+    /// A retirement (see [`crate::reconcile::Reconciler::retire`]) reported `report` after
+    /// `duration`.
+    pub fn retired(&self, report: &SyncReport, duration: std::time::Duration) {
+        self.retire_duration.observe(duration.as_secs_f64());
+        self.count(report);
+    }
+
+    /// The writes, refusals and failures of a sync or retirement.
+    fn count(&self, report: &SyncReport) {
+        self.writes.inc_by(report.writes as u64);
         for (_, rejection) in &report.rejected {
             self.rejected
                 .get_or_create(&[("reason", rejection.reason())])

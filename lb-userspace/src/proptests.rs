@@ -372,6 +372,7 @@ fn good_backends(c: &Contents) -> Option<Vec<String>> {
 struct Pipeline {
     store: Store,
     rec: Reconciler<FakeDatapath>,
+    syncs: usize,
 }
 
 impl Pipeline {
@@ -384,13 +385,19 @@ impl Pipeline {
         Self {
             store,
             rec: Reconciler::new(FakeDatapath::new(caps(scale)), LIMITS).unwrap(),
+            syncs: 0,
         }
     }
 
-    /// Applies `snapshot` and syncs everything it changed.
+    /// Applies `snapshot` and syncs everything it changed; every other sync is followed by
+    /// a retirement, so some syncs meet what the one before left for deletion.
     fn sync(&mut self, snapshot: Snapshot) {
         let dirty = self.store.update(Update::Snapshot(snapshot));
         self.rec.sync(&self.store, dirty);
+        self.syncs += 1;
+        if self.syncs.is_multiple_of(2) {
+            self.rec.retire();
+        }
         assert_eq!(
             self.rec.contents(),
             &self.rec.datapath().contents,

@@ -25,10 +25,7 @@
 //! touched, counting the new table beside the old: a change that would overflow a map is
 //! refused and the frontend keeps what it had.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    time::Instant,
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::{
     AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
@@ -90,9 +87,20 @@ pub struct SyncReport {
     /// UDP backends that left a frontend: connected sockets the hooks pointed at them are
     /// stale (see [`crate::sockets`]).
     pub stale_udp: Vec<StaleUdp>,
-    /// When every frontend had been switched to its new table (what it switched away from
-    /// is deleted after that, past a grace period).
-    pub switched: Option<Instant>,
+}
+
+impl SyncReport {
+    /// Adds what `other` did to this report.
+    pub fn merge(&mut self, other: SyncReport) {
+        self.writes += other.writes;
+        self.frontends_changed += other.frontends_changed;
+        self.rejected.extend(other.rejected);
+        self.notes.extend(other.notes);
+        self.conflicts.extend(other.conflicts);
+        self.full.extend(other.full);
+        self.errors.extend(other.errors);
+        self.stale_udp.extend(other.stale_udp);
+    }
 }
 
 /// A backend that no longer serves a UDP frontend.
@@ -308,17 +316,24 @@ struct Pending {
     services: BTreeSet<u32>,
     /// Backends to delete if nothing names them any more.
     backends: BTreeSet<u32>,
-    /// Table regions that no entry and no group names go.
-    regions: bool,
+    /// Table regions (by first index) to clear, if no entry and no group names them.
+    regions: BTreeSet<u32>,
     /// North-south ids given back.
     external_ids: Vec<u32>,
 }
 
 impl Pending {
+    fn absorb(&mut self, other: Pending) {
+        self.services.extend(other.services);
+        self.backends.extend(other.backends);
+        self.regions.extend(other.regions);
+        self.external_ids.extend(other.external_ids);
+    }
+
     fn is_empty(&self) -> bool {
         self.services.is_empty()
             && self.backends.is_empty()
-            && !self.regions
+            && self.regions.is_empty()
             && self.external_ids.is_empty()
     }
 }
@@ -343,8 +358,10 @@ pub struct Reconciler<D: Datapath> {
     refused_at: [usize; 4],
     /// Whether entries nothing refers to may exist (after a restart or a failed write).
     garbage: bool,
-    /// What is deleted after the next grace period.
+    /// What is to be deleted after a grace period not asked for yet.
     pending: Pending,
+    /// What is to be deleted once grace period `n` has ended.
+    waiting: Vec<(u64, Pending)>,
     /// The agent's own API server address, if it is a service frontend.
     api: Option<ServiceKey>,
     /// North-south state.
@@ -375,6 +392,7 @@ impl<D: Datapath> Reconciler<D> {
             refused_at: [0; 4],
             garbage: true,
             pending: Pending::default(),
+            waiting: Vec::new(),
             api: None,
             ext,
             health_checks: BTreeMap::new(),
@@ -400,6 +418,12 @@ impl<D: Datapath> Reconciler<D> {
     /// The datapath.
     pub fn datapath(&self) -> &D {
         &self.dp
+    }
+
+    /// The datapath, to steer a fake one in tests.
+    #[cfg(test)]
+    pub(crate) fn datapath_mut(&mut self) -> &mut D {
+        &mut self.dp
     }
 
     /// Names the agent's own API server address when it is a service frontend (TCP): that
@@ -443,9 +467,9 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Whether a sync should run again soon to retry failed writes (or deletions).
+    /// Whether a sync should run again soon to retry failed writes.
     pub fn needs_retry(&self) -> bool {
-        !self.retry.is_empty() || !self.pending.is_empty() || self.ext.needs_retry()
+        !self.retry.is_empty() || self.ext.needs_retry()
     }
 
     /// Brings the frontends of the `dirty` services (and of frontends awaiting a retry) to
@@ -453,13 +477,9 @@ impl<D: Datapath> Reconciler<D> {
     /// frontend.
     ///
     /// Each frontend is switched to its new table in one write. What it switched away from
-    /// is deleted at the end, after a grace period ([`Datapath::grace`]); the report says
-    /// when the switches were done.
+    /// is deleted by [`Self::retire`], after a grace period.
     pub fn sync(&mut self, store: &Store, dirty: BTreeSet<ObjectRef>) -> SyncReport {
         let mut report = SyncReport::default();
-        // What an earlier sync could not delete goes first: a table generation or region is
-        // written again only once it is out of use.
-        self.retire(&mut report);
         let mut touched: BTreeSet<ServiceKey> = std::mem::take(&mut self.retry);
         let first = !self.synced;
         let mut dirty = dirty;
@@ -533,10 +553,42 @@ impl<D: Datapath> Reconciler<D> {
             self.collect_garbage(&mut report);
         }
         self.synced = true;
-        report.switched = Some(Instant::now());
-        self.retire(&mut report);
-        // What this sync deleted may have made room for frontends refused before: they are
-        // tried again when a map holds fewer entries than when they were last tried.
+        self.ask_grace();
+        report
+    }
+
+    /// Whether a sync switched away from something [`Self::retire`] is to delete.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Asks for a grace period covering what the syncs switched away from so far.
+    fn ask_grace(&mut self) {
+        if !self.pending.is_empty() {
+            let n = self.dp.begin_grace();
+            self.waiting.push((n, std::mem::take(&mut self.pending)));
+        }
+    }
+
+    /// Deletes what the syncs switched away from whose grace period has ended (see
+    /// [`Self::delete`]), then programs the frontends refused for lack of space if that
+    /// made room. It does not wait: the agent calls it every few milliseconds while
+    /// [`Self::has_pending`], and grace periods (some milliseconds each) delay no sync. A
+    /// sync that would write where something still waits for deletion waits for it.
+    pub fn retire(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        let ended = self.dp.graces_ended();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(n, _)| *n <= ended);
+        self.waiting = waiting;
+        let mut due = Pending::default();
+        for (_, p) in ready {
+            due.absorb(p);
+        }
+        self.delete(due, &mut report);
+        // They are tried again when a map holds fewer entries than when they were last
+        // tried.
         let (socket, external) = (self.socket_space_freed(), self.ext_space_freed());
         if socket || external {
             let waiting: Vec<ServiceKey> = self.refused.iter().copied().collect();
@@ -544,27 +596,44 @@ impl<D: Datapath> Reconciler<D> {
                 self.program(key, false, &mut report);
             }
             self.sync_external(Touched::default(), &mut report);
-            self.retire(&mut report);
-            self.socket_space_freed();
-            self.ext_space_freed();
+            self.ask_grace();
         }
         report
     }
 
-    /// Deletes what the syncs switched away from, once a grace period has passed: slots
+    /// Waits for the grace periods of everything switched away from, and deletes it: for a
+    /// write that may land where it is.
+    fn flush(&mut self, report: &mut SyncReport) {
+        self.ask_grace();
+        let Some(last) = self.waiting.iter().map(|(n, _)| *n).max() else {
+            return;
+        };
+        if let Err(e) = self.dp.wait_grace(last) {
+            report.errors.push(e);
+            return;
+        }
+        let mut due = Pending::default();
+        for (_, p) in std::mem::take(&mut self.waiting) {
+            due.absorb(p);
+        }
+        self.delete(due, report);
+    }
+
+    /// Whether service id `id` has slots waiting for deletion.
+    fn pending_for(&self, id: u32) -> bool {
+        self.pending.services.contains(&id)
+            || self.waiting.iter().any(|(_, p)| p.services.contains(&id))
+    }
+
+    /// Deletes what the syncs switched away from once a grace period has passed: slots
     /// outside each service's live table, the slots and info of services that are gone, table
     /// regions nothing names, and backends nothing names. Until then nothing of it is
     /// deleted or reused, so a program that read an entry just before it changed still finds
     /// the whole table it read.
-    fn retire(&mut self, report: &mut SyncReport) {
-        if self.pending.is_empty() {
+    fn delete(&mut self, pending: Pending, report: &mut SyncReport) {
+        if pending.is_empty() {
             return;
         }
-        if let Err(e) = self.dp.grace() {
-            report.errors.push(e);
-            return;
-        }
-        let pending = std::mem::take(&mut self.pending);
         let m = &self.mirror;
         let mut ops = Vec::new();
         for id in &pending.services {
@@ -593,13 +662,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         let done = self
             .write_all(ops, report)
-            .and_then(|()| {
-                if pending.regions {
-                    self.clear_unused_regions(report)
-                } else {
-                    Ok(())
-                }
-            })
+            .and_then(|()| self.clear_unused_regions(&pending.regions, report))
             .and_then(|()| self.delete_unreferenced(pending.backends.clone(), report));
         match done {
             Ok(()) => {
@@ -607,8 +670,8 @@ impl<D: Datapath> Reconciler<D> {
                     self.ext.ids.release(*id);
                 }
             }
-            // Tried again with the next sync (what was done is not redone).
-            Err(()) => self.pending = pending,
+            // Tried again by the next retirement (what was done is not redone).
+            Err(()) => self.waiting.insert(0, (0, pending)),
         }
     }
 
@@ -755,6 +818,16 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let existing = self.mirror.services.get(&key).copied();
+        if let Some(v) = existing.filter(|v| self.pending_for(v.id)) {
+            // Its last switch left slots that lookups may still read: they go first, as
+            // the new table may be written where they are.
+            self.flush(report);
+            if self.pending_for(v.id) {
+                // No grace period now: the frontend keeps its table until the retry.
+                self.retry.insert(key);
+                return;
+            }
+        }
         let mut taken_backends = Vec::new();
         let mut new_backends = Vec::new();
         let mut out_of_ids = None;
@@ -854,12 +927,12 @@ impl<D: Datapath> Reconciler<D> {
         };
         if let Some(full) = self.overflow(id, &growth) {
             release(&mut self.idx, &self.mirror);
-            if !self.pending.is_empty() {
-                // What earlier frontends of this sync switched away from may be what fills
-                // the map: deleted now, after a grace period, and the frontend planned anew
-                // (a backend it counted on may have gone).
-                self.retire(report);
-                if self.pending.is_empty() {
+            if self.has_pending() {
+                // What earlier switches left may be what fills the map: deleted now, after
+                // its grace period, and the frontend planned anew (a backend it counted on
+                // may have gone).
+                self.flush(report);
+                if !self.has_pending() {
                     return self.upsert(owner, want, report);
                 }
             }
@@ -894,9 +967,15 @@ impl<D: Datapath> Reconciler<D> {
             return;
         }
         report.frontends_changed += 1;
-        // Slots outside the new table and backends no one names go after a grace period.
-        self.pending.services.insert(id);
-        self.pending.backends.extend(previous);
+        // Slots outside the new table and backends it no longer names go after a grace
+        // period.
+        if generation != live || slots.len() < old.len() {
+            self.pending.services.insert(id);
+        }
+        let kept: HashSet<u32> = ids.iter().copied().collect();
+        self.pending
+            .backends
+            .extend(previous.into_iter().filter(|b| !kept.contains(b)));
         match self.write_all(ops, report) {
             Ok(()) => report.stale_udp.extend(stale),
             Err(()) => {
@@ -1043,7 +1122,8 @@ impl<D: Datapath> Reconciler<D> {
             .chain(m.affinity_match.iter().map(|k| k.svc_id));
         self.pending.services.extend(ids);
         self.pending.backends.extend(m.backends.keys().copied());
-        self.pending.regions = true;
+        let unused = self.unused_regions();
+        self.pending.regions.extend(unused);
         if self.external_garbage(report).is_ok() {
             self.garbage = false;
         }

@@ -588,9 +588,17 @@ impl Datapath for BpfDatapath {
         self.caps
     }
 
-    fn grace(&mut self) -> Result<(), DatapathError> {
+    fn begin_grace(&mut self) -> u64 {
+        self.grace.begin()
+    }
+
+    fn graces_ended(&self) -> u64 {
+        self.grace.done()
+    }
+
+    fn wait_grace(&mut self, n: u64) -> Result<(), DatapathError> {
         self.grace
-            .wait()
-            .map_err(|e| DatapathError::Grace(Box::new(e)))
+            .wait(n)
+            .map_err(|e| DatapathError::Grace(e.into()))
     }
 }

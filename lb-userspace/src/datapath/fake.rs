@@ -60,8 +60,13 @@ pub struct FakeDatapath {
     pub log: Vec<Op>,
     /// Fail the write with this index in `log` order (counting attempts).
     pub fail_at: Option<usize>,
-    /// Grace periods waited for.
+    /// Grace periods asked for.
     pub graces: usize,
+    /// Grace periods that have ended.
+    pub graces_ended: usize,
+    /// Whether a grace period ends only when waited for or ended by [`Self::end_graces`]
+    /// (else at once).
+    pub slow_graces: bool,
     attempts: usize,
     caps: Capacities,
     /// Every service entry written since the last grace period.
@@ -81,12 +86,20 @@ impl FakeDatapath {
             log: Vec::new(),
             fail_at: None,
             graces: 0,
+            graces_ended: 0,
+            slow_graces: false,
             attempts: 0,
             caps,
             readers: Vec::new(),
         };
         fake.readers = fake.current_readers();
         fake
+    }
+
+    /// Ends every grace period asked for: the lookups begun so far are over.
+    pub fn end_graces(&mut self) {
+        self.graces_ended = self.graces;
+        self.readers = self.current_readers();
     }
 
     /// The entries lookups can read now, with their tables.
@@ -177,9 +190,20 @@ impl Datapath for FakeDatapath {
         self.caps
     }
 
-    fn grace(&mut self) -> Result<(), DatapathError> {
+    fn begin_grace(&mut self) -> u64 {
         self.graces += 1;
-        self.readers = self.current_readers();
+        if !self.slow_graces {
+            self.end_graces();
+        }
+        self.graces as u64
+    }
+
+    fn graces_ended(&self) -> u64 {
+        self.graces_ended as u64
+    }
+
+    fn wait_grace(&mut self, _n: u64) -> Result<(), DatapathError> {
+        self.end_graces();
         Ok(())
     }
 }

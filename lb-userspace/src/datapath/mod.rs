@@ -319,7 +319,12 @@ pub trait Datapath {
     fn apply(&mut self, op: &Op) -> Result<(), DatapathError>;
     /// The maps' capacities.
     fn capacities(&self) -> Capacities;
-    /// Returns once no program is still using a value it read before the call: what the
-    /// agent switched away from may then be deleted or reused (see [`rcu`]).
-    fn grace(&mut self) -> Result<(), DatapathError>;
+    /// Asks for a grace period and returns its number: once it has ended
+    /// ([`Self::graces_ended`]), no program is still using a value it read before the call,
+    /// so what the agent switched away from may be deleted or reused (see [`rcu`]).
+    fn begin_grace(&mut self) -> u64;
+    /// The last grace period that has ended.
+    fn graces_ended(&self) -> u64;
+    /// Waits until grace period `n` has ended.
+    fn wait_grace(&mut self, n: u64) -> Result<(), DatapathError>;
 }

@@ -1,34 +1,30 @@
-//! Waiting out the BPF programs that are running now: the agent's grace period.
+//! maps for nothing else: rewriting its element returns once every program that was running
+//! has returned.
 //!
-//! A program that looked up a map value keeps using it until it returns; it runs under
-//! `rcu_read_lock()`. So after the agent switches a frontend to a new table, a program that
-//! read the old entry may still read the old table for a moment, and the old table may be
-//! deleted only once every such program has returned.
-//!
-//! The kernel offers userspace one way to wait for that: after an update of a map-of-maps
-//! element through the `bpf()` system call it calls `synchronize_rcu()`, so that userspace
-//! knows every non-sleepable program still running saw the new value
-//! (`maybe_wait_bpf_programs()`, Linux 4.15 and later). [`Grace`] keeps a one-element array of
-//! maps for nothing else: [`Grace::wait`] rewrites its element, and returns once every program
-//! that was running has returned.
+//! That takes milliseconds, so it runs on a thread of its own: the agent asks for a grace
+//! period after a sync ([`Grace::begin`]) and goes on; what the sync switched away from is
+//! deleted once [`Grace::done`] says the period has ended (or, when something must be
+//! reused now, after [`Grace::wait`]). Requests that queue up while one runs are served by
+//! the next one.
 
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{Arc, Condvar, Mutex, mpsc},
+    time::Duration,
 };
 
 use aya::maps::{Array, ArrayOfMaps, Map, MapData, MapError};
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_map_type};
 
-/// A grace period on demand (see the module documentation).
-pub struct Grace {
+/// The two maps whose update is a grace period.
+struct Barrier {
     outer: ArrayOfMaps<MapData, Array<MapData, u32>>,
     inner: Array<MapData, u32>,
 }
 
-impl Grace {
-    /// Creates the two maps it needs (unpinned: they go with the process).
-    pub fn new() -> Result<Self, MapError> {
+impl Barrier {
+    fn new() -> Result<Self, MapError> {
         let obj =
             aya_obj::Map::new_from_params(bpf_map_type::BPF_MAP_TYPE_ARRAY as u32, 4, 4, 1, 0);
         let inner = MapData::create(obj, "lb_grace_inner", None)?;
@@ -44,8 +40,92 @@ impl Grace {
     }
 
     /// Returns once every BPF program that was running when it was called has returned.
-    pub fn wait(&mut self) -> Result<(), MapError> {
+    fn wait(&mut self) -> Result<(), MapError> {
         self.outer.set(0, &self.inner, 0)
+    }
+}
+
+/// What the grace thread has done.
+#[derive(Default)]
+struct Done {
+    /// The last grace period ended.
+    ended: u64,
+    /// Why the last attempt failed, if it did (it is tried again every second).
+    error: Option<String>,
+}
+
+/// Grace periods on demand, waited for on a thread of their own.
+pub struct Grace {
+    requested: u64,
+    requests: mpsc::Sender<u64>,
+    done: Arc<(Mutex<Done>, Condvar)>,
+}
+
+impl Grace {
+    /// Creates the maps (unpinned: they go with the process) and starts the thread.
+    pub fn new() -> Result<Self, MapError> {
+        let mut barrier = Barrier::new()?;
+        let (requests, rx) = mpsc::channel::<u64>();
+        let done = Arc::new((Mutex::new(Done::default()), Condvar::new()));
+        let shared = done.clone();
+        std::thread::Builder::new()
+            .name("lb-grace".into())
+            .spawn(move || {
+                while let Ok(mut n) = rx.recv() {
+                    // One period serves every request made before it starts.
+                    n = rx.try_iter().fold(n, u64::max);
+                    let outcome = loop {
+                        match barrier.wait() {
+                            Ok(()) => break None,
+                            Err(e) => {
+                                let (lock, cv) = &*shared;
+                                lock.lock().unwrap_or_else(|e| e.into_inner()).error =
+                                    Some(e.to_string());
+                                cv.notify_all();
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                        }
+                    };
+                    let (lock, cv) = &*shared;
+                    let mut d = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    d.ended = n;
+                    d.error = outcome;
+                    cv.notify_all();
+                }
+            })
+            .map_err(MapError::IoError)?;
+        Ok(Self {
+            requested: 0,
+            requests,
+            done,
+        })
+    }
+
+    /// Asks for a grace period; returns its number. It has ended once [`Self::done`] is at
+    /// least that.
+    pub fn begin(&mut self) -> u64 {
+        self.requested += 1;
+        // The thread lives as long as this value.
+        let _ = self.requests.send(self.requested);
+        self.requested
+    }
+
+    /// The last grace period that has ended.
+    pub fn done(&self) -> u64 {
+        self.done.0.lock().unwrap_or_else(|e| e.into_inner()).ended
+    }
+
+    /// Waits until grace period `n` has ended; an error if the thread cannot get one now.
+    pub fn wait(&self, n: u64) -> Result<(), String> {
+        let (lock, cv) = &*self.done;
+        let mut d = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while d.ended < n {
+            if let Some(e) = &d.error {
+                return Err(e.clone());
+            }
+            d = cv.wait(d).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(())
     }
 }
 
@@ -91,7 +171,7 @@ mod tests {
     /// period, which is the only thing the update of a map of maps waits for.
     #[test]
     fn a_grace_period_is_waited_for() {
-        let mut grace = Grace::new().expect("creating the grace maps (needs CAP_BPF)");
+        let mut barrier = Barrier::new().expect("creating the grace maps (needs CAP_BPF)");
         let mean = |n: u32, f: &mut dyn FnMut()| {
             let t = Instant::now();
             for _ in 0..n {
@@ -99,11 +179,27 @@ mod tests {
             }
             t.elapsed() / n
         };
-        let plain = mean(100, &mut || grace.inner.set(0, 1, 0).unwrap());
-        let waited = mean(3, &mut || grace.wait().unwrap());
+        let plain = mean(100, &mut || barrier.inner.set(0, 1, 0).unwrap());
+        let waited = mean(3, &mut || barrier.wait().unwrap());
         assert!(
             waited > plain * 10 && waited > Duration::from_micros(100),
             "a wait took {waited:?}, a plain update {plain:?}"
         );
+    }
+
+    #[test]
+    fn grace_periods_end_in_order_on_their_thread() {
+        let mut grace = Grace::new().expect("creating the grace maps (needs CAP_BPF)");
+        assert_eq!(grace.done(), 0);
+        let first = grace.begin();
+        let second = grace.begin();
+        assert!(second > first);
+        grace.wait(second).unwrap();
+        assert!(grace.done() >= second);
+        // Asking does not wait.
+        let t = Instant::now();
+        let third = grace.begin();
+        assert!(t.elapsed() < Duration::from_millis(1));
+        grace.wait(third).unwrap();
     }
 }

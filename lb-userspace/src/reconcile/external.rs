@@ -328,11 +328,7 @@ impl<D: Datapath> Reconciler<D> {
         // Phase 1: the groups that are desired.
         let mut failed: BTreeSet<GroupKey> = BTreeSet::new();
         let mut not_prepared: BTreeSet<GroupKey> = BTreeSet::new();
-        let mut previous: BTreeSet<u32> = BTreeSet::new();
         for gk in &touched.groups {
-            if let Some(p) = self.ext.groups.get(gk) {
-                previous.extend(self.table_backends(p.region));
-            }
             let Some(want) = self.ext.group(gk).cloned() else {
                 self.ext.refused.remove(gk);
                 continue;
@@ -371,9 +367,16 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
         self.ext.retry_groups.extend(failed);
-        // Old regions and backends no one names go after a grace period.
-        self.pending.regions = true;
-        self.pending.backends.extend(previous);
+    }
+
+    /// Notes for deletion after a grace period a table region a group switched away from,
+    /// and its backends (those nothing else names by then).
+    fn retire_region(&mut self, region: Option<Region>) {
+        if region.is_some() {
+            self.pending.regions.extend(region.map(|r| r.start));
+            let backends = self.table_backends(region);
+            self.pending.backends.extend(backends);
+        }
     }
 
     /// Whether a map a north-south group needs holds fewer entries than when the refused
@@ -590,6 +593,10 @@ impl<D: Datapath> Reconciler<D> {
             self.ext
                 .groups
                 .insert(gk.clone(), Programmed { id, region });
+            let old = current.and_then(|p| p.region);
+            if old != region {
+                self.retire_region(old);
+            }
         } else if current.is_none() {
             self.ext.ids.release(id);
         }
@@ -748,14 +755,33 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.write_all(ops, report)?;
         self.ext.groups.remove(gk);
+        self.retire_region(p.region);
         // Reused only after a grace period: a packet may still be counted under it.
         self.pending.external_ids.push(p.id);
         Ok(())
     }
 
-    /// Zeroes the table regions that no entry and no group uses (after a grace period:
-    /// see [`Reconciler::retire`]).
-    pub(super) fn clear_unused_regions(&mut self, report: &mut SyncReport) -> Result<(), ()> {
+    /// Zeroes those of the regions starting at `starts` that no entry and no group uses
+    /// (after their grace period: see [`Reconciler::retire`]).
+    pub(super) fn clear_unused_regions(
+        &mut self,
+        starts: &BTreeSet<u32>,
+        report: &mut SyncReport,
+    ) -> Result<(), ()> {
+        let unused: Vec<(u32, u32)> = self
+            .unused_regions()
+            .into_iter()
+            .filter(|s| starts.contains(s))
+            .filter_map(|s| Some((s, self.mirror.tables.get(&s)?.len() as u32)))
+            .collect();
+        for (start, len) in unused {
+            self.write(Op::ClearTable { start, len }, report)?;
+        }
+        Ok(())
+    }
+
+    /// The written table regions (by first index) that no entry and no group names.
+    pub(super) fn unused_regions(&self) -> Vec<u32> {
         let named: BTreeSet<u32> = self
             .mirror
             .external
@@ -769,17 +795,12 @@ impl<D: Datapath> Reconciler<D> {
                     .filter_map(|p| p.region.map(|r| r.start)),
             )
             .collect();
-        let unused: Vec<(u32, u32)> = self
-            .mirror
+        self.mirror
             .tables
-            .iter()
-            .filter(|(s, _)| !named.contains(s))
-            .map(|(s, t)| (*s, t.len() as u32))
-            .collect();
-        for (start, len) in unused {
-            self.write(Op::ClearTable { start, len }, report)?;
-        }
-        Ok(())
+            .keys()
+            .filter(|s| !named.contains(s))
+            .copied()
+            .collect()
     }
 
     /// Deletes north-south entries nothing refers to after a restart: info and ranges of ids

@@ -79,12 +79,20 @@ impl Harness {
             slices,
             nodes: vec![],
         }));
-        let report = self.rec.sync(&self.store, dirty);
+        let mut report = self.rec.sync(&self.store, dirty);
+        report.merge(self.rec.retire());
         assert_eq!(
             self.rec.contents(),
             &self.rec.datapath().contents,
             "the mirror equals the maps"
         );
+        report
+    }
+
+    /// A sync of nothing new (what the agent's retry timer runs), and a retirement.
+    fn resync(&mut self) -> SyncReport {
+        let mut report = self.rec.sync(&self.store, BTreeSet::new());
+        report.merge(self.rec.retire());
         report
     }
 
@@ -272,6 +280,62 @@ fn replacing_a_backend_writes_a_new_table_and_switches_to_it_in_one_write() {
     assert_eq!(
         h.served()["10.96.0.1:80/TCP"].1,
         ["10.0.0.1:8080", "10.0.0.4:8080", "10.0.0.3:8080"]
+    );
+}
+
+#[test]
+fn deletions_wait_for_the_grace_period_and_a_second_change_waits_for_the_first() {
+    let mut dp = FakeDatapath::new(CAPS);
+    dp.slow_graces = true;
+    let mut h = Harness::over(dp);
+    let svc = || vec![web("10.96.0.1")];
+    h.sync(
+        svc(),
+        vec![web_slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"])],
+    );
+    // A replaced backend: the new table is live at once, the old one and the backend stay
+    // while its grace period runs (a lookup may still be reading them).
+    h.sync(
+        svc(),
+        vec![web_slice(&["10.0.0.1", "10.0.0.4", "10.0.0.3"])],
+    );
+    assert_eq!(
+        h.served()["10.96.0.1:80/TCP"].1,
+        ["10.0.0.1:8080", "10.0.0.4:8080", "10.0.0.3:8080"]
+    );
+    assert_eq!(sizes(h.rec.contents()).1, 6, "both tables");
+    assert_eq!(h.rec.contents().backends.len(), 4);
+    assert!(h.rec.has_pending());
+    assert_eq!(h.rec.retire().writes, 0, "nothing is due yet");
+    h.rec.datapath_mut().end_graces();
+    let report = h.rec.retire();
+    assert_eq!(report.writes, 4, "three old slots and the backend");
+    assert_eq!(sizes(h.rec.contents()).1, 3);
+    assert_eq!(h.rec.contents().backends.len(), 3);
+    assert!(!h.rec.has_pending());
+
+    // Two changes within one grace period: the second writes the generation the first
+    // left, so it waits for the period to end and deletes the old slots first (the fake
+    // checks that no lookup begun before saw a change).
+    h.sync(
+        svc(),
+        vec![web_slice(&["10.0.0.1", "10.0.0.5", "10.0.0.3"])],
+    );
+    let before = h.log().len();
+    h.sync(
+        svc(),
+        vec![web_slice(&["10.0.0.6", "10.0.0.5", "10.0.0.3"])],
+    );
+    let ops = &h.log()[before..];
+    let last_delete = position(ops, "del-slot", true);
+    assert!(
+        last_delete < position(ops, "put-slot", false),
+        "{:?}",
+        kinds(ops)
+    );
+    assert_eq!(
+        h.served()["10.96.0.1:80/TCP"].1,
+        ["10.0.0.6:8080", "10.0.0.5:8080", "10.0.0.3:8080"]
     );
 }
 
@@ -521,8 +585,8 @@ fn every_failed_write_leaves_whole_services_and_the_retry_converges() {
         let mut h = Harness::over(dp);
         let report = h.sync(after.0.clone(), after.1.clone());
         assert_eq!(report.errors.len(), 1, "write {fail_at} fails");
-        assert!(h.rec.needs_retry());
-        let report = h.rec.sync(&h.store, BTreeSet::new());
+        assert!(h.rec.needs_retry() || h.rec.has_pending());
+        let report = h.resync();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert!(!h.rec.needs_retry());
         assert_eq!(h.served(), goal, "converged after failing write {fail_at}");
@@ -1310,7 +1374,7 @@ fn every_failed_north_south_write_leaves_lookups_whole_and_the_retry_converges()
         .unwrap();
         let report = h.sync(after.0.clone(), after.1.clone());
         assert_eq!(report.errors.len(), 1, "write {fail_at} fails");
-        let report = h.rec.sync(&h.store, BTreeSet::new());
+        let report = h.resync();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert!(!h.rec.needs_retry());
         assert_eq!(
