@@ -362,6 +362,9 @@ pub struct Reconciler<D: Datapath> {
     pending: Pending,
     /// What is to be deleted once grace period `n` has ended.
     waiting: Vec<(u64, Pending)>,
+    /// Frontends changed again while what their last change left still awaits deletion:
+    /// programmed by the retirement that deletes it.
+    deferred: BTreeSet<ServiceKey>,
     /// The agent's own API server address, if it is a service frontend.
     api: Option<ServiceKey>,
     /// North-south state.
@@ -393,6 +396,7 @@ impl<D: Datapath> Reconciler<D> {
             garbage: true,
             pending: Pending::default(),
             waiting: Vec::new(),
+            deferred: BTreeSet::new(),
             api: None,
             ext,
             health_checks: BTreeMap::new(),
@@ -544,6 +548,7 @@ impl<D: Datapath> Reconciler<D> {
         }
         for key in removals {
             self.refused.remove(&key);
+            self.deferred.remove(&key);
             self.remove(&key, &mut report);
         }
         let claims = &self.claims;
@@ -557,9 +562,10 @@ impl<D: Datapath> Reconciler<D> {
         report
     }
 
-    /// Whether a sync switched away from something [`Self::retire`] is to delete.
+    /// Whether a sync switched away from something [`Self::retire`] is to delete (or left
+    /// a frontend for it to program).
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.waiting.is_empty()
+        !self.pending.is_empty() || !self.waiting.is_empty() || !self.deferred.is_empty()
     }
 
     /// Asks for a grace period covering what the syncs switched away from so far.
@@ -587,6 +593,11 @@ impl<D: Datapath> Reconciler<D> {
             due.absorb(p);
         }
         self.delete(due, &mut report);
+        // Frontends that changed again meanwhile, now that their last change is cleared up
+        // (those still waiting stay deferred).
+        for key in std::mem::take(&mut self.deferred) {
+            self.program(key, false, &mut report);
+        }
         // They are tried again when a map holds fewer entries than when they were last
         // tried.
         let (socket, external) = (self.socket_space_freed(), self.ext_space_freed());
@@ -596,8 +607,17 @@ impl<D: Datapath> Reconciler<D> {
                 self.program(key, false, &mut report);
             }
             self.sync_external(Touched::default(), &mut report);
-            self.ask_grace();
         }
+        self.ask_grace();
+        report
+    }
+
+    /// [`Self::retire`], after waiting for the grace periods of everything switched away
+    /// from: for tools and tests that want the maps settled now.
+    pub fn retire_now(&mut self) -> SyncReport {
+        let mut report = SyncReport::default();
+        self.flush(&mut report);
+        report.merge(self.retire());
         report
     }
 
@@ -818,16 +838,15 @@ impl<D: Datapath> Reconciler<D> {
             return;
         };
         let existing = self.mirror.services.get(&key).copied();
-        if let Some(v) = existing.filter(|v| self.pending_for(v.id)) {
-            // Its last switch left slots that lookups may still read: they go first, as
-            // the new table may be written where they are.
-            self.flush(report);
-            if self.pending_for(v.id) {
-                // No grace period now: the frontend keeps its table until the retry.
-                self.retry.insert(key);
-                return;
-            }
+        if existing.is_some_and(|v| self.pending_for(v.id)) {
+            // Its last switch left slots that lookups may still read, where the new table
+            // may go: it keeps its table until the retirement that deletes them (a grace
+            // period, some milliseconds), which programs it as it is wanted then. No sync
+            // waits for that.
+            self.deferred.insert(key);
+            return;
         }
+        self.deferred.remove(&key);
         let mut taken_backends = Vec::new();
         let mut new_backends = Vec::new();
         let mut out_of_ids = None;

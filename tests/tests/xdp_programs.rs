@@ -224,7 +224,10 @@ impl Lab {
             .into_iter()
             .chain(self.store.service_refs().cloned())
             .collect();
-        let report = self.reconciler.sync(&self.store, all);
+        let mut report = self.reconciler.sync(&self.store, all);
+        // What the change switched away from (the removed backends) goes once no packet
+        // can still be using it, as the agent does a few milliseconds later.
+        report.merge(self.reconciler.retire_now());
         assert!(
             report.rejected.is_empty(),
             "rejected: {:?}",
