@@ -299,6 +299,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slot_keys_carry_the_generation_the_service_names() {
+        let mut v = ServiceValue {
+            id: 7,
+            count: 3,
+            flags: SVC_F_GEN1,
+            affinity_timeout_s: 0,
+        };
+        let k = SlotKey::new(v.id, v.slot_gen(), 2);
+        assert_eq!((k.svc_id, k.index(), k.generation()), (7, 2, SLOT_GEN1));
+        v.flags = 0;
+        let k = SlotKey::new(v.id, v.slot_gen(), 2);
+        assert_eq!(k, SlotKey { svc_id: 7, slot: 2 }, "generation 0 is the v1 layout");
+    }
+
+    #[test]
     fn service_info_round_trip() {
         let info = ServiceInfo::new("kube-system", "kube-dns", "dns-tcp").unwrap();
         assert_eq!(info.namespace(), Some("kube-system"));
