@@ -310,7 +310,11 @@ mod tests {
         assert_eq!((k.svc_id, k.index(), k.generation()), (7, 2, SLOT_GEN1));
         v.flags = 0;
         let k = SlotKey::new(v.id, v.slot_gen(), 2);
-        assert_eq!(k, SlotKey { svc_id: 7, slot: 2 }, "generation 0 is the v1 layout");
+        assert_eq!(
+            k,
+            SlotKey { svc_id: 7, slot: 2 },
+            "generation 0 is the v1 layout"
+        );
     }
 
     #[test]
