@@ -518,8 +518,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(st.rv);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
-    if from < st.oldest {
+    const BUFFER: usize = 1024;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(BUFFER);
+    // History the watch's buffer cannot hold is answered as too old, so the client relists
+    // (as a real API server does when it cannot serve a resume), rather than losing events.
+    let backlog = st
+        .history
+        .iter()
+        .filter(|c| c.resource == resource && c.rv > from && selected(&c.object, &q))
+        .count();
+    if from < st.oldest || backlog >= BUFFER {
         let gone = status(
             410,
             "Expired",
