@@ -16,7 +16,7 @@
 //!
 //! What the switches leave behind (old slots, the slots and info of removed frontends, old
 //! table regions, backends nothing names, freed ids) is deleted only after a grace period
-//! ([`Datapath::grace`]): a program that read an entry just before it changed still finds the
+//! ([`Datapath::begin_grace`], [`Reconciler::retire`]): a program that read an entry just before it changed still finds the
 //! whole table it read. So every prefix of the writes is a state in which any lookup finds a
 //! whole service, and a write that fails leaves the maps consistent; the frontend is retried
 //! on the next sync.
@@ -576,11 +576,12 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Deletes what the syncs switched away from whose grace period has ended (see
-    /// [`Self::delete`]), then programs the frontends refused for lack of space if that
-    /// made room. It does not wait: the agent calls it every few milliseconds while
+    /// Deletes what the syncs switched away from whose grace period has ended (old slots and
+    /// regions, removed frontends' slots and info, backends nothing names, freed ids), then
+    /// programs the frontends refused for lack of space if that made room. It does not wait: the agent calls it every few milliseconds while
     /// [`Self::has_pending`], and grace periods (some milliseconds each) delay no sync. A
-    /// sync that would write where something still waits for deletion waits for it.
+    /// frontend changed again before what its last change left is deleted is deferred to the
+    /// retirement that deletes it.
     pub fn retire(&mut self) -> SyncReport {
         let mut report = SyncReport::default();
         let ended = self.dp.graces_ended();
@@ -593,9 +594,21 @@ impl<D: Datapath> Reconciler<D> {
             due.absorb(p);
         }
         self.delete(due, &mut report);
-        // Frontends that changed again meanwhile, now that their last change is cleared up
-        // (those still waiting stay deferred).
-        for key in std::mem::take(&mut self.deferred) {
+        // Frontends that changed again meanwhile and whose last change is now cleared up;
+        // the others stay deferred, not planned again at every call.
+        let ready: Vec<ServiceKey> = self
+            .deferred
+            .iter()
+            .filter(|k| {
+                self.mirror
+                    .services
+                    .get(k)
+                    .is_none_or(|v| !self.pending_for(v.id))
+            })
+            .copied()
+            .collect();
+        for key in ready {
+            self.deferred.remove(&key);
             self.program(key, false, &mut report);
         }
         // They are tried again when a map holds fewer entries than when they were last
