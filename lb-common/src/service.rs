@@ -68,6 +68,17 @@ pub const SVC_F_GEN1: u16 = 1;
 pub const SLOT_GEN1: u32 = 1 << 31;
 
 impl ServiceValue {
+    /// The flags that name slot generation `generation` ([`SLOT_GEN1`] or zero): the inverse
+    /// of [`Self::slot_gen`].
+    #[inline(always)]
+    pub const fn gen_flags(generation: u32) -> u16 {
+        if generation == SLOT_GEN1 {
+            SVC_F_GEN1
+        } else {
+            0
+        }
+    }
+
     /// The generation bit of the service's slots ([`SLOT_GEN1`] or zero).
     #[inline(always)]
     pub const fn slot_gen(&self) -> u32 {
@@ -308,6 +319,8 @@ mod tests {
         };
         let k = SlotKey::new(v.id, v.slot_gen(), 2);
         assert_eq!((k.svc_id, k.index(), k.generation()), (7, 2, SLOT_GEN1));
+        assert_eq!(ServiceValue::gen_flags(v.slot_gen()), v.flags);
+        assert_eq!(ServiceValue::gen_flags(0), 0);
         v.flags = 0;
         let k = SlotKey::new(v.id, v.slot_gen(), 2);
         assert_eq!(

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::{
     AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
-    service::{SLOT_GEN1, SVC_F_GEN1},
+    service::SLOT_GEN1,
 };
 
 use crate::{
@@ -205,9 +205,7 @@ impl Index {
             .services
             .values()
             .map(|v| v.id)
-            .chain(c.slots.keys().map(|k| k.svc_id))
-            .chain(c.info.keys().copied())
-            .chain(c.affinity_match.iter().map(|m| m.svc_id));
+            .chain(c.service_ids_carried());
         Self {
             backend_ids: c.backends.iter().map(|(id, ep)| (*ep, *id)).collect(),
             backend_refs,
@@ -215,6 +213,13 @@ impl Index {
             service_keys: c.services.iter().map(|(k, v)| (v.id, *k)).collect(),
             backend_alloc: Ids::from_used(caps.backends, c.backends.keys().copied()),
         }
+    }
+
+    /// A new id for backend `ep`, derived from its address (see [`Ids`]); `None` when every
+    /// id is taken.
+    fn take_backend_id(&mut self, ep: &Endpoint) -> Option<u32> {
+        let name = crate::addr::to_socket_addr(ep).to_string();
+        self.backend_alloc.take(identity(&name))
     }
 
     fn unref(&mut self, backend: u32) {
@@ -869,8 +874,7 @@ impl<D: Datapath> Reconciler<D> {
             .map(|ep| match self.idx.backend_ids.get(ep) {
                 Some(id) => *id,
                 None => {
-                    let hash = identity(&crate::addr::to_socket_addr(ep).to_string());
-                    let Some(id) = self.idx.backend_alloc.take(hash) else {
+                    let Some(id) = self.idx.take_backend_id(ep) else {
                         out_of_ids = Some((maps::BACKENDS, self.caps.backends));
                         return 0;
                     };
@@ -917,11 +921,7 @@ impl<D: Datapath> Reconciler<D> {
         let value = ServiceValue {
             id,
             count: u16::try_from(slots.len()).expect("the model limits backends to u16"),
-            flags: if generation == SLOT_GEN1 {
-                SVC_F_GEN1
-            } else {
-                0
-            },
+            flags: ServiceValue::gen_flags(generation),
             affinity_timeout_s: want.affinity_timeout_s,
         };
         let members: BTreeSet<AffinityMatchKey> = if want.affinity_timeout_s == 0 {
@@ -1146,13 +1146,7 @@ impl<D: Datapath> Reconciler<D> {
     /// table regions nothing names.
     fn collect_garbage(&mut self, report: &mut SyncReport) {
         let m = &self.mirror;
-        let ids = m
-            .slots
-            .keys()
-            .map(|k| k.svc_id)
-            .chain(m.info.keys().copied())
-            .chain(m.affinity_match.iter().map(|k| k.svc_id));
-        self.pending.services.extend(ids);
+        self.pending.services.extend(m.service_ids_carried());
         self.pending.backends.extend(m.backends.keys().copied());
         let unused = self.unused_regions();
         self.pending.regions.extend(unused);

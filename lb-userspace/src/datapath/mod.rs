@@ -198,6 +198,15 @@ impl Contents {
             .filter(move |(k, _)| k.generation() == generation && k.index() < count)
     }
 
+    /// Service ids that slots, info or affinity-match entries carry (also ids whose service
+    /// entry is gone and whose entries await deletion).
+    pub fn service_ids_carried(&self) -> impl Iterator<Item = u32> + '_ {
+        let slots = self.slots.keys().map(|k| k.svc_id);
+        slots
+            .chain(self.info.keys().copied())
+            .chain(self.affinity_match.iter().map(|m| m.svc_id))
+    }
+
     /// The slots of service `id` (all of them: both generations, also any beyond its count),
     /// in key order.
     pub fn slots_of(&self, id: u32) -> impl Iterator<Item = (&SlotKey, &u32)> {

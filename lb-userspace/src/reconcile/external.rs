@@ -518,10 +518,9 @@ impl<D: Datapath> Reconciler<D> {
             let bid = match self.idx.backend_ids.get(b) {
                 Some(bid) => *bid,
                 None => {
-                    let hash = identity(&crate::addr::to_socket_addr(b).to_string());
                     // The backend map has room (checked above), so an id is free; this
                     // only guards that.
-                    let Some(bid) = self.idx.backend_alloc.take(hash) else {
+                    let Some(bid) = self.idx.take_backend_id(b) else {
                         for t in taken {
                             self.idx.backend_alloc.release(t);
                         }
