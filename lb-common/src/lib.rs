@@ -53,6 +53,8 @@ mod pod {
     unsafe impl aya::Pod for crate::ns::NsService {}
     unsafe impl aya::Pod for crate::ns::FlowKey {}
     unsafe impl aya::Pod for crate::ns::CtEntry {}
+    unsafe impl aya::Pod for crate::ns::CtEntryV1 {}
+    unsafe impl aya::Pod for crate::ns::CtTimeouts {}
     unsafe impl aya::Pod for crate::ns::NatRev {}
     unsafe impl aya::Pod for crate::ns::SourceRange {}
     unsafe impl aya::Pod for crate::ns::NsCounters {}

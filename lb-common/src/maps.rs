@@ -81,12 +81,20 @@ pub const RINGS: &str = "lb_ring_v2";
 /// North-south service info: id -> [`ServiceInfo`] (namespace, name, port name), for the CLI
 /// and for a restarted agent to adopt ids. Written by the agent. Rebuildable.
 pub const NS_INFO: &str = "lb_nsinfo_v1";
-/// Conntrack (LRU): [`FlowKey`] (client to frontend) -> [`CtEntry`]. Written by XDP. State
-/// worth keeping: it pins established flows to their backends across agent restarts.
-pub const CONNTRACK: &str = "lb_ct_v1";
+/// Conntrack (LRU): [`FlowKey`] (client to frontend) -> [`CtEntry`]. Written by XDP (new
+/// flows, and the flags and lifetime of both directions) and by tc egress (replies), swept
+/// of expired entries by the agent. State worth keeping: it pins flows to their backends
+/// across agent restarts. v2: the backend by address, TCP state and lifetime.
+pub const CONNTRACK: &str = "lb_ct_v2";
+/// Maps of an earlier layout whose entries are converted (not copied) into a current map,
+/// old name first: `lb_ct_v1` entries name their backend by id, looked up in [`BACKENDS`].
+/// Converted at load and again just before the new programs take over, like a resize.
+pub const CONVERSIONS: [(&str, &str); 1] = [("lb_ct_v1", CONNTRACK)];
 /// Reverse NAT of north-south flows (LRU): [`FlowKey`] of a reply -> [`NatRev`]. Written by
 /// XDP with the conntrack entry, read by XDP (replies to SNATed flows) and tc egress
-/// (replies of local backends). State worth keeping.
+/// (replies of local backends), which honour it only while the flow's conntrack entry is
+/// alive and points back to it. An SNATed flow's entry is what holds its SNAT port. Swept
+/// with the conntrack entries. State worth keeping.
 pub const NAT_REV: &str = "lb_natrev_v1";
 /// `loadBalancerSourceRanges` (LPM trie): a prefix length (`u32`) and a [`SourceRange`] ->
 /// `u8`. Written by the agent. Rebuildable.

@@ -8,7 +8,7 @@
 //! established flow to its backend; a new flow picks its backend from the service's Maglev
 //! ring (a region of the ring array) by [`flow_hash`].
 
-use crate::addr::Addr6;
+use crate::{addr::Addr6, service::Endpoint};
 
 /// The service's traffic policy is Local: only this node's endpoints are in its ring, the
 /// client address is kept (no SNAT), and without local endpoints packets are dropped.
@@ -72,25 +72,188 @@ impl FlowKey {
     }
 }
 
-/// A conntrack entry: where an established flow goes.
+/// TCP header flag FIN.
+pub const TCP_FIN: u8 = 0x01;
+/// TCP header flag SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP header flag RST.
+pub const TCP_RST: u8 = 0x04;
+/// TCP header flag ACK.
+pub const TCP_ACK: u8 = 0x10;
+/// Not a TCP flag: set in a direction's flags of a [`CtEntry`] once any packet went that way.
+pub const CT_SEEN: u8 = 0x80;
+/// The TCP flags a [`CtEntry`] keeps per direction (with [`CT_SEEN`]).
+pub const CT_FLAGS: u8 = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK | CT_SEEN;
+
+/// A TCP flow whose client sent a SYN and has not yet acknowledged the backend's answer.
+pub const CT_TCP_SYN: usize = 0;
+/// A TCP flow past its handshake: the backend answered and the client acknowledged.
+pub const CT_TCP_ESTABLISHED: usize = 1;
+/// A TCP flow one side of which sent a FIN (the other may still send: a half-closed
+/// connection, conntrack's CLOSE_WAIT).
+pub const CT_TCP_CLOSE_WAIT: usize = 2;
+/// A TCP flow that is over: a FIN went both ways, or a RST either way. Its SNAT port may be
+/// taken by a new flow at once; the entry stays a little longer for the last packets.
+pub const CT_TCP_CLOSED: usize = 3;
+/// A UDP flow whose backend has not answered.
+pub const CT_UDP: usize = 4;
+/// A UDP flow with packets both ways (conntrack's UDP "stream").
+pub const CT_UDP_STREAM: usize = 5;
+/// Number of flow states.
+pub const CT_STATES: usize = 6;
+/// State names for display, indexed like the `CT_*` states.
+pub const CT_STATE_NAMES: [&str; CT_STATES] = [
+    "syn",
+    "established",
+    "close_wait",
+    "closed",
+    "udp",
+    "udp_stream",
+];
+
+/// The state of a flow of protocol `proto` whose client sent `fwd` flags and whose backend
+/// sent `rev` (each direction's TCP flags seen, with [`CT_SEEN`]). The same function in the
+/// kernel and in userspace.
+#[inline(always)]
+pub const fn ct_state(proto: u8, fwd: u8, rev: u8) -> usize {
+    if proto != crate::proto::TCP {
+        return if rev & CT_SEEN != 0 {
+            CT_UDP_STREAM
+        } else {
+            CT_UDP
+        };
+    }
+    if (fwd | rev) & TCP_RST != 0 || (fwd & rev & TCP_FIN) != 0 {
+        CT_TCP_CLOSED
+    } else if (fwd | rev) & TCP_FIN != 0 {
+        CT_TCP_CLOSE_WAIT
+    } else if rev & CT_SEEN != 0 && fwd & TCP_ACK != 0 {
+        CT_TCP_ESTABLISHED
+    } else {
+        CT_TCP_SYN
+    }
+}
+
+/// The lifetime of an entry in each state, in seconds: how long after its last packet it
+/// expires. The agent sets them in the kernel programs at load time (globals named
+/// [`CT_TIMEOUTS_GLOBAL`]); the defaults follow kube-proxy's conntrack settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    /// Seconds per `CT_*` state.
+    pub secs: [u32; CT_STATES],
+}
+
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 4 * CT_STATES);
+
+impl CtTimeouts {
+    /// Defaults: SYN 60 s; established 24 h (kube-proxy's
+    /// `--conntrack-tcp-timeout-established`); half-closed 1 h (its
+    /// `--conntrack-tcp-timeout-close-wait`); closed 10 s; UDP 30 s, 120 s once answered
+    /// (Linux's `nf_conntrack_udp_timeout` and `_stream`).
+    pub const DEFAULT: Self = Self {
+        secs: [60, 86_400, 3_600, 10, 30, 120],
+    };
+}
+
+/// Name of the kernel programs' [`CtTimeouts`] global.
+pub const CT_TIMEOUTS_GLOBAL: &str = "CT_TIMEOUTS";
+/// Name of the kernel programs' clock offset global (`u32` seconds added to the monotonic
+/// clock): zero in production; tests load the programs with an offset to move time forward.
+pub const CT_CLOCK_OFFSET_GLOBAL: &str = "CT_CLOCK_OFFSET";
+/// Name of the lowest SNAT port global (`u16`).
+pub const SNAT_PORT_MIN_GLOBAL: &str = "SNAT_PORT_MIN";
+/// Name of the highest SNAT port global (`u16`).
+pub const SNAT_PORT_MAX_GLOBAL: &str = "SNAT_PORT_MAX";
+
+/// A conntrack entry: where a flow goes, its SNAT source, and how long it lives.
+///
+/// The backend is named by address and port, not by id: an id freed and given to another
+/// service's backend can never redirect a flow. The entry is the one record of the flow's
+/// state; its reverse entry ([`NatRev`]) only finds it again from a reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtEntry {
-    /// The backend id.
-    pub backend_id: u32,
-    /// The north-south service id (for counters).
-    pub svc_id: u32,
+    /// The backend.
+    pub backend: Endpoint,
     /// The source address the flow is SNATed to; all zero when it is not.
     pub snat_addr: Addr6,
+    /// The north-south service id (for counters, and to tell a reprogrammed frontend).
+    pub svc_id: u32,
+    /// When the entry expires: seconds of the monotonic clock (`CLOCK_MONOTONIC_COARSE`, plus
+    /// the programs' clock offset). An expired entry counts as absent.
+    pub expires: u32,
+    /// When the flow started, on the same clock.
+    pub created: u32,
     /// The source port it is SNATed to, network byte order; zero when it is not.
+    pub snat_port_be: u16,
+    /// TCP flags the client sent, and [`CT_SEEN`].
+    pub fwd_flags: u8,
+    /// TCP flags the backend sent, and [`CT_SEEN`] once it answered.
+    pub rev_flags: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 52);
+
+impl CtEntry {
+    /// The flow's state (a `CT_*` state) for protocol `proto`.
+    #[inline(always)]
+    pub const fn state(&self, proto: u8) -> usize {
+        ct_state(proto, self.fwd_flags, self.rev_flags)
+    }
+
+    /// Whether the flow is SNATed.
+    #[inline(always)]
+    pub const fn is_snat(&self) -> bool {
+        self.snat_port_be != 0
+    }
+
+    /// The key of the flow's replies (backend to SNAT source or client), given the flow's
+    /// key.
+    #[inline(always)]
+    pub const fn reply_key(&self, flow: &FlowKey) -> FlowKey {
+        if self.is_snat() {
+            FlowKey::new(
+                self.backend.addr,
+                self.snat_addr,
+                self.backend.port_be,
+                self.snat_port_be,
+                flow.proto,
+            )
+        } else {
+            FlowKey::new(
+                self.backend.addr,
+                flow.saddr,
+                self.backend.port_be,
+                flow.sport_be,
+                flow.proto,
+            )
+        }
+    }
+}
+
+/// A conntrack entry of the first layout (`lb_ct_v1`), which named the backend by id: read
+/// only to convert the entries of an older agent's map (see [`crate::maps::CONVERSIONS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtEntryV1 {
+    /// The backend id (in `lb_be_v1`).
+    pub backend_id: u32,
+    /// The north-south service id.
+    pub svc_id: u32,
+    /// The SNAT address; all zero when not SNATed.
+    pub snat_addr: Addr6,
+    /// The SNAT port, network byte order; zero when not SNATed.
     pub snat_port_be: u16,
     /// Zero.
     pub _pad: [u8; 6],
 }
 
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntryV1>() == 32);
 
-/// How to restore a reply: its new source (the frontend) and destination (the client).
+/// How to restore a reply: its new source (the frontend) and destination (the client). It
+/// also names the flow: the conntrack key is (client, frontend, client port, frontend port),
+/// so a reply finds its flow's [`CtEntry`] (and the state there) from this.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NatRev {
@@ -107,6 +270,14 @@ pub struct NatRev {
 }
 
 const _: () = assert!(core::mem::size_of::<NatRev>() == 40);
+
+impl NatRev {
+    /// The conntrack key of the flow this reverse entry belongs to.
+    #[inline(always)]
+    pub const fn flow_key(&self, proto: u8) -> FlowKey {
+        FlowKey::new(self.dst, self.src, self.dport_be, self.sport_be, proto)
+    }
+}
 
 /// The data of a source-ranges LPM trie key (the trie's key is a prefix length, 32 bits, then
 /// this): a service id then an address. A range is an entry whose prefix length covers the

@@ -50,8 +50,22 @@ pub const XDP_PASS_FRAGMENT: u32 = 18;
 pub const XDP_PASS_IP_OPTIONS: u32 = 19;
 /// XDP: a truncated or malformed IP packet went to the stack untouched.
 pub const XDP_PASS_MALFORMED: u32 = 20;
+/// XDP: dropped, a TCP packet without SYN (or with SYN and ACK) for a frontend, of no live
+/// flow: one that expired, was evicted or closed, or a spoofed one. A new TCP flow starts
+/// only with a SYN.
+pub const XDP_DROP_NO_FLOW: u32 = 21;
+/// XDP or tc: a packet to an SNAT port, or from a backend, whose reverse entry belongs to no
+/// live flow (expired, closed and taken over): passed on untranslated.
+pub const STALE_REPLY: u32 = 22;
+/// XDP: a new flow took over the SNAT port of a closed or expired flow (no free port was
+/// found among those tried first).
+pub const SNAT_PORT_REUSED: u32 = 23;
+/// XDP: an IPv6 packet with an IPv4-mapped source or destination went to the stack
+/// untranslated (such addresses never appear on the wire; they must not match IPv4
+/// frontends).
+pub const XDP_PASS_V4_MAPPED: u32 = 24;
 /// Number of counters.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 25;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -76,6 +90,10 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_pass_fragment",
     "xdp_pass_ip_options",
     "xdp_pass_malformed",
+    "xdp_drop_no_flow",
+    "stale_reply",
+    "snat_port_reused",
+    "xdp_pass_v4_mapped",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

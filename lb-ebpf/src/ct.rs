@@ -1,18 +1,31 @@
 //! Connection tracking for north-south flows: a flow's first packet picks a backend (and an
-//! SNAT source when the backend is on another node), and records both directions; later
+//! SNAT source when the backend is on another node) and records both directions; later
 //! packets follow the record, so backend changes never move established flows.
+//!
+//! Each entry has a lifetime that its state sets (`lb_common::ns::CtTimeouts`): every
+//! packet, either way, adds its TCP flags to its direction and pushes the expiry out. An
+//! expired entry counts as absent here at once; the agent's sweep deletes it later. A port
+//! of a closed or expired flow can be taken by a new flow before the sweep, so SNAT ports
+//! come back as soon as their flows end.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::generated::bpf_get_prandom_u32, maps::lpm_trie::Key,
+    bindings::BPF_NOEXIST,
+    helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    maps::lpm_trie::Key,
 };
 use lb_common::{
     Addr6, Endpoint,
-    ns::{CtEntry, FlowKey, SOURCE_RANGE_ID_BITS, SourceRange},
+    ns::{
+        CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
+        SOURCE_RANGE_ID_BITS, SourceRange, ct_state,
+    },
+    stats as st,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, NAT_REV, SOURCE_RANGES},
+    maps::{CONNTRACK, NAT_REV, SOURCE_RANGES},
     scratch::Scratch,
+    stats,
 };
 
 /// Lowest port used as an SNAT source (set by the agent at load time).
@@ -21,22 +34,120 @@ static SNAT_PORT_MIN: u16 = 61000;
 /// Highest port used as an SNAT source.
 #[unsafe(no_mangle)]
 static SNAT_PORT_MAX: u16 = 65535;
-/// Ports tried for a new SNAT flow before giving up.
+/// Lifetimes of the flow states (set by the agent at load time).
+#[unsafe(no_mangle)]
+static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
+/// Seconds added to the clock: zero, except in tests that move time forward.
+#[unsafe(no_mangle)]
+static CT_CLOCK_OFFSET: u32 = 0;
+/// Ports tried for a new SNAT flow before taking over a closed or expired flow's port.
 const SNAT_TRIES: u32 = 8;
 
-/// The conntrack entry of an established flow of service `svc_id` and its backend, while
-/// that still exists (when it is gone, its pod is, and the flow moves). An entry of another
-/// service (the frontend was reprogrammed since) is ignored.
+/// Now, in seconds of the coarse monotonic clock (what `CtEntry::expires` counts in).
 #[inline(always)]
-pub fn established(key: &FlowKey, svc_id: u32) -> Option<(&'static CtEntry, Endpoint)> {
-    // SAFETY: LRU and hash entries are replaced whole; the references are used during this
-    // program run, and the backend is copied at once.
-    let ct = unsafe { CONNTRACK.get(key) }?;
-    if ct.svc_id != svc_id {
+pub fn now() -> u32 {
+    // SAFETY: plain helper call; a volatile read of a constant the loader may have set.
+    unsafe {
+        (bpf_ktime_get_coarse_ns() / 1_000_000_000) as u32
+            + core::ptr::read_volatile(&CT_CLOCK_OFFSET)
+    }
+}
+
+/// The lifetime of a flow in `state` (a `CT_*` state), in seconds.
+#[inline(always)]
+fn timeout(state: usize) -> u32 {
+    // SAFETY: a volatile read of constants the loader may have set.
+    let t = unsafe { core::ptr::read_volatile(&CT_TIMEOUTS) };
+    t.secs.get(state).copied().unwrap_or(0)
+}
+
+/// Whether `flags` (a TCP flags byte) open a connection: SYN without ACK.
+#[inline(always)]
+pub fn is_syn(flags: u8) -> bool {
+    flags & (lb_common::ns::TCP_SYN | lb_common::ns::TCP_ACK) == lb_common::ns::TCP_SYN
+}
+
+/// The live conntrack entry of the flow `key` of service `svc_id`, if any: not expired, of
+/// this service (an entry of another is left by a frontend reprogrammed since), and not a
+/// closed TCP flow that a SYN (`syn`) opens again (the client reusing its port starts a new
+/// flow).
+#[inline(always)]
+pub fn live(key: &FlowKey, svc_id: u32, syn: bool, now: u32) -> Option<*mut CtEntry> {
+    let ct = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a live LRU value; its fields are read one by one.
+    let e = unsafe { &*ct };
+    if e.svc_id != svc_id || now >= e.expires {
         return None;
     }
-    let backend = unsafe { BACKENDS.get(&ct.backend_id) }?;
-    Some((ct, *backend))
+    if syn && e.state(key.proto) == CT_TCP_CLOSED {
+        return None;
+    }
+    Some(ct)
+}
+
+/// The live flow a reply with key `reply` belongs to, through its reverse entry `rev`; the
+/// flow's key is built in `fwd`. `None` when the flow expired or the entry is stale (its
+/// flow was replaced, or its SNAT port taken over): the reply is not translated.
+#[inline(always)]
+pub fn reply_flow(
+    rev: &NatRev,
+    reply: &FlowKey,
+    fwd: &mut FlowKey,
+    now: u32,
+) -> Option<*mut CtEntry> {
+    *fwd = rev.flow_key(reply.proto);
+    let ct = CONNTRACK.get_ptr_mut(fwd)?;
+    // SAFETY: as in `live`.
+    let e = unsafe { &*ct };
+    if !points_back(e, reply, rev.svc_id, now) {
+        return None;
+    }
+    Some(ct)
+}
+
+/// Whether the live entry `e` of service `svc_id` sends its replies with key `reply`.
+#[inline(always)]
+fn points_back(e: &CtEntry, reply: &FlowKey, svc_id: u32, now: u32) -> bool {
+    e.svc_id == svc_id && now < e.expires && replies_to(e, reply)
+}
+
+/// Whether the entry `e` sends its replies with key `reply`.
+#[inline(always)]
+fn replies_to(e: &CtEntry, reply: &FlowKey) -> bool {
+    if e.backend.addr != reply.saddr || e.backend.port_be != reply.sport_be {
+        return false;
+    }
+    // An SNATed flow's replies come to its SNAT source; the others' to the client, which
+    // is the reverse entry's own destination.
+    !e.is_snat() || (e.snat_port_be == reply.dport_be && e.snat_addr == reply.daddr)
+}
+
+/// Records a packet of flow `ct` (from the backend when `reply`) with TCP flags `flags`:
+/// the direction's flags, and the expiry the resulting state gives. The entry is written
+/// only when the flags change or the expiry has fallen behind by more than an eighth of
+/// the lifetime, so a busy flow does not write its entry at every packet.
+#[inline(always)]
+pub fn touch(ct: *mut CtEntry, proto: u8, flags: u8, reply: bool, now: u32) {
+    let bits = (flags & CT_FLAGS) | CT_SEEN;
+    // SAFETY: a live LRU value. Concurrent packets of the same flow on other CPUs may race
+    // these stores; a lost flag comes back with the next packet of that direction.
+    unsafe {
+        let (fwd, rev) = ((*ct).fwd_flags, (*ct).rev_flags);
+        let (new_fwd, new_rev) = if reply {
+            (fwd, rev | bits)
+        } else {
+            (fwd | bits, rev)
+        };
+        let lifetime = timeout(ct_state(proto, new_fwd, new_rev));
+        let expires = now.saturating_add(lifetime);
+        if new_fwd != fwd || new_rev != rev {
+            (*ct).fwd_flags = new_fwd;
+            (*ct).rev_flags = new_rev;
+            (*ct).expires = expires;
+        } else if expires > (*ct).expires.saturating_add(lifetime / 8) {
+            (*ct).expires = expires;
+        }
+    }
 }
 
 /// The SNAT port range (set by the agent at load time).
@@ -63,33 +174,30 @@ pub fn is_snat_port(port_be: u16) -> bool {
 pub struct Chosen {
     /// The north-south service id.
     pub svc_id: u32,
-    /// The backend id.
+    /// The backend id (for debug events).
     pub id: u32,
     /// Its address and port.
     pub ep: Endpoint,
 }
 
-/// Records a new flow to the backend in `s.chosen`, SNATed to `snat` when given, and sets
-/// `s.rw.src` to the source the packets take (the client's, or the SNAT address and a free
-/// port). False when no SNAT port is free. The records are built in the scratch entry, field
-/// by field. Its own BPF function.
+/// Records a new flow `key` (first packet's TCP flags `flags`) to the backend in
+/// `s.chosen`, SNATed to `snat` when given, and sets `s.rw.src` to the source the packets
+/// take (the client's, or the SNAT address and a port). What an earlier flow with the same
+/// key left (expired, closed, or of a reprogrammed frontend) is replaced, its reverse entry
+/// removed. False when no SNAT port is free. The records are built in the scratch entry,
+/// field by field. Its own BPF function.
 #[inline(never)]
-pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>) -> bool {
+pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, now: u32) -> bool {
+    release_old(s, key);
     s.rev.src = key.daddr;
     s.rev.dst = key.saddr;
     s.rev.sport_be = key.dport_be;
     s.rev.dport_be = key.sport_be;
     s.rev.svc_id = s.chosen.svc_id;
-    match *snat {
+    match snat {
         None => {
             // Replies come from the backend straight to the client.
-            s.reply = FlowKey::new(
-                s.chosen.ep.addr,
-                key.saddr,
-                s.chosen.ep.port_be,
-                key.sport_be,
-                key.proto,
-            );
+            set_reply(s, &key.saddr, key.sport_be, key.proto);
             // A failed insert only loses the reverse entry of this flow: replies then pass
             // untranslated and the client resets; nothing else is affected.
             let _ = NAT_REV.insert(&s.reply, &s.rev, 0);
@@ -99,48 +207,156 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>) -> bool {
             s.ct.snat_port_be = 0;
         }
         Some(ip) => {
-            let Some(port_be) = snat_port(s, key.proto, &ip) else {
+            let Some(port_be) = snat_port(s, key, ip, now) else {
                 return false;
             };
-            s.rw.src.ip = ip;
+            s.rw.src.ip = *ip;
             s.rw.src.port_be = port_be;
-            s.ct.snat_addr = ip;
+            s.ct.snat_addr = *ip;
             s.ct.snat_port_be = port_be;
         }
     }
-    s.ct.backend_id = s.chosen.id;
+    s.ct.backend = s.chosen.ep;
     s.ct.svc_id = s.chosen.svc_id;
-    s.ct._pad = [0; 6];
+    s.ct.created = now;
+    s.ct.fwd_flags = (flags & CT_FLAGS) | CT_SEEN;
+    s.ct.rev_flags = 0;
+    s.ct.expires = now.saturating_add(timeout(ct_state(key.proto, s.ct.fwd_flags, 0)));
     let _ = CONNTRACK.insert(key, &s.ct, 0);
     true
 }
 
-/// Claims a free SNAT port for replies from `backend` to `ip`, recording the reverse entry
-/// (already in `s.rev`).
+/// Sets `s.reply` to the key of replies from the chosen backend to `dst` port `dport_be`,
+/// field by field (no key on the stack).
 #[inline(always)]
-fn snat_port(s: &mut Scratch, proto: u8, ip: &Addr6) -> Option<u16> {
+fn set_reply(s: &mut Scratch, dst: &Addr6, dport_be: u16, proto: u8) {
+    s.reply.saddr = s.chosen.ep.addr;
+    s.reply.daddr = *dst;
+    s.reply.sport_be = s.chosen.ep.port_be;
+    s.reply.dport_be = dport_be;
+    s.reply.proto = proto;
+    s.reply._pad = [0; 3];
+}
+
+/// Removes the reverse entry of the flow an entry for `key` recorded before, if that entry
+/// still belongs to it: the new flow may take another port or backend, and the old one's
+/// SNAT port is then free at once. Reads the entries in place (the stack is short).
+#[inline(always)]
+fn release_old(s: &mut Scratch, key: &FlowKey) {
+    let Some(old) = CONNTRACK.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a live LRU value, read field by field into the scratch key.
+    unsafe {
+        let old = &*old;
+        s.reply.saddr = old.backend.addr;
+        s.reply.sport_be = old.backend.port_be;
+        if old.is_snat() {
+            s.reply.daddr = old.snat_addr;
+            s.reply.dport_be = old.snat_port_be;
+        } else {
+            s.reply.daddr = key.saddr;
+            s.reply.dport_be = key.sport_be;
+        }
+        s.reply.proto = key.proto;
+        s.reply._pad = [0; 3];
+    }
+    let Some(rev) = NAT_REV.get_ptr(&s.reply) else {
+        return;
+    };
+    // SAFETY: as above.
+    if unsafe { names(&*rev, key) } {
+        let _ = NAT_REV.remove(&s.reply);
+    }
+}
+
+/// Whether reverse entry `rev` is one of the flow `key`.
+#[inline(always)]
+fn names(rev: &NatRev, key: &FlowKey) -> bool {
+    rev.dst == key.saddr
+        && rev.src == key.daddr
+        && rev.dport_be == key.sport_be
+        && rev.sport_be == key.dport_be
+}
+
+/// Claims an SNAT port for the flow `key` to the backend in `s.chosen`, SNATed to `ip`, and
+/// records the reverse entry (already in `s.rev`). The client's own port is kept when it is
+/// in the range and free (as Linux's NAT does); otherwise ports are tried at random. When
+/// none of those is free, the port of a closed or expired flow found among them is taken
+/// over (that flow's entry is removed), as its flow is over.
+#[inline(always)]
+fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16> {
     let (min, max) = snat_range();
     let range = u32::from(max.saturating_sub(min)) + 1;
-    // SAFETY: plain helper call.
-    let mut offset = unsafe { bpf_get_prandom_u32() } % range;
+    let client = u16::from_be(key.sport_be);
+    let mut port = if client >= min && client <= max {
+        client
+    } else {
+        // SAFETY: plain helper call.
+        min.wrapping_add((unsafe { bpf_get_prandom_u32() } % range) as u16)
+    };
+    let mut reusable = 0u16;
     for _ in 0..SNAT_TRIES {
-        let port = (u32::from(min) + offset) as u16;
-        s.reply = FlowKey::new(
-            s.chosen.ep.addr,
-            *ip,
-            s.chosen.ep.port_be,
-            port.to_be(),
-            proto,
-        );
+        set_reply(s, ip, port.to_be(), key.proto);
         if NAT_REV
             .insert(&s.reply, &s.rev, u64::from(BPF_NOEXIST))
             .is_ok()
         {
             return Some(port.to_be());
         }
-        offset = (offset + 1) % range;
+        if reusable == 0 && is_over(s, now) {
+            reusable = port;
+        }
+        // SAFETY: plain helper call.
+        port = min.wrapping_add((unsafe { bpf_get_prandom_u32() } % range) as u16);
     }
-    None
+    if reusable == 0 {
+        return None;
+    }
+    set_reply(s, ip, reusable.to_be(), key.proto);
+    // The flow holding the port is over: its entry goes, so its late packets cannot reach
+    // the backend from the port the new flow now uses.
+    if !is_over(s, now) {
+        // Taken by a live flow since it was tried.
+        return None;
+    }
+    if s.fwd.proto != 0 {
+        let _ = CONNTRACK.remove(&s.fwd);
+    }
+    if NAT_REV.insert(&s.reply, &s.rev, 0).is_err() {
+        return None;
+    }
+    stats::inc(st::SNAT_PORT_REUSED);
+    Some(reusable.to_be())
+}
+
+/// Whether the reverse entry at `s.reply` belongs to no live flow, or to one that is over
+/// (a closed TCP flow): its port may be taken over. When that flow's entry is still there,
+/// leaves its key in `s.fwd` (else `s.fwd.proto` is zero). Its own BPF function (called from
+/// the port loop).
+#[inline(never)]
+fn is_over(s: &mut Scratch, now: u32) -> bool {
+    s.fwd.proto = 0;
+    let Some(rev) = NAT_REV.get_ptr(&s.reply) else {
+        return true;
+    };
+    // SAFETY: a live LRU value, read in place.
+    let rev_svc = unsafe {
+        s.fwd = (*rev).flow_key(s.reply.proto);
+        (*rev).svc_id
+    };
+    let Some(e) = CONNTRACK.get_ptr(&s.fwd) else {
+        s.fwd.proto = 0;
+        return true;
+    };
+    // SAFETY: as above.
+    let e = unsafe { &*e };
+    if !replies_to(e, &s.reply) {
+        // The client's flow was replaced by one with another port: this entry is stale.
+        s.fwd.proto = 0;
+        return true;
+    }
+    e.svc_id != rev_svc || now >= e.expires || e.state(s.reply.proto) == CT_TCP_CLOSED
 }
 
 /// Whether `addr` is inside the `loadBalancerSourceRanges` of service `svc_id`.

@@ -60,6 +60,14 @@ pub fn lookup(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt, src: &Addr6, dst: &A
     }
 }
 
+/// Looks up the route from the packet's source to the backend it is being translated to
+/// (`s.rw.dst`), as [`lookup`].
+#[inline(never)]
+pub fn lookup_to_backend(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt) -> u32 {
+    let dst = s.rw.dst.ip;
+    lookup(ctx, s, pkt, &pkt.key.saddr, &dst)
+}
+
 /// Whether the route found leaves through a device this program runs on (not to a local pod).
 #[inline(always)]
 pub fn leaves_node(s: &Scratch, rc: u32) -> bool {

@@ -83,7 +83,7 @@ pub static NS_INFO: HashMap<u32, ServiceInfo> =
     HashMap::pinned(DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC);
 
 /// Conntrack. See `lb_common::maps::CONNTRACK`.
-#[map(name = "lb_ct_v1")]
+#[map(name = "lb_ct_v2")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
 
 /// Reverse NAT of north-south flows. See `lb_common::maps::NAT_REV`.

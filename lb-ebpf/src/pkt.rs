@@ -21,6 +21,8 @@ pub struct Pkt {
     pub key: FlowKey,
     /// Bytes from the IP header on, for counters.
     pub len: u32,
+    /// The TCP flags byte (FIN, SYN, RST, PSH, ACK, ...); zero for UDP.
+    pub tcp_flags: u8,
 }
 
 impl Pkt {
@@ -95,6 +97,11 @@ pub fn parse(start: usize, end: usize, len: usize) -> Result<Pkt, Skip> {
         if l3 + IPV6_LEN + payload > len {
             return Err(MALFORMED);
         }
+        // Never on the wire: such a packet must not reach an IPv4 frontend or flow.
+        let (s6, d6) = (Addr6 { words: src }, Addr6 { words: dst });
+        if s6.is_v4_mapped() || d6.is_v4_mapped() {
+            return Err(Skip::Counted(st::XDP_PASS_V4_MAPPED));
+        }
         match nexthdr {
             proto::TCP | proto::UDP => {}
             44 => return Err(Skip::Counted(st::XDP_PASS_FRAGMENT)),
@@ -153,9 +160,15 @@ pub fn parse(start: usize, end: usize, len: usize) -> Result<Pkt, Skip> {
     if start + l4 + l4_len > end {
         return Err(MALFORMED);
     }
+    let tcp_flags = if nexthdr == proto::TCP {
+        read::<u8>(start, end, l4 + 13).ok_or(MALFORMED)?
+    } else {
+        0
+    };
     Ok(Pkt {
         v6,
         key: FlowKey::new(saddr, daddr, sport, dport, nexthdr),
         len: ip_len as u32,
+        tcp_flags,
     })
 }

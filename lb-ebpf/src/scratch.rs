@@ -17,6 +17,8 @@ pub struct Scratch {
     pub fib: bpf_fib_lookup,
     /// A reply's flow key (reverse-NAT map key).
     pub reply: FlowKey,
+    /// A flow's key found from its reverse entry (conntrack map key).
+    pub fwd: FlowKey,
     /// A reverse-NAT entry.
     pub rev: NatRev,
     /// A conntrack entry.

@@ -1,6 +1,6 @@
 //! tc egress on the node's external devices: replies of flows translated to a backend on this
 //! node (not SNATed, so they leave the node towards the client directly) get the frontend back
-//! as their source. Checksums are updated with the skb helpers, which handle checksums the
+//! as their source, while their flow lives (they also keep its state and lifetime). Checksums are updated with the skb helpers, which handle checksums the
 //! stack has left to the device (CHECKSUM_PARTIAL).
 
 use aya_ebpf::{
@@ -8,9 +8,14 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{ns::NatRev, proto, stats as st};
+use lb_common::{
+    Addr6,
+    ns::{FlowKey, NatRev},
+    proto, stats as st,
+};
 
 use crate::{
+    ct,
     maps::{NAT_REV, NS_STATS},
     pkt::{ETH_LEN, Pkt, parse},
     stats,
@@ -40,6 +45,14 @@ fn reverse_local(ctx: &TcContext) {
     let Some(&rev) = (unsafe { NAT_REV.get(&p.key) }) else {
         return;
     };
+    // Only while the flow lives (and the entry is still its own).
+    let now = ct::now();
+    let mut fwd = FlowKey::new(Addr6::default(), Addr6::default(), 0, 0, 0);
+    let Some(flow) = ct::reply_flow(&rev, &p.key, &mut fwd, now) else {
+        stats::inc(st::STALE_REPLY);
+        return;
+    };
+    ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
     if rewrite(ctx, &p, &rev).is_ok() {
         if let Some(c) = NS_STATS.get_ptr_mut(rev.svc_id) {
             // SAFETY: this CPU's slot.

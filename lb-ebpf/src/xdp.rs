@@ -6,7 +6,7 @@ use lb_common::{
     ServiceKey,
     maps::RING_LANES,
     ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, flow_hash},
-    stats as st,
+    proto, stats as st,
 };
 
 use crate::{
@@ -84,13 +84,20 @@ fn drop_for(svc_id: u32, why: u32) -> u32 {
 }
 
 /// A reply of a translated flow: restore the frontend as source and the client as
-/// destination. A function of its own (not inlined), so its stack is not added to
-/// `forward`'s: the BPF stack is 512 bytes.
+/// destination, while the flow is alive (a stale reverse entry passes the packet on to the
+/// stack untranslated, which answers it as the node). A function of its own (not inlined),
+/// so its stack is not added to `forward`'s: the BPF stack is 512 bytes.
 #[inline(never)]
 fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
     let Some(s) = scratch::get() else {
         return xdp_action::XDP_PASS;
     };
+    let now = ct::now();
+    let Some(flow) = ct::reply_flow(rev, &p.key, &mut s.fwd, now) else {
+        stats::inc(st::STALE_REPLY);
+        return xdp_action::XDP_PASS;
+    };
+    ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
     let rc = fib::lookup(ctx, s, p, &rev.src, &rev.dst);
     s.rw.src = Addr {
         ip: rev.src,
@@ -108,7 +115,10 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
     fib::send(ctx, s, rc)
 }
 
-/// A packet for a frontend: to the flow's backend, or a new flow's. Not inlined, like
+/// A packet for a frontend: to its flow's backend, or, for the first packet of a flow (a
+/// TCP SYN, any UDP datagram), to a backend picked from the Maglev table. A TCP packet of
+/// no live flow that is not a SYN is dropped: it belongs to a flow that ended, expired or
+/// was evicted (or is spoofed), and another backend would only reset it. Not inlined, like
 /// `reverse`.
 #[inline(never)]
 fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
@@ -118,10 +128,29 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     if svc.flags & NS_F_SOURCE_RANGES != 0 && !ct::source_allowed(s, svc.id, &p.key.saddr) {
         return drop_for(svc.id, st::XDP_DROP_SOURCE_RANGE);
     }
-    let established = ct::established(&p.key, svc.id);
-    let (backend_id, backend) = match established {
-        Some((ct, backend)) => (ct.backend_id, backend),
+    let now = ct::now();
+    let tcp = p.key.proto == proto::TCP;
+    let syn = tcp && ct::is_syn(p.tcp_flags);
+    let new_flow = match ct::live(&p.key, svc.id, syn, now) {
+        Some(flow) => {
+            ct::touch(flow, p.key.proto, p.tcp_flags, false, now);
+            // SAFETY: a live LRU value, copied field by field.
+            let e = unsafe { &*flow };
+            s.rw.dst.ip = e.backend.addr;
+            s.rw.dst.port_be = e.backend.port_be;
+            if e.is_snat() {
+                s.rw.src.ip = e.snat_addr;
+                s.rw.src.port_be = e.snat_port_be;
+            } else {
+                s.rw.src.ip = p.key.saddr;
+                s.rw.src.port_be = p.key.sport_be;
+            }
+            false
+        }
         None => {
+            if tcp && !syn {
+                return drop_for(svc.id, st::XDP_DROP_NO_FLOW);
+            }
             if svc.ring_size == 0 {
                 return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
             }
@@ -130,45 +159,36 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
                 Some(pair) => pair[(index % RING_LANES) as usize],
                 None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
             };
-            // SAFETY: see `north_south`.
-            let Some(&backend) = (unsafe { BACKENDS.get(&id) }) else {
+            let Some(backend) = BACKENDS.get_ptr(&id) else {
                 stats::inc(st::ERR_BACKEND_MISSING);
                 return xdp_action::XDP_PASS;
             };
-            (id, backend)
+            // SAFETY: see `north_south`; copied into the scratch entry.
+            unsafe {
+                s.chosen.ep = *backend;
+                s.rw.dst.ip = (*backend).addr;
+                s.rw.dst.port_be = (*backend).port_be;
+            }
+            s.chosen.svc_id = svc.id;
+            s.chosen.id = id;
+            true
         }
     };
-    let established = established.map(|(ct, _)| ct);
-    let rc = fib::lookup(ctx, s, p, &p.key.saddr, &backend.addr);
-    match established {
-        Some(ct) if ct.snat_port_be != 0 => {
-            s.rw.src.ip = ct.snat_addr;
-            s.rw.src.port_be = ct.snat_port_be;
+    let rc = fib::lookup_to_backend(ctx, s, p);
+    if new_flow {
+        // SNAT when the backend is on another node (and the policy is Cluster), so
+        // replies come back through this node.
+        let snat = (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc))
+            .then(|| fib::source(s, p.v6));
+        if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {
+            return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
         }
-        Some(_) => {
-            s.rw.src.ip = p.key.saddr;
-            s.rw.src.port_be = p.key.sport_be;
-        }
-        None => {
-            // SNAT when the backend is on another node (and the policy is Cluster), so
-            // replies come back through this node.
-            let snat = (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc))
-                .then(|| fib::source(s, p.v6));
-            s.chosen.svc_id = svc.id;
-            s.chosen.id = backend_id;
-            s.chosen.ep = backend;
-            if !ct::create(s, &p.key, &snat) {
-                return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
-            }
-            debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, backend_id);
-        }
+        debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, s.chosen.id);
     }
-    s.rw.dst.ip = backend.addr;
-    s.rw.dst.port_be = backend.port_be;
     if rewrite(ctx.data(), ctx.data_end(), p, &s.rw).is_none() {
         return xdp_action::XDP_PASS;
     }
-    count(svc.id, p.len, established.is_none());
+    count(svc.id, p.len, new_flow);
     stats::inc(st::XDP_TRANSLATED);
     fib::send(ctx, s, rc)
 }

@@ -27,6 +27,7 @@ use lb_common::{ServiceKey, proto};
 use crate::{
     addr::{frontend_string, to_addr6},
     config::{AgentArgs, XdpDevices, XdpModeArg},
+    conntrack,
     datapath::{Datapath, DatapathError},
     events::Events,
     health::{self, Health},
@@ -96,7 +97,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     host::check_cgroup2(&cgroup)?;
 
     let snat_ports = args.snat_range().map_err(AgentError::Config)?;
-    let mut loaded = Loaded::load_with(&layout, &args.map_sizes(), snat_ports, args.kernel_debug)?;
+    let settings = loader::Settings {
+        snat_ports,
+        debug: args.kernel_debug,
+        ct_timeouts: args.ct_timeouts(),
+        clock_offset: 0,
+    };
+    let mut loaded = Loaded::load_with(&layout, &args.map_sizes(), &settings)?;
     // Loading was the last thing that needed more: before any other thread exists (the
     // source's), limit the agent to what it needs from now on.
     match privileges::limit(&privileges::RUNTIME) {
@@ -204,6 +211,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut synced = false;
     let mut dirty = BTreeSet::new();
     let mut retire_at = tokio::time::Instant::now();
+    let mut sweeps = Sweeps::new(
+        &layout,
+        Duration::from_secs(u64::from(args.conntrack_gc_interval)),
+    );
 
     loop {
         tokio::select! {
@@ -253,6 +264,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 if !synced || updates >= TRIM_AFTER_UPDATES {
                     trim_heap();
                 }
+                if report.frontends_changed > 0 {
+                    sweeps.soon();
+                }
                 if !synced {
                     info!(frontends = c.services.len(), backends = c.backends.len(), writes = report.writes, latency_us, "initial sync done");
                     synced = true;
@@ -280,6 +294,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                           "node addresses changed; node ports follow");
                 }
             }
+            // Expired flows (and UDP flows of deleted endpoints) are swept off the sync path.
+            () = tokio::time::sleep_until(sweeps.at), if synced && sweeps.idle() => {
+                sweeps.start(reconciler.flow_endpoints());
+            }
+            done = sweeps.finished() => sweeps.done(done, &out.metrics),
             Some((service, reply)) = explain_rx.recv() => {
                 let _gone = reply.send(explanation(&store, &service));
             }
@@ -290,6 +309,117 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     source_task.abort();
     info!("stopping; the datapath stays programmed and the next agent adopts it");
     Ok(())
+}
+
+/// The conntrack sweeps: one at a time, on a blocking thread, at the interval
+/// [`conntrack::next_interval`] adapts.
+struct Sweeps {
+    /// The sweeper, while no sweep runs (`None` also when the maps could not be opened).
+    sweeper: Option<conntrack::Sweeper>,
+    running: Option<
+        tokio::task::JoinHandle<(conntrack::Sweeper, std::io::Result<conntrack::SweepReport>)>,
+    >,
+    /// When the next sweep is due.
+    at: tokio::time::Instant,
+    interval: Duration,
+    max: Duration,
+    last: tokio::time::Instant,
+}
+
+impl Sweeps {
+    fn new(layout: &PinLayout, max: Duration) -> Self {
+        let sweeper = match conntrack::Sweeper::open(layout, 0) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                error!(error = %e, "cannot open the conntrack maps: expired flows are not swept (the kernel still ignores them)");
+                None
+            }
+        };
+        let now = tokio::time::Instant::now();
+        Self {
+            sweeper,
+            running: None,
+            at: now + conntrack::MIN_INTERVAL,
+            interval: max
+                .min(conntrack::DEFAULT_MAX_INTERVAL)
+                .max(conntrack::MIN_INTERVAL),
+            max,
+            last: now,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.sweeper.is_some() && self.running.is_none()
+    }
+
+    /// A sweep as soon as allowed (at most one per [`conntrack::MIN_INTERVAL`]): services
+    /// changed, and UDP flows of deleted endpoints should move.
+    fn soon(&mut self) {
+        self.at = self.at.min(self.last + conntrack::MIN_INTERVAL);
+    }
+
+    fn start(&mut self, owners: BTreeMap<u32, BTreeSet<lb_common::Endpoint>>) {
+        let Some(mut sweeper) = self.sweeper.take() else {
+            return;
+        };
+        self.last = tokio::time::Instant::now();
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            let r = sweeper.sweep(&owners);
+            (sweeper, r)
+        }));
+    }
+
+    /// The running sweep's end (pending while none runs).
+    async fn finished(
+        &mut self,
+    ) -> Result<(conntrack::Sweeper, std::io::Result<conntrack::SweepReport>), tokio::task::JoinError>
+    {
+        match self.running.as_mut() {
+            Some(handle) => handle.await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn done(
+        &mut self,
+        result: Result<
+            (conntrack::Sweeper, std::io::Result<conntrack::SweepReport>),
+            tokio::task::JoinError,
+        >,
+        metrics: &Metrics,
+    ) {
+        self.running = None;
+        let now = tokio::time::Instant::now();
+        match result {
+            Ok((sweeper, Ok(r))) => {
+                metrics.swept(&r);
+                let removed = r.removed_total();
+                self.interval =
+                    conntrack::next_interval(self.interval, removed, sweeper.capacity(), self.max);
+                if removed > 0 {
+                    debug!(
+                        scanned = r.scanned,
+                        removed,
+                        expired = r.removed[0],
+                        service_gone = r.removed[1],
+                        endpoint_gone = r.removed[2],
+                        orphans = r.orphans_removed,
+                        snat_ports = r.snat_ports,
+                        took_ms = r.took.as_millis() as u64,
+                        next_s = self.interval.as_secs(),
+                        "conntrack swept"
+                    );
+                }
+                self.sweeper = Some(sweeper);
+            }
+            Ok((sweeper, Err(e))) => {
+                warn!(error = %e, "conntrack sweep failed; retrying");
+                self.sweeper = Some(sweeper);
+            }
+            Err(e) => error!(error = %e, "the conntrack sweep panicked; no more sweeps"),
+        }
+        self.at = now + self.interval;
+    }
 }
 
 /// Logs the kernel's debug events as they come (`--kernel-debug`).

@@ -132,6 +132,41 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_SNAT_PORTS", default_value = "61000-65535")]
     pub snat_ports: String,
 
+    /// Lifetime of a north-south TCP flow after its SYN until the client acknowledges the
+    /// backend's answer: seconds, or a duration such as `1m` or `1m0s`.
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_SYN", default_value = "60s", value_parser = parse_secs)]
+    pub conntrack_tcp_timeout_syn: u32,
+
+    /// Idle lifetime of an established north-south TCP flow (kube-proxy's flag of the same
+    /// name sets the kernel's to 24h).
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_ESTABLISHED", default_value = "24h", value_parser = parse_secs)]
+    pub conntrack_tcp_timeout_established: u32,
+
+    /// Idle lifetime of a half-closed north-south TCP flow (a FIN one way; kube-proxy's flag
+    /// of the same name).
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_CLOSE_WAIT", default_value = "1h", value_parser = parse_secs)]
+    pub conntrack_tcp_timeout_close_wait: u32,
+
+    /// Lifetime of a closed north-south TCP flow (a FIN both ways, or a RST), for its last
+    /// packets. Its SNAT port can be taken by a new flow at once.
+    #[arg(long, env = "LB_CONNTRACK_TCP_TIMEOUT_CLOSE", default_value = "10s", value_parser = parse_secs)]
+    pub conntrack_tcp_timeout_close: u32,
+
+    /// Idle lifetime of a north-south UDP flow the backend has not answered (kube-proxy's
+    /// --conntrack-udp-timeout; Linux's default).
+    #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT", default_value = "30s", value_parser = parse_secs)]
+    pub conntrack_udp_timeout: u32,
+
+    /// Idle lifetime of a north-south UDP flow with traffic both ways (kube-proxy's
+    /// --conntrack-udp-timeout-stream; Linux's default).
+    #[arg(long, env = "LB_CONNTRACK_UDP_TIMEOUT_STREAM", default_value = "120s", value_parser = parse_secs)]
+    pub conntrack_udp_timeout_stream: u32,
+
+    /// Longest interval between sweeps of expired north-south flows; sweeps come sooner (down
+    /// to 1s) while they find many.
+    #[arg(long, env = "LB_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = parse_secs)]
+    pub conntrack_gc_interval: u32,
+
     /// Largest Maglev lookup table of a north-south service: a prime, at least
     /// --max-backends-per-service. Each service's table is sized from its backend count (see
     /// --maglev-entries-per-backend), up to this.
@@ -275,6 +310,20 @@ impl AgentArgs {
         Ok((a, b))
     }
 
+    /// The lifetimes of the north-south flow states.
+    pub fn ct_timeouts(&self) -> lb_common::ns::CtTimeouts {
+        lb_common::ns::CtTimeouts {
+            secs: [
+                self.conntrack_tcp_timeout_syn,
+                self.conntrack_tcp_timeout_established,
+                self.conntrack_tcp_timeout_close_wait,
+                self.conntrack_tcp_timeout_close,
+                self.conntrack_udp_timeout,
+                self.conntrack_udp_timeout_stream,
+            ],
+        }
+    }
+
     /// The CIDRs of --nodeport-addresses (empty: every address).
     pub fn nodeport_cidrs(&self) -> Result<Vec<IpNet>, String> {
         split_list(&self.nodeport_addresses)
@@ -373,6 +422,26 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// A duration flag in whole seconds: a number of seconds, or a duration such as `90s`,
+/// `1h30m` or kube-proxy's `24h0m0s`. At most 10 years.
+fn parse_secs(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let secs = match s.parse::<u64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let d: jiff::SignedDuration = s.parse().map_err(|e| {
+                format!("{s:?}: expected seconds or a duration like 90s or 1h: {e}")
+            })?;
+            u64::try_from(d.as_secs())
+                .map_err(|_| format!("{s:?}: a duration cannot be negative"))?
+        }
+    };
+    if secs > 10 * 365 * 86_400 {
+        return Err(format!("{s:?}: at most 10 years"));
+    }
+    Ok(secs as u32)
 }
 
 #[cfg(test)]
@@ -479,5 +548,16 @@ mod tests {
                 .devices(),
             Ok(XdpDevices::Auto)
         );
+    }
+
+    #[test]
+    fn conntrack_timeouts_take_seconds_or_durations() {
+        assert_eq!(parse_secs("30"), Ok(30));
+        assert_eq!(parse_secs("90s"), Ok(90));
+        assert_eq!(parse_secs("24h0m0s"), Ok(86_400));
+        assert_eq!(parse_secs("1h30m"), Ok(5_400));
+        assert!(parse_secs("-5s").is_err());
+        assert!(parse_secs("soon").is_err());
+        assert!(parse_secs("100y").is_err());
     }
 }

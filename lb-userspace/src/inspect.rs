@@ -8,7 +8,7 @@ use std::{
 use comfy_table::{Table, presets::NOTHING};
 use lb_common::{
     ServiceInfo, ServiceKey,
-    ns::{CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
+    ns::{CT_STATE_NAMES, CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
     stats,
 };
 use serde::{Deserialize, Serialize};
@@ -346,27 +346,42 @@ pub struct FlowRow {
     pub client: SocketAddr,
     /// The frontend it reached.
     pub frontend: SocketAddr,
-    /// The backend it goes to, or `None` when that backend is gone (its next packet picks
-    /// anew).
-    pub backend: Option<SocketAddr>,
+    /// The backend it goes to.
+    pub backend: SocketAddr,
     /// The node address and port it is SNATed to, if any.
     pub snat: Option<SocketAddr>,
     /// `namespace/name` of the service.
     pub service: String,
+    /// Its state (`syn`, `established`, `close_wait`, `closed`, `udp`, `udp_stream`), or
+    /// `expired` (the programs ignore it; the next sweep removes it).
+    pub state: String,
+    /// Seconds since the flow started.
+    pub age_s: u64,
+    /// Seconds until it expires unless a packet comes (zero: expired).
+    pub expires_in_s: u64,
 }
 
-/// Tracked flows, by service then client.
-pub fn flows(c: &Contents, entries: &[(FlowKey, CtEntry)]) -> Vec<FlowRow> {
+/// Tracked flows at time `now` (the programs' conntrack clock,
+/// [`crate::conntrack::clock_now`]), by service then client.
+pub fn flows(c: &Contents, entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowRow> {
     let mut rows: Vec<FlowRow> = entries
         .iter()
         .map(|(k, e)| FlowRow {
             protocol: protocol_name(k.proto),
             client: SocketAddr::new(to_ip(k.saddr), u16::from_be(k.sport_be)),
             frontend: SocketAddr::new(to_ip(k.daddr), u16::from_be(k.dport_be)),
-            backend: c.backends.get(&e.backend_id).map(to_socket_addr),
-            snat: (e.snat_port_be != 0)
+            backend: to_socket_addr(&e.backend),
+            snat: e
+                .is_snat()
                 .then(|| SocketAddr::new(to_ip(e.snat_addr), u16::from_be(e.snat_port_be))),
             service: info_text(c.external_info.get(&e.svc_id)).0,
+            state: if now >= e.expires {
+                "expired".into()
+            } else {
+                CT_STATE_NAMES[e.state(k.proto)].into()
+            },
+            age_s: u64::from(now.saturating_sub(e.created)),
+            expires_in_s: u64::from(e.expires.saturating_sub(now)),
         })
         .collect();
     rows.sort_by(|a, b| (&a.service, a.client).cmp(&(&b.service, b.client)));
@@ -432,15 +447,20 @@ pub fn maglev_text(summaries: &[MaglevSummary]) -> String {
 /// `lbctl conntrack` as a table.
 pub fn flows_table(rows: &[FlowRow]) -> String {
     table(
-        &["PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "SERVICE"],
+        &[
+            "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "SERVICE", "STATE", "AGE", "EXPIRES",
+        ],
         rows.iter().map(|r| {
             vec![
                 r.protocol.clone(),
                 r.client.to_string(),
                 r.frontend.to_string(),
-                r.backend.map_or("GONE".into(), |b| b.to_string()),
+                r.backend.to_string(),
                 r.snat.map_or("-".into(), |b| b.to_string()),
                 r.service.clone(),
+                r.state.clone(),
+                format!("{}s", r.age_s),
+                format!("{}s", r.expires_in_s),
             ]
         }),
     )
@@ -1472,24 +1492,32 @@ mod tests {
             80u16.to_be(),
             proto::TCP,
         );
+        let flags = lb_common::ns::CT_SEEN | lb_common::ns::TCP_SYN | lb_common::ns::TCP_ACK;
         let ct = CtEntry {
-            backend_id: 2,
+            backend: lb_common::Endpoint::new(to_addr6("10.0.0.2".parse().unwrap()), 53u16.to_be()),
             svc_id: 4,
             snat_addr: to_addr6("192.0.2.1".parse().unwrap()),
             snat_port_be: 61000u16.to_be(),
-            _pad: [0; 6],
+            expires: 1100,
+            created: 900,
+            fwd_flags: flags,
+            rev_flags: flags,
         };
-        let gone = CtEntry {
-            backend_id: 99,
+        let old = CtEntry {
             snat_port_be: 0,
+            expires: 950,
             ..ct
         };
-        let rows = flows(&c, &[(key, ct), (key, gone)]);
-        assert_eq!(rows[0].backend.unwrap().to_string(), "10.0.0.2:53");
+        let rows = flows(&c, &[(key, ct), (key, old)], 1000);
+        assert_eq!(rows[0].backend.to_string(), "10.0.0.2:53");
         assert_eq!(rows[0].snat.unwrap().to_string(), "192.0.2.1:61000");
         assert_eq!(rows[0].service, "prod/edge");
-        assert_eq!((rows[1].backend, rows[1].snat), (None, None));
-        assert!(flows_table(&rows).contains("GONE"));
+        assert_eq!(
+            (rows[0].state.as_str(), rows[0].age_s, rows[0].expires_in_s),
+            ("established", 100, 100)
+        );
+        assert_eq!((rows[1].state.as_str(), rows[1].snat), ("expired", None));
+        assert!(flows_table(&rows).contains("expired"));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod addr;
 pub mod agent;
 pub mod config;
+pub mod conntrack;
 pub mod datapath;
 pub mod endpoints;
 pub mod events;

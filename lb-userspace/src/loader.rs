@@ -31,7 +31,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::maps::{self, MapSpec};
+use lb_common::{
+    maps::{self, MapSpec},
+    ns::{self, CtTimeouts},
+};
 use tracing::info;
 
 use crate::{EBPF_OBJECT, datapath::bpf::BpfDatapath};
@@ -180,6 +183,8 @@ impl MapSizes {
             maps::RINGS => Some(self.table_entries.div_ceil(maps::RING_LANES)),
             maps::CONNTRACK | maps::NAT_REV => Some(self.flows),
             maps::SOURCE_RANGES => Some(self.source_ranges),
+            // A build with more counters makes the array anew (the counts start again).
+            maps::STATS => Some(lb_common::stats::COUNT),
             _ => None,
         }
     }
@@ -336,14 +341,30 @@ pub fn open_pinned(layout: &PinLayout, spec: &MapSpec) -> Result<Option<MapData>
     Ok(Some(data))
 }
 
+/// Opens the pinned map `name` for writing, checking its layout.
+pub fn open_writable(layout: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
+    let spec = maps::ALL
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| LoadError::Missing(format!("map {name}")))?;
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(|source| LoadError::Map { name, source })?;
+    check(&path, &data, spec)?;
+    Ok(data)
+}
+
 /// The loaded object: maps created or adopted, programs verified and loaded.
 pub struct Loaded {
     ebpf: Ebpf,
     layout: PinLayout,
+    settings: Settings,
     devices: HashMap<MapData, u32, u8>,
     /// Maps created anew at another capacity, whose old maps the running programs still
     /// use until [`Loaded::attach`].
     resized: Vec<&'static str>,
+    /// Maps of an older layout being converted ([`maps::CONVERSIONS`]): the running
+    /// programs still write them until [`Loaded::attach`].
+    converting: Vec<(&'static str, &'static str)>,
 }
 
 /// What one [`Loaded::test_run`] gave.
@@ -366,25 +387,56 @@ pub struct Device {
     pub ifindex: u32,
 }
 
+/// What the kernel programs are loaded with (their load-time globals).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The inclusive range of source ports the XDP program SNATs flows to.
+    pub snat_ports: (u16, u16),
+    /// The kernel's debug events on (see [`Loaded::take_debug_events`]), or off (removed
+    /// from the programs by the verifier).
+    pub debug: bool,
+    /// Lifetimes of the conntrack states.
+    pub ct_timeouts: CtTimeouts,
+    /// Seconds added to the programs' clock: zero, except in tests that move time forward
+    /// (a program loaded with a larger offset over the same maps sees the entries older).
+    pub clock_offset: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            snat_ports: (61000, 65535),
+            debug: false,
+            ct_timeouts: CtTimeouts::DEFAULT,
+            clock_offset: 0,
+        }
+    }
+}
+
 impl Loaded {
     /// Loads the embedded object, reusing compatible pinned maps and creating (and pinning)
     /// the others with `sizes`; `snat_ports` is the inclusive range of source ports the XDP
-    /// program SNATs flows to.
+    /// program SNATs flows to. The other settings are the defaults.
     pub fn load(
         layout: &PinLayout,
         sizes: &MapSizes,
         snat_ports: (u16, u16),
     ) -> Result<Self, LoadError> {
-        Self::load_with(layout, sizes, snat_ports, false)
+        Self::load_with(
+            layout,
+            sizes,
+            &Settings {
+                snat_ports,
+                ..Settings::default()
+            },
+        )
     }
 
-    /// [`Self::load`], with the kernel's debug events on (`debug`: see
-    /// [`Self::take_debug_events`]) or off (removed from the programs by the verifier).
+    /// [`Self::load`], with all of its settings.
     pub fn load_with(
         layout: &PinLayout,
         sizes: &MapSizes,
-        snat_ports: (u16, u16),
-        debug: bool,
+        settings: &Settings,
     ) -> Result<Self, LoadError> {
         // Only root reads or writes the maps and links, also when the directories existed.
         for dir in [layout.root().to_owned(), layout.maps(), layout.links()] {
@@ -398,6 +450,10 @@ impl Loaded {
         // Maps of an earlier layout whose entries this build can take over: copied once its
         // maps exist.
         let migrations: Vec<(&'static str, &'static str)> = maps::MIGRATIONS
+            .into_iter()
+            .filter(|(old, new)| layout.map(old).exists() && !layout.map(new).exists())
+            .collect();
+        let converting: Vec<(&'static str, &'static str)> = maps::CONVERSIONS
             .into_iter()
             .filter(|(old, new)| layout.map(old).exists() && !layout.map(new).exists())
             .collect();
@@ -432,9 +488,11 @@ impl Loaded {
                 }
             }
         }
-        loader.override_global("SNAT_PORT_MIN", &snat_ports.0, true);
-        loader.override_global("SNAT_PORT_MAX", &snat_ports.1, true);
-        let debug = u8::from(debug);
+        loader.override_global(ns::SNAT_PORT_MIN_GLOBAL, &settings.snat_ports.0, true);
+        loader.override_global(ns::SNAT_PORT_MAX_GLOBAL, &settings.snat_ports.1, true);
+        loader.override_global(ns::CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true);
+        loader.override_global(ns::CT_CLOCK_OFFSET_GLOBAL, &settings.clock_offset, true);
+        let debug = u8::from(settings.debug);
         loader.override_global("DEBUG", &debug, true);
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         for name in PROGRAMS {
@@ -472,6 +530,20 @@ impl Loaded {
                 "map layout migrated"
             );
         }
+        for (old, new) in &converting {
+            let converted = crate::conntrack::convert_v1_map(
+                &layout.map(old),
+                layout,
+                &settings.ct_timeouts,
+                settings.clock_offset,
+            )?;
+            info!(
+                from = old,
+                to = new,
+                entries = converted,
+                "map converted to the new layout"
+            );
+        }
         let devices = ebpf
             .take_map(maps::XDP_DEVICES)
             .ok_or_else(|| LoadError::Missing(format!("map {}", maps::XDP_DEVICES)))?;
@@ -482,8 +554,10 @@ impl Loaded {
         Ok(Self {
             ebpf,
             layout: layout.clone(),
+            settings: *settings,
             devices,
             resized,
+            converting,
         })
     }
 
@@ -635,6 +709,14 @@ impl Loaded {
             if is_lru(name) {
                 copy_map(&resize_pin(&self.layout, name), &self.layout, name)?;
             }
+        }
+        for (old, _) in std::mem::take(&mut self.converting) {
+            crate::conntrack::convert_v1_map(
+                &self.layout.map(old),
+                &self.layout,
+                &self.settings.ct_timeouts,
+                self.settings.clock_offset,
+            )?;
         }
         let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let links = self.layout.links();

@@ -40,11 +40,12 @@ use lb_common::{
 };
 
 /// The datapath counters that count dropped or refused traffic, with their reason label.
-const DROPS: [(u32, &str); 4] = [
+const DROPS: [(u32, &str); 5] = [
     (stats::REFUSED_NO_BACKEND, "socket_no_backend"),
     (stats::XDP_DROP_NO_BACKEND, "no_backend"),
     (stats::XDP_DROP_SOURCE_RANGE, "source_range"),
     (stats::XDP_DROP_NO_SNAT_PORT, "no_snat_port"),
+    (stats::XDP_DROP_NO_FLOW, "no_flow"),
 ];
 
 /// What the agent publishes after each sync for the scrape to report (a few numbers: the
@@ -90,6 +91,12 @@ pub struct Metrics {
     source_up: Gauge,
     events: Counter,
     events_dropped: Counter,
+    conntrack_sweeps: Counter,
+    conntrack_sweep_duration: Histogram,
+    conntrack_removed: Family<[(&'static str, &'static str); 1], Counter>,
+    conntrack_entries: Family<[(&'static str, &'static str); 1], Gauge>,
+    snat_ports: Gauge,
+    snat_ports_busiest: Gauge,
     published: Arc<Mutex<Published>>,
 }
 
@@ -113,6 +120,12 @@ impl Metrics {
             source_up: Gauge::default(),
             events: Counter::default(),
             events_dropped: Counter::default(),
+            conntrack_sweeps: Counter::default(),
+            conntrack_sweep_duration: seconds(),
+            conntrack_removed: Family::default(),
+            conntrack_entries: Family::default(),
+            snat_ports: Gauge::default(),
+            snat_ports_busiest: Gauge::default(),
             published: Arc::default(),
             registry: Registry::default(),
         };
@@ -176,6 +189,40 @@ impl Metrics {
             "Warnings not published as Events (rate limit or full queue)",
             m.events_dropped.clone(),
         );
+        registry.register(
+            "conntrack_sweeps",
+            "Sweeps of the north-south conntrack map",
+            m.conntrack_sweeps.clone(),
+        );
+        registry.register_with_unit(
+            "conntrack_sweep_duration",
+            "Time one sweep of the north-south conntrack map took",
+            Unit::Seconds,
+            m.conntrack_sweep_duration.clone(),
+        );
+        registry.register(
+            "conntrack_removed",
+            "North-south conntrack entries removed by the sweep, by reason (expired, \
+             service_gone, endpoint_gone: UDP flows of a deleted endpoint; orphan: reverse \
+             entries of no flow)",
+            m.conntrack_removed.clone(),
+        );
+        registry.register(
+            "conntrack_entries",
+            "North-south flows by state, as of the last sweep",
+            m.conntrack_entries.clone(),
+        );
+        registry.register(
+            "snat_ports_in_use",
+            "SNAT ports held by north-south flows, as of the last sweep",
+            m.snat_ports.clone(),
+        );
+        registry.register(
+            "snat_ports_busiest",
+            "Most SNAT ports held towards one backend from one node address (each such pair \
+             has the whole --snat-ports range; xdp_drop_no_snat_port counts exhaustion)",
+            m.snat_ports_busiest.clone(),
+        );
         if let Some(layout) = layout {
             registry.register_collector(Box::new(DatapathCollector {
                 layout,
@@ -232,6 +279,30 @@ impl Metrics {
     pub fn events(&self, published: usize, dropped: u64) {
         self.events.inc_by(published as u64);
         self.events_dropped.inc_by(dropped);
+    }
+
+    /// A conntrack sweep reported `r`.
+    pub fn swept(&self, r: &crate::conntrack::SweepReport) {
+        use crate::conntrack::Removal;
+        self.conntrack_sweeps.inc();
+        self.conntrack_sweep_duration.observe(r.took.as_secs_f64());
+        for (why, n) in Removal::ALL.iter().zip(r.removed) {
+            self.conntrack_removed
+                .get_or_create(&[("reason", why.label())])
+                .inc_by(n);
+        }
+        self.conntrack_removed
+            .get_or_create(&[("reason", "orphan")])
+            .inc_by(r.orphans_removed);
+        for (state, n) in lb_common::ns::CT_STATE_NAMES.iter().zip(r.by_state) {
+            self.conntrack_entries
+                .get_or_create(&[("state", state)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.snat_ports
+            .set(i64::try_from(r.snat_ports).unwrap_or(i64::MAX));
+        self.snat_ports_busiest
+            .set(i64::try_from(r.snat_ports_busiest).unwrap_or(i64::MAX));
     }
 
     /// Whether the source reaches its objects.

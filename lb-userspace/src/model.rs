@@ -162,6 +162,10 @@ pub struct ExternalGroup {
     pub local: bool,
     /// The backends of new flows, sorted, without duplicates.
     pub backends: Vec<Endpoint>,
+    /// Every endpoint of the port and family in the slices, whatever its conditions (ready,
+    /// serving, terminating), sorted: established flows to them are kept (draining), while
+    /// the UDP flows of the others are removed so their clients move.
+    pub endpoints: Vec<Endpoint>,
     /// The frontends, sorted, without duplicates; never empty.
     pub frontends: Vec<ExternalFrontend>,
     /// `loadBalancerSourceRanges` of this family when the service sets any (then sources
@@ -462,11 +466,18 @@ pub fn desired<'a>(
                 let backends = backends(external)?;
                 check_count(&first.key, backends.len(), limits)?;
                 ns.sort();
+                let mut endpoints: Vec<Endpoint> = candidates
+                    .iter()
+                    .map(|c| to_endpoint((c.ip, c.port).into()))
+                    .collect();
+                endpoints.sort();
+                endpoints.dedup();
                 out.external.push(ExternalGroup {
                     port_name: port.name.to_owned(),
                     ipv6,
                     local: external == TrafficPolicy::Local,
                     backends,
+                    endpoints,
                     frontends: ns,
                     source_ranges: source_ranges.as_ref().map(|r| {
                         r.iter()

@@ -414,6 +414,12 @@ impl<D: Datapath> Reconciler<D> {
         &self.health_checks
     }
 
+    /// The endpoints whose flows each programmed north-south service (by id) keeps, for the
+    /// conntrack sweep ([`crate::conntrack`]).
+    pub fn flow_endpoints(&self) -> std::collections::BTreeMap<u32, BTreeSet<Endpoint>> {
+        self.ext.flow_endpoints()
+    }
+
     /// The programmed north-south services: group, id and table region start.
     pub fn external_groups(&self) -> impl Iterator<Item = (&GroupKey, u32, Option<u32>)> {
         self.ext.programmed()

@@ -22,8 +22,9 @@ use lb_tests::{
     world::{new_tag, pin_dir_of},
 };
 use lb_userspace::{
+    conntrack::Sweeper,
     datapath::bpf::{BpfDatapath, read_stats},
-    loader::{Device, Loaded, MapSizes, PinLayout, TC_PROGRAM, XDP_PROGRAM},
+    loader::{Device, Loaded, MapSizes, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM},
     model::{Limits, ObjectRef},
     reconcile::Reconciler,
     source::file::{Document, parse_manifest},
@@ -683,22 +684,46 @@ fn established_flows_keep_their_backend_while_the_backend_set_changes() {
         assert_eq!(spread.len(), 4, "{spread:?}");
         assert!(spread.values().all(|n| *n >= 60), "balanced: {spread:?}");
 
-        // Backend 192.0.2.53 goes away and 192.0.2.54 comes: established flows of the
-        // others stay where they are (same backend, same SNAT port); those of the removed
-        // backend move to the remaining ones.
+        // A UDP flow to every backend too.
+        let udp_flow = |port: u16| {
+            frame(
+                UDP,
+                SocketAddr::new("203.0.113.8".parse().unwrap(), port),
+                sa("192.0.2.1:30053"),
+                b"q",
+            )
+        };
+        let udp_first: BTreeMap<u16, Parsed> = (20000..20100)
+            .map(|p| (p, lab.translated(&udp_flow(p), XDP_TX)))
+            .collect();
+
+        // Backend 192.0.2.53 goes away and 192.0.2.54 comes: every established TCP flow
+        // stays where it is (same backend, same SNAT port), those of the removed backend
+        // included, as kube-proxy keeps them (the pod may still be draining).
         lab.program(&manifests(&[0, 1, 2, 4]));
         let gone = sa("192.0.2.53:8080");
-        let mut moved = 0;
         for (port, before) in &first {
             let now = lab.translated(&flow(*port), XDP_TX);
-            if before.dst == gone {
-                moved += 1;
-                assert_ne!(now.dst, gone);
+            assert_eq!(now, *before, "flow from port {port} stayed");
+        }
+        // The sweep removes the UDP flows of the removed endpoint (so their clients move,
+        // as kube-proxy clears UDP conntrack) and nothing else.
+        let mut sweeper = Sweeper::open(&lab.layout, 0).expect("conntrack maps");
+        let report = sweeper
+            .sweep(&lab.reconciler.flow_endpoints())
+            .expect("sweep");
+        let udp_gone = sa("192.0.2.53:5353");
+        let udp_on_gone = udp_first.values().filter(|p| p.dst == udp_gone).count() as u64;
+        assert!(udp_on_gone > 0);
+        assert_eq!(report.removed, [0, 0, udp_on_gone], "{report:?}");
+        for (port, before) in &udp_first {
+            let now = lab.translated(&udp_flow(*port), XDP_TX);
+            if before.dst == udp_gone {
+                assert_ne!(now.dst, udp_gone, "UDP flow from {port} moved");
             } else {
-                assert_eq!(now, *before, "flow from port {port} stayed");
+                assert_eq!(now, *before, "UDP flow from {port} stayed");
             }
         }
-        assert_eq!(moved, spread[&gone]);
         // New flows reach the new backend and never the removed one.
         let new: BTreeMap<u16, Parsed> = (30000..30400)
             .map(|p| (p, lab.translated(&flow(p), XDP_TX)))
@@ -1040,7 +1065,11 @@ fn kernel_debug_events_cost_nothing_when_off() {
             flows: 64,
             source_ranges: 16,
         };
-        let loaded = Loaded::load_with(&layout, &sizes, (61000, 65535), debug).expect("loads");
+        let settings = Settings {
+            debug,
+            ..Settings::default()
+        };
+        let loaded = Loaded::load_with(&layout, &sizes, &settings).expect("loads");
         let got = ["connect4", XDP_PROGRAM].map(|p| loaded.translated_size(p).expect("size"));
         drop(loaded);
         fs::remove_dir_all(&pins).expect("cleanup");

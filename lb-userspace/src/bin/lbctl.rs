@@ -85,7 +85,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// List tracked north-south flows: client, frontend, backend and SNAT address.
+    /// List tracked north-south flows: client, frontend, backend, SNAT address, state, age
+    /// and time left.
     Conntrack {
         /// Most flows to list.
         #[arg(long, default_value_t = 1000)]
@@ -172,9 +173,13 @@ fn run(args: Args) -> Result<(), String> {
         }
         Command::Conntrack { limit } => {
             let entries = read_conntrack(&layout, limit).map_err(|e| e.to_string())?;
-            emit(args.output, &inspect::flows(&contents()?, &entries), |r| {
-                inspect::flows_table(r)
-            });
+            // The agent's programs run with no clock offset.
+            let now = lb_userspace::conntrack::clock_now(0);
+            emit(
+                args.output,
+                &inspect::flows(&contents()?, &entries, now),
+                |r| inspect::flows_table(r),
+            );
         }
         Command::Capacity => {
             let (maps, caps) =

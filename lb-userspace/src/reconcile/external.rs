@@ -252,6 +252,18 @@ impl External {
             || (self.retry_refused && !self.refused.is_empty())
     }
 
+    /// The endpoints whose flows each programmed group (by id) keeps: see
+    /// [`ExternalGroup::endpoints`].
+    pub(super) fn flow_endpoints(&self) -> BTreeMap<u32, BTreeSet<Endpoint>> {
+        self.groups
+            .iter()
+            .filter_map(|(gk, p)| {
+                let g = self.group(gk)?;
+                Some((p.id, g.endpoints.iter().copied().collect()))
+            })
+            .collect()
+    }
+
     /// The programmed groups: key, id and region start (for the CLI and tests).
     pub(super) fn programmed(&self) -> impl Iterator<Item = (&GroupKey, u32, Option<u32>)> {
         self.groups
@@ -300,6 +312,8 @@ impl<D: Datapath> Reconciler<D> {
                 port_name: gk.port_name.clone(),
                 ipv6: gk.ipv6,
                 local: first.flags & NS_F_LOCAL != 0,
+                // All the maps tell of its endpoints.
+                endpoints: backends.clone(),
                 backends,
                 frontends,
                 source_ranges: limited.then(|| {

@@ -1,0 +1,637 @@
+//! The north-south conntrack's agent side: the sweep that deletes what the kernel programs
+//! already treat as gone, so memory stays bounded and SNAT ports come back.
+//!
+//! The kernel (`lb-ebpf/src/ct.rs`) gives every flow a lifetime by state and counts an
+//! expired entry as absent at once; a closed or expired flow's SNAT port can be taken by a
+//! new flow before any sweep. The sweep ([`Sweeper::sweep`]), run off the sync path at an
+//! interval that shortens while it finds much to delete, removes:
+//! - expired entries, with their reverse entries;
+//! - entries of north-south services that are no longer programmed;
+//! - UDP flows to a backend that is no longer an endpoint of the service (in any condition),
+//!   so their clients move to another, as kube-proxy clears UDP conntrack entries; TCP flows
+//!   stay on their backend while it exists (draining) and until they end;
+//! - reverse entries no flow points to any more, once seen so in two sweeps in a row (a new
+//!   flow writes its reverse entry just before its conntrack entry).
+//!
+//! Each deletion first reads the entry again, so a flow refreshed or replaced since the bulk
+//! read is kept. What to delete is decided by [`verdict`], a pure function.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    io,
+    mem::size_of,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
+    time::{Duration, Instant},
+};
+
+use lb_common::{
+    Endpoint, maps,
+    ns::{CT_SEEN, CT_STATES, CtEntry, CtEntryV1, CtTimeouts, FlowKey, NatRev, TCP_ACK, TCP_SYN},
+    proto,
+};
+
+use crate::loader::{LoadError, PinLayout, open_writable};
+
+/// Shortest interval between sweeps.
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Default longest interval between sweeps (`--conntrack-gc-interval`).
+pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_secs(30);
+/// Entries read per `BPF_MAP_LOOKUP_BATCH` call.
+const BATCH: usize = 4096;
+
+/// Now on the kernel programs' conntrack clock: seconds of `CLOCK_MONOTONIC_COARSE` (what
+/// `bpf_ktime_get_coarse_ns` reads), plus the programs' clock offset.
+pub fn clock_now(offset: u32) -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u32).wrapping_add(offset)
+}
+
+/// Why the sweep removes a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Removal {
+    /// Its lifetime ran out.
+    Expired,
+    /// Its north-south service is no longer programmed.
+    ServiceGone,
+    /// A UDP flow whose backend is no longer an endpoint of its service.
+    EndpointGone,
+}
+
+impl Removal {
+    /// Every reason, in metric label order.
+    pub const ALL: [Self; 3] = [Self::Expired, Self::ServiceGone, Self::EndpointGone];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::ServiceGone => "service_gone",
+            Self::EndpointGone => "endpoint_gone",
+        }
+    }
+}
+
+/// Whether the sweep removes the flow `key` with entry `e` at time `now`, given the
+/// endpoints each programmed north-south service (by id) keeps flows to.
+pub fn verdict(
+    key: &FlowKey,
+    e: &CtEntry,
+    now: u32,
+    owners: &BTreeMap<u32, BTreeSet<Endpoint>>,
+) -> Option<Removal> {
+    if now >= e.expires {
+        return Some(Removal::Expired);
+    }
+    let Some(endpoints) = owners.get(&e.svc_id) else {
+        return Some(Removal::ServiceGone);
+    };
+    (key.proto != proto::TCP && !endpoints.contains(&e.backend)).then_some(Removal::EndpointGone)
+}
+
+/// Whether the reverse entry `rev` (key `reply`) belongs to the flow `flow` (`None`: no
+/// such flow).
+pub fn reverse_is_current(reply: &FlowKey, rev: &NatRev, flow: Option<&CtEntry>) -> bool {
+    let Some(e) = flow else {
+        return false;
+    };
+    e.svc_id == rev.svc_id && e.reply_key(&rev.flow_key(reply.proto)) == *reply
+}
+
+/// A `lb_ct_v1` entry as a current one: its backend looked up by id (`None` when the
+/// backend is gone: the flow is dropped), its state taken as answered both ways (TCP:
+/// established), its lifetime started anew at `now`.
+pub fn convert_v1(
+    key: &FlowKey,
+    old: &CtEntryV1,
+    backend: Option<Endpoint>,
+    now: u32,
+    timeouts: &CtTimeouts,
+) -> Option<CtEntry> {
+    let backend = backend?;
+    let flags = CT_SEEN | TCP_SYN | TCP_ACK;
+    let mut e = CtEntry {
+        backend,
+        snat_addr: old.snat_addr,
+        svc_id: old.svc_id,
+        expires: 0,
+        created: now,
+        snat_port_be: old.snat_port_be,
+        fwd_flags: flags,
+        rev_flags: flags,
+    };
+    let lifetime = timeouts.secs[e.state(key.proto)];
+    e.expires = now.saturating_add(lifetime);
+    Some(e)
+}
+
+/// What one sweep found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries read.
+    pub scanned: u64,
+    /// Entries kept, by `CT_*` state.
+    pub by_state: [u64; CT_STATES],
+    /// Entries removed, by reason (indexed like [`Removal::ALL`]).
+    pub removed: [u64; 3],
+    /// Reverse entries removed that no flow pointed to.
+    pub orphans_removed: u64,
+    /// SNAT ports held by the kept flows.
+    pub snat_ports: u64,
+    /// Most SNAT ports held towards one backend from one address (what runs out first).
+    pub snat_ports_busiest: u64,
+    /// How long the sweep took.
+    pub took: Duration,
+}
+
+impl SweepReport {
+    /// All entries removed.
+    pub fn removed_total(&self) -> u64 {
+        self.removed.iter().sum::<u64>() + self.orphans_removed
+    }
+}
+
+/// The next interval between sweeps after one that removed `removed` entries of a map of
+/// `capacity`, the last interval being `last`: halved (down to [`MIN_INTERVAL`]) when it
+/// removed a tenth of the capacity or more, doubled (up to `max`) when it removed under a
+/// hundredth, else kept.
+pub fn next_interval(last: Duration, removed: u64, capacity: u64, max: Duration) -> Duration {
+    let max = max.max(MIN_INTERVAL);
+    if removed.saturating_mul(10) >= capacity.max(1) {
+        (last / 2).max(MIN_INTERVAL)
+    } else if removed.saturating_mul(100) < capacity {
+        (last * 2).min(max)
+    } else {
+        last.clamp(MIN_INTERVAL, max)
+    }
+}
+
+/// Sweeps the pinned conntrack and reverse-NAT maps.
+pub struct Sweeper {
+    ct: RawMap,
+    rev: RawMap,
+    capacity: u64,
+    clock_offset: u32,
+    /// Reverse entries found without a flow in the last sweep.
+    suspects: HashSet<FlowKey>,
+}
+
+impl Sweeper {
+    /// Opens the maps pinned under `layout` for writing; `clock_offset` as the programs were
+    /// loaded with.
+    pub fn open(layout: &PinLayout, clock_offset: u32) -> Result<Self, LoadError> {
+        let (ct, capacity) = RawMap::open(layout, maps::CONNTRACK)?;
+        let (rev, _) = RawMap::open(layout, maps::NAT_REV)?;
+        Ok(Self {
+            ct,
+            rev,
+            capacity: u64::from(capacity),
+            clock_offset,
+            suspects: HashSet::new(),
+        })
+    }
+
+    /// The conntrack map's capacity.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// One sweep, with the endpoints each programmed north-south service keeps flows to.
+    pub fn sweep(&mut self, owners: &BTreeMap<u32, BTreeSet<Endpoint>>) -> io::Result<SweepReport> {
+        let started = Instant::now();
+        let now = clock_now(self.clock_offset);
+        let mut report = SweepReport::default();
+        let flows: Vec<(FlowKey, CtEntry)> = self.ct.lookup_batch()?;
+        report.scanned = flows.len() as u64;
+        let mut kept: BTreeMap<FlowKey, CtEntry> = BTreeMap::new();
+        let mut per_backend: BTreeMap<(lb_common::Addr6, Endpoint), u64> = BTreeMap::new();
+        for (key, e) in flows {
+            let Some(why) = verdict(&key, &e, now, owners) else {
+                report.by_state[e.state(key.proto)] += 1;
+                if e.is_snat() {
+                    report.snat_ports += 1;
+                    *per_backend.entry((e.snat_addr, e.backend)).or_default() += 1;
+                }
+                kept.insert(key, e);
+                continue;
+            };
+            // Read again: a packet since the bulk read may have refreshed or replaced it.
+            let Some(now_e) = self.ct.lookup::<FlowKey, CtEntry>(&key)? else {
+                continue;
+            };
+            if verdict(&key, &now_e, clock_now(self.clock_offset), owners) != Some(why) {
+                kept.insert(key, now_e);
+                continue;
+            }
+            if self.ct.delete(&key)? {
+                report.removed[why as usize] += 1;
+            }
+            let reply = now_e.reply_key(&key);
+            if let Some(rev) = self.rev.lookup::<FlowKey, NatRev>(&reply)?
+                && rev.flow_key(key.proto) == key
+            {
+                self.rev.delete(&reply)?;
+            }
+        }
+        report.snat_ports_busiest = per_backend.values().copied().max().unwrap_or(0);
+        // Reverse entries of no flow: removed when found so twice in a row.
+        let mut suspects = HashSet::new();
+        for (reply, rev) in self.rev.lookup_batch::<FlowKey, NatRev>()? {
+            let flow = rev.flow_key(reply.proto);
+            if reverse_is_current(&reply, &rev, kept.get(&flow)) {
+                continue;
+            }
+            if !self.suspects.contains(&reply) {
+                suspects.insert(reply);
+                continue;
+            }
+            let current = self.ct.lookup::<FlowKey, CtEntry>(&flow)?;
+            if !reverse_is_current(&reply, &rev, current.as_ref()) && self.rev.delete(&reply)? {
+                report.orphans_removed += 1;
+            }
+        }
+        self.suspects = suspects;
+        report.took = started.elapsed();
+        Ok(report)
+    }
+}
+
+/// Converts the entries of the `lb_ct_v1` map pinned at `from` into the current conntrack
+/// map under `layout` (entries already there are kept); returns how many.
+pub fn convert_v1_map(
+    from: &std::path::Path,
+    layout: &PinLayout,
+    timeouts: &CtTimeouts,
+    clock_offset: u32,
+) -> Result<usize, LoadError> {
+    let name = maps::CONNTRACK;
+    let merr = |source| LoadError::Map { name, source };
+    let old = aya::maps::MapData::from_pin(from).map_err(merr)?;
+    let old = RawMap::from_data(&old).map_err(|e| io_load(from, e))?;
+    let (new, _) = RawMap::open(layout, name)?;
+    let (backends, _) = RawMap::open(layout, maps::BACKENDS)?;
+    let now = clock_now(clock_offset);
+    let mut n = 0;
+    let entries = old
+        .lookup_batch::<FlowKey, CtEntryV1>()
+        .map_err(|e| io_load(from, e))?;
+    for (key, e) in entries {
+        let backend = backends
+            .lookup::<u32, Endpoint>(&e.backend_id)
+            .map_err(|e| io_load(from, e))?;
+        if let Some(v2) = convert_v1(&key, &e, backend, now, timeouts)
+            && new
+                .update(&key, &v2, BPF_NOEXIST)
+                .map_err(|e| io_load(from, e))?
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn io_load(path: &std::path::Path, source: io::Error) -> LoadError {
+    LoadError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_NOEXIST: u64 = 1;
+
+/// A map by file descriptor, with the few element calls the sweep needs (aya 0.14 has no
+/// batch calls).
+struct RawMap {
+    fd: OwnedFd,
+}
+
+/// `union bpf_attr` for the element calls.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr` for the batch calls.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: `attr` is a `bpf_attr` prefix of the size passed, valid for the call; the
+    // pointers inside it point at buffers the caller sized for the map.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl RawMap {
+    /// The map pinned under `layout`, checked against its spec, for writing; and its
+    /// capacity.
+    fn open(layout: &PinLayout, name: &'static str) -> Result<(Self, u32), LoadError> {
+        let data = open_writable(layout, name)?;
+        let capacity = data
+            .info()
+            .map(|i| i.max_entries())
+            .map_err(|source| LoadError::Map { name, source })?;
+        let map = Self::from_data(&data).map_err(|e| io_load(&layout.map(name), e))?;
+        Ok((map, capacity))
+    }
+
+    fn from_data(data: &aya::maps::MapData) -> io::Result<Self> {
+        Ok(Self {
+            fd: data.fd().as_fd().try_clone_to_owned()?,
+        })
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn lookup<K: aya::Pod, V: aya::Pod>(&self, key: &K) -> io::Result<Option<V>> {
+        let mut value = std::mem::MaybeUninit::<V>::uninit();
+        let mut attr = ElemAttr {
+            map_fd: self.raw() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: value.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            // SAFETY: the kernel wrote a whole value (a Pod type of the map's value size).
+            Ok(()) => Ok(Some(unsafe { value.assume_init() })),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `key` -> `value` with `flags`; false when `BPF_NOEXIST` found the key there.
+    fn update<K: aya::Pod, V: aya::Pod>(&self, key: &K, value: &V, flags: u64) -> io::Result<bool> {
+        let mut attr = ElemAttr {
+            map_fd: self.raw() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: std::ptr::from_ref(value) as u64,
+            flags,
+        };
+        match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes `key`; false when it was not there.
+    fn delete<K: aya::Pod>(&self, key: &K) -> io::Result<bool> {
+        let mut attr = ElemAttr {
+            map_fd: self.raw() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: 0,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every entry, read [`BATCH`] at a time with `BPF_MAP_LOOKUP_BATCH` (entries inserted
+    /// or deleted meanwhile may or may not be seen).
+    fn lookup_batch<K: aya::Pod, V: aya::Pod>(&self) -> io::Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        let mut keys = vec![0u8; BATCH * size_of::<K>()];
+        let mut values = vec![0u8; BATCH * size_of::<V>()];
+        // Hash maps' batch position is a bucket index (u32).
+        let (mut token_in, mut token_out) = (0u64, 0u64);
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first {
+                    0
+                } else {
+                    std::ptr::from_ref(&token_in) as u64
+                },
+                out_batch: std::ptr::from_mut(&mut token_out) as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: values.as_mut_ptr() as u64,
+                count: BATCH as u32,
+                map_fd: self.raw() as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            let rc = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = attr.count as usize;
+            for i in 0..n.min(BATCH) {
+                // SAFETY: the kernel wrote `n` whole keys and values (Pod types of the map's
+                // sizes) into the buffers; read unaligned.
+                unsafe {
+                    let k = std::ptr::read_unaligned(keys.as_ptr().add(i * size_of::<K>()).cast());
+                    let v =
+                        std::ptr::read_unaligned(values.as_ptr().add(i * size_of::<V>()).cast());
+                    out.push((k, v));
+                }
+            }
+            match rc {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+                Err(e) => return Err(e),
+            }
+            token_in = token_out;
+            first = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{
+        Addr6,
+        ns::{
+            CT_TCP_CLOSE_WAIT, CT_TCP_CLOSED, CT_TCP_ESTABLISHED, CT_TCP_SYN, CT_UDP,
+            CT_UDP_STREAM, TCP_FIN, TCP_RST, ct_state,
+        },
+    };
+
+    use super::*;
+
+    fn ep(last: u32, port: u16) -> Endpoint {
+        Endpoint::new(
+            Addr6::v4_mapped(u32::from_be_bytes([10, 0, 0, last as u8]).to_be()),
+            port.to_be(),
+        )
+    }
+
+    fn flow(proto: u8) -> FlowKey {
+        FlowKey::new(
+            Addr6::v4_mapped(u32::from_be_bytes([203, 0, 113, 7]).to_be()),
+            Addr6::v4_mapped(u32::from_be_bytes([192, 0, 2, 1]).to_be()),
+            40000u16.to_be(),
+            30080u16.to_be(),
+            proto,
+        )
+    }
+
+    fn entry(backend: Endpoint, svc_id: u32, expires: u32) -> CtEntry {
+        CtEntry {
+            backend,
+            snat_addr: Addr6::v4_mapped(u32::from_be_bytes([192, 0, 2, 1]).to_be()),
+            svc_id,
+            expires,
+            created: 0,
+            snat_port_be: 61000u16.to_be(),
+            fwd_flags: CT_SEEN | TCP_SYN | TCP_ACK,
+            rev_flags: CT_SEEN | TCP_SYN | TCP_ACK,
+        }
+    }
+
+    #[test]
+    fn the_state_follows_the_flags_of_both_directions() {
+        let s = CT_SEEN;
+        let tcp = proto::TCP;
+        assert_eq!(ct_state(tcp, s | TCP_SYN, 0), CT_TCP_SYN);
+        // The backend answered, the client has not acknowledged: still opening (a spoofed
+        // SYN never gets further).
+        assert_eq!(
+            ct_state(tcp, s | TCP_SYN, s | TCP_SYN | TCP_ACK),
+            CT_TCP_SYN
+        );
+        assert_eq!(
+            ct_state(tcp, s | TCP_SYN | TCP_ACK, s | TCP_SYN | TCP_ACK),
+            CT_TCP_ESTABLISHED
+        );
+        assert_eq!(
+            ct_state(tcp, s | TCP_ACK | TCP_FIN, s | TCP_ACK),
+            CT_TCP_CLOSE_WAIT
+        );
+        assert_eq!(
+            ct_state(tcp, s | TCP_ACK | TCP_FIN, s | TCP_ACK | TCP_FIN),
+            CT_TCP_CLOSED
+        );
+        assert_eq!(ct_state(tcp, s | TCP_ACK, s | TCP_RST), CT_TCP_CLOSED);
+        assert_eq!(ct_state(proto::UDP, s, 0), CT_UDP);
+        assert_eq!(ct_state(proto::UDP, s, s), CT_UDP_STREAM);
+    }
+
+    #[test]
+    fn the_sweep_removes_expired_flows_and_udp_flows_of_deleted_endpoints_only() {
+        let (a, b) = (ep(1, 8080), ep(2, 8080));
+        let owners: BTreeMap<u32, BTreeSet<Endpoint>> = [(7, [a].into())].into();
+        let now = 1000;
+        // Live TCP flow to an endpoint: kept.
+        assert_eq!(
+            verdict(&flow(proto::TCP), &entry(a, 7, 1001), now, &owners),
+            None
+        );
+        // Expired: removed, whatever else.
+        assert_eq!(
+            verdict(&flow(proto::TCP), &entry(a, 7, 1000), now, &owners),
+            Some(Removal::Expired)
+        );
+        // A TCP flow to a backend that is no longer an endpoint is kept until it ends (its
+        // pod may still be there: kube-proxy keeps such connections too).
+        assert_eq!(
+            verdict(&flow(proto::TCP), &entry(b, 7, 2000), now, &owners),
+            None
+        );
+        // A UDP one is removed, so its client moves.
+        assert_eq!(
+            verdict(&flow(proto::UDP), &entry(b, 7, 2000), now, &owners),
+            Some(Removal::EndpointGone)
+        );
+        assert_eq!(
+            verdict(&flow(proto::UDP), &entry(a, 7, 2000), now, &owners),
+            None
+        );
+        // A service no longer programmed.
+        assert_eq!(
+            verdict(&flow(proto::TCP), &entry(a, 8, 2000), now, &owners),
+            Some(Removal::ServiceGone)
+        );
+    }
+
+    #[test]
+    fn a_reverse_entry_is_current_only_while_its_flow_points_back_to_it() {
+        let key = flow(proto::TCP);
+        let e = entry(ep(1, 8080), 7, 2000);
+        let reply = e.reply_key(&key);
+        let rev = NatRev {
+            src: key.daddr,
+            dst: key.saddr,
+            sport_be: key.dport_be,
+            dport_be: key.sport_be,
+            svc_id: 7,
+        };
+        assert_eq!(rev.flow_key(proto::TCP), key);
+        assert!(reverse_is_current(&reply, &rev, Some(&e)));
+        assert!(!reverse_is_current(&reply, &rev, None));
+        // The client's flow was replaced by one on another SNAT port.
+        let moved = CtEntry {
+            snat_port_be: 61001u16.to_be(),
+            ..e
+        };
+        assert!(!reverse_is_current(&reply, &rev, Some(&moved)));
+    }
+
+    #[test]
+    fn v1_entries_convert_to_established_flows_with_their_backend() {
+        let key = flow(proto::TCP);
+        let old = CtEntryV1 {
+            backend_id: 3,
+            svc_id: 7,
+            snat_addr: Addr6::default(),
+            snat_port_be: 0,
+            _pad: [0; 6],
+        };
+        let t = CtTimeouts::DEFAULT;
+        let e = convert_v1(&key, &old, Some(ep(1, 8080)), 100, &t).expect("converted");
+        assert_eq!(e.backend, ep(1, 8080));
+        assert_eq!(e.state(proto::TCP), CT_TCP_ESTABLISHED);
+        assert_eq!(e.expires, 100 + t.secs[CT_TCP_ESTABLISHED]);
+        assert!(!e.is_snat());
+        assert_eq!(convert_v1(&key, &old, None, 100, &t), None);
+        let udp = convert_v1(&flow(proto::UDP), &old, Some(ep(1, 53)), 100, &t).unwrap();
+        assert_eq!(udp.state(proto::UDP), CT_UDP_STREAM);
+    }
+
+    #[test]
+    fn sweeps_come_sooner_while_they_find_much_to_remove() {
+        let max = Duration::from_secs(30);
+        let s = Duration::from_secs(8);
+        assert_eq!(next_interval(s, 500, 1000, max), Duration::from_secs(4));
+        assert_eq!(next_interval(MIN_INTERVAL, 500, 1000, max), MIN_INTERVAL);
+        assert_eq!(next_interval(s, 0, 1000, max), Duration::from_secs(16));
+        assert_eq!(next_interval(Duration::from_secs(20), 0, 1000, max), max);
+        assert_eq!(next_interval(s, 50, 1000, max), s);
+    }
+}
