@@ -41,7 +41,7 @@ static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 #[unsafe(no_mangle)]
 static CT_CLOCK_OFFSET: u32 = 0;
 /// Ports tried for a new SNAT flow before taking over a closed or expired flow's port.
-const SNAT_TRIES: u32 = 8;
+const SNAT_TRIES: u32 = 16;
 
 /// Now, in seconds of the coarse monotonic clock (what `CtEntry::expires` counts in).
 #[inline(always)]

@@ -178,8 +178,8 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     if new_flow {
         // SNAT when the backend is on another node (and the policy is Cluster), so
         // replies come back through this node.
-        let snat = (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc))
-            .then(|| fib::source(s, p.v6));
+        let snat =
+            (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc)).then(|| fib::source(s, p.v6));
         if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {
             return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
         }

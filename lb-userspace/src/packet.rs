@@ -54,15 +54,33 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     sum16(&p, 0)
 }
 
+/// TCP flag SYN, for [`tcp_frame`].
+pub const SYN: u8 = 0x02;
+/// TCP flag ACK.
+pub const ACK: u8 = 0x10;
+/// TCP flag FIN.
+pub const FIN: u8 = 0x01;
+/// TCP flag RST.
+pub const RST: u8 = 0x04;
+
 /// A TCP SYN (or a UDP datagram) from `src` to `dst` with `payload`, in an Ethernet frame.
 pub fn frame(proto: u8, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    build(proto, src, dst, SYN, payload)
+}
+
+/// A TCP segment with `flags` (e.g. `ACK | FIN`) from `src` to `dst`, in an Ethernet frame.
+pub fn tcp_frame(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+    build(TCP, src, dst, flags, payload)
+}
+
+fn build(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend(src.port().to_be_bytes());
     l4.extend(dst.port().to_be_bytes());
     if proto == TCP {
         l4.extend(1000u32.to_be_bytes()); // seq
-        l4.extend(0u32.to_be_bytes()); // ack
-        l4.extend([5 << 4, 0x02]); // data offset 5, SYN
+        l4.extend(u32::from(flags & ACK != 0).to_be_bytes()); // ack
+        l4.extend([5 << 4, flags]); // data offset 5, flags
         l4.extend(64240u16.to_be_bytes()); // window
         l4.extend([0, 0, 0, 0]); // checksum, urgent pointer
     } else {

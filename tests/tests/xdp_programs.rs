@@ -17,13 +17,14 @@ use lb_common::stats as st;
 use lb_tests::{
     manifest::{Ep, slice},
     netns::Netns,
-    packet::{self, L3, Parsed, TCP, UDP, frame},
+    packet::{self, ACK, FIN, L3, Parsed, RST, SYN, TCP, UDP, frame, tcp_frame},
     require_privileges,
     world::{new_tag, pin_dir_of},
 };
 use lb_userspace::{
-    conntrack::Sweeper,
-    datapath::bpf::{BpfDatapath, read_stats},
+    conntrack::{Sweeper, clock_now},
+    datapath::bpf::{BpfDatapath, read_conntrack, read_stats},
+    inspect::{self, FlowRow},
     loader::{Device, Loaded, MapSizes, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM},
     model::{Limits, ObjectRef},
     reconcile::Reconciler,
@@ -148,6 +149,7 @@ impl Drop for Node {
 
 /// The programs and the pipeline that programs their maps.
 struct Lab {
+    settings: Settings,
     loaded: Loaded,
     reconciler: Reconciler<BpfDatapath>,
     store: Store,
@@ -155,23 +157,30 @@ struct Lab {
     ext0: u32,
 }
 
+fn lab_sizes() -> MapSizes {
+    MapSizes {
+        services: 64,
+        slots: 1024,
+        backends: 256,
+        rev_nat: 1024,
+        affinity: 1024,
+        external: 64,
+        external_ids: 16,
+        table_entries: 16 * 251,
+        flows: 4096,
+        source_ranges: 64,
+    }
+}
+
 impl Lab {
     fn new(pins: &PathBuf) -> Self {
+        Self::with(pins, &Settings::default())
+    }
+
+    fn with(pins: &PathBuf, settings: &Settings) -> Self {
         let layout = PinLayout::new(pins);
-        let sizes = MapSizes {
-            services: 64,
-            slots: 1024,
-            backends: 256,
-            rev_nat: 1024,
-            affinity: 1024,
-            external: 64,
-            external_ids: 16,
-            table_entries: 16 * 251,
-            flows: 4096,
-            source_ranges: 64,
-        };
-        let mut loaded =
-            Loaded::load(&layout, &sizes, (61000, 65535)).expect("the programs pass the verifier");
+        let mut loaded = Loaded::load_with(&layout, &lab_sizes(), settings)
+            .expect("the programs pass the verifier");
         let ext0 = lb_userspace::netdev::ifindex("ext0").expect("ext0 exists");
         // Attaching for real also marks ext0 as a device XDP may send out of.
         loaded
@@ -196,6 +205,7 @@ impl Lab {
             "2001:db8:1::1".parse().unwrap(),
         ]);
         Self {
+            settings: *settings,
             loaded,
             reconciler,
             store,
@@ -276,6 +286,42 @@ impl Lab {
     fn stats(&self) -> Vec<u64> {
         read_stats(&self.layout).expect("stats")
     }
+
+    fn stat(&self, idx: u32) -> u64 {
+        self.stats()[idx as usize]
+    }
+
+    /// The programs loaded again over the same maps, their clock `secs` ahead: how the
+    /// flows look to packets that come that much later.
+    fn later(&self, secs: u32) -> Loaded {
+        let settings = Settings {
+            clock_offset: secs,
+            ..self.settings
+        };
+        Loaded::load_with(&self.layout, &lab_sizes(), &settings).expect("loads again")
+    }
+
+    /// The tracked flows as `lbctl conntrack` shows them, `secs` ahead.
+    fn flows(&self, secs: u32) -> Vec<FlowRow> {
+        let entries = read_conntrack(&self.layout, 100_000).expect("conntrack");
+        inspect::flows(self.reconciler.contents(), &entries, clock_now(secs))
+    }
+
+    /// The tracked flow from `client`.
+    fn flow(&self, client: SocketAddr, secs: u32) -> FlowRow {
+        self.flows(secs)
+            .into_iter()
+            .find(|f| f.client == client)
+            .unwrap_or_else(|| panic!("no flow from {client}"))
+    }
+}
+
+/// Runs XDP in `loaded` (see [`Lab::later`]).
+fn xdp_in(loaded: &mut Loaded, ifindex: u32, f: &[u8]) -> (i32, Vec<u8>) {
+    let out = loaded
+        .test_run(XDP_PROGRAM, f, ifindex, 1)
+        .expect("test run");
+    (out.verdict, out.frame)
 }
 
 fn ports(list: &[(&str, u16, &str, u16, u16)]) -> serde_json::Value {
@@ -734,6 +780,160 @@ fn established_flows_keep_their_backend_while_the_backend_set_changes() {
             spread.get(&sa("192.0.2.54:8080")).is_some_and(|n| *n >= 60),
             "{spread:?}"
         );
+    });
+}
+
+#[test]
+fn flows_have_a_state_and_a_lifetime_and_expire() {
+    if !require_privileges("flows_have_a_state_and_a_lifetime_and_expire") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        let (client, frontend, backend) = (
+            sa("203.0.113.7:40000"),
+            sa("192.0.2.1:30080"),
+            sa("192.0.2.50:8080"),
+        );
+
+        // A TCP segment of no flow is not a new flow: dropped and counted.
+        let (v, _) = lab.xdp(&tcp_frame(client, frontend, ACK, b"data"));
+        assert_eq!(v, XDP_DROP, "mid-stream packet of no flow");
+        assert_eq!(lab.stat(st::XDP_DROP_NO_FLOW), 1);
+
+        // The handshake: SYN (syn), the backend's SYN-ACK through the reverse path (still
+        // syn: a spoofed client never acknowledges), the client's ACK (established).
+        let out = lab.translated(&tcp_frame(client, frontend, SYN, b""), XDP_TX);
+        assert_eq!(out.dst, backend);
+        let snat = out.src;
+        let f = lab.flow(client, 0);
+        assert_eq!((f.state.as_str(), f.snat), ("syn", Some(snat)));
+        assert!((59..=60).contains(&f.expires_in_s), "{f:?}");
+        let back = lab.translated(&tcp_frame(backend, snat, SYN | ACK, b""), XDP_TX);
+        assert_eq!((back.src, back.dst), (frontend, client));
+        assert_eq!(lab.flow(client, 0).state, "syn");
+        lab.translated(&tcp_frame(client, frontend, ACK, b"GET /"), XDP_TX);
+        let f = lab.flow(client, 0);
+        assert_eq!(f.state, "established");
+        assert!((86_399..=86_400).contains(&f.expires_in_s), "{f:?}");
+
+        // A FIN one way: half closed; both ways: closed, kept 10 s for the last packets.
+        lab.translated(&tcp_frame(client, frontend, FIN | ACK, b""), XDP_TX);
+        assert_eq!(lab.flow(client, 0).state, "close_wait");
+        lab.translated(&tcp_frame(backend, snat, FIN | ACK, b""), XDP_TX);
+        let f = lab.flow(client, 0);
+        assert_eq!(f.state, "closed");
+        assert!((9..=10).contains(&f.expires_in_s), "{f:?}");
+        lab.translated(&tcp_frame(client, frontend, ACK, b""), XDP_TX);
+
+        // A UDP flow: 30 s without an answer.
+        let udp_client = sa("203.0.113.7:40001");
+        let udp = lab.translated(&frame(UDP, udp_client, sa("192.0.2.1:30053"), b"q"), XDP_TX);
+        let f = lab.flow(udp_client, 0);
+        assert_eq!(f.state, "udp");
+        assert!((29..=30).contains(&f.expires_in_s), "{f:?}");
+
+        // 31 s later both have expired: the programs ignore them at once. The client's
+        // late ACK is a packet of no flow; the backend's reply and the UDP answer pass to
+        // the stack untranslated.
+        let mut later = lab.later(31);
+        let ext0 = lab.ext0;
+        assert_eq!(lab.flow(client, 31).state, "expired");
+        let (v, _) = xdp_in(&mut later, ext0, &tcp_frame(client, frontend, ACK, b""));
+        assert_eq!(v, XDP_DROP);
+        let stale = lab.stat(st::STALE_REPLY);
+        let (v, _) = xdp_in(&mut later, ext0, &tcp_frame(backend, snat, ACK, b""));
+        assert_eq!(v, XDP_PASS, "reply of an expired flow");
+        let (v, _) = xdp_in(&mut later, ext0, &frame(UDP, udp.dst, udp.src, b"a"));
+        assert_eq!(v, XDP_PASS, "answer of an expired UDP flow");
+        assert_eq!(lab.stat(st::STALE_REPLY), stale + 2);
+
+        // The sweep (on the same clock) removes both with their reverse entries; a new
+        // SYN from the same client port is a new flow.
+        let owners = lab.reconciler.flow_endpoints();
+        let report = Sweeper::open(&lab.layout, 31)
+            .expect("maps")
+            .sweep(&owners)
+            .expect("sweep");
+        assert_eq!(report.removed, [2, 0, 0], "{report:?}");
+        assert!(lab.flows(31).is_empty());
+        let out = xdp_in(&mut later, ext0, &tcp_frame(client, frontend, SYN, b"")).0;
+        assert_eq!(out, XDP_TX);
+        assert_eq!(lab.flow(client, 31).state, "syn");
+        // Nothing else was left behind: a second sweep finds the orphan-free maps as they
+        // are (the new flow is live).
+        let mut sweeper = Sweeper::open(&lab.layout, 31).expect("maps");
+        for _ in 0..2 {
+            let r = sweeper.sweep(&owners).expect("sweep");
+            assert_eq!(r.removed_total(), 0, "{r:?}");
+        }
+    });
+}
+
+#[test]
+fn snat_ports_of_ended_flows_come_back_without_a_sweep() {
+    if !require_privileges("snat_ports_of_ended_flows_come_back_without_a_sweep") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let settings = Settings {
+            snat_ports: (61000, 61255),
+            ..Settings::default()
+        };
+        let mut lab = Lab::with(&node.pins, &settings);
+        lab.program(&manifests(&[0]));
+        let frontend = sa("192.0.2.1:30080");
+        let client = |i: u16| SocketAddr::new("203.0.113.7".parse().unwrap(), 20000 + i);
+
+        // A client port inside the SNAT range is kept when free, as Linux's NAT does.
+        let own = SocketAddr::new("203.0.113.9".parse().unwrap(), 61100);
+        let out = lab.translated(&tcp_frame(own, frontend, SYN, b""), XDP_TX);
+        assert_eq!(out.src.port(), 61100);
+
+        // Open flows until the 256 ports run out: new flows are then dropped and counted.
+        let mut open = Vec::new();
+        for i in 0..400 {
+            let (v, f) = lab.xdp(&tcp_frame(client(i), frontend, SYN, b""));
+            match v {
+                XDP_TX => open.push((client(i), packet::parse(&f).expect("frame").src)),
+                XDP_DROP => {}
+                other => panic!("verdict {other}"),
+            }
+        }
+        assert!(
+            open.len() >= 200 && open.len() <= 255,
+            "{} flows",
+            open.len()
+        );
+        assert!(lab.stat(st::XDP_DROP_NO_SNAT_PORT) > 0);
+        let ports: BTreeSet<u16> = open.iter().map(|(_, s)| s.port()).collect();
+        assert_eq!(ports.len(), open.len(), "one port per flow");
+
+        // The flows end (the clients reset them): with no sweep, new flows take their ports.
+        for (c, _) in &open {
+            lab.translated(&tcp_frame(*c, frontend, RST | ACK, b""), XDP_TX);
+        }
+        let reused = lab.stat(st::SNAT_PORT_REUSED);
+        // (Ports are tried at random, 16 at most: with 100 of some 250 ports still held
+        // by ended flows the odds of finding none are 1 in a million per flow.)
+        for i in 1000..1100 {
+            lab.translated(&tcp_frame(client(i), frontend, SYN, b""), XDP_TX);
+        }
+        assert!(lab.stat(st::SNAT_PORT_REUSED) > reused);
+        // A taken-over flow is gone, with its reverse entry: the maps hold one of each per
+        // live flow after a sweep that finds nothing expired.
+        let flows = lab.flows(0);
+        let live = flows.iter().filter(|f| f.state == "syn").count();
+        assert_eq!(live, 101, "the client in the range and the 100 new flows");
+        let snat_ports: BTreeSet<SocketAddr> = flows
+            .iter()
+            .filter(|f| f.state == "syn")
+            .filter_map(|f| f.snat)
+            .collect();
+        assert_eq!(snat_ports.len(), live, "no port held twice");
     });
 }
 
