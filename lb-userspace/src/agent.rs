@@ -358,10 +358,11 @@ impl Sweeps {
         self.at = self.at.min(self.last + conntrack::MIN_INTERVAL);
     }
 
-    fn start(&mut self, owners: BTreeMap<u32, BTreeSet<lb_common::Endpoint>>) {
+    fn start(&mut self, endpoints: BTreeMap<u32, BTreeSet<lb_common::Endpoint>>) {
         let Some(mut sweeper) = self.sweeper.take() else {
             return;
         };
+        let owners = conntrack::Owners::now(endpoints, sweeper.clock_offset());
         self.last = tokio::time::Instant::now();
         self.running = Some(tokio::task::spawn_blocking(move || {
             let r = sweeper.sweep(&owners);

@@ -76,18 +76,38 @@ impl Removal {
     }
 }
 
+/// The endpoints each programmed north-south service (by id) keeps flows to, as the agent
+/// knew them at one time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owners {
+    /// Endpoints by north-south service id.
+    pub endpoints: BTreeMap<u32, BTreeSet<Endpoint>>,
+    /// When they were taken, on the conntrack clock: flows created since (or in the same
+    /// second) may belong to services and endpoints programmed after, and are judged by a
+    /// later sweep.
+    pub at: u32,
+}
+
+impl Owners {
+    /// `endpoints`, taken now on the clock of programs loaded with `clock_offset`.
+    pub fn now(endpoints: BTreeMap<u32, BTreeSet<Endpoint>>, clock_offset: u32) -> Self {
+        Self {
+            endpoints,
+            at: clock_now(clock_offset),
+        }
+    }
+}
+
 /// Whether the sweep removes the flow `key` with entry `e` at time `now`, given the
-/// endpoints each programmed north-south service (by id) keeps flows to.
-pub fn verdict(
-    key: &FlowKey,
-    e: &CtEntry,
-    now: u32,
-    owners: &BTreeMap<u32, BTreeSet<Endpoint>>,
-) -> Option<Removal> {
+/// endpoints each programmed north-south service keeps flows to.
+pub fn verdict(key: &FlowKey, e: &CtEntry, now: u32, owners: &Owners) -> Option<Removal> {
     if now >= e.expires {
         return Some(Removal::Expired);
     }
-    let Some(endpoints) = owners.get(&e.svc_id) else {
+    if e.created >= owners.at {
+        return None;
+    }
+    let Some(endpoints) = owners.endpoints.get(&e.svc_id) else {
         return Some(Removal::ServiceGone);
     };
     (key.proto != proto::TCP && !endpoints.contains(&e.backend)).then_some(Removal::EndpointGone)
@@ -200,8 +220,13 @@ impl Sweeper {
         self.capacity
     }
 
+    /// The clock offset the programs were loaded with.
+    pub fn clock_offset(&self) -> u32 {
+        self.clock_offset
+    }
+
     /// One sweep, with the endpoints each programmed north-south service keeps flows to.
-    pub fn sweep(&mut self, owners: &BTreeMap<u32, BTreeSet<Endpoint>>) -> io::Result<SweepReport> {
+    pub fn sweep(&mut self, owners: &Owners) -> io::Result<SweepReport> {
         let started = Instant::now();
         let now = clock_now(self.clock_offset);
         let mut report = SweepReport::default();
@@ -546,7 +571,10 @@ mod tests {
     #[test]
     fn the_sweep_removes_expired_flows_and_udp_flows_of_deleted_endpoints_only() {
         let (a, b) = (ep(1, 8080), ep(2, 8080));
-        let owners: BTreeMap<u32, BTreeSet<Endpoint>> = [(7, [a].into())].into();
+        let owners = Owners {
+            endpoints: [(7, [a].into())].into(),
+            at: 999,
+        };
         let now = 1000;
         // Live TCP flow to an endpoint: kept.
         assert_eq!(
@@ -578,6 +606,13 @@ mod tests {
             verdict(&flow(proto::TCP), &entry(a, 8, 2000), now, &owners),
             Some(Removal::ServiceGone)
         );
+        // Unless the flow is younger than what the agent knew: its service or endpoint may
+        // have been programmed since.
+        let young = CtEntry {
+            created: 999,
+            ..entry(b, 8, 2000)
+        };
+        assert_eq!(verdict(&flow(proto::UDP), &young, now, &owners), None);
     }
 
     #[test]

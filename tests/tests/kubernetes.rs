@@ -308,7 +308,7 @@ fn metrics_report_the_agent_and_the_datapath() {
     assert_eq!(m(r#"lb_frontends{path="socket"}"#), 5.0);
     assert_eq!(m("lb_backends"), w.backends().len() as f64);
     // Map fill as lbctl capacity reads it from the maps (the LRU maps change with traffic).
-    let lru = ["lb_revnat_v1", "lb_aff_v1", "lb_ct_v1", "lb_natrev_v1"];
+    let lru = ["lb_revnat_v1", "lb_aff_v1", "lb_ct_v2", "lb_natrev_v1"];
     let capacity = w.capacity();
     assert!(capacity.len() >= 12, "{capacity:?}");
     for row in capacity {

@@ -324,7 +324,7 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
     assert!(m(r#"lb_datapath_drops_total{reason="source_range"}"#) >= 1.0);
     assert!(m(r#"lb_datapath_events_total{event="xdp_redirected"}"#) >= 1.0);
     assert!(m(r#"lb_frontends{path="north_south"}"#) >= 1.0);
-    assert!(m(r#"lb_map_entries{map="lb_ct_v1"}"#) >= 1.0);
+    assert!(m(r#"lb_map_entries{map="lb_ct_v2"}"#) >= 1.0);
     let (status, body) = c.agent_http("/healthz").expect("healthz");
     assert_eq!(status, 200, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
@@ -441,4 +441,75 @@ fn a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp() {
     assert!(!link.contains("xdp"), "{link}");
     let net = c.node_links();
     assert!(!net.contains("n-ext") && !net.contains("n-peer"), "{net}");
+}
+
+#[test]
+fn many_short_connections_through_a_small_snat_range_all_succeed() {
+    if !require_privileges("many_short_connections_through_a_small_snat_range_all_succeed") {
+        return;
+    }
+    // Sequential short connections (one request, closed by the client) to a node port whose
+    // only backend is on node B, so each is SNATed: 256 ports serve them all, as each port
+    // comes back when its flow closes. Bounded in count and time.
+    let count: u32 = std::env::var("LB_SNAT_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let mut c = Cluster::new(PORT);
+    c.write_manifest("web.yaml", &web(&[ALL_PODS[1]]));
+    c.start_agent(&[
+        "--xdp-mode",
+        "generic",
+        "--snat-ports",
+        "61000-61255",
+        "--conntrack-tcp-timeout-close",
+        "1s",
+        "--conntrack-gc-interval",
+        "1s",
+    ]);
+    c.wait_ready();
+    let frontend = format!("{NODE_A}:30080");
+    c.wait_until("web is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 1)
+    });
+    let started = std::time::Instant::now();
+    let attempts = c.tcp(sa(&frontend), count);
+    let took = started.elapsed();
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| a.error.is_some()).collect();
+    assert_eq!(attempts.len(), count as usize);
+    assert!(
+        failed.is_empty(),
+        "{} of {count} failed, first {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let (backends, seen) = answered(&attempts);
+    assert_eq!(backends, names(&["pod-b1"]));
+    assert_eq!(
+        seen.iter()
+            .map(|(_, ip)| ip.as_str())
+            .collect::<BTreeSet<_>>(),
+        [NODE_A_PEER].into(),
+        "SNATed to node A's address"
+    );
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
+    assert_eq!(stats["xdp_drop_no_snat_port"], 0, "{stats:?}");
+    assert_eq!(stats["xdp_drop_no_flow"], 0, "{stats:?}");
+    // At most one flow per port at any time: a port taken over takes its old flow along.
+    let flows: Vec<FlowRow> = c.lbctl_json(&["conntrack"]).expect("lbctl conntrack");
+    assert!(flows.len() <= 256, "{} flows tracked", flows.len());
+    // Closed flows expire after a second, and the sweep removes them.
+    c.wait_until(
+        "the closed flows are swept",
+        Duration::from_secs(10),
+        || {
+            c.lbctl_json::<Vec<FlowRow>>(&["conntrack"])
+                .is_some_and(|f| f.is_empty())
+        },
+    );
+    eprintln!(
+        "{count} connections in {:.1}s, {} SNAT ports reused",
+        took.as_secs_f64(),
+        stats["snat_port_reused"]
+    );
 }

@@ -22,7 +22,7 @@ use lb_tests::{
     world::{new_tag, pin_dir_of},
 };
 use lb_userspace::{
-    conntrack::{Sweeper, clock_now},
+    conntrack::{Owners, Sweeper, clock_now},
     datapath::bpf::{BpfDatapath, read_conntrack, read_stats},
     inspect::{self, FlowRow},
     loader::{Device, Loaded, MapSizes, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM},
@@ -755,9 +755,12 @@ fn established_flows_keep_their_backend_while_the_backend_set_changes() {
         // The sweep removes the UDP flows of the removed endpoint (so their clients move,
         // as kube-proxy clears UDP conntrack) and nothing else.
         let mut sweeper = Sweeper::open(&lab.layout, 0).expect("conntrack maps");
-        let report = sweeper
-            .sweep(&lab.reconciler.flow_endpoints())
-            .expect("sweep");
+        // (What the agent knew is from a second later than the flows were made.)
+        let owners = Owners {
+            endpoints: lab.reconciler.flow_endpoints(),
+            at: clock_now(1),
+        };
+        let report = sweeper.sweep(&owners).expect("sweep");
         let udp_gone = sa("192.0.2.53:5353");
         let udp_on_gone = udp_first.values().filter(|p| p.dst == udp_gone).count() as u64;
         assert!(udp_on_gone > 0);
@@ -852,7 +855,7 @@ fn flows_have_a_state_and_a_lifetime_and_expire() {
 
         // The sweep (on the same clock) removes both with their reverse entries; a new
         // SYN from the same client port is a new flow.
-        let owners = lab.reconciler.flow_endpoints();
+        let owners = Owners::now(lab.reconciler.flow_endpoints(), 31);
         let report = Sweeper::open(&lab.layout, 31)
             .expect("maps")
             .sweep(&owners)
