@@ -18,6 +18,7 @@ pub type RangeKey = (u32, SourceRange);
 
 pub mod bpf;
 pub mod fake;
+pub mod raw;
 pub mod rcu;
 
 /// One write to one map.

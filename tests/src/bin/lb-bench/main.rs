@@ -397,46 +397,6 @@ fn disruption(plan: &Plan, n: usize, m: u32) -> Vec<f64> {
 // ---------------------------------------------------------------------------------------
 // 8. Map update throughput: the agent's single-element writes vs BPF_MAP_UPDATE_BATCH.
 
-/// `BPF_MAP_UPDATE_BATCH` of `keys` and `values` (laid out as the map's key and value
-/// types) into the map `fd`; aya has no batch operations.
-fn update_batch(fd: i32, keys: &[u32], values: &[Endpoint]) -> std::io::Result<()> {
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: a valid bpf_attr for BPF_MAP_UPDATE_BATCH whose arrays outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 fn map_updates(report: &mut Report, plan: &Plan) {
     progress("8: map update throughput");
     let id = "8-map-updates";
@@ -459,12 +419,9 @@ fn map_updates(report: &mut Report, plan: &Plan) {
         let mut loaded =
             Loaded::load(&layout, &sizes, (61000, 65535)).map_err(|e| e.to_string())?;
         let mut dp = loaded.datapath().map_err(|e| e.to_string())?;
-        let backends = aya::maps::MapData::from_pin(layout.map(lb_common::maps::BACKENDS))
-            .map_err(|e| e.to_string())?;
-        let fd = {
-            use std::os::fd::AsFd as _;
-            backends.fd().as_fd().as_raw_fd()
-        };
+        let (backends, _) =
+            lb_userspace::datapath::raw::RawMap::open(&layout, lb_common::maps::BACKENDS)
+                .map_err(|e| e.to_string())?;
         let values: Vec<Endpoint> = (0..count)
             .map(|i| {
                 let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i);
@@ -484,7 +441,7 @@ fn map_updates(report: &mut Report, plan: &Plan) {
             // Batched, 10k elements per call.
             let t = Instant::now();
             for (k, v) in keys.chunks(10_000).zip(values.chunks(10_000)) {
-                update_batch(fd, k, v).map_err(|e| e.to_string())?;
+                backends.update_batch(k, v).map_err(|e| e.to_string())?;
             }
             batched.push(f64::from(count) / t.elapsed().as_secs_f64());
         }
