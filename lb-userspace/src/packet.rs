@@ -54,14 +54,8 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     sum16(&p, 0)
 }
 
-/// TCP flag SYN, for [`tcp_frame`].
-pub const SYN: u8 = 0x02;
-/// TCP flag ACK.
-pub const ACK: u8 = 0x10;
-/// TCP flag FIN.
-pub const FIN: u8 = 0x01;
-/// TCP flag RST.
-pub const RST: u8 = 0x04;
+/// TCP flags for [`tcp_frame`], as the kernel programs' conntrack reads them.
+pub use lb_common::ns::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN};
 
 /// A TCP SYN (or a UDP datagram) from `src` to `dst` with `payload`, in an Ethernet frame.
 pub fn frame(proto: u8, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
