@@ -58,6 +58,18 @@ pub struct FlowKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 impl FlowKey {
+    /// Sets every field in place, the padding zeroed: a BPF program builds keys in its
+    /// scratch memory this way rather than on its short stack.
+    #[inline(always)]
+    pub fn set(&mut self, saddr: &Addr6, daddr: &Addr6, sport_be: u16, dport_be: u16, proto: u8) {
+        self.saddr = *saddr;
+        self.daddr = *daddr;
+        self.sport_be = sport_be;
+        self.dport_be = dport_be;
+        self.proto = proto;
+        self._pad = [0; 3];
+    }
+
     /// A key with its padding zeroed.
     #[inline(always)]
     pub const fn new(saddr: Addr6, daddr: Addr6, sport_be: u16, dport_be: u16, proto: u8) -> Self {
@@ -208,27 +220,28 @@ impl CtEntry {
         self.snat_port_be != 0
     }
 
+    /// Where the flow's replies go, given the flow's key: the SNAT source, or the client.
+    #[inline(always)]
+    pub const fn reply_dst<'a>(&'a self, flow: &'a FlowKey) -> (&'a Addr6, u16) {
+        if self.is_snat() {
+            (&self.snat_addr, self.snat_port_be)
+        } else {
+            (&flow.saddr, flow.sport_be)
+        }
+    }
+
     /// The key of the flow's replies (backend to SNAT source or client), given the flow's
     /// key.
     #[inline(always)]
     pub const fn reply_key(&self, flow: &FlowKey) -> FlowKey {
-        if self.is_snat() {
-            FlowKey::new(
-                self.backend.addr,
-                self.snat_addr,
-                self.backend.port_be,
-                self.snat_port_be,
-                flow.proto,
-            )
-        } else {
-            FlowKey::new(
-                self.backend.addr,
-                flow.saddr,
-                self.backend.port_be,
-                flow.sport_be,
-                flow.proto,
-            )
-        }
+        let (daddr, dport_be) = self.reply_dst(flow);
+        FlowKey::new(
+            self.backend.addr,
+            *daddr,
+            self.backend.port_be,
+            dport_be,
+            flow.proto,
+        )
     }
 }
 
@@ -276,6 +289,16 @@ impl NatRev {
     #[inline(always)]
     pub const fn flow_key(&self, proto: u8) -> FlowKey {
         FlowKey::new(self.dst, self.src, self.dport_be, self.sport_be, proto)
+    }
+
+    /// Whether this reverse entry belongs to the flow `flow` (compared field by field, no
+    /// key built).
+    #[inline(always)]
+    pub fn is_of(&self, flow: &FlowKey) -> bool {
+        self.dst == flow.saddr
+            && self.src == flow.daddr
+            && self.dport_be == flow.sport_be
+            && self.sport_be == flow.dport_be
     }
 }
 

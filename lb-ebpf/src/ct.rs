@@ -17,7 +17,7 @@ use lb_common::{
     Addr6, Endpoint,
     ns::{
         CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
-        SOURCE_RANGE_ID_BITS, SourceRange, ct_state,
+        SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_SYN, ct_state,
     },
     stats as st,
 };
@@ -64,7 +64,7 @@ fn timeout(state: usize) -> u32 {
 /// Whether `flags` (a TCP flags byte) open a connection: SYN without ACK.
 #[inline(always)]
 pub fn is_syn(flags: u8) -> bool {
-    flags & (lb_common::ns::TCP_SYN | lb_common::ns::TCP_ACK) == lb_common::ns::TCP_SYN
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// The live conntrack entry of the flow `key` of service `svc_id`, if any: not expired, of
@@ -197,7 +197,13 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
     match snat {
         None => {
             // Replies come from the backend straight to the client.
-            set_reply(s, &key.saddr, key.sport_be, key.proto);
+            s.reply.set(
+                &s.chosen.ep.addr,
+                &key.saddr,
+                s.chosen.ep.port_be,
+                key.sport_be,
+                key.proto,
+            );
             // A failed insert only loses the reverse entry of this flow: replies then pass
             // untranslated and the client resets; nothing else is affected.
             let _ = NAT_REV.insert(&s.reply, &s.rev, 0);
@@ -226,18 +232,6 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
     true
 }
 
-/// Sets `s.reply` to the key of replies from the chosen backend to `dst` port `dport_be`,
-/// field by field (no key on the stack).
-#[inline(always)]
-fn set_reply(s: &mut Scratch, dst: &Addr6, dport_be: u16, proto: u8) {
-    s.reply.saddr = s.chosen.ep.addr;
-    s.reply.daddr = *dst;
-    s.reply.sport_be = s.chosen.ep.port_be;
-    s.reply.dport_be = dport_be;
-    s.reply.proto = proto;
-    s.reply._pad = [0; 3];
-}
-
 /// Removes the reverse entry of the flow an entry for `key` recorded before, if that entry
 /// still belongs to it: the new flow may take another port or backend, and the old one's
 /// SNAT port is then free at once. Reads the entries in place (the stack is short).
@@ -246,37 +240,25 @@ fn release_old(s: &mut Scratch, key: &FlowKey) {
     let Some(old) = CONNTRACK.get_ptr(key) else {
         return;
     };
-    // SAFETY: a live LRU value, read field by field into the scratch key.
+    // SAFETY: a live LRU value, read in place.
     unsafe {
         let old = &*old;
-        s.reply.saddr = old.backend.addr;
-        s.reply.sport_be = old.backend.port_be;
-        if old.is_snat() {
-            s.reply.daddr = old.snat_addr;
-            s.reply.dport_be = old.snat_port_be;
-        } else {
-            s.reply.daddr = key.saddr;
-            s.reply.dport_be = key.sport_be;
-        }
-        s.reply.proto = key.proto;
-        s.reply._pad = [0; 3];
+        let (daddr, dport_be) = old.reply_dst(key);
+        s.reply.set(
+            &old.backend.addr,
+            daddr,
+            old.backend.port_be,
+            dport_be,
+            key.proto,
+        );
     }
     let Some(rev) = NAT_REV.get_ptr(&s.reply) else {
         return;
     };
     // SAFETY: as above.
-    if unsafe { names(&*rev, key) } {
+    if unsafe { (*rev).is_of(key) } {
         let _ = NAT_REV.remove(&s.reply);
     }
-}
-
-/// Whether reverse entry `rev` is one of the flow `key`.
-#[inline(always)]
-fn names(rev: &NatRev, key: &FlowKey) -> bool {
-    rev.dst == key.saddr
-        && rev.src == key.daddr
-        && rev.dport_be == key.sport_be
-        && rev.sport_be == key.dport_be
 }
 
 /// Claims an SNAT port for the flow `key` to the backend in `s.chosen`, SNATed to `ip`, and
@@ -297,7 +279,13 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     };
     let mut reusable = 0u16;
     for _ in 0..SNAT_TRIES {
-        set_reply(s, ip, port.to_be(), key.proto);
+        s.reply.set(
+            &s.chosen.ep.addr,
+            ip,
+            s.chosen.ep.port_be,
+            port.to_be(),
+            key.proto,
+        );
         if NAT_REV
             .insert(&s.reply, &s.rev, u64::from(BPF_NOEXIST))
             .is_ok()
@@ -313,7 +301,13 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     if reusable == 0 {
         return None;
     }
-    set_reply(s, ip, reusable.to_be(), key.proto);
+    s.reply.set(
+        &s.chosen.ep.addr,
+        ip,
+        s.chosen.ep.port_be,
+        reusable.to_be(),
+        key.proto,
+    );
     // The flow holding the port is over: its entry goes, so its late packets cannot reach
     // the backend from the port the new flow now uses.
     if !is_over(s, now) {

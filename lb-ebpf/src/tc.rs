@@ -1,7 +1,8 @@
 //! tc egress on the node's external devices: replies of flows translated to a backend on this
 //! node (not SNATed, so they leave the node towards the client directly) get the frontend back
-//! as their source, while their flow lives (they also keep its state and lifetime). Checksums are updated with the skb helpers, which handle checksums the
-//! stack has left to the device (CHECKSUM_PARTIAL).
+//! as their source, while their flow lives (they also keep its state and lifetime).
+//! Checksums are updated with the skb helpers, which handle checksums the stack has left to
+//! the device (CHECKSUM_PARTIAL).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},

@@ -256,7 +256,7 @@ impl Sweeper {
             }
             let reply = now_e.reply_key(&key);
             if let Some(rev) = self.rev.lookup::<FlowKey, NatRev>(&reply)?
-                && rev.flow_key(key.proto) == key
+                && rev.is_of(&key)
             {
                 self.rev.delete(&reply)?;
             }
