@@ -340,9 +340,7 @@ impl Sweeps {
             sweeper,
             running: None,
             at: now + conntrack::MIN_INTERVAL,
-            interval: max
-                .min(conntrack::DEFAULT_MAX_INTERVAL)
-                .max(conntrack::MIN_INTERVAL),
+            interval: max.max(conntrack::MIN_INTERVAL),
             max,
             last: now,
         }

@@ -35,8 +35,6 @@ use crate::{
 
 /// Shortest interval between sweeps.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
-/// Default longest interval between sweeps (`--conntrack-gc-interval`).
-pub const DEFAULT_MAX_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Now on the kernel programs' conntrack clock: seconds of `CLOCK_MONOTONIC_COARSE` (what
 /// `bpf_ktime_get_coarse_ns` reads), plus the programs' clock offset.

@@ -416,7 +416,7 @@ impl<D: Datapath> Reconciler<D> {
 
     /// The endpoints whose flows each programmed north-south service (by id) keeps, for the
     /// conntrack sweep ([`crate::conntrack`]).
-    pub fn flow_endpoints(&self) -> std::collections::BTreeMap<u32, BTreeSet<Endpoint>> {
+    pub fn flow_endpoints(&self) -> BTreeMap<u32, BTreeSet<Endpoint>> {
         self.ext.flow_endpoints()
     }
 
