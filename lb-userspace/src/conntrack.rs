@@ -14,7 +14,8 @@
 //!   flow writes its reverse entry just before its conntrack entry).
 //!
 //! Each deletion first reads the entry again, so a flow refreshed or replaced since the bulk
-//! read is kept. What to delete is decided by [`verdict`], a pure function.
+//! read is kept, and deletes by lookup-and-delete, putting back what a packet wrote between
+//! the two calls ([`delete_if`]). What to delete is decided by [`verdict`], a pure function.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -245,18 +246,22 @@ impl Sweeper {
             let Some(now_e) = self.ct.lookup::<FlowKey, CtEntry>(&key)? else {
                 continue;
             };
-            if verdict(&key, &now_e, clock_now(self.clock_offset), owners) != Some(why) {
+            let now = clock_now(self.clock_offset);
+            if verdict(&key, &now_e, now, owners) != Some(why) {
                 kept.insert(key, now_e);
                 continue;
             }
-            if self.ct.delete(&key)? {
-                report.removed[why as usize] += 1;
+            if !delete_if(&self.ct, &key, |e: &CtEntry| {
+                verdict(&key, e, now, owners) == Some(why)
+            })? {
+                continue;
             }
+            report.removed[why as usize] += 1;
             let reply = now_e.reply_key(&key);
             if let Some(rev) = self.rev.lookup::<FlowKey, NatRev>(&reply)?
                 && rev.is_of(&key)
             {
-                self.rev.delete(&reply)?;
+                delete_if(&self.rev, &reply, |r: &NatRev| r.is_of(&key))?;
             }
         }
         report.snat_ports_busiest = per_backend.values().copied().max().unwrap_or(0);
@@ -272,7 +277,9 @@ impl Sweeper {
                 continue;
             }
             let current = self.ct.lookup::<FlowKey, CtEntry>(&flow)?;
-            if !reverse_is_current(&reply, &rev, current.as_ref()) && self.rev.delete(&reply)? {
+            if !reverse_is_current(&reply, &rev, current.as_ref())
+                && delete_if(&self.rev, &reply, |r: &NatRev| *r == rev)?
+            {
                 report.orphans_removed += 1;
             }
         }
@@ -280,6 +287,26 @@ impl Sweeper {
         report.took = started.elapsed();
         Ok(report)
     }
+}
+
+/// Deletes `key` from `map` if the value it holds at the instant of deletion is still one
+/// the sweep `judged` removable; any other (a new flow's, written by a packet since the
+/// sweep read it) is put back at once, unless a newer one is there already. A plain delete
+/// after a read would remove such a flow: under port pressure a new flow can take a port
+/// over, or a client reuse its port, between the two calls. Whether it was deleted.
+fn delete_if<K: aya::Pod, V: aya::Pod>(
+    map: &RawMap,
+    key: &K,
+    judged: impl FnOnce(&V) -> bool,
+) -> io::Result<bool> {
+    let Some(gone) = map.take::<K, V>(key)? else {
+        return Ok(false);
+    };
+    if judged(&gone) {
+        return Ok(true);
+    }
+    map.update(key, &gone, BPF_NOEXIST)?;
+    Ok(false)
 }
 
 /// Converts the entries of the `lb_ct_v1` map pinned at `from` into the current conntrack

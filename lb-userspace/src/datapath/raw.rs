@@ -12,7 +12,7 @@ use crate::loader::{LoadError, PinLayout, open_writable};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// `BPF_NOEXIST`: an update that fails when the key is there.
@@ -115,6 +115,22 @@ impl RawMap {
 
     /// The value of `key`, if any.
     pub fn lookup<K: aya::Pod, V: aya::Pod>(&self, key: &K) -> io::Result<Option<V>> {
+        self.value_of(BPF_MAP_LOOKUP_ELEM, key)
+    }
+
+    /// Deletes `key` and returns the value it held at that instant, if any
+    /// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, Linux 5.14 for hash maps): a caller that finds
+    /// a value other than the one it meant to delete can put it back.
+    pub fn take<K: aya::Pod, V: aya::Pod>(&self, key: &K) -> io::Result<Option<V>> {
+        self.value_of(BPF_MAP_LOOKUP_AND_DELETE_ELEM, key)
+    }
+
+    /// An element call `cmd` on `key` that reads its value.
+    fn value_of<K: aya::Pod, V: aya::Pod>(
+        &self,
+        cmd: libc::c_long,
+        key: &K,
+    ) -> io::Result<Option<V>> {
         let mut value = std::mem::MaybeUninit::<V>::uninit();
         let mut attr = ElemAttr {
             map_fd: self.raw() as u32,
@@ -123,7 +139,7 @@ impl RawMap {
             value: value.as_mut_ptr() as u64,
             flags: 0,
         };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        match bpf(cmd, &mut attr) {
             // SAFETY: the kernel wrote a whole value (a Pod type of the map's value size).
             Ok(()) => Ok(Some(unsafe { value.assume_init() })),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
@@ -148,22 +164,6 @@ impl RawMap {
         match bpf(BPF_MAP_UPDATE_ELEM, &mut attr) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Deletes `key`; false when it was not there.
-    pub fn delete<K: aya::Pod>(&self, key: &K) -> io::Result<bool> {
-        let mut attr = ElemAttr {
-            map_fd: self.raw() as u32,
-            _pad: 0,
-            key: std::ptr::from_ref(key) as u64,
-            value: 0,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
     }
