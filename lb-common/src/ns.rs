@@ -94,6 +94,10 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 /// Not a TCP flag: set in a direction's flags of a [`CtEntry`] once any packet went that way.
 pub const CT_SEEN: u8 = 0x80;
+/// Not a TCP flag (the bit of ECE, which is not kept): set in a direction's flags of a
+/// [`CtEntry`] once the other side sent a packet after this direction's FIN, so the FIN was
+/// answered. A flow whose two FINs are answered is over at both ends (see [`ct_over`]).
+pub const CT_FIN_ANSWERED: u8 = 0x40;
 /// The TCP flags a [`CtEntry`] keeps per direction (with [`CT_SEEN`]).
 pub const CT_FLAGS: u8 = TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK | CT_SEEN;
 
@@ -104,8 +108,9 @@ pub const CT_TCP_ESTABLISHED: usize = 1;
 /// A TCP flow one side of which sent a FIN (the other may still send: a half-closed
 /// connection, conntrack's CLOSE_WAIT).
 pub const CT_TCP_CLOSE_WAIT: usize = 2;
-/// A TCP flow that is over: a FIN went both ways, or a RST either way. Its SNAT port may be
-/// taken by a new flow at once; the entry stays a little longer for the last packets.
+/// A TCP flow that is closing for good: a FIN went both ways, or a RST either way. The
+/// entry stays a little longer for the last packets; its SNAT port may be taken by a new
+/// flow once the flow is over ([`ct_over`]).
 pub const CT_TCP_CLOSED: usize = 3;
 /// A UDP flow whose backend has not answered.
 pub const CT_UDP: usize = 4;
@@ -144,6 +149,16 @@ pub const fn ct_state(proto: u8, fwd: u8, rev: u8) -> usize {
     } else {
         CT_TCP_SYN
     }
+}
+
+/// Whether a flow of protocol `proto` with direction flags `fwd` and `rev` is over at both
+/// ends, so that its SNAT port may serve a new flow before the entry expires: a TCP flow
+/// that saw a RST, or whose two FINs were answered. Until the last FIN is answered, the side
+/// that sent it still holds the connection (LAST_ACK), and a new SYN from the same port
+/// would meet it and stall. UDP flows are never over before they expire.
+#[inline(always)]
+pub const fn ct_over(proto: u8, fwd: u8, rev: u8) -> bool {
+    proto == crate::proto::TCP && ((fwd | rev) & TCP_RST != 0 || (fwd & rev & CT_FIN_ANSWERED) != 0)
 }
 
 /// The lifetime of an entry in each state, in seconds: how long after its last packet it
@@ -203,15 +218,47 @@ pub struct CtEntry {
     pub fwd_flags: u8,
     /// TCP flags the backend sent, and [`CT_SEEN`] once it answered.
     pub rev_flags: u8,
+    /// When the flags last changed: the low 32 bits of the same clock in milliseconds. It
+    /// wraps every 49 days, so it is only compared over short spans (see
+    /// [`CtEntry::frees_port`]).
+    pub changed_ms: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 52);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
+
+/// How long a flow must have been over before its SNAT port serves a new flow, in
+/// milliseconds. The old flow's last packets may still be crossing, reordered behind the
+/// new flow's SYN on another CPU or link; a SYN that reaches the backend first meets the
+/// old connection there and is lost. Linux's own port reuse (`tcp_tw_reuse`) waits too.
+pub const CT_PORT_GRACE_MS: u32 = 10;
 
 impl CtEntry {
     /// The flow's state (a `CT_*` state) for protocol `proto`.
     #[inline(always)]
     pub const fn state(&self, proto: u8) -> usize {
         ct_state(proto, self.fwd_flags, self.rev_flags)
+    }
+
+    /// Whether the flow is over at both ends: see [`ct_over`].
+    #[inline(always)]
+    pub const fn is_over(&self, proto: u8) -> bool {
+        ct_over(proto, self.fwd_flags, self.rev_flags)
+    }
+
+    /// Whether the entry has expired at `now` (seconds). It lives through the second its
+    /// expiry names, so on the coarse clock a lifetime of n seconds lasts at least n.
+    #[inline(always)]
+    pub const fn expired(&self, now: u32) -> bool {
+        now > self.expires
+    }
+
+    /// Whether the flow's SNAT port may serve a new flow at `now` (seconds) and `now_ms`
+    /// (the low bits of the clock in milliseconds): the entry expired, or the flow has been
+    /// over at both ends for [`CT_PORT_GRACE_MS`].
+    #[inline(always)]
+    pub const fn frees_port(&self, proto: u8, now: u32, now_ms: u32) -> bool {
+        self.expired(now)
+            || (self.is_over(proto) && now_ms.wrapping_sub(self.changed_ms) >= CT_PORT_GRACE_MS)
     }
 
     /// Whether the flow is SNATed.

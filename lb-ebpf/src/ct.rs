@@ -16,8 +16,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr6, Endpoint,
     ns::{
-        CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
-        SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_SYN, ct_state,
+        CT_FIN_ANSWERED, CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
+        SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_FIN, TCP_SYN, ct_state,
     },
     stats as st,
 };
@@ -40,7 +40,7 @@ static CT_TIMEOUTS: CtTimeouts = CtTimeouts::DEFAULT;
 /// Seconds added to the clock: zero, except in tests that move time forward.
 #[unsafe(no_mangle)]
 static CT_CLOCK_OFFSET: u32 = 0;
-/// Ports tried for a new SNAT flow before taking over a closed or expired flow's port.
+/// Ports tried for a new SNAT flow before taking over the port of an ended or expired flow.
 const SNAT_TRIES: u32 = 16;
 
 /// Now, in seconds of the coarse monotonic clock (what `CtEntry::expires` counts in).
@@ -50,6 +50,17 @@ pub fn now() -> u32 {
     unsafe {
         (bpf_ktime_get_coarse_ns() / 1_000_000_000) as u32
             + core::ptr::read_volatile(&CT_CLOCK_OFFSET)
+    }
+}
+
+/// Now, in milliseconds of the same clock, low 32 bits (what `CtEntry::changed_ms` counts
+/// in). Read only when a flow's flags change or a port is taken over.
+#[inline(always)]
+fn now_ms() -> u32 {
+    // SAFETY: as in `now`.
+    unsafe {
+        ((bpf_ktime_get_coarse_ns() / 1_000_000) as u32)
+            .wrapping_add(core::ptr::read_volatile(&CT_CLOCK_OFFSET).wrapping_mul(1000))
     }
 }
 
@@ -76,7 +87,7 @@ pub fn live(key: &FlowKey, svc_id: u32, syn: bool, now: u32) -> Option<*mut CtEn
     let ct = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a live LRU value; its fields are read one by one.
     let e = unsafe { &*ct };
-    if e.svc_id != svc_id || now >= e.expires {
+    if e.svc_id != svc_id || e.expired(now) {
         return None;
     }
     if syn && e.state(key.proto) == CT_TCP_CLOSED {
@@ -108,7 +119,7 @@ pub fn reply_flow(
 /// Whether the live entry `e` of service `svc_id` sends its replies with key `reply`.
 #[inline(always)]
 fn points_back(e: &CtEntry, reply: &FlowKey, svc_id: u32, now: u32) -> bool {
-    e.svc_id == svc_id && now < e.expires && replies_to(e, reply)
+    e.svc_id == svc_id && !e.expired(now) && replies_to(e, reply)
 }
 
 /// Whether the entry `e` sends its replies with key `reply`.
@@ -133,10 +144,11 @@ pub fn touch(ct: *mut CtEntry, proto: u8, flags: u8, reply: bool, now: u32) {
     // these stores; a lost flag comes back with the next packet of that direction.
     unsafe {
         let (fwd, rev) = ((*ct).fwd_flags, (*ct).rev_flags);
+        // A packet answers the other direction's FIN when one was seen before it.
         let (new_fwd, new_rev) = if reply {
-            (fwd, rev | bits)
+            (fwd | answered(fwd), rev | bits)
         } else {
-            (fwd | bits, rev)
+            (fwd | bits, rev | answered(rev))
         };
         let lifetime = timeout(ct_state(proto, new_fwd, new_rev));
         let expires = now.saturating_add(lifetime);
@@ -144,9 +156,20 @@ pub fn touch(ct: *mut CtEntry, proto: u8, flags: u8, reply: bool, now: u32) {
             (*ct).fwd_flags = new_fwd;
             (*ct).rev_flags = new_rev;
             (*ct).expires = expires;
+            (*ct).changed_ms = now_ms();
         } else if expires > (*ct).expires.saturating_add(lifetime / 8) {
             (*ct).expires = expires;
         }
+    }
+}
+
+/// [`CT_FIN_ANSWERED`] if the direction with flags `flags` sent a FIN, else nothing.
+#[inline(always)]
+fn answered(flags: u8) -> u8 {
+    if flags & TCP_FIN != 0 {
+        CT_FIN_ANSWERED
+    } else {
+        0
     }
 }
 
@@ -227,6 +250,7 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
     s.ct.created = now;
     s.ct.fwd_flags = (flags & CT_FLAGS) | CT_SEEN;
     s.ct.rev_flags = 0;
+    s.ct.changed_ms = now_ms();
     s.ct.expires = now.saturating_add(timeout(ct_state(key.proto, s.ct.fwd_flags, 0)));
     let _ = CONNTRACK.insert(key, &s.ct, 0);
     true
@@ -264,8 +288,9 @@ fn release_old(s: &mut Scratch, key: &FlowKey) {
 /// Claims an SNAT port for the flow `key` to the backend in `s.chosen`, SNATed to `ip`, and
 /// records the reverse entry (already in `s.rev`). The client's own port is kept when it is
 /// in the range and free (as Linux's NAT does); otherwise ports are tried at random. When
-/// none of those is free, the port of a closed or expired flow found among them is taken
-/// over (that flow's entry is removed), as its flow is over.
+/// none of those is free, the port of an expired flow found among them, or of one over at
+/// both ends for a moment (`CtEntry::frees_port`), is taken over (that flow's entry is
+/// removed).
 #[inline(always)]
 fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16> {
     let (min, max) = snat_range();
@@ -292,7 +317,7 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
         {
             return Some(port.to_be());
         }
-        if reusable == 0 && is_over(s, now) {
+        if reusable == 0 && reusable_port(s, now) {
             reusable = port;
         }
         // SAFETY: plain helper call.
@@ -310,7 +335,7 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     );
     // The flow holding the port is over: its entry goes, so its late packets cannot reach
     // the backend from the port the new flow now uses.
-    if !is_over(s, now) {
+    if !reusable_port(s, now) {
         // Taken by a live flow since it was tried.
         return None;
     }
@@ -324,12 +349,12 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     Some(reusable.to_be())
 }
 
-/// Whether the reverse entry at `s.reply` belongs to no live flow, or to one that is over
-/// (a closed TCP flow): its port may be taken over. When that flow's entry is still there,
-/// leaves its key in `s.fwd` (else `s.fwd.proto` is zero). Its own BPF function (called from
-/// the port loop).
+/// Whether the reverse entry at `s.reply` belongs to no live flow, or to one whose port is
+/// free again (`CtEntry::frees_port`): its port may be taken over. When that flow's entry
+/// is still there, leaves its key in `s.fwd` (else `s.fwd.proto` is zero). Its own BPF
+/// function (called from the port loop).
 #[inline(never)]
-fn is_over(s: &mut Scratch, now: u32) -> bool {
+fn reusable_port(s: &mut Scratch, now: u32) -> bool {
     s.fwd.proto = 0;
     let Some(rev) = NAT_REV.get_ptr(&s.reply) else {
         return true;
@@ -350,7 +375,7 @@ fn is_over(s: &mut Scratch, now: u32) -> bool {
         s.fwd.proto = 0;
         return true;
     }
-    e.svc_id != rev_svc || now >= e.expires || e.state(s.reply.proto) == CT_TCP_CLOSED
+    e.svc_id != rev_svc || e.frees_port(s.reply.proto, now, now_ms())
 }
 
 /// Whether `addr` is inside the `loadBalancerSourceRanges` of service `svc_id`.

@@ -2,9 +2,9 @@
 //! already treat as gone, so memory stays bounded and SNAT ports come back.
 //!
 //! The kernel (`lb-ebpf/src/ct.rs`) gives every flow a lifetime by state and counts an
-//! expired entry as absent at once; a closed or expired flow's SNAT port can be taken by a
-//! new flow before any sweep. The sweep ([`Sweeper::sweep`]), run off the sync path at an
-//! interval that shortens while it finds much to delete, removes:
+//! expired entry as absent at once; the SNAT port of a flow that ended or expired can be
+//! taken by a new flow before any sweep. The sweep ([`Sweeper::sweep`]), run off the sync
+//! path at an interval that shortens while it finds much to delete, removes:
 //! - expired entries, with their reverse entries;
 //! - entries of north-south services that are no longer programmed;
 //! - UDP flows to a backend that is no longer an endpoint of the service (in any condition),
@@ -99,7 +99,7 @@ impl Owners {
 /// Whether the sweep removes the flow `key` with entry `e` at time `now`, given the
 /// endpoints each programmed north-south service keeps flows to.
 pub fn verdict(key: &FlowKey, e: &CtEntry, now: u32, owners: &Owners) -> Option<Removal> {
-    if now >= e.expires {
+    if e.expired(now) {
         return Some(Removal::Expired);
     }
     if e.created >= owners.at {
@@ -141,6 +141,8 @@ pub fn convert_v1(
         snat_port_be: old.snat_port_be,
         fwd_flags: flags,
         rev_flags: flags,
+        // Read only once the flow is over, which takes a change of flags that sets it.
+        changed_ms: 0,
     };
     let lifetime = timeouts.secs[e.state(key.proto)];
     e.expires = now.saturating_add(lifetime);
@@ -355,8 +357,9 @@ mod tests {
     use lb_common::{
         Addr6,
         ns::{
-            CT_TCP_CLOSE_WAIT, CT_TCP_CLOSED, CT_TCP_ESTABLISHED, CT_TCP_SYN, CT_UDP,
-            CT_UDP_STREAM, TCP_FIN, TCP_RST, ct_state,
+            CT_FIN_ANSWERED, CT_PORT_GRACE_MS, CT_TCP_CLOSE_WAIT, CT_TCP_CLOSED,
+            CT_TCP_ESTABLISHED, CT_TCP_SYN, CT_UDP, CT_UDP_STREAM, TCP_FIN, TCP_RST, ct_over,
+            ct_state,
         },
     };
 
@@ -389,6 +392,7 @@ mod tests {
             snat_port_be: 61000u16.to_be(),
             fwd_flags: CT_SEEN | TCP_SYN | TCP_ACK,
             rev_flags: CT_SEEN | TCP_SYN | TCP_ACK,
+            changed_ms: 0,
         }
     }
 
@@ -421,6 +425,32 @@ mod tests {
     }
 
     #[test]
+    fn a_port_is_free_once_both_fins_are_answered_a_moment_ago_or_the_flow_expired() {
+        let (s, a, fin) = (CT_SEEN, TCP_ACK, TCP_FIN);
+        let tcp = proto::TCP;
+        // Closed, but the last FIN not yet answered: its sender is in LAST_ACK.
+        assert!(!ct_over(tcp, s | a | fin | CT_FIN_ANSWERED, s | a | fin));
+        assert!(ct_over(
+            tcp,
+            s | a | fin | CT_FIN_ANSWERED,
+            s | a | fin | CT_FIN_ANSWERED
+        ));
+        assert!(ct_over(tcp, s | a, s | TCP_RST));
+        assert!(!ct_over(proto::UDP, s, s));
+
+        let mut e = entry(ep(1, 8080), 7, 100);
+        e.fwd_flags |= TCP_RST;
+        e.changed_ms = u32::MAX - 4;
+        // Over 5 ms ago (across the wrap of the millisecond clock): not yet.
+        assert!(!e.frees_port(tcp, 50, 0));
+        assert!(e.frees_port(tcp, 50, CT_PORT_GRACE_MS));
+        // An entry lives through the second its expiry names.
+        let live = entry(ep(1, 8080), 7, 100);
+        assert!(!live.expired(100) && live.expired(101));
+        assert!(!live.frees_port(tcp, 100, 0) && live.frees_port(tcp, 101, 0));
+    }
+
+    #[test]
     fn the_sweep_removes_expired_flows_and_udp_flows_of_deleted_endpoints_only() {
         let (a, b) = (ep(1, 8080), ep(2, 8080));
         let owners = Owners {
@@ -428,14 +458,14 @@ mod tests {
             at: 999,
         };
         let now = 1000;
-        // Live TCP flow to an endpoint: kept.
+        // Live TCP flow to an endpoint: kept, through the second its expiry names.
         assert_eq!(
-            verdict(&flow(proto::TCP), &entry(a, 7, 1001), now, &owners),
+            verdict(&flow(proto::TCP), &entry(a, 7, 1000), now, &owners),
             None
         );
         // Expired: removed, whatever else.
         assert_eq!(
-            verdict(&flow(proto::TCP), &entry(a, 7, 1000), now, &owners),
+            verdict(&flow(proto::TCP), &entry(a, 7, 999), now, &owners),
             Some(Removal::Expired)
         );
         // A TCP flow to a backend that is no longer an endpoint is kept until it ends (its

@@ -375,7 +375,7 @@ pub fn flows(c: &Contents, entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<Flow
                 .is_snat()
                 .then(|| SocketAddr::new(to_ip(e.snat_addr), u16::from_be(e.snat_port_be))),
             service: info_text(c.external_info.get(&e.svc_id)).0,
-            state: if now >= e.expires {
+            state: if e.expired(now) {
                 "expired".into()
             } else {
                 CT_STATE_NAMES[e.state(k.proto)].into()
@@ -1502,6 +1502,7 @@ mod tests {
             created: 900,
             fwd_flags: flags,
             rev_flags: flags,
+            changed_ms: 0,
         };
         let old = CtEntry {
             snat_port_be: 0,

@@ -11,9 +11,10 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
-use lb_common::stats as st;
+use lb_common::{ns::CT_PORT_GRACE_MS, stats as st};
 use lb_tests::{
     manifest::{Ep, slice},
     netns::Netns,
@@ -915,10 +916,12 @@ fn snat_ports_of_ended_flows_come_back_without_a_sweep() {
         let ports: BTreeSet<u16> = open.iter().map(|(_, s)| s.port()).collect();
         assert_eq!(ports.len(), open.len(), "one port per flow");
 
-        // The flows end (the clients reset them): with no sweep, new flows take their ports.
+        // The flows end (the clients reset them): with no sweep, new flows take their ports
+        // (once the grace for the ended flows' last packets has passed).
         for (c, _) in &open {
             lab.translated(&tcp_frame(*c, frontend, RST | ACK, b""), XDP_TX);
         }
+        std::thread::sleep(PORT_GRACE);
         let reused = lab.stat(st::SNAT_PORT_REUSED);
         // (Ports are tried at random, 16 at most: with 100 of some 250 ports still held
         // by ended flows the odds of finding none are 1 in a million per flow.)
@@ -940,8 +943,77 @@ fn snat_ports_of_ended_flows_come_back_without_a_sweep() {
     });
 }
 
+#[test]
+fn a_closing_flow_keeps_its_snat_port_until_both_ends_are_done() {
+    if !require_privileges("a_closing_flow_keeps_its_snat_port_until_both_ends_are_done") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        // One SNAT port: a second flow gets it only when the first is over at both ends.
+        let settings = Settings {
+            snat_ports: (61000, 61000),
+            ..Settings::default()
+        };
+        let mut lab = Lab::with(&node.pins, &settings);
+        lab.program(&manifests(&[0]));
+        let (frontend, backend) = (sa("192.0.2.1:30080"), sa("192.0.2.50:8080"));
+        let clients = [
+            sa("203.0.113.7:40000"),
+            sa("203.0.113.8:40000"),
+            sa("203.0.113.9:40000"),
+        ];
+        let open = |lab: &mut Lab, client: SocketAddr| {
+            let out = lab.translated(&tcp_frame(client, frontend, SYN, b""), XDP_TX);
+            assert_eq!(out.src.port(), 61000);
+            lab.translated(&tcp_frame(backend, out.src, SYN | ACK, b""), XDP_TX);
+            lab.translated(&tcp_frame(client, frontend, ACK, b""), XDP_TX);
+            out.src
+        };
+        let refused = |lab: &mut Lab, client: SocketAddr| {
+            let before = lab.stat(st::XDP_DROP_NO_SNAT_PORT);
+            let (v, _) = lab.xdp(&tcp_frame(client, frontend, SYN, b""));
+            assert_eq!(v, XDP_DROP, "{client}: the port is still held");
+            assert_eq!(lab.stat(st::XDP_DROP_NO_SNAT_PORT), before + 1);
+        };
+
+        // The client closes first. Both FINs seen, the backend's not yet acknowledged: the
+        // backend is in LAST_ACK on that port, so the port stays with the flow.
+        let snat = open(&mut lab, clients[0]);
+        lab.translated(&tcp_frame(clients[0], frontend, FIN | ACK, b""), XDP_TX);
+        lab.translated(&tcp_frame(backend, snat, FIN | ACK, b""), XDP_TX);
+        assert_eq!(lab.flow(clients[0], 0).state, "closed");
+        refused(&mut lab, clients[1]);
+        // The client's last ACK ends it: the next flow takes the port over, once that ACK
+        // has had a moment to reach the backend first.
+        lab.translated(&tcp_frame(clients[0], frontend, ACK, b""), XDP_TX);
+        let ended = Instant::now();
+        let (v, _) = lab.xdp(&tcp_frame(clients[1], frontend, SYN, b""));
+        if ended.elapsed() < Duration::from_millis(u64::from(CT_PORT_GRACE_MS) / 2) {
+            assert_eq!(v, XDP_DROP, "the port is taken over only after a grace");
+        }
+        std::thread::sleep(PORT_GRACE);
+        let reused = lab.stat(st::SNAT_PORT_REUSED);
+        assert_eq!(open(&mut lab, clients[1]), snat);
+        assert_eq!(lab.stat(st::SNAT_PORT_REUSED), reused + 1);
+        let (v, _) = lab.xdp(&tcp_frame(clients[0], frontend, ACK, b""));
+        assert_eq!(v, XDP_DROP, "the taken-over flow is gone");
+
+        // The backend closes first: the client's FIN answers it, the backend's ACK ends it.
+        lab.translated(&tcp_frame(backend, snat, FIN | ACK, b""), XDP_TX);
+        lab.translated(&tcp_frame(clients[1], frontend, FIN | ACK, b""), XDP_TX);
+        refused(&mut lab, clients[2]);
+        lab.translated(&tcp_frame(backend, snat, ACK, b""), XDP_TX);
+        std::thread::sleep(PORT_GRACE);
+        assert_eq!(open(&mut lab, clients[2]), snat);
+    });
+}
+
 const XDP_REDIRECT: i32 = 4;
 const TC_ACT_OK: i32 = 0;
+/// Longer than the grace before an ended flow's SNAT port serves another, on a clock that
+/// ticks every few milliseconds.
+const PORT_GRACE: Duration = Duration::from_millis(CT_PORT_GRACE_MS as u64 * 3);
 
 /// The packet fuzzer's run: `LB_FUZZ_ITERATIONS` frames (2000 by default; `cargo xtask
 /// fuzz` runs more) from `LB_FUZZ_SEED` (random by default, printed so a failure can be
