@@ -183,6 +183,13 @@ impl CtTimeouts {
     };
 }
 
+/// The XDP metadata word (native byte order, just before the frame) that makes a run of
+/// the XDP program a dry run, as `lbctl explain` asks: the program decides and rewrites the
+/// frame as for a real packet, but records no flow, takes no SNAT port (the rewritten
+/// source port of an SNATed new flow is 0) and refreshes no flow. Only a
+/// `BPF_PROG_TEST_RUN` caller, or another XDP program before ours, can put metadata there.
+pub const XDP_DRY_RUN: u32 = 0x4c42_4452;
+
 /// Name of the kernel programs' [`CtTimeouts`] global.
 pub const CT_TIMEOUTS_GLOBAL: &str = "CT_TIMEOUTS";
 /// Name of the kernel programs' clock offset global (`u32` seconds added to the monotonic

@@ -256,6 +256,23 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
     true
 }
 
+/// What [`create`] would set `s.rw.src` to for the flow `key`, without recording anything
+/// or taking a port: a dry run's answer. An SNATed flow shows port 0, as its port is only
+/// taken when the flow starts.
+#[inline(always)]
+pub fn preview(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>) {
+    match snat {
+        Some(ip) => {
+            s.rw.src.ip = *ip;
+            s.rw.src.port_be = 0;
+        }
+        None => {
+            s.rw.src.ip = key.saddr;
+            s.rw.src.port_be = key.sport_be;
+        }
+    }
+}
+
 /// Removes the reverse entry of the flow an entry for `key` recorded before, if that entry
 /// still belongs to it: the new flow may take another port or backend, and the old one's
 /// SNAT port is then free at once. Reads the entries in place (the stack is short).

@@ -29,6 +29,8 @@ pub struct Scratch {
     pub chosen: Chosen,
     /// The rewrite of the packet being translated.
     pub rw: Rewrite,
+    /// Non-zero in a dry run (`lb_common::ns::XDP_DRY_RUN`): nothing is recorded.
+    pub dry: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<Scratch>() <= SCRATCH_SIZE as usize);

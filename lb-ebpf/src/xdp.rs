@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     ServiceKey,
     maps::RING_LANES,
-    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, flow_hash},
+    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, XDP_DRY_RUN, flow_hash},
     proto, stats as st,
 };
 
@@ -59,6 +59,18 @@ fn north_south(ctx: &XdpContext) -> u32 {
     }
 }
 
+/// Whether this run is a dry run: the metadata before the frame holds
+/// [`XDP_DRY_RUN`] (only `BPF_PROG_TEST_RUN` callers such as `lbctl explain` put it there).
+#[inline(always)]
+fn dry_run(ctx: &XdpContext) -> bool {
+    let meta = ctx.metadata();
+    if meta + 4 > ctx.metadata_end() {
+        return false;
+    }
+    // SAFETY: four bytes of metadata, checked against its end above.
+    unsafe { core::ptr::read_unaligned(meta as *const u32) == XDP_DRY_RUN }
+}
+
 /// Adds a packet to a service's counters.
 #[inline(always)]
 fn count(svc_id: u32, bytes: u32, new_flow: bool) {
@@ -97,7 +109,9 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
         stats::inc(st::STALE_REPLY);
         return xdp_action::XDP_PASS;
     };
-    ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
+    if !dry_run(ctx) {
+        ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
+    }
     let rc = fib::lookup(ctx, s, p, &rev.src, &rev.dst);
     s.rw.src = Addr {
         ip: rev.src,
@@ -131,9 +145,12 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     let now = ct::now();
     let tcp = p.key.proto == proto::TCP;
     let syn = tcp && ct::is_syn(p.tcp_flags);
+    s.dry = u32::from(dry_run(ctx));
     let new_flow = match ct::live(&p.key, svc.id, syn, now) {
         Some(flow) => {
-            ct::touch(flow, p.key.proto, p.tcp_flags, false, now);
+            if s.dry == 0 {
+                ct::touch(flow, p.key.proto, p.tcp_flags, false, now);
+            }
             // SAFETY: a live LRU value, copied field by field.
             let e = unsafe { &*flow };
             s.rw.dst.ip = e.backend.addr;
@@ -180,7 +197,9 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
         // replies come back through this node.
         let snat =
             (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc)).then(|| fib::source(s, p.v6));
-        if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {
+        if s.dry != 0 {
+            ct::preview(s, &p.key, &snat);
+        } else if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {
             return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
         }
         debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, s.chosen.id);

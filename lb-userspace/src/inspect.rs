@@ -787,7 +787,8 @@ pub struct XdpRun {
     pub device: String,
     /// Its verdict: `XDP_TX`, `XDP_REDIRECT`, `XDP_PASS`, `XDP_DROP`, `XDP_ABORTED`.
     pub verdict: String,
-    /// The packet's source after the program, if it rewrote it.
+    /// The packet's source after the program, if it rewrote it. Port 0: SNATed, to a port
+    /// taken only when a real flow starts (the run is a dry run).
     pub source: Option<SocketAddr>,
     /// The packet's destination after the program (the backend), if it rewrote it.
     pub destination: Option<SocketAddr>,
@@ -1004,8 +1005,18 @@ pub fn explain_text(e: &Explanation) -> String {
                     "  xdp_lb on {} says {}: {}",
                     r.device, r.verdict, r.meaning
                 );
-                if let (Some(src), Some(dst)) = (r.source, r.destination) {
-                    let _ = writeln!(out, "    rewritten: {src} -> {dst}");
+                match (r.source, r.destination) {
+                    (Some(src), Some(dst)) if src.port() == 0 => {
+                        let _ = writeln!(
+                            out,
+                            "    rewritten: {} (SNAT, a port of the range) -> {dst}",
+                            src.ip()
+                        );
+                    }
+                    (Some(src), Some(dst)) => {
+                        let _ = writeln!(out, "    rewritten: {src} -> {dst}");
+                    }
+                    _ => {}
                 }
             }
         }

@@ -33,7 +33,7 @@ use aya::{
 };
 use lb_common::{
     maps::{self, MapSpec},
-    ns::{self, CtTimeouts},
+    ns::{self, CtTimeouts, XDP_DRY_RUN},
 };
 use tracing::info;
 
@@ -598,6 +598,7 @@ impl Loaded {
                 frame,
                 ifindex,
                 repeat,
+                false,
             )
             .map_err(perr);
         };
@@ -748,29 +749,39 @@ pub fn attached_devices(layout: &PinLayout) -> Result<Vec<String>, LoadError> {
     Ok(names)
 }
 
-/// Runs `prog` on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on device `ifindex`.
+/// Runs `prog` on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on device `ifindex`;
+/// a dry run ([`XDP_DRY_RUN`] in the frame's metadata) when `dry`.
 fn run_xdp(
     prog: &Xdp,
     frame: &[u8],
     ifindex: u32,
     repeat: u32,
+    dry: bool,
 ) -> Result<TestRunOutput, ProgramError> {
-    let mut out = vec![0u8; frame.len() + 256];
+    let meta = if dry {
+        XDP_DRY_RUN.to_ne_bytes().to_vec()
+    } else {
+        Vec::new()
+    };
+    let data = [&meta[..], frame].concat();
+    let mut out = vec![0u8; data.len() + 256];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-    // egress_ifindex.
+    // egress_ifindex; `data` is the metadata's length (offsets into `data_in`).
     let mut ctx = Vec::new();
-    for word in [0, frame.len() as u32, 0, ifindex, 0, 0] {
+    for word in [meta.len() as u32, data.len() as u32, 0, ifindex, 0, 0] {
         ctx.extend_from_slice(&word.to_ne_bytes());
     }
     let opts = TestRunOptions {
-        data_in: Some(frame),
+        data_in: Some(&data),
         data_out: Some(&mut out),
         ctx_in: Some(&ctx),
         repeat,
         ..Default::default()
     };
     let result = prog.test_run(opts)?;
+    // The frame comes back after its metadata.
     out.truncate(result.data_size_out as usize);
+    out.drain(..meta.len().min(out.len()));
     Ok(TestRunOutput {
         verdict: result.return_value as i32,
         frame: out,
@@ -780,7 +791,9 @@ fn run_xdp(
 
 /// Runs the XDP program attached to `device` (through its pinned link) once on `frame`, as
 /// if the frame arrived on that device: the datapath's own answer to where a packet goes.
-/// The run acts like a packet: a new flow gets a conntrack entry and the counters count it.
+/// A dry run ([`XDP_DRY_RUN`]): the program decides as for a packet but records no flow,
+/// takes no SNAT port (an SNATed source shows port 0) and refreshes no flow; the global and
+/// per-service counters count it like a packet.
 pub fn run_attached_xdp(
     layout: &PinLayout,
     device: &str,
@@ -807,7 +820,7 @@ pub fn run_attached_xdp(
         aya_obj::programs::XdpAttachType::Interface,
     )
     .map_err(perr)?;
-    run_xdp(&prog, frame, ifindex, 1).map_err(perr)
+    run_xdp(&prog, frame, ifindex, 1, true).map_err(perr)
 }
 
 /// Where the old map of a map being resized is pinned until the new programs replace the

@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{CLIENT, Cluster, NODE_A, NODE_A_PEER},
+    cluster::{CLIENT, Cluster, NODE_A, NODE_A_PEER, POD_A},
     manifest::{Ep, documents, slice},
     probe::Attempt,
     require_privileges,
@@ -282,7 +282,7 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
             "explain",
             &format!("{NODE_A}:30080"),
             "--from",
-            "203.0.113.2:45000",
+            "203.0.113.99:45000",
         ])
         .expect("explain");
     let ns = e.north_south.expect("a north-south frontend");
@@ -301,6 +301,20 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
         ns.backends.iter().any(|b| b.backend == Some(to)),
         "{to} is a backend"
     );
+    // A dry run: a remote backend's flow shows the SNAT address with no port taken, a local
+    // one's keeps the client; no flow is recorded.
+    let from = run.source.expect("translated").to_string();
+    if to.ip().to_string() == POD_A {
+        assert_eq!(from, "203.0.113.99:45000");
+    } else {
+        assert_eq!(from, format!("{NODE_A_PEER}:0"));
+    }
+    let flows: Vec<FlowRow> = c.lbctl_json(&["conntrack"]).expect("conntrack");
+    let recorded: Vec<&FlowRow> = flows
+        .iter()
+        .filter(|f| f.client.ip().to_string() == "203.0.113.99")
+        .collect();
+    assert!(recorded.is_empty(), "explain recorded {recorded:?}");
     let endpoints = e.endpoints.expect("the agent's verdicts");
     assert_eq!(endpoints["service"], "shop/web");
     let outsider: Explanation = c
