@@ -58,5 +58,8 @@ mod pod {
     unsafe impl aya::Pod for crate::ns::NatRev {}
     unsafe impl aya::Pod for crate::ns::SourceRange {}
     unsafe impl aya::Pod for crate::ns::NsCounters {}
+    unsafe impl aya::Pod for crate::ns::NsAffinityKey {}
+    unsafe impl aya::Pod for crate::ns::NsAffinityValue {}
+    unsafe impl aya::Pod for crate::ns::NsAffinityMatchKey {}
     unsafe impl aya::Pod for crate::stats::SocketCounters {}
 }

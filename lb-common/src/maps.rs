@@ -8,7 +8,10 @@
 use core::mem::size_of;
 
 use crate::{
-    ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
+    ns::{
+        CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
+        NsService, SourceRange,
+    },
     service::{
         AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
         ServiceValue, SlotKey,
@@ -96,6 +99,14 @@ pub const CONVERSIONS: [(&str, &str); 1] = [("lb_ct_v1", CONNTRACK)];
 /// alive and points back to it. An SNATed flow's entry is what holds its SNAT port. Swept
 /// with the conntrack entries. State worth keeping.
 pub const NAT_REV: &str = "lb_natrev_v1";
+/// North-south affinity (LRU): [`NsAffinityKey`] (service id, client address) ->
+/// [`NsAffinityValue`] (its last backend and when). Written by XDP for each new flow of a
+/// service with session affinity. State worth keeping across agent restarts.
+pub const NS_AFFINITY: &str = "lb_nsaff_v1";
+/// North-south affinity match: [`NsAffinityMatchKey`] (service id, backend) -> the service's
+/// affinity timeout in seconds (`u32`). Written by the agent for the backends of the table of
+/// a service with session affinity, read by XDP. Rebuildable.
+pub const NS_AFFINITY_MATCH: &str = "lb_nsaffm_v1";
 /// `loadBalancerSourceRanges` (LPM trie): a prefix length (`u32`) and a [`SourceRange`] ->
 /// `u8`. Written by the agent. Rebuildable.
 pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
@@ -192,7 +203,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 20] = [
+pub const ALL: [MapSpec; 22] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Endpoint>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
@@ -212,6 +223,13 @@ pub const ALL: [MapSpec; 20] = [
     spec::<u32, ServiceInfo>(NS_INFO, TYPE_HASH, DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC),
     spec::<FlowKey, CtEntry>(CONNTRACK, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
     spec::<FlowKey, NatRev>(NAT_REV, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
+    spec::<NsAffinityKey, NsAffinityValue>(NS_AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
+    spec::<NsAffinityMatchKey, u32>(
+        NS_AFFINITY_MATCH,
+        TYPE_HASH,
+        DEFAULT_MAX_SLOTS,
+        F_NO_PREALLOC,
+    ),
     // The trie's key is a 32-bit prefix length, then the data.
     spec::<(u32, SourceRange), u8>(
         SOURCE_RANGES,

@@ -17,6 +17,11 @@ pub const NS_F_LOCAL: u16 = 1;
 /// are dropped.
 pub const NS_F_SOURCE_RANGES: u16 = 2;
 
+/// The service has `sessionAffinity: ClientIP`: a client's new flows go to the backend its
+/// last one went to, while [`NsAffinityMatchKey`] names that backend with a timeout not yet
+/// run out.
+pub const NS_F_AFFINITY: u16 = 4;
+
 /// What the north-south service map holds for a frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -372,6 +377,56 @@ const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);
 
 /// Bits of a source-ranges key taken by the service id.
 pub const SOURCE_RANGE_ID_BITS: u32 = 32;
+
+/// Key of the north-south affinity map: a client of a north-south service with session
+/// affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsAffinityKey {
+    /// The north-south service id.
+    pub svc_id: u32,
+    /// The client's address (IPv4 v4-mapped).
+    pub client: Addr6,
+}
+
+const _: () = assert!(core::mem::size_of::<NsAffinityKey>() == 20);
+
+/// Value of the north-south affinity map: the backend a client's last new flow went to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NsAffinityValue {
+    /// The backend.
+    pub backend: Endpoint,
+    /// When that flow started: seconds of the conntrack clock (`CtEntry::expires`'s).
+    pub last_used: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<NsAffinityValue>() == 24);
+
+impl NsAffinityValue {
+    /// Whether a client remembered this way still goes to its backend at `now`, given the
+    /// service's affinity timeout: its last new flow started at most `timeout_s` ago (as
+    /// kube-proxy, each new flow starts the timeout again).
+    #[inline(always)]
+    pub const fn holds(&self, now: u32, timeout_s: u32) -> bool {
+        now.saturating_sub(self.last_used) <= timeout_s
+    }
+}
+
+/// Key of the north-south affinity-match map (the value is the service's affinity timeout
+/// in seconds, `u32`): a backend of a north-south service with session affinity. Written by
+/// the agent for the backends of the service's table, so affinity to a backend that left it
+/// is never honoured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsAffinityMatchKey {
+    /// The north-south service id.
+    pub svc_id: u32,
+    /// The backend.
+    pub backend: Endpoint,
+}
+
+const _: () = assert!(core::mem::size_of::<NsAffinityMatchKey>() == 24);
 
 /// Per-service counters (per CPU), indexed by north-south service id.
 #[repr(C)]

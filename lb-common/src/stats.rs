@@ -57,15 +57,17 @@ pub const XDP_DROP_NO_FLOW: u32 = 21;
 /// XDP or tc: a packet to an SNAT port, or from a backend, whose reverse entry belongs to no
 /// live flow (expired, closed and taken over): passed on untranslated.
 pub const STALE_REPLY: u32 = 22;
-/// XDP: a new flow took over the SNAT port of a closed or expired flow (no free port was
+/// XDP: a new flow took over the SNAT port of an ended or expired flow (no free port was
 /// found among those tried first).
 pub const SNAT_PORT_REUSED: u32 = 23;
 /// XDP: an IPv6 packet with an IPv4-mapped source or destination went to the stack
 /// untranslated (such addresses never appear on the wire; they must not match IPv4
 /// frontends).
 pub const XDP_PASS_V4_MAPPED: u32 = 24;
+/// XDP: a new flow of a client with session affinity went to its remembered backend.
+pub const XDP_AFFINITY_HIT: u32 = 25;
 /// Number of counters.
-pub const COUNT: u32 = 25;
+pub const COUNT: u32 = 26;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -94,6 +96,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "stale_reply",
     "snat_port_reused",
     "xdp_pass_v4_mapped",
+    "xdp_affinity_hit",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

@@ -18,6 +18,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod affinity;
 mod csum;
 mod ct;
 mod debug;

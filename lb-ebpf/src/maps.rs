@@ -15,7 +15,10 @@ use lb_common::{
         DEFAULT_MAX_SOURCE_RANGES, DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC,
         MAX_XDP_DEVICES, RING_LANES, RingPair, SCRATCH_SIZE,
     },
-    ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
+    ns::{
+        CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
+        NsService, SourceRange,
+    },
     stats,
 };
 
@@ -89,6 +92,16 @@ pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_
 /// Reverse NAT of north-south flows. See `lb_common::maps::NAT_REV`.
 #[map(name = "lb_natrev_v1")]
 pub static NAT_REV: LruHashMap<FlowKey, NatRev> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+/// North-south affinity. See `lb_common::maps::NS_AFFINITY`.
+#[map(name = "lb_nsaff_v1")]
+pub static NS_AFFINITY: LruHashMap<NsAffinityKey, NsAffinityValue> =
+    LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
+
+/// North-south affinity match. See `lb_common::maps::NS_AFFINITY_MATCH`.
+#[map(name = "lb_nsaffm_v1")]
+pub static NS_AFFINITY_MATCH: HashMap<NsAffinityMatchKey, u32> =
+    HashMap::pinned(DEFAULT_MAX_SLOTS, F_NO_PREALLOC);
 
 /// `loadBalancerSourceRanges`. See `lb_common::maps::SOURCE_RANGES`.
 #[map(name = "lb_srcrange_v1")]

@@ -5,7 +5,7 @@
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key};
 use lb_common::{
     maps::SCRATCH_SIZE,
-    ns::{CtEntry, FlowKey, NatRev, SourceRange},
+    ns::{CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, SourceRange},
 };
 
 use crate::{ct::Chosen, maps::SCRATCH, nat::Rewrite};
@@ -25,6 +25,10 @@ pub struct Scratch {
     pub ct: CtEntry,
     /// A source-ranges lookup key.
     pub range: Key<SourceRange>,
+    /// A north-south affinity key (service and client).
+    pub affinity: NsAffinityKey,
+    /// A north-south affinity-match key (service and backend).
+    pub affinity_match: NsAffinityMatchKey,
     /// The backend chosen for a new flow.
     pub chosen: Chosen,
     /// The rewrite of the packet being translated.

@@ -5,12 +5,14 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     ServiceKey,
     maps::RING_LANES,
-    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, XDP_DRY_RUN, flow_hash},
+    ns::{
+        NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, XDP_DRY_RUN, flow_hash,
+    },
     proto, stats as st,
 };
 
 use crate::{
-    ct, debug, fib,
+    affinity, ct, debug, fib,
     maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
@@ -171,23 +173,23 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
             if svc.ring_size == 0 {
                 return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
             }
-            let index = svc.ring_off + flow_hash(&p.key) % svc.ring_size;
-            let id = match RINGS.get(index / RING_LANES) {
-                Some(pair) => pair[(index % RING_LANES) as usize],
-                None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
-            };
-            let Some(backend) = BACKENDS.get_ptr(&id) else {
-                stats::inc(st::ERR_BACKEND_MISSING);
-                return xdp_action::XDP_PASS;
-            };
-            // SAFETY: see `north_south`; copied into the scratch entry.
-            unsafe {
-                s.chosen.ep = *backend;
-                s.rw.dst.ip = (*backend).addr;
-                s.rw.dst.port_be = (*backend).port_be;
+            if svc.flags & NS_F_AFFINITY == 0 || !affinity::recall(s, svc.id, &p.key.saddr, now) {
+                let index = svc.ring_off + flow_hash(&p.key) % svc.ring_size;
+                let id = match RINGS.get(index / RING_LANES) {
+                    Some(pair) => pair[(index % RING_LANES) as usize],
+                    None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
+                };
+                let Some(backend) = BACKENDS.get_ptr(&id) else {
+                    stats::inc(st::ERR_BACKEND_MISSING);
+                    return xdp_action::XDP_PASS;
+                };
+                // SAFETY: see `north_south`; copied into the scratch entry.
+                unsafe { s.chosen.ep = *backend };
+                s.chosen.svc_id = svc.id;
+                s.chosen.id = id;
             }
-            s.chosen.svc_id = svc.id;
-            s.chosen.id = id;
+            s.rw.dst.ip = s.chosen.ep.addr;
+            s.rw.dst.port_be = s.chosen.ep.port_be;
             true
         }
     };
@@ -201,6 +203,8 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
             ct::preview(s, &p.key, &snat);
         } else if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {
             return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
+        } else if svc.flags & NS_F_AFFINITY != 0 {
+            affinity::remember(s, now);
         }
         debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, s.chosen.id);
     }

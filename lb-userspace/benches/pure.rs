@@ -115,6 +115,7 @@ impl Datapath for Recorder {
             external_ids: u32::MAX,
             table_entries: u32::MAX,
             ranges: u32::MAX,
+            external_match: u32::MAX,
         }
     }
     fn begin_grace(&mut self) -> u64 {

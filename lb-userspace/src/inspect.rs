@@ -1122,7 +1122,7 @@ pub fn capacity(
     let largest_slots = c.services.values().map(|v| u64::from(v.count)).max();
     let largest_table = c.tables.values().map(|t| t.len() as u64).max();
     // The maps the agent writes: a change that does not fit is refused.
-    let written: [(&str, &str, u64, u64); 8] = [
+    let written: [(&str, &str, u64, u64); 9] = [
         (
             maps::SERVICES,
             "--max-services",
@@ -1171,6 +1171,12 @@ pub fn capacity(
             n(c.ranges.len()),
             caps.ranges.into(),
         ),
+        (
+            maps::NS_AFFINITY_MATCH,
+            "--max-slots",
+            n(c.external_match.len()),
+            caps.external_match.into(),
+        ),
     ];
     let mut rows: Vec<CapacityRow> = written
         .into_iter()
@@ -1187,7 +1193,7 @@ pub fn capacity(
     for (name, entries, cap) in lru {
         let flag = match *name {
             maps::REV_NAT => "--max-rev-nat",
-            maps::AFFINITY => "--max-affinity",
+            maps::AFFINITY | maps::NS_AFFINITY => "--max-affinity",
             _ => "--max-flows",
         };
         rows.push(fill(
@@ -1556,6 +1562,7 @@ mod tests {
             external_ids: 4,
             table_entries: 1000,
             ranges: 5,
+            external_match: 10,
         };
         let rows = capacity(&c, &caps, &[(maps::CONNTRACK, 3, 12)]);
         let of = |m: &str| rows.iter().find(|r| r.map == m).unwrap().clone();

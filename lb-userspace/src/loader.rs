@@ -177,7 +177,9 @@ impl MapSizes {
             maps::SVC_STATS => Some(self.services + 1),
             maps::BE_STATS => Some(self.backends + 1),
             maps::REV_NAT => Some(self.rev_nat),
-            maps::AFFINITY => Some(self.affinity),
+            maps::AFFINITY | maps::NS_AFFINITY => Some(self.affinity),
+            // As many backends of services with affinity as the socket hooks' match map.
+            maps::NS_AFFINITY_MATCH => Some(self.slots),
             maps::NS_SERVICES => Some(self.external),
             maps::NS_INFO | maps::NS_STATS => Some(self.external_ids + 1),
             maps::RINGS => Some(self.table_entries.div_ceil(maps::RING_LANES)),
@@ -845,7 +847,10 @@ fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize
         AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
         ServiceValue, SlotKey,
         maps::RingPair,
-        ns::{CtEntry, FlowKey, NatRev, NsService, SourceRange},
+        ns::{
+            CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue,
+            NsService, SourceRange,
+        },
         stats::SocketCounters,
     };
     let merr = move |source| LoadError::Map { name, source };
@@ -895,6 +900,8 @@ fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize
         maps::AFFINITY => hash::<AffinityKey, AffinityValue>(l(old), l(new), merr),
         maps::CONNTRACK => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
         maps::NAT_REV => hash::<FlowKey, NatRev>(l(old), l(new), merr),
+        maps::NS_AFFINITY => hash::<NsAffinityKey, NsAffinityValue>(l(old), l(new), merr),
+        maps::NS_AFFINITY_MATCH => hash::<NsAffinityMatchKey, u32>(h(old), h(new), merr),
         maps::RINGS => array::<RingPair>(old, new, merr),
         maps::SVC_STATS => array::<SocketCounters>(old, new, merr),
         maps::BE_STATS => array::<u64>(old, new, merr),

@@ -168,6 +168,10 @@ pub struct ExternalGroup {
     pub endpoints: Vec<Endpoint>,
     /// The frontends, sorted, without duplicates; never empty.
     pub frontends: Vec<ExternalFrontend>,
+    /// `sessionAffinity: ClientIP` timeout in seconds (zero: none): a client's new flows go
+    /// to the backend of its last one while that backend stays in the table and the
+    /// timeout has not run out since.
+    pub affinity_timeout_s: u32,
     /// `loadBalancerSourceRanges` of this family when the service sets any (then sources
     /// outside them are dropped at its load-balancer IPs; an empty list admits none).
     pub source_ranges: Option<Vec<IpNet>>,
@@ -479,6 +483,7 @@ pub fn desired<'a>(
                     backends,
                     endpoints,
                     frontends: ns,
+                    affinity_timeout_s,
                     source_ranges: source_ranges.as_ref().map(|r| {
                         r.iter()
                             .filter(|n| n.addr().is_ipv6() == ipv6)

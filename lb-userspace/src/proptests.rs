@@ -49,6 +49,7 @@ fn caps(scale: u32) -> Capacities {
         external_ids: 2 * scale,
         table_entries: 2 * scale * 61,
         ranges: 2 * scale,
+        external_match: 8 * scale,
     }
 }
 

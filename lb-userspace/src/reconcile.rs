@@ -305,6 +305,8 @@ impl Index {
             | Op::DeleteExternalInfo(_)
             | Op::PutRange(_)
             | Op::DeleteRange(_)
+            | Op::PutExternalMatch(..)
+            | Op::DeleteExternalMatch(_)
             | Op::ResetCounters(_)
             | Op::ResetServiceCounters(_)
             | Op::ResetBackendCounters(_) => {}

@@ -360,6 +360,47 @@ fn web_cluster() -> (Cluster, String) {
 }
 
 #[test]
+fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
+    if !require_privileges("session_affinity_keeps_a_client_on_one_backend_from_outside") {
+        return;
+    }
+    let mut c = Cluster::new(PORT);
+    c.write_manifest(
+        "sticky.yaml",
+        &documents(&[
+            lb_service(
+                "sticky",
+                "10.96.0.14",
+                "198.51.100.14",
+                30084,
+                json!({"sessionAffinity": "ClientIP",
+                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}),
+            ),
+            endpoints("sticky", &ALL_PODS),
+        ]),
+    );
+    c.start_agent(&["--xdp-mode", "generic"]);
+    c.wait_ready();
+    let node_port = format!("{NODE_A}:30084");
+    c.wait_until("sticky is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{node_port}/TCP")).is_some_and(|r| r.backends == 3)
+    });
+    // 30 connections from one client reach one backend (kube-proxy: the same), through the
+    // node port and the load-balancer IP alike (one service port). The UDP port is another
+    // service port, with an affinity of its own, as in kube-proxy.
+    let mut tcp = c.tcp(sa(&node_port), 30);
+    tcp.extend(c.tcp(sa("198.51.100.14:80"), 30));
+    let udp = c.udp(sa(&node_port), 10);
+    for attempts in [tcp, udp] {
+        assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+        let (backends, _) = answered(&attempts);
+        assert_eq!(backends.len(), 1, "{backends:?}");
+    }
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
+    assert!(stats["xdp_affinity_hit"] >= 60, "{stats:?}");
+}
+
+#[test]
 fn removing_one_backend_keeps_established_flows_to_the_others() {
     if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
         return;

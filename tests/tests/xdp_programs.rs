@@ -348,16 +348,22 @@ fn service(ns_name: (&str, &str), spec: serde_json::Value, status: serde_json::V
 /// Local policy, source ranges and one local and one remote endpoint; `ext`: an external IP
 /// with Local policy and no local endpoint.
 fn manifests(web_backends: &[u8]) -> Vec<String> {
-    let web = service(
-        ("shop", "web"),
-        json!({
-            "type": "NodePort",
-            "clusterIPs": ["10.96.0.10", "fd00:96::10"], "clusterIP": "10.96.0.10",
-            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
-            "ports": ports(&[("http", 80, "TCP", 8080, 30080), ("dns", 53, "UDP", 5353, 30053)]),
-        }),
-        json!({}),
-    );
+    manifests_with(web_spec(), web_backends)
+}
+
+/// The spec of `web` (see [`manifests`]).
+fn web_spec() -> serde_json::Value {
+    json!({
+        "type": "NodePort",
+        "clusterIPs": ["10.96.0.10", "fd00:96::10"], "clusterIP": "10.96.0.10",
+        "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+        "ports": ports(&[("http", 80, "TCP", 8080, 30080), ("dns", 53, "UDP", 5353, 30053)]),
+    })
+}
+
+/// [`manifests`] with `web`'s spec given.
+fn manifests_with(web_spec: serde_json::Value, web_backends: &[u8]) -> Vec<String> {
+    let web = service(("shop", "web"), web_spec, json!({}));
     let web_ports = [("http", 8080, "TCP"), ("dns", 5353, "UDP")];
     let eps4: Vec<Ep> = web_backends
         .iter()
@@ -1006,6 +1012,85 @@ fn a_closing_flow_keeps_its_snat_port_until_both_ends_are_done() {
         lab.translated(&tcp_frame(backend, snat, ACK, b""), XDP_TX);
         std::thread::sleep(PORT_GRACE);
         assert_eq!(open(&mut lab, clients[2]), snat);
+    });
+}
+
+#[test]
+fn clients_keep_their_backend_under_session_affinity_until_the_timeout() {
+    if !require_privileges("clients_keep_their_backend_under_session_affinity_until_the_timeout") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        let mut spec = web_spec();
+        spec["sessionAffinity"] = json!("ClientIP");
+        spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 30}});
+        lab.program(&manifests_with(spec.clone(), &[0, 1, 2]));
+        for (client, frontend) in [
+            ("203.0.113.7", "192.0.2.1:30080"),
+            ("2001:db8:9::7", "[2001:db8:1::1]:30080"),
+        ] {
+            let frontend = sa(frontend);
+            let from = |port: u16| SocketAddr::new(client.parse().unwrap(), port);
+            // 30 connections from one client (each from another port): one backend.
+            let hits = lab.stat(st::XDP_AFFINITY_HIT);
+            let picked: BTreeSet<SocketAddr> = (0..30)
+                .map(|i| lab.translated(&tcp_frame(from(41000 + i), frontend, SYN, b""), XDP_TX))
+                .map(|out| out.dst)
+                .collect();
+            assert_eq!(picked.len(), 1, "{client}: {picked:?}");
+            assert_eq!(lab.stat(st::XDP_AFFINITY_HIT), hits + 29);
+            // Other clients spread over the backends (without affinity one would too).
+            let others: BTreeSet<SocketAddr> = (1..=40u16)
+                .map(|i| {
+                    let other = if frontend.is_ipv4() {
+                        format!("203.0.113.{}:40000", 100 + i)
+                    } else {
+                        format!("[2001:db8:9::{:x}]:40000", 0x100 + i)
+                    };
+                    lab.translated(&tcp_frame(sa(&other), frontend, SYN, b""), XDP_TX)
+                        .dst
+                })
+                .collect();
+            assert_eq!(others.len(), 3, "{others:?}");
+
+            // 31 s after the last new flow the timeout has run out: the next flow is picked
+            // anew (by the Maglev table), not by affinity.
+            let mut later = lab.later(31);
+            let hits = lab.stat(st::XDP_AFFINITY_HIT);
+            let (v, _) = xdp_in(
+                &mut later,
+                lab.ext0,
+                &tcp_frame(from(42000), frontend, SYN, b""),
+            );
+            assert_eq!(v, XDP_TX);
+            assert_eq!(lab.stat(st::XDP_AFFINITY_HIT), hits, "{client}: expired");
+        }
+
+        // The remembered backend leaves the table: affinity to it is not honoured.
+        let client = |port: u16| SocketAddr::new("203.0.113.8".parse().unwrap(), port);
+        let frontend = sa("192.0.2.1:30080");
+        let first = lab
+            .translated(&tcp_frame(client(43000), frontend, SYN, b""), XDP_TX)
+            .dst;
+        // Backend i of `web` is 192.0.2.(50 + i).
+        let rest: Vec<u8> = (0..3u8)
+            .filter(|i| first.ip().to_string() != format!("192.0.2.{}", 50 + i))
+            .collect();
+        assert_eq!(rest.len(), 2);
+        lab.program(&manifests_with(spec, &rest));
+        let hits = lab.stat(st::XDP_AFFINITY_HIT);
+        let next = lab
+            .translated(&tcp_frame(client(43001), frontend, SYN, b""), XDP_TX)
+            .dst;
+        assert_ne!(next, first, "affinity to a backend that left");
+        assert_eq!(lab.stat(st::XDP_AFFINITY_HIT), hits);
+        // The client's new backend is remembered in turn.
+        let again = lab
+            .translated(&tcp_frame(client(43002), frontend, SYN, b""), XDP_TX)
+            .dst;
+        assert_eq!(again, next);
     });
 }
 

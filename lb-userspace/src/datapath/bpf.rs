@@ -17,7 +17,10 @@ use aya::{
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
     ServiceValue, SlotKey, maps,
-    ns::{CtEntry, FlowKey, NatRev, NsCounters, NsService, SourceRange},
+    ns::{
+        CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
+        NsService, SourceRange,
+    },
     stats::{self, SocketCounters},
 };
 
@@ -34,6 +37,7 @@ pub struct MapSet {
     external: HashMap<MapData, ServiceKey, NsService>,
     external_info: HashMap<MapData, u32, ServiceInfo>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
+    external_match: HashMap<MapData, NsAffinityMatchKey, u32>,
     counters: PerCpuArray<MapData, NsCounters>,
     svc_stats: Array<MapData, SocketCounters>,
     be_stats: Array<MapData, u64>,
@@ -243,6 +247,7 @@ impl MapSet {
         let affinity_match = get(maps::AFFINITY_MATCH)?;
         let (external, external_info) = (get(maps::NS_SERVICES)?, get(maps::NS_INFO)?);
         let (ranges, counters) = (get(maps::SOURCE_RANGES)?, get(maps::NS_STATS)?);
+        let external_match = get(maps::NS_AFFINITY_MATCH)?;
         let tables = Tables::open(maps::RINGS, get(maps::RINGS)?, writable)?;
         let (svc_stats, be_stats) = (get(maps::SVC_STATS)?, get(maps::BE_STATS)?);
         // Ids run from 1 to the capacity: the counter arrays hold one more entry.
@@ -261,6 +266,7 @@ impl MapSet {
                 .saturating_sub(1),
             table_entries: tables.entries as u32,
             ranges: capacity(maps::SOURCE_RANGES, &ranges)?,
+            external_match: capacity(maps::NS_AFFINITY_MATCH, &external_match)?,
         };
         let map_err = |name| move |source| LoadError::Map { name, source };
         let set = Self {
@@ -273,6 +279,7 @@ impl MapSet {
             external_info: hash_map(maps::NS_INFO, external_info)?,
             ranges: LpmTrie::try_from(Map::LpmTrie(ranges))
                 .map_err(map_err(maps::SOURCE_RANGES))?,
+            external_match: hash_map(maps::NS_AFFINITY_MATCH, external_match)?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(counters))
                 .map_err(map_err(maps::NS_STATS))?,
             svc_stats: Array::try_from(Map::Array(svc_stats)).map_err(map_err(maps::SVC_STATS))?,
@@ -324,6 +331,7 @@ impl MapSet {
             tables,
             external_info: read_all(maps::NS_INFO, &self.external_info)?,
             ranges,
+            external_match: read_all(maps::NS_AFFINITY_MATCH, &self.external_match)?,
         })
     }
 
@@ -372,8 +380,8 @@ pub fn coarse_now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Entries and capacity of the LRU maps (socket reverse NAT, affinity, conntrack and
-/// north-south reverse NAT), their entries counted by walking the keys: map name -> (entries,
+/// Entries and capacity of the LRU maps (socket reverse NAT and affinity, conntrack,
+/// north-south reverse NAT and affinity), their entries counted by walking the keys: map name -> (entries,
 /// capacity).
 pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, LoadError> {
     fn count<K: aya::Pod, V: aya::Pod>(
@@ -392,6 +400,7 @@ pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, Loa
         count::<AffinityKey, AffinityValue>(layout, maps::AFFINITY)?,
         count::<FlowKey, CtEntry>(layout, maps::CONNTRACK)?,
         count::<FlowKey, NatRev>(layout, maps::NAT_REV)?,
+        count::<NsAffinityKey, NsAffinityValue>(layout, maps::NS_AFFINITY)?,
     ])
 }
 
@@ -551,6 +560,8 @@ impl Datapath for BpfDatapath {
             Op::DeleteExternal(key) => m.external.remove(key),
             Op::PutExternalInfo(id, info) => m.external_info.insert(id, info, 0),
             Op::DeleteExternalInfo(id) => m.external_info.remove(id),
+            Op::PutExternalMatch(key, timeout_s) => m.external_match.insert(key, timeout_s, 0),
+            Op::DeleteExternalMatch(key) => m.external_match.remove(key),
             Op::PutRange((len, data)) => m.ranges.insert(&Key::new(*len, *data), 1, 0),
             Op::DeleteRange((len, data)) => m.ranges.remove(&Key::new(*len, *data)),
             Op::ResetCounters(id) => aya::util::nr_cpus()

@@ -138,6 +138,10 @@ impl FakeDatapath {
             Op::ResetServiceCounters(id) => *id > self.caps.services,
             Op::ResetBackendCounters(id) => *id > self.caps.backends,
             Op::PutRange(k) => !c.ranges.contains(k) && c.ranges.len() >= self.caps.ranges as usize,
+            Op::PutExternalMatch(k, _) => {
+                !c.external_match.contains_key(k)
+                    && c.external_match.len() >= self.caps.external_match as usize
+            }
             Op::PutTable { start, at, ids } => {
                 (start + at) as usize + ids.len() > self.caps.table_entries as usize
             }

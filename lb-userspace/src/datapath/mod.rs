@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    ns::{NsService, SourceRange},
+    ns::{NsAffinityMatchKey, NsService, SourceRange},
 };
 
 /// A `loadBalancerSourceRanges` trie entry: prefix length (over the id and the address) and
@@ -69,6 +69,11 @@ pub enum Op {
     PutExternalInfo(u32, ServiceInfo),
     /// Remove a north-south service's info.
     DeleteExternalInfo(u32),
+    /// Mark a backend as one of a north-south service's with session affinity, with the
+    /// service's affinity timeout in seconds.
+    PutExternalMatch(NsAffinityMatchKey, u32),
+    /// Unmark a backend of a north-south service with session affinity.
+    DeleteExternalMatch(NsAffinityMatchKey),
     /// Admit a source range.
     PutRange(RangeKey),
     /// Remove a source range.
@@ -102,6 +107,8 @@ pub struct Contents {
     pub external_info: BTreeMap<u32, ServiceInfo>,
     /// Source ranges.
     pub ranges: BTreeSet<RangeKey>,
+    /// North-south affinity-match map: affinity timeout by service id and backend.
+    pub external_match: BTreeMap<NsAffinityMatchKey, u32>,
 }
 
 impl Contents {
@@ -160,6 +167,12 @@ impl Contents {
             }
             Op::DeleteExternalInfo(id) => {
                 self.external_info.remove(id);
+            }
+            Op::PutExternalMatch(key, timeout_s) => {
+                self.external_match.insert(*key, *timeout_s);
+            }
+            Op::DeleteExternalMatch(key) => {
+                self.external_match.remove(key);
             }
             Op::PutRange(key) => {
                 self.ranges.insert(*key);
@@ -293,6 +306,8 @@ pub struct Capacities {
     pub table_entries: u32,
     /// Source-ranges trie.
     pub ranges: u32,
+    /// North-south affinity-match map.
+    pub external_match: u32,
 }
 
 /// A failed datapath read or write.

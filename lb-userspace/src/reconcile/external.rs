@@ -20,8 +20,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use lb_common::{
-    Endpoint, ServiceInfo, ServiceKey, maps,
-    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NsService, SOURCE_RANGE_ID_BITS, SourceRange},
+    Addr6, Endpoint, ServiceInfo, ServiceKey, maps,
+    ns::{
+        NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsAffinityMatchKey, NsService,
+        SOURCE_RANGE_ID_BITS, SourceRange,
+    },
 };
 
 use super::{Conflict, Ids, MapFull, Reconciler, SyncReport, identity};
@@ -85,7 +88,7 @@ pub(super) struct External {
     /// one that freed space (when what it freed is reusable).
     refused: BTreeSet<GroupKey>,
     /// The maps' occupancy when the refused groups were last tried.
-    refused_at: [usize; 4],
+    refused_at: [usize; 5],
     /// A sync freed space: try the refused groups again.
     retry_refused: bool,
 }
@@ -125,6 +128,24 @@ impl Touched {
 
 fn is_v6(key: &ServiceKey) -> bool {
     !key.addr.is_v4_mapped()
+}
+
+/// The affinity-match entries a group with id `id` wants: each backend of its table with
+/// the affinity timeout, when it has session affinity.
+fn affinity_matches(id: u32, want: &ExternalGroup) -> BTreeMap<NsAffinityMatchKey, u32> {
+    if want.affinity_timeout_s == 0 {
+        return BTreeMap::new();
+    }
+    want.backends
+        .iter()
+        .map(|b| {
+            let key = NsAffinityMatchKey {
+                svc_id: id,
+                backend: *b,
+            };
+            (key, want.affinity_timeout_s)
+        })
+        .collect()
 }
 
 /// The trie entry of a range for service id `id`.
@@ -316,6 +337,13 @@ impl<D: Datapath> Reconciler<D> {
                 endpoints: backends.clone(),
                 backends,
                 frontends,
+                affinity_timeout_s: if first.flags & NS_F_AFFINITY != 0 {
+                    self.matches_of(p.id)
+                        .find_map(|k| m.external_match.get(k).copied())
+                        .unwrap_or(0)
+                } else {
+                    0
+                },
                 source_ranges: limited.then(|| {
                     m.ranges
                         .iter()
@@ -405,14 +433,15 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// Entries in the maps a north-south group takes room in: backends, table entries in
-    /// use, ids, source ranges.
-    fn ext_occupancy(&self) -> [usize; 4] {
+    /// use, ids, source ranges, affinity matches.
+    fn ext_occupancy(&self) -> [usize; 5] {
         let c = &self.mirror;
         [
             c.backends.len(),
             c.tables.values().map(Vec::len).sum(),
             c.external_info.len(),
             c.ranges.len(),
+            c.external_match.len(),
         ]
     }
 
@@ -444,7 +473,9 @@ impl<D: Datapath> Reconciler<D> {
             .unwrap_or_default()
     }
 
-    /// Phase 1 for one group: backends, id, table, info, added source ranges.
+    /// Phase 1 for one group: backends, id, table, info, added source ranges, and its
+    /// affinity matches (those of backends it no longer has go first, so affinity to them is
+    /// not honoured even while the old table is in use).
     fn prepare(
         &mut self,
         gk: &GroupKey,
@@ -524,8 +555,24 @@ impl<D: Datapath> Reconciler<D> {
             let caps = self.caps.ranges;
             return Err(self.refuse(gk, want, maps::SOURCE_RANGES, caps, report));
         }
+        let matches = affinity_matches(id, want);
+        let new_matches = matches
+            .keys()
+            .filter(|k| !self.mirror.external_match.contains_key(k))
+            .count();
+        if self.mirror.external_match.len() + new_matches > self.caps.external_match as usize {
+            if current.is_none() {
+                self.ext.ids.release(id);
+            }
+            let caps = self.caps.external_match;
+            return Err(self.refuse(gk, want, maps::NS_AFFINITY_MATCH, caps, report));
+        }
 
-        let mut ops = Vec::new();
+        let mut ops: Vec<Op> = self
+            .matches_of(id)
+            .filter(|k| !matches.contains_key(k))
+            .map(|k| Op::DeleteExternalMatch(*k))
+            .collect();
         let mut ids_of: BTreeMap<Endpoint, u32> = BTreeMap::new();
         let mut taken = Vec::new();
         for b in &want.backends {
@@ -586,6 +633,12 @@ impl<D: Datapath> Reconciler<D> {
                 .difference(&self.mirror.ranges)
                 .map(|k| Op::PutRange(*k)),
         );
+        ops.extend(
+            matches
+                .iter()
+                .filter(|(k, t)| self.mirror.external_match.get(k) != Some(t))
+                .map(|(k, t)| Op::PutExternalMatch(*k, *t)),
+        );
         if !ops.is_empty() {
             report.frontends_changed += 1;
         }
@@ -622,6 +675,19 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
         result.map_err(|()| NotPrepared::Failed)
+    }
+
+    /// The affinity-match entries of north-south service `id`.
+    fn matches_of(&self, id: u32) -> impl Iterator<Item = &NsAffinityMatchKey> {
+        let first = NsAffinityMatchKey {
+            svc_id: id,
+            backend: Endpoint::new(Addr6::default(), 0),
+        };
+        self.mirror
+            .external_match
+            .range(first..)
+            .map(|(k, _)| k)
+            .take_while(move |k| k.svc_id == id)
     }
 
     /// The first free region of `size` entries (first fit): one overlapping no region
@@ -676,6 +742,9 @@ impl<D: Datapath> Reconciler<D> {
             }
             if f.kind == ExternalKind::LoadBalancer && g.source_ranges.is_some() {
                 flags |= NS_F_SOURCE_RANGES;
+            }
+            if g.affinity_timeout_s > 0 {
+                flags |= NS_F_AFFINITY;
             }
             Some(NsService {
                 id: p.id,
@@ -760,6 +829,7 @@ impl<D: Datapath> Reconciler<D> {
                 .filter(|k| k.1.svc_id_be == id_be)
                 .map(|k| Op::DeleteRange(*k)),
         );
+        ops.extend(self.matches_of(p.id).map(|k| Op::DeleteExternalMatch(*k)));
         if self.mirror.external_info.contains_key(&p.id) {
             ops.push(Op::DeleteExternalInfo(p.id));
         }
@@ -816,8 +886,8 @@ impl<D: Datapath> Reconciler<D> {
             .collect()
     }
 
-    /// Deletes north-south entries nothing refers to after a restart: info and ranges of ids
-    /// no group has.
+    /// Deletes north-south entries nothing refers to after a restart: info, ranges and
+    /// affinity matches of ids no group has.
     pub(super) fn external_garbage(&mut self, report: &mut SyncReport) -> Result<(), ()> {
         let live: BTreeSet<u32> = self.ext.groups.values().map(|p| p.id).collect();
         let mut ops: Vec<Op> = self
@@ -833,6 +903,13 @@ impl<D: Datapath> Reconciler<D> {
                 .iter()
                 .filter(|k| !live.contains(&u32::from_be(k.1.svc_id_be)))
                 .map(|k| Op::DeleteRange(*k)),
+        );
+        ops.extend(
+            self.mirror
+                .external_match
+                .keys()
+                .filter(|k| !live.contains(&k.svc_id))
+                .map(|k| Op::DeleteExternalMatch(*k)),
         );
         let dead: Vec<u32> = self
             .mirror

@@ -1,7 +1,10 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lb_common::ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES};
+use k8s_openapi::api::{
+    core::v1::{ClientIPConfig, Service, SessionAffinityConfig},
+    discovery::v1::EndpointSlice,
+};
+use lb_common::ns::{NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES};
 
 use super::*;
 use crate::{
@@ -20,6 +23,7 @@ const CAPS: Capacities = Capacities {
     external_ids: 8,
     table_entries: 8 * 61,
     ranges: 20,
+    external_match: 100,
 };
 const LIMITS: Limits = Limits {
     max_backends_per_service: 50,
@@ -177,6 +181,8 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
             Op::DeleteExternalInfo(_) => "del-ext-info",
             Op::PutRange(_) => "put-range",
             Op::DeleteRange(_) => "del-range",
+            Op::PutExternalMatch(..) => "put-ext-match",
+            Op::DeleteExternalMatch(_) => "del-ext-match",
             Op::ResetCounters(_) => "reset-counters",
             Op::ResetServiceCounters(_) => "reset-svc-counters",
             Op::ResetBackendCounters(_) => "reset-be-counters",
@@ -1179,6 +1185,69 @@ fn source_ranges_are_admitted_before_the_frontend_filters_and_dropped_after() {
     let ops = &h.log()[writes_before..];
     assert_eq!(kinds(ops), ["put-external", "del-range"]);
     assert!(h.rec.contents().ranges.is_empty());
+}
+
+#[test]
+fn session_affinity_marks_the_table_backends_before_the_frontends_use_them() {
+    let mut h = Harness::node(61);
+    let mut svc = lb("web", "10.96.0.1", "198.51.100.1", 30080);
+    svc.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+    h.sync(
+        vec![svc.clone()],
+        vec![lb_slice("web", &["10.0.0.1", "10.0.0.2"])],
+    );
+    let served = h.served_external();
+    assert!(served.values().all(|(_, flags, _)| *flags == NS_F_AFFINITY));
+    let matches = |h: &Harness| -> Vec<(String, u32)> {
+        h.rec
+            .contents()
+            .external_match
+            .iter()
+            .map(|(k, t)| (crate::addr::to_socket_addr(&k.backend).to_string(), *t))
+            .collect()
+    };
+    // Both backends with kube-proxy's default timeout, written before the frontends.
+    assert_eq!(
+        matches(&h),
+        [
+            ("10.0.0.1:8080".into(), 10800),
+            ("10.0.0.2:8080".into(), 10800)
+        ]
+    );
+    let ops = h.log();
+    assert!(position(ops, "put-ext-match", true) < position(ops, "put-external", false));
+
+    // A backend leaves: its mark goes before the table switch, so affinity to it is not
+    // honoured even while the old table is in use.
+    let writes_before = h.log().len();
+    h.sync(vec![svc.clone()], vec![lb_slice("web", &["10.0.0.1"])]);
+    let ops = &h.log()[writes_before..];
+    assert!(position(ops, "del-ext-match", false) < position(ops, "put-external", false));
+    assert_eq!(matches(&h), [("10.0.0.1:8080".into(), 10800)]);
+
+    // A new timeout rewrites the mark; no affinity removes marks and flag.
+    svc.spec.as_mut().unwrap().session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(60),
+        }),
+    });
+    h.sync(vec![svc.clone()], vec![lb_slice("web", &["10.0.0.1"])]);
+    assert_eq!(matches(&h), [("10.0.0.1:8080".into(), 60)]);
+    svc.spec.as_mut().unwrap().session_affinity = None;
+    h.sync(vec![svc.clone()], vec![lb_slice("web", &["10.0.0.1"])]);
+    assert!(matches(&h).is_empty());
+    assert!(
+        h.served_external()
+            .values()
+            .all(|(_, flags, _)| *flags == 0)
+    );
+
+    // The service goes: so do its marks.
+    svc.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+    h.sync(vec![svc], vec![lb_slice("web", &["10.0.0.1"])]);
+    assert_eq!(matches(&h).len(), 1);
+    h.sync(vec![], vec![]);
+    assert!(matches(&h).is_empty());
 }
 
 #[test]
