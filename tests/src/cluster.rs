@@ -386,6 +386,24 @@ impl Cluster {
         Held::start(cmd)
     }
 
+    /// Starts `lb-probe syn-flood` in the client namespace: spoofed SYNs to `dst`, `rate`
+    /// per second, for `seconds` at most. Its output (JSON `{"sent", "seconds"}`) is piped.
+    pub fn syn_flood(&self, dst: SocketAddr, seconds: u64, rate: u64) -> Proc {
+        let mut cmd = self.client_probe();
+        cmd.args([
+            "syn-flood",
+            &dst.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+            "--count",
+            &(seconds * rate).to_string(),
+            "--rate",
+            &rate.to_string(),
+        ]);
+        cmd.stdout(std::process::Stdio::piped());
+        Proc::spawn(cmd).expect("spawning lb-probe syn-flood")
+    }
+
     /// An HTTP GET from the client to `addr` (a health check node port): the status code
     /// and body.
     pub fn http_get(&self, addr: SocketAddr) -> Result<(u16, String), String> {

@@ -401,6 +401,69 @@ fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
 }
 
 #[test]
+fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
+    if !require_privileges(
+        "a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone",
+    ) {
+        return;
+    }
+    const FLOWS: u64 = 4096;
+    const SECONDS: u64 = 10;
+    const RATE: u64 = 20_000;
+    let mut c = Cluster::new(PORT);
+    c.write_manifest("web.yaml", &web(&ALL_PODS));
+    c.start_agent(&["--xdp-mode", "generic", "--max-flows", &FLOWS.to_string()]);
+    c.wait_ready();
+    let frontend = format!("{NODE_A}:30080");
+    c.wait_until("web is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
+    });
+    let mut held = c.hold(sa(&frontend));
+    let backend = held.first.backend.clone().expect("answered");
+
+    // Spoofed SYNs (each a new flow that never completes) fill the flow maps dozens of
+    // times over for 10 s, while the held connection keeps talking (every 20 ms: the LRU
+    // map keeps what is used; a flow silent for longer than the flood takes to turn the
+    // whole map over, here some 200 ms, is evicted, see the README).
+    let mut flood = c.syn_flood(sa(&frontend), SECONDS, RATE);
+    let started = std::time::Instant::now();
+    let mut pings = 0;
+    while flood.child().try_wait().expect("flood runs").is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(SECONDS + 20),
+            "flood ends"
+        );
+        let a = held.ping();
+        assert_eq!(
+            (a.error.as_deref(), a.backend.as_deref()),
+            (None, Some(backend.as_str())),
+            "ping {pings} during the flood"
+        );
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(flood.child().stdout.as_mut().expect("piped"), &mut out)
+        .expect("flood output");
+    let sent: serde_json::Value = serde_json::from_str(&out).expect("flood JSON");
+    let sent = sent["sent"].as_u64().expect("a count");
+    assert!(sent >= 20 * FLOWS, "only {sent} SYNs sent");
+    assert!(pings >= 100, "{pings} pings");
+    // The flood did fill the map, and no packet of a live flow was lost for want of one.
+    let rows: Vec<lb_userspace::inspect::CapacityRow> =
+        c.lbctl_json(&["capacity"]).expect("lbctl capacity");
+    let ct = rows
+        .iter()
+        .find(|r| r.map == "lb_ct_v2")
+        .expect("conntrack row");
+    assert!(ct.entries * 10 >= ct.capacity * 9, "{ct:?}");
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
+    assert_eq!(stats["xdp_drop_no_flow"], 0, "{stats:?}");
+    let a = held.ping();
+    assert_eq!(a.backend.as_deref(), Some(backend.as_str()));
+}
+
+#[test]
 fn removing_one_backend_keeps_established_flows_to_the_others() {
     if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
         return;

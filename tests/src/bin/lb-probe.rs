@@ -112,6 +112,18 @@ enum Cmd {
         #[arg(long)]
         count: u32,
     },
+    /// Robustness traffic: TCP SYNs to DST (IPv4) from random spoofed sources in
+    /// 198.18.0.0/15, which nothing answers, through a raw socket, RATE per second at most,
+    /// until SECONDS have passed or COUNT were sent; prints JSON `{"sent", "seconds"}`.
+    SynFlood {
+        dst: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 50_000)]
+        rate: u64,
+    },
     /// Benchmark sink: drops every packet arriving on DEV at tc ingress until stdin closes;
     /// prints `ready` once attached.
     TcSink {
@@ -431,6 +443,50 @@ fn xdp_flood(
     Ok(())
 }
 
+fn syn_flood(dst: SocketAddr, seconds: u64, count: u64, rate: u64) -> io::Result<()> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    if !dst.is_ipv4() || rate == 0 {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    // IPPROTO_RAW: the datagrams carry their own IP header (with the spoofed source).
+    let sock = Socket::new(
+        Domain::IPV4,
+        Type::RAW,
+        Some(Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    let to = SockAddr::from(SocketAddr::new(dst.ip(), 0));
+    let (started, limit) = (Instant::now(), Duration::from_secs(seconds));
+    let mut sent = 0u64;
+    while sent < count && started.elapsed() < limit {
+        // Paced in steps of a millisecond: ahead of the rate, wait.
+        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed())
+            && ahead > Duration::from_millis(1)
+        {
+            thread::sleep(ahead);
+        }
+        let src = SocketAddr::new(
+            [
+                198,
+                fastrand::u8(18..=19),
+                fastrand::u8(..),
+                fastrand::u8(1..255),
+            ]
+            .into(),
+            fastrand::u16(1024..),
+        );
+        let frame = lb_tests::packet::tcp_frame(src, dst, lb_tests::packet::SYN, b"");
+        // Past the Ethernet header.
+        sock.send_to(&frame[14..], &to)?;
+        sent += 1;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"sent": sent, "seconds": started.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
 fn tc_sink(dev: &str) -> io::Result<()> {
     let prog = lb_tests::xdpgen::load_sink()?;
     let _link = lb_tests::xdpgen::attach_tc_ingress(&prog, ifindex(dev)?)?;
@@ -526,6 +582,12 @@ fn main() -> io::Result<()> {
             Ok(())
         }
         Cmd::Rr { addr, count } => rr(addr, count),
+        Cmd::SynFlood {
+            dst,
+            seconds,
+            count,
+            rate,
+        } => syn_flood(dst, seconds, count, rate),
         Cmd::XdpFlood {
             dev,
             src_mac,
