@@ -81,6 +81,10 @@ struct Plan {
     roll_reps: usize,
     /// Packets per north-south forwarding run.
     flood_packets: u32,
+    /// Seconds of each new-connection run through the node port (5b).
+    connection_seconds: f64,
+    /// Runs of each variant of 5b.
+    connection_reps: usize,
 }
 
 impl Plan {
@@ -98,6 +102,8 @@ impl Plan {
                 update_reps: 5,
                 roll_reps: 2,
                 flood_packets: 1_000_000,
+                connection_seconds: 5.0,
+                connection_reps: 2,
             }
         } else {
             Self {
@@ -112,6 +118,8 @@ impl Plan {
                 update_reps: 20,
                 roll_reps: 6,
                 flood_packets: 4_000_000,
+                connection_seconds: 60.0,
+                connection_reps: 2,
             }
         }
     }
@@ -122,7 +130,7 @@ mod memory;
 mod north_south;
 mod updates;
 
-const TITLES: [(&str, &str); 11] = [
+const TITLES: [(&str, &str); 12] = [
     (
         "1-program-cost",
         "1. Program cost vs scale (ns per run: XDP by BPF_PROG_TEST_RUN, the connect hook by the kernel's bpf_stats)",
@@ -142,6 +150,10 @@ const TITLES: [(&str, &str); 11] = [
     (
         "5-north-south",
         "5. North-south forwarding through a node port to a pod on another node (one UDP flow)",
+    ),
+    (
+        "5b-new-connections",
+        "5b. New TCP connections through a node port to a pod on another node (sustained; connections/s, higher is better)",
     ),
     (
         "8-map-updates",
@@ -193,6 +205,7 @@ fn main() -> ExitCode {
     }
     if wanted(5) {
         north_south::north_south(&mut report, &plan);
+        north_south::new_connections(&mut report, &plan);
     }
     if wanted(7) || wanted(6) {
         updates::update_latency(&mut report, &plan, plan.update_scale);

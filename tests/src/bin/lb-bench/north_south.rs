@@ -1,6 +1,7 @@
 //! Benchmark 5, north-south forwarding: UDP packets to a node port of node A, forwarded to a
 //! pod on node B (Cluster policy: DNAT and SNAT), by our XDP program and by kube-proxy's
-//! iptables and nftables rules, in the two-node sandbox.
+//! iptables and nftables rules, in the two-node sandbox. Benchmark 5b: new TCP connections
+//! through the same path, sustained (see [`new_connections`]).
 //!
 //! The traffic is made in the kernel (see `lb_tests::xdpgen`): the client's veth transmits
 //! one UDP flow as fast as node A takes it, so the measured rate is what node A forwards.
@@ -30,6 +31,7 @@ use serde_json::{Value, json};
 use crate::{Baseline, Plan, progress};
 
 const BENCH: &str = "5-north-south";
+const BENCH_CONNECTIONS: &str = "5b-new-connections";
 const PORT: u16 = 8080;
 const NODE_PORT: u16 = 30080;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
@@ -227,12 +229,12 @@ fn load_rules(c: &Cluster, b: &Baseline) {
     loaded.unwrap_or_else(|e| panic!("loading the {} rules: {e}", b.variant));
 }
 
-/// The measured service: a NodePort over pod-b1 on node B.
-fn kube_proxy_service() -> kubeproxy::Service {
+/// The measured service: a NodePort over pod-b1 on node B, of `protocol` (`udp`, `tcp`).
+fn kube_proxy_service(protocol: &'static str) -> kubeproxy::Service {
     kubeproxy::Service {
-        name: "bench/north-south:udp".into(),
+        name: format!("bench/north-south:{protocol}"),
         frontend: SocketAddrV4::new(CLUSTER_IP, 80),
-        protocol: "udp",
+        protocol,
         endpoints: vec![SocketAddrV4::new(
             POD_B[0].parse().expect("an address"),
             PORT,
@@ -241,14 +243,16 @@ fn kube_proxy_service() -> kubeproxy::Service {
     }
 }
 
-fn manifest() -> String {
+/// The service as a manifest, of `protocol` (`udp`, `tcp`).
+fn manifest(protocol: &str) -> String {
+    let upper = protocol.to_ascii_uppercase();
     let service = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"namespace": "bench", "name": "north-south"},
         "spec": {
             "type": "NodePort",
             "clusterIP": CLUSTER_IP.to_string(), "clusterIPs": [CLUSTER_IP.to_string()],
-            "ports": [{"name": "udp", "port": 80, "protocol": "UDP", "targetPort": PORT,
+            "ports": [{"name": protocol, "port": 80, "protocol": upper, "targetPort": PORT,
                        "nodePort": NODE_PORT}],
         },
     });
@@ -260,7 +264,7 @@ fn manifest() -> String {
             "north-south-1",
             "north-south",
             "IPv4",
-            &[("udp", PORT.into(), "UDP")],
+            &[(protocol, PORT.into(), upper.as_str())],
             &[Ep::ready(POD_B[0]).on_node("node-b")],
         )
     )
@@ -295,8 +299,8 @@ pub fn north_south(report: &mut Report, plan: &Plan) {
         mac_of(c.node_a_ns(), "n-ext"),
     );
 
-    c.write_manifest("north-south.json", &manifest());
-    let baselines = Baseline::both(&[kube_proxy_service()]);
+    c.write_manifest("north-south.json", &manifest("udp"));
+    let baselines = Baseline::both(&[kube_proxy_service("udp")]);
     let node_a_peer = mac_of(c.node_a_ns(), "n-peer");
     // FLOOR: the same packets made in node A and sent straight to node B's sink, with no
     // forwarding: what the generator and the sink cost on this shared CPU.
@@ -388,5 +392,110 @@ pub fn north_south(report: &mut Report, plan: &Plan) {
             node_a("IPT") / node_a("ours")
         ),
         ours / ipt >= 3.0,
+    );
+}
+
+/// Benchmark 5b: new TCP connections per second from the client through the node port to
+/// pod-b1 on node B (each SNATed by node A), one request and answer each, closed by a reset
+/// as `crr` does, sustained for `plan.connection_seconds` per run: ours (native XDP) against
+/// kube-proxy's iptables and nftables rules (netfilter conntrack and NAT) in node A.
+pub fn new_connections(report: &mut Report, plan: &Plan) {
+    progress("5b: new TCP connections through a node port");
+    let mut c = Cluster::new(PORT);
+    c.native_peers();
+    c.write_manifest("north-south.json", &manifest("tcp"));
+    let baselines = Baseline::both(&[kube_proxy_service("tcp")]);
+    let variants = ["ours", "IPT", "NFT"];
+    let mut rates: Vec<Vec<f64>> = variants.iter().map(|_| Vec::new()).collect();
+    let mut errors = [0u64; 3];
+    let node_port = format!("{NODE_A}:{NODE_PORT}");
+    let crr = |c: &Cluster, seconds: f64| -> (f64, u64) {
+        let mut cmd = command_in(&lb_tests::bin_dir().join("lb-probe"), c.client_ns(), None)
+            .expect("the client namespace");
+        cmd.args(["crr", &node_port, "--seconds", &seconds.to_string()]);
+        let out = cmd.output().expect("lb-probe crr");
+        assert!(out.status.success(), "lb-probe crr failed");
+        let v: Value = serde_json::from_slice(&out.stdout).expect("lb-probe JSON");
+        let done = v["done"].as_f64().expect("done");
+        (done / seconds, v["errors"].as_u64().expect("errors"))
+    };
+    for r in 0..plan.connection_reps {
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for k in order {
+            let (rate, failed) = match variants[k] {
+                "ours" => {
+                    start_agent(&mut c);
+                    let (warm, _) = crr(&c, 0.2);
+                    assert!(warm > 0.0, "ours: no connection through the node port");
+                    let run = crr(&c, plan.connection_seconds);
+                    c.kill_agent();
+                    assert!(c.cleanup(), "lb-agent --cleanup failed");
+                    run
+                }
+                variant => {
+                    let b = baselines
+                        .iter()
+                        .find(|b| b.variant == variant)
+                        .expect("a baseline");
+                    load_rules(&c, b);
+                    let (warm, _) = crr(&c, 0.2);
+                    assert!(warm > 0.0, "{variant}: no connection through the node port");
+                    let run = crr(&c, plan.connection_seconds);
+                    for cmd in b.teardown {
+                        in_ns(c.node_a_ns(), cmd);
+                    }
+                    run
+                }
+            };
+            rates[k].push(rate);
+            errors[k] += failed;
+        }
+    }
+    drop(c);
+    for ((variant, runs), failed) in variants.iter().zip(rates).zip(errors) {
+        let median = report.add(
+            BENCH_CONNECTIONS,
+            1,
+            variant,
+            &format!("connections/s over {} s", plan.connection_seconds),
+            "1/s",
+            runs,
+        );
+        report.add(
+            BENCH_CONNECTIONS,
+            1,
+            variant,
+            "failed connections (all runs)",
+            "",
+            vec![failed as f64],
+        );
+        progress(&format!(
+            "   {variant}: {median:.0} connections/s, {failed} failed"
+        ));
+    }
+    let m = |v: &str| {
+        report
+            .median(
+                BENCH_CONNECTIONS,
+                1,
+                v,
+                &format!("connections/s over {} s", plan.connection_seconds),
+            )
+            .unwrap_or(f64::NAN)
+    };
+    let (ours, ipt, nft) = (m("ours"), m("IPT"), m("NFT"));
+    report.goal(
+        BENCH_CONNECTIONS,
+        "new connections/s >= 1.5x NFT, none failing",
+        format!(
+            "{:.2}x NFT, {:.2}x IPT; {} of ours failed",
+            ours / nft,
+            ours / ipt,
+            errors[0]
+        ),
+        ours / nft >= 1.5 && errors[0] == 0,
     );
 }
