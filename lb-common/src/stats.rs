@@ -36,7 +36,7 @@ pub const XDP_REDIRECTED: u32 = 13;
 /// XDP: a translated packet went to the stack (the destination is local, or the FIB lookup
 /// could not resolve the next hop).
 pub const XDP_TO_STACK: u32 = 14;
-/// XDP: dropped, the service has no (local) backend.
+/// XDP: dropped, the service has Local policy and no local backend.
 pub const XDP_DROP_NO_BACKEND: u32 = 15;
 /// XDP: dropped, the source is outside `loadBalancerSourceRanges`.
 pub const XDP_DROP_SOURCE_RANGE: u32 = 16;
@@ -66,8 +66,11 @@ pub const SNAT_PORT_REUSED: u32 = 23;
 pub const XDP_PASS_V4_MAPPED: u32 = 24;
 /// XDP: a new flow of a client with session affinity went to its remembered backend.
 pub const XDP_AFFINITY_HIT: u32 = 25;
+/// XDP: a new flow for a Cluster-policy frontend with no backend was answered with an ICMP
+/// port unreachable (as kube-proxy's REJECT), not delivered.
+pub const XDP_REJECT_NO_BACKEND: u32 = 26;
 /// Number of counters.
-pub const COUNT: u32 = 26;
+pub const COUNT: u32 = 27;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -97,6 +100,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "snat_port_reused",
     "xdp_pass_v4_mapped",
     "xdp_affinity_hit",
+    "xdp_reject_no_backend",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

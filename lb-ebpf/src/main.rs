@@ -27,6 +27,7 @@ mod fib;
 mod maps;
 mod nat;
 mod pkt;
+mod reject;
 mod revnat;
 mod scratch;
 mod select;

@@ -16,7 +16,7 @@ use crate::{
     maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
-    scratch, stats,
+    reject, scratch, stats,
 };
 
 /// Load balancing of traffic from outside the node.
@@ -86,14 +86,20 @@ fn count(svc_id: u32, bytes: u32, new_flow: bool) {
     }
 }
 
+/// Counts a packet of service `svc_id` that is not delivered, for reason `why` (a counter).
 #[inline(always)]
-fn drop_for(svc_id: u32, why: u32) -> u32 {
+fn count_drop(svc_id: u32, why: u32) {
     if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
         // SAFETY: as in `count`.
         unsafe { (*c).drops += 1 };
     }
     stats::inc(why);
     debug::event(lb_common::debug::XDP_DROP, svc_id, why);
+}
+
+#[inline(always)]
+fn drop_for(svc_id: u32, why: u32) -> u32 {
+    count_drop(svc_id, why);
     xdp_action::XDP_DROP
 }
 
@@ -171,6 +177,12 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
                 return drop_for(svc.id, st::XDP_DROP_NO_FLOW);
             }
             if svc.ring_size == 0 {
+                // No backend: refused as kube-proxy does under Cluster policy; under Local
+                // policy (no backend on this node) dropped, as kube-proxy does too.
+                if svc.flags & NS_F_LOCAL == 0 {
+                    count_drop(svc.id, st::XDP_REJECT_NO_BACKEND);
+                    return reject::port_unreachable(ctx, p.v6);
+                }
                 return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
             }
             if svc.flags & NS_F_AFFINITY == 0 || !affinity::recall(s, svc.id, &p.key.saddr, now) {

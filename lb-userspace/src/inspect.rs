@@ -916,11 +916,17 @@ pub fn xdp_run(device: &str, verdict: i32, input: &[u8], output: &[u8]) -> XdpRu
         (Some(p), true) => (Some(p.src), Some(p.dst)),
         _ => (None, None),
     };
+    let rejected = verdict == 3 && crate::packet::parse_icmp_error(output).is_ok();
     let (name, meaning) = match (verdict, rewritten) {
         (1, _) => (
             "XDP_DROP",
-            "dropped: no (local) backend, a source outside loadBalancerSourceRanges, or no \
-             free SNAT port (see lbctl stats)",
+            "dropped: no local backend (Local policy), a source outside \
+             loadBalancerSourceRanges, or no free SNAT port (see lbctl stats)",
+        ),
+        (3, _) if rejected => (
+            "XDP_TX",
+            "refused: no backend (Cluster policy), answered with an ICMP port unreachable, \
+             as kube-proxy rejects",
         ),
         (2, true) => (
             "XDP_PASS",

@@ -261,6 +261,75 @@ pub fn parse(f: &[u8]) -> Result<Parsed, String> {
     })
 }
 
+/// An ICMP or ICMPv6 error message, as [`parse_icmp_error`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpError {
+    /// Destination MAC address.
+    pub dmac: [u8; 6],
+    /// Source MAC address.
+    pub smac: [u8; 6],
+    /// Who sent it.
+    pub src: IpAddr,
+    /// To whom.
+    pub dst: IpAddr,
+    /// ICMP type (3: destination unreachable) or ICMPv6 type (1: the same).
+    pub kind: u8,
+    /// Its code (IPv4 3, IPv6 4: port unreachable).
+    pub code: u8,
+    /// The quoted part of the packet it answers (its IP header first).
+    pub quoted: Vec<u8>,
+}
+
+/// Parses an Ethernet frame carrying an ICMP (IPv4, no options) or ICMPv6 (no extension
+/// headers) error, verifying the IPv4 header checksum and the ICMP checksum (over the
+/// pseudo-header for ICMPv6) from scratch.
+pub fn parse_icmp_error(f: &[u8]) -> Result<IcmpError, String> {
+    let short = || format!("not an ICMP error frame: {f:02x?}");
+    if f.len() < L3 + 20 {
+        return Err(short());
+    }
+    let (src, dst, body) = match u16::from_be_bytes([f[12], f[13]]) {
+        0x0800 if f[L3] == 0x45 && f[L3 + 9] == 1 => {
+            let total = usize::from(u16::from_be_bytes([f[L3 + 2], f[L3 + 3]]));
+            if fold(sum16(&f[L3..L3 + 20], 0)) != 0 || f.len() < L3 + total {
+                return Err(format!("bad IPv4 header: {f:02x?}"));
+            }
+            let ip = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&f[o..o + 4]).expect("4"));
+            (ip(L3 + 12), ip(L3 + 16), &f[L3 + 20..L3 + total])
+        }
+        0x86dd if f.len() >= L3 + 40 && f[L3] >> 4 == 6 && f[L3 + 6] == 58 => {
+            let payload = usize::from(u16::from_be_bytes([f[L3 + 4], f[L3 + 5]]));
+            if f.len() < L3 + 40 + payload {
+                return Err(short());
+            }
+            let ip = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&f[o..o + 16]).expect("16"));
+            (ip(L3 + 8), ip(L3 + 24), &f[L3 + 40..L3 + 40 + payload])
+        }
+        _ => return Err(short()),
+    };
+    if body.len() < 8 {
+        return Err(short());
+    }
+    let seed = if src.is_ipv6() {
+        pseudo_sum(src, dst, 58, body.len())
+    } else {
+        0
+    };
+    if fold(sum16(body, seed)) != 0 {
+        return Err(format!("bad ICMP checksum from {src} to {dst}"));
+    }
+    let mac = |o: usize| -> [u8; 6] { f[o..o + 6].try_into().expect("6 bytes") };
+    Ok(IcmpError {
+        dmac: mac(0),
+        smac: mac(6),
+        src,
+        dst,
+        kind: body[0],
+        code: body[1],
+        quoted: body[8..].to_vec(),
+    })
+}
+
 /// Offset of the IP header in frames.
 pub const L3: usize = 14;
 
@@ -306,6 +375,32 @@ pub fn fix_ipv4_checksum(f: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn icmp_errors_parse_only_with_valid_checksums() {
+        let quoted = &frame(
+            TCP,
+            "203.0.113.7:40000".parse().unwrap(),
+            "192.0.2.1:80".parse().unwrap(),
+            b"",
+        )[L3..L3 + 28];
+        let mut f = vec![0u8; 12];
+        f.extend([0x08, 0x00, 0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0]);
+        f.extend([192, 0, 2, 1, 203, 0, 113, 7]);
+        f.extend([3, 3, 0, 0, 0, 0, 0, 0]);
+        f.extend(quoted);
+        fix_ipv4_checksum(&mut f);
+        let c = fold(sum16(&f[L3 + 20..], 0));
+        f[L3 + 22..L3 + 24].copy_from_slice(&c.to_be_bytes());
+        let e = parse_icmp_error(&f).unwrap();
+        assert_eq!((e.kind, e.code, &e.quoted[..]), (3, 3, quoted));
+        assert_eq!(e.src.to_string(), "192.0.2.1");
+        for at in [L3 + 12, L3 + 30] {
+            let mut bad = f.clone();
+            bad[at] ^= 1;
+            assert!(parse_icmp_error(&bad).is_err(), "byte {at} changed");
+        }
+    }
 
     #[test]
     fn built_frames_parse_with_valid_checksums() {

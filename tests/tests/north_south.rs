@@ -464,6 +464,29 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
 }
 
 #[test]
+fn a_node_port_without_endpoints_refuses_connections_at_once() {
+    if !require_privileges("a_node_port_without_endpoints_refuses_connections_at_once") {
+        return;
+    }
+    let mut c = Cluster::new(PORT);
+    c.write_manifest("web.yaml", &web(&[]));
+    c.start_agent(&["--xdp-mode", "generic"]);
+    c.wait_ready();
+    let frontend = format!("{NODE_A}:30080");
+    c.wait_until("web is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{frontend}/TCP")).is_some()
+    });
+    // As with kube-proxy's REJECT: ECONNREFUSED from the ICMP port unreachable, at once,
+    // not a connect timing out.
+    for a in c.tcp(sa(&frontend), 3) {
+        assert_eq!(a.error.as_deref(), Some("ECONNREFUSED"), "{a:?}");
+        assert!(a.micros < 500_000, "{a:?}");
+    }
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
+    assert_eq!(stats["xdp_reject_no_backend"], 3, "{stats:?}");
+}
+
+#[test]
 fn removing_one_backend_keeps_established_flows_to_the_others() {
     if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
         return;

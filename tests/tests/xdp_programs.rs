@@ -1094,6 +1094,50 @@ fn clients_keep_their_backend_under_session_affinity_until_the_timeout() {
     });
 }
 
+#[test]
+fn a_cluster_service_with_no_backend_answers_port_unreachable() {
+    if !require_privileges("a_cluster_service_with_no_backend_answers_port_unreachable") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        // `web` (Cluster policy) without endpoints; `ext` (Local) without a local one.
+        lab.program(&manifests(&[]));
+        let cases = [
+            (TCP, "203.0.113.7:40000", "192.0.2.1:30080"),
+            (UDP, "203.0.113.7:40001", "192.0.2.1:30053"),
+            (TCP, "[2001:db8:9::7]:40000", "[2001:db8:1::1]:30080"),
+            (UDP, "[2001:db8:9::7]:40001", "[2001:db8:1::1]:30053"),
+        ];
+        for (proto, client, frontend) in cases {
+            let (client, frontend) = (sa(client), sa(frontend));
+            let f = frame(proto, client, frontend, b"anyone there?");
+            let (v, out) = lab.xdp(&f);
+            assert_eq!(v, XDP_TX, "{client} -> {frontend}");
+            // A whole ICMP error (checksums verified), from the frontend to the client, back
+            // to the MAC it came from, quoting the IP header and the ports.
+            let icmp = packet::parse_icmp_error(&out).expect("an ICMP error");
+            assert_eq!((icmp.src, icmp.dst), (frontend.ip(), client.ip()));
+            let ((kind, code), ip_len) = if client.is_ipv6() {
+                ((1, 4), 40)
+            } else {
+                ((3, 3), 20)
+            };
+            assert_eq!((icmp.kind, icmp.code), (kind, code));
+            assert_eq!((&icmp.dmac[..], &icmp.smac[..]), (&f[6..12], &f[..6]));
+            assert_eq!(icmp.quoted, f[14..14 + ip_len + 8]);
+        }
+        assert_eq!(lab.stat(st::XDP_REJECT_NO_BACKEND), 4);
+        assert!(lab.flows(0).is_empty(), "a refusal records no flow");
+        // Local policy without a local endpoint: dropped, as kube-proxy does.
+        let drops = lab.stat(st::XDP_DROP_NO_BACKEND);
+        let f = frame(TCP, sa("203.0.113.7:40002"), sa("198.51.100.20:8080"), b"");
+        assert_eq!(lab.xdp(&f).0, XDP_DROP);
+        assert_eq!(lab.stat(st::XDP_DROP_NO_BACKEND), drops + 1);
+    });
+}
+
 const XDP_REDIRECT: i32 = 4;
 const TC_ACT_OK: i32 = 0;
 /// Longer than the grace before an ended flow's SNAT port serves another, on a clock that
