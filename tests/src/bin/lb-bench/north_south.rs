@@ -398,21 +398,35 @@ pub fn north_south(report: &mut Report, plan: &Plan) {
 /// Benchmark 5b: new TCP connections per second from the client through the node port to
 /// pod-b1 on node B (each SNATed by node A), one request and answer each, closed by a reset
 /// as `crr` does, sustained for `plan.connection_seconds` per run: ours (native XDP) against
-/// kube-proxy's iptables and nftables rules (netfilter conntrack and NAT) in node A.
+/// kube-proxy's iptables and nftables rules (netfilter conntrack and NAT) in node A, and
+/// DIRECT: the pod's own address, routed by node A without any translation, the ceiling
+/// of what node A's translation can reach with this client and server.
 pub fn new_connections(report: &mut Report, plan: &Plan) {
     progress("5b: new TCP connections through a node port");
     let mut c = Cluster::new(PORT);
     c.native_peers();
     c.write_manifest("north-south.json", &manifest("tcp"));
+    // DIRECT: routes between the client and node B's pods through node A.
+    let pods = POD_B[0]
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.0/24"))
+        .expect("IPv4");
+    c.client_ns()
+        .route(&pods, NODE_A)
+        .expect("a route to the pods");
+    c.node_b_ns()
+        .route(&format!("{CLIENT}/32"), lb_tests::cluster::NODE_A_PEER)
+        .expect("a route to the client");
     let baselines = Baseline::both(&[kube_proxy_service("tcp")]);
-    let variants = ["ours", "IPT", "NFT"];
+    let variants = ["ours", "IPT", "NFT", "DIRECT"];
     let mut rates: Vec<Vec<f64>> = variants.iter().map(|_| Vec::new()).collect();
-    let mut errors = [0u64; 3];
+    let mut errors = [0u64; 4];
     let node_port = format!("{NODE_A}:{NODE_PORT}");
-    let crr = |c: &Cluster, seconds: f64| -> (f64, u64) {
+    let direct = format!("{}:{PORT}", POD_B[0]);
+    let crr = |c: &Cluster, to: &str, seconds: f64| -> (f64, u64) {
         let mut cmd = command_in(&lb_tests::bin_dir().join("lb-probe"), c.client_ns(), None)
             .expect("the client namespace");
-        cmd.args(["crr", &node_port, "--seconds", &seconds.to_string()]);
+        cmd.args(["crr", to, "--seconds", &seconds.to_string()]);
         let out = cmd.output().expect("lb-probe crr");
         assert!(out.status.success(), "lb-probe crr failed");
         let v: Value = serde_json::from_slice(&out.stdout).expect("lb-probe JSON");
@@ -428,22 +442,23 @@ pub fn new_connections(report: &mut Report, plan: &Plan) {
             let (rate, failed) = match variants[k] {
                 "ours" => {
                     start_agent(&mut c);
-                    let (warm, _) = crr(&c, 0.2);
+                    let (warm, _) = crr(&c, &node_port, 0.2);
                     assert!(warm > 0.0, "ours: no connection through the node port");
-                    let run = crr(&c, plan.connection_seconds);
+                    let run = crr(&c, &node_port, plan.connection_seconds);
                     c.kill_agent();
                     assert!(c.cleanup(), "lb-agent --cleanup failed");
                     run
                 }
+                "DIRECT" => crr(&c, &direct, plan.connection_seconds),
                 variant => {
                     let b = baselines
                         .iter()
                         .find(|b| b.variant == variant)
                         .expect("a baseline");
                     load_rules(&c, b);
-                    let (warm, _) = crr(&c, 0.2);
+                    let (warm, _) = crr(&c, &node_port, 0.2);
                     assert!(warm > 0.0, "{variant}: no connection through the node port");
-                    let run = crr(&c, plan.connection_seconds);
+                    let run = crr(&c, &node_port, plan.connection_seconds);
                     for cmd in b.teardown {
                         in_ns(c.node_a_ns(), cmd);
                     }
@@ -486,14 +501,15 @@ pub fn new_connections(report: &mut Report, plan: &Plan) {
             )
             .unwrap_or(f64::NAN)
     };
-    let (ours, ipt, nft) = (m("ours"), m("IPT"), m("NFT"));
+    let (ours, ipt, nft, direct) = (m("ours"), m("IPT"), m("NFT"), m("DIRECT"));
     report.goal(
         BENCH_CONNECTIONS,
         "new connections/s >= 1.5x NFT, none failing",
         format!(
-            "{:.2}x NFT, {:.2}x IPT; {} of ours failed",
+            "{:.2}x NFT, {:.2}x IPT, {:.2}x DIRECT (no translation); {} of ours failed",
             ours / nft,
             ours / ipt,
+            ours / direct,
             errors[0]
         ),
         ours / nft >= 1.5 && errors[0] == 0,
