@@ -32,6 +32,8 @@ use crate::{Baseline, Plan, progress};
 
 const BENCH: &str = "5-north-south";
 const BENCH_CONNECTIONS: &str = "5b-new-connections";
+/// Clients connecting at once in 5b.
+const CLIENTS: usize = 4;
 const PORT: u16 = 8080;
 const NODE_PORT: u16 = 30080;
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
@@ -395,9 +397,9 @@ pub fn north_south(report: &mut Report, plan: &Plan) {
     );
 }
 
-/// Benchmark 5b: new TCP connections per second from the client through the node port to
-/// pod-b1 on node B (each SNATed by node A), one request and answer each, closed by a reset
-/// as `crr` does, sustained for `plan.connection_seconds` per run: ours (native XDP) against
+/// Benchmark 5b: new TCP connections per second from the client (four at once) through the
+/// node port to pod-b1 on node B (each SNATed by node A), one request and answer each,
+/// closed by a reset as `crr` does, sustained for `plan.connection_seconds` per run: ours (native XDP) against
 /// kube-proxy's iptables and nftables rules (netfilter conntrack and NAT) in node A, and
 /// DIRECT: the pod's own address, routed by node A without any translation, the ceiling
 /// of what node A's translation can reach with this client and server.
@@ -423,15 +425,28 @@ pub fn new_connections(report: &mut Report, plan: &Plan) {
     let mut errors = [0u64; 4];
     let node_port = format!("{NODE_A}:{NODE_PORT}");
     let direct = format!("{}:{PORT}", POD_B[0]);
+    // CLIENTS sequential clients at once, so that node A's CPU, not one client's round
+    // trips, bounds the rate: the connections per second of all, and their failures.
     let crr = |c: &Cluster, to: &str, seconds: f64| -> (f64, u64) {
-        let mut cmd = command_in(&lb_tests::bin_dir().join("lb-probe"), c.client_ns(), None)
-            .expect("the client namespace");
-        cmd.args(["crr", to, "--seconds", &seconds.to_string()]);
-        let out = cmd.output().expect("lb-probe crr");
-        assert!(out.status.success(), "lb-probe crr failed");
-        let v: Value = serde_json::from_slice(&out.stdout).expect("lb-probe JSON");
-        let done = v["done"].as_f64().expect("done");
-        (done / seconds, v["errors"].as_u64().expect("errors"))
+        let children: Vec<Child> = (0..CLIENTS)
+            .map(|_| {
+                command_in(&lb_tests::bin_dir().join("lb-probe"), c.client_ns(), None)
+                    .expect("the client namespace")
+                    .args(["crr", to, "--seconds", &seconds.to_string()])
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("lb-probe crr")
+            })
+            .collect();
+        let (mut done, mut failed) = (0.0, 0);
+        for child in children {
+            let out = child.wait_with_output().expect("lb-probe crr");
+            assert!(out.status.success(), "lb-probe crr failed");
+            let v: Value = serde_json::from_slice(&out.stdout).expect("lb-probe JSON");
+            done += v["done"].as_f64().expect("done");
+            failed += v["errors"].as_u64().expect("errors");
+        }
+        (done / seconds, failed)
     };
     for r in 0..plan.connection_reps {
         let mut order: Vec<usize> = (0..variants.len()).collect();
