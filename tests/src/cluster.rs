@@ -34,6 +34,18 @@ pub const NODE_A_PEER: &str = "10.0.0.1";
 pub const POD_A: &str = "10.244.1.10";
 /// The pods on node B.
 pub const POD_B: [&str; 2] = ["10.244.2.10", "10.244.3.10"];
+/// The client's IPv6 address.
+pub const CLIENT6: &str = "2001:db8:c::2";
+/// Node A's external IPv6 address (serves node ports).
+pub const NODE_A6: &str = "2001:db8:c::1";
+/// Node A's IPv6 address towards node B (the SNAT source for backends there).
+pub const NODE_A_PEER6: &str = "fd00:10::1";
+/// The pod on node A, IPv6.
+pub const POD_A6: &str = "fd00:244:1::10";
+/// The pods on node B, IPv6.
+pub const POD_B6: [&str; 2] = ["fd00:244:2::10", "fd00:244:3::10"];
+/// Where the client routes load-balancer IPv6 addresses (via node A).
+pub const LB_NET6: &str = "2001:db8:51::/64";
 /// The agent's health and metrics endpoint, on node A's own loopback.
 pub const NODE_HEALTH_ADDR: &str = "127.0.0.1:9890";
 
@@ -98,36 +110,55 @@ impl Cluster {
         let (cl, a, b) = (&self.client, &self.node_a, &self.node_b);
         for node in [a, b] {
             node.sysctl("net/ipv4/ip_forward", "1")?;
+            node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         veth(cl, "eth0", a, "n-ext")?;
         cl.addr("eth0", &format!("{CLIENT}/24"))?;
         a.addr("n-ext", &format!("{NODE_A}/24"))?;
         cl.route("198.51.100.0/24", NODE_A)?;
+        cl.addr("eth0", &format!("{CLIENT6}/64"))?;
+        a.addr("n-ext", &format!("{NODE_A6}/64"))?;
+        cl.route(LB_NET6, NODE_A6)?;
 
         veth(a, "n-peer", b, "eth0")?;
         a.addr("n-peer", &format!("{NODE_A_PEER}/24"))?;
         b.addr("eth0", "10.0.0.2/24")?;
+        a.addr("n-peer", &format!("{NODE_A_PEER6}/64"))?;
+        b.addr("eth0", "fd00:10::2/64")?;
 
-        let pod = |node: &Netns, dev: &str, pod: &Netns, ip: &str| -> std::io::Result<()> {
-            veth(node, dev, pod, "eth0")?;
-            let gw = ip
-                .rsplit_once('.')
-                .map(|(net, _)| format!("{net}.1"))
-                .expect("IPv4");
-            node.addr(dev, &format!("{gw}/24"))?;
-            pod.addr("eth0", &format!("{ip}/24"))?;
-            pod.ip(&["route", "add", "default", "via", &gw]).map(drop)
+        // Each pod's network is its address with the last part 1 (the gateway, on the
+        // node) in a /24 (IPv4) or /64 (IPv6).
+        let gateway = |ip: &str| -> (String, String) {
+            if ip.contains(':') {
+                let net = ip.rsplit_once("::").map(|(n, _)| n).expect("IPv6");
+                (format!("{net}::1"), format!("{net}::/64"))
+            } else {
+                let net = ip.rsplit_once('.').map(|(n, _)| n).expect("IPv4");
+                (format!("{net}.1"), format!("{net}.0/24"))
+            }
         };
-        pod(a, "n-pod", &self.pod_a, POD_A)?;
-        pod(b, "p1", &self.pods_b[0], POD_B[0])?;
-        pod(b, "p2", &self.pods_b[1], POD_B[1])?;
+        let pod = |node: &Netns, dev: &str, pod: &Netns, ips: [&str; 2]| -> std::io::Result<()> {
+            veth(node, dev, pod, "eth0")?;
+            for ip in ips {
+                let (gw, net) = gateway(ip);
+                let prefix = net.rsplit_once('/').map(|(_, p)| p).expect("a prefix");
+                node.addr(dev, &format!("{gw}/{prefix}"))?;
+                pod.addr("eth0", &format!("{ip}/{prefix}"))?;
+                let family = if ip.contains(':') { "-6" } else { "-4" };
+                pod.ip(&[family, "route", "add", "default", "via", &gw])?;
+            }
+            Ok(())
+        };
+        pod(a, "n-pod", &self.pod_a, [POD_A, POD_A6])?;
+        pod(b, "p1", &self.pods_b[0], [POD_B[0], POD_B6[0]])?;
+        pod(b, "p2", &self.pods_b[1], [POD_B[1], POD_B6[1]])?;
         for p in POD_B {
-            let net = p
-                .rsplit_once('.')
-                .map(|(n, _)| format!("{n}.0/24"))
-                .expect("IPv4");
-            a.route(&net, "10.0.0.2")?;
+            a.route(&gateway(p).1, "10.0.0.2")?;
         }
+        for p in POD_B6 {
+            a.route(&gateway(p).1, "fd00:10::2")?;
+        }
+        b.route(&gateway(POD_A6).1, NODE_A_PEER6)?;
         b.route("10.244.1.0/24", NODE_A_PEER)
     }
 

@@ -10,7 +10,9 @@ use std::{
 };
 
 use lb_tests::{
-    cluster::{CLIENT, Cluster, NODE_A, NODE_A_PEER, POD_A},
+    cluster::{
+        CLIENT, CLIENT6, Cluster, NODE_A, NODE_A_PEER, NODE_A_PEER6, NODE_A6, POD_A, POD_A6, POD_B6,
+    },
     manifest::{Ep, documents, slice},
     probe::Attempt,
     require_privileges,
@@ -409,7 +411,7 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
     }
     const FLOWS: u64 = 4096;
     const SECONDS: u64 = 10;
-    const RATE: u64 = 20_000;
+    const RATE: u64 = 10_000;
     let mut c = Cluster::new(PORT);
     c.write_manifest("web.yaml", &web(&ALL_PODS));
     c.start_agent(&["--xdp-mode", "generic", "--max-flows", &FLOWS.to_string()]);
@@ -424,7 +426,7 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
     // Spoofed SYNs (each a new flow that never completes) fill the flow maps dozens of
     // times over for 10 s, while the held connection keeps talking (every 20 ms: the LRU
     // map keeps what is used; a flow silent for longer than the flood takes to turn the
-    // whole map over, here some 200 ms, is evicted, see the README).
+    // whole map over, here some 400 ms, is evicted, see the README).
     let mut flood = c.syn_flood(sa(&frontend), SECONDS, RATE);
     let started = std::time::Instant::now();
     let mut pings = 0;
@@ -484,6 +486,83 @@ fn a_node_port_without_endpoints_refuses_connections_at_once() {
     }
     let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
     assert_eq!(stats["xdp_reject_no_backend"], 3, "{stats:?}");
+}
+
+#[test]
+fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
+    if !require_privileges("node_ports_and_load_balancer_ips_reach_pods_over_ipv6") {
+        return;
+    }
+    let mut c = Cluster::new(PORT);
+    let spec = json!({
+        "clusterIP": "fd00:96::20", "clusterIPs": ["fd00:96::20"],
+        "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
+    });
+    let pods = [
+        (POD_A6, "node-a"),
+        (POD_B6[0], "node-b"),
+        (POD_B6[1], "node-b"),
+    ];
+    let eps: Vec<Ep> = pods
+        .iter()
+        .map(|(ip, node)| Ep::ready(ip).on_node(node))
+        .collect();
+    let mut service: serde_json::Value = serde_json::from_str(&lb_service(
+        "web6",
+        "fd00:96::20",
+        "2001:db8:51::10",
+        30090,
+        spec,
+    ))
+    .expect("JSON");
+    service["status"]["loadBalancer"]["ingress"][0]["ip"] = json!("2001:db8:51::10");
+    c.write_manifest(
+        "web6.yaml",
+        &documents(&[
+            service.to_string(),
+            slice(
+                "shop",
+                "web6-1",
+                "web6",
+                "IPv6",
+                &[("tcp", PORT.into(), "TCP"), ("udp", PORT.into(), "UDP")],
+                &eps,
+            ),
+        ]),
+    );
+    c.start_agent(&["--xdp-mode", "generic"]);
+    c.wait_ready();
+    let node_port = format!("[{NODE_A6}]:30090");
+    c.wait_until("web6 is programmed", Duration::from_secs(15), || {
+        row(&c, &format!("{node_port}/TCP")).is_some_and(|r| r.backends == 3)
+    });
+    let mut attempts = c.tcp(sa(&node_port), 30);
+    attempts.extend(c.tcp(sa("[2001:db8:51::10]:80"), 30));
+    attempts.extend(c.udp(sa(&node_port), 10));
+    assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    let (backends, seen) = answered(&attempts);
+    assert_eq!(backends, names(&["pod-a", "pod-b1", "pod-b2"]));
+    // The local pod sees the client; the remote ones node A's address towards them (SNAT).
+    for (backend, ip) in &seen {
+        let want = if backend == "pod-a" {
+            CLIENT6
+        } else {
+            NODE_A_PEER6
+        };
+        assert_eq!(ip, want, "{backend}");
+    }
+    let flows: Vec<FlowRow> = c.lbctl_json(&["conntrack"]).expect("conntrack");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.snat.is_some_and(|s| s.ip().to_string() == NODE_A_PEER6)),
+        "{flows:?}"
+    );
+    // Translated in XDP both ways (replies of SNATed flows in XDP, of the local pod in tc).
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("stats");
+    for counter in ["xdp_translated", "xdp_reversed", "tc_reversed"] {
+        assert!(stats[counter] > 0, "{counter}: {stats:?}");
+    }
 }
 
 #[test]
