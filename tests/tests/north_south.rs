@@ -350,15 +350,27 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
 /// A cluster serving `web` over all pods, its agent in generic XDP mode; and web's node
 /// port on node A.
 fn web_cluster() -> (Cluster, String) {
-    let mut c = Cluster::new(PORT);
-    c.write_manifest("web.yaml", &web(&ALL_PODS));
-    c.start_agent(&["--xdp-mode", "generic"]);
-    c.wait_ready();
     let frontend = format!("{NODE_A}:30080");
-    c.wait_until("web is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
-    });
+    let c = started(("web.yaml", &web(&ALL_PODS)), (&frontend, 3), &[]);
     (c, frontend)
+}
+
+/// A sandbox with `manifest` (file name, text) written, the agent started in generic XDP
+/// mode with `args` added, once `frontend`'s TCP entry (an address and port) is programmed
+/// with its `backends`.
+fn started(manifest: (&str, &str), (frontend, backends): (&str, usize), args: &[&str]) -> Cluster {
+    let mut c = Cluster::new(PORT);
+    c.write_manifest(manifest.0, manifest.1);
+    let mut all = vec!["--xdp-mode", "generic"];
+    all.extend_from_slice(args);
+    c.start_agent(&all);
+    c.wait_ready();
+    c.wait_until(
+        &format!("{frontend} is programmed"),
+        Duration::from_secs(15),
+        || row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == backends),
+    );
+    c
 }
 
 #[test]
@@ -366,27 +378,19 @@ fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
     if !require_privileges("session_affinity_keeps_a_client_on_one_backend_from_outside") {
         return;
     }
-    let mut c = Cluster::new(PORT);
-    c.write_manifest(
-        "sticky.yaml",
-        &documents(&[
-            lb_service(
-                "sticky",
-                "10.96.0.14",
-                "198.51.100.14",
-                30084,
-                json!({"sessionAffinity": "ClientIP",
-                       "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}),
-            ),
-            endpoints("sticky", &ALL_PODS),
-        ]),
-    );
-    c.start_agent(&["--xdp-mode", "generic"]);
-    c.wait_ready();
     let node_port = format!("{NODE_A}:30084");
-    c.wait_until("sticky is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{node_port}/TCP")).is_some_and(|r| r.backends == 3)
-    });
+    let sticky = documents(&[
+        lb_service(
+            "sticky",
+            "10.96.0.14",
+            "198.51.100.14",
+            30084,
+            json!({"sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}),
+        ),
+        endpoints("sticky", &ALL_PODS),
+    ]);
+    let c = started(("sticky.yaml", &sticky), (&node_port, 3), &[]);
     // 30 connections from one client reach one backend (kube-proxy: the same), through the
     // node port and the load-balancer IP alike (one service port). The UDP port is another
     // service port, with an affinity of its own, as in kube-proxy.
@@ -412,14 +416,13 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
     const FLOWS: u64 = 4096;
     const SECONDS: u64 = 10;
     const RATE: u64 = 10_000;
-    let mut c = Cluster::new(PORT);
-    c.write_manifest("web.yaml", &web(&ALL_PODS));
-    c.start_agent(&["--xdp-mode", "generic", "--max-flows", &FLOWS.to_string()]);
-    c.wait_ready();
     let frontend = format!("{NODE_A}:30080");
-    c.wait_until("web is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 3)
-    });
+    let flows = FLOWS.to_string();
+    let c = started(
+        ("web.yaml", &web(&ALL_PODS)),
+        (&frontend, 3),
+        &["--max-flows", &flows],
+    );
     let mut held = c.hold(sa(&frontend));
     let backend = held.first.backend.clone().expect("answered");
 
@@ -470,14 +473,8 @@ fn a_node_port_without_endpoints_refuses_connections_at_once() {
     if !require_privileges("a_node_port_without_endpoints_refuses_connections_at_once") {
         return;
     }
-    let mut c = Cluster::new(PORT);
-    c.write_manifest("web.yaml", &web(&[]));
-    c.start_agent(&["--xdp-mode", "generic"]);
-    c.wait_ready();
     let frontend = format!("{NODE_A}:30080");
-    c.wait_until("web is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{frontend}/TCP")).is_some()
-    });
+    let c = started(("web.yaml", &web(&[])), (&frontend, 0), &[]);
     // As with kube-proxy's REJECT: ECONNREFUSED from the ICMP port unreachable, at once,
     // not a connect timing out.
     for a in c.tcp(sa(&frontend), 3) {
@@ -493,7 +490,6 @@ fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
     if !require_privileges("node_ports_and_load_balancer_ips_reach_pods_over_ipv6") {
         return;
     }
-    let mut c = Cluster::new(PORT);
     let spec = json!({
         "clusterIP": "fd00:96::20", "clusterIPs": ["fd00:96::20"],
         "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
@@ -516,26 +512,19 @@ fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
     ))
     .expect("JSON");
     service["status"]["loadBalancer"]["ingress"][0]["ip"] = json!("2001:db8:51::10");
-    c.write_manifest(
-        "web6.yaml",
-        &documents(&[
-            service.to_string(),
-            slice(
-                "shop",
-                "web6-1",
-                "web6",
-                "IPv6",
-                &[("tcp", PORT.into(), "TCP"), ("udp", PORT.into(), "UDP")],
-                &eps,
-            ),
-        ]),
-    );
-    c.start_agent(&["--xdp-mode", "generic"]);
-    c.wait_ready();
+    let web6 = documents(&[
+        service.to_string(),
+        slice(
+            "shop",
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[("tcp", PORT.into(), "TCP"), ("udp", PORT.into(), "UDP")],
+            &eps,
+        ),
+    ]);
     let node_port = format!("[{NODE_A6}]:30090");
-    c.wait_until("web6 is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{node_port}/TCP")).is_some_and(|r| r.backends == 3)
-    });
+    let c = started(("web6.yaml", &web6), (&node_port, 3), &[]);
     let mut attempts = c.tcp(sa(&node_port), 30);
     attempts.extend(c.tcp(sa("[2001:db8:51::10]:80"), 30));
     attempts.extend(c.udp(sa(&node_port), 10));
@@ -675,23 +664,19 @@ fn many_short_connections_through_a_small_snat_range_all_succeed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let mut c = Cluster::new(PORT);
-    c.write_manifest("web.yaml", &web(&[ALL_PODS[1]]));
-    c.start_agent(&[
-        "--xdp-mode",
-        "generic",
-        "--snat-ports",
-        "61000-61255",
-        "--conntrack-tcp-timeout-close",
-        "1s",
-        "--conntrack-gc-interval",
-        "1s",
-    ]);
-    c.wait_ready();
     let frontend = format!("{NODE_A}:30080");
-    c.wait_until("web is programmed", Duration::from_secs(15), || {
-        row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == 1)
-    });
+    let c = started(
+        ("web.yaml", &web(&[ALL_PODS[1]])),
+        (&frontend, 1),
+        &[
+            "--snat-ports",
+            "61000-61255",
+            "--conntrack-tcp-timeout-close",
+            "1s",
+            "--conntrack-gc-interval",
+            "1s",
+        ],
+    );
     let started = std::time::Instant::now();
     let attempts = c.tcp(sa(&frontend), count);
     let took = started.elapsed();

@@ -231,6 +231,33 @@ fn load_rules(c: &Cluster, b: &Baseline) {
     loaded.unwrap_or_else(|e| panic!("loading the {} rules: {e}", b.variant));
 }
 
+/// Runs `measure` under `variant`: ours (the agent started, then killed and its datapath
+/// removed) or a kube-proxy baseline (its rules loaded in node A, then deleted).
+fn under<T>(
+    c: &mut Cluster,
+    variant: &str,
+    baselines: &[Baseline],
+    measure: impl FnOnce(&Cluster) -> T,
+) -> T {
+    if variant == "ours" {
+        start_agent(c);
+        let out = measure(c);
+        c.kill_agent();
+        assert!(c.cleanup(), "lb-agent --cleanup failed");
+        return out;
+    }
+    let b = baselines
+        .iter()
+        .find(|b| b.variant == variant)
+        .expect("a baseline");
+    load_rules(c, b);
+    let out = measure(c);
+    for cmd in b.teardown {
+        in_ns(c.node_a_ns(), cmd);
+    }
+    out
+}
+
 /// The measured service: a NodePort over pod-b1 on node B, of `protocol` (`udp`, `tcp`).
 fn kube_proxy_service(protocol: &'static str) -> kubeproxy::Service {
     kubeproxy::Service {
@@ -328,28 +355,11 @@ pub fn north_south(report: &mut Report, plan: &Plan) {
             src_port += 1;
             let flow = client_flow((&client_mac, &mac), src_port);
             let run = match variants[k] {
-                "ours" => {
-                    start_agent(&mut c);
-                    warm_up(&c, &flow, "ours");
-                    let run = flood(&c, &flow, plan.flood_packets);
-                    c.kill_agent();
-                    assert!(c.cleanup(), "lb-agent --cleanup failed");
-                    run
-                }
                 "FLOOR" => flood(&c, &floor, plan.flood_packets),
-                variant => {
-                    let b = baselines
-                        .iter()
-                        .find(|b| b.variant == variant)
-                        .expect("a baseline");
-                    load_rules(&c, b);
-                    warm_up(&c, &flow, variant);
-                    let run = flood(&c, &flow, plan.flood_packets);
-                    for cmd in b.teardown {
-                        in_ns(c.node_a_ns(), cmd);
-                    }
-                    run
-                }
+                variant => under(&mut c, variant, &baselines, |c| {
+                    warm_up(c, &flow, variant);
+                    flood(c, &flow, plan.flood_packets)
+                }),
             };
             runs[k].push(run);
         }
@@ -455,30 +465,12 @@ pub fn new_connections(report: &mut Report, plan: &Plan) {
         }
         for k in order {
             let (rate, failed) = match variants[k] {
-                "ours" => {
-                    start_agent(&mut c);
-                    let (warm, _) = crr(&c, &node_port, 0.2);
-                    assert!(warm > 0.0, "ours: no connection through the node port");
-                    let run = crr(&c, &node_port, plan.connection_seconds);
-                    c.kill_agent();
-                    assert!(c.cleanup(), "lb-agent --cleanup failed");
-                    run
-                }
                 "DIRECT" => crr(&c, &direct, plan.connection_seconds),
-                variant => {
-                    let b = baselines
-                        .iter()
-                        .find(|b| b.variant == variant)
-                        .expect("a baseline");
-                    load_rules(&c, b);
-                    let (warm, _) = crr(&c, &node_port, 0.2);
+                variant => under(&mut c, variant, &baselines, |c| {
+                    let (warm, _) = crr(c, &node_port, 0.2);
                     assert!(warm > 0.0, "{variant}: no connection through the node port");
-                    let run = crr(&c, &node_port, plan.connection_seconds);
-                    for cmd in b.teardown {
-                        in_ns(c.node_a_ns(), cmd);
-                    }
-                    run
-                }
+                    crr(c, &node_port, plan.connection_seconds)
+                }),
             };
             rates[k].push(rate);
             errors[k] += failed;
