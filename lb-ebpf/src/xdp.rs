@@ -138,10 +138,12 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
 }
 
 /// A packet for a frontend: to its flow's backend, or, for the first packet of a flow (a
-/// TCP SYN, any UDP datagram), to a backend picked from the Maglev table. A TCP packet of
-/// no live flow that is not a SYN is dropped: it belongs to a flow that ended, expired or
-/// was evicted (or is spoofed), and another backend would only reset it. Not inlined, like
-/// `reverse`.
+/// TCP SYN, any UDP datagram), to the client's remembered backend (session affinity) or one
+/// picked from the Maglev table. A TCP packet of no live flow that is not a SYN is dropped:
+/// it belongs to a flow that ended, expired or was evicted (or is spoofed), and another
+/// backend would only reset it. A new flow of a service without backends is refused with an
+/// ICMP port unreachable (Cluster policy) or dropped (Local). In a dry run nothing is
+/// recorded. Not inlined, like `reverse`.
 #[inline(never)]
 fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     let Some(s) = scratch::get() else {

@@ -452,7 +452,7 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
         .expect("flood output");
     let sent: serde_json::Value = serde_json::from_str(&out).expect("flood JSON");
     let sent = sent["sent"].as_u64().expect("a count");
-    assert!(sent >= 20 * FLOWS, "only {sent} SYNs sent");
+    assert!(sent >= 5 * FLOWS, "only {sent} SYNs sent");
     assert!(pings >= 100, "{pings} pings");
     // The flood did fill the map, and no packet of a live flow was lost for want of one.
     let rows: Vec<lb_userspace::inspect::CapacityRow> =

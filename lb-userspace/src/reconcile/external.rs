@@ -1,16 +1,18 @@
 //! North-south frontends: from [`ExternalGroup`]s to ordered writes of the XDP maps.
 //!
-//! A group (one service port and address family) has an id (its info, counters and source
-//! ranges), a Maglev table in a region of the table array, and frontends (node ports,
-//! load-balancer IPs, external IPs) whose entries name the id and the region. A sync runs in
-//! three phases, so that every prefix of the writes leaves lookups consistent:
+//! A group (one service port and address family) has an id (its info, counters, source
+//! ranges and session affinity marks), a Maglev table in a region of the table array, and
+//! frontends (node ports, load-balancer IPs, external IPs) whose entries name the id and the
+//! region. A sync runs in three phases, so that every prefix of the writes leaves lookups
+//! consistent:
 //!
 //! 1. per changed group: new backends, a new id (counters zeroed), a changed table written
-//!    whole to a free region, its info, and source ranges it gains;
+//!    whole to a free region, its info, source ranges it gains, and its affinity marks (of
+//!    backends it lost removed first, so affinity never leads to a backend leaving);
 //! 2. per frontend whose claims or group changed: the entry, pointing at the group's id,
 //!    region and flags (the one write that switches it to the new table); or its removal;
-//! 3. what nothing names any more: source ranges the group lost, the info of groups that
-//!    are gone.
+//! 3. what nothing names any more: source ranges the group lost, the info and affinity
+//!    marks of groups that are gone.
 //!
 //! Old regions (zeroed), backends nothing names and the ids of groups that are gone are
 //! freed only after a grace period ([`Reconciler::retire`]), so a packet that read an entry
