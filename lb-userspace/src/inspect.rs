@@ -543,9 +543,12 @@ pub struct AffinityRow {
     pub frontend: Option<String>,
     /// `namespace/name`.
     pub service: String,
-    /// The client: its network namespace's cookie (`ClientIP` affinity is kept per network
-    /// namespace: a pod, or the node).
-    pub netns_cookie: u64,
+    /// `socket` (connections made on this node) or `north-south` (traffic from outside).
+    pub path: String,
+    /// The client: on the socket path its network namespace's cookie, `netns:<cookie>`
+    /// (`ClientIP` affinity is kept per network namespace: a pod, or the node); north-south
+    /// its address.
+    pub client: String,
     /// The backend it is kept on.
     pub backend: Option<SocketAddr>,
     /// Seconds since its last connection.
@@ -576,7 +579,8 @@ pub fn affinity(
             AffinityRow {
                 frontend: key.map(|key| frontend_string(key)),
                 service,
-                netns_cookie: k.netns_cookie,
+                path: "socket".into(),
+                client: format!("netns:{}", k.netns_cookie),
                 backend: c.backends.get(&v.backend_id).map(to_socket_addr),
                 idle_s,
                 expires_in_s: timeout.saturating_sub(idle_s),
@@ -587,10 +591,57 @@ pub fn affinity(
             }
         })
         .collect();
-    rows.sort_by(|a, b| {
-        (&a.service, &a.frontend, a.netns_cookie).cmp(&(&b.service, &b.frontend, b.netns_cookie))
-    });
+    sort_affinity(&mut rows);
     rows
+}
+
+/// The north-south affinity entries `entries` at `now` (seconds of the conntrack clock):
+/// one row per client and service port, under the first of its frontends.
+pub fn ns_affinity(
+    c: &Contents,
+    entries: &[(lb_common::ns::NsAffinityKey, lb_common::ns::NsAffinityValue)],
+    now: u32,
+) -> Vec<AffinityRow> {
+    let mut by_id: BTreeMap<u32, &ServiceKey> = BTreeMap::new();
+    for (k, v) in &c.external {
+        by_id.entry(v.id).or_insert(k);
+    }
+    let mut rows: Vec<AffinityRow> = entries
+        .iter()
+        .map(|(k, v)| {
+            let mark = lb_common::ns::NsAffinityMatchKey {
+                svc_id: k.svc_id,
+                backend: v.backend,
+            };
+            // No mark: the backend left the table, and the entry is not honoured.
+            let timeout = c.external_match.get(&mark).copied();
+            let idle_s = now.saturating_sub(v.last_used);
+            AffinityRow {
+                frontend: by_id.get(&k.svc_id).map(|key| frontend_string(key)),
+                service: info_text(c.external_info.get(&k.svc_id)).0,
+                path: "north-south".into(),
+                client: to_ip(k.client).to_string(),
+                backend: Some(to_socket_addr(&v.backend)),
+                idle_s: u64::from(idle_s),
+                expires_in_s: u64::from(timeout.unwrap_or(0).saturating_sub(idle_s)),
+                honoured: timeout.is_some_and(|t| v.holds(now, t)),
+            }
+        })
+        .collect();
+    sort_affinity(&mut rows);
+    rows
+}
+
+/// Affinity rows by service, frontend, path and client.
+pub fn sort_affinity(rows: &mut [AffinityRow]) {
+    rows.sort_by(|a, b| {
+        (&a.service, &a.frontend, &a.path, &a.client).cmp(&(
+            &b.service,
+            &b.frontend,
+            &b.path,
+            &b.client,
+        ))
+    });
 }
 
 /// The affinity entries as a table.
@@ -599,7 +650,8 @@ pub fn affinity_table(rows: &[AffinityRow]) -> String {
         &[
             "FRONTEND",
             "SERVICE",
-            "CLIENT NETNS",
+            "PATH",
+            "CLIENT",
             "BACKEND",
             "IDLE",
             "EXPIRES IN",
@@ -609,7 +661,8 @@ pub fn affinity_table(rows: &[AffinityRow]) -> String {
             vec![
                 r.frontend.clone().unwrap_or_else(|| "(gone)".into()),
                 r.service.clone(),
-                r.netns_cookie.to_string(),
+                r.path.clone(),
+                r.client.clone(),
                 r.backend.map_or("?".into(), |b| b.to_string()),
                 format!("{}s", r.idle_s),
                 format!("{}s", r.expires_in_s),
@@ -1458,6 +1511,57 @@ mod tests {
         c.external_info
             .insert(4, ServiceInfo::new("prod", "edge", "http").unwrap());
         c
+    }
+
+    #[test]
+    fn north_south_affinity_rows_follow_the_marks_and_the_timeout() {
+        use lb_common::ns::{NsAffinityKey, NsAffinityMatchKey, NsAffinityValue};
+        let mut c = with_external();
+        let backend =
+            lb_common::Endpoint::new(to_addr6("10.0.0.2".parse().unwrap()), 53u16.to_be());
+        let gone = lb_common::Endpoint::new(to_addr6("10.0.0.9".parse().unwrap()), 53u16.to_be());
+        c.external_match
+            .insert(NsAffinityMatchKey { svc_id: 4, backend }, 100);
+        let entry = |client: &str, backend, last_used| {
+            (
+                NsAffinityKey {
+                    svc_id: 4,
+                    client: to_addr6(client.parse().unwrap()),
+                },
+                NsAffinityValue { backend, last_used },
+            )
+        };
+        let rows = ns_affinity(
+            &c,
+            &[
+                entry("203.0.113.7", backend, 970),
+                entry("2001:db8::7", backend, 850),
+                entry("203.0.113.8", gone, 990),
+            ],
+            1000,
+        );
+        let got: Vec<(&str, u64, u64, bool)> = rows
+            .iter()
+            .map(|r| (r.client.as_str(), r.idle_s, r.expires_in_s, r.honoured))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("2001:db8::7", 150, 0, false),
+                ("203.0.113.7", 30, 70, true),
+                // Its backend left the table (no mark): not honoured.
+                ("203.0.113.8", 10, 0, false),
+            ]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.service == "prod/edge" && r.path == "north-south")
+        );
+        let text = affinity_table(&rows);
+        assert!(
+            text.contains("north-south") && text.contains("203.0.113.7"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use lb_tests::{
     probe::Attempt,
     require_privileges,
 };
-use lb_userspace::inspect::{Explanation, ExternalRow, FlowRow, MaglevSummary};
+use lb_userspace::inspect::{AffinityRow, Explanation, ExternalRow, FlowRow, MaglevSummary};
 use serde_json::json;
 
 const PORT: u16 = 8080;
@@ -404,6 +404,18 @@ fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
     }
     let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
     assert!(stats["xdp_affinity_hit"] >= 60, "{stats:?}");
+    // lbctl affinity lists the client once per service port, honoured.
+    let rows: Vec<AffinityRow> = c.lbctl_json(&["affinity"]).expect("lbctl affinity");
+    let ours: Vec<&AffinityRow> = rows
+        .iter()
+        .filter(|r| r.service == "shop/sticky" && r.path == "north-south")
+        .collect();
+    assert_eq!(ours.len(), 2, "{rows:?}");
+    assert!(
+        ours.iter()
+            .all(|r| r.client == CLIENT && r.honoured && r.expires_in_s > 500),
+        "{ours:?}"
+    );
 }
 
 #[test]

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
     datapath::bpf::{
-        MapSet, coarse_now_ns, lru_fill, read_affinity, read_conntrack, read_socket_counters,
-        read_stats,
+        MapSet, coarse_now_ns, lru_fill, read_affinity, read_conntrack, read_ns_affinity,
+        read_socket_counters, read_stats,
     },
     inspect,
     loader::PinLayout,
@@ -75,11 +75,11 @@ enum Command {
     /// frontend it is on each path, its backends and how one is picked, the XDP program's
     /// own answer for a packet from `--from` (run with BPF_PROG_TEST_RUN on the loaded
     /// program, in this network namespace), and, from the agent, why each endpoint of the
-    /// service is or is not eligible. The run acts like a packet: a new flow gets a
-    /// conntrack entry and the counters count it (`--no-run` only reads the maps).
+    /// service is or is not eligible. The run is a dry run: it records no flow and takes no
+    /// SNAT port, though the counters count it (`--no-run` only reads the maps).
     Explain(ExplainArgs),
-    /// List session affinity entries: frontend, client network namespace, backend, idle time
-    /// and time left.
+    /// List session affinity entries of both paths: frontend, client (network namespace on
+    /// the socket path, address from outside), backend, idle time, time left, honoured.
     Affinity {
         /// Most entries to list.
         #[arg(long, default_value_t = 1000)]
@@ -167,8 +167,14 @@ fn run(args: Args) -> Result<(), String> {
             emit(args.output, &summaries, |m| inspect::maglev_text(m));
         }
         Command::Affinity { limit } => {
+            let c = contents()?;
             let entries = read_affinity(&layout, limit).map_err(|e| e.to_string())?;
-            let rows = inspect::affinity(&contents()?, &entries, coarse_now_ns());
+            let mut rows = inspect::affinity(&c, &entries, coarse_now_ns());
+            let ns = read_ns_affinity(&layout, limit).map_err(|e| e.to_string())?;
+            // The agent's programs run with no clock offset.
+            let now = lb_userspace::conntrack::clock_now(0);
+            rows.extend(inspect::ns_affinity(&c, &ns, now));
+            inspect::sort_affinity(&mut rows);
             emit(args.output, &rows, |r| inspect::affinity_table(r));
         }
         Command::Conntrack { limit } => {

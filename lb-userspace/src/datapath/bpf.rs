@@ -368,6 +368,17 @@ pub fn read_affinity(
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 
+/// Up to `limit` north-south session affinity entries (the LRU map XDP writes; entries
+/// evicted or replaced while reading are skipped).
+pub fn read_ns_affinity(
+    layout: &PinLayout,
+    limit: usize,
+) -> Result<Vec<(NsAffinityKey, NsAffinityValue)>, LoadError> {
+    let map: HashMap<MapData, NsAffinityKey, NsAffinityValue> =
+        open_as(layout, maps::NS_AFFINITY, Map::LruHashMap)?;
+    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
+}
+
 /// The clock the hooks stamp affinity entries with (`bpf_ktime_get_coarse_ns`: the coarse
 /// monotonic clock), now, in nanoseconds.
 pub fn coarse_now_ns() -> u64 {
