@@ -43,25 +43,31 @@ static CT_CLOCK_OFFSET: u32 = 0;
 /// Ports tried for a new SNAT flow before taking over the port of an ended or expired flow.
 const SNAT_TRIES: u32 = 16;
 
+/// The coarse monotonic clock plus the programs' clock offset, in units of `unit_ns`
+/// nanoseconds, low 32 bits.
+#[inline(always)]
+fn clock(unit_ns: u64) -> u32 {
+    // SAFETY: plain helper call; a volatile read of a constant the loader may have set.
+    let (ns, offset_s) = unsafe {
+        (
+            bpf_ktime_get_coarse_ns(),
+            core::ptr::read_volatile(&CT_CLOCK_OFFSET),
+        )
+    };
+    ((ns + u64::from(offset_s) * 1_000_000_000) / unit_ns) as u32
+}
+
 /// Now, in seconds of the coarse monotonic clock (what `CtEntry::expires` counts in).
 #[inline(always)]
 pub fn now() -> u32 {
-    // SAFETY: plain helper call; a volatile read of a constant the loader may have set.
-    unsafe {
-        (bpf_ktime_get_coarse_ns() / 1_000_000_000) as u32
-            + core::ptr::read_volatile(&CT_CLOCK_OFFSET)
-    }
+    clock(1_000_000_000)
 }
 
 /// Now, in milliseconds of the same clock, low 32 bits (what `CtEntry::changed_ms` counts
 /// in). Read only when a flow's flags change or a port is taken over.
 #[inline(always)]
 fn now_ms() -> u32 {
-    // SAFETY: as in `now`.
-    unsafe {
-        ((bpf_ktime_get_coarse_ns() / 1_000_000) as u32)
-            .wrapping_add(core::ptr::read_volatile(&CT_CLOCK_OFFSET).wrapping_mul(1000))
-    }
+    clock(1_000_000)
 }
 
 /// The lifetime of a flow in `state` (a `CT_*` state), in seconds.
