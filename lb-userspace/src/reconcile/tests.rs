@@ -1217,6 +1217,16 @@ fn session_affinity_marks_the_table_backends_before_the_frontends_use_them() {
     let ops = h.log();
     assert!(position(ops, "put-ext-match", true) < position(ops, "put-external", false));
 
+    // A restarted agent adopts the marks with the rest and writes nothing.
+    let dp = FakeDatapath::with_contents(CAPS, h.rec.contents().clone());
+    let mut restarted = Harness::node(61);
+    restarted.rec = Reconciler::new(dp, LIMITS).unwrap();
+    restarted.sync(
+        vec![svc.clone()],
+        vec![lb_slice("web", &["10.0.0.1", "10.0.0.2"])],
+    );
+    assert!(restarted.log().is_empty(), "{:?}", kinds(restarted.log()));
+
     // A backend leaves: its mark goes before the table switch, so affinity to it is not
     // honoured even while the old table is in use.
     let writes_before = h.log().len();
