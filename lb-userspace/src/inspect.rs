@@ -8,7 +8,9 @@ use std::{
 use comfy_table::{Table, presets::NOTHING};
 use lb_common::{
     ServiceInfo, ServiceKey,
-    ns::{CT_STATE_NAMES, CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
+    ns::{
+        CT_STATE_NAMES, CtEntry, FlowKey, NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters,
+    },
     stats,
 };
 use serde::{Deserialize, Serialize};
@@ -862,10 +864,14 @@ pub struct NorthSouthPath {
     pub policy: String,
     /// Whether loadBalancerSourceRanges filter it.
     pub source_ranges: bool,
-    /// Maglev table size (0: no backend, new flows are dropped).
+    /// Maglev table size (0: no backend; new flows are refused under Cluster policy and
+    /// dropped under Local).
     pub table_size: u32,
     /// The backends in the table, with their shares of new flows.
     pub backends: Vec<Pick>,
+    /// `sessionAffinity: ClientIP` timeout in seconds (0: none): a client's new flows go to
+    /// the backend of its last one.
+    pub affinity_timeout_s: u32,
     /// The program's own answer for the packet asked about, when it was run.
     pub datapath: Option<XdpRun>,
 }
@@ -948,6 +954,14 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
                     percent: percent(n, v.ring_size),
                 })
                 .collect(),
+            affinity_timeout_s: if v.flags & NS_F_AFFINITY != 0 {
+                c.external_match
+                    .iter()
+                    .find(|(k, _)| k.svc_id == v.id)
+                    .map_or(0, |(_, t)| *t)
+            } else {
+                0
+            },
             datapath: None,
         }
     });
@@ -1058,6 +1072,13 @@ pub fn explain_text(e: &Explanation) -> String {
                 n.table_size,
                 picks(&n.backends)
             );
+            if n.affinity_timeout_s > 0 {
+                let _ = writeln!(
+                    out,
+                    "  then ClientIP affinity keeps each client (address) on its backend for {}s",
+                    n.affinity_timeout_s
+                );
+            }
             if let Some(r) = &n.datapath {
                 let _ = writeln!(
                     out,

@@ -416,6 +416,10 @@ fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
             .all(|r| r.client == CLIENT && r.honoured && r.expires_in_s > 500),
         "{ours:?}"
     );
+    let e: Explanation = c
+        .lbctl_in_node(&["explain", &node_port, "--agent", "off"])
+        .expect("explain");
+    assert_eq!(e.north_south.expect("north-south").affinity_timeout_s, 600);
 }
 
 #[test]
