@@ -69,8 +69,11 @@ pub const XDP_AFFINITY_HIT: u32 = 25;
 /// XDP: a new flow for a Cluster-policy frontend with no backend was answered with an ICMP
 /// port unreachable (as kube-proxy's REJECT), not delivered.
 pub const XDP_REJECT_NO_BACKEND: u32 = 26;
+/// XDP: an ICMP error about a translated flow (fragmentation needed, packet too big,
+/// unreachable, time exceeded) was translated and sent on to the flow's other side.
+pub const XDP_ICMP_TRANSLATED: u32 = 27;
 /// Number of counters.
-pub const COUNT: u32 = 27;
+pub const COUNT: u32 = 28;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -101,6 +104,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_pass_v4_mapped",
     "xdp_affinity_hit",
     "xdp_reject_no_backend",
+    "xdp_icmp_translated",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

@@ -30,13 +30,25 @@ const AF_INET6: u8 = 10;
 /// callers small.
 #[inline(never)]
 pub fn lookup(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt, src: &Addr6, dst: &Addr6) -> u32 {
-    let v6 = pkt.v6;
+    route(ctx, s, (pkt.v6, pkt.key.proto, pkt.len), src, dst)
+}
+
+/// Looks up the route from `src` to `dst` for a packet of family (IPv6 when `v6`), protocol
+/// and IP length as given; as [`lookup`], which calls it.
+#[inline(always)]
+pub fn route(
+    ctx: &XdpContext,
+    s: &mut Scratch,
+    (v6, protocol, len): (bool, u8, u32),
+    src: &Addr6,
+    dst: &Addr6,
+) -> u32 {
     let p = &mut s.fib;
     p.family = 0;
-    p.l4_protocol = pkt.key.proto;
+    p.l4_protocol = protocol;
     p.sport = 0;
     p.dport = 0;
-    p.__bindgen_anon_1.tot_len = pkt.len as u16;
+    p.__bindgen_anon_1.tot_len = len as u16;
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_2.flowinfo = 0;
     p.__bindgen_anon_5.tbid = 0;

@@ -24,6 +24,7 @@ mod ct;
 mod debug;
 mod family;
 mod fib;
+mod icmp;
 mod maps;
 mod nat;
 mod pkt;

@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use crate::{
-    affinity, ct, debug, fib,
+    affinity, ct, debug, fib, icmp,
     maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
@@ -37,7 +37,8 @@ fn north_south(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     let p = match parse(start, end, end - start) {
         Ok(p) => p,
-        Err(Skip::Other) => return xdp_action::XDP_PASS,
+        // Not TCP or UDP: an ICMP error about a translated flow is translated too.
+        Err(Skip::Other) => return icmp::translate(ctx),
         Err(Skip::Counted(why)) => {
             stats::inc(why);
             return xdp_action::XDP_PASS;

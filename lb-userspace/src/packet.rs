@@ -261,6 +261,55 @@ pub fn parse(f: &[u8]) -> Result<Parsed, String> {
     })
 }
 
+/// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` of type `kind` and `code`, with
+/// `rest` (the 4 bytes after the checksum: the next-hop MTU of a "fragmentation needed",
+/// the MTU of a "packet too big") and `quoted` (the packet it answers, IP header first), in
+/// an Ethernet frame with valid checksums.
+pub fn icmp_error(
+    (src, dst): (IpAddr, IpAddr),
+    (kind, code): (u8, u8),
+    rest: [u8; 4],
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut body = vec![kind, code, 0, 0];
+    body.extend(rest);
+    body.extend(quoted);
+    let seed = if src.is_ipv6() {
+        pseudo_sum(src, dst, 58, body.len())
+    } else {
+        0
+    };
+    let c = fold(sum16(&body, seed));
+    body[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend(NODE_MAC);
+    f.extend(CLIENT_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            f.extend(0x0800u16.to_be_bytes());
+            let mut ip = vec![0x45, 0];
+            ip.extend(((20 + body.len()) as u16).to_be_bytes());
+            ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let c = fold(sum16(&ip, 0));
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            f.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            f.extend(0x86ddu16.to_be_bytes());
+            f.extend([0x60, 0, 0, 0]);
+            f.extend((body.len() as u16).to_be_bytes());
+            f.extend([58, 64]);
+            f.extend(s.octets());
+            f.extend(d.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    f.extend(body);
+    f
+}
+
 /// An ICMP or ICMPv6 error message, as [`parse_icmp_error`] reads it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IcmpError {
@@ -276,6 +325,9 @@ pub struct IcmpError {
     pub kind: u8,
     /// Its code (IPv4 3, IPv6 4: port unreachable).
     pub code: u8,
+    /// The 4 bytes after the checksum (an MTU, for "fragmentation needed" and "packet too
+    /// big").
+    pub rest: [u8; 4],
     /// The quoted part of the packet it answers (its IP header first).
     pub quoted: Vec<u8>,
 }
@@ -326,6 +378,7 @@ pub fn parse_icmp_error(f: &[u8]) -> Result<IcmpError, String> {
         dst,
         kind: body[0],
         code: body[1],
+        rest: body[4..8].try_into().expect("4 bytes"),
         quoted: body[8..].to_vec(),
     })
 }

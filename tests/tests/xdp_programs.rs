@@ -1138,6 +1138,82 @@ fn a_cluster_service_with_no_backend_answers_port_unreachable() {
     });
 }
 
+#[test]
+fn icmp_errors_about_translated_flows_reach_the_other_side() {
+    if !require_privileges("icmp_errors_about_translated_flows_reach_the_other_side") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        let cases = [
+            (
+                ("203.0.113.7:40000", "192.0.2.1:30080", "192.0.2.50:8080"),
+                "198.18.0.1",
+                (3, 4), // fragmentation needed
+                [0, 0, 0x05, 0xdc],
+            ),
+            (
+                (
+                    "[2001:db8:9::7]:40000",
+                    "[2001:db8:1::1]:30080",
+                    "[2001:db8:1::50]:8080",
+                ),
+                "2001:db8:ffff::1",
+                (2, 0), // packet too big
+                [0, 0, 0x05, 0x00],
+            ),
+        ];
+        // An error as it leaves: from the router, its type, code and MTU kept, quoting a
+        // packet (checksums verified from scratch) that now reads `inner`.
+        let check = |out: &[u8], router: IpAddr, to: IpAddr, kind, rest, inner| {
+            let e = packet::parse_icmp_error(out).expect("an ICMP error");
+            assert_eq!(
+                (e.src, e.dst, (e.kind, e.code), e.rest),
+                (router, to, kind, rest)
+            );
+            let quoted = [&out[..14], &e.quoted[..]].concat();
+            let q = packet::parse(&quoted).expect("the quoted packet, whole");
+            assert_eq!((q.src, q.dst), inner);
+        };
+        for ((client, frontend, backend), router, kind, rest) in cases {
+            let (client, frontend, backend) = (sa(client), sa(frontend), sa(backend));
+            let router: IpAddr = router.parse().unwrap();
+            let (v, sent) = lab.xdp(&tcp_frame(client, frontend, SYN, b""));
+            assert_eq!(v, XDP_TX);
+            let snat = packet::parse(&sent).expect("translated").src;
+            assert_ne!(snat, client, "SNATed to node B's backend");
+
+            // The path to the backend is too narrow for what node A sent: the client hears.
+            let err = packet::icmp_error((router, snat.ip()), kind, rest, &sent[14..]);
+            let (v, out) = lab.xdp(&err);
+            assert_eq!(v, XDP_TX, "{client}");
+            check(&out, router, client.ip(), kind, rest, (client, frontend));
+
+            // The path to the client is too narrow for the backend's reply (as node A
+            // sent it on, from the frontend): the backend hears, about its own packet.
+            let (v, reply) = lab.xdp(&tcp_frame(backend, snat, SYN | ACK, b""));
+            assert_eq!(v, XDP_TX);
+            let err = packet::icmp_error((router, frontend.ip()), kind, rest, &reply[14..]);
+            let (v, out) = lab.xdp(&err);
+            assert_eq!(v, XDP_TX, "{client}");
+            check(&out, router, backend.ip(), kind, rest, (backend, snat));
+        }
+        assert_eq!(lab.stat(st::XDP_ICMP_TRANSLATED), 4);
+        // An error about a packet of no flow passes untouched.
+        let stranger = tcp_frame(sa("192.0.2.1:30080"), sa("203.0.113.99:40000"), ACK, b"");
+        let err = packet::icmp_error(
+            ("198.18.0.1".parse().unwrap(), "192.0.2.1".parse().unwrap()),
+            (3, 4),
+            [0, 0, 0x05, 0xdc],
+            &stranger[14..],
+        );
+        assert_eq!(lab.xdp(&err), (XDP_PASS, err.clone()));
+        assert_eq!(lab.stat(st::XDP_ICMP_TRANSLATED), 4);
+    });
+}
+
 const XDP_REDIRECT: i32 = 4;
 const TC_ACT_OK: i32 = 0;
 /// Longer than the grace before an ended flow's SNAT port serves another, on a clock that

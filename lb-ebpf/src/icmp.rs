@@ -1,0 +1,295 @@
+//! ICMP errors about translated flows, translated in turn (as RFC 5508 asks of a NAT), so
+//! that path MTU discovery and unreachable reports work through the node:
+//! - an error about a packet this node sent to a backend for a client (SNATed: the error
+//!   comes to the SNAT address) goes to the client, its quoted packet made the client's own
+//!   (client to frontend);
+//! - an error about a reply this node sent to a client (from the frontend) goes to the
+//!   backend, its quoted packet made the backend's own reply (backend to SNAT source or
+//!   client).
+//!
+//! Handled: IPv4 destination unreachable (fragmentation needed among them) and time
+//! exceeded; ICMPv6 destination unreachable, packet too big and time exceeded; each quoting
+//! a TCP or UDP packet without IPv4 options or IPv6 extension headers. Anything else passes
+//! untouched. An error refreshes no flow.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{Addr6, ns::FlowKey, proto, stats as st};
+
+use crate::{
+    csum::Delta,
+    ct, fib,
+    maps::{CONNTRACK, NAT_REV},
+    pkt::{ETH_LEN, at},
+    scratch::{self, Scratch},
+    stats,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ICMP_LEN: usize = 8;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+
+/// Where the fields of an error lie (offsets from the frame's start) and what it quotes.
+struct Layout {
+    v6: bool,
+    /// The outer IP header's length field covers this many bytes (for the FIB lookup).
+    len: u32,
+    /// The outer destination address.
+    outer_dst: usize,
+    /// The ICMP checksum.
+    icmp_check: usize,
+    /// The quoted IP header.
+    inner: usize,
+    /// The quoted L4 header.
+    inner_l4: usize,
+}
+
+impl Layout {
+    const V4: Self = Self {
+        v6: false,
+        len: 0,
+        outer_dst: ETH_LEN + 16,
+        icmp_check: ETH_LEN + 20 + 2,
+        inner: ETH_LEN + 20 + ICMP_LEN,
+        inner_l4: ETH_LEN + 20 + ICMP_LEN + 20,
+    };
+    const V6: Self = Self {
+        v6: true,
+        len: 0,
+        outer_dst: ETH_LEN + 24,
+        icmp_check: ETH_LEN + 40 + 2,
+        inner: ETH_LEN + 40 + ICMP_LEN,
+        inner_l4: ETH_LEN + 40 + ICMP_LEN + 40,
+    };
+
+    /// Offsets of the quoted addresses: source, destination.
+    fn inner_addrs(&self) -> (usize, usize) {
+        if self.v6 {
+            (self.inner + 8, self.inner + 24)
+        } else {
+            (self.inner + 12, self.inner + 16)
+        }
+    }
+}
+
+#[inline(always)]
+fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
+    // SAFETY: `at` checked the bounds; packet data may be unaligned.
+    at::<T>(start, end, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
+    // SAFETY: as in `read`.
+    at::<T>(start, end, off).map(|p| unsafe { p.write_unaligned(v) })
+}
+
+/// An address of the family at `off`.
+#[inline(always)]
+fn addr(start: usize, end: usize, off: usize, v6: bool) -> Option<Addr6> {
+    Some(if v6 {
+        Addr6 {
+            words: read::<[u32; 4]>(start, end, off)?,
+        }
+    } else {
+        Addr6::v4_mapped(read::<u32>(start, end, off)?)
+    })
+}
+
+/// Writes `new` over the address at `off`, accounting for the change in every delta given.
+#[inline(always)]
+fn set_addr(
+    start: usize,
+    end: usize,
+    off: usize,
+    new: &Addr6,
+    v6: bool,
+    deltas: &mut [&mut Delta],
+) -> Option<()> {
+    if v6 {
+        let old = read::<[u32; 4]>(start, end, off)?;
+        for i in 0..4 {
+            for d in deltas.iter_mut() {
+                d.dword(old[i], new.words[i]);
+            }
+        }
+        write(start, end, off, new.words)
+    } else {
+        let old = read::<u32>(start, end, off)?;
+        for d in deltas.iter_mut() {
+            d.dword(old, new.v4_be());
+        }
+        write(start, end, off, new.v4_be())
+    }
+}
+
+/// The error's layout, if the frame is an error this module handles.
+#[inline(always)]
+fn layout(start: usize, end: usize) -> Option<Layout> {
+    let ethertype = u16::from_be(read::<u16>(start, end, 12)?);
+    let l = if ethertype == ETH_P_IP {
+        let vihl = read::<u8>(start, end, ETH_LEN)?;
+        let frag = u16::from_be(read::<u16>(start, end, ETH_LEN + 6)?);
+        let kind = read::<u8>(start, end, ETH_LEN + 20)?;
+        let inner_vihl = read::<u8>(start, end, ETH_LEN + 20 + ICMP_LEN)?;
+        if vihl != 0x45
+            || frag & 0x3fff != 0
+            || read::<u8>(start, end, ETH_LEN + 9)? != PROTO_ICMP
+            || !(kind == 3 || kind == 11)
+            || inner_vihl != 0x45
+        {
+            return None;
+        }
+        let mut l = Layout::V4;
+        l.len = u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 2)?));
+        l
+    } else if ethertype == ETH_P_IPV6 {
+        let kind = read::<u8>(start, end, ETH_LEN + 40)?;
+        let inner_v = read::<u8>(start, end, ETH_LEN + 40 + ICMP_LEN)?;
+        if read::<u8>(start, end, ETH_LEN)? >> 4 != 6
+            || read::<u8>(start, end, ETH_LEN + 6)? != PROTO_ICMPV6
+            || !(1..=3).contains(&kind)
+            || inner_v >> 4 != 6
+        {
+            return None;
+        }
+        let mut l = Layout::V6;
+        l.len = 40 + u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 4)?));
+        l
+    } else {
+        return None;
+    };
+    let inner_proto = if l.v6 {
+        read::<u8>(start, end, l.inner + 6)?
+    } else {
+        read::<u8>(start, end, l.inner + 9)?
+    };
+    if inner_proto != proto::TCP && inner_proto != proto::UDP {
+        return None;
+    }
+    // The quoted ports (and, for UDP, its checksum) must be there.
+    at::<[u8; 8]>(start, end, l.inner_l4)?;
+    Some(l)
+}
+
+/// Translates the ICMP error in the frame if it is about a translated flow: `XDP_PASS`
+/// when it is not one (or not about one), else where the translated error goes. Its own
+/// BPF function.
+#[inline(never)]
+pub fn translate(ctx: &XdpContext) -> u32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let Some(l) = layout(start, end) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(s) = scratch::get() else {
+        return xdp_action::XDP_PASS;
+    };
+    if rewrite(s, start, end, &l).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    stats::inc(st::XDP_ICMP_TRANSLATED);
+    let (src, dst) = (s.reply.saddr, s.rw.src.ip);
+    let icmp = if l.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+    let rc = fib::route(ctx, s, (l.v6, icmp, l.len), &src, &dst);
+    fib::send(ctx, s, rc)
+}
+
+/// Finds the flow the quoted packet belongs to and rewrites the error for the other side.
+/// Leaves the quoted packet's new source (where the error now goes) in `s.rw.src` and its
+/// new destination in `s.rw.dst`, and the error's own source in `s.reply.saddr`.
+#[inline(always)]
+fn rewrite(s: &mut Scratch, start: usize, end: usize, l: &Layout) -> Option<()> {
+    let v6 = l.v6;
+    let (isrc_at, idst_at) = l.inner_addrs();
+    let isport = read::<u16>(start, end, l.inner_l4)?;
+    let idport = read::<u16>(start, end, l.inner_l4 + 2)?;
+    let iproto = if v6 {
+        read::<u8>(start, end, l.inner + 6)?
+    } else {
+        read::<u8>(start, end, l.inner + 9)?
+    };
+    // The quoted packet turned around: the reply key of a packet sent to a backend, or the
+    // flow key of a reply sent to a client.
+    let turned = FlowKey::new(
+        addr(start, end, idst_at, v6)?,
+        addr(start, end, isrc_at, v6)?,
+        idport,
+        isport,
+        iproto,
+    );
+    let now = ct::now();
+    if ct::is_snat_port(isport) {
+        // About a packet sent to a backend from an SNAT source: to the client.
+        s.reply = turned;
+        let rev = NAT_REV.get_ptr(&s.reply)?;
+        // SAFETY: a live LRU value, read in place.
+        let rev = unsafe { &*rev };
+        ct::reply_flow(rev, &s.reply, &mut s.fwd, now)?;
+        s.rw.src.ip = rev.dst;
+        s.rw.src.port_be = rev.dport_be;
+        s.rw.dst.ip = rev.src;
+        s.rw.dst.port_be = rev.sport_be;
+    } else {
+        // About a reply sent to a client: to the backend, from its SNAT source or client.
+        s.fwd = turned;
+        let e = CONNTRACK.get_ptr(&s.fwd)?;
+        // SAFETY: as above.
+        let e = unsafe { &*e };
+        if e.expired(now) {
+            return None;
+        }
+        let (dst, dst_port) = e.reply_dst(&s.fwd);
+        s.rw.dst.ip = *dst;
+        s.rw.dst.port_be = dst_port;
+        s.rw.src.ip = e.backend.addr;
+        s.rw.src.port_be = e.backend.port_be;
+    }
+    // The error goes to whoever sent the packet it quotes, as that packet now reads; its
+    // own source (the router that sent it) stays.
+    s.reply.saddr = addr(start, end, l.outer_dst - if v6 { 16 } else { 4 }, v6)?;
+    let (mut outer_ip, mut icmp, mut inner_ip, mut inner_l4) = (
+        Delta::default(),
+        Delta::default(),
+        Delta::default(),
+        Delta::default(),
+    );
+    // ICMPv6's checksum covers the outer addresses (its pseudo-header); ICMP's does not.
+    let outer: &mut Delta = if v6 { &mut icmp } else { &mut outer_ip };
+    set_addr(start, end, l.outer_dst, &s.rw.src.ip, v6, &mut [outer])?;
+    let mut all = [&mut icmp, &mut inner_ip, &mut inner_l4];
+    set_addr(start, end, isrc_at, &s.rw.src.ip, v6, &mut all)?;
+    set_addr(start, end, idst_at, &s.rw.dst.ip, v6, &mut all)?;
+    for (off, old, new) in [
+        (l.inner_l4, isport, s.rw.src.port_be),
+        (l.inner_l4 + 2, idport, s.rw.dst.port_be),
+    ] {
+        icmp.word(old, new);
+        inner_l4.word(old, new);
+        write(start, end, off, new)?;
+    }
+    // The quoted IPv4 header's checksum, and the quoted L4 checksum where the quote holds
+    // it (a UDP checksum of zero means none).
+    if !v6 {
+        let old = read::<u16>(start, end, l.inner + 10)?;
+        let new = inner_ip.apply(old);
+        icmp.word(old, new);
+        write(start, end, l.inner + 10, new)?;
+    }
+    let l4_check = l.inner_l4 + if iproto == proto::TCP { 16 } else { 6 };
+    if let Some(old) = read::<u16>(start, end, l4_check)
+        && (iproto == proto::TCP || old != 0)
+    {
+        let new = inner_l4.apply(old);
+        icmp.word(old, new);
+        write(start, end, l4_check, new)?;
+    }
+    let old = read::<u16>(start, end, l.icmp_check)?;
+    write(start, end, l.icmp_check, icmp.apply(old))?;
+    if !v6 {
+        let at_check = ETH_LEN + 10;
+        let old = read::<u16>(start, end, at_check)?;
+        write(start, end, at_check, outer_ip.apply(old))?;
+    }
+    Some(())
+}
