@@ -72,8 +72,11 @@ pub const XDP_REJECT_NO_BACKEND: u32 = 26;
 /// XDP: an ICMP error about a translated flow (fragmentation needed, packet too big,
 /// unreachable, time exceeded) was translated and sent on to the flow's other side.
 pub const XDP_ICMP_TRANSLATED: u32 = 27;
+/// XDP: a packet too big for the route it was translated onto (IPv4 with "don't fragment",
+/// or IPv6) was answered with a "fragmentation needed" or "packet too big" to its sender.
+pub const XDP_TOO_BIG: u32 = 28;
 /// Number of counters.
-pub const COUNT: u32 = 28;
+pub const COUNT: u32 = 29;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -105,6 +108,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_affinity_hit",
     "xdp_reject_no_backend",
     "xdp_icmp_translated",
+    "xdp_too_big",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

@@ -7,8 +7,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SRC, bpf_fib_lookup,
-        xdp_action,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action,
     },
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
@@ -78,6 +78,14 @@ pub fn route(
 pub fn lookup_to_backend(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt) -> u32 {
     let dst = s.rw.dst.ip;
     lookup(ctx, s, pkt, &pkt.key.saddr, &dst)
+}
+
+/// The route's MTU, when the lookup answered `BPF_FIB_LKUP_RET_FRAG_NEEDED`: the packet is
+/// bigger.
+#[inline(always)]
+pub fn too_big(s: &Scratch, rc: u32) -> Option<u16> {
+    // SAFETY: the lookup wrote the MTU over the length it was given when it says so.
+    (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED).then(|| unsafe { s.fib.__bindgen_anon_1.mtu_result })
 }
 
 /// Whether the route found leaves through a device this program runs on (not to a local pod).

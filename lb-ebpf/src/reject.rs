@@ -1,7 +1,13 @@
-//! The answer to a new flow for a Cluster-policy frontend with no backend: an ICMP port
-//! unreachable (ICMPv6 for IPv6) back to the client, as kube-proxy's REJECT rule sends, so a
-//! TCP connect fails at once with ECONNREFUSED and a connected UDP socket learns it, rather
-//! than waiting out a silent drop.
+//! ICMP errors the node answers with in place of a packet:
+//! - a new flow for a Cluster-policy frontend with no backend gets a port unreachable
+//!   (ICMPv6 for IPv6) back to the client, as kube-proxy's REJECT rule sends, so a TCP
+//!   connect fails at once with ECONNREFUSED and a connected UDP socket learns it, rather
+//!   than waiting out a silent drop;
+//! - a packet too big for the route it is translated onto (IPv4 with "don't fragment",
+//!   any IPv6) gets a "fragmentation needed" or "packet too big" with the route's MTU back
+//!   to its sender, about the packet as the sender sent it, as a router would: the stack
+//!   cannot do it for a packet already translated (it would answer the SNAT address, its
+//!   own).
 //!
 //! The packet is turned into the answer in place: the head grows by the new IP and ICMP
 //! headers, which land just before the original IP header; the tail is cut after the first
@@ -26,10 +32,44 @@ const QUOTED_L4: usize = 8;
 const HOP_LIMIT: u8 = 64;
 
 /// Turns the packet (IPv6 when `v6`) into an ICMP port unreachable to its source: `XDP_TX`,
-/// or `XDP_DROP` if the packet could not be reshaped. Its own BPF function.
-#[inline(never)]
+/// or `XDP_DROP` if the packet could not be reshaped.
+#[inline(always)]
 pub fn port_unreachable(ctx: &XdpContext, v6: bool) -> u32 {
-    let built = if v6 { build_v6(ctx) } else { build_v4(ctx) };
+    // IPv4 destination unreachable / port unreachable; ICMPv6 the same (1, 4).
+    error(ctx, v6, if v6 { 0x0104 } else { 0x0303 }, 0)
+}
+
+/// Turns the packet into a "fragmentation needed" (IPv4) or "packet too big" (IPv6) to its
+/// source, with `mtu`: as [`port_unreachable`].
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, v6: bool, mtu: u16) -> u32 {
+    // IPv4: destination unreachable / fragmentation needed, the next-hop MTU in the low 16
+    // bits; ICMPv6 packet too big (2, 0), the MTU in all 32.
+    error(ctx, v6, if v6 { 0x0200 } else { 0x0304 }, u32::from(mtu))
+}
+
+/// Whether an IPv4 packet may be fragmented on the way (its "don't fragment" bit clear);
+/// IPv6 packets never are.
+#[inline(always)]
+pub fn may_fragment(ctx: &XdpContext, v6: bool) -> bool {
+    let at = ctx.data() + ETH_LEN + 6;
+    if v6 || at + 2 > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: two bytes, checked against the end above.
+    let frag = u16::from_be(unsafe { core::ptr::read_unaligned(at as *const u16) });
+    frag & 0x4000 == 0
+}
+
+/// Turns the packet into an ICMP error of `type_code` (type in the high byte) and `rest`
+/// (the 4 bytes after the checksum, host order) to its source. Its own BPF function.
+#[inline(never)]
+fn error(ctx: &XdpContext, v6: bool, type_code: u16, rest: u32) -> u32 {
+    let built = if v6 {
+        build_v6(ctx, type_code, rest)
+    } else {
+        build_v4(ctx, type_code, rest)
+    };
     if built.is_some() {
         xdp_action::XDP_TX
     } else {
@@ -87,7 +127,7 @@ unsafe fn checksum(p: *mut u8, len: u32, seed: u32) -> u16 {
     !(sum as u16)
 }
 
-fn build_v4(ctx: &XdpContext) -> Option<()> {
+fn build_v4(ctx: &XdpContext, type_code: u16, rest: u32) -> Option<()> {
     const GROW: usize = IPV4_LEN + ICMP_LEN;
     const OUT: usize = ETH_LEN + GROW + IPV4_LEN + QUOTED_L4;
     let p = reshape(ctx, GROW, OUT)?;
@@ -120,9 +160,9 @@ fn build_v4(ctx: &XdpContext) -> Option<()> {
         core::ptr::write_unaligned(ip.add(12).cast::<u32>(), src);
         core::ptr::write_unaligned(ip.add(16).cast::<u32>(), dst);
         let icmp = ip.add(IPV4_LEN);
-        // Destination unreachable, port unreachable; checksum and "unused" zero for now.
-        core::ptr::write_unaligned(icmp.cast::<u32>(), 0x0303_0000u32.to_be());
-        core::ptr::write_unaligned(icmp.add(4).cast::<u32>(), 0);
+        // Type and code; the checksum zero for now; the rest.
+        core::ptr::write_unaligned(icmp.cast::<u32>(), (u32::from(type_code) << 16).to_be());
+        core::ptr::write_unaligned(icmp.add(4).cast::<u32>(), rest.to_be());
         let ip_check = checksum(ip, IPV4_LEN as u32, 0);
         core::ptr::write_unaligned(ip.add(10).cast::<u16>(), ip_check);
         let icmp_check = checksum(icmp, (ICMP_LEN + IPV4_LEN + QUOTED_L4) as u32, 0);
@@ -131,7 +171,7 @@ fn build_v4(ctx: &XdpContext) -> Option<()> {
     Some(())
 }
 
-fn build_v6(ctx: &XdpContext) -> Option<()> {
+fn build_v6(ctx: &XdpContext, type_code: u16, rest: u32) -> Option<()> {
     const GROW: usize = IPV6_LEN + ICMP_LEN;
     const OUT: usize = ETH_LEN + GROW + IPV6_LEN + QUOTED_L4;
     const PAYLOAD: usize = ICMP_LEN + IPV6_LEN + QUOTED_L4;
@@ -149,9 +189,9 @@ fn build_v6(ctx: &XdpContext) -> Option<()> {
         core::ptr::copy_nonoverlapping(orig_ip.add(24), ip.add(8), 16);
         core::ptr::copy_nonoverlapping(orig_ip.add(8), ip.add(24), 16);
         let icmp = ip.add(IPV6_LEN);
-        // Destination unreachable (1), port unreachable (4).
-        core::ptr::write_unaligned(icmp.cast::<u32>(), 0x0104_0000u32.to_be());
-        core::ptr::write_unaligned(icmp.add(4).cast::<u32>(), 0);
+        // Type and code; the checksum zero for now; the rest.
+        core::ptr::write_unaligned(icmp.cast::<u32>(), (u32::from(type_code) << 16).to_be());
+        core::ptr::write_unaligned(icmp.add(4).cast::<u32>(), rest.to_be());
         // The pseudo-header: both addresses, the upper-layer length, the next header.
         let pseudo = u64::from((PAYLOAD as u32).to_be()) + u64::from(58u32.to_be());
         let addrs = u64::from(!checksum(ip.add(8), 32, 0));

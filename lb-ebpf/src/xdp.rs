@@ -122,6 +122,12 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
         ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
     }
     let rc = fib::lookup(ctx, s, p, &rev.src, &rev.dst);
+    if let Some(mtu) = fib::too_big(s, rc)
+        && !reject::may_fragment(ctx, p.v6)
+    {
+        count_drop(rev.svc_id, st::XDP_TOO_BIG);
+        return reject::too_big(ctx, p.v6, mtu);
+    }
     s.rw.src = Addr {
         ip: rev.src,
         port_be: rev.sport_be,
@@ -209,6 +215,14 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
         }
     };
     let rc = fib::lookup_to_backend(ctx, s, p);
+    // Too big for the route to the backend: the client hears it as from a router, about the
+    // packet it sent (the stack could only answer the translated packet's source).
+    if let Some(mtu) = fib::too_big(s, rc)
+        && !reject::may_fragment(ctx, p.v6)
+    {
+        count_drop(svc.id, st::XDP_TOO_BIG);
+        return reject::too_big(ctx, p.v6, mtu);
+    }
     if new_flow {
         // SNAT when the backend is on another node (and the policy is Cluster), so
         // replies come back through this node.

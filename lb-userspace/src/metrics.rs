@@ -40,10 +40,11 @@ use lb_common::{
 };
 
 /// The datapath counters that count dropped or refused traffic, with their reason label.
-const DROPS: [(u32, &str); 6] = [
+const DROPS: [(u32, &str); 7] = [
     (stats::REFUSED_NO_BACKEND, "socket_no_backend"),
     (stats::XDP_DROP_NO_BACKEND, "no_backend"),
     (stats::XDP_REJECT_NO_BACKEND, "rejected_no_backend"),
+    (stats::XDP_TOO_BIG, "too_big"),
     (stats::XDP_DROP_SOURCE_RANGE, "source_range"),
     (stats::XDP_DROP_NO_SNAT_PORT, "no_snat_port"),
     (stats::XDP_DROP_NO_FLOW, "no_flow"),

@@ -1214,6 +1214,80 @@ fn icmp_errors_about_translated_flows_reach_the_other_side() {
     });
 }
 
+#[test]
+fn packets_too_big_for_the_translated_route_get_an_icmp_with_its_mtu() {
+    if !require_privileges("packets_too_big_for_the_translated_route_get_an_icmp_with_its_mtu") {
+        return;
+    }
+    let node = Node::new();
+    // The route to the backends (and to the clients) takes 1280 bytes at most.
+    node.ns
+        .ip(&["link", "set", "ext0", "mtu", "1280"])
+        .expect("ip link set mtu");
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        let big = vec![7u8; 1400];
+        for (client, frontend, kind) in [
+            ("203.0.113.7:40000", "192.0.2.1:30053", (3, 4)),
+            ("[2001:db8:9::7]:40000", "[2001:db8:1::1]:30053", (2, 0)),
+        ] {
+            let (client, frontend) = (sa(client), sa(frontend));
+            // "Don't fragment" (IPv4 as built) or IPv6: the client hears, about its own
+            // datagram, with the route's MTU, and no flow starts.
+            let f = frame(UDP, client, frontend, &big);
+            let (v, out) = lab.xdp(&f);
+            assert_eq!(v, XDP_TX, "{client}");
+            let e = packet::parse_icmp_error(&out).expect("an ICMP error");
+            assert_eq!(
+                (e.src, e.dst, (e.kind, e.code)),
+                (frontend.ip(), client.ip(), kind)
+            );
+            assert_eq!(u32::from_be_bytes(e.rest), 1280);
+            let ip_len = if client.is_ipv6() { 40 } else { 20 };
+            assert_eq!(e.quoted, f[14..14 + ip_len + 8]);
+            assert!(
+                lab.flows(0).is_empty(),
+                "{client}: no flow for a refused datagram"
+            );
+        }
+        assert_eq!(lab.stat(st::XDP_TOO_BIG), 2);
+
+        // Without "don't fragment" the datagram is translated and left to the stack, which
+        // fragments it on the way.
+        let (client, frontend) = (sa("203.0.113.7:40001"), sa("192.0.2.1:30053"));
+        let mut f = frame(UDP, client, frontend, &big);
+        f[14 + 6] = 0;
+        packet::fix_ipv4_checksum(&mut f);
+        let (v, out) = lab.xdp(&f);
+        assert_eq!(v, XDP_PASS);
+        assert_eq!(
+            packet::parse(&out).expect("translated").dst,
+            sa("192.0.2.50:5353")
+        );
+
+        // A reply too big for the route back to the client: the backend hears, about its
+        // own reply.
+        let snat = {
+            let small = frame(UDP, sa("203.0.113.7:40002"), frontend, b"q");
+            let (v, out) = lab.xdp(&small);
+            assert_eq!(v, XDP_TX);
+            packet::parse(&out).expect("translated").src
+        };
+        let backend = sa("192.0.2.50:5353");
+        let reply = frame(UDP, backend, snat, &big);
+        let (v, out) = lab.xdp(&reply);
+        assert_eq!(v, XDP_TX);
+        let e = packet::parse_icmp_error(&out).expect("an ICMP error");
+        assert_eq!(
+            (e.src, e.dst, (e.kind, e.code)),
+            (snat.ip(), backend.ip(), (3, 4))
+        );
+        assert_eq!(e.quoted, reply[14..14 + 28]);
+        assert_eq!(lab.stat(st::XDP_TOO_BIG), 3);
+    });
+}
+
 const XDP_REDIRECT: i32 = 4;
 const TC_ACT_OK: i32 = 0;
 /// Longer than the grace before an ended flow's SNAT port serves another, on a clock that
