@@ -402,6 +402,21 @@ impl Cluster {
         ])
     }
 
+    /// `count` TCP connections to `addr` from the client, each with one request line of
+    /// `size` bytes (the answer echoes it).
+    pub fn tcp_sized(&self, addr: SocketAddr, count: u32, size: usize) -> Vec<Attempt> {
+        self.probe(&[
+            "tcp",
+            &addr.to_string(),
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            "3000",
+            "--size",
+            &size.to_string(),
+        ])
+    }
+
     /// `count` UDP requests to `addr` from the client, each from a socket of its own (so
     /// each is a new flow).
     pub fn udp(&self, addr: SocketAddr, count: u32) -> Vec<Attempt> {

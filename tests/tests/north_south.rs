@@ -571,6 +571,30 @@ fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
 }
 
 #[test]
+fn path_mtu_discovery_works_through_a_node_port() {
+    if !require_privileges("path_mtu_discovery_works_through_a_node_port") {
+        return;
+    }
+    let frontend = format!("{NODE_A}:30080");
+    let c = started(("web.yaml", &web(&[ALL_PODS[1]])), (&frontend, 1), &[]);
+    // The link between the nodes is narrower than the client's and the pod's: the client's
+    // full-size segments (the pod's MSS allows them) do not fit the route node A translates
+    // them onto. Node A answers "fragmentation needed" as from a router, about the client's
+    // own segment, and the client sends smaller ones: a 4000-byte request goes through.
+    // (Left to the stack, the answer would go to the SNAT address, node A itself, and the
+    // connection would hang.)
+    for (ns, dev) in [(c.node_a_ns(), "n-peer"), (c.node_b_ns(), "eth0")] {
+        ns.ip(&["link", "set", dev, "mtu", "1280"])
+            .expect("ip link set mtu");
+    }
+    let attempts = c.tcp_sized(sa(&frontend), 3, 4000);
+    assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    assert_eq!(Attempt::backends(&attempts), names(&["pod-b1"]));
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
+    assert!(stats["xdp_too_big"] >= 1, "{stats:?}");
+}
+
+#[test]
 fn removing_one_backend_keeps_established_flows_to_the_others() {
     if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
         return;

@@ -36,6 +36,10 @@ enum Cmd {
         count: u32,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Bytes of each request line (padded; the answer echoes it): more than a segment
+        /// takes path MTU discovery.
+        #[arg(long, default_value_t = 0)]
+        size: usize,
     },
     /// COUNT UDP requests to ADDR, from one socket: unconnected (sendto/recvfrom) or
     /// connected.
@@ -167,7 +171,19 @@ fn answered(reply: &str, peer: Option<SocketAddr>, started: Instant) -> Attempt 
 }
 
 fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> io::Result<String> {
-    stream.write_all(b"ping\n")?;
+    request_of(stream, reader, 0)
+}
+
+/// One request line of `size` bytes at least ("ping" padded), and its answer.
+fn request_of(
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    size: usize,
+) -> io::Result<String> {
+    let mut line = b"ping".to_vec();
+    line.resize(size.max(line.len()), b'x');
+    line.push(b'\n');
+    stream.write_all(&line)?;
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -175,14 +191,14 @@ fn request(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>) -> io::Res
     Ok(line)
 }
 
-fn tcp_once(addr: SocketAddr, timeout: Duration) -> Attempt {
+fn tcp_once(addr: SocketAddr, timeout: Duration, size: usize) -> Attempt {
     let started = Instant::now();
     let result = (|| {
         let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         let peer = stream.peer_addr().ok();
         let mut reader = BufReader::new(stream.try_clone()?);
-        Ok::<_, io::Error>((request(&mut stream, &mut reader)?, peer))
+        Ok::<_, io::Error>((request_of(&mut stream, &mut reader, size)?, peer))
     })();
     match result {
         Ok((reply, peer)) => answered(&reply, peer, started),
@@ -387,7 +403,7 @@ fn until(addr: SocketAddr, backend: &str, not: bool, pause: Duration, timeout: D
     let mut attempts = 0u64;
     let done = loop {
         attempts += 1;
-        let a = tcp_once(addr, Duration::from_millis(500));
+        let a = tcp_once(addr, Duration::from_millis(500), 0);
         if (a.backend.as_deref() == Some(backend)) != not {
             break true;
         }
@@ -546,9 +562,10 @@ fn main() -> io::Result<()> {
             addr,
             count,
             timeout_ms,
+            size,
         } => {
             for _ in 0..count {
-                print(&tcp_once(addr, Duration::from_millis(timeout_ms)));
+                print(&tcp_once(addr, Duration::from_millis(timeout_ms), size));
             }
             Ok(())
         }
