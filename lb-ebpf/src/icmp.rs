@@ -46,22 +46,18 @@ struct Layout {
 }
 
 impl Layout {
-    const V4: Self = Self {
-        v6: false,
-        len: 0,
-        outer_dst: ETH_LEN + 16,
-        icmp_check: ETH_LEN + 20 + 2,
-        inner: ETH_LEN + 20 + ICMP_LEN,
-        inner_l4: ETH_LEN + 20 + ICMP_LEN + 20,
-    };
-    const V6: Self = Self {
-        v6: true,
-        len: 0,
-        outer_dst: ETH_LEN + 24,
-        icmp_check: ETH_LEN + 40 + 2,
-        inner: ETH_LEN + 40 + ICMP_LEN,
-        inner_l4: ETH_LEN + 40 + ICMP_LEN + 40,
-    };
+    /// The offsets for the family (IPv6 when `v6`); the length is filled in after.
+    const fn of(v6: bool) -> Self {
+        let ip = if v6 { 40 } else { 20 };
+        Self {
+            v6,
+            len: 0,
+            outer_dst: ETH_LEN + if v6 { 24 } else { 16 },
+            icmp_check: ETH_LEN + ip + 2,
+            inner: ETH_LEN + ip + ICMP_LEN,
+            inner_l4: ETH_LEN + ip + ICMP_LEN + ip,
+        }
+    }
 
     /// Offsets of the quoted addresses: source, destination.
     fn inner_addrs(&self) -> (usize, usize) {
@@ -141,7 +137,7 @@ fn layout(start: usize, end: usize) -> Option<Layout> {
         {
             return None;
         }
-        let mut l = Layout::V4;
+        let mut l = Layout::of(false);
         l.len = u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 2)?));
         l
     } else if ethertype == ETH_P_IPV6 {
@@ -154,7 +150,7 @@ fn layout(start: usize, end: usize) -> Option<Layout> {
         {
             return None;
         }
-        let mut l = Layout::V6;
+        let mut l = Layout::of(true);
         l.len = 40 + u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 4)?));
         l
     } else {

@@ -88,15 +88,21 @@ fn build(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8])
         c = 0xffff;
     }
     l4[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    ip_frame((src.ip(), dst.ip()), proto, &l4)
+}
 
+/// An Ethernet frame (to the node's MAC, from the client's) carrying an IP packet from
+/// `src` to `dst` of protocol `proto` with `payload` (IPv4: "don't fragment", the header
+/// checksum computed).
+fn ip_frame((src, dst): (IpAddr, IpAddr), proto: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend(NODE_MAC);
     f.extend(CLIENT_MAC);
-    match (src.ip(), dst.ip()) {
+    match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             f.extend(0x0800u16.to_be_bytes());
             let mut ip = vec![0x45, 0];
-            ip.extend(((20 + l4.len()) as u16).to_be_bytes());
+            ip.extend(((20 + payload.len()) as u16).to_be_bytes());
             ip.extend([0x12, 0x34, 0x40, 0]); // id, DF
             ip.extend([64, proto, 0, 0]);
             ip.extend(s.octets());
@@ -108,14 +114,14 @@ fn build(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8])
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             f.extend(0x86ddu16.to_be_bytes());
             f.extend([0x60, 0, 0, 0]);
-            f.extend((l4.len() as u16).to_be_bytes());
+            f.extend((payload.len() as u16).to_be_bytes());
             f.extend([proto, 64]);
             f.extend(s.octets());
             f.extend(d.octets());
         }
         _ => panic!("mixed families"),
     }
-    f.extend(l4);
+    f.extend(payload);
     f
 }
 
@@ -281,33 +287,7 @@ pub fn icmp_error(
     };
     let c = fold(sum16(&body, seed));
     body[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend(NODE_MAC);
-    f.extend(CLIENT_MAC);
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend(0x0800u16.to_be_bytes());
-            let mut ip = vec![0x45, 0];
-            ip.extend(((20 + body.len()) as u16).to_be_bytes());
-            ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
-            ip.extend(s.octets());
-            ip.extend(d.octets());
-            let c = fold(sum16(&ip, 0));
-            ip[10..12].copy_from_slice(&c.to_be_bytes());
-            f.extend(ip);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend(0x86ddu16.to_be_bytes());
-            f.extend([0x60, 0, 0, 0]);
-            f.extend((body.len() as u16).to_be_bytes());
-            f.extend([58, 64]);
-            f.extend(s.octets());
-            f.extend(d.octets());
-        }
-        _ => panic!("mixed families"),
-    }
-    f.extend(body);
-    f
+    ip_frame((src, dst), if src.is_ipv6() { 58 } else { 1 }, &body)
 }
 
 /// An ICMP or ICMPv6 error message, as [`parse_icmp_error`] reads it.
