@@ -322,18 +322,11 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     let mut port = if client >= min && client <= max {
         client
     } else {
-        // SAFETY: plain helper call.
-        min.wrapping_add((unsafe { bpf_get_prandom_u32() } % range) as u16)
+        random_port(min, range)
     };
     let mut reusable = 0u16;
     for _ in 0..SNAT_TRIES {
-        s.reply.set(
-            &s.chosen.ep.addr,
-            ip,
-            s.chosen.ep.port_be,
-            port.to_be(),
-            key.proto,
-        );
+        snat_reply(s, ip, port, key.proto);
         if NAT_REV
             .insert(&s.reply, &s.rev, u64::from(BPF_NOEXIST))
             .is_ok()
@@ -343,19 +336,12 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
         if reusable == 0 && reusable_port(s, now) {
             reusable = port;
         }
-        // SAFETY: plain helper call.
-        port = min.wrapping_add((unsafe { bpf_get_prandom_u32() } % range) as u16);
+        port = random_port(min, range);
     }
     if reusable == 0 {
         return None;
     }
-    s.reply.set(
-        &s.chosen.ep.addr,
-        ip,
-        s.chosen.ep.port_be,
-        reusable.to_be(),
-        key.proto,
-    );
+    snat_reply(s, ip, reusable, key.proto);
     // The flow holding the port is over: its entry goes, so its late packets cannot reach
     // the backend from the port the new flow now uses.
     if !reusable_port(s, now) {
@@ -370,6 +356,26 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     }
     stats::inc(st::SNAT_PORT_REUSED);
     Some(reusable.to_be())
+}
+
+/// A port of the SNAT range starting at `min`, `range` ports long, at random.
+#[inline(always)]
+fn random_port(min: u16, range: u32) -> u16 {
+    // SAFETY: plain helper call.
+    min.wrapping_add((unsafe { bpf_get_prandom_u32() } % range) as u16)
+}
+
+/// Builds in `s.reply` the reverse key of a flow of protocol `proto` to the backend in
+/// `s.chosen`, SNATed to `ip` and `port` (host order).
+#[inline(always)]
+fn snat_reply(s: &mut Scratch, ip: &Addr6, port: u16, proto: u8) {
+    s.reply.set(
+        &s.chosen.ep.addr,
+        ip,
+        s.chosen.ep.port_be,
+        port.to_be(),
+        proto,
+    );
 }
 
 /// Whether the reverse entry at `s.reply` belongs to no live flow, or to one whose port is

@@ -19,14 +19,11 @@ use crate::{
     csum::Delta,
     ct, fib,
     maps::{CONNTRACK, NAT_REV},
-    pkt::{ETH_LEN, at},
+    pkt::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, at, read, write},
     scratch::{self, Scratch},
     stats,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ICMP_LEN: usize = 8;
 const PROTO_ICMP: u8 = 1;
 const PROTO_ICMPV6: u8 = 58;
 
@@ -48,7 +45,7 @@ struct Layout {
 impl Layout {
     /// The offsets for the family (IPv6 when `v6`); the length is filled in after.
     const fn of(v6: bool) -> Self {
-        let ip = if v6 { 40 } else { 20 };
+        let ip = if v6 { IPV6_LEN } else { IPV4_LEN };
         Self {
             v6,
             len: 0,
@@ -67,18 +64,6 @@ impl Layout {
             (self.inner + 12, self.inner + 16)
         }
     }
-}
-
-#[inline(always)]
-fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
-    // SAFETY: `at` checked the bounds; packet data may be unaligned.
-    at::<T>(start, end, off).map(|p| unsafe { p.read_unaligned() })
-}
-
-#[inline(always)]
-fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
-    // SAFETY: as in `read`.
-    at::<T>(start, end, off).map(|p| unsafe { p.write_unaligned(v) })
 }
 
 /// An address of the family at `off`.
@@ -127,8 +112,8 @@ fn layout(start: usize, end: usize) -> Option<Layout> {
     let l = if ethertype == ETH_P_IP {
         let vihl = read::<u8>(start, end, ETH_LEN)?;
         let frag = u16::from_be(read::<u16>(start, end, ETH_LEN + 6)?);
-        let kind = read::<u8>(start, end, ETH_LEN + 20)?;
-        let inner_vihl = read::<u8>(start, end, ETH_LEN + 20 + ICMP_LEN)?;
+        let kind = read::<u8>(start, end, ETH_LEN + IPV4_LEN)?;
+        let inner_vihl = read::<u8>(start, end, ETH_LEN + IPV4_LEN + ICMP_LEN)?;
         if vihl != 0x45
             || frag & 0x3fff != 0
             || read::<u8>(start, end, ETH_LEN + 9)? != PROTO_ICMP
@@ -141,8 +126,8 @@ fn layout(start: usize, end: usize) -> Option<Layout> {
         l.len = u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 2)?));
         l
     } else if ethertype == ETH_P_IPV6 {
-        let kind = read::<u8>(start, end, ETH_LEN + 40)?;
-        let inner_v = read::<u8>(start, end, ETH_LEN + 40 + ICMP_LEN)?;
+        let kind = read::<u8>(start, end, ETH_LEN + IPV6_LEN)?;
+        let inner_v = read::<u8>(start, end, ETH_LEN + IPV6_LEN + ICMP_LEN)?;
         if read::<u8>(start, end, ETH_LEN)? >> 4 != 6
             || read::<u8>(start, end, ETH_LEN + 6)? != PROTO_ICMPV6
             || !(1..=3).contains(&kind)
@@ -151,7 +136,7 @@ fn layout(start: usize, end: usize) -> Option<Layout> {
             return None;
         }
         let mut l = Layout::of(true);
-        l.len = 40 + u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 4)?));
+        l.len = IPV6_LEN as u32 + u32::from(u16::from_be(read::<u16>(start, end, ETH_LEN + 4)?));
         l
     } else {
         return None;

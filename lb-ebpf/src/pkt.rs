@@ -8,10 +8,16 @@ use lb_common::{Addr6, ns::FlowKey, proto, stats as st};
 
 /// Ethernet header length.
 pub const ETH_LEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv4 header length without options.
+pub const IPV4_LEN: usize = 20;
+/// IPv6 header length.
+pub const IPV6_LEN: usize = 40;
+/// ICMP and ICMPv6 header length (type, code, checksum, and 4 bytes that depend on them).
+pub const ICMP_LEN: usize = 8;
 
 /// A parsed TCP or UDP packet.
 pub struct Pkt {
@@ -65,10 +71,18 @@ pub fn at<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// The `T` at `off` in `[start, end)`, if it fits.
 #[inline(always)]
-fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
+pub fn read<T: Copy>(start: usize, end: usize, off: usize) -> Option<T> {
     // SAFETY: `at` checked the bounds; packet data may be unaligned.
     at::<T>(start, end, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Writes `v` at `off` in `[start, end)`, if it fits.
+#[inline(always)]
+pub fn write<T>(start: usize, end: usize, off: usize, v: T) -> Option<()> {
+    // SAFETY: as in `read`.
+    at::<T>(start, end, off).map(|p| unsafe { p.write_unaligned(v) })
 }
 
 /// Parses an Ethernet frame of `len` bytes whose first bytes are in `[start, end)`: all of

@@ -21,11 +21,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
-use crate::pkt::ETH_LEN;
+use crate::pkt::{ETH_LEN, ICMP_LEN, IPV4_LEN, IPV6_LEN, read};
 
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const ICMP_LEN: usize = 8;
 /// Bytes of the original L4 header quoted after its IP header: its ports (and TCP sequence
 /// number), all a stack needs to find the socket.
 const QUOTED_L4: usize = 8;
@@ -52,13 +49,8 @@ pub fn too_big(ctx: &XdpContext, v6: bool, mtu: u16) -> u32 {
 /// IPv6 packets never are.
 #[inline(always)]
 pub fn may_fragment(ctx: &XdpContext, v6: bool) -> bool {
-    let at = ctx.data() + ETH_LEN + 6;
-    if v6 || at + 2 > ctx.data_end() {
-        return false;
-    }
-    // SAFETY: two bytes, checked against the end above.
-    let frag = u16::from_be(unsafe { core::ptr::read_unaligned(at as *const u16) });
-    frag & 0x4000 == 0
+    !v6 && read::<u16>(ctx.data(), ctx.data_end(), ETH_LEN + 6)
+        .is_some_and(|frag| u16::from_be(frag) & 0x4000 == 0)
 }
 
 /// Turns the packet into an ICMP error of `type_code` (type in the high byte) and `rest`

@@ -16,7 +16,9 @@ use crate::{
     maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
-    reject, scratch, stats,
+    reject,
+    scratch::{self, Scratch},
+    stats,
 };
 
 /// Load balancing of traffic from outside the node.
@@ -98,6 +100,20 @@ fn count_drop(svc_id: u32, why: u32) {
     debug::event(lb_common::debug::XDP_DROP, svc_id, why);
 }
 
+/// A packet too big for the route found (`rc`) that may not be fragmented is refused as a
+/// router would: its sender hears, about the packet it sent, with the route's MTU (the stack
+/// could only answer a translated packet's source, the node itself). Counted for service
+/// `svc_id`. The verdict, or `None` to go on.
+#[inline(always)]
+fn refuse_too_big(ctx: &XdpContext, s: &Scratch, rc: u32, p: &Pkt, svc_id: u32) -> Option<u32> {
+    let mtu = fib::too_big(s, rc)?;
+    if reject::may_fragment(ctx, p.v6) {
+        return None;
+    }
+    count_drop(svc_id, st::XDP_TOO_BIG);
+    Some(reject::too_big(ctx, p.v6, mtu))
+}
+
 #[inline(always)]
 fn drop_for(svc_id: u32, why: u32) -> u32 {
     count_drop(svc_id, why);
@@ -122,11 +138,8 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
         ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
     }
     let rc = fib::lookup(ctx, s, p, &rev.src, &rev.dst);
-    if let Some(mtu) = fib::too_big(s, rc)
-        && !reject::may_fragment(ctx, p.v6)
-    {
-        count_drop(rev.svc_id, st::XDP_TOO_BIG);
-        return reject::too_big(ctx, p.v6, mtu);
+    if let Some(verdict) = refuse_too_big(ctx, s, rc, p, rev.svc_id) {
+        return verdict;
     }
     s.rw.src = Addr {
         ip: rev.src,
@@ -215,13 +228,8 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
         }
     };
     let rc = fib::lookup_to_backend(ctx, s, p);
-    // Too big for the route to the backend: the client hears it as from a router, about the
-    // packet it sent (the stack could only answer the translated packet's source).
-    if let Some(mtu) = fib::too_big(s, rc)
-        && !reject::may_fragment(ctx, p.v6)
-    {
-        count_drop(svc.id, st::XDP_TOO_BIG);
-        return reject::too_big(ctx, p.v6, mtu);
+    if let Some(verdict) = refuse_too_big(ctx, s, rc, p, svc.id) {
+        return verdict;
     }
     if new_flow {
         // SNAT when the backend is on another node (and the policy is Cluster), so
