@@ -40,13 +40,7 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Now on the kernel programs' conntrack clock: seconds of `CLOCK_MONOTONIC_COARSE` (what
 /// `bpf_ktime_get_coarse_ns` reads), plus the programs' clock offset.
 pub fn clock_now(offset: u32) -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    (ts.tv_sec as u32).wrapping_add(offset)
+    ((crate::datapath::bpf::coarse_now_ns() / 1_000_000_000) as u32).wrapping_add(offset)
 }
 
 /// Why the sweep removes a flow.

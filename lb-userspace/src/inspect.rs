@@ -8,9 +8,7 @@ use std::{
 use comfy_table::{Table, presets::NOTHING};
 use lb_common::{
     ServiceInfo, ServiceKey,
-    ns::{
-        CT_STATE_NAMES, CtEntry, FlowKey, NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters,
-    },
+    ns::{CT_STATE_NAMES, CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
     stats,
 };
 use serde::{Deserialize, Serialize};
@@ -954,14 +952,7 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
                     percent: percent(n, v.ring_size),
                 })
                 .collect(),
-            affinity_timeout_s: if v.flags & NS_F_AFFINITY != 0 {
-                c.external_match
-                    .iter()
-                    .find(|(k, _)| k.svc_id == v.id)
-                    .map_or(0, |(_, t)| *t)
-            } else {
-                0
-            },
+            affinity_timeout_s: c.affinity_timeout_of(v),
             datapath: None,
         }
     });

@@ -24,7 +24,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     conntrack::{Owners, Sweeper, clock_now},
-    datapath::bpf::{BpfDatapath, read_conntrack, read_stats},
+    datapath::bpf::{BpfDatapath, read_lru, read_stats},
     inspect::{self, FlowRow},
     loader::{Device, Loaded, MapSizes, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM},
     model::{Limits, ObjectRef},
@@ -304,7 +304,8 @@ impl Lab {
 
     /// The tracked flows as `lbctl conntrack` shows them, `secs` ahead.
     fn flows(&self, secs: u32) -> Vec<FlowRow> {
-        let entries = read_conntrack(&self.layout, 100_000).expect("conntrack");
+        let entries =
+            read_lru(&self.layout, lb_common::maps::CONNTRACK, 100_000).expect("conntrack");
         inspect::flows(self.reconciler.contents(), &entries, clock_now(secs))
     }
 

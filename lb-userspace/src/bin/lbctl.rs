@@ -10,10 +10,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
-    datapath::bpf::{
-        MapSet, coarse_now_ns, lru_fill, read_affinity, read_conntrack, read_ns_affinity,
-        read_socket_counters, read_stats,
-    },
+    datapath::bpf::{MapSet, coarse_now_ns, lru_fill, read_lru, read_socket_counters, read_stats},
     inspect,
     loader::PinLayout,
 };
@@ -168,9 +165,11 @@ fn run(args: Args) -> Result<(), String> {
         }
         Command::Affinity { limit } => {
             let c = contents()?;
-            let entries = read_affinity(&layout, limit).map_err(|e| e.to_string())?;
+            let entries =
+                read_lru(&layout, lb_common::maps::AFFINITY, limit).map_err(|e| e.to_string())?;
             let mut rows = inspect::affinity(&c, &entries, coarse_now_ns());
-            let ns = read_ns_affinity(&layout, limit).map_err(|e| e.to_string())?;
+            let ns = read_lru(&layout, lb_common::maps::NS_AFFINITY, limit)
+                .map_err(|e| e.to_string())?;
             // The agent's programs run with no clock offset.
             let now = lb_userspace::conntrack::clock_now(0);
             rows.extend(inspect::ns_affinity(&c, &ns, now));
@@ -178,7 +177,8 @@ fn run(args: Args) -> Result<(), String> {
             emit(args.output, &rows, |r| inspect::affinity_table(r));
         }
         Command::Conntrack { limit } => {
-            let entries = read_conntrack(&layout, limit).map_err(|e| e.to_string())?;
+            let entries =
+                read_lru(&layout, lb_common::maps::CONNTRACK, limit).map_err(|e| e.to_string())?;
             // The agent's programs run with no clock offset.
             let now = lb_userspace::conntrack::clock_now(0);
             emit(

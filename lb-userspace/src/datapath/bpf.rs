@@ -346,36 +346,14 @@ impl MapSet {
     }
 }
 
-/// Up to `limit` tracked north-south flows (the conntrack map; entries evicted or replaced
-/// while reading are skipped).
-pub fn read_conntrack(
-    layout: &PinLayout,
-    limit: usize,
-) -> Result<Vec<(FlowKey, CtEntry)>, LoadError> {
-    let map: HashMap<MapData, FlowKey, CtEntry> =
-        open_as(layout, maps::CONNTRACK, Map::LruHashMap)?;
-    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
-}
-
-/// Up to `limit` session affinity entries (the LRU affinity map; entries evicted or
-/// replaced while reading are skipped).
-pub fn read_affinity(
-    layout: &PinLayout,
-    limit: usize,
-) -> Result<Vec<(AffinityKey, AffinityValue)>, LoadError> {
-    let map: HashMap<MapData, AffinityKey, AffinityValue> =
-        open_as(layout, maps::AFFINITY, Map::LruHashMap)?;
-    Ok(map.iter().filter_map(Result::ok).take(limit).collect())
-}
-
-/// Up to `limit` north-south session affinity entries (the LRU map XDP writes; entries
+/// Up to `limit` entries of the LRU map `name` (the conntrack map, the affinity maps; entries
 /// evicted or replaced while reading are skipped).
-pub fn read_ns_affinity(
+pub fn read_lru<K: aya::Pod, V: aya::Pod>(
     layout: &PinLayout,
+    name: &'static str,
     limit: usize,
-) -> Result<Vec<(NsAffinityKey, NsAffinityValue)>, LoadError> {
-    let map: HashMap<MapData, NsAffinityKey, NsAffinityValue> =
-        open_as(layout, maps::NS_AFFINITY, Map::LruHashMap)?;
+) -> Result<Vec<(K, V)>, LoadError> {
+    let map: HashMap<MapData, K, V> = open_as(layout, name, Map::LruHashMap)?;
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 

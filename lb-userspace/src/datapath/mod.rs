@@ -8,8 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    ns::{NsAffinityMatchKey, NsService, SourceRange},
+    Addr6, AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    ns::{NS_F_AFFINITY, NsAffinityMatchKey, NsService, SourceRange},
 };
 
 /// A `loadBalancerSourceRanges` trie entry: prefix length (over the id and the address) and
@@ -200,6 +200,32 @@ impl Contents {
         self.affinity_match
             .range(start..)
             .take_while(move |k| k.svc_id == id)
+    }
+
+    /// The north-south affinity-match entries of north-south service `id`, with their
+    /// timeouts.
+    pub fn external_matches_of(
+        &self,
+        id: u32,
+    ) -> impl Iterator<Item = (&NsAffinityMatchKey, &u32)> {
+        let first = NsAffinityMatchKey {
+            svc_id: id,
+            backend: Endpoint::new(Addr6::default(), 0),
+        };
+        self.external_match
+            .range(first..)
+            .take_while(move |(k, _)| k.svc_id == id)
+    }
+
+    /// The session affinity timeout a north-south entry has (0: none): its flag, and the
+    /// timeout its service's matches carry.
+    pub fn affinity_timeout_of(&self, value: &NsService) -> u32 {
+        if value.flags & NS_F_AFFINITY == 0 {
+            return 0;
+        }
+        self.external_matches_of(value.id)
+            .next()
+            .map_or(0, |(_, t)| *t)
     }
 
     /// The slots a service entry's lookups read: those of its generation below its count.

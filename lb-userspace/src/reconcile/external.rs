@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use lb_common::{
-    Addr6, Endpoint, ServiceInfo, ServiceKey, maps,
+    Endpoint, ServiceInfo, ServiceKey, maps,
     ns::{
         NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsAffinityMatchKey, NsService,
         SOURCE_RANGE_ID_BITS, SourceRange,
@@ -339,13 +339,7 @@ impl<D: Datapath> Reconciler<D> {
                 endpoints: backends.clone(),
                 backends,
                 frontends,
-                affinity_timeout_s: if first.flags & NS_F_AFFINITY != 0 {
-                    self.matches_of(p.id)
-                        .find_map(|k| m.external_match.get(k).copied())
-                        .unwrap_or(0)
-                } else {
-                    0
-                },
+                affinity_timeout_s: m.affinity_timeout_of(first),
                 source_ranges: limited.then(|| {
                     m.ranges
                         .iter()
@@ -571,9 +565,10 @@ impl<D: Datapath> Reconciler<D> {
         }
 
         let mut ops: Vec<Op> = self
-            .matches_of(id)
-            .filter(|k| !matches.contains_key(k))
-            .map(|k| Op::DeleteExternalMatch(*k))
+            .mirror
+            .external_matches_of(id)
+            .filter(|(k, _)| !matches.contains_key(k))
+            .map(|(k, _)| Op::DeleteExternalMatch(*k))
             .collect();
         let mut ids_of: BTreeMap<Endpoint, u32> = BTreeMap::new();
         let mut taken = Vec::new();
@@ -677,19 +672,6 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
         result.map_err(|()| NotPrepared::Failed)
-    }
-
-    /// The affinity-match entries of north-south service `id`.
-    fn matches_of(&self, id: u32) -> impl Iterator<Item = &NsAffinityMatchKey> {
-        let first = NsAffinityMatchKey {
-            svc_id: id,
-            backend: Endpoint::new(Addr6::default(), 0),
-        };
-        self.mirror
-            .external_match
-            .range(first..)
-            .map(|(k, _)| k)
-            .take_while(move |k| k.svc_id == id)
     }
 
     /// The first free region of `size` entries (first fit): one overlapping no region
@@ -831,7 +813,11 @@ impl<D: Datapath> Reconciler<D> {
                 .filter(|k| k.1.svc_id_be == id_be)
                 .map(|k| Op::DeleteRange(*k)),
         );
-        ops.extend(self.matches_of(p.id).map(|k| Op::DeleteExternalMatch(*k)));
+        ops.extend(
+            self.mirror
+                .external_matches_of(p.id)
+                .map(|(k, _)| Op::DeleteExternalMatch(*k)),
+        );
         if self.mirror.external_info.contains_key(&p.id) {
             ops.push(Op::DeleteExternalInfo(p.id));
         }
