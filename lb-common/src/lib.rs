@@ -20,8 +20,8 @@ pub mod stats;
 
 pub use addr::Addr6;
 pub use service::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
+    ServiceKey, ServiceValue, SlotKey, node,
 };
 
 /// IANA protocol numbers, as the kernel reports them in `bpf_sock_addr.protocol`.
@@ -35,8 +35,8 @@ pub mod proto {
 #[cfg(feature = "user")]
 mod pod {
     use crate::{
-        AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-        ServiceValue, SlotKey,
+        AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
+        ServiceKey, ServiceValue, SlotKey,
     };
 
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and integer
@@ -45,6 +45,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for AffinityKey {}

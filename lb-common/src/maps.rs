@@ -13,8 +13,8 @@ use crate::{
         NsService, SourceRange,
     },
     service::{
-        AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-        ServiceValue, SlotKey,
+        AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
+        ServiceKey, ServiceValue, SlotKey,
     },
 };
 
@@ -56,7 +56,7 @@ pub const SLOTS: &str = "lb_slot_v2";
 /// counters) across the upgrade. v1 services and slots are v2 ones of generation 0.
 pub const MIGRATIONS: [(&str, &str); 2] = [("lb_svc_v1", SERVICES), ("lb_slot_v1", SLOTS)];
 
-/// Backend map: backend id (`u32`) -> [`Endpoint`]. Written by the agent, read by the hooks.
+/// Backend map: backend id (`u32`) -> [`Backend`]. Written by the agent, read by the hooks.
 pub const BACKENDS: &str = "lb_be_v1";
 /// Service-info map: service id (`u32`) -> [`ServiceInfo`]. Written and read by userspace
 /// only: names services for the CLI and tells a restarted agent who owns what.
@@ -112,9 +112,15 @@ pub const NS_AFFINITY_MATCH: &str = "lb_nsaffm_v1";
 pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
 /// Per north-south service counters: per-CPU array of [`NsCounters`]. Disposable.
 pub const NS_STATS: &str = "lb_nsstat_v1";
-/// Devices where the XDP program runs (ifindex `u32` -> `u8`): packets may be redirected to
-/// them; to others they go through the stack. Written by the agent.
+/// Devices the north-south programs run on (ifindex `u32` -> [`DEVICE_XDP`] or
+/// [`DEVICE_OVERLAY`]). Written by the agent.
 pub const XDP_DEVICES: &str = "lb_xdpdev_v1";
+/// [`XDP_DEVICES`] value of a device running the XDP program (and tc egress): translated
+/// packets may be redirected to it; to others they go through the stack.
+pub const DEVICE_XDP: u8 = 1;
+/// [`XDP_DEVICES`] value of an overlay device (VXLAN, Geneve), which runs tc ingress only:
+/// replies of SNATed flows that arrive on it are reversed there.
+pub const DEVICE_OVERLAY: u8 = 2;
 /// Per-CPU scratch space of the packet programs (one entry), for values too large for the
 /// 512-byte BPF stack. Disposable.
 pub const SCRATCH: &str = "lb_scratch_v1";
@@ -206,7 +212,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 pub const ALL: [MapSpec; 22] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
-    spec::<u32, Endpoint>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
+    spec::<u32, Backend>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
     spec::<u32, ServiceInfo>(SERVICE_INFO, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<RevNatKey, Endpoint>(REV_NAT, TYPE_LRU_HASH, DEFAULT_MAX_REV_NAT, 0),
     spec::<AffinityKey, AffinityValue>(AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),

@@ -8,7 +8,10 @@
 //! established flow to its backend; a new flow picks its backend from the service's Maglev
 //! ring (a region of the ring array) by [`flow_hash`].
 
-use crate::{addr::Addr6, service::Endpoint};
+use crate::{
+    addr::Addr6,
+    service::{Backend, Endpoint},
+};
 
 /// The service's traffic policy is Local: only this node's endpoints are in its ring, the
 /// client address is kept (no SNAT), and without local endpoints packets are dropped.
@@ -395,8 +398,8 @@ const _: () = assert!(core::mem::size_of::<NsAffinityKey>() == 20);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct NsAffinityValue {
-    /// The backend.
-    pub backend: Endpoint,
+    /// The backend (where it runs too, for the SNAT decision of the flows it gets).
+    pub backend: Backend,
     /// When that flow started: seconds of the conntrack clock (`CtEntry::expires`'s).
     pub last_used: u32,
 }

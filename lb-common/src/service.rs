@@ -125,8 +125,8 @@ impl SlotKey {
     }
 }
 
-/// An address and port: a backend (value of the backend map, keyed by backend id) or a
-/// service frontend to restore (value of the reverse-NAT map).
+/// An address and port: a backend's (see [`Backend`]) or a service frontend to restore
+/// (value of the reverse-NAT map).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Endpoint {
@@ -149,6 +149,62 @@ impl Endpoint {
             port_be,
             _pad: [0; 2],
         }
+    }
+}
+
+/// Where a backend runs, as its EndpointSlice's `nodeName` says ([`Backend::node`]).
+pub mod node {
+    /// Not known: the endpoint names no node (or the agent does not know its own). Zero, so
+    /// entries written before the field existed read as unknown.
+    pub const UNKNOWN: u8 = 0;
+    /// On this node.
+    pub const LOCAL: u8 = 1;
+    /// On another node.
+    pub const REMOTE: u8 = 2;
+}
+
+/// A backend (value of the backend map, keyed by backend id): its address and port, and
+/// where it runs. North-south flows under `externalTrafficPolicy: Cluster` to a backend on
+/// another node are SNATed to this node, whatever device the route takes, so that their
+/// replies come back through it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// The address, IPv4 v4-mapped.
+    pub addr: Addr6,
+    /// The port, network byte order.
+    pub port_be: u16,
+    /// Where it runs: one of [`node`]'s values.
+    pub node: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+
+impl Backend {
+    /// The backend at `ep`, running where `node` (one of [`node`]'s values) says.
+    #[inline(always)]
+    pub const fn new(ep: Endpoint, node: u8) -> Self {
+        Self {
+            addr: ep.addr,
+            port_be: ep.port_be,
+            node,
+            _pad: 0,
+        }
+    }
+
+    /// Its address and port, as keys and flow entries name it.
+    #[inline(always)]
+    pub const fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.addr, self.port_be)
+    }
+}
+
+impl From<Backend> for Endpoint {
+    #[inline(always)]
+    fn from(b: Backend) -> Self {
+        b.endpoint()
     }
 }
 

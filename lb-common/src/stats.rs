@@ -75,8 +75,15 @@ pub const XDP_ICMP_TRANSLATED: u32 = 27;
 /// XDP: a packet too big for the route it was translated onto (IPv4 with "don't fragment",
 /// or IPv6) was answered with a "fragmentation needed" or "packet too big" to its sender.
 pub const XDP_TOO_BIG: u32 = 28;
+/// tc ingress on an overlay device: a reply of an SNATed flow was reversed and sent on
+/// towards the client.
+pub const OVERLAY_REVERSED: u32 = 29;
+/// XDP: a new flow to a backend on another node was SNATed onto a route through a device
+/// that no north-south program runs on, so its replies are not reversed: that device should
+/// be an XDP or overlay device.
+pub const XDP_SNAT_UNWATCHED_DEVICE: u32 = 30;
 /// Number of counters.
-pub const COUNT: u32 = 29;
+pub const COUNT: u32 = 31;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -109,6 +116,8 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_reject_no_backend",
     "xdp_icmp_translated",
     "xdp_too_big",
+    "overlay_reversed",
+    "xdp_snat_unwatched_device",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

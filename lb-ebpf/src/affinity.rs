@@ -23,7 +23,7 @@ pub fn recall(s: &mut Scratch, svc_id: u32, client: &Addr6, now: u32) -> bool {
         return false;
     };
     s.affinity_match.svc_id = svc_id;
-    s.affinity_match.backend = last.backend;
+    s.affinity_match.backend = last.backend.endpoint();
     // SAFETY: as above.
     let Some(timeout_s) = (unsafe { NS_AFFINITY_MATCH.get(&s.affinity_match) }).copied() else {
         return false;

@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    Addr6, Endpoint,
+    Addr6, Backend,
     ns::{
         CT_FIN_ANSWERED, CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
         SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_FIN, TCP_SYN, ct_state,
@@ -100,6 +100,15 @@ pub fn live(key: &FlowKey, svc_id: u32, syn: bool, now: u32) -> Option<*mut CtEn
         return None;
     }
     Some(ct)
+}
+
+/// Whether a packet with key `key` is a reply of an SNATed flow by its reverse entry `rev`:
+/// it came to an SNAT port, and the entry does not keep the packet's destination (entries of
+/// flows that kept the client's address are keyed by the backend-to-client tuple, and such
+/// a packet arriving from outside, to a client port in the SNAT range, is spoofed).
+#[inline(always)]
+pub fn reverses_snat(rev: &NatRev, key: &FlowKey) -> bool {
+    is_snat_port(key.dport_be) && (rev.dst != key.daddr || rev.dport_be != key.dport_be)
 }
 
 /// The live flow a reply with key `reply` belongs to, through its reverse entry `rev`; the
@@ -205,8 +214,8 @@ pub struct Chosen {
     pub svc_id: u32,
     /// The backend id (for debug events).
     pub id: u32,
-    /// Its address and port.
-    pub ep: Endpoint,
+    /// The backend.
+    pub ep: Backend,
 }
 
 /// Records a new flow `key` (first packet's TCP flags `flags`) to the backend in
@@ -251,7 +260,7 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
             s.ct.snat_port_be = port_be;
         }
     }
-    s.ct.backend = s.chosen.ep;
+    s.ct.backend = s.chosen.ep.endpoint();
     s.ct.svc_id = s.chosen.svc_id;
     s.ct.created = now;
     s.ct.fwd_flags = (flags & CT_FLAGS) | CT_SEEN;

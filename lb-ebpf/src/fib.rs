@@ -1,11 +1,11 @@
 //! Forwarding a translated packet: the kernel's FIB lookup picks the egress device and the
 //! MAC addresses; the packet is redirected (or sent back out with XDP_TX) when it leaves
-//! through a device this program runs on, and otherwise handed to the stack, which routes it
-//! (to a local pod, or when the next hop's MAC is not resolved yet). The lookup's parameters
-//! and results live in the scratch entry.
+//! through a device the XDP program runs on, and otherwise handed to the stack, which routes
+//! it (to a local pod, into an overlay, or when the next hop's MAC is not resolved yet). The
+//! lookup's parameters and results live in the scratch entry.
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         BPF_FIB_LOOKUP_SRC, bpf_fib_lookup, xdp_action,
@@ -13,7 +13,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Addr6, stats as st};
+use lb_common::{Addr6, maps::DEVICE_XDP, stats as st};
 
 use crate::{
     maps::XDP_DEVICES,
@@ -39,17 +39,37 @@ pub fn lookup(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt, src: &Addr6, dst: &A
 pub fn route(
     ctx: &XdpContext,
     s: &mut Scratch,
+    packet: (bool, u8, u32),
+    src: &Addr6,
+    dst: &Addr6,
+) -> u32 {
+    query(
+        ctx,
+        ctx.ingress_ifindex() as u32,
+        &mut s.fib,
+        packet,
+        src,
+        dst,
+    )
+}
+
+/// The route lookup of [`route`] for any program (XDP or tc), the packet arriving on device
+/// `ifindex`; parameters and results in `p`.
+#[inline(always)]
+pub fn query<C: EbpfContext>(
+    ctx: &C,
+    ifindex: u32,
+    p: &mut bpf_fib_lookup,
     (v6, protocol, len): (bool, u8, u32),
     src: &Addr6,
     dst: &Addr6,
 ) -> u32 {
-    let p = &mut s.fib;
     p.family = 0;
     p.l4_protocol = protocol;
     p.sport = 0;
     p.dport = 0;
     p.__bindgen_anon_1.tot_len = len as u16;
-    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.ifindex = ifindex;
     p.__bindgen_anon_2.flowinfo = 0;
     p.__bindgen_anon_5.tbid = 0;
     if v6 {
@@ -88,11 +108,18 @@ pub fn too_big(s: &Scratch, rc: u32) -> Option<u16> {
     (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED).then(|| unsafe { s.fib.__bindgen_anon_1.mtu_result })
 }
 
-/// Whether the route found leaves through a device this program runs on (not to a local pod).
+/// Whether the lookup found a route out of the node (`rc` is its return value), on device
+/// `p.ifindex`; its next hop's MAC may still be unknown.
 #[inline(always)]
-pub fn leaves_node(s: &Scratch, rc: u32) -> bool {
-    (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-        && XDP_DEVICES.get_ptr(&s.fib.ifindex).is_some()
+pub fn forwarded(rc: u32) -> bool {
+    rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+}
+
+/// Whether the route found leaves through a device the north-south programs run on (so
+/// replies arriving there are reversed): an XDP device or an overlay device.
+#[inline(always)]
+pub fn leaves_by_our_device(s: &Scratch, rc: u32) -> bool {
+    forwarded(rc) && XDP_DEVICES.get_ptr(&s.fib.ifindex).is_some()
 }
 
 /// The source address the kernel would use on the route found.
@@ -114,7 +141,9 @@ pub fn source(s: &Scratch, v6: bool) -> Addr6 {
 #[inline(always)]
 pub fn send(ctx: &XdpContext, s: &Scratch, rc: u32) -> u32 {
     let ifindex = s.fib.ifindex;
-    if rc != BPF_FIB_LKUP_RET_SUCCESS || XDP_DEVICES.get_ptr(&ifindex).is_none() {
+    // SAFETY: a u8 value, read at once.
+    let kind = unsafe { XDP_DEVICES.get(&ifindex) }.copied();
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || kind != Some(DEVICE_XDP) {
         stats::inc(st::XDP_TO_STACK);
         return xdp_action::XDP_PASS;
     }

@@ -7,10 +7,11 @@
 //! - `getpeername`: getpeername4/getpeername6 report the service as the peer;
 //! - `xdp`: north-south load balancing on the external devices (xdp_lb), and xdp_pass;
 //! - `tc`: tc_egress restores the frontend on replies of local backends;
+//! - `overlay`: tc_overlay reverses replies of SNATed flows arriving on overlay devices;
 //! - `xlate` (service lookup), `select` (backend choice, session affinity), `revnat` (what to
 //!   restore), `family` (IPv4 and IPv6 views of the socket address), `maps`, `stats`; and for
 //!   the packet programs `pkt` (parsing), `csum`, `nat`, `fib` (forwarding), `ct`
-//!   (conntrack, SNAT ports, source ranges).
+//!   (conntrack, SNAT ports, source ranges), `skb` (what the tc programs share).
 #![no_std]
 #![no_main]
 // The socket hooks' per-service counters are shared by all CPUs: atomic adds (BPF_ATOMIC),
@@ -32,11 +33,13 @@ mod reject;
 mod revnat;
 mod scratch;
 mod select;
+mod skb;
 mod stats;
 mod xlate;
 
 mod connect;
 mod getpeername;
+mod overlay;
 mod recvmsg;
 mod sendmsg;
 mod tc;

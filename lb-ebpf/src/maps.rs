@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
+    ServiceKey, ServiceValue, SlotKey,
     maps::{
         DEBUG_RING_BYTES, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
@@ -33,7 +33,7 @@ pub static SLOTS: HashMap<SlotKey, u32> = HashMap::pinned(DEFAULT_MAX_SLOTS, F_N
 
 /// Backends by id. See `lb_common::maps::BACKENDS`.
 #[map(name = "lb_be_v1")]
-pub static BACKENDS: HashMap<u32, Endpoint> = HashMap::pinned(DEFAULT_MAX_BACKENDS, F_NO_PREALLOC);
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_MAX_BACKENDS, F_NO_PREALLOC);
 
 /// Service names, for userspace only; declared here so the loader creates and pins it with
 /// the others. See `lb_common::maps::SERVICE_INFO`.

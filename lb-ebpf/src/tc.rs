@@ -1,122 +1,22 @@
-//! tc egress on the node's external devices: replies of flows translated to a backend on this
+//! tc egress on the node's XDP devices: replies of flows translated to a backend on this
 //! node (not SNATed, so they leave the node towards the client directly) get the frontend back
 //! as their source, while their flow lives (they also keep its state and lifetime).
-//! Checksums are updated with the skb helpers, which handle checksums the stack has left to
-//! the device (CHECKSUM_PARTIAL).
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    macros::classifier,
-    programs::TcContext,
-};
-use lb_common::{
-    Addr6,
-    ns::{FlowKey, NatRev},
-    proto, stats as st,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use lb_common::stats as st;
 
-use crate::{
-    ct,
-    maps::{NAT_REV, NS_STATS},
-    pkt::{ETH_LEN, Pkt, parse},
-    stats,
-};
+use crate::skb;
 
 /// Lets the packet continue to other tc programs and the device (TCX_NEXT).
-const TCX_NEXT: i32 = -1;
-/// Headers pulled into the linear part of the skb before parsing: Ethernet, IPv6, TCP.
-const HEADERS: u32 = (ETH_LEN + 40 + 20) as u32;
+pub const TCX_NEXT: i32 = -1;
 
 /// Reverse translation of replies from local backends.
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    reverse_local(&ctx);
+    if let Some((p, rev)) = skb::live_reply(&ctx, false)
+        && skb::rewrite(&ctx, &p, &rev).is_ok()
+    {
+        skb::count(&rev, &p, st::TC_REVERSED);
+    }
     TCX_NEXT
-}
-
-#[inline(always)]
-fn reverse_local(ctx: &TcContext) {
-    // The headers must be in the linear part; the payload may stay in fragments.
-    let len = ctx.len();
-    let _ = ctx.pull_data(HEADERS.min(len));
-    let Ok(p) = parse(ctx.data(), ctx.data_end(), len as usize) else {
-        return;
-    };
-    // SAFETY: LRU entries are replaced whole; the value is copied at once.
-    let Some(&rev) = (unsafe { NAT_REV.get(&p.key) }) else {
-        return;
-    };
-    // Only while the flow lives (and the entry is still its own).
-    let now = ct::now();
-    let mut fwd = FlowKey::new(Addr6::default(), Addr6::default(), 0, 0, 0);
-    let Some(flow) = ct::reply_flow(&rev, &p.key, &mut fwd, now) else {
-        stats::inc(st::STALE_REPLY);
-        return;
-    };
-    ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
-    if rewrite(ctx, &p, &rev).is_ok() {
-        if let Some(c) = NS_STATS.get_ptr_mut(rev.svc_id) {
-            // SAFETY: this CPU's slot.
-            unsafe {
-                (*c).packets += 1;
-                (*c).bytes += u64::from(p.len);
-            }
-        }
-        stats::inc(st::TC_REVERSED);
-    }
-}
-
-/// Writes the reply's new source and destination through the skb helpers.
-#[inline(always)]
-fn rewrite(ctx: &TcContext, p: &Pkt, rev: &NatRev) -> Result<(), i64> {
-    let l3 = ETH_LEN;
-    let check = p.check_off();
-    let udp_flag = if p.key.proto == proto::UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    let word = |off: usize, old: u32, new: u32, l3_check: bool| -> Result<(), i64> {
-        if old == new {
-            return Ok(());
-        }
-        ctx.l4_csum_replace(
-            check,
-            u64::from(old),
-            u64::from(new),
-            u64::from(BPF_F_PSEUDO_HDR) | udp_flag | 4,
-        )?;
-        if l3_check {
-            ctx.l3_csum_replace(l3 + 10, u64::from(old), u64::from(new), 4)?;
-        }
-        ctx.store(off, &new, 0)
-    };
-    if p.v6 {
-        for i in 0..4 {
-            word(
-                l3 + 8 + 4 * i,
-                p.key.saddr.words[i],
-                rev.src.words[i],
-                false,
-            )?;
-            word(
-                l3 + 24 + 4 * i,
-                p.key.daddr.words[i],
-                rev.dst.words[i],
-                false,
-            )?;
-        }
-    } else {
-        word(l3 + 12, p.key.saddr.v4_be(), rev.src.v4_be(), true)?;
-        word(l3 + 16, p.key.daddr.v4_be(), rev.dst.v4_be(), true)?;
-    }
-    let port = |off: usize, old: u16, new: u16| -> Result<(), i64> {
-        if old == new {
-            return Ok(());
-        }
-        ctx.l4_csum_replace(check, u64::from(old), u64::from(new), udp_flag | 2)?;
-        ctx.store(off, &new, 0)
-    };
-    port(p.l4(), p.key.sport_be, rev.sport_be)?;
-    port(p.l4() + 2, p.key.dport_be, rev.dport_be)
 }

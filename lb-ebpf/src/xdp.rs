@@ -5,6 +5,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     ServiceKey,
     maps::RING_LANES,
+    node,
     ns::{
         NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, XDP_DRY_RUN, flow_hash,
     },
@@ -47,13 +48,12 @@ fn north_south(ctx: &XdpContext) -> u32 {
         }
     };
     // Replies of SNATed flows come to an SNAT port: only those look up the reverse-NAT map.
-    // The map also holds the replies of flows that kept the client's address (Local policy),
-    // which leave by tc egress: those are not reversed here, even when the client's own port
-    // is in the SNAT range (such a packet arriving from outside is spoofed).
+    // The map also holds the replies of flows that kept the client's address, which leave
+    // by tc egress: those are not reversed here.
     // SAFETY (map reads): entries are replaced whole; values are copied at once.
     if ct::is_snat_port(p.key.dport_be)
         && let Some(rev) = unsafe { NAT_REV.get(&p.key) }
-        && (rev.dst != p.key.daddr || rev.dport_be != p.key.dport_be)
+        && ct::reverses_snat(rev, &p.key)
     {
         return reverse(ctx, &p, rev);
     }
@@ -112,6 +112,29 @@ fn refuse_too_big(ctx: &XdpContext, s: &Scratch, rc: u32, p: &Pkt, svc_id: u32) 
     }
     count_drop(svc_id, st::XDP_TOO_BIG);
     Some(reject::too_big(ctx, p.v6, mtu))
+}
+
+/// Whether a new flow (under Cluster policy) to the backend in `s.chosen`, on the route
+/// found (`rc`), is SNATed to this node so that its replies come back through it: always
+/// when the backend runs on another node, whatever device the route takes (an overlay, a
+/// second NIC); never when it runs on this one (its replies are reversed at tc egress). When
+/// where it runs is not known (an endpoint without `nodeName`), when the route leaves
+/// through a device the north-south programs run on.
+#[inline(always)]
+fn snat_needed(s: &Scratch, rc: u32) -> bool {
+    match s.chosen.ep.node {
+        node::LOCAL => false,
+        node::REMOTE => {
+            if !fib::forwarded(rc) {
+                return false;
+            }
+            if !fib::leaves_by_our_device(s, rc) {
+                stats::inc(st::XDP_SNAT_UNWATCHED_DEVICE);
+            }
+            true
+        }
+        _ => fib::leaves_by_our_device(s, rc),
+    }
 }
 
 #[inline(always)]
@@ -232,10 +255,8 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
         return verdict;
     }
     if new_flow {
-        // SNAT when the backend is on another node (and the policy is Cluster), so
-        // replies come back through this node.
         let snat =
-            (svc.flags & NS_F_LOCAL == 0 && fib::leaves_node(s, rc)).then(|| fib::source(s, p.v6));
+            (svc.flags & NS_F_LOCAL == 0 && snat_needed(s, rc)).then(|| fib::source(s, p.v6));
         if s.dry != 0 {
             ct::preview(s, &p.key, &snat);
         } else if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {

@@ -23,8 +23,9 @@ pub fn to_endpoint(sa: SocketAddr) -> Endpoint {
     Endpoint::new(to_addr6(sa.ip()), sa.port().to_be())
 }
 
-/// The std form of a kernel endpoint.
-pub fn to_socket_addr(ep: &Endpoint) -> SocketAddr {
+/// The std form of a kernel endpoint (or backend's address and port).
+pub fn to_socket_addr<E: Copy + Into<Endpoint>>(ep: &E) -> SocketAddr {
+    let ep: Endpoint = (*ep).into();
     SocketAddr::new(to_ip(ep.addr), u16::from_be(ep.port_be))
 }
 

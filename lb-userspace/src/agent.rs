@@ -26,14 +26,14 @@ use lb_common::{ServiceKey, proto};
 
 use crate::{
     addr::{frontend_string, to_addr6},
-    config::{AgentArgs, XdpDevices, XdpModeArg},
+    config::{AgentArgs, Devices, XdpModeArg},
     conntrack,
     datapath::{Datapath, DatapathError},
     events::Events,
     health::{self, Health},
     healthcheck::HealthCheckServers,
     host::{self, HostError},
-    loader::{self, LoadError, Loaded, PinLayout},
+    loader::{self, DeviceKind, LoadError, Loaded, PinLayout},
     metrics::{Metrics, Published},
     model::ObjectRef,
     netdev, privileges,
@@ -140,19 +140,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                using them may be taken for replies of north-south flows; change --snat-ports or \
                net.ipv4.ip_local_port_range");
     }
+    let mut attached = BTreeMap::new();
+    for kind in [DeviceKind::Xdp, DeviceKind::Overlay] {
+        for name in loaded.attached_devices(kind)? {
+            attached.insert(name, (kind, None));
+        }
+    }
     let mut network = Network {
-        devices: args.devices().map_err(AgentError::Config)?,
+        devices: args.xdp_devices().map_err(AgentError::Config)?,
+        overlays: args.overlay_devices().map_err(AgentError::Config)?,
         mode: match args.xdp_mode {
             XdpModeArg::Auto => XdpMode::Default,
             XdpModeArg::Native => XdpMode::Driver,
             XdpModeArg::Generic => XdpMode::Skb,
         },
         cidrs: args.nodeport_cidrs().map_err(AgentError::Config)?,
-        attached: loaded
-            .attached_devices()?
-            .into_iter()
-            .map(|name| (name, None))
-            .collect(),
+        attached,
         failed: BTreeSet::new(),
     };
 
@@ -565,12 +568,13 @@ impl Outputs {
 /// The node's addresses (which serve node ports) and the devices running the north-south
 /// programs, looked at again every [`NETWORK_POLL`].
 struct Network {
-    devices: XdpDevices,
+    devices: Devices,
+    overlays: Devices,
     mode: XdpMode,
     cidrs: Vec<IpNet>,
-    /// Devices with the programs attached, by name, with the index they were attached at
-    /// (unknown for those adopted from a previous agent until replaced).
-    attached: BTreeMap<String, Option<u32>>,
+    /// Devices with programs attached, by name: what they run, and the index they were
+    /// attached at (unknown for those adopted from a previous agent until replaced).
+    attached: BTreeMap<String, (DeviceKind, Option<u32>)>,
     /// Devices that could not be attached (warned about once).
     failed: BTreeSet<String>,
 }
@@ -603,34 +607,50 @@ impl Network {
         Some((changed, addrs))
     }
 
-    /// Attaches the north-south programs to the devices that should run them, and detaches
-    /// them from the others.
-    fn attach_devices(&mut self, addrs: &[netdev::IfAddr], store: &Store, loaded: &mut Loaded) {
-        let wanted: Vec<String> = match &self.devices {
-            XdpDevices::None => Vec::new(),
-            XdpDevices::Named(names) => names.clone(),
-            XdpDevices::Auto => {
+    /// The devices that should run the north-south programs, and what each should run: the
+    /// XDP devices, then (while there is any) the overlay devices that are not XDP ones.
+    fn wanted(&self, addrs: &[netdev::IfAddr], store: &Store) -> Vec<(String, DeviceKind)> {
+        let xdp: Vec<String> = match &self.devices {
+            Devices::None => Vec::new(),
+            Devices::Named(names) => names.clone(),
+            Devices::Auto => {
                 netdev::auto_devices(addrs, store.node_ips(), &netdev::default_route_devices())
             }
         };
-        let present: Vec<(String, u32)> = wanted
-            .iter()
-            .filter_map(|name| match netdev::ifindex(name) {
-                Some(i) => Some((name.clone(), i)),
+        let overlays = match &self.overlays {
+            _ if xdp.is_empty() => Vec::new(),
+            Devices::None => Vec::new(),
+            Devices::Named(names) => names.clone(),
+            Devices::Auto => netdev::overlay_devices(),
+        };
+        let overlays: Vec<String> = overlays.into_iter().filter(|o| !xdp.contains(o)).collect();
+        let xdp = xdp.into_iter().map(|n| (n, DeviceKind::Xdp));
+        xdp.chain(overlays.into_iter().map(|n| (n, DeviceKind::Overlay)))
+            .collect()
+    }
+
+    /// Attaches the north-south programs to the devices that should run them, and detaches
+    /// them from the others.
+    fn attach_devices(&mut self, addrs: &[netdev::IfAddr], store: &Store, loaded: &mut Loaded) {
+        let present: Vec<(String, DeviceKind, u32)> = self
+            .wanted(addrs, store)
+            .into_iter()
+            .filter_map(|(name, kind)| match netdev::ifindex(&name) {
+                Some(i) => Some((name, kind, i)),
                 None => {
                     if self.failed.insert(name.clone()) {
-                        warn!(device = %name, "XDP device not found; attaching once it appears");
+                        warn!(device = %name, ?kind, "device not found; attaching once it appears");
                     }
                     None
                 }
             })
             .collect();
-        let keep: Vec<u32> = present.iter().map(|(_, i)| *i).collect();
+        let keep: Vec<u32> = present.iter().map(|(_, _, i)| *i).collect();
         let gone: Vec<String> = self
             .attached
-            .keys()
-            .filter(|name| !present.iter().any(|(n, _)| n == *name))
-            .cloned()
+            .iter()
+            .filter(|(name, (kind, _))| !present.iter().any(|(n, k, _)| n == *name && k == kind))
+            .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
             match loaded.detach_device(&name, &keep) {
@@ -643,35 +663,65 @@ impl Network {
                 }
             }
         }
-        for (name, ifindex) in present {
-            if self.attached.get(&name) == Some(&Some(ifindex)) {
+        for (name, kind, ifindex) in present {
+            if self.attached.get(&name) == Some(&(kind, Some(ifindex))) {
                 continue;
             }
-            let device = loader::Device {
-                name: name.clone(),
-                ifindex,
-            };
-            match loaded.attach_device(&device, self.mode) {
+            match attach(loaded, &name, kind, ifindex, self.mode) {
                 Ok(replaced) => {
                     if let Err(e) = netdev::accept_local(&name) {
-                        warn!(device = %name, error = %e, "cannot set accept_local: SNATed packets whose next hop is unresolved will be dropped by the stack");
+                        warn!(device = %name, error = %e, "cannot set accept_local: SNATed packets the stack forwards will be dropped");
                     }
+                    let what = match kind {
+                        DeviceKind::Xdp => "XDP ingress, tc egress",
+                        DeviceKind::Overlay => "overlay: tc ingress",
+                    };
                     if replaced {
-                        info!(device = %name, ifindex, "north-south programs replaced in place on their pinned links (XDP ingress, tc egress)");
+                        info!(device = %name, ifindex, "north-south programs replaced in place on their pinned links ({what})");
                     } else {
-                        info!(device = %name, ifindex, mode = ?self.mode, "north-south programs attached (XDP ingress, tc egress)");
+                        info!(device = %name, ifindex, mode = ?self.mode, "north-south programs attached ({what})");
                     }
-                    self.attached.insert(name.clone(), Some(ifindex));
+                    self.attached.insert(name.clone(), (kind, Some(ifindex)));
                     self.failed.remove(&name);
                 }
                 Err(e) => {
                     if self.failed.insert(name.clone()) {
-                        error!(device = %name, error = %e, "cannot attach the north-south programs; retrying");
+                        error!(device = %name, ?kind, error = %e, "cannot attach the north-south programs; retrying");
                     }
                 }
             }
         }
     }
+}
+
+/// Attaches the programs of `kind` to device `name` (index `ifindex`); whether they replaced
+/// a previous agent's in place.
+fn attach(
+    loaded: &mut Loaded,
+    name: &str,
+    kind: DeviceKind,
+    ifindex: u32,
+    mode: XdpMode,
+) -> Result<bool, String> {
+    let device = loader::Device {
+        name: name.to_owned(),
+        ifindex,
+    };
+    match kind {
+        DeviceKind::Xdp => loaded.attach_device(&device, mode),
+        DeviceKind::Overlay => {
+            let hw = netdev::hardware_type(name);
+            if hw != Some(netdev::ARPHRD_ETHER) {
+                return Err(format!(
+                    "not an Ethernet device (hardware type {hw:?}): the overlay program parses \
+                     Ethernet frames, so replies arriving on an L3 device (WireGuard, IPIP) \
+                     cannot be reversed"
+                ));
+            }
+            loaded.attach_overlay(&device)
+        }
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Gives the heap freed by a large sync back to the system. glibc keeps freed memory in its

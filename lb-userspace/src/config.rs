@@ -27,12 +27,13 @@ pub enum XdpModeArg {
     Generic,
 }
 
-/// Which devices run XDP.
+/// Which devices run a kind of north-south program (`--xdp-devices`, `--overlay-devices`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum XdpDevices {
+pub enum Devices {
     /// None.
     None,
-    /// The interfaces holding the Node object's addresses (or a default route).
+    /// Found by the agent: for XDP, the interfaces holding the Node object's addresses (or a
+    /// default route); for overlays, the VXLAN and Geneve devices.
     Auto,
     /// These interfaces.
     Named(Vec<String>),
@@ -115,6 +116,13 @@ pub struct AgentArgs {
     /// a default route); empty or `none` for no XDP.
     #[arg(long, env = "LB_XDP_DEVICES", default_value = "")]
     pub xdp_devices: String,
+
+    /// Overlay devices (VXLAN, Geneve) through which backends on other nodes are reached:
+    /// replies of SNATed north-south flows that arrive on them are reversed there (tc
+    /// ingress). Comma-separated interface names; `auto` for every VXLAN and Geneve device,
+    /// looked for again as they come and go; `none` for none. Only while XDP runs.
+    #[arg(long, env = "LB_OVERLAY_DEVICES", default_value = "auto")]
+    pub overlay_devices: String,
 
     /// How XDP attaches: `auto` (the driver's native mode when it has one), `native` or
     /// `generic`.
@@ -273,7 +281,8 @@ impl AgentArgs {
         self.health()?;
         self.snat_range()?;
         self.nodeport_cidrs()?;
-        self.devices()?;
+        self.xdp_devices()?;
+        self.overlay_devices()?;
         Ok(())
     }
 
@@ -336,22 +345,13 @@ impl AgentArgs {
     }
 
     /// The XDP devices asked for.
-    pub fn devices(&self) -> Result<XdpDevices, String> {
-        let names: Vec<&str> = split_list(&self.xdp_devices).collect();
-        match names.as_slice() {
-            [] | ["none"] => Ok(XdpDevices::None),
-            ["auto"] => Ok(XdpDevices::Auto),
-            names => {
-                for n in names {
-                    if *n == "auto" || *n == "none" || n.len() > 15 || n.contains('/') {
-                        return Err(format!("--xdp-devices: {n:?} is not an interface name"));
-                    }
-                }
-                Ok(XdpDevices::Named(
-                    names.iter().map(|n| n.to_string()).collect(),
-                ))
-            }
-        }
+    pub fn xdp_devices(&self) -> Result<Devices, String> {
+        device_list("--xdp-devices", &self.xdp_devices)
+    }
+
+    /// The overlay devices asked for.
+    pub fn overlay_devices(&self) -> Result<Devices, String> {
+        device_list("--overlay-devices", &self.overlay_devices)
     }
 
     /// The health endpoint's address, `None` when disabled.
@@ -444,6 +444,25 @@ fn parse_secs(s: &str) -> Result<u32, String> {
     Ok(secs as u32)
 }
 
+/// A device list flag's value (`flag` names it in errors): names, `auto`, or empty or `none`.
+fn device_list(flag: &str, value: &str) -> Result<Devices, String> {
+    let names: Vec<&str> = split_list(value).collect();
+    match names.as_slice() {
+        [] | ["none"] => Ok(Devices::None),
+        ["auto"] => Ok(Devices::Auto),
+        names => {
+            for n in names {
+                if *n == "auto" || *n == "none" || n.len() > 15 || n.contains('/') {
+                    return Err(format!("{flag}: {n:?} is not an interface name"));
+                }
+            }
+            Ok(Devices::Named(
+                names.iter().map(|n| n.to_string()).collect(),
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,7 +532,7 @@ mod tests {
     #[test]
     fn north_south_settings() {
         let a = parse(&["--source", "file:/m"]).unwrap();
-        assert_eq!(a.devices(), Ok(XdpDevices::None));
+        assert_eq!(a.xdp_devices(), Ok(Devices::None));
         assert_eq!(a.snat_range(), Ok((61000, 65535)));
         assert_eq!(a.nodeport_cidrs(), Ok(vec![]));
         assert_eq!(a.limits().max_table_size, DEFAULT_MAGLEV_TABLE_SIZE);
@@ -529,8 +548,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            a.devices(),
-            Ok(XdpDevices::Named(vec!["eth0".into(), "eth1".into()]))
+            a.xdp_devices(),
+            Ok(Devices::Named(vec!["eth0".into(), "eth1".into()]))
         );
         assert_eq!(
             a.nodeport_cidrs().unwrap(),
@@ -545,9 +564,16 @@ mod tests {
         assert_eq!(
             parse(&["--source", "file:/m", "--xdp-devices", "auto"])
                 .unwrap()
-                .devices(),
-            Ok(XdpDevices::Auto)
+                .xdp_devices(),
+            Ok(Devices::Auto)
         );
+        assert_eq!(a.overlay_devices(), Ok(Devices::Auto));
+        let a = parse(&["--source", "file:/m", "--overlay-devices", "flannel.1"]).unwrap();
+        assert_eq!(
+            a.overlay_devices(),
+            Ok(Devices::Named(vec!["flannel.1".into()]))
+        );
+        assert!(parse(&["--source", "file:/m", "--overlay-devices", "a/b"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,10 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
+use lb_common::Backend;
+
+use crate::addr::to_endpoint;
+
 /// This node, as topology, traffic policy and node ports need it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -51,6 +55,17 @@ impl Candidate {
 
     fn local(&self, node: &NodeInfo) -> bool {
         node.name.is_some() && self.node_name == node.name
+    }
+
+    /// The backend it is for the datapath: its address and port, and where it runs as
+    /// `lb_common::node` says (unknown without its `nodeName` or this node's name).
+    pub fn backend(&self, node: &NodeInfo) -> Backend {
+        let at = match (&self.node_name, &node.name) {
+            (Some(_), Some(_)) if self.local(node) => lb_common::node::LOCAL,
+            (Some(_), Some(_)) => lb_common::node::REMOTE,
+            _ => lb_common::node::UNKNOWN,
+        };
+        Backend::new(to_endpoint((self.ip, self.port).into()), at)
     }
 }
 
@@ -385,6 +400,30 @@ mod tests {
                 })
                 .collect();
             assert_eq!(&got, expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn a_backend_knows_where_it_runs_when_both_node_names_are_known() {
+        let here = NodeInfo {
+            name: Some("n1".into()),
+            ..NodeInfo::default()
+        };
+        let mut remote = ep("2");
+        remote.node_name = Some("n2".into());
+        for (c, node, want) in [
+            (ep("1 local"), &here, lb_common::node::LOCAL),
+            (remote, &here, lb_common::node::REMOTE),
+            (ep("3"), &here, lb_common::node::UNKNOWN),
+            (
+                ep("1 local"),
+                &NodeInfo::default(),
+                lb_common::node::UNKNOWN,
+            ),
+        ] {
+            let b = c.backend(node);
+            assert_eq!(b.node, want, "{c:?}");
+            assert_eq!(crate::addr::to_socket_addr(&b), (c.ip, c.port).into());
         }
     }
 

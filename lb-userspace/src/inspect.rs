@@ -611,7 +611,7 @@ pub fn ns_affinity(
         .map(|(k, v)| {
             let mark = lb_common::ns::NsAffinityMatchKey {
                 svc_id: k.svc_id,
-                backend: v.backend,
+                backend: v.backend.endpoint(),
             };
             // No mark: the backend left the table, and the entry is not honoured.
             let timeout = c.external_match.get(&mark).copied();
@@ -621,7 +621,7 @@ pub fn ns_affinity(
                 service: info_text(c.external_info.get(&k.svc_id)).0,
                 path: "north-south".into(),
                 client: to_ip(k.client).to_string(),
-                backend: Some(to_socket_addr(&v.backend)),
+                backend: Some(to_socket_addr(&v.backend.endpoint())),
                 idle_s: u64::from(idle_s),
                 expires_in_s: u64::from(timeout.unwrap_or(0).saturating_sub(idle_s)),
                 honoured: timeout.is_some_and(|t| v.holds(now, t)),
@@ -1309,7 +1309,7 @@ mod tests {
     use lb_common::{ServiceInfo, ServiceValue, proto};
 
     use super::*;
-    use crate::addr::{to_addr6, to_endpoint};
+    use crate::addr::to_addr6;
 
     fn contents() -> Contents {
         let mut c = Contents::default();
@@ -1346,11 +1346,11 @@ mod tests {
         c.info
             .insert(2, ServiceInfo::new("prod", "web", "").unwrap());
         c.backends
-            .insert(1, to_endpoint("10.0.0.1:53".parse().unwrap()));
+            .insert(1, crate::testutil::backend("10.0.0.1:53"));
         c.backends
-            .insert(2, to_endpoint("10.0.0.2:53".parse().unwrap()));
+            .insert(2, crate::testutil::backend("10.0.0.2:53"));
         c.backends
-            .insert(3, to_endpoint("[fd00::5]:8080".parse().unwrap()));
+            .insert(3, crate::testutil::backend("[fd00::5]:8080"));
         c.slots.insert(lb_common::SlotKey { svc_id: 1, slot: 0 }, 1);
         c.slots.insert(lb_common::SlotKey { svc_id: 1, slot: 1 }, 2);
         c.slots.insert(lb_common::SlotKey { svc_id: 2, slot: 0 }, 3);
@@ -1540,7 +1540,10 @@ mod tests {
                     svc_id: 4,
                     client: to_addr6(client.parse().unwrap()),
                 },
-                NsAffinityValue { backend, last_used },
+                NsAffinityValue {
+                    backend: lb_common::Backend::new(backend, lb_common::node::UNKNOWN),
+                    last_used,
+                },
             )
         };
         let rows = ns_affinity(

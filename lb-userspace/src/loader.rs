@@ -94,6 +94,9 @@ pub const XDP_PROGRAM: &str = "xdp_lb";
 /// The tc egress program (reverse translation of local backends' replies), on each external
 /// device.
 pub const TC_PROGRAM: &str = "tc_egress";
+/// The tc ingress program (reverse translation of SNATed flows' replies), on each overlay
+/// device (VXLAN, Geneve) through which backends on other nodes are reached.
+pub const OVERLAY_PROGRAM: &str = "tc_overlay";
 /// An XDP program that passes everything (a veth delivers frames redirected to it only while
 /// its peer runs an XDP program; benchmarks use it as the empty baseline).
 pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
@@ -102,6 +105,28 @@ pub const XDP_PASS_PROGRAM: &str = "xdp_pass";
 const XDP_LINK_PREFIX: &str = "xdp-";
 /// Prefix of the link pins of tc egress on a device (`tc-<ifname>`).
 const TC_LINK_PREFIX: &str = "tc-";
+/// Prefix of the link pins of the overlay program on a device (`overlay-<ifname>`).
+const OVERLAY_LINK_PREFIX: &str = "overlay-";
+
+/// What the north-south programs do on a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeviceKind {
+    /// An external device: XDP at ingress, tc egress.
+    Xdp,
+    /// An overlay device (VXLAN, Geneve): tc ingress only, where replies of SNATed flows to
+    /// backends on other nodes arrive.
+    Overlay,
+}
+
+impl DeviceKind {
+    /// The prefix of the device's first link pin, which tells what it runs.
+    fn link_prefix(self) -> &'static str {
+        match self {
+            Self::Xdp => XDP_LINK_PREFIX,
+            Self::Overlay => OVERLAY_LINK_PREFIX,
+        }
+    }
+}
 
 /// Where the pins live.
 #[derive(Clone, Debug)]
@@ -507,12 +532,11 @@ impl Loaded {
                 .load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
-        program::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?
-            .load()
-            .map_err(|source| LoadError::Program {
-                name: TC_PROGRAM,
-                source,
-            })?;
+        for name in [TC_PROGRAM, OVERLAY_PROGRAM] {
+            program::<SchedClassifier>(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoadError::Program { name, source })?;
+        }
         // Maps being resized (also those an interrupted resize left): fill the new ones.
         let resized: Vec<&'static str> = maps::ALL
             .iter()
@@ -563,8 +587,8 @@ impl Loaded {
         })
     }
 
-    /// Runs the packet program `name` ([`XDP_PROGRAM`], [`XDP_PASS_PROGRAM`] or
-    /// [`TC_PROGRAM`]) on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as if it arrived
+    /// Runs the packet program `name` ([`XDP_PROGRAM`], [`XDP_PASS_PROGRAM`], [`TC_PROGRAM`]
+    /// or [`OVERLAY_PROGRAM`]) on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as if it arrived
     /// on (XDP) or left by (tc) device `ifindex` (0: loopback) of the calling thread's
     /// network namespace. Returns what the program returned, the frame as it left it and
     /// the kernel's mean time per run. For tests and benchmarks.
@@ -580,7 +604,7 @@ impl Loaded {
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex; struct __sk_buff is only passed for its ifindex at offset 40.
         let mut ctx = Vec::new();
-        let result = if name == TC_PROGRAM {
+        let result = if name == TC_PROGRAM || name == OVERLAY_PROGRAM {
             let mut skb = [0u8; 192];
             skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
             ctx.extend_from_slice(&skb);
@@ -612,10 +636,10 @@ impl Loaded {
         })
     }
 
-    /// The devices the north-south programs are attached to (from the link pins, so a
-    /// restarted agent sees its predecessor's).
-    pub fn attached_devices(&self) -> Result<Vec<String>, LoadError> {
-        attached_devices(&self.layout)
+    /// The devices the north-south programs are attached to as `kind` (from the link pins,
+    /// so a restarted agent sees its predecessor's).
+    pub fn attached_devices(&self, kind: DeviceKind) -> Result<Vec<String>, LoadError> {
+        attached_devices(&self.layout, kind)
     }
 
     /// Attaches the north-south programs to `device` (XDP in `mode` at ingress, tc egress),
@@ -644,13 +668,42 @@ impl Loaded {
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
         );
+        self.mark_device(device, maps::DEVICE_XDP)?;
+        Ok(xdp && tc)
+    }
+
+    /// Attaches the overlay program to `device` at tc ingress (or replaces it in place, as
+    /// [`Self::attach_device`]), then marks it as an overlay device, through which flows to
+    /// backends on other nodes may leave SNATed. For Ethernet devices (VXLAN, Geneve): the
+    /// program parses Ethernet frames. Returns whether the link was replaced in place.
+    pub fn attach_overlay(&mut self, device: &Device) -> Result<bool, LoadError> {
+        let pin = self
+            .layout
+            .links()
+            .join(format!("{OVERLAY_LINK_PREFIX}{}", device.name));
+        let replaced = attach_pinned!(
+            program::<SchedClassifier>(&mut self.ebpf, OVERLAY_PROGRAM)?,
+            SchedClassifierLink,
+            OVERLAY_PROGRAM,
+            &pin,
+            |p| p.attach_with_options(
+                &device.name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+        );
+        self.mark_device(device, maps::DEVICE_OVERLAY)?;
+        Ok(replaced)
+    }
+
+    /// Records in the device map that `device` runs the programs of `kind`.
+    fn mark_device(&mut self, device: &Device, kind: u8) -> Result<(), LoadError> {
         self.devices
-            .insert(device.ifindex, 1, 0)
+            .insert(device.ifindex, kind, 0)
             .map_err(|source| LoadError::Map {
                 name: maps::XDP_DEVICES,
                 source,
-            })?;
-        Ok(xdp && tc)
+            })
     }
 
     /// Detaches the north-south programs from the device called `name` (its link pins go)
@@ -673,7 +726,7 @@ impl Loaded {
                 }
             }
         }
-        for prefix in [XDP_LINK_PREFIX, TC_LINK_PREFIX] {
+        for prefix in [XDP_LINK_PREFIX, TC_LINK_PREFIX, OVERLAY_LINK_PREFIX] {
             let pin = self.layout.links().join(format!("{prefix}{name}"));
             match fs::remove_file(&pin) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&pin)(e)),
@@ -737,13 +790,16 @@ impl Loaded {
     }
 }
 
-/// The devices with a pinned XDP link under `layout`, by name.
-pub fn attached_devices(layout: &PinLayout) -> Result<Vec<String>, LoadError> {
+/// The devices with the programs of `kind` attached (a pinned link) under `layout`, by name.
+pub fn attached_devices(layout: &PinLayout, kind: DeviceKind) -> Result<Vec<String>, LoadError> {
     let dir = layout.links();
     let mut names = Vec::new();
     for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
         let name = entry.map_err(io_err(&dir))?.file_name();
-        if let Some(dev) = name.to_str().and_then(|n| n.strip_prefix(XDP_LINK_PREFIX)) {
+        if let Some(dev) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(kind.link_prefix()))
+        {
             names.push(dev.to_owned());
         }
     }
@@ -1081,7 +1137,7 @@ mod tests {
         let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         names.sort();
         let mut expected = PROGRAMS.to_vec();
-        expected.extend([XDP_PROGRAM, XDP_PASS_PROGRAM, TC_PROGRAM]);
+        expected.extend([XDP_PROGRAM, XDP_PASS_PROGRAM, TC_PROGRAM, OVERLAY_PROGRAM]);
         expected.sort();
         assert_eq!(names, expected);
     }

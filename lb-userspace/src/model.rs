@@ -36,7 +36,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use lb_common::{
-    Endpoint, ServiceKey,
+    Backend, Endpoint, ServiceKey,
     service::{NAME_MAX, PORT_NAME_MAX},
 };
 
@@ -125,7 +125,7 @@ pub struct DesiredFrontend {
     /// The service port's name (empty when unnamed).
     pub port_name: String,
     /// The backends for new connections, sorted, without duplicates.
-    pub backends: Vec<Endpoint>,
+    pub backends: Vec<Backend>,
     /// Session affinity timeout in seconds, zero for none.
     pub affinity_timeout_s: u32,
 }
@@ -161,7 +161,7 @@ pub struct ExternalGroup {
     /// `externalTrafficPolicy: Local`: only this node's endpoints, the client address kept.
     pub local: bool,
     /// The backends of new flows, sorted, without duplicates.
-    pub backends: Vec<Endpoint>,
+    pub backends: Vec<Backend>,
     /// Every endpoint of the port and family in the slices, whatever its conditions (ready,
     /// serving, terminating), sorted: established flows to them are kept (draining), while
     /// the UDP flows of the others are removed so their clients move.
@@ -407,10 +407,10 @@ pub fn desired<'a>(
                     .filter(|c| c.ready && c.node_name.is_some() && c.node_name == node.name)
                     .map(|c| c.ip),
             );
-            let backends = |policy| -> Result<Vec<Endpoint>, Rejection> {
-                let mut b: Vec<Endpoint> = usable(&candidates, policy, node)
+            let backends = |policy| -> Result<Vec<Backend>, Rejection> {
+                let mut b: Vec<Backend> = usable(&candidates, policy, node)
                     .into_iter()
-                    .map(|c| to_endpoint((c.ip, c.port).into()))
+                    .map(|c| c.backend(node))
                     .collect();
                 b.sort();
                 Ok(b)

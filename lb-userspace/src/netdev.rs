@@ -3,7 +3,12 @@
 //! XDP program in `auto` mode. The choices are pure functions of what [`interfaces`] and
 //! [`default_route_devices`] read from the kernel, so they are unit-tested without one.
 
-use std::{collections::BTreeSet, fs, io, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::IpAddr,
+    os::fd::{AsRawFd, FromRawFd},
+};
 
 use ipnet::IpNet;
 
@@ -153,6 +158,85 @@ fn parse_route_v6(text: &str) -> Vec<String> {
 /// the stack drops it as a martian.
 pub fn accept_local(name: &str) -> io::Result<()> {
     fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")
+}
+
+/// Drivers of overlay devices whose frames are Ethernet: what `--overlay-devices auto`
+/// attaches to.
+const OVERLAY_DRIVERS: [&str; 2] = ["vxlan", "geneve"];
+
+/// `ARPHRD_ETHER`: the hardware type of Ethernet devices (VXLAN and Geneve ones included).
+pub const ARPHRD_ETHER: u16 = 1;
+
+/// The overlay devices of this network namespace, by name: those whose driver is one of
+/// [`OVERLAY_DRIVERS`].
+pub fn overlay_devices() -> Vec<String> {
+    let Ok(all) = nix::net::if_::if_nameindex() else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = all
+        .iter()
+        .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+        .filter(|name| driver(name).is_some_and(|d| OVERLAY_DRIVERS.contains(&d.as_str())))
+        .collect();
+    out.sort();
+    out
+}
+
+/// An `ifreq` as the two ioctls below use it: the name, then a union of at most 24 bytes.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+/// Runs ioctl `request` on device `name` with `data` (the union's first bytes, or a pointer
+/// to them) through a datagram socket of this network namespace.
+fn ifreq_ioctl(name: &str, request: libc::c_ulong, data: [u8; 24]) -> io::Result<IfReq> {
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data,
+    };
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: plain socket and ioctl calls on a struct laid out as the kernel's ifreq; the
+    // descriptor is owned and closed on return.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        if libc::ioctl(fd.as_raw_fd(), request as _, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(req)
+}
+
+/// The hardware type (`ARPHRD_*`) of device `name`: [`ARPHRD_ETHER`] for Ethernet, VXLAN
+/// and Geneve; others for L3 devices (WireGuard, IPIP).
+pub fn hardware_type(name: &str) -> Option<u16> {
+    let req = ifreq_ioctl(name, libc::SIOCGIFHWADDR, [0; 24]).ok()?;
+    // The union holds a struct sockaddr whose family is the hardware type.
+    Some(u16::from_ne_bytes([req.data[0], req.data[1]]))
+}
+
+/// The driver of device `name`, as `ethtool -i` reports it (`vxlan`, `geneve`, `veth`...).
+pub fn driver(name: &str) -> Option<String> {
+    /// `ETHTOOL_GDRVINFO`.
+    const GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: cmd, then driver[32] and the rest.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&GDRVINFO.to_ne_bytes());
+    let mut data = [0u8; 24];
+    data[..8].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    ifreq_ioctl(name, libc::SIOCETHTOOL, data).ok()?;
+    let driver = &info[4..36];
+    let len = driver.iter().position(|b| *b == 0).unwrap_or(driver.len());
+    std::str::from_utf8(&driver[..len]).ok().map(str::to_owned)
 }
 
 /// The kernel's `ip_local_port_range` (ephemeral ports of local sockets), if readable.

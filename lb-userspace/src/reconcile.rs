@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::{
-    AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
+    AffinityMatchKey, Backend, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
     service::SLOT_GEN1,
 };
 
@@ -182,7 +182,7 @@ impl Ids {
 /// Lookups derived from the mirror, kept up to date write by write.
 #[derive(Debug, Default)]
 struct Index {
-    backend_ids: HashMap<Endpoint, u32>,
+    backend_ids: HashMap<Backend, u32>,
     /// How many slots and affinity-match entries name each backend.
     backend_refs: HashMap<u32, u32>,
     service_ids: Ids,
@@ -217,7 +217,7 @@ impl Index {
 
     /// A new id for backend `ep`, derived from its address (see [`Ids`]); `None` when every
     /// id is taken.
-    fn take_backend_id(&mut self, ep: &Endpoint) -> Option<u32> {
+    fn take_backend_id(&mut self, ep: &Backend) -> Option<u32> {
         let name = crate::addr::to_socket_addr(ep).to_string();
         self.backend_alloc.take(identity(&name))
     }
@@ -816,9 +816,9 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// The backends a programmed service entry's live slots name, sorted, without duplicates.
-    fn programmed_backends(&self, value: &ServiceValue) -> Vec<Endpoint> {
+    fn programmed_backends(&self, value: &ServiceValue) -> Vec<Backend> {
         let m = &self.mirror;
-        let mut backends: Vec<Endpoint> = m
+        let mut backends: Vec<Backend> = m
             .live_slots(value)
             .filter_map(|(_, b)| m.backends.get(b).copied())
             .collect();
@@ -1044,9 +1044,9 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// The backends of a UDP frontend that are not in `keep`: once they are out of the maps,
-    /// sockets pointed at them are stale.
-    fn stale_udp(&self, key: &ServiceKey, keep: &[Endpoint]) -> Vec<StaleUdp> {
+    /// The backends of a UDP frontend whose address and port are not in `keep`'s: once they
+    /// are out of the maps, sockets pointed at them are stale.
+    fn stale_udp(&self, key: &ServiceKey, keep: &[Backend]) -> Vec<StaleUdp> {
         let Some(value) = self.mirror.services.get(key) else {
             return Vec::new();
         };
@@ -1056,7 +1056,8 @@ impl<D: Datapath> Reconciler<D> {
         let frontend = Endpoint::new(key.addr, key.port_be);
         self.programmed_backends(value)
             .into_iter()
-            .filter(|b| !keep.contains(b))
+            .map(|b| b.endpoint())
+            .filter(|b| !keep.iter().any(|k| k.endpoint() == *b))
             .map(|backend| StaleUdp { frontend, backend })
             .collect()
     }

@@ -10,6 +10,12 @@ use k8s_openapi::{
 
 use crate::model::SERVICE_NAME_LABEL;
 
+/// The backend at `addr` ("ip:port"), where it runs unknown.
+pub fn backend(addr: &str) -> lb_common::Backend {
+    let ep = crate::addr::to_endpoint(addr.parse().expect("an address and port"));
+    lb_common::Backend::new(ep, lb_common::node::UNKNOWN)
+}
+
 /// A port: (name, number, protocol).
 pub type Port<'a> = (&'a str, i32, &'a str);
 /// An endpoint: (address, ready, serving, terminating).

@@ -13,6 +13,11 @@
 //! The client routes only the load-balancer range 198.51.100.0/24 (to node A); node B has
 //! no route to the client at all, so a reply that skipped the SNAT back through node A is
 //! lost inside the sandbox. No namespace has a route out of it.
+//!
+//! [`Cluster::with_overlay`] routes the pod networks between the nodes over a VXLAN overlay
+//! instead (`vx0` on each node, 10.250.0.0/24 and fd00:250::/64, carried between n-peer and
+//! node B's eth0), as flannel's or Cilium's tunnel mode do: node A reaches node B's pods
+//! through a device that runs no XDP.
 
 use std::{fs, net::SocketAddr, path::PathBuf, process::Command, thread, time::Duration};
 
@@ -46,6 +51,11 @@ pub const POD_A6: &str = "fd00:244:1::10";
 pub const POD_B6: [&str; 2] = ["fd00:244:2::10", "fd00:244:3::10"];
 /// Where the client routes load-balancer IPv6 addresses (via node A).
 pub const LB_NET6: &str = "2001:db8:51::/64";
+/// Node A's address on the VXLAN overlay of [`Cluster::with_overlay`] (the SNAT source for
+/// backends on node B there).
+pub const NODE_A_OVERLAY: &str = "10.250.0.1";
+/// Node A's IPv6 address on the VXLAN overlay.
+pub const NODE_A_OVERLAY6: &str = "fd00:250::1";
 /// The agent's health and metrics endpoint, on node A's own loopback.
 pub const NODE_HEALTH_ADDR: &str = "127.0.0.1:9890";
 
@@ -73,6 +83,15 @@ impl Cluster {
     /// Builds the namespaces and starts `lb-probe serve` in every pod (named `pod-a`,
     /// `pod-b1`, `pod-b2`) on TCP and UDP `port`. Panics, after cleaning up, on failure.
     pub fn new(port: u16) -> Self {
+        Self::build(port, false)
+    }
+
+    /// As [`Cluster::new`], the nodes' pod networks routed over a VXLAN overlay.
+    pub fn with_overlay(port: u16) -> Self {
+        Self::build(port, true)
+    }
+
+    fn build(port: u16, overlay: bool) -> Self {
         let tag = new_tag();
         let dir = std::env::temp_dir().join(&tag);
         fs::create_dir_all(dir.join("manifests")).expect("temp dir");
@@ -92,7 +111,7 @@ impl Cluster {
             pods_b: vec![ns("pb1"), ns("pb2")],
             tag,
         };
-        c.wire().expect("wiring the cluster");
+        c.wire(overlay).expect("wiring the cluster");
         for (name, pod) in [("pod-a", 0), ("pod-b1", 1), ("pod-b2", 2)] {
             let ns = match pod {
                 0 => &c.pod_a,
@@ -106,7 +125,7 @@ impl Cluster {
         c
     }
 
-    fn wire(&self) -> std::io::Result<()> {
+    fn wire(&self, overlay: bool) -> std::io::Result<()> {
         let (cl, a, b) = (&self.client, &self.node_a, &self.node_b);
         for node in [a, b] {
             node.sysctl("net/ipv4/ip_forward", "1")?;
@@ -152,14 +171,46 @@ impl Cluster {
         pod(a, "n-pod", &self.pod_a, [POD_A, POD_A6])?;
         pod(b, "p1", &self.pods_b[0], [POD_B[0], POD_B6[0]])?;
         pod(b, "p2", &self.pods_b[1], [POD_B[1], POD_B6[1]])?;
+        // How each node reaches the other's pods: the peer link, or the overlay across it.
+        let (via_b, via_b6, via_a, via_a6) = if overlay {
+            for (node, dev, local, remote, v4, v6) in [
+                (
+                    a,
+                    "n-peer",
+                    NODE_A_PEER,
+                    "10.0.0.2",
+                    NODE_A_OVERLAY,
+                    NODE_A_OVERLAY6,
+                ),
+                (
+                    b,
+                    "eth0",
+                    "10.0.0.2",
+                    NODE_A_PEER,
+                    "10.250.0.2",
+                    "fd00:250::2",
+                ),
+            ] {
+                node.ip(&[
+                    "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local, "remote",
+                    remote, "dstport", "4789", "dev", dev,
+                ])?;
+                node.addr("vx0", &format!("{v4}/24"))?;
+                node.addr("vx0", &format!("{v6}/64"))?;
+                node.ip(&["link", "set", "vx0", "up"])?;
+            }
+            ("10.250.0.2", "fd00:250::2", NODE_A_OVERLAY, NODE_A_OVERLAY6)
+        } else {
+            ("10.0.0.2", "fd00:10::2", NODE_A_PEER, NODE_A_PEER6)
+        };
         for p in POD_B {
-            a.route(&gateway(p).1, "10.0.0.2")?;
+            a.route(&gateway(p).1, via_b)?;
         }
         for p in POD_B6 {
-            a.route(&gateway(p).1, "fd00:10::2")?;
+            a.route(&gateway(p).1, via_b6)?;
         }
-        b.route(&gateway(POD_A6).1, NODE_A_PEER6)?;
-        b.route("10.244.1.0/24", NODE_A_PEER)
+        b.route(&gateway(POD_A6).1, via_a6)?;
+        b.route("10.244.1.0/24", via_a)
     }
 
     /// Attaches `xdp_pass` (native mode) to the client's and node B's ends of node A's XDP

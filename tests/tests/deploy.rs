@@ -158,6 +158,7 @@ fn the_daemonset_runs_the_agent_as_intended() {
     for (var, flag) in [
         ("LB_API_SERVER", "--api-server"),
         ("LB_XDP_DEVICES", "--xdp-devices"),
+        ("LB_OVERLAY_DEVICES", "--overlay-devices"),
         ("LB_NODEPORT_ADDRESSES", "--nodeport-addresses"),
     ] {
         let e = env
@@ -180,9 +181,14 @@ fn the_daemonset_runs_the_agent_as_intended() {
         ..agent.clone()
     });
     assert_eq!(
-        configured.devices(),
-        Ok(lb_userspace::config::XdpDevices::Auto),
+        configured.xdp_devices(),
+        Ok(lb_userspace::config::Devices::Auto),
         "north-south traffic is handled on the node's own devices"
+    );
+    assert_eq!(
+        configured.overlay_devices(),
+        Ok(lb_userspace::config::Devices::Auto),
+        "replies over VXLAN and Geneve overlays are reversed"
     );
 
     let volumes: BTreeSet<String> = pod

@@ -11,7 +11,8 @@ use std::{
 
 use lb_tests::{
     cluster::{
-        CLIENT, CLIENT6, Cluster, NODE_A, NODE_A_PEER, NODE_A_PEER6, NODE_A6, POD_A, POD_A6, POD_B6,
+        CLIENT, CLIENT6, Cluster, NODE_A, NODE_A_OVERLAY, NODE_A_OVERLAY6, NODE_A_PEER,
+        NODE_A_PEER6, NODE_A6, POD_A, POD_A6, POD_B6,
     },
     manifest::{Ep, documents, slice},
     probe::Attempt,
@@ -361,6 +362,13 @@ fn web_cluster() -> (Cluster, String) {
 fn started(manifest: (&str, &str), (frontend, backends): (&str, usize), args: &[&str]) -> Cluster {
     let mut c = Cluster::new(PORT);
     c.write_manifest(manifest.0, manifest.1);
+    start_agent(&mut c, (frontend, backends), args);
+    c
+}
+
+/// Starts the agent in generic XDP mode with `args` added, and waits until `frontend`'s
+/// TCP entry is programmed with its `backends`.
+fn start_agent(c: &mut Cluster, (frontend, backends): (&str, usize), args: &[&str]) {
     let mut all = vec!["--xdp-mode", "generic"];
     all.extend_from_slice(args);
     c.start_agent(&all);
@@ -368,9 +376,8 @@ fn started(manifest: (&str, &str), (frontend, backends): (&str, usize), args: &[
     c.wait_until(
         &format!("{frontend} is programmed"),
         Duration::from_secs(15),
-        || row(&c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == backends),
+        || row(c, &format!("{frontend}/TCP")).is_some_and(|r| r.backends == backends),
     );
-    c
 }
 
 #[test]
@@ -506,41 +513,8 @@ fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
     if !require_privileges("node_ports_and_load_balancer_ips_reach_pods_over_ipv6") {
         return;
     }
-    let spec = json!({
-        "clusterIP": "fd00:96::20", "clusterIPs": ["fd00:96::20"],
-        "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
-    });
-    let pods = [
-        (POD_A6, "node-a"),
-        (POD_B6[0], "node-b"),
-        (POD_B6[1], "node-b"),
-    ];
-    let eps: Vec<Ep> = pods
-        .iter()
-        .map(|(ip, node)| Ep::ready(ip).on_node(node))
-        .collect();
-    let mut service: serde_json::Value = serde_json::from_str(&lb_service(
-        "web6",
-        "fd00:96::20",
-        "2001:db8:51::10",
-        30090,
-        spec,
-    ))
-    .expect("JSON");
-    service["status"]["loadBalancer"]["ingress"][0]["ip"] = json!("2001:db8:51::10");
-    let web6 = documents(&[
-        service.to_string(),
-        slice(
-            "shop",
-            "web6-1",
-            "web6",
-            "IPv6",
-            &[("tcp", PORT.into(), "TCP"), ("udp", PORT.into(), "UDP")],
-            &eps,
-        ),
-    ]);
     let node_port = format!("[{NODE_A6}]:30090");
-    let c = started(("web6.yaml", &web6), (&node_port, 3), &[]);
+    let c = started(("web6.yaml", &web6()), (&node_port, 3), &[]);
     let mut attempts = c.tcp(sa(&node_port), 30);
     attempts.extend(c.tcp(sa("[2001:db8:51::10]:80"), 30));
     attempts.extend(c.udp(sa(&node_port), 10));
@@ -568,6 +542,99 @@ fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
     for counter in ["xdp_translated", "xdp_reversed", "tc_reversed"] {
         assert!(stats[counter] > 0, "{counter}: {stats:?}");
     }
+}
+
+/// An IPv6 LoadBalancer service `web6` (node port 30090, ingress 2001:db8:51::10) over the
+/// three pods' IPv6 addresses.
+fn web6() -> String {
+    let spec = json!({
+        "clusterIP": "fd00:96::20", "clusterIPs": ["fd00:96::20"],
+        "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
+    });
+    let pods = [
+        (POD_A6, "node-a"),
+        (POD_B6[0], "node-b"),
+        (POD_B6[1], "node-b"),
+    ];
+    let eps: Vec<Ep> = pods
+        .iter()
+        .map(|(ip, node)| Ep::ready(ip).on_node(node))
+        .collect();
+    let mut service: serde_json::Value = serde_json::from_str(&lb_service(
+        "web6",
+        "fd00:96::20",
+        "2001:db8:51::10",
+        30090,
+        spec,
+    ))
+    .expect("JSON");
+    service["status"]["loadBalancer"]["ingress"][0]["ip"] = json!("2001:db8:51::10");
+    documents(&[
+        service.to_string(),
+        slice(
+            "shop",
+            "web6-1",
+            "web6",
+            "IPv6",
+            &[("tcp", PORT.into(), "TCP"), ("udp", PORT.into(), "UDP")],
+            &eps,
+        ),
+    ])
+}
+
+#[test]
+fn pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back() {
+    if !require_privileges("pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back") {
+        return;
+    }
+    // Node A reaches node B's pods through vx0, which runs no XDP. Flows to them are SNATed
+    // all the same (the agent knows they run on node B), and their replies, which arrive on
+    // vx0, are reversed there by the overlay program.
+    let mut c = Cluster::with_overlay(PORT);
+    c.write_manifest("web.yaml", &web(&ALL_PODS));
+    c.write_manifest("web6.yaml", &web6());
+    let (node_port, node_port6) = (format!("{NODE_A}:30080"), format!("[{NODE_A6}]:30090"));
+
+    // Without the overlay program the replies reach node A's stack, which resets them: the
+    // pods on node B are out of reach, and the datapath says why.
+    start_agent(&mut c, (&node_port, 3), &["--overlay-devices", "none"]);
+    let attempts = c.tcp(sa(&node_port), 6);
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("stats");
+    assert!(stats["xdp_snat_unwatched_device"] > 0, "{stats:?}");
+    assert!(attempts.iter().any(|a| a.error.is_some()), "{attempts:?}");
+    c.kill_agent();
+
+    // By default the agent finds vx0 (a VXLAN device) and runs the overlay program on it.
+    start_agent(&mut c, (&node_port, 3), &[]);
+    c.wait_until(
+        "the overlay program runs on vx0",
+        Duration::from_secs(10),
+        || {
+            c.agent_log()
+                .lines()
+                .any(|l| l.contains("(overlay: tc ingress)") && l.contains("device=vx0"))
+        },
+    );
+    let mut attempts = c.tcp(sa(&node_port), 30);
+    attempts.extend(c.tcp(sa("198.51.100.10:80"), 10));
+    attempts.extend(c.udp(sa(&node_port), 10));
+    attempts.extend(c.tcp(sa(&node_port6), 30));
+    attempts.extend(c.udp(sa(&node_port6), 10));
+    assert!(attempts.iter().all(|a| a.error.is_none()), "{attempts:?}");
+    let (backends, seen) = answered(&attempts);
+    assert_eq!(backends, names(&["pod-a", "pod-b1", "pod-b2"]));
+    // The local pod sees the client; node B's pods node A's address on the overlay.
+    for (backend, ip) in &seen {
+        let want = match (backend.as_str(), ip.contains(':')) {
+            ("pod-a", false) => CLIENT,
+            ("pod-a", true) => CLIENT6,
+            (_, false) => NODE_A_OVERLAY,
+            (_, true) => NODE_A_OVERLAY6,
+        };
+        assert_eq!(ip, want, "{backend}");
+    }
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("stats");
+    assert!(stats["overlay_reversed"] > 0, "{stats:?}");
 }
 
 #[test]

@@ -26,7 +26,9 @@ use lb_userspace::{
     conntrack::{Owners, Sweeper, clock_now},
     datapath::bpf::{BpfDatapath, read_lru, read_stats},
     inspect::{self, FlowRow},
-    loader::{Device, Loaded, MapSizes, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM},
+    loader::{
+        Device, Loaded, MapSizes, OVERLAY_PROGRAM, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM,
+    },
     model::{Limits, ObjectRef},
     reconcile::Reconciler,
     source::file::{Document, parse_manifest},
@@ -38,6 +40,7 @@ const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
 const XDP_TX: i32 = 3;
 const TCX_NEXT: i32 = -1;
+const TC_ACT_REDIRECT: i32 = 7;
 
 const EXT_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
@@ -115,7 +118,9 @@ impl Node {
             neigh(&format!("192.0.2.{}", 50 + i), backend_mac(i), "ext0")?;
             neigh(&format!("2001:db8:1::{}", 50 + i), backend_mac(i), "ext0")?;
         }
-        neigh("10.244.0.10", [0x02, 0, 0, 0, 2, 10], "pod0")?;
+        for i in [10u8, 20, 21] {
+            neigh(&format!("10.244.0.{i}"), [0x02, 0, 0, 0, 2, i], "pod0")?;
+        }
         ns.route("203.0.113.0/24", "192.0.2.254")?;
         ns.route("2001:db8:9::/64", "2001:db8:1::fe")
     }
@@ -263,6 +268,15 @@ impl Lab {
 
     fn tc(&mut self, f: &[u8]) -> (i32, Vec<u8>) {
         let out = self.loaded.test_run(TC_PROGRAM, f, 0, 1).expect("test run");
+        (out.verdict, out.frame)
+    }
+
+    /// Runs the overlay program on `f` as if it arrived on device `ifindex`.
+    fn overlay(&mut self, f: &[u8], ifindex: u32) -> (i32, Vec<u8>) {
+        let out = self
+            .loaded
+            .test_run(OVERLAY_PROGRAM, f, ifindex, 1)
+            .expect("test run");
         (out.verdict, out.frame)
     }
 
@@ -1137,6 +1151,121 @@ fn a_cluster_service_with_no_backend_answers_port_unreachable() {
         assert_eq!(lab.xdp(&f).0, XDP_DROP);
         assert_eq!(lab.stat(st::XDP_DROP_NO_BACKEND), drops + 1);
     });
+}
+
+#[test]
+fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
+    if !require_privileges("snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        // One NodePort service per case, with one backend: where it runs (the slice's
+        // nodeName; none: unknown), and the device the route to it takes (pod0 runs no
+        // program, like an overlay the agent was not told of; ext0 runs XDP).
+        let cases = [
+            ("far", "10.244.0.20", Some("node-b"), 30101),
+            ("near", "192.0.2.53", Some("node-a"), 30102),
+            ("anon-pod", "10.244.0.21", None, 30103),
+            ("anon-ext", "192.0.2.54", None, 30104),
+        ];
+        let mut objects = Vec::new();
+        for (i, (name, ip, node, node_port)) in cases.iter().enumerate() {
+            let spec = json!({
+                "type": "NodePort",
+                "clusterIP": format!("10.96.1.{i}"), "clusterIPs": [format!("10.96.1.{i}")],
+                "ports": ports(&[("http", 80, "TCP", 8080, *node_port)]),
+            });
+            objects.push(service(("shop", name), spec, json!({})));
+            let ep = Ep::ready(ip);
+            let ep = match node {
+                Some(n) => ep.on_node(n),
+                None => ep,
+            };
+            let ports = [("http", 8080, "TCP")];
+            objects.push(slice(
+                "shop",
+                &format!("{name}-1"),
+                name,
+                "IPv4",
+                &ports,
+                &[ep],
+            ));
+        }
+        lab.program(&objects);
+        let mut port = 40000;
+        // A new flow from a new client port to node port `node_port`: the verdict, the
+        // client and the source the flow leaves with.
+        let mut open = |lab: &mut Lab, node_port: u16| -> (i32, SocketAddr, SocketAddr) {
+            port += 1;
+            let client = sa(&format!("203.0.113.7:{port}"));
+            let f = tcp_frame(client, sa(&format!("192.0.2.1:{node_port}")), SYN, b"");
+            let (v, out) = lab.xdp(&f);
+            (v, client, packet::parse(&out).expect("translated").src)
+        };
+        let unwatched = || lab_stat(&node.pins, st::XDP_SNAT_UNWATCHED_DEVICE);
+        // On another node: SNATed whatever the device, here to pod0's address; counted, as
+        // nothing reverses replies arriving on pod0.
+        let (v, _, src) = open(&mut lab, 30101);
+        assert_eq!((v, src.ip().to_string().as_str()), (XDP_PASS, "10.244.0.1"));
+        assert!(in_snat_range(src.port()));
+        assert_eq!(unwatched(), 1);
+        // On this node: never SNATed, even out of an XDP device.
+        let (v, _, src) = open(&mut lab, 30102);
+        assert_eq!((v, src.ip().to_string().as_str()), (XDP_TX, "203.0.113.7"));
+        // Unknown: SNATed when the route leaves by a device a program runs on.
+        assert_eq!(open(&mut lab, 30103).2.ip().to_string(), "203.0.113.7");
+        let (v, _, src) = open(&mut lab, 30104);
+        assert_eq!((v, src.ip().to_string().as_str()), (XDP_TX, "192.0.2.1"));
+        assert_eq!(unwatched(), 1);
+
+        // pod0 becomes an overlay device: replies arriving on it are reversed there.
+        let pod0 = lb_userspace::netdev::ifindex("pod0").expect("pod0");
+        let device = Device {
+            name: "pod0".into(),
+            ifindex: pod0,
+        };
+        lab.loaded
+            .attach_overlay(&device)
+            .expect("tc ingress on a veth");
+        let (_, client, snat) = open(&mut lab, 30101);
+        assert_eq!(unwatched(), 1, "pod0 is watched now");
+        let (_, _, anon) = open(&mut lab, 30103);
+        assert_eq!(
+            anon.ip().to_string(),
+            "10.244.0.1",
+            "unknown, out of an overlay"
+        );
+        let reply = tcp_frame(sa("10.244.0.20:8080"), snat, SYN | ACK, b"");
+        let (v, out) = lab.overlay(&reply, pod0);
+        assert_eq!(v, TC_ACT_REDIRECT, "redirected towards the client");
+        let out = packet::parse(&out).expect("a whole reversed reply");
+        assert_eq!((out.src, out.dst), (sa("192.0.2.1:30101"), client));
+        assert_eq!(lab.stat(st::OVERLAY_REVERSED), 1);
+        // The replies keep the flow's state: the backend's FIN half closes it.
+        let frontend = sa("192.0.2.1:30101");
+        lab.translated(&tcp_frame(client, frontend, ACK, b""), XDP_PASS);
+        assert_eq!(lab.flow(client, 0).state, "established");
+        let fin = tcp_frame(sa("10.244.0.20:8080"), snat, FIN | ACK, b"");
+        assert_eq!(lab.overlay(&fin, pod0).0, TC_ACT_REDIRECT);
+        assert_eq!(lab.flow(client, 0).state, "close_wait");
+        assert_eq!(lab.stat(st::OVERLAY_REVERSED), 2);
+        // Anything else goes on untouched: a packet to a port out of the SNAT range, and one
+        // to an SNAT port from an address and port its flow does not send to.
+        for f in [
+            tcp_frame(sa("10.244.0.20:8080"), sa("10.244.0.1:40000"), ACK, b""),
+            tcp_frame(sa("10.244.0.20:9999"), snat, ACK, b""),
+        ] {
+            assert_eq!(lab.overlay(&f, pod0), (TCX_NEXT, f.clone()));
+        }
+        assert_eq!(lab.stat(st::OVERLAY_REVERSED), 2);
+    });
+}
+
+/// Counter `idx` of the programs pinned under `pins`.
+fn lab_stat(pins: &PathBuf, idx: u32) -> u64 {
+    read_stats(&PinLayout::new(pins)).expect("stats")[idx as usize]
 }
 
 #[test]

@@ -282,7 +282,8 @@ fn explain(
         ));
     }
     if let Some(ns) = e.north_south.as_mut().filter(|_| !no_run) {
-        let devices = loader::attached_devices(layout).map_err(|e| e.to_string())?;
+        let devices =
+            loader::attached_devices(layout, loader::DeviceKind::Xdp).map_err(|e| e.to_string())?;
         let device = device.or_else(|| devices.first().cloned()).ok_or(
             "no device runs the XDP program (see --xdp-devices); --no-run reads the maps only",
         )?;

@@ -15,8 +15,8 @@ use aya::{
     },
 };
 use lb_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-    ServiceValue, SlotKey, maps,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
+    ServiceKey, ServiceValue, SlotKey, maps,
     ns::{
         CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
         NsService, SourceRange,
@@ -31,7 +31,7 @@ use crate::loader::{LoadError, PinLayout, open_pinned};
 pub struct MapSet {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     slots: HashMap<MapData, SlotKey, u32>,
-    backends: HashMap<MapData, u32, Endpoint>,
+    backends: HashMap<MapData, u32, Backend>,
     info: HashMap<MapData, u32, ServiceInfo>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
     external: HashMap<MapData, ServiceKey, NsService>,
@@ -433,7 +433,7 @@ pub struct SocketLabels {
     /// Frontend, service id, and the info of that id.
     pub frontends: Vec<(ServiceKey, u32, Option<ServiceInfo>)>,
     /// Backends by id.
-    pub backends: BTreeMap<u32, Endpoint>,
+    pub backends: BTreeMap<u32, Backend>,
 }
 
 /// Reads [`SocketLabels`] from the pinned maps (entries changing meanwhile are skipped).
@@ -441,7 +441,7 @@ pub fn read_socket_labels(layout: &PinLayout) -> Result<SocketLabels, LoadError>
     let services: HashMap<_, ServiceKey, ServiceValue> =
         open_as(layout, maps::SERVICES, Map::HashMap)?;
     let info: HashMap<_, u32, ServiceInfo> = open_as(layout, maps::SERVICE_INFO, Map::HashMap)?;
-    let backends: HashMap<_, u32, Endpoint> = open_as(layout, maps::BACKENDS, Map::HashMap)?;
+    let backends: HashMap<_, u32, Backend> = open_as(layout, maps::BACKENDS, Map::HashMap)?;
     let names: BTreeMap<u32, ServiceInfo> = info.iter().filter_map(Result::ok).collect();
     Ok(SocketLabels {
         frontends: services

@@ -2,7 +2,7 @@
 //! chosen write, and checks after every write that lookups see only whole services, and
 //! that every lookup begun since the last grace period still sees the table it began with.
 
-use lb_common::{Endpoint, ServiceValue, ns::NsService};
+use lb_common::{Backend, ServiceValue, ns::NsService};
 
 use super::{Capacities, Contents, Datapath, DatapathError, Op};
 
@@ -10,8 +10,8 @@ use super::{Capacities, Contents, Datapath, DatapathError, Op};
 /// backends its table held then.
 #[derive(Debug)]
 enum Reader {
-    Socket(ServiceValue, Vec<Option<Endpoint>>),
-    External(NsService, Vec<Option<Endpoint>>),
+    Socket(ServiceValue, Vec<Option<Backend>>),
+    External(NsService, Vec<Option<Backend>>),
 }
 
 impl Reader {

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
-    Addr6, AffinityMatchKey, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
+    Addr6, AffinityMatchKey, Backend, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
     ns::{NS_F_AFFINITY, NsAffinityMatchKey, NsService, SourceRange},
 };
 
@@ -25,7 +25,7 @@ pub mod rcu;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Insert or replace a backend.
-    PutBackend(u32, Endpoint),
+    PutBackend(u32, Backend),
     /// Insert or replace a slot.
     PutSlot(SlotKey, u32),
     /// Insert or replace a service's info.
@@ -94,7 +94,7 @@ pub struct Contents {
     /// Slot map.
     pub slots: BTreeMap<SlotKey, u32>,
     /// Backend map.
-    pub backends: BTreeMap<u32, Endpoint>,
+    pub backends: BTreeMap<u32, Backend>,
     /// Service-info map.
     pub info: BTreeMap<u32, ServiceInfo>,
     /// Affinity-match map.

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use lb_common::{
-    Endpoint, ServiceInfo, ServiceKey, maps,
+    Backend, Endpoint, ServiceInfo, ServiceKey, maps,
     ns::{
         NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsAffinityMatchKey, NsService,
         SOURCE_RANGE_ID_BITS, SourceRange,
@@ -143,7 +143,7 @@ fn affinity_matches(id: u32, want: &ExternalGroup) -> BTreeMap<NsAffinityMatchKe
         .map(|b| {
             let key = NsAffinityMatchKey {
                 svc_id: id,
-                backend: *b,
+                backend: b.endpoint(),
             };
             (key, want.affinity_timeout_s)
         })
@@ -307,7 +307,7 @@ impl<D: Datapath> Reconciler<D> {
             let Some((_, first)) = entries.first() else {
                 continue;
             };
-            let mut backends: Vec<Endpoint> = m
+            let mut backends: Vec<Backend> = m
                 .table_of(first)
                 .unwrap_or_default()
                 .iter()
@@ -336,7 +336,7 @@ impl<D: Datapath> Reconciler<D> {
                 ipv6: gk.ipv6,
                 local: first.flags & NS_F_LOCAL != 0,
                 // All the maps tell of its endpoints.
-                endpoints: backends.clone(),
+                endpoints: backends.iter().map(Backend::endpoint).collect(),
                 backends,
                 frontends,
                 affinity_timeout_s: m.affinity_timeout_of(first),
@@ -481,7 +481,7 @@ impl<D: Datapath> Reconciler<D> {
         let m_size = self.limits.table_size(want.backends.len());
         let current = self.ext.groups.get(gk).copied();
         // Capacity first: nothing is written for a group that cannot fit.
-        let new_backends: Vec<Endpoint> = want
+        let new_backends: Vec<Backend> = want
             .backends
             .iter()
             .filter(|b| !self.idx.backend_ids.contains_key(b))
@@ -497,7 +497,8 @@ impl<D: Datapath> Reconciler<D> {
         let order: Vec<u32> = if want.backends.is_empty() {
             Vec::new()
         } else {
-            let weighted: Vec<(Endpoint, u32)> = want.backends.iter().map(|b| (*b, 1)).collect();
+            let weighted: Vec<(Endpoint, u32)> =
+                want.backends.iter().map(|b| (b.endpoint(), 1)).collect();
             maglev::table(&weighted, m_size)
         };
         let unchanged = |r: &Region| {
@@ -570,7 +571,7 @@ impl<D: Datapath> Reconciler<D> {
             .filter(|(k, _)| !matches.contains_key(k))
             .map(|(k, _)| Op::DeleteExternalMatch(*k))
             .collect();
-        let mut ids_of: BTreeMap<Endpoint, u32> = BTreeMap::new();
+        let mut ids_of: BTreeMap<Backend, u32> = BTreeMap::new();
         let mut taken = Vec::new();
         for b in &want.backends {
             let bid = match self.idx.backend_ids.get(b) {

@@ -529,7 +529,7 @@ fn a_restarted_reconciler_removes_what_no_service_claims_and_cleans_garbage() {
         .insert(77, ServiceInfo::new("x", "y", "").unwrap());
     programmed
         .backends
-        .insert(55, crate::addr::to_endpoint("10.9.9.9:1".parse().unwrap()));
+        .insert(55, crate::testutil::backend("10.9.9.9:1"));
     programmed.affinity_match.insert(AffinityMatchKey {
         svc_id: 77,
         backend_id: 55,
@@ -1098,7 +1098,7 @@ fn removing_one_of_n_backends_moves_about_one_nth_of_the_table_in_a_new_region()
     let removed_id = *before
         .backends
         .iter()
-        .find(|(_, ep)| to_socket_addr(ep).to_string() == "10.0.0.1:8080")
+        .find(|(_, ep)| to_socket_addr(*ep).to_string() == "10.0.0.1:8080")
         .unwrap()
         .0;
     let had = old.iter().filter(|id| **id == removed_id).count();

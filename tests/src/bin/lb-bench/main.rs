@@ -14,7 +14,7 @@ use std::{
 
 use clap::Parser;
 use lb_common::{
-    Endpoint, ServiceInfo, ServiceKey,
+    Backend, Endpoint, ServiceInfo, ServiceKey, node,
     ns::{NS_F_LOCAL, NsService},
     proto,
 };
@@ -435,10 +435,13 @@ fn map_updates(report: &mut Report, plan: &Plan) {
         let (backends, _) =
             lb_userspace::datapath::raw::RawMap::open(&layout, lb_common::maps::BACKENDS)
                 .map_err(|e| e.to_string())?;
-        let values: Vec<Endpoint> = (0..count)
+        let values: Vec<Backend> = (0..count)
             .map(|i| {
                 let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i);
-                Endpoint::new(to_addr6(ip.into()), 8080u16.to_be())
+                Backend::new(
+                    Endpoint::new(to_addr6(ip.into()), 8080u16.to_be()),
+                    node::REMOTE,
+                )
             })
             .collect();
         let keys: Vec<u32> = (1..=count).collect();
@@ -639,7 +642,8 @@ fn xdp_cost_in_netns(
                     );
                     Endpoint::new(to_addr6(ip.into()), 8080u16.to_be())
                 };
-                ops.push(Op::PutBackend(id * 10 + b, ep));
+                // Where it runs is left unknown: the route decides, as before the field.
+                ops.push(Op::PutBackend(id * 10 + b, Backend::new(ep, node::UNKNOWN)));
             }
             let start = (i as u32) * TABLE;
             ops.push(Op::PutTable {
