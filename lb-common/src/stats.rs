@@ -82,8 +82,11 @@ pub const OVERLAY_REVERSED: u32 = 29;
 /// that no north-south program runs on, so its replies are not reversed: that device should
 /// be an XDP or overlay device.
 pub const XDP_SNAT_UNWATCHED_DEVICE: u32 = 30;
+/// tc: an ICMP error about a translated flow, sent by a pod of this node (egress) or
+/// arriving on an overlay device, was translated for the client.
+pub const TC_ICMP_TRANSLATED: u32 = 31;
 /// Number of counters.
-pub const COUNT: u32 = 31;
+pub const COUNT: u32 = 32;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -118,6 +121,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "xdp_too_big",
     "overlay_reversed",
     "xdp_snat_unwatched_device",
+    "tc_icmp_translated",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

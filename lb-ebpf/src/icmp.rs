@@ -5,14 +5,24 @@
 //!   (client to frontend);
 //! - an error about a reply this node sent to a client (from the frontend) goes to the
 //!   backend, its quoted packet made the backend's own reply (backend to SNAT source or
-//!   client).
+//!   client);
+//! - an error a pod of this node sends about a packet it got through a flow that kept the
+//!   client's address (tc egress) goes on to the client, its quoted packet made the
+//!   client's own.
+//!
+//! An error sent by the quoted packet's destination itself (a backend's port unreachable)
+//! gets that destination's new address as its source too, so the client hears it from the
+//! frontend, as from any NAT.
 //!
 //! Handled: IPv4 destination unreachable (fragmentation needed among them) and time
 //! exceeded; ICMPv6 destination unreachable, packet too big and time exceeded; each quoting
 //! a TCP or UDP packet without IPv4 options or IPv6 extension headers. Anything else passes
 //! untouched. An error refreshes no flow.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{Addr6, ns::FlowKey, proto, stats as st};
 
 use crate::{
@@ -54,6 +64,11 @@ impl Layout {
             inner: ETH_LEN + ip + ICMP_LEN,
             inner_l4: ETH_LEN + ip + ICMP_LEN + ip,
         }
+    }
+
+    /// The ICMP protocol number of the family.
+    const fn proto(&self) -> u8 {
+        if self.v6 { PROTO_ICMPV6 } else { PROTO_ICMP }
     }
 
     /// Offsets of the quoted addresses: source, destination.
@@ -166,21 +181,59 @@ pub fn translate(ctx: &XdpContext) -> u32 {
     let Some(s) = scratch::get() else {
         return xdp_action::XDP_PASS;
     };
-    if rewrite(s, start, end, &l).is_none() {
+    if rewrite(s, start, end, &l, false).is_none() {
         return xdp_action::XDP_PASS;
     }
     stats::inc(st::XDP_ICMP_TRANSLATED);
     let (src, dst) = (s.reply.saddr, s.rw.src.ip);
-    let icmp = if l.v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
-    let rc = fib::route(ctx, s, (l.v6, icmp, l.len), &src, &dst);
+    let rc = fib::route(ctx, s, (l.v6, l.proto(), l.len), &src, &dst);
     fib::send(ctx, s, rc)
 }
 
-/// Finds the flow the quoted packet belongs to and rewrites the error for the other side.
-/// Leaves the quoted packet's new source (where the error now goes) in `s.rw.src` and its
-/// new destination in `s.rw.dst`, and the error's own source in `s.reply.saddr`.
+/// Headers pulled into the linear part of an skb before an error is read: Ethernet, IPv6,
+/// ICMPv6, and the quoted IPv6 and L4 headers' first 8 bytes.
+const SKB_HEADERS: u32 = (ETH_LEN + IPV6_LEN + ICMP_LEN + IPV6_LEN + 8) as u32;
+
+/// Translates, in place, the ICMP error an skb carries if it is about a translated flow:
+/// at tc egress (`from_local_pod`) an error from a pod of this node about a packet of a
+/// flow that kept the client's address, on an overlay device one about a packet sent to a
+/// backend from an SNAT source (as XDP does). Returns the family (IPv6 when true) and ICMP
+/// protocol, or `None` when it is not one; the error's source and destination (for the
+/// route on) are left in the scratch entry's `reply.saddr` and `rw.src.ip`. Its own BPF
+/// function (it returns in a register: the caller's stack is short).
+#[inline(never)]
+pub fn translate_skb(ctx: &TcContext, from_local_pod: bool) -> Option<(bool, u8)> {
+    // Only ICMP and ICMPv6 are pulled and read further.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let next = match u16::from_be(read::<u16>(start, end, 12)?) {
+        ETH_P_IP => read::<u8>(start, end, ETH_LEN + 9)?,
+        ETH_P_IPV6 => read::<u8>(start, end, ETH_LEN + 6)?,
+        _ => return None,
+    };
+    if next != PROTO_ICMP && next != PROTO_ICMPV6 {
+        return None;
+    }
+    let _ = ctx.pull_data(SKB_HEADERS.min(ctx.len()));
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let l = layout(start, end)?;
+    let s = scratch::get()?;
+    rewrite(s, start, end, &l, from_local_pod)?;
+    Some((l.v6, l.proto()))
+}
+
+/// Finds the flow the quoted packet belongs to and rewrites the error for the other side:
+/// an error about a packet sent to a backend when the packet's source port is an SNAT
+/// port or the error is `from_local_pod`, else one about a reply sent to a client. Leaves
+/// the quoted packet's new source (where the error now goes) in `s.rw.src` and its new
+/// destination in `s.rw.dst`, and the error's own source in `s.reply.saddr`.
 #[inline(always)]
-fn rewrite(s: &mut Scratch, start: usize, end: usize, l: &Layout) -> Option<()> {
+fn rewrite(
+    s: &mut Scratch,
+    start: usize,
+    end: usize,
+    l: &Layout,
+    from_local_pod: bool,
+) -> Option<()> {
     let v6 = l.v6;
     let (isrc_at, idst_at) = l.inner_addrs();
     let isport = read::<u16>(start, end, l.inner_l4)?;
@@ -200,8 +253,9 @@ fn rewrite(s: &mut Scratch, start: usize, end: usize, l: &Layout) -> Option<()> 
         iproto,
     );
     let now = ct::now();
-    if ct::is_snat_port(isport) {
-        // About a packet sent to a backend from an SNAT source: to the client.
+    if from_local_pod || ct::is_snat_port(isport) {
+        // About a packet sent to a backend (from an SNAT source, or from the client to a
+        // pod of this node): to the client.
         s.reply = turned;
         let rev = NAT_REV.get_ptr(&s.reply)?;
         // SAFETY: a live LRU value, read in place.
@@ -227,8 +281,10 @@ fn rewrite(s: &mut Scratch, start: usize, end: usize, l: &Layout) -> Option<()> 
         s.rw.src.port_be = e.backend.port_be;
     }
     // The error goes to whoever sent the packet it quotes, as that packet now reads; its
-    // own source (the router that sent it) stays.
-    s.reply.saddr = addr(start, end, l.outer_dst - if v6 { 16 } else { 4 }, v6)?;
+    // own source (the router that sent it) stays, unless it is the quoted packet's
+    // destination itself, which takes that destination's new address.
+    let outer_src = l.outer_dst - if v6 { 16 } else { 4 };
+    let sender = addr(start, end, outer_src, v6)?;
     let (mut outer_ip, mut icmp, mut inner_ip, mut inner_l4) = (
         Delta::default(),
         Delta::default(),
@@ -237,7 +293,20 @@ fn rewrite(s: &mut Scratch, start: usize, end: usize, l: &Layout) -> Option<()> 
     );
     // ICMPv6's checksum covers the outer addresses (its pseudo-header); ICMP's does not.
     let outer: &mut Delta = if v6 { &mut icmp } else { &mut outer_ip };
-    set_addr(start, end, l.outer_dst, &s.rw.src.ip, v6, &mut [outer])?;
+    if sender == addr(start, end, idst_at, v6)? {
+        set_addr(start, end, outer_src, &s.rw.dst.ip, v6, &mut [&mut *outer])?;
+        s.reply.saddr = s.rw.dst.ip;
+    } else {
+        s.reply.saddr = sender;
+    }
+    set_addr(
+        start,
+        end,
+        l.outer_dst,
+        &s.rw.src.ip,
+        v6,
+        &mut [&mut *outer],
+    )?;
     let mut all = [&mut icmp, &mut inner_ip, &mut inner_l4];
     set_addr(start, end, isrc_at, &s.rw.src.ip, v6, &mut all)?;
     set_addr(start, end, idst_at, &s.rw.dst.ip, v6, &mut all)?;

@@ -6,17 +6,13 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{
-    Addr6,
-    ns::{FlowKey, NatRev},
-    proto, stats as st,
-};
+use lb_common::{ns::NatRev, proto, stats as st};
 
 use crate::{
     ct,
     maps::{NAT_REV, NS_STATS},
     pkt::{ETH_LEN, Pkt, parse},
-    stats,
+    scratch, stats,
 };
 
 /// Headers pulled into the linear part of the skb before parsing: Ethernet, IPv6, TCP.
@@ -39,10 +35,11 @@ pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, NatRev)> {
     if snat_only && !ct::reverses_snat(&rev, &p.key) {
         return None;
     }
-    // Only while the flow lives (and the entry is still its own).
+    // Only while the flow lives (and the entry is still its own). The flow's key is built
+    // in the scratch entry (the stack is short).
     let now = ct::now();
-    let mut fwd = FlowKey::new(Addr6::default(), Addr6::default(), 0, 0, 0);
-    let Some(flow) = ct::reply_flow(&rev, &p.key, &mut fwd, now) else {
+    let s = scratch::get()?;
+    let Some(flow) = ct::reply_flow(&rev, &p.key, &mut s.fwd, now) else {
         stats::inc(st::STALE_REPLY);
         return None;
     };

@@ -638,6 +638,57 @@ fn pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back() {
 }
 
 #[test]
+fn a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend() {
+    if !require_privileges("a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend") {
+        return;
+    }
+    // Nothing listens on port 9999 of the pods: each answers a datagram with an ICMP port
+    // unreachable. The local pod's leaves by tc egress, the remote pod's (SNATed) comes back
+    // through XDP; both reach the client from the node port, so its connected socket gets
+    // ECONNREFUSED at once (with the errors untranslated it would wait for its timeout).
+    let closed = |name: &str, node_port: u16, pod: (&str, &str)| {
+        let spec = json!({"ports": [{"name": "udp", "port": 80, "protocol": "UDP",
+                                     "targetPort": 9999, "nodePort": node_port}]});
+        let last = node_port - 30000;
+        let (cluster_ip, lb_ip) = (format!("10.96.0.{last}"), format!("198.51.100.{last}"));
+        documents(&[
+            lb_service(name, &cluster_ip, &lb_ip, node_port, spec),
+            slice(
+                "shop",
+                &format!("{name}-1"),
+                name,
+                "IPv4",
+                &[("udp", 9999, "UDP")],
+                &[Ep::ready(pod.0).on_node(pod.1)],
+            ),
+        ])
+    };
+    let mut c = Cluster::new(PORT);
+    c.write_manifest("here.yaml", &closed("here", 30086, ALL_PODS[0]));
+    c.write_manifest("there.yaml", &closed("there", 30087, ALL_PODS[1]));
+    c.start_agent(&["--xdp-mode", "generic"]);
+    c.wait_ready();
+    c.wait_until("both are programmed", Duration::from_secs(15), || {
+        [30086, 30087]
+            .iter()
+            .all(|p| row(&c, &format!("{NODE_A}:{p}/UDP")).is_some_and(|r| r.backends == 1))
+    });
+    for node_port in [30086, 30087] {
+        let addr = format!("{NODE_A}:{node_port}");
+        for _ in 0..3 {
+            let attempts = c.probe(&["udp", &addr, "--connected", "--timeout-ms", "2000"]);
+            assert_eq!(attempts.len(), 1);
+            let a = &attempts[0];
+            assert_eq!(a.error.as_deref(), Some("ECONNREFUSED"), "{addr}: {a:?}");
+            assert!(a.micros < 1_000_000, "refused at once: {a:?}");
+        }
+    }
+    let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("stats");
+    assert!(stats["tc_icmp_translated"] >= 3, "{stats:?}");
+    assert!(stats["xdp_icmp_translated"] >= 3, "{stats:?}");
+}
+
+#[test]
 fn path_mtu_discovery_works_through_a_node_port() {
     if !require_privileges("path_mtu_discovery_works_through_a_node_port") {
         return;

@@ -1251,6 +1251,18 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
         assert_eq!(lab.overlay(&fin, pod0).0, TC_ACT_REDIRECT);
         assert_eq!(lab.flow(client, 0).state, "close_wait");
         assert_eq!(lab.stat(st::OVERLAY_REVERSED), 2);
+        // An ICMP error about a packet sent to it over the overlay (from the backend itself)
+        // goes to the client from the frontend, quoting the client's own packet.
+        let backend = sa("10.244.0.20:8080");
+        let sent = tcp_frame(snat, backend, ACK, b"data");
+        let err = packet::icmp_error((backend.ip(), snat.ip()), (3, 3), [0; 4], &sent[14..]);
+        let (v, out) = lab.overlay(&err, pod0);
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let e = packet::parse_icmp_error(&out).expect("a whole ICMP error");
+        assert_eq!((e.src, e.dst), (frontend.ip(), client.ip()));
+        let quoted = packet::parse(&[&out[..14], &e.quoted[..]].concat()).expect("quoted");
+        assert_eq!((quoted.src, quoted.dst), (client, frontend));
+        assert_eq!(lab.stat(st::TC_ICMP_TRANSLATED), 1);
         // Anything else goes on untouched: a packet to a port out of the SNAT range, and one
         // to an SNAT port from an address and port its flow does not send to.
         for f in [
@@ -1329,8 +1341,55 @@ fn icmp_errors_about_translated_flows_reach_the_other_side() {
             let (v, out) = lab.xdp(&err);
             assert_eq!(v, XDP_TX, "{client}");
             check(&out, router, backend.ip(), kind, rest, (backend, snat));
+
+            // The backend itself refuses (port unreachable): the client hears it from the
+            // frontend, as from any NAT.
+            let unreachable = if client.is_ipv6() { (1, 4) } else { (3, 3) };
+            let err =
+                packet::icmp_error((backend.ip(), snat.ip()), unreachable, [0; 4], &sent[14..]);
+            let (v, out) = lab.xdp(&err);
+            assert_eq!(v, XDP_TX, "{client}");
+            check(
+                &out,
+                frontend.ip(),
+                client.ip(),
+                unreachable,
+                [0; 4],
+                (client, frontend),
+            );
         }
-        assert_eq!(lab.stat(st::XDP_ICMP_TRANSLATED), 4);
+        assert_eq!(lab.stat(st::XDP_ICMP_TRANSLATED), 6);
+
+        // A pod of this node (`lb`, Local policy: the client's address kept) refuses a
+        // packet: at tc egress its error goes on to the client from the frontend, quoting
+        // the client's own packet.
+        let (client, frontend) = (sa("203.0.113.7:40100"), sa("198.51.100.10:443"));
+        let (v, sent) = lab.xdp(&tcp_frame(client, frontend, SYN, b""));
+        assert_eq!(v, XDP_PASS, "to the pod through the stack");
+        let pod = packet::parse(&sent).expect("translated").dst;
+        assert_eq!(
+            (pod.to_string().as_str(), packet::parse(&sent).unwrap().src),
+            ("10.244.0.10:8443", client)
+        );
+        for (sender, to) in [
+            (pod.ip(), frontend.ip()),
+            ("10.244.0.1".parse().unwrap(), "10.244.0.1".parse().unwrap()),
+        ] {
+            let err = packet::icmp_error((sender, client.ip()), (3, 3), [0; 4], &sent[14..]);
+            let (v, out) = lab.tc(&err);
+            assert_eq!(v, TCX_NEXT);
+            check(&out, to, client.ip(), (3, 3), [0; 4], (client, frontend));
+        }
+        assert_eq!(lab.stat(st::TC_ICMP_TRANSLATED), 2);
+        // Not about a flow: untouched.
+        let err = packet::icmp_error(
+            (pod.ip(), client.ip()),
+            (3, 3),
+            [0; 4],
+            &tcp_frame(sa("203.0.113.7:1"), pod, SYN, b"")[14..],
+        );
+        assert_eq!(lab.tc(&err), (TCX_NEXT, err.clone()));
+        assert_eq!(lab.stat(st::TC_ICMP_TRANSLATED), 2);
         // An error about a packet of no flow passes untouched.
         let stranger = tcp_frame(sa("192.0.2.1:30080"), sa("203.0.113.99:40000"), ACK, b"");
         let err = packet::icmp_error(
@@ -1340,7 +1399,7 @@ fn icmp_errors_about_translated_flows_reach_the_other_side() {
             &stranger[14..],
         );
         assert_eq!(lab.xdp(&err), (XDP_PASS, err.clone()));
-        assert_eq!(lab.stat(st::XDP_ICMP_TRANSLATED), 4);
+        assert_eq!(lab.stat(st::XDP_ICMP_TRANSLATED), 6);
     });
 }
 
