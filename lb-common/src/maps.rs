@@ -84,11 +84,17 @@ pub const RINGS: &str = "lb_ring_v2";
 /// North-south service info: id -> [`ServiceInfo`] (namespace, name, port name), for the CLI
 /// and for a restarted agent to adopt ids. Written by the agent. Rebuildable.
 pub const NS_INFO: &str = "lb_nsinfo_v1";
-/// Conntrack (LRU): [`FlowKey`] (client to frontend) -> [`CtEntry`]. Written by XDP (new
-/// flows, and the flags and lifetime of both directions) and by tc egress (replies), swept
-/// of expired entries by the agent. State worth keeping: it pins flows to their backends
-/// across agent restarts. v2: the backend by address, TCP state and lifetime.
+/// Conntrack of answered flows (LRU): [`FlowKey`] (client to frontend) -> [`CtEntry`]. A
+/// flow enters it from [`CT_NEW`] once answered (`ns::ct_assured`); written by XDP and the
+/// tc programs (flags and lifetime of both directions), swept of expired entries by the
+/// agent. State worth keeping: it pins flows to their backends across agent restarts. v2:
+/// the backend by address, TCP state and lifetime.
 pub const CONNTRACK: &str = "lb_ct_v2";
+/// Conntrack of new flows (LRU), as [`CONNTRACK`]: every flow starts here, and stays until
+/// answered (TCP handshakes, one-way UDP). Apart, so that a flood of new flows (spoofed
+/// SYNs) evicts only new flows, never answered ones (as Linux's conntrack drops unassured
+/// entries first).
+pub const CT_NEW: &str = "lb_ctnew_v1";
 /// Maps of an earlier layout whose entries are converted (not copied) into a current map,
 /// old name first: `lb_ct_v1` entries name their backend by id, looked up in [`BACKENDS`].
 /// Converted at load and again just before the new programs take over, like a resize.
@@ -99,6 +105,9 @@ pub const CONVERSIONS: [(&str, &str); 1] = [("lb_ct_v1", CONNTRACK)];
 /// alive and points back to it. An SNATed flow's entry is what holds its SNAT port. Swept
 /// with the conntrack entries. State worth keeping.
 pub const NAT_REV: &str = "lb_natrev_v1";
+/// Reverse NAT of new flows (LRU), as [`NAT_REV`], beside [`CT_NEW`]; an entry moves to
+/// [`NAT_REV`] with its flow. An SNAT port is taken when its reply key is in either.
+pub const NAT_REV_NEW: &str = "lb_natrevnew_v1";
 /// North-south affinity (LRU): [`NsAffinityKey`] (service id, client address) ->
 /// [`NsAffinityValue`] (its last backend and when). Written by XDP for each new flow of a
 /// service with session affinity. State worth keeping across agent restarts.
@@ -172,6 +181,8 @@ pub const RING_LANES: u32 = 2;
 pub type RingPair = [u32; RING_LANES as usize];
 /// Default capacity of the conntrack and north-south reverse-NAT maps.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Capacity of the maps of new flows (not yet answered), each.
+pub const DEFAULT_MAX_NEW_FLOWS: u32 = 65_536;
 /// Capacity of the source-ranges trie.
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Capacity of the XDP device map.
@@ -209,7 +220,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 22] = [
+pub const ALL: [MapSpec; 24] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Backend>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
@@ -229,6 +240,8 @@ pub const ALL: [MapSpec; 22] = [
     spec::<u32, ServiceInfo>(NS_INFO, TYPE_HASH, DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC),
     spec::<FlowKey, CtEntry>(CONNTRACK, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
     spec::<FlowKey, NatRev>(NAT_REV, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
+    spec::<FlowKey, CtEntry>(CT_NEW, TYPE_LRU_HASH, DEFAULT_MAX_NEW_FLOWS, 0),
+    spec::<FlowKey, NatRev>(NAT_REV_NEW, TYPE_LRU_HASH, DEFAULT_MAX_NEW_FLOWS, 0),
     spec::<NsAffinityKey, NsAffinityValue>(NS_AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
     spec::<NsAffinityMatchKey, u32>(
         NS_AFFINITY_MATCH,

@@ -159,6 +159,16 @@ pub const fn ct_state(proto: u8, fwd: u8, rev: u8) -> usize {
     }
 }
 
+/// Whether a flow of protocol `proto` with direction flags `fwd` and `rev` is answered
+/// (conntrack's "assured"): its backend sent a packet and, for TCP, the client acknowledged
+/// one, without a RST. Only such flows leave the map of new flows for the main one, so a
+/// flood of new flows that are never answered (spoofed SYNs) cannot evict them.
+#[inline(always)]
+pub const fn ct_assured(proto: u8, fwd: u8, rev: u8) -> bool {
+    rev & CT_SEEN != 0
+        && (proto != crate::proto::TCP || (fwd & TCP_ACK != 0 && (fwd | rev) & TCP_RST == 0))
+}
+
 /// Whether a flow of protocol `proto` with direction flags `fwd` and `rev` is over at both
 /// ends, so that its SNAT port may serve a new flow before the entry expires: a TCP flow
 /// that saw a RST, or whose two FINs were answered. Until the last FIN is answered, the side

@@ -7,6 +7,11 @@
 //! expired entry counts as absent here at once; the agent's sweep deletes it later. A port
 //! of a closed or expired flow can be taken by a new flow before the sweep, so SNAT ports
 //! come back as soon as their flows end.
+//!
+//! A flow starts in the maps of new flows (`CT_NEW`, `NAT_REV_NEW`) and moves to the main
+//! ones (`CONNTRACK`, `NAT_REV`) once answered ([`settle`]), so that a flood of flows that
+//! are never answered (spoofed SYNs) evicts only its own kind. Lookups try the main maps
+//! first.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -17,13 +22,13 @@ use lb_common::{
     Addr6, Backend,
     ns::{
         CT_FIN_ANSWERED, CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
-        SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_FIN, TCP_SYN, ct_state,
+        SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_FIN, TCP_SYN, ct_assured, ct_state,
     },
     stats as st,
 };
 
 use crate::{
-    maps::{CONNTRACK, NAT_REV, SOURCE_RANGES},
+    maps::{CONNTRACK, CT_NEW, NAT_REV, NAT_REV_NEW, SOURCE_RANGES},
     scratch::Scratch,
     stats,
 };
@@ -84,22 +89,92 @@ pub fn is_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// The live conntrack entry of the flow `key` of service `svc_id`, if any: not expired, of
-/// this service (an entry of another is left by a frontend reprogrammed since), and not a
-/// closed TCP flow that a SYN (`syn`) opens again (the client reusing its port starts a new
-/// flow).
+/// A tracked flow's entry, and which map holds it.
+#[derive(Clone, Copy)]
+pub struct Flow {
+    /// The entry, a live LRU value.
+    pub entry: *mut CtEntry,
+    /// Whether the map of new flows holds it (the flow is not answered yet).
+    pub new: bool,
+}
+
+/// The entry of flow `key`, answered flows first.
 #[inline(always)]
-pub fn live(key: &FlowKey, svc_id: u32, syn: bool, now: u32) -> Option<*mut CtEntry> {
-    let ct = CONNTRACK.get_ptr_mut(key)?;
+pub fn find(key: &FlowKey) -> Option<Flow> {
+    match CONNTRACK.get_ptr_mut(key) {
+        Some(entry) => Some(Flow { entry, new: false }),
+        None => CT_NEW
+            .get_ptr_mut(key)
+            .map(|entry| Flow { entry, new: true }),
+    }
+}
+
+/// The reverse entry of a reply with key `reply`, of answered flows first.
+#[inline(always)]
+pub fn reverse_entry(reply: &FlowKey) -> Option<*const NatRev> {
+    NAT_REV
+        .get_ptr(reply)
+        .or_else(|| NAT_REV_NEW.get_ptr(reply))
+}
+
+/// The live flow `key` of service `svc_id`, if any: not expired, of this service (an entry
+/// of another is left by a frontend reprogrammed since), and not a closed TCP flow that a
+/// SYN (`syn`) opens again (the client reusing its port starts a new flow).
+#[inline(always)]
+pub fn live(key: &FlowKey, svc_id: u32, syn: bool, now: u32) -> Option<Flow> {
+    let flow = find(key)?;
     // SAFETY: a live LRU value; its fields are read one by one.
-    let e = unsafe { &*ct };
+    let e = unsafe { &*flow.entry };
     if e.svc_id != svc_id || e.expired(now) {
         return None;
     }
     if syn && e.state(key.proto) == CT_TCP_CLOSED {
         return None;
     }
-    Some(ct)
+    Some(flow)
+}
+
+/// Moves the new flow `fwd` (entry `entry`) to the maps of answered flows if it is answered
+/// now, with its reverse entry (key `reply`) when that is still its own. Each entry is
+/// written to the main map before it leaves the other, so a packet on another CPU finds it
+/// in one or the other. Its own BPF function.
+#[inline(never)]
+pub fn settle(entry: *mut CtEntry, fwd: &FlowKey, reply: &FlowKey) {
+    // SAFETY: a live LRU value, read in place.
+    let e = unsafe { &*entry };
+    if !ct_assured(fwd.proto, e.fwd_flags, e.rev_flags) || CONNTRACK.insert(fwd, e, 0).is_err() {
+        return;
+    }
+    if let Some(rev) = NAT_REV_NEW.get_ptr(reply) {
+        // SAFETY: as above.
+        let rev = unsafe { &*rev };
+        if rev.is_of(fwd) && NAT_REV.insert(reply, rev, 0).is_ok() {
+            let _ = NAT_REV_NEW.remove(reply);
+        }
+    }
+    let _ = CT_NEW.remove(fwd);
+}
+
+/// [`settle`] after a packet from the client of flow `key`: its reply key is built in
+/// `s.reply`. Its own BPF function.
+#[inline(never)]
+pub fn settle_from_client(s: &mut Scratch, entry: *mut CtEntry, key: &FlowKey) {
+    // SAFETY: a live LRU value, read in place.
+    unsafe { reply_key_of(s, &*entry, key) };
+    settle(entry, key, &s.reply);
+}
+
+/// Builds in `s.reply` the key of the replies of flow `key` with entry `e`.
+#[inline(always)]
+fn reply_key_of(s: &mut Scratch, e: &CtEntry, key: &FlowKey) {
+    let (daddr, dport_be) = e.reply_dst(key);
+    s.reply.set(
+        &e.backend.addr,
+        daddr,
+        e.backend.port_be,
+        dport_be,
+        key.proto,
+    );
 }
 
 /// Whether a packet with key `key` is a reply of an SNATed flow by its reverse entry `rev`:
@@ -115,20 +190,15 @@ pub fn reverses_snat(rev: &NatRev, key: &FlowKey) -> bool {
 /// flow's key is built in `fwd`. `None` when the flow expired or the entry is stale (its
 /// flow was replaced, or its SNAT port taken over): the reply is not translated.
 #[inline(always)]
-pub fn reply_flow(
-    rev: &NatRev,
-    reply: &FlowKey,
-    fwd: &mut FlowKey,
-    now: u32,
-) -> Option<*mut CtEntry> {
+pub fn reply_flow(rev: &NatRev, reply: &FlowKey, fwd: &mut FlowKey, now: u32) -> Option<Flow> {
     *fwd = rev.flow_key(reply.proto);
-    let ct = CONNTRACK.get_ptr_mut(fwd)?;
+    let flow = find(fwd)?;
     // SAFETY: as in `live`.
-    let e = unsafe { &*ct };
+    let e = unsafe { &*flow.entry };
     if !points_back(e, reply, rev.svc_id, now) {
         return None;
     }
-    Some(ct)
+    Some(flow)
 }
 
 /// Whether the live entry `e` of service `svc_id` sends its replies with key `reply`.
@@ -242,9 +312,13 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
                 key.sport_be,
                 key.proto,
             );
-            // A failed insert only loses the reverse entry of this flow: replies then pass
-            // untranslated and the client resets; nothing else is affected.
-            let _ = NAT_REV.insert(&s.reply, &s.rev, 0);
+            // The newest flow owns the reply key: a client port reused towards another
+            // frontend of the same backend makes the same replies, and an older flow's entry
+            // among answered ones would be found first. A failed insert only loses the
+            // reverse entry of this flow: replies then pass untranslated and the client
+            // resets; nothing else is affected.
+            let _ = NAT_REV.remove(&s.reply);
+            let _ = NAT_REV_NEW.insert(&s.reply, &s.rev, 0);
             s.rw.src.ip = key.saddr;
             s.rw.src.port_be = key.sport_be;
             s.ct.snat_addr = Addr6::default();
@@ -267,7 +341,7 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
     s.ct.rev_flags = 0;
     s.ct.changed_ms = now_ms();
     s.ct.expires = now.saturating_add(timeout(ct_state(key.proto, s.ct.fwd_flags, 0)));
-    let _ = CONNTRACK.insert(key, &s.ct, 0);
+    let _ = CT_NEW.insert(key, &s.ct, 0);
     true
 }
 
@@ -288,32 +362,28 @@ pub fn preview(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>) {
     }
 }
 
-/// Removes the reverse entry of the flow an entry for `key` recorded before, if that entry
-/// still belongs to it: the new flow may take another port or backend, and the old one's
-/// SNAT port is then free at once. Reads the entries in place (the stack is short).
+/// Removes what the flow an entry for `key` recorded before left: its reverse entry, if
+/// still its own (the new flow may take another port or backend, and the old one's SNAT
+/// port is then free at once), and its entry among answered flows (the new flow starts
+/// among new ones, and lookups try the answered first). Reads the entries in place (the
+/// stack is short).
 #[inline(always)]
 fn release_old(s: &mut Scratch, key: &FlowKey) {
-    let Some(old) = CONNTRACK.get_ptr(key) else {
+    let Some(old) = find(key) else {
         return;
     };
     // SAFETY: a live LRU value, read in place.
-    unsafe {
-        let old = &*old;
-        let (daddr, dport_be) = old.reply_dst(key);
-        s.reply.set(
-            &old.backend.addr,
-            daddr,
-            old.backend.port_be,
-            dport_be,
-            key.proto,
-        );
+    unsafe { reply_key_of(s, &*old.entry, key) };
+    if !old.new {
+        let _ = CONNTRACK.remove(key);
     }
-    let Some(rev) = NAT_REV.get_ptr(&s.reply) else {
+    let Some(rev) = reverse_entry(&s.reply) else {
         return;
     };
     // SAFETY: as above.
     if unsafe { (*rev).is_of(key) } {
         let _ = NAT_REV.remove(&s.reply);
+        let _ = NAT_REV_NEW.remove(&s.reply);
     }
 }
 
@@ -336,10 +406,7 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     let mut reusable = 0u16;
     for _ in 0..SNAT_TRIES {
         snat_reply(s, ip, port, key.proto);
-        if NAT_REV
-            .insert(&s.reply, &s.rev, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
+        if claim(s) {
             return Some(port.to_be());
         }
         if reusable == 0 && reusable_port(s, now) {
@@ -359,12 +426,35 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
     }
     if s.fwd.proto != 0 {
         let _ = CONNTRACK.remove(&s.fwd);
+        let _ = CT_NEW.remove(&s.fwd);
     }
-    if NAT_REV.insert(&s.reply, &s.rev, 0).is_err() {
+    let _ = NAT_REV.remove(&s.reply);
+    if NAT_REV_NEW.insert(&s.reply, &s.rev, 0).is_err() {
         return None;
     }
     stats::inc(st::SNAT_PORT_REUSED);
     Some(reusable.to_be())
+}
+
+/// Records the new flow's reverse entry (`s.rev`) at the reply key in `s.reply` if no flow
+/// holds that key: the port is the new flow's. The insert into the map of new flows
+/// decides between new flows; an answered flow moves its entry to the main map before it
+/// leaves the other, so one found there after the insert was answered meanwhile, and keeps
+/// the port.
+#[inline(always)]
+fn claim(s: &Scratch) -> bool {
+    if NAT_REV.get_ptr(&s.reply).is_some()
+        || NAT_REV_NEW
+            .insert(&s.reply, &s.rev, u64::from(BPF_NOEXIST))
+            .is_err()
+    {
+        return false;
+    }
+    if NAT_REV.get_ptr(&s.reply).is_some() {
+        let _ = NAT_REV_NEW.remove(&s.reply);
+        return false;
+    }
+    true
 }
 
 /// A port of the SNAT range starting at `min`, `range` ports long, at random.
@@ -394,7 +484,7 @@ fn snat_reply(s: &mut Scratch, ip: &Addr6, port: u16, proto: u8) {
 #[inline(never)]
 fn reusable_port(s: &mut Scratch, now: u32) -> bool {
     s.fwd.proto = 0;
-    let Some(rev) = NAT_REV.get_ptr(&s.reply) else {
+    let Some(rev) = reverse_entry(&s.reply) else {
         return true;
     };
     // SAFETY: a live LRU value, read in place.
@@ -402,12 +492,12 @@ fn reusable_port(s: &mut Scratch, now: u32) -> bool {
         s.fwd = (*rev).flow_key(s.reply.proto);
         (*rev).svc_id
     };
-    let Some(e) = CONNTRACK.get_ptr(&s.fwd) else {
+    let Some(flow) = find(&s.fwd) else {
         s.fwd.proto = 0;
         return true;
     };
     // SAFETY: as above.
-    let e = unsafe { &*e };
+    let e = unsafe { &*flow.entry };
     if !replies_to(e, &s.reply) {
         // The client's flow was replaced by one with another port: this entry is stale.
         s.fwd.proto = 0;

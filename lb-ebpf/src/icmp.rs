@@ -28,7 +28,6 @@ use lb_common::{Addr6, ns::FlowKey, proto, stats as st};
 use crate::{
     csum::Delta,
     ct, fib,
-    maps::{CONNTRACK, NAT_REV},
     pkt::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, at, read, write},
     scratch::{self, Scratch},
     stats,
@@ -257,7 +256,7 @@ fn rewrite(
         // About a packet sent to a backend (from an SNAT source, or from the client to a
         // pod of this node): to the client.
         s.reply = turned;
-        let rev = NAT_REV.get_ptr(&s.reply)?;
+        let rev = ct::reverse_entry(&s.reply)?;
         // SAFETY: a live LRU value, read in place.
         let rev = unsafe { &*rev };
         ct::reply_flow(rev, &s.reply, &mut s.fwd, now)?;
@@ -268,9 +267,9 @@ fn rewrite(
     } else {
         // About a reply sent to a client: to the backend, from its SNAT source or client.
         s.fwd = turned;
-        let e = CONNTRACK.get_ptr(&s.fwd)?;
+        let flow = ct::find(&s.fwd)?;
         // SAFETY: as above.
-        let e = unsafe { &*e };
+        let e = unsafe { &*flow.entry };
         if e.expired(now) {
             return None;
         }

@@ -11,9 +11,9 @@ use lb_common::{
     ServiceKey, ServiceValue, SlotKey,
     maps::{
         DEBUG_RING_BYTES, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
-        DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
-        DEFAULT_MAX_SOURCE_RANGES, DEFAULT_RING_ENTRIES, F_MMAPABLE, F_NO_PREALLOC,
-        MAX_XDP_DEVICES, RING_LANES, RingPair, SCRATCH_SIZE,
+        DEFAULT_MAX_FLOWS, DEFAULT_MAX_NEW_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
+        DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_RING_ENTRIES, F_MMAPABLE,
+        F_NO_PREALLOC, MAX_XDP_DEVICES, RING_LANES, RingPair, SCRATCH_SIZE,
     },
     ns::{
         CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
@@ -85,13 +85,21 @@ pub static RINGS: Array<RingPair> = Array::pinned(DEFAULT_RING_ENTRIES / RING_LA
 pub static NS_INFO: HashMap<u32, ServiceInfo> =
     HashMap::pinned(DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC);
 
-/// Conntrack. See `lb_common::maps::CONNTRACK`.
+/// Conntrack of answered flows. See `lb_common::maps::CONNTRACK`.
 #[map(name = "lb_ct_v2")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
 
-/// Reverse NAT of north-south flows. See `lb_common::maps::NAT_REV`.
+/// Reverse NAT of answered north-south flows. See `lb_common::maps::NAT_REV`.
 #[map(name = "lb_natrev_v1")]
 pub static NAT_REV: LruHashMap<FlowKey, NatRev> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+/// Conntrack of new flows. See `lb_common::maps::CT_NEW`.
+#[map(name = "lb_ctnew_v1")]
+pub static CT_NEW: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_MAX_NEW_FLOWS, 0);
+
+/// Reverse NAT of new flows. See `lb_common::maps::NAT_REV_NEW`.
+#[map(name = "lb_natrevnew_v1")]
+pub static NAT_REV_NEW: LruHashMap<FlowKey, NatRev> = LruHashMap::pinned(DEFAULT_MAX_NEW_FLOWS, 0);
 
 /// North-south affinity. See `lb_common::maps::NS_AFFINITY`.
 #[map(name = "lb_nsaff_v1")]

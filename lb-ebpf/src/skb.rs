@@ -10,7 +10,7 @@ use lb_common::{ns::NatRev, proto, stats as st};
 
 use crate::{
     ct,
-    maps::{NAT_REV, NS_STATS},
+    maps::NS_STATS,
     pkt::{ETH_LEN, Pkt, parse},
     scratch, stats,
 };
@@ -31,7 +31,7 @@ pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, NatRev)> {
         return None;
     }
     // SAFETY: LRU entries are replaced whole; the value is copied at once.
-    let rev = *unsafe { NAT_REV.get(&p.key) }?;
+    let rev = unsafe { *ct::reverse_entry(&p.key)? };
     if snat_only && !ct::reverses_snat(&rev, &p.key) {
         return None;
     }
@@ -43,7 +43,10 @@ pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, NatRev)> {
         stats::inc(st::STALE_REPLY);
         return None;
     };
-    ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
+    ct::touch(flow.entry, p.key.proto, p.tcp_flags, true, now);
+    if flow.new {
+        ct::settle(flow.entry, &s.fwd, &p.key);
+    }
     Some((p, rev))
 }
 

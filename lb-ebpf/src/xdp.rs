@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     affinity, ct, debug, fib, icmp,
-    maps::{BACKENDS, NAT_REV, NS_SERVICES, NS_STATS, RINGS},
+    maps::{BACKENDS, NS_SERVICES, NS_STATS, RINGS},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
     reject,
@@ -52,7 +52,8 @@ fn north_south(ctx: &XdpContext) -> u32 {
     // by tc egress: those are not reversed here.
     // SAFETY (map reads): entries are replaced whole; values are copied at once.
     if ct::is_snat_port(p.key.dport_be)
-        && let Some(rev) = unsafe { NAT_REV.get(&p.key) }
+        && let Some(rev) = ct::reverse_entry(&p.key)
+        && let rev = unsafe { &*rev }
         && ct::reverses_snat(rev, &p.key)
     {
         return reverse(ctx, &p, rev);
@@ -157,8 +158,9 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
         stats::inc(st::STALE_REPLY);
         return xdp_action::XDP_PASS;
     };
-    if !dry_run(ctx) {
-        ct::touch(flow, p.key.proto, p.tcp_flags, true, now);
+    let dry = dry_run(ctx);
+    if !dry {
+        ct::touch(flow.entry, p.key.proto, p.tcp_flags, true, now);
     }
     let rc = fib::lookup(ctx, s, p, &rev.src, &rev.dst);
     if let Some(verdict) = refuse_too_big(ctx, s, rc, p, rev.svc_id) {
@@ -177,6 +179,10 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
     }
     count(rev.svc_id, p.len, false);
     stats::inc(st::XDP_REVERSED);
+    // Last: an answered flow's entries leave the maps of new flows, where `rev` may be.
+    if flow.new && !dry {
+        ct::settle(flow.entry, &s.fwd, &p.key);
+    }
     fib::send(ctx, s, rc)
 }
 
@@ -202,10 +208,10 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     let new_flow = match ct::live(&p.key, svc.id, syn, now) {
         Some(flow) => {
             if s.dry == 0 {
-                ct::touch(flow, p.key.proto, p.tcp_flags, false, now);
+                ct::touch(flow.entry, p.key.proto, p.tcp_flags, false, now);
             }
             // SAFETY: a live LRU value, copied field by field.
-            let e = unsafe { &*flow };
+            let e = unsafe { &*flow.entry };
             s.rw.dst.ip = e.backend.addr;
             s.rw.dst.port_be = e.backend.port_be;
             if e.is_snat() {
@@ -214,6 +220,10 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
             } else {
                 s.rw.src.ip = p.key.saddr;
                 s.rw.src.port_be = p.key.sport_be;
+            }
+            // Last: an answered flow's entry leaves the map of new flows.
+            if flow.new && s.dry == 0 {
+                ct::settle_from_client(s, flow.entry, &p.key);
             }
             false
         }

@@ -6,9 +6,9 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use lb_common::maps::{
     DEFAULT_MAGLEV_ENTRIES_PER_BACKEND, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAX_AFFINITY,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_REV_NAT,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_PIN_DIR,
-    DEFAULT_RING_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_NEW_FLOWS,
+    DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
+    DEFAULT_PIN_DIR, DEFAULT_RING_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
 use crate::{loader::MapSizes, model::Limits, source::kubernetes};
@@ -203,9 +203,16 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_MAX_EXTERNAL_FRONTENDS", default_value_t = DEFAULT_MAX_SERVICES)]
     pub max_external_frontends: u32,
 
-    /// Capacity of the conntrack map (north-south flows tracked; the oldest are evicted).
+    /// Capacity of the conntrack map of answered north-south flows (and of their reverse
+    /// entries); the least recently used are evicted.
     #[arg(long, env = "LB_MAX_FLOWS", default_value_t = DEFAULT_MAX_FLOWS)]
     pub max_flows: u32,
+
+    /// Capacity of the conntrack map of new north-south flows, not yet answered (TCP
+    /// handshakes, one-way UDP), and of their reverse entries: a flood of spoofed SYNs
+    /// turns this map over, not the answered flows'.
+    #[arg(long, env = "LB_MAX_NEW_FLOWS", default_value_t = DEFAULT_MAX_NEW_FLOWS)]
+    pub max_new_flows: u32,
 
     /// Capacity of the loadBalancerSourceRanges map (ranges over all services).
     #[arg(long, env = "LB_MAX_SOURCE_RANGES", default_value_t = DEFAULT_MAX_SOURCE_RANGES)]
@@ -263,6 +270,7 @@ impl AgentArgs {
             ("--max-external-services", self.max_external_services),
             ("--max-external-frontends", self.max_external_frontends),
             ("--max-flows", self.max_flows),
+            ("--max-new-flows", self.max_new_flows),
             ("--max-source-ranges", self.max_source_ranges),
         ] {
             if value == 0 {
@@ -379,6 +387,7 @@ impl AgentArgs {
                 .table_entries()
                 .unwrap_or(lb_common::maps::DEFAULT_RING_ENTRIES),
             flows: self.max_flows,
+            new_flows: self.max_new_flows,
             source_ranges: self.max_source_ranges,
         }
     }

@@ -13,6 +13,9 @@
 //! - reverse entries no flow points to any more, once seen so in two sweeps in a row (a new
 //!   flow writes its reverse entry just before its conntrack entry).
 //!
+//! The maps of answered flows and those of new flows (see `lb_common::maps::CT_NEW`) are
+//! swept alike.
+//!
 //! Each deletion first reads the entry again, so a flow refreshed or replaced since the bulk
 //! read is kept, and deletes by lookup-and-delete, putting back what a packet wrote between
 //! the two calls ([`delete_if`]). What to delete is decided by [`verdict`], a pure function.
@@ -184,32 +187,53 @@ pub fn next_interval(last: Duration, removed: u64, capacity: u64, max: Duration)
     }
 }
 
-/// Sweeps the pinned conntrack and reverse-NAT maps.
+/// Sweeps the pinned conntrack and reverse-NAT maps: those of answered flows and those of
+/// new flows, alike.
 pub struct Sweeper {
-    ct: RawMap,
-    rev: RawMap,
+    /// The maps of answered flows, then those of new flows.
+    tiers: [Tier; 2],
     capacity: u64,
     clock_offset: u32,
+}
+
+/// A conntrack map and its reverse-NAT map.
+struct Tier {
+    ct: RawMap,
+    rev: RawMap,
     /// Reverse entries found without a flow in the last sweep.
     suspects: HashSet<FlowKey>,
+}
+
+impl Tier {
+    fn open(
+        layout: &PinLayout,
+        (ct, rev): (&'static str, &'static str),
+    ) -> Result<(Self, u32), LoadError> {
+        let (ct, capacity) = RawMap::open(layout, ct)?;
+        let (rev, _) = RawMap::open(layout, rev)?;
+        let tier = Self {
+            ct,
+            rev,
+            suspects: HashSet::new(),
+        };
+        Ok((tier, capacity))
+    }
 }
 
 impl Sweeper {
     /// Opens the maps pinned under `layout` for writing; `clock_offset` as the programs were
     /// loaded with.
     pub fn open(layout: &PinLayout, clock_offset: u32) -> Result<Self, LoadError> {
-        let (ct, capacity) = RawMap::open(layout, maps::CONNTRACK)?;
-        let (rev, _) = RawMap::open(layout, maps::NAT_REV)?;
+        let (answered, capacity) = Tier::open(layout, (maps::CONNTRACK, maps::NAT_REV))?;
+        let (new, _) = Tier::open(layout, (maps::CT_NEW, maps::NAT_REV_NEW))?;
         Ok(Self {
-            ct,
-            rev,
+            tiers: [answered, new],
             capacity: u64::from(capacity),
             clock_offset,
-            suspects: HashSet::new(),
         })
     }
 
-    /// The conntrack map's capacity.
+    /// The conntrack map's capacity (of answered flows).
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
@@ -222,24 +246,50 @@ impl Sweeper {
     /// One sweep, with the endpoints each programmed north-south service keeps flows to.
     pub fn sweep(&mut self, owners: &Owners) -> io::Result<SweepReport> {
         let started = Instant::now();
-        let now = clock_now(self.clock_offset);
         let mut report = SweepReport::default();
-        let flows: Vec<(FlowKey, CtEntry)> = self.ct.lookup_batch()?;
-        report.scanned = flows.len() as u64;
         let mut kept: BTreeMap<FlowKey, CtEntry> = BTreeMap::new();
         let mut per_backend: BTreeMap<(lb_common::Addr6, Endpoint), u64> = BTreeMap::new();
+        for tier in &self.tiers {
+            self.sweep_flows(tier, owners, &mut report, &mut kept, &mut per_backend)?;
+        }
+        report.snat_ports_busiest = per_backend.values().copied().max().unwrap_or(0);
+        // Reverse entries of no flow (in either map: a flow being answered moves): removed
+        // when found so twice in a row.
+        for i in 0..self.tiers.len() {
+            let suspects = self.orphans(&self.tiers[i], &kept, &mut report)?;
+            self.tiers[i].suspects = suspects;
+        }
+        report.took = started.elapsed();
+        Ok(report)
+    }
+
+    /// Removes the flows of one conntrack map that [`verdict`] removes, with their reverse
+    /// entries; counts the others in `report` and keeps them in `kept`.
+    fn sweep_flows(
+        &self,
+        tier: &Tier,
+        owners: &Owners,
+        report: &mut SweepReport,
+        kept: &mut BTreeMap<FlowKey, CtEntry>,
+        per_backend: &mut BTreeMap<(lb_common::Addr6, Endpoint), u64>,
+    ) -> io::Result<()> {
+        let now = clock_now(self.clock_offset);
+        let flows: Vec<(FlowKey, CtEntry)> = tier.ct.lookup_batch()?;
+        report.scanned += flows.len() as u64;
         for (key, e) in flows {
             let Some(why) = verdict(&key, &e, now, owners) else {
-                report.by_state[e.state(key.proto)] += 1;
-                if e.is_snat() {
-                    report.snat_ports += 1;
-                    *per_backend.entry((e.snat_addr, e.backend)).or_default() += 1;
+                // A flow being answered may be in both maps for a moment: counted once.
+                if kept.insert(key, e).is_none() {
+                    report.by_state[e.state(key.proto)] += 1;
+                    if e.is_snat() {
+                        report.snat_ports += 1;
+                        *per_backend.entry((e.snat_addr, e.backend)).or_default() += 1;
+                    }
                 }
-                kept.insert(key, e);
                 continue;
             };
             // Read again: a packet since the bulk read may have refreshed or replaced it.
-            let Some(now_e) = self.ct.lookup::<FlowKey, CtEntry>(&key)? else {
+            let Some(now_e) = tier.ct.lookup::<FlowKey, CtEntry>(&key)? else {
                 continue;
             };
             let now = clock_now(self.clock_offset);
@@ -247,41 +297,58 @@ impl Sweeper {
                 kept.insert(key, now_e);
                 continue;
             }
-            if !delete_if(&self.ct, &key, |e: &CtEntry| {
+            if !delete_if(&tier.ct, &key, |e: &CtEntry| {
                 verdict(&key, e, now, owners) == Some(why)
             })? {
                 continue;
             }
             report.removed[why as usize] += 1;
             let reply = now_e.reply_key(&key);
-            if let Some(rev) = self.rev.lookup::<FlowKey, NatRev>(&reply)?
+            if let Some(rev) = tier.rev.lookup::<FlowKey, NatRev>(&reply)?
                 && rev.is_of(&key)
             {
-                delete_if(&self.rev, &reply, |r: &NatRev| r.is_of(&key))?;
+                delete_if(&tier.rev, &reply, |r: &NatRev| r.is_of(&key))?;
             }
         }
-        report.snat_ports_busiest = per_backend.values().copied().max().unwrap_or(0);
-        // Reverse entries of no flow: removed when found so twice in a row.
+        Ok(())
+    }
+
+    /// Removes the reverse entries of one map that no kept flow points to and that were
+    /// suspects already; returns this sweep's suspects.
+    fn orphans(
+        &self,
+        tier: &Tier,
+        kept: &BTreeMap<FlowKey, CtEntry>,
+        report: &mut SweepReport,
+    ) -> io::Result<HashSet<FlowKey>> {
         let mut suspects = HashSet::new();
-        for (reply, rev) in self.rev.lookup_batch::<FlowKey, NatRev>()? {
+        for (reply, rev) in tier.rev.lookup_batch::<FlowKey, NatRev>()? {
             let flow = rev.flow_key(reply.proto);
             if reverse_is_current(&reply, &rev, kept.get(&flow)) {
                 continue;
             }
-            if !self.suspects.contains(&reply) {
+            if !tier.suspects.contains(&reply) {
                 suspects.insert(reply);
                 continue;
             }
-            let current = self.ct.lookup::<FlowKey, CtEntry>(&flow)?;
-            if !reverse_is_current(&reply, &rev, current.as_ref())
-                && delete_if(&self.rev, &reply, |r: &NatRev| *r == rev)?
+            if !self.points_back_now(&reply, &rev, &flow)?
+                && delete_if(&tier.rev, &reply, |r: &NatRev| *r == rev)?
             {
                 report.orphans_removed += 1;
             }
         }
-        self.suspects = suspects;
-        report.took = started.elapsed();
-        Ok(report)
+        Ok(suspects)
+    }
+
+    /// Whether the reverse entry `rev` (key `reply`) belongs to flow `flow` as the maps
+    /// hold it now (answered flows first, as the programs look).
+    fn points_back_now(&self, reply: &FlowKey, rev: &NatRev, flow: &FlowKey) -> io::Result<bool> {
+        for tier in &self.tiers {
+            if let Some(e) = tier.ct.lookup::<FlowKey, CtEntry>(flow)? {
+                return Ok(reverse_is_current(reply, rev, Some(&e)));
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -352,8 +419,8 @@ mod tests {
         Addr6,
         ns::{
             CT_FIN_ANSWERED, CT_PORT_GRACE_MS, CT_TCP_CLOSE_WAIT, CT_TCP_CLOSED,
-            CT_TCP_ESTABLISHED, CT_TCP_SYN, CT_UDP, CT_UDP_STREAM, TCP_FIN, TCP_RST, ct_over,
-            ct_state,
+            CT_TCP_ESTABLISHED, CT_TCP_SYN, CT_UDP, CT_UDP_STREAM, TCP_FIN, TCP_RST, ct_assured,
+            ct_over, ct_state,
         },
     };
 
@@ -416,6 +483,24 @@ mod tests {
         assert_eq!(ct_state(tcp, s | TCP_ACK, s | TCP_RST), CT_TCP_CLOSED);
         assert_eq!(ct_state(proto::UDP, s, 0), CT_UDP);
         assert_eq!(ct_state(proto::UDP, s, s), CT_UDP_STREAM);
+    }
+
+    #[test]
+    fn a_flow_is_answered_once_the_backend_spoke_and_a_tcp_client_acknowledged() {
+        let (s, tcp) = (CT_SEEN, proto::TCP);
+        // A spoofed SYN never is; a handshake only with the client's ACK.
+        assert!(!ct_assured(tcp, s | TCP_SYN, 0));
+        assert!(!ct_assured(tcp, s | TCP_SYN, s | TCP_SYN | TCP_ACK));
+        assert!(ct_assured(
+            tcp,
+            s | TCP_SYN | TCP_ACK,
+            s | TCP_SYN | TCP_ACK
+        ));
+        // Reset during the handshake: it stays among new flows, to expire there.
+        assert!(!ct_assured(tcp, s | TCP_SYN | TCP_ACK, s | TCP_RST));
+        // UDP: once the backend answers.
+        assert!(!ct_assured(proto::UDP, s, 0));
+        assert!(ct_assured(proto::UDP, s, s));
     }
 
     #[test]

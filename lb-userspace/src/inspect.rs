@@ -1265,6 +1265,7 @@ pub fn capacity(
         let flag = match *name {
             maps::REV_NAT => "--max-rev-nat",
             maps::AFFINITY | maps::NS_AFFINITY => "--max-affinity",
+            maps::CT_NEW | maps::NAT_REV_NEW => "--max-new-flows",
             _ => "--max-flows",
         };
         rows.push(fill(

@@ -185,8 +185,10 @@ pub struct MapSizes {
     pub external_ids: u32,
     /// Lookup table array entries.
     pub table_entries: u32,
-    /// Conntrack and north-south reverse-NAT maps.
+    /// Conntrack and north-south reverse-NAT maps of answered flows.
     pub flows: u32,
+    /// Conntrack and north-south reverse-NAT maps of new flows.
+    pub new_flows: u32,
     /// Source-ranges trie.
     pub source_ranges: u32,
 }
@@ -209,6 +211,7 @@ impl MapSizes {
             maps::NS_INFO | maps::NS_STATS => Some(self.external_ids + 1),
             maps::RINGS => Some(self.table_entries.div_ceil(maps::RING_LANES)),
             maps::CONNTRACK | maps::NAT_REV => Some(self.flows),
+            maps::CT_NEW | maps::NAT_REV_NEW => Some(self.new_flows),
             maps::SOURCE_RANGES => Some(self.source_ranges),
             // A build with more counters makes the array anew (the counts start again).
             maps::STATS => Some(lb_common::stats::COUNT),
@@ -900,8 +903,8 @@ fn is_lru(name: &str) -> bool {
 fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize, LoadError> {
     use aya::maps::{Array, lpm_trie::LpmTrie};
     use lb_common::{
-        AffinityKey, AffinityMatchKey, AffinityValue, Endpoint, RevNatKey, ServiceInfo, ServiceKey,
-        ServiceValue, SlotKey,
+        AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
+        ServiceKey, ServiceValue, SlotKey,
         maps::RingPair,
         ns::{
             CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue,
@@ -948,14 +951,14 @@ fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize
     match name {
         maps::SERVICES => hash::<ServiceKey, ServiceValue>(h(old), h(new), merr),
         maps::SLOTS => hash::<SlotKey, u32>(h(old), h(new), merr),
-        maps::BACKENDS => hash::<u32, Endpoint>(h(old), h(new), merr),
+        maps::BACKENDS => hash::<u32, Backend>(h(old), h(new), merr),
         maps::SERVICE_INFO | maps::NS_INFO => hash::<u32, ServiceInfo>(h(old), h(new), merr),
         maps::AFFINITY_MATCH => hash::<AffinityMatchKey, u8>(h(old), h(new), merr),
         maps::NS_SERVICES => hash::<ServiceKey, NsService>(h(old), h(new), merr),
         maps::REV_NAT => hash::<RevNatKey, Endpoint>(l(old), l(new), merr),
         maps::AFFINITY => hash::<AffinityKey, AffinityValue>(l(old), l(new), merr),
-        maps::CONNTRACK => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
-        maps::NAT_REV => hash::<FlowKey, NatRev>(l(old), l(new), merr),
+        maps::CONNTRACK | maps::CT_NEW => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
+        maps::NAT_REV | maps::NAT_REV_NEW => hash::<FlowKey, NatRev>(l(old), l(new), merr),
         maps::NS_AFFINITY => hash::<NsAffinityKey, NsAffinityValue>(l(old), l(new), merr),
         maps::NS_AFFINITY_MATCH => hash::<NsAffinityMatchKey, u32>(h(old), h(new), merr),
         maps::RINGS => array::<RingPair>(old, new, merr),

@@ -444,15 +444,17 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
     let c = started(
         ("web.yaml", &web(&ALL_PODS)),
         (&frontend, 3),
-        &["--max-flows", &flows],
+        &["--max-flows", &flows, "--max-new-flows", &flows],
     );
     let mut held = c.hold(sa(&frontend));
     let backend = held.first.backend.clone().expect("answered");
+    let mut idle = c.hold(sa(&frontend));
+    let idle_backend = idle.first.backend.clone().expect("answered");
 
-    // Spoofed SYNs (each a new flow that never completes) fill the flow maps dozens of
-    // times over for 10 s, while the held connection keeps talking (every 20 ms: the LRU
-    // map keeps what is used; a flow silent for longer than the flood takes to turn the
-    // whole map over, here some 400 ms, is evicted, see the README).
+    // Spoofed SYNs (each a new flow that never completes) turn the map of new flows over
+    // dozens of times for 10 s, while one held connection keeps talking (every 20 ms) and
+    // the other is silent: answered flows live in a map of their own, which the flood
+    // never reaches.
     let mut flood = c.syn_flood(sa(&frontend), SECONDS, RATE);
     let started = std::time::Instant::now();
     let mut pings = 0;
@@ -477,18 +479,24 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
     let sent = sent["sent"].as_u64().expect("a count");
     assert!(sent >= 5 * FLOWS, "only {sent} SYNs sent");
     assert!(pings >= 100, "{pings} pings");
-    // The flood did fill the map, and no packet of a live flow was lost for want of one.
+    // The flood did fill the map of new flows, not the answered flows' one, and no packet
+    // of a live flow was lost for want of an entry.
     let rows: Vec<lb_userspace::inspect::CapacityRow> =
         c.lbctl_json(&["capacity"]).expect("lbctl capacity");
-    let ct = rows
-        .iter()
-        .find(|r| r.map == "lb_ct_v2")
-        .expect("conntrack row");
-    assert!(ct.entries * 10 >= ct.capacity * 9, "{ct:?}");
+    let row = |map: &str| rows.iter().find(|r| r.map == map).expect("a row").clone();
+    let (new, answered) = (row("lb_ctnew_v1"), row("lb_ct_v2"));
+    assert!(new.entries * 10 >= new.capacity * 9, "{new:?}");
+    assert!(answered.entries <= 4, "only the held flows: {answered:?}");
     let stats: BTreeMap<String, u64> = c.lbctl_json(&["stats"]).expect("lbctl stats");
     assert_eq!(stats["xdp_drop_no_flow"], 0, "{stats:?}");
     let a = held.ping();
     assert_eq!(a.backend.as_deref(), Some(backend.as_str()));
+    // The connection silent through the whole flood is there too.
+    let a = idle.ping();
+    assert_eq!(
+        (a.error.as_deref(), a.backend.as_deref()),
+        (None, Some(idle_backend.as_str()))
+    );
 }
 
 #[test]

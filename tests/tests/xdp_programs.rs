@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{ns::CT_PORT_GRACE_MS, stats as st};
+use lb_common::{
+    maps,
+    ns::{CT_PORT_GRACE_MS, CtEntry, FlowKey, NatRev},
+    stats as st,
+};
 use lb_tests::{
     manifest::{Ep, slice},
     netns::Netns,
@@ -24,7 +28,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     conntrack::{Owners, Sweeper, clock_now},
-    datapath::bpf::{BpfDatapath, read_lru, read_stats},
+    datapath::bpf::{BpfDatapath, read_flows, read_lru, read_stats},
     inspect::{self, FlowRow},
     loader::{
         Device, Loaded, MapSizes, OVERLAY_PROGRAM, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM,
@@ -174,6 +178,7 @@ fn lab_sizes() -> MapSizes {
         external_ids: 16,
         table_entries: 16 * 251,
         flows: 4096,
+        new_flows: 4096,
         source_ranges: 64,
     }
 }
@@ -318,8 +323,7 @@ impl Lab {
 
     /// The tracked flows as `lbctl conntrack` shows them, `secs` ahead.
     fn flows(&self, secs: u32) -> Vec<FlowRow> {
-        let entries =
-            read_lru(&self.layout, lb_common::maps::CONNTRACK, 100_000).expect("conntrack");
+        let entries = read_flows(&self.layout, 100_000).expect("conntrack");
         inspect::flows(self.reconciler.contents(), &entries, clock_now(secs))
     }
 
@@ -806,6 +810,115 @@ fn established_flows_keep_their_backend_while_the_backend_set_changes() {
             "{spread:?}"
         );
     });
+}
+
+#[test]
+fn flows_move_to_the_maps_of_answered_flows_once_answered() {
+    if !require_privileges("flows_move_to_the_maps_of_answered_flows_once_answered") {
+        return;
+    }
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        // Which maps hold flow `client`'s entry and its reverse entry (`reply`): answered
+        // ones, new ones.
+        let held = |lab: &Lab, client: SocketAddr, reply: (SocketAddr, SocketAddr)| {
+            let flows = |name| -> Vec<(FlowKey, CtEntry)> {
+                read_lru(&lab.layout, name, 1000).expect("conntrack")
+            };
+            let revs = |name| -> Vec<(FlowKey, NatRev)> {
+                read_lru(&lab.layout, name, 1000).expect("reverse NAT")
+            };
+            let has_flow = |name| flows(name).iter().any(|(k, _)| ends(k).0 == client);
+            let has_rev = |name| revs(name).iter().any(|(k, _)| ends(k) == reply);
+            (
+                (has_flow(maps::CONNTRACK), has_rev(maps::NAT_REV)),
+                (has_flow(maps::CT_NEW), has_rev(maps::NAT_REV_NEW)),
+            )
+        };
+        let (answered, new) = (
+            ((true, true), (false, false)),
+            ((false, false), (true, true)),
+        );
+        let (frontend, backend) = (sa("192.0.2.1:30080"), sa("192.0.2.50:8080"));
+
+        // TCP: new through the handshake (a spoofed client never acknowledges), answered
+        // from the client's ACK on; the flow keeps working throughout.
+        let client = sa("203.0.113.7:40000");
+        let snat = lab
+            .translated(&tcp_frame(client, frontend, SYN, b""), XDP_TX)
+            .src;
+        assert_eq!(held(&lab, client, (backend, snat)), new, "after the SYN");
+        lab.translated(&tcp_frame(backend, snat, SYN | ACK, b""), XDP_TX);
+        assert_eq!(
+            held(&lab, client, (backend, snat)),
+            new,
+            "after the SYN-ACK"
+        );
+        lab.translated(&tcp_frame(client, frontend, ACK, b"GET /"), XDP_TX);
+        assert_eq!(
+            held(&lab, client, (backend, snat)),
+            answered,
+            "after the ACK"
+        );
+        let back = lab.translated(&tcp_frame(backend, snat, ACK, b"200"), XDP_TX);
+        assert_eq!((back.src, back.dst), (frontend, client));
+        assert_eq!(lab.flow(client, 0).state, "established");
+
+        // UDP: new until the backend answers.
+        let (client, frontend, backend) = (
+            sa("203.0.113.7:40001"),
+            sa("192.0.2.1:30053"),
+            sa("192.0.2.50:5353"),
+        );
+        let snat = lab
+            .translated(&frame(UDP, client, frontend, b"q"), XDP_TX)
+            .src;
+        lab.translated(&frame(UDP, client, frontend, b"q again"), XDP_TX);
+        assert_eq!(held(&lab, client, (backend, snat)), new, "one way");
+        let back = lab.translated(&frame(UDP, backend, snat, b"a"), XDP_TX);
+        assert_eq!((back.src, back.dst), (frontend, client));
+        assert_eq!(held(&lab, client, (backend, snat)), answered, "answered");
+        lab.translated(&frame(UDP, client, frontend, b"q"), XDP_TX);
+        assert_eq!(lab.flow(client, 0).state, "udp_stream");
+
+        // A client port reused towards another frontend of the same local backend makes the
+        // same replies as the answered flow before it: the new flow owns them.
+        let (client, pod) = (sa("203.0.113.7:40002"), sa("10.244.0.10:8443"));
+        let (lb_ip, node_port) = (sa("198.51.100.10:443"), sa("192.0.2.1:30443"));
+        lab.translated(&tcp_frame(client, lb_ip, SYN, b""), XDP_PASS);
+        lab.tc(&tcp_frame(pod, client, SYN | ACK, b""));
+        lab.translated(&tcp_frame(client, lb_ip, ACK, b""), XDP_PASS);
+        assert_eq!(held(&lab, client, (pod, client)), answered);
+        lab.translated(&tcp_frame(client, node_port, SYN, b""), XDP_PASS);
+        let (v, out) = lab.tc(&tcp_frame(pod, client, SYN | ACK, b""));
+        assert_eq!(v, TCX_NEXT);
+        let out = packet::parse(&out).expect("reversed");
+        assert_eq!(
+            (out.src, out.dst),
+            (node_port, client),
+            "from the new flow's frontend"
+        );
+
+        // The sweep judges both maps alike: everything expires in time.
+        let report = Sweeper::open(&lab.layout, 100_000)
+            .expect("maps")
+            .sweep(&Owners::default())
+            .expect("sweep");
+        assert_eq!(report.removed_total(), 4, "{report:?}");
+        assert!(lab.flows(0).is_empty());
+        for name in [maps::NAT_REV, maps::NAT_REV_NEW] {
+            let left: Vec<(FlowKey, NatRev)> = read_lru(&lab.layout, name, 10).expect("read");
+            assert!(left.is_empty(), "{name}: {left:?}");
+        }
+    });
+}
+
+/// A flow key's source and destination.
+fn ends(k: &FlowKey) -> (SocketAddr, SocketAddr) {
+    let at = |ip, port| lb_userspace::addr::to_socket_addr(&lb_common::Endpoint::new(ip, port));
+    (at(k.saddr, k.sport_be), at(k.daddr, k.dport_be))
 }
 
 #[test]
@@ -1806,6 +1919,7 @@ fn kernel_debug_events_cost_nothing_when_off() {
             external_ids: 4,
             table_entries: 4 * 251,
             flows: 64,
+            new_flows: 64,
             source_ranges: 16,
         };
         let settings = Settings {

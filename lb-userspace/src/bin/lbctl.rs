@@ -10,7 +10,9 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
-    datapath::bpf::{MapSet, coarse_now_ns, lru_fill, read_lru, read_socket_counters, read_stats},
+    datapath::bpf::{
+        MapSet, coarse_now_ns, lru_fill, read_flows, read_lru, read_socket_counters, read_stats,
+    },
     inspect,
     loader::PinLayout,
 };
@@ -177,8 +179,7 @@ fn run(args: Args) -> Result<(), String> {
             emit(args.output, &rows, |r| inspect::affinity_table(r));
         }
         Command::Conntrack { limit } => {
-            let entries =
-                read_lru(&layout, lb_common::maps::CONNTRACK, limit).map_err(|e| e.to_string())?;
+            let entries = read_flows(&layout, limit).map_err(|e| e.to_string())?;
             // The agent's programs run with no clock offset.
             let now = lb_userspace::conntrack::clock_now(0);
             emit(

@@ -357,6 +357,17 @@ pub fn read_lru<K: aya::Pod, V: aya::Pod>(
     Ok(map.iter().filter_map(Result::ok).take(limit).collect())
 }
 
+/// Up to `limit` tracked north-south flows: the answered ones, then the new ones (a flow
+/// being answered while this reads may show in both: the answered entry is kept).
+pub fn read_flows(layout: &PinLayout, limit: usize) -> Result<Vec<(FlowKey, CtEntry)>, LoadError> {
+    let mut flows: Vec<(FlowKey, CtEntry)> = read_lru(layout, maps::CONNTRACK, limit)?;
+    let answered: std::collections::HashSet<FlowKey> = flows.iter().map(|(k, _)| *k).collect();
+    let left = limit.saturating_sub(flows.len());
+    let new: Vec<(FlowKey, CtEntry)> = read_lru(layout, maps::CT_NEW, left)?;
+    flows.extend(new.into_iter().filter(|(k, _)| !answered.contains(k)));
+    Ok(flows)
+}
+
 /// The clock the hooks stamp affinity entries with (`bpf_ktime_get_coarse_ns`: the coarse
 /// monotonic clock), now, in nanoseconds.
 pub fn coarse_now_ns() -> u64 {
@@ -389,6 +400,8 @@ pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, Loa
         count::<AffinityKey, AffinityValue>(layout, maps::AFFINITY)?,
         count::<FlowKey, CtEntry>(layout, maps::CONNTRACK)?,
         count::<FlowKey, NatRev>(layout, maps::NAT_REV)?,
+        count::<FlowKey, CtEntry>(layout, maps::CT_NEW)?,
+        count::<FlowKey, NatRev>(layout, maps::NAT_REV_NEW)?,
         count::<NsAffinityKey, NsAffinityValue>(layout, maps::NS_AFFINITY)?,
     ])
 }

@@ -15,7 +15,7 @@ use std::{
 use clap::Parser;
 use lb_common::{
     Backend, Endpoint, ServiceInfo, ServiceKey, node,
-    ns::{NS_F_LOCAL, NsService},
+    ns::{CtEntry, FlowKey, NS_F_LOCAL, NsService},
     proto,
 };
 use lb_tests::{
@@ -28,8 +28,8 @@ use lb_tests::{
 };
 use lb_userspace::{
     addr::to_addr6,
-    datapath::{Datapath as _, Op},
-    loader::{Device, Loaded, MapSizes, PinLayout, XDP_PASS_PROGRAM, XDP_PROGRAM},
+    datapath::{Datapath as _, Op, bpf::read_lru},
+    loader::{Device, Loaded, MapSizes, PinLayout, TC_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM},
     maglev,
 };
 use serde_json::{Value, json};
@@ -426,6 +426,7 @@ fn map_updates(report: &mut Report, plan: &Plan) {
         external_ids: 16,
         table_entries: 16,
         flows: 16,
+        new_flows: 16,
         source_ranges: 16,
     };
     let result = (|| -> Result<(Vec<f64>, Vec<f64>), String> {
@@ -604,6 +605,7 @@ fn xdp_cost_in_netns(
         external_ids: (max + 16) as u32,
         table_entries: ((max + 1) * u64::from(TABLE)) as u32,
         flows: 1024,
+        new_flows: 1024,
         source_ranges: 16,
     };
     let mut loaded = Loaded::load(&layout, &sizes, (61000, 65535)).expect("the programs load");
@@ -624,7 +626,8 @@ fn xdp_cost_in_netns(
     // translation leaves the frame as it was and every repetition does the whole work.
     let client: SocketAddr = "203.0.113.7:40000".parse().expect("address");
     let target = SocketAddr::new(xdp_frontend(0).into(), 80);
-    let frame = packet::frame(TCP, client, target, b"");
+    let syn = packet::tcp_frame(client, target, packet::SYN, b"");
+    let ack = packet::tcp_frame(client, target, packet::ACK, b"");
     let other = packet::frame(TCP, client, "192.0.2.1:22".parse().expect("address"), b"");
     for &scale in &plan.xdp_scales {
         progress(&format!("1: XDP program cost at {scale} services"));
@@ -671,12 +674,24 @@ fn xdp_cost_in_netns(
             programmed += 1;
         }
         progress(&format!("   {scale} services programmed"));
-        // The first run creates the flow's conntrack entry and sets the MAC addresses the
-        // FIB gives; from then on the program leaves the frame as it is.
+        // The handshake: the SYN creates the flow (among new flows), the backend's answer
+        // (through tc egress: the backend is local) and the client's ACK make it answered.
+        // The first run also sets the MAC addresses the FIB gives; from then on the program
+        // leaves the frame as it is.
+        loaded
+            .test_run(XDP_PROGRAM, &syn, ext0, 1)
+            .expect("test run");
+        let answer = packet::tcp_frame(target, client, packet::SYN | packet::ACK, b"");
+        loaded
+            .test_run(TC_PROGRAM, &answer, 0, 1)
+            .expect("test run");
         let frame = loaded
-            .test_run(XDP_PROGRAM, &frame, ext0, 1)
+            .test_run(XDP_PROGRAM, &ack, ext0, 1)
             .expect("test run")
             .frame;
+        let answered: Vec<(FlowKey, CtEntry)> =
+            read_lru(&layout, lb_common::maps::CONNTRACK, 10).expect("conntrack");
+        assert_eq!(answered.len(), 1, "the measured flow is an answered one");
         let again = loaded
             .test_run(XDP_PROGRAM, &frame, ext0, 1)
             .expect("test run");

@@ -14,11 +14,13 @@ use crate::{objects, progress, services, timed_start};
 
 const BENCH: &str = "9-memory";
 const MIB: f64 = 1024.0 * 1024.0;
-/// The LRU maps, allocated whole at their capacity (`--max-flows`, `--max-rev-nat`,
-/// `--max-affinity`).
-const FLOW_MAPS: [&str; 4] = [
+/// The LRU maps, allocated whole at their capacity (`--max-flows`, `--max-new-flows`,
+/// `--max-rev-nat`, `--max-affinity`).
+const FLOW_MAPS: [&str; 6] = [
     lb_common::maps::CONNTRACK,
     lb_common::maps::NAT_REV,
+    lb_common::maps::CT_NEW,
+    lb_common::maps::NAT_REV_NEW,
     lb_common::maps::REV_NAT,
     lb_common::maps::AFFINITY,
 ];
