@@ -198,6 +198,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut store = Store::new(args.node_name.clone());
+    store.set_external_ip_cidrs(args.external_ip_cidrs().map_err(AgentError::Config)?);
     let mut out = Outputs {
         events,
         layout: layout.clone(),
@@ -603,7 +604,8 @@ impl Network {
                 return None;
             }
         };
-        let changed = store.set_addresses(netdev::nodeport_addresses(&addrs, cidrs));
+        let mut changed = store.set_addresses(netdev::nodeport_addresses(&addrs, cidrs));
+        changed.extend(store.set_interface_addresses(addrs.iter().map(|a| a.ip).collect()));
         Some((changed, addrs))
     }
 
@@ -769,7 +771,10 @@ fn log_report(report: &SyncReport, rejected_total: &mut BTreeMap<&'static str, u
     }
     for c in &report.conflicts {
         warn!(frontend = frontend_string(&c.frontend), programmed_by = %c.winner, ignored = %c.loser,
-              "two services claim one frontend; the first by namespace/name is used");
+              "two services claim one frontend; a service's own cluster IP or node port wins, then the oldest service");
+    }
+    for (service, why) in &report.refused {
+        warn!(%service, "{why}");
     }
     for f in &report.full {
         error!(service = %f.service, frontend = frontend_string(&f.frontend), map = f.map, capacity = f.capacity,

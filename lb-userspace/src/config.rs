@@ -135,6 +135,13 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_NODEPORT_ADDRESSES", default_value = "")]
     pub nodeport_addresses: String,
 
+    /// External IPs honoured, as CIDRs (comma-separated): a service's `externalIPs` outside
+    /// them are not programmed (a Warning Event says so). Empty: any, as kube-proxy does;
+    /// the addresses of this node are never honoured. The cluster-wide control is the API
+    /// server's DenyServiceExternalIPs admission plugin.
+    #[arg(long, env = "LB_EXTERNAL_IP_CIDRS", default_value = "")]
+    pub external_ip_cidrs: String,
+
     /// Source ports for flows the XDP program SNATs to the node's address (a range outside
     /// the node's net.ipv4.ip_local_port_range).
     #[arg(long, env = "LB_SNAT_PORTS", default_value = "61000-65535")]
@@ -289,6 +296,7 @@ impl AgentArgs {
         self.health()?;
         self.snat_range()?;
         self.nodeport_cidrs()?;
+        self.external_ip_cidrs()?;
         self.xdp_devices()?;
         self.overlay_devices()?;
         Ok(())
@@ -343,13 +351,12 @@ impl AgentArgs {
 
     /// The CIDRs of --nodeport-addresses (empty: every address).
     pub fn nodeport_cidrs(&self) -> Result<Vec<IpNet>, String> {
-        split_list(&self.nodeport_addresses)
-            .map(|c| {
-                c.parse::<IpNet>()
-                    .map(|n| n.trunc())
-                    .map_err(|e| format!("--nodeport-addresses {c:?}: {e}"))
-            })
-            .collect()
+        cidr_list("--nodeport-addresses", &self.nodeport_addresses)
+    }
+
+    /// The CIDRs of --external-ip-cidrs (empty: any).
+    pub fn external_ip_cidrs(&self) -> Result<Vec<IpNet>, String> {
+        cidr_list("--external-ip-cidrs", &self.external_ip_cidrs)
     }
 
     /// The XDP devices asked for.
@@ -451,6 +458,17 @@ fn parse_secs(s: &str) -> Result<u32, String> {
         return Err(format!("{s:?}: at most 10 years"));
     }
     Ok(secs as u32)
+}
+
+/// A CIDR list flag's value (`flag` names it in errors), each truncated to its network.
+fn cidr_list(flag: &str, value: &str) -> Result<Vec<IpNet>, String> {
+    split_list(value)
+        .map(|c| {
+            c.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|e| format!("{flag} {c:?}: {e}"))
+        })
+        .collect()
 }
 
 /// A device list flag's value (`flag` names it in errors): names, `auto`, or empty or `none`.

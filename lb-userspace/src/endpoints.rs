@@ -25,6 +25,11 @@ pub struct NodeInfo {
     pub zone: Option<String>,
     /// Its addresses that serve node ports.
     pub addresses: Vec<IpAddr>,
+    /// All its addresses (its interfaces', its Node object's): no external IP may claim
+    /// them.
+    pub own_addresses: Vec<IpAddr>,
+    /// The external IPs it honours (`--external-ip-cidrs`; empty: any).
+    pub external_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// One endpoint (address and port) as the rules see it.
@@ -389,7 +394,7 @@ mod tests {
             let node = NodeInfo {
                 name: Some("n1".into()),
                 zone: zone.map(String::from),
-                addresses: vec![],
+                ..NodeInfo::default()
             };
             let cands: Vec<Candidate> = endpoints.iter().map(|s| ep(s)).collect();
             let got: Vec<u8> = usable(&cands, *policy, &node)
@@ -438,7 +443,7 @@ mod tests {
         let node = NodeInfo {
             name: Some("n1".into()),
             zone: Some("a".into()),
-            addresses: vec![],
+            ..NodeInfo::default()
         };
         assert_eq!(topology(&[], &node), Topology::Any);
         assert_eq!(topology(&[ep("1 zone=a")], &node), Topology::SameZone);
@@ -453,7 +458,7 @@ mod tests {
         let node = NodeInfo {
             name: Some("n1".into()),
             zone: Some("a".into()),
-            addresses: Vec::new(),
+            ..NodeInfo::default()
         };
         let eps: Vec<Candidate> = ["1 zone=a", "2 zone=b", "3 unready", "4 serving-terminating"]
             .iter()

@@ -76,12 +76,22 @@ pub fn warnings(report: &SyncReport) -> Vec<Warning> {
         service: c.loser.clone(),
         reason: "FrontendConflict",
         note: format!(
-            "{} is also claimed by {}, which programs it (the first by namespace/name)",
+            "{} is also claimed by {}, which programs it (a service's own cluster IP or node \
+             port wins over an external or load-balancer IP, then the oldest service)",
             frontend_string(&c.frontend),
             c.winner
         ),
     });
-    rejected.chain(full).chain(conflicts).collect()
+    let refused = report.refused.iter().map(|(service, why)| Warning {
+        service: service.clone(),
+        reason: "ExternalIPRefused",
+        note: why.clone(),
+    });
+    rejected
+        .chain(full)
+        .chain(conflicts)
+        .chain(refused)
+        .collect()
 }
 
 /// Which warnings become events: one per service and reason per interval, and a budget per

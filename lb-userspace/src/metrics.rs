@@ -90,6 +90,7 @@ pub struct Metrics {
     map_full: Family<[(&'static str, &'static str); 1], Counter>,
     write_errors: Counter,
     conflicts: Counter,
+    external_ips_refused: Counter,
     source_up: Gauge,
     events: Counter,
     events_dropped: Counter,
@@ -119,6 +120,7 @@ impl Metrics {
             map_full: Family::default(),
             write_errors: Counter::default(),
             conflicts: Counter::default(),
+            external_ips_refused: Counter::default(),
             source_up: Gauge::default(),
             events: Counter::default(),
             events_dropped: Counter::default(),
@@ -173,8 +175,15 @@ impl Metrics {
         );
         registry.register(
             "frontend_conflicts",
-            "Frontends claimed by two services (the first by namespace/name programs it)",
+            "Frontend claims lost to another service (its own cluster IP or node port wins, \
+             then the oldest service)",
             m.conflicts.clone(),
+        );
+        registry.register(
+            "external_ips_refused",
+            "External IPs not honoured (an address of this node, outside --external-ip-cidrs, \
+             or a special address)",
+            m.external_ips_refused.clone(),
         );
         registry.register(
             "source_up",
@@ -275,6 +284,8 @@ impl Metrics {
         }
         self.write_errors.inc_by(report.errors.len() as u64);
         self.conflicts.inc_by(report.conflicts.len() as u64);
+        self.external_ips_refused
+            .inc_by(report.refused.len() as u64);
     }
 
     /// `published` Events were queued and `dropped` more warnings were not.

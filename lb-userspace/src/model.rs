@@ -117,11 +117,57 @@ impl Limits {
     }
 }
 
+/// A service's age, as claims compare it: its `creationTimestamp`, then its UID (services
+/// without a timestamp, as hand-written manifests may be, come after all others). Never the
+/// name: a tenant chooses names, not ages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Age {
+    unknown: bool,
+    created: Option<jiff::Timestamp>,
+    uid: String,
+}
+
+impl Age {
+    /// The age of the object with metadata `meta`.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        let created = meta.creation_timestamp.as_ref().map(|t| t.0);
+        Self {
+            unknown: created.is_none(),
+            created,
+            uid: meta.uid.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The age of a claim known only from the maps (a service adopted from an earlier run
+    /// that is now rejected): after every known one.
+    pub fn unknown() -> Self {
+        Self {
+            unknown: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// How a service claims one of its frontends. Among the services claiming one frontend the
+/// smallest claim wins: a service's own address (its cluster IP, its node port on a node
+/// address) before one it borrows (an external IP, a load-balancer ingress IP), then the
+/// oldest service. So no service takes another's cluster IP or node port through its
+/// `externalIPs`, and the winner does not depend on the order things happen in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Claim {
+    /// An external IP or load-balancer ingress IP.
+    pub borrowed: bool,
+    /// The claiming service's age.
+    pub age: Age,
+}
+
 /// One frontend as it should be programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
     /// Cluster IP, port and protocol.
     pub key: ServiceKey,
+    /// How the service claims it.
+    pub claim: Claim,
     /// The service port's name (empty when unnamed).
     pub port_name: String,
     /// The backends for new connections, sorted, without duplicates.
@@ -175,6 +221,18 @@ pub struct ExternalGroup {
     /// `loadBalancerSourceRanges` of this family when the service sets any (then sources
     /// outside them are dropped at its load-balancer IPs; an empty list admits none).
     pub source_ranges: Option<Vec<IpNet>>,
+    /// The service's age, with which its frontends are claimed (see [`Claim`]).
+    pub age: Age,
+}
+
+impl ExternalFrontend {
+    /// How a service of age `age` claims this frontend.
+    pub fn claim(&self, age: &Age) -> Claim {
+        Claim {
+            borrowed: self.kind != ExternalKind::NodePort,
+            age: age.clone(),
+        }
+    }
 }
 
 /// The health check node port of a LoadBalancer service with `externalTrafficPolicy: Local`.
@@ -197,6 +255,9 @@ pub struct Desired {
     pub health_check: Option<HealthCheck>,
     /// Parts that were skipped and why (an unsupported protocol, a bad endpoint address).
     pub notes: Vec<String>,
+    /// External IPs not honoured, and why (an address of this node, outside
+    /// `--external-ip-cidrs`, or a special address): each is a warning to the service.
+    pub refused: Vec<String>,
 }
 
 /// Why a service cannot be programmed.
@@ -351,10 +412,15 @@ pub fn desired<'a>(
     let mut external_ips: Vec<IpAddr> = Vec::new();
     for raw in spec.external_ips.iter().flatten() {
         let ip = parse_ip("external IP", raw)?;
-        if !external_ips.contains(&ip) {
-            external_ips.push(ip);
+        match refuse_external_ip(&ip, node) {
+            Some(why) => out
+                .refused
+                .push(format!("external IP {ip} is not honoured: {why}")),
+            None if !external_ips.contains(&ip) => external_ips.push(ip),
+            None => {}
         }
     }
+    let age = Age::of(&svc.metadata);
     let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut out.notes)?;
     let (internal, external) = traffic_policies(spec)?;
     let affinity_timeout_s = affinity_timeout(spec)?;
@@ -424,17 +490,18 @@ pub fn desired<'a>(
             let key = |ip: IpAddr, port_no: u16| {
                 ServiceKey::new(to_addr6(ip), port_no.to_be(), port.proto)
             };
-            let mut socket: Vec<(ServiceKey, TrafficPolicy)> = Vec::new();
+            // (key, policy, borrowed: see `Claim`)
+            let mut socket: Vec<(ServiceKey, TrafficPolicy, bool)> = Vec::new();
             let mut ns: Vec<ExternalFrontend> = Vec::new();
             for ip in family(&cluster) {
-                socket.push((key(ip, port.port), internal));
+                socket.push((key(ip, port.port), internal, false));
             }
             for (ips, kind) in [
                 (&external_ips, ExternalKind::ExternalIp),
                 (&lb_ips, ExternalKind::LoadBalancer),
             ] {
                 for ip in family(ips) {
-                    socket.push((key(ip, port.port), from_node));
+                    socket.push((key(ip, port.port), from_node, true));
                     ns.push(ExternalFrontend {
                         key: key(ip, port.port),
                         kind,
@@ -443,7 +510,7 @@ pub fn desired<'a>(
             }
             if let Some(node_port) = port.node_port.filter(|_| node_ports) {
                 for ip in family(&node.addresses) {
-                    socket.push((key(ip, node_port), from_node));
+                    socket.push((key(ip, node_port), from_node, false));
                     ns.push(ExternalFrontend {
                         key: key(ip, node_port),
                         kind: ExternalKind::NodePort,
@@ -451,7 +518,7 @@ pub fn desired<'a>(
                 }
             }
             let mut seen = BTreeSet::new();
-            for (key, policy) in socket {
+            for (key, policy, borrowed) in socket {
                 if !seen.insert(key) {
                     continue;
                 }
@@ -459,6 +526,10 @@ pub fn desired<'a>(
                 check_count(&key, backends.len(), limits)?;
                 out.frontends.push(DesiredFrontend {
                     key,
+                    claim: Claim {
+                        borrowed,
+                        age: age.clone(),
+                    },
                     port_name: port.name.to_owned(),
                     backends,
                     affinity_timeout_s,
@@ -490,6 +561,7 @@ pub fn desired<'a>(
                             .copied()
                             .collect()
                     }),
+                    age: age.clone(),
                 });
             }
         }
@@ -714,6 +786,30 @@ fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), Rejectio
 }
 
 /// A usable service address: not unspecified, not a v4-mapped IPv6 address.
+/// Why external IP `ip` is not honoured on `node`, if it is not: an address of the node
+/// itself (the node's own ports are no tenant's to take), outside the node's
+/// `--external-ip-cidrs`, or an address no external client reaches the node at (loopback,
+/// link-local, multicast: the API server's validation refuses those too).
+fn refuse_external_ip(ip: &IpAddr, node: &NodeInfo) -> Option<&'static str> {
+    let special = match ip {
+        IpAddr::V4(a) => {
+            a.is_loopback() || a.is_link_local() || a.is_multicast() || a.is_broadcast()
+        }
+        IpAddr::V6(a) => a.is_loopback() || a.is_unicast_link_local() || a.is_multicast(),
+    };
+    if special {
+        Some("a loopback, link-local or multicast address")
+    } else if node.addresses.contains(ip) || node.own_addresses.contains(ip) {
+        Some("it is an address of this node")
+    } else if !node.external_ip_cidrs.is_empty()
+        && !node.external_ip_cidrs.iter().any(|c| c.contains(ip))
+    {
+        Some("outside the agent's --external-ip-cidrs")
+    } else {
+        None
+    }
+}
+
 fn parse_ip(what: &'static str, raw: &str) -> Result<IpAddr, Rejection> {
     raw.parse()
         .ok()
@@ -986,6 +1082,8 @@ pub fn node_info(node_name: Option<&str>, labels: Option<&BTreeMap<String, Strin
             .filter(|z| !z.is_empty())
             .cloned(),
         addresses: Vec::new(),
+        own_addresses: Vec::new(),
+        external_ip_cidrs: Vec::new(),
     }
 }
 
@@ -1023,6 +1121,7 @@ mod tests {
             name: Some("n1".into()),
             zone: Some("a".into()),
             addresses: vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            ..NodeInfo::default()
         }
     }
 
@@ -1584,6 +1683,51 @@ mod tests {
             err.to_string(),
             "external IP \"192.0.2.300\" is not a valid IP address"
         );
+    }
+
+    #[test]
+    fn external_ips_of_the_node_special_or_outside_the_cidrs_are_refused() {
+        let mut svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
+        svc.spec.as_mut().unwrap().external_ips = Some(
+            [
+                "192.0.2.1",   // serves node ports
+                "10.1.2.3",    // another address of the node
+                "127.0.0.1",   // loopback
+                "169.254.1.1", // link-local
+                "198.51.100.7",
+                "203.0.113.9",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        let mut node = node();
+        node.own_addresses = vec!["10.1.2.3".parse().unwrap()];
+        node.external_ip_cidrs = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
+        let s = slice("IPv4", &[("", 8080, "TCP")], &[ready("10.0.0.1")]);
+        let d = desired(&svc, [&s], &node, &LIMITS).unwrap();
+        assert_eq!(
+            render(&d),
+            [
+                "10.96.0.1:80/TCP -> [10.0.0.1:8080]",
+                "203.0.113.9:80/TCP -> [10.0.0.1:8080]",
+            ]
+        );
+        assert_eq!(
+            d.refused,
+            [
+                "external IP 192.0.2.1 is not honoured: it is an address of this node",
+                "external IP 10.1.2.3 is not honoured: it is an address of this node",
+                "external IP 127.0.0.1 is not honoured: a loopback, link-local or multicast address",
+                "external IP 169.254.1.1 is not honoured: a loopback, link-local or multicast address",
+                "external IP 198.51.100.7 is not honoured: outside the agent's --external-ip-cidrs",
+            ]
+        );
+        // The cluster IP is the service's own; the external IP is borrowed (see `Claim`).
+        let borrowed: Vec<bool> = d.frontends.iter().map(|f| f.claim.borrowed).collect();
+        assert_eq!(borrowed, [false, true]);
     }
 
     #[test]

@@ -24,8 +24,10 @@ pub struct IfAddr {
 }
 
 /// Whether a node port may be served on `ip`: a unicast address that is not loopback,
-/// link-local or unspecified. (Node ports on loopback are served to local processes by the
-/// socket programs; link-local addresses are ambiguous across interfaces.)
+/// link-local or unspecified. Node ports on loopback (`127.0.0.1:<nodePort>`) are not
+/// served, as in kube-proxy's nftables mode: its iptables mode serves them only by turning
+/// on `route_localnet`, which lets the network reach the node's localhost services.
+/// Link-local addresses are ambiguous across interfaces.
 pub fn serves_node_ports(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {

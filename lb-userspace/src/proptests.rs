@@ -484,6 +484,97 @@ proptest! {
     }
 }
 
+/// Services claiming 10.96.7.7:80/TCP: each (age in seconds, borrowed) makes service `s<i>`
+/// (UID `u<i>`) with that address as its cluster IP, or as an external IP next to a cluster
+/// IP of its own, and one backend of its own, 10.244.7.<i>:8080.
+fn claimants(claims: &[(i64, bool)]) -> Vec<(Service, EndpointSlice)> {
+    claims
+        .iter()
+        .enumerate()
+        .map(|(i, (age, borrowed))| {
+            let name = format!("s{i}");
+            let own = format!("10.96.8.{i}");
+            let cluster = if *borrowed { own.as_str() } else { "10.96.7.7" };
+            let mut svc = testutil::service("ns", &name, &[cluster], &[("http", 80, "TCP")]);
+            if *borrowed {
+                svc.spec.as_mut().unwrap().external_ips = Some(vec!["10.96.7.7".into()]);
+            }
+            let at = jiff::Timestamp::from_second(1_000 + age).unwrap();
+            svc.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+            svc.metadata.uid = Some(format!("u{i}"));
+            let backend = format!("10.244.7.{i}");
+            let slice = testutil::slice(
+                "ns",
+                &format!("{name}-1"),
+                &name,
+                "IPv4",
+                &[("http", 8080, "TCP")],
+                &[testutil::ready(&backend)],
+            );
+            (svc, slice)
+        })
+        .collect()
+}
+
+/// The backends 10.96.7.7:80/TCP is served with.
+fn contested(c: &Contents) -> Option<Vec<String>> {
+    let value = c
+        .services
+        .iter()
+        .find(|(k, _)| frontend_string(k) == "10.96.7.7:80/TCP")?
+        .1;
+    Some(
+        c.live_slots(value)
+            .map(|(_, id)| to_socket_addr(&c.backends[id]).to_string())
+            .collect(),
+    )
+}
+
+proptest! {
+    /// Whatever order services claiming one frontend come and go in, the same one owns it:
+    /// a cluster IP before an external IP, then the oldest, then the smallest UID; and a
+    /// restarted agent decides the same.
+    #[test]
+    fn claims_give_the_same_owner_in_any_order(
+        claims in vec((0i64..3, any::<bool>()), 2..6),
+        order in Just((0..6).collect::<Vec<usize>>()).prop_shuffle(),
+        gone in 0usize..6,
+    ) {
+        let all = claimants(&claims);
+        let order: Vec<usize> = order.into_iter().filter(|i| *i < all.len()).collect();
+        let expected = |present: &[usize]| {
+            present
+                .iter()
+                .min_by_key(|i| (claims[**i].1, claims[**i].0, format!("u{i}")))
+                .map(|i| vec![format!("10.244.7.{i}:8080")])
+        };
+        let mut p = Pipeline::new(16);
+        let mut present = Vec::new();
+        for i in &order {
+            present.push(*i);
+            let (services, slices) = present.iter().map(|i| all[*i].clone()).unzip();
+            p.sync(Snapshot { services, slices, nodes: vec![] });
+            // A frontend changed twice within a grace period waits for the retirement.
+            p.rec.retire_now();
+            prop_assert_eq!(contested(p.rec.contents()), expected(&present));
+        }
+        // One goes: the next by the same rule takes over.
+        present.retain(|i| *i != gone % all.len());
+        let (services, slices): (Vec<_>, Vec<_>) = present.iter().map(|i| all[*i].clone()).unzip();
+        p.sync(Snapshot { services: services.clone(), slices: slices.clone(), nodes: vec![] });
+        p.rec.retire_now();
+        prop_assert_eq!(contested(p.rec.contents()), expected(&present));
+        // A restarted agent adopts the maps and keeps the owner.
+        let programmed = p.rec.contents().clone();
+        let mut q = Pipeline::new(16);
+        q.rec = Reconciler::new(FakeDatapath::with_contents(caps(16), programmed), LIMITS).unwrap();
+        q.sync(Snapshot { services, slices, nodes: vec![] });
+        q.rec.retire_now();
+        prop_assert_eq!(contested(q.rec.contents()), expected(&present));
+    }
+}
+
 #[test]
 fn many_slices_and_duplicate_endpoints_of_one_service_are_merged() {
     // 500 slices, each naming the same two pods (and one of its own): one frontend with the

@@ -34,7 +34,7 @@ use lb_common::{
 
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
-    model::{self, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection},
+    model::{self, Age, Claim, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection},
     store::Store,
 };
 
@@ -80,6 +80,8 @@ pub struct SyncReport {
     pub notes: Vec<(ObjectRef, String)>,
     /// Frontends claimed by more than one service.
     pub conflicts: Vec<Conflict>,
+    /// External IPs services claim that are not honoured, and why.
+    pub refused: Vec<(ObjectRef, String)>,
     /// Frontend changes refused for lack of map space.
     pub full: Vec<MapFull>,
     /// Writes that failed; their frontends are retried on the next sync.
@@ -97,6 +99,7 @@ impl SyncReport {
         self.rejected.extend(other.rejected);
         self.notes.extend(other.notes);
         self.conflicts.extend(other.conflicts);
+        self.refused.extend(other.refused);
         self.full.extend(other.full);
         self.errors.extend(other.errors);
         self.stale_udp.extend(other.stale_udp);
@@ -355,7 +358,7 @@ pub struct Reconciler<D: Datapath> {
     /// The last good frontends of each service.
     desired: BTreeMap<ObjectRef, Vec<DesiredFrontend>>,
     /// The services claiming each frontend.
-    claims: BTreeMap<ServiceKey, BTreeSet<ObjectRef>>,
+    claims: BTreeMap<ServiceKey, BTreeSet<(Claim, ObjectRef)>>,
     /// Frontends whose writes failed, retried on the next sync.
     retry: BTreeSet<ServiceKey>,
     /// Frontends refused for lack of map space (reported once), tried again after a sync
@@ -516,6 +519,9 @@ impl<D: Datapath> Reconciler<D> {
                             report
                                 .notes
                                 .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
+                            report
+                                .refused
+                                .extend(d.refused.into_iter().map(|n| (owner.clone(), n)));
                             let mut frontends = d.frontends;
                             self.keep_api_access(&owner, &mut frontends, &mut report);
                             match d.health_check {
@@ -747,7 +753,7 @@ impl<D: Datapath> Reconciler<D> {
         let Some(claimants) = self.claims.get(&key) else {
             return;
         };
-        let mut claimants = claimants.iter();
+        let mut claimants = claimants.iter().map(|(_, owner)| owner);
         let winner = claimants
             .next()
             .expect("claim sets are never empty")
@@ -782,7 +788,7 @@ impl<D: Datapath> Reconciler<D> {
         for f in old.iter().flatten() {
             touched.insert(f.key);
             if let Some(set) = self.claims.get_mut(&f.key) {
-                set.remove(owner);
+                set.remove(&(f.claim.clone(), owner.clone()));
                 if set.is_empty() {
                     self.claims.remove(&f.key);
                 }
@@ -790,7 +796,8 @@ impl<D: Datapath> Reconciler<D> {
         }
         for f in self.desired.get(owner).into_iter().flatten() {
             touched.insert(f.key);
-            self.claims.entry(f.key).or_default().insert(owner.clone());
+            let claim = (f.claim.clone(), owner.clone());
+            self.claims.entry(f.key).or_default().insert(claim);
         }
     }
 
@@ -807,6 +814,11 @@ impl<D: Datapath> Reconciler<D> {
                 let backends = self.programmed_backends(value);
                 Some(DesiredFrontend {
                     key: *key,
+                    // Known from the maps only: after every claim a service makes now.
+                    claim: Claim {
+                        borrowed: true,
+                        age: Age::unknown(),
+                    },
                     port_name: info.port_name()?.to_owned(),
                     backends,
                     affinity_timeout_s: value.affinity_timeout_s,

@@ -94,6 +94,8 @@ pub struct Store {
     node_name: Option<String>,
     node: NodeInfo,
     node_ips: Vec<IpAddr>,
+    /// Every address of the node's interfaces.
+    interface_addresses: Vec<IpAddr>,
     node_deleting: bool,
     services: BTreeMap<ObjectRef, Service>,
     slices: BTreeMap<ObjectRef, Slice>,
@@ -173,7 +175,9 @@ impl Store {
             node.and_then(|n| n.metadata.labels.as_ref()),
         );
         info.addresses = self.node.addresses.clone();
+        info.external_ip_cidrs = self.node.external_ip_cidrs.clone();
         self.node_ips = node.map(node_ips).unwrap_or_default();
+        info.own_addresses = self.own_addresses();
         self.node_deleting = node.is_some_and(being_deleted);
         if info != self.node {
             self.node = info;
@@ -286,6 +290,40 @@ impl Store {
         }
         self.node.addresses = addresses;
         self.services.keys().cloned().collect()
+    }
+
+    /// Sets every address of the node's interfaces (which, with its Node object's, no
+    /// external IP may claim); returns the services to recompute (all of them when they
+    /// changed).
+    pub fn set_interface_addresses(&mut self, mut all: Vec<IpAddr>) -> BTreeSet<ObjectRef> {
+        all.sort();
+        all.dedup();
+        self.interface_addresses = all;
+        let own = self.own_addresses();
+        if own == self.node.own_addresses {
+            return BTreeSet::new();
+        }
+        self.node.own_addresses = own;
+        self.services.keys().cloned().collect()
+    }
+
+    /// Sets the external IPs this node honours (`--external-ip-cidrs`; empty: any). For
+    /// start-up, before the first update.
+    pub fn set_external_ip_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) {
+        self.node.external_ip_cidrs = cidrs;
+    }
+
+    /// The node's own addresses: its interfaces' and its Node object's, sorted.
+    fn own_addresses(&self) -> Vec<IpAddr> {
+        let mut own: Vec<IpAddr> = self
+            .interface_addresses
+            .iter()
+            .chain(&self.node_ips)
+            .copied()
+            .collect();
+        own.sort();
+        own.dedup();
+        own
     }
 
     /// The InternalIP and ExternalIP addresses this node's Node object lists.

@@ -43,6 +43,13 @@ impl Svc {
         self
     }
 
+    /// Sets its creation time (RFC 3339) and UID, as the API server does.
+    pub fn created(mut self, at: &str, uid: &str) -> Self {
+        self.0["metadata"]["creationTimestamp"] = json!(at);
+        self.0["metadata"]["uid"] = json!(uid);
+        self
+    }
+
     /// Sets a label.
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.0["metadata"]["labels"][key] = json!(value);

@@ -7,7 +7,7 @@ use lb_userspace::inspect::{BackendStatsRow, ServiceStatsRow};
 
 use lb_tests::{
     fixture::{BACKEND_PORT, other_manifest, web_world},
-    manifest::{Ep, documents, service, slice},
+    manifest::{Ep, Svc, documents, service, slice},
     probe::Attempt,
     require_privileges,
     world::World,
@@ -412,4 +412,67 @@ fn kernel_debug_events_are_logged_only_when_asked_for() {
                 >= 5
         },
     );
+}
+
+#[test]
+fn an_older_service_cannot_take_cluster_dns_through_its_external_ips() {
+    if !require_privileges("an_older_service_cannot_take_cluster_dns_through_its_external_ips") {
+        return;
+    }
+    // CVE-2020-8554's class: `default/x` (older, a name that sorts first, no endpoints)
+    // lists cluster DNS's address among its externalIPs. In either order of creation, and
+    // after an agent restart, DNS stays with its own service.
+    for x_first in [true, false] {
+        let mut w = World::with_backends(2, PORT);
+        let dns_ports = [("dns", SPORT, "UDP")];
+        let dns = documents(&[
+            Svc::new("kube-system", "dns", &["10.96.0.10"], &[("dns", 53, "UDP")])
+                .created("2024-05-01T00:00:00Z", "uid-dns")
+                .yaml(),
+            slice(
+                "kube-system",
+                "dns-1",
+                "dns",
+                "IPv4",
+                &dns_ports,
+                &[Ep::ready(w.backend_v4(0)), Ep::ready(w.backend_v4(1))],
+            ),
+        ]);
+        let x = Svc::new("default", "x", &["10.96.0.99"], &[("dns", 53, "UDP")])
+            .spec("externalIPs", serde_json::json!(["10.96.0.10"]))
+            .created("2020-01-01T00:00:00Z", "uid-x")
+            .yaml();
+        let (first, second) = if x_first {
+            (("x.yaml", &x), ("dns.yaml", &dns))
+        } else {
+            (("dns.yaml", &dns), ("x.yaml", &x))
+        };
+        w.write_manifest(first.0, first.1);
+        w.start_agent(&[]);
+        w.wait_ready();
+        w.write_manifest(second.0, second.1);
+        w.wait_for_backends("10.96.0.99:53/UDP", 0);
+        w.wait_for_backends("10.96.0.10:53/UDP", 2);
+        let check = |w: &World| {
+            let attempts = w.probe(&["udp", "10.96.0.10:53", "--count", "20"]);
+            let answered = shares(&attempts);
+            assert_eq!(answered.len(), 2, "DNS's own backends answer: {answered:?}");
+            let owner = w
+                .services()
+                .into_iter()
+                .find(|r| r.frontend == "10.96.0.10:53/UDP")
+                .expect("programmed");
+            assert_eq!(owner.service, "kube-system/dns", "{owner:?}");
+        };
+        check(&w);
+        let log = w.agent_log();
+        assert!(
+            log.contains("two services claim one frontend") && log.contains("ignored=default/x"),
+            "the loser is reported"
+        );
+        w.kill_agent();
+        w.start_agent(&[]);
+        w.wait_ready();
+        check(&w);
+    }
 }

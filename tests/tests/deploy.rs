@@ -160,6 +160,7 @@ fn the_daemonset_runs_the_agent_as_intended() {
         ("LB_XDP_DEVICES", "--xdp-devices"),
         ("LB_OVERLAY_DEVICES", "--overlay-devices"),
         ("LB_NODEPORT_ADDRESSES", "--nodeport-addresses"),
+        ("LB_EXTERNAL_IP_CIDRS", "--external-ip-cidrs"),
     ] {
         let e = env
             .iter()

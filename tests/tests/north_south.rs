@@ -646,6 +646,43 @@ fn pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back() {
 }
 
 #[test]
+fn an_external_ip_equal_to_a_node_address_is_refused() {
+    if !require_privileges("an_external_ip_equal_to_a_node_address_is_refused") {
+        return;
+    }
+    // A tenant's service lists node A's own address among its externalIPs, to take the
+    // node's port 9999 (any port of the node: SSH, the kubelet) in XDP. It is refused, with
+    // a warning and a metric; its other external IP is served.
+    let spec = json!({"externalIPs": [NODE_A, "198.51.100.50"],
+                      "ports": [{"name": "tcp", "port": 9999, "protocol": "TCP",
+                                 "targetPort": PORT}]});
+    let grab = documents(&[
+        lb_service("grab", "10.96.0.40", "198.51.100.40", 30099, spec),
+        endpoints("grab", &ALL_PODS[..1]),
+    ]);
+    let c = started(("grab.yaml", &grab), ("198.51.100.50:9999", 1), &[]);
+    assert!(
+        row(&c, &format!("{NODE_A}:9999/TCP")).is_none(),
+        "{:?}",
+        externals(&c)
+    );
+    let attempts = c.tcp(sa("198.51.100.50:9999"), 3);
+    assert_eq!(Attempt::backends(&attempts), names(&["pod-a"]));
+    assert!(
+        c.agent_log().contains(&format!(
+            "external IP {NODE_A} is not honoured: it is an address of this node"
+        )),
+        "the refusal is logged"
+    );
+    let (_, metrics) = c.agent_http("/metrics").expect("metrics");
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lb_external_ips_refused_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+}
+
+#[test]
 fn a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend() {
     if !require_privileges("a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend") {
         return;

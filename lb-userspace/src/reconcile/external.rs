@@ -34,7 +34,7 @@ use crate::{
     addr::to_addr6,
     datapath::{Capacities, Contents, Datapath, Op, RangeKey},
     maglev,
-    model::{ExternalFrontend, ExternalGroup, ExternalKind, ObjectRef, Rejection},
+    model::{Age, Claim, ExternalFrontend, ExternalGroup, ExternalKind, ObjectRef, Rejection},
 };
 
 /// One north-south service: a service port and address family.
@@ -78,8 +78,8 @@ struct Region {
 pub(super) struct External {
     /// The last good groups of each service.
     desired: BTreeMap<ObjectRef, Vec<ExternalGroup>>,
-    /// The groups claiming each frontend.
-    claims: BTreeMap<ServiceKey, BTreeSet<GroupKey>>,
+    /// The groups claiming each frontend, the winner first (see `model::Claim`).
+    claims: BTreeMap<ServiceKey, BTreeSet<(Claim, GroupKey)>>,
     /// Groups with an id.
     groups: BTreeMap<GroupKey, Programmed>,
     pub(super) ids: Ids,
@@ -239,7 +239,7 @@ impl External {
             for f in &g.frontends {
                 touched.keys.insert(f.key);
                 if let Some(set) = self.claims.get_mut(&f.key) {
-                    set.remove(&gk);
+                    set.remove(&(f.claim(&g.age), gk.clone()));
                     if set.is_empty() {
                         self.claims.remove(&f.key);
                     }
@@ -254,7 +254,8 @@ impl External {
             let gk = GroupKey::of(owner, g);
             for f in &g.frontends {
                 touched.keys.insert(f.key);
-                self.claims.entry(f.key).or_default().insert(gk.clone());
+                let claim = (f.claim(&g.age), gk.clone());
+                self.claims.entry(f.key).or_default().insert(claim);
             }
             touched.groups.insert(gk);
         }
@@ -337,6 +338,8 @@ impl<D: Datapath> Reconciler<D> {
                 local: first.flags & NS_F_LOCAL != 0,
                 // All the maps tell of its endpoints.
                 endpoints: backends.iter().map(Backend::endpoint).collect(),
+                // Known from the maps only: after every claim a service makes now.
+                age: Age::unknown(),
                 backends,
                 frontends,
                 affinity_timeout_s: m.affinity_timeout_of(first),
@@ -708,7 +711,7 @@ impl<D: Datapath> Reconciler<D> {
     /// Phase 2 for one frontend: the winner's entry, or none.
     fn frontend(&mut self, key: &ServiceKey, report: &mut SyncReport) -> Result<(), ()> {
         let winner = self.ext.claims.get(key).and_then(|set| {
-            let mut it = set.iter();
+            let mut it = set.iter().map(|(_, gk)| gk);
             let winner = it.next()?.clone();
             report.conflicts.extend(it.map(|loser| Conflict {
                 frontend: *key,

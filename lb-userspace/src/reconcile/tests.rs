@@ -675,23 +675,88 @@ fn a_refused_service_is_reported_once_and_programmed_when_room_is_made() {
     assert_eq!(h.served().len(), 1);
 }
 
+/// `svc`, created `secs` seconds into the epoch, with UID `uid`.
+fn aged(mut svc: Service, secs: i64, uid: &str) -> Service {
+    let at = jiff::Timestamp::from_second(secs).unwrap();
+    svc.metadata.creation_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+    svc.metadata.uid = Some(uid.into());
+    svc
+}
+
 #[test]
-fn a_frontend_claimed_twice_goes_to_the_first_service() {
+fn a_frontend_claimed_twice_goes_to_the_oldest_service_whatever_its_name() {
     let mut h = Harness::new();
-    let twin = service("ns", "aaa-twin", &["10.96.0.1"], &[("http", 80, "TCP")]);
-    let report = h.sync(vec![web("10.96.0.1"), twin], vec![web_slice(&["10.0.0.1"])]);
+    let web = aged(web("10.96.0.1"), 1_000, "u-web");
+    let twin = aged(
+        service("ns", "aaa-twin", &["10.96.0.1"], &[("http", 80, "TCP")]),
+        2_000,
+        "u-twin",
+    );
+    let report = h.sync(
+        vec![web.clone(), twin.clone()],
+        vec![web_slice(&["10.0.0.1"])],
+    );
     assert_eq!(report.conflicts.len(), 1);
-    assert_eq!(report.conflicts[0].winner, ObjectRef::new("ns", "aaa-twin"));
+    assert_eq!(report.conflicts[0].winner, ObjectRef::new("ns", "web"));
+    assert_eq!(report.conflicts[0].loser, ObjectRef::new("ns", "aaa-twin"));
+    assert_eq!(
+        h.served()["10.96.0.1:80/TCP"],
+        entry("ns/web:http", &["10.0.0.1:8080"])
+    );
+    // Created in the same second: the UID decides.
+    let twin = aged(twin, 1_000, "u-aaa");
+    h.sync(vec![web.clone(), twin], vec![web_slice(&["10.0.0.1"])]);
     assert_eq!(
         h.served()["10.96.0.1:80/TCP"],
         entry("ns/aaa-twin:http", &[])
     );
     // When the winner goes, the other takes over.
-    h.sync(vec![web("10.96.0.1")], vec![web_slice(&["10.0.0.1"])]);
+    h.sync(vec![web], vec![web_slice(&["10.0.0.1"])]);
     assert_eq!(
         h.served()["10.96.0.1:80/TCP"],
         entry("ns/web:http", &["10.0.0.1:8080"])
     );
+}
+
+#[test]
+fn an_external_ip_never_takes_a_cluster_ip_in_any_order_or_after_a_restart() {
+    // CVE-2020-8554's class: `default/x` (older, a name that sorts first, no endpoints)
+    // claims cluster DNS's address through externalIPs.
+    let (dns_svc, dns_slice) = dns(&["10.0.1.1", "10.0.1.2"]);
+    let dns_svc = aged(dns_svc, 2_000, "u-dns");
+    let mut x = service("default", "x", &["10.96.0.99"], &[("dns", 53, "UDP")]);
+    x.spec.as_mut().unwrap().external_ips = Some(vec!["10.96.0.10".into()]);
+    let x = aged(x, 1_000, "u-x");
+    let dns_served = entry("kube-system/dns:dns", &["10.0.1.1:53", "10.0.1.2:53"]);
+    for order in [
+        vec![
+            (vec![x.clone()], vec![]),
+            (vec![x.clone(), dns_svc.clone()], vec![dns_slice.clone()]),
+        ],
+        vec![
+            (vec![dns_svc.clone()], vec![dns_slice.clone()]),
+            (vec![dns_svc.clone(), x.clone()], vec![dns_slice.clone()]),
+        ],
+    ] {
+        let mut h = Harness::new();
+        let mut conflicts = Vec::new();
+        for (services, slices) in order {
+            conflicts.extend(h.sync(services, slices).conflicts);
+        }
+        assert_eq!(h.served()["10.96.0.10:53/UDP"], dns_served);
+        assert!(
+            conflicts
+                .iter()
+                .any(|c| c.loser == ObjectRef::new("default", "x")),
+            "{conflicts:?}"
+        );
+        // A restarted agent adopts the maps and decides the same.
+        let programmed = h.rec.contents().clone();
+        let mut h = Harness::over(FakeDatapath::with_contents(CAPS, programmed));
+        h.sync(vec![x.clone(), dns_svc.clone()], vec![dns_slice.clone()]);
+        assert_eq!(h.served()["10.96.0.10:53/UDP"], dns_served);
+    }
 }
 
 fn sticky(svc: Service) -> Service {
