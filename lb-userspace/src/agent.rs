@@ -773,7 +773,7 @@ fn log_report(report: &SyncReport, rejected_total: &mut BTreeMap<&'static str, u
         warn!(frontend = frontend_string(&c.frontend), programmed_by = %c.winner, ignored = %c.loser,
               "two services claim one frontend; a service's own cluster IP or node port wins, then the oldest service");
     }
-    for (service, why) in &report.refused {
+    for (service, why) in report.refused.iter().chain(&report.limited) {
         warn!(%service, "{why}");
     }
     for f in &report.full {

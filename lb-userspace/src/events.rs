@@ -22,12 +22,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::{
-    addr::frontend_string,
-    model::{ObjectRef, Rejection},
-    reconcile::SyncReport,
-    store::Store,
-};
+use crate::{addr::frontend_string, model::ObjectRef, reconcile::SyncReport, store::Store};
 
 /// Least time between two events of one service and reason.
 pub const PER_SERVICE_INTERVAL: Duration = Duration::from_secs(300);
@@ -47,18 +42,11 @@ pub struct Warning {
     pub note: String,
 }
 
-fn rejection_reason(r: &Rejection) -> &'static str {
-    match r {
-        Rejection::TooManyBackends { .. } => "TooManyBackends",
-        _ => "InvalidService",
-    }
-}
-
 /// The warnings a sync's report holds.
 pub fn warnings(report: &SyncReport) -> Vec<Warning> {
     let rejected = report.rejected.iter().map(|(service, r)| Warning {
         service: service.clone(),
-        reason: rejection_reason(r),
+        reason: "InvalidService",
         note: format!("not programmed by lb-agent: {r}; what it had before, if anything, is kept"),
     });
     let full = report.full.iter().map(|f| Warning {
@@ -87,10 +75,16 @@ pub fn warnings(report: &SyncReport) -> Vec<Warning> {
         reason: "ExternalIPRefused",
         note: why.clone(),
     });
+    let limited = report.limited.iter().map(|(service, what)| Warning {
+        service: service.clone(),
+        reason: "TooManyBackends",
+        note: what.clone(),
+    });
     rejected
         .chain(full)
         .chain(conflicts)
         .chain(refused)
+        .chain(limited)
         .collect()
 }
 
@@ -222,6 +216,7 @@ mod tests {
     use lb_common::{ServiceKey, proto};
 
     use super::*;
+    use crate::model::Rejection;
     use crate::{
         addr::to_addr6,
         reconcile::{Conflict, MapFull},

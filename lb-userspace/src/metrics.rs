@@ -91,6 +91,7 @@ pub struct Metrics {
     write_errors: Counter,
     conflicts: Counter,
     external_ips_refused: Counter,
+    backends_limited: Counter,
     source_up: Gauge,
     events: Counter,
     events_dropped: Counter,
@@ -121,6 +122,7 @@ impl Metrics {
             write_errors: Counter::default(),
             conflicts: Counter::default(),
             external_ips_refused: Counter::default(),
+            backends_limited: Counter::default(),
             source_up: Gauge::default(),
             events: Counter::default(),
             events_dropped: Counter::default(),
@@ -184,6 +186,11 @@ impl Metrics {
             "External IPs not honoured (an address of this node, outside --external-ip-cidrs, \
              or a special address)",
             m.external_ips_refused.clone(),
+        );
+        registry.register(
+            "backends_limited",
+            "Service ports over --max-backends-per-service, served by a stable subset (per sync)",
+            m.backends_limited.clone(),
         );
         registry.register(
             "source_up",
@@ -286,6 +293,7 @@ impl Metrics {
         self.conflicts.inc_by(report.conflicts.len() as u64);
         self.external_ips_refused
             .inc_by(report.refused.len() as u64);
+        self.backends_limited.inc_by(report.limited.len() as u64);
     }
 
     /// `published` Events were queued and `dropped` more warnings were not.
@@ -554,12 +562,12 @@ mod tests {
             writes: 7,
             rejected: vec![(
                 ObjectRef::new("ns", "bad"),
-                Rejection::TooManyBackends {
-                    frontend: "10.0.0.1:80/TCP".into(),
-                    count: 9,
-                    limit: 4,
+                Rejection::InvalidIp {
+                    what: "cluster IP",
+                    value: "10.0.0.300".into(),
                 },
             )],
+            limited: vec![(ObjectRef::new("ns", "big"), "over the limit".into())],
             full: vec![MapFull {
                 service: ObjectRef::new("ns", "big"),
                 frontend: ServiceKey::new(
@@ -582,7 +590,8 @@ mod tests {
             "lb_source_updates_total 3",
             "lb_syncs_total 1",
             "lb_map_writes_total 7",
-            "lb_rejected_services_total{reason=\"too_many_backends\"} 1",
+            "lb_rejected_services_total{reason=\"invalid_ip\"} 1",
+            "lb_backends_limited_total 1",
             "lb_map_full_total{map=\"lb_slot_v2\"} 1",
             "lb_source_up 1",
             "lb_sync_duration_seconds_count 1",

@@ -258,6 +258,9 @@ pub struct Desired {
     /// External IPs not honoured, and why (an address of this node, outside
     /// `--external-ip-cidrs`, or a special address): each is a warning to the service.
     pub refused: Vec<String>,
+    /// Ports with more endpoints than the per-service limit, served by a stable subset:
+    /// each is a warning to the service.
+    pub limited: Vec<String>,
 }
 
 /// Why a service cannot be programmed.
@@ -317,16 +320,6 @@ pub enum Rejection {
         /// Its value.
         value: String,
     },
-    /// More backends than a frontend may have.
-    #[error("{count} backends for {frontend}, over the limit of {limit}")]
-    TooManyBackends {
-        /// The frontend, `VIP:port/PROTO`.
-        frontend: String,
-        /// How many backends it would have.
-        count: usize,
-        /// The limit.
-        limit: usize,
-    },
 }
 
 impl Rejection {
@@ -341,7 +334,6 @@ impl Rejection {
             Self::DuplicatePort { .. } => "duplicate_port",
             Self::DuplicatePortName(_) => "duplicate_port_name",
             Self::Unsupported { .. } => "unsupported_value",
-            Self::TooManyBackends { .. } => "too_many_backends",
         }
     }
 }
@@ -473,13 +465,36 @@ pub fn desired<'a>(
                     .filter(|c| c.ready && c.node_name.is_some() && c.node_name == node.name)
                     .map(|c| c.ip),
             );
-            let backends = |policy| -> Result<Vec<Backend>, Rejection> {
-                let mut b: Vec<Backend> = usable(&candidates, policy, node)
+            let seed = xxhash_rust::xxh64::xxh64(
+                format!(
+                    "{}/{}:{}",
+                    svc.metadata.namespace.as_deref().unwrap_or(""),
+                    svc.metadata.name.as_deref().unwrap_or(""),
+                    port.name
+                )
+                .as_bytes(),
+                0,
+            );
+            let mut backends = |policy| -> Vec<Backend> {
+                let all: Vec<Backend> = usable(&candidates, policy, node)
                     .into_iter()
                     .map(|c| c.backend(node))
                     .collect();
-                b.sort();
-                Ok(b)
+                let count = all.len();
+                let b = stable_subset(all, seed, limits.max_backends_per_service);
+                if b.len() < count {
+                    let note = format!(
+                        "port {:?} has {count} endpoints, over the limit of {} \
+                         (--max-backends-per-service): a stable subset of {} serves it",
+                        port.name,
+                        limits.max_backends_per_service,
+                        b.len()
+                    );
+                    if !out.limited.contains(&note) {
+                        out.limited.push(note);
+                    }
+                }
+                b
             };
             let family = |ips: &[IpAddr]| -> Vec<IpAddr> {
                 ips.iter()
@@ -522,8 +537,7 @@ pub fn desired<'a>(
                 if !seen.insert(key) {
                     continue;
                 }
-                let backends = backends(policy)?;
-                check_count(&key, backends.len(), limits)?;
+                let backends = backends(policy);
                 out.frontends.push(DesiredFrontend {
                     key,
                     claim: Claim {
@@ -537,9 +551,8 @@ pub fn desired<'a>(
             }
             let mut seen = BTreeSet::new();
             ns.retain(|f| seen.insert(f.key));
-            if let Some(first) = ns.first() {
-                let backends = backends(external)?;
-                check_count(&first.key, backends.len(), limits)?;
+            if !ns.is_empty() {
+                let backends = backends(external);
                 ns.sort();
                 let mut endpoints: Vec<Endpoint> = candidates
                     .iter()
@@ -701,15 +714,23 @@ pub fn explain<'a>(
     Ok(out)
 }
 
-fn check_count(key: &ServiceKey, count: usize, limits: &Limits) -> Result<(), Rejection> {
-    if count > limits.max_backends_per_service {
-        return Err(Rejection::TooManyBackends {
-            frontend: crate::addr::frontend_string(key),
-            count,
-            limit: limits.max_backends_per_service,
-        });
+/// At most `max` of `backends`, sorted: when there are more, those whose hash with `seed`
+/// (the service port's identity) is highest (rendezvous hashing). The subset is the same on
+/// every node and after every restart, and a backend that comes or goes changes it by at
+/// most one, so a service over the limit follows its pods as they are replaced rather than
+/// keep a stale table.
+fn stable_subset(mut backends: Vec<Backend>, seed: u64, max: usize) -> Vec<Backend> {
+    if backends.len() > max {
+        let rank = |b: &Backend| {
+            let mut bytes = b.addr.octets().to_vec();
+            bytes.extend(b.port_be.to_ne_bytes());
+            xxhash_rust::xxh64::xxh64(&bytes, seed)
+        };
+        backends.sort_by_key(|b| std::cmp::Reverse(rank(b)));
+        backends.truncate(max);
     }
-    Ok(())
+    backends.sort();
+    backends
 }
 
 /// The service's load-balancer ingress IPs (type LoadBalancer), except those whose
@@ -1591,16 +1612,41 @@ mod tests {
     }
 
     #[test]
-    fn too_many_backends_is_rejected() {
+    fn a_port_over_the_backend_limit_is_served_by_a_stable_subset() {
         let svc = service(&["10.96.0.1"], &[("", 80, "TCP")]);
-        let eps: Vec<String> = (1..=5).map(|i| format!("10.0.0.{i}")).collect();
-        let eps: Vec<Ep<'_>> = eps.iter().map(|a| ready(a)).collect();
-        let s = slice("IPv4", &[("", 8080, "TCP")], &eps);
-        let err = desired(&svc, [&s], &node(), &LIMITS).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "5 backends for 10.96.0.1:80/TCP, over the limit of 4"
+        let of = |ids: &[u8]| -> Desired {
+            let eps: Vec<String> = ids.iter().map(|i| format!("10.0.0.{i}")).collect();
+            let eps: Vec<Ep<'_>> = eps.iter().map(|a| ready(a)).collect();
+            let s = slice("IPv4", &[("", 8080, "TCP")], &eps);
+            desired(&svc, [&s], &node(), &LIMITS).unwrap()
+        };
+        let served = |d: &Desired| -> BTreeSet<Backend> {
+            d.frontends[0].backends.iter().copied().collect()
+        };
+        let d = of(&[1, 2, 3, 4, 5, 6]);
+        assert_eq!(d.frontends[0].backends.len(), 4, "the limit");
+        assert_eq!(d.limited.len(), 1, "{:?}", d.limited);
+        assert!(
+            d.limited[0].contains("6 endpoints, over the limit of 4"),
+            "{:?}",
+            d.limited
         );
+        // In any order, the same subset; a pod replaced changes it by one at most.
+        assert_eq!(served(&of(&[6, 5, 4, 3, 2, 1])), served(&d));
+        let gone = *served(&d).iter().next().unwrap();
+        let gone_last = gone.addr.octets()[15];
+        let rest: Vec<u8> = (1..=6).filter(|i| *i != gone_last).chain([7]).collect();
+        let after = served(&of(&rest));
+        assert_eq!(after.len(), 4);
+        assert_eq!(
+            served(&d).difference(&after).count(),
+            1,
+            "{d:?} -> {after:?}"
+        );
+        // Under the limit: every endpoint, no warning.
+        let d = of(&[1, 2]);
+        assert_eq!(d.frontends[0].backends.len(), 2);
+        assert!(d.limited.is_empty());
     }
 
     #[test]

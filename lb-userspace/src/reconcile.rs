@@ -82,6 +82,8 @@ pub struct SyncReport {
     pub conflicts: Vec<Conflict>,
     /// External IPs services claim that are not honoured, and why.
     pub refused: Vec<(ObjectRef, String)>,
+    /// Service ports over the per-service backend limit, served by a stable subset.
+    pub limited: Vec<(ObjectRef, String)>,
     /// Frontend changes refused for lack of map space.
     pub full: Vec<MapFull>,
     /// Writes that failed; their frontends are retried on the next sync.
@@ -100,6 +102,7 @@ impl SyncReport {
         self.notes.extend(other.notes);
         self.conflicts.extend(other.conflicts);
         self.refused.extend(other.refused);
+        self.limited.extend(other.limited);
         self.full.extend(other.full);
         self.errors.extend(other.errors);
         self.stale_udp.extend(other.stale_udp);
@@ -522,6 +525,9 @@ impl<D: Datapath> Reconciler<D> {
                             report
                                 .refused
                                 .extend(d.refused.into_iter().map(|n| (owner.clone(), n)));
+                            report
+                                .limited
+                                .extend(d.limited.into_iter().map(|n| (owner.clone(), n)));
                             let mut frontends = d.frontends;
                             self.keep_api_access(&owner, &mut frontends, &mut report);
                             match d.health_check {

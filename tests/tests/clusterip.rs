@@ -296,9 +296,11 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
     let frontends: Vec<String> = w.services().into_iter().map(|r| r.frontend).collect();
     assert_eq!(
         frontends,
-        ["10.96.0.30:80/TCP"],
-        "only the valid service is programmed"
+        ["10.96.0.30:80/TCP", "10.96.0.34:80/TCP"],
+        "only the valid services are programmed"
     );
+    // Over the backend limit: served by a stable subset of the limit, with a warning.
+    assert_eq!(w.backend_count("10.96.0.34:80/TCP"), Some(2));
     assert_eq!(
         shares(&w.probe(&["tcp", "10.96.0.30:80", "--count", "20"])).len(),
         2
