@@ -428,8 +428,6 @@ pub fn desired<'a>(
             "a Local traffic policy needs the agent's --node-name; no endpoint is local".into(),
         );
     }
-    // Connections from this node to the service's external addresses get the endpoints
-    // kube-proxy gives them: cluster-wide ones, unless both policies are Local.
     for ip in external_ips.iter().chain(&lb_ips) {
         if !cluster.iter().any(|c| c.is_ipv6() == ip.is_ipv6()) {
             out.notes.push(format!(
@@ -437,11 +435,11 @@ pub fn desired<'a>(
             ));
         }
     }
-    let from_node = if internal == TrafficPolicy::Local && external == TrafficPolicy::Local {
-        TrafficPolicy::Local
-    } else {
-        TrafficPolicy::Cluster
-    };
+    // Connections from this node (its pods, its processes) to the service's node ports,
+    // load-balancer IPs and external IPs get cluster-wide endpoints whatever both policies
+    // say, as kube-proxy short-circuits them (its `UsesClusterEndpoints`): only traffic
+    // from outside is held to this node's endpoints by `externalTrafficPolicy: Local`.
+    let from_node = TrafficPolicy::Cluster;
     let slices: Vec<&Slice> = slices.into_iter().filter(|s| s.ipv6.is_some()).collect();
     for s in &slices {
         out.notes.extend(s.notes.iter().cloned());
@@ -655,8 +653,8 @@ pub struct PortExplanation {
 
 /// Why each endpoint of each port of `svc` does or does not get new connections on this
 /// node, by the same rules [`desired`] programs (connections from this node to external
-/// addresses, which kube-proxy gives cluster-wide endpoints unless both policies are Local,
-/// are not shown apart).
+/// addresses, which get cluster-wide endpoints as through kube-proxy, are not shown
+/// apart).
 pub fn explain<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a Slice>,
@@ -1800,6 +1798,63 @@ mod tests {
     }
 
     #[test]
+    fn traffic_from_this_node_to_external_addresses_gets_cluster_endpoints() {
+        // kube-proxy's short circuit: whatever both policies say, this node's pods and
+        // processes reach a service's node port and external addresses through
+        // cluster-wide endpoints; from outside, eTP Local holds them to this node's.
+        // (internal, external, local endpoint?) -> (cluster IP, node port from the node,
+        // from outside)
+        let cases = [
+            (
+                ("Cluster", "Local", true),
+                (
+                    "[10.0.0.1:8080 10.0.0.2:8080]",
+                    "[10.0.0.1:8080 10.0.0.2:8080]",
+                    1,
+                ),
+            ),
+            (
+                ("Local", "Local", true),
+                ("[10.0.0.2:8080]", "[10.0.0.1:8080 10.0.0.2:8080]", 1),
+            ),
+            (
+                ("Local", "Local", false),
+                ("[]", "[10.0.0.1:8080 10.0.0.2:8080]", 0),
+            ),
+            (
+                ("Local", "Cluster", false),
+                ("[]", "[10.0.0.1:8080 10.0.0.2:8080]", 2),
+            ),
+        ];
+        for ((internal, external, local), (cluster, node_port, outside)) in cases {
+            let mut svc = exposed("NodePort", &["10.96.0.1"], &[("http", 80, "TCP", 30080)]);
+            let spec = svc.spec.as_mut().unwrap();
+            spec.internal_traffic_policy = Some(internal.into());
+            spec.external_traffic_policy = Some(external.into());
+            spec.external_ips = Some(vec!["203.0.113.5".into()]);
+            let mut s = slice(
+                "IPv4",
+                &[("http", 8080, "TCP")],
+                &[ready("10.0.0.1"), ready("10.0.0.2")],
+            );
+            s.endpoints.as_mut().unwrap()[1].node_name =
+                Some(if local { "n1" } else { "n2" }.into());
+            let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
+            let case = format!("iTP {internal}, eTP {external}, local {local}");
+            let of = |frontend: &str| -> String {
+                render(&d)
+                    .into_iter()
+                    .find_map(|r| r.strip_prefix(&format!("{frontend} -> ")).map(String::from))
+                    .unwrap_or_else(|| panic!("{case}: no {frontend}"))
+            };
+            assert_eq!(of("10.96.0.1:80/TCP"), cluster, "{case}");
+            assert_eq!(of("192.0.2.1:30080/TCP"), node_port, "{case}");
+            assert_eq!(of("203.0.113.5:80/TCP"), node_port, "{case}");
+            assert_eq!(d.external[0].backends.len(), outside, "{case}");
+        }
+    }
+
+    #[test]
     fn explain_gives_every_endpoint_a_verdict_per_path_that_agrees_with_desired() {
         let mut svc = exposed("NodePort", &["10.96.0.1"], &[("http", 80, "TCP", 30080)]);
         svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
@@ -1854,7 +1909,7 @@ mod tests {
         // The same endpoints as the programmed frontends have.
         let d = desired(&svc, [&s], &node(), &LIMITS).unwrap();
         // (The node port from this node's own processes gets cluster-wide endpoints, as
-        // kube-proxy gives them, unless both policies are Local.)
+        // kube-proxy gives them.)
         assert_eq!(
             render(&d)[0],
             "10.96.0.1:80/TCP -> [10.0.0.1:8080 10.0.0.2:8080]"
