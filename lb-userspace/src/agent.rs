@@ -82,6 +82,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let layout = PinLayout::new(&args.pin_dir);
     if args.cleanup {
         let done = loader::cleanup(&layout)?;
+        let socket = health::explain_socket(layout.root(), args.explain_socket.as_deref());
+        match std::fs::remove_file(&socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                warn!(path = %socket.display(), error = %e, "cannot remove the explain socket")
+            }
+            _ => {}
+        }
         info!(links = done.links, maps = done.maps, dir = %layout.root().display(), "cleaned up: programs detached, maps removed");
         return Ok(());
     }
@@ -167,14 +174,28 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         &reconciler.datapath().capacities(),
     ));
     let (explainer, mut explain_rx) = mpsc::channel::<health::ExplainRequest>(8);
-    if let Some(addr) = args.health().map_err(AgentError::Config)? {
-        let (health, metrics) = (health.clone(), metrics.clone());
+    if let Some(addr) = args.healthz().map_err(AgentError::Config)? {
+        let health = health.clone();
         tokio::spawn(async move {
-            if let Err(e) = health::serve(addr, health, metrics, explainer).await {
+            if let Err(e) = health::serve_health(addr, health).await {
                 error!(%addr, error = %e, "the health endpoint failed");
             }
         });
     }
+    if let Some(addr) = args.metrics().map_err(AgentError::Config)? {
+        let (health, metrics) = (health.clone(), metrics.clone());
+        tokio::spawn(async move {
+            if let Err(e) = health::serve_metrics(addr, health, metrics).await {
+                error!(%addr, error = %e, "the metrics endpoint failed");
+            }
+        });
+    }
+    let socket = health::explain_socket(layout.root(), args.explain_socket.as_deref());
+    tokio::spawn(async move {
+        if let Err(e) = health::serve_explain(socket.clone(), explainer).await {
+            error!(path = %socket.display(), error = %e, "the explain endpoint failed");
+        }
+    });
     let events = match source.api() {
         Some(settings) => match source::kubernetes::client(settings).await {
             Ok(client) => Some(Events::start(client, args.node_name.clone())),

@@ -225,10 +225,31 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_MAX_SOURCE_RANGES", default_value_t = DEFAULT_MAX_SOURCE_RANGES)]
     pub max_source_ranges: u32,
 
-    /// Address of the health and metrics endpoint (`/livez`, `/healthz`, `/readyz` for the
-    /// DaemonSet's probes and load balancers, `/metrics` for Prometheus); `off` disables it.
-    #[arg(long, env = "LB_HEALTH_ADDR", default_value = "0.0.0.0:9890")]
-    pub health_addr: String,
+    /// Address of the health endpoint (`/livez`, `/healthz`, `/readyz`: the DaemonSet's
+    /// probes and load balancers), as kube-proxy's; `off` disables it. It tells nothing of
+    /// the services.
+    #[arg(
+        long,
+        alias = "health-addr",
+        env = "LB_HEALTHZ_BIND_ADDRESS",
+        default_value = "0.0.0.0:10256"
+    )]
+    pub healthz_bind_address: String,
+
+    /// Address of the metrics endpoint (`/metrics` for Prometheus, and the health paths), as
+    /// kube-proxy's: on loopback by default, since the metrics name every service and
+    /// backend; `off` disables it.
+    #[arg(
+        long,
+        env = "LB_METRICS_BIND_ADDRESS",
+        default_value = "127.0.0.1:10249"
+    )]
+    pub metrics_bind_address: String,
+
+    /// Unix socket of the explain endpoint (`lbctl explain` asks it), created `0600` in a
+    /// `0700` directory: only root reaches it. Default: `/run/lb-agent/<pin dir name>.sock`.
+    #[arg(long, env = "LB_EXPLAIN_SOCKET")]
+    pub explain_socket: Option<std::path::PathBuf>,
 
     /// Seconds after which programming counts as stale: `/livez` and `/healthz` fail when an
     /// update has waited this long to reach the maps, and `/readyz` fails when the source
@@ -293,7 +314,8 @@ impl AgentArgs {
             ));
         }
         self.table_entries()?;
-        self.health()?;
+        self.healthz()?;
+        self.metrics()?;
         self.snat_range()?;
         self.nodeport_cidrs()?;
         self.external_ip_cidrs()?;
@@ -370,14 +392,13 @@ impl AgentArgs {
     }
 
     /// The health endpoint's address, `None` when disabled.
-    pub fn health(&self) -> Result<Option<std::net::SocketAddr>, String> {
-        if self.health_addr == "off" {
-            return Ok(None);
-        }
-        self.health_addr
-            .parse()
-            .map(Some)
-            .map_err(|e| format!("--health-addr {}: {e}", self.health_addr))
+    pub fn healthz(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        bind_address("--healthz-bind-address", &self.healthz_bind_address)
+    }
+
+    /// The metrics endpoint's address, `None` when disabled.
+    pub fn metrics(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        bind_address("--metrics-bind-address", &self.metrics_bind_address)
     }
 
     /// Map capacities to create maps with.
@@ -458,6 +479,17 @@ fn parse_secs(s: &str) -> Result<u32, String> {
         return Err(format!("{s:?}: at most 10 years"));
     }
     Ok(secs as u32)
+}
+
+/// A bind address flag's value (`flag` names it in errors): an address, or `off`.
+fn bind_address(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if value == "off" {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|e| format!("{flag} {value}: {e}"))
 }
 
 /// A CIDR list flag's value (`flag` names it in errors), each truncated to its network.

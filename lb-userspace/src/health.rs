@@ -1,23 +1,34 @@
-//! The agent's health and metrics endpoint, for the DaemonSet's probes and Prometheus.
+//! The agent's health, metrics and explain endpoints.
 //!
-//! Like kube-proxy's, on one port:
-//! - `/livez`: 200 while programming is fresh, that is, no update from the source has waited
-//!   longer than `--stale-after` to reach the maps (a stuck or failing sync), 503 after.
-//! - `/healthz`: the same, and 503 while this node is being deleted (its Node object has a
-//!   deletion timestamp or the cluster autoscaler's `ToBeDeletedByClusterAutoscaler` taint), so
-//!   that load balancers stop sending to it. The body is kube-proxy's JSON:
-//!   `lastUpdated`, `currentTime`, `nodeEligible`.
-//! - `/readyz`: 200 once the first complete sync is written and the programs attached, and 503
-//!   while the source has been unable to reach its objects (an API server outage) for longer
-//!   than `--stale-after`: the datapath keeps serving its last state, and the body says since
-//!   when.
-//! - `/metrics`: Prometheus text format (see [`crate::metrics`]).
-//! - `/explain/NAMESPACE/NAME`, from loopback only: why each endpoint of the service does or
-//!   does not get new connections on this node, as JSON (`lbctl explain` asks it).
+//! As kube-proxy's, health and metrics on two ports:
+//! - the health endpoint (`--healthz-bind-address`, `0.0.0.0:10256`), for the DaemonSet's
+//!   probes and load balancers, which tells nothing of the services:
+//!   - `/livez`: 200 while programming is fresh, that is, no update from the source has
+//!     waited longer than `--stale-after` to reach the maps (a stuck or failing sync), 503
+//!     after.
+//!   - `/healthz`: the same, and 503 while this node is being deleted (its Node object has a
+//!     deletion timestamp or the cluster autoscaler's `ToBeDeletedByClusterAutoscaler`
+//!     taint), so that load balancers stop sending to it. The body is kube-proxy's JSON:
+//!     `lastUpdated`, `currentTime`, `nodeEligible`.
+//!   - `/readyz`: 200 once the first complete sync is written and the programs attached, and
+//!     503 while the source has been unable to reach its objects (an API server outage) for
+//!     longer than `--stale-after`: the datapath keeps serving its last state, and the body
+//!     says since when.
+//! - the metrics endpoint (`--metrics-bind-address`, `127.0.0.1:10249`): `/metrics`,
+//!   Prometheus text format (see [`crate::metrics`]), which names every service and backend,
+//!   and the health paths. The maps are read at most once per
+//!   [`crate::metrics::READ_EVERY`]: concurrent and repeated scrapes share one reading.
+//! - the explain endpoint, on a Unix socket only root reaches ([`explain_socket`]):
+//!   `/explain/NAMESPACE/NAME`, why each endpoint of the service does or does not get new
+//!   connections on this node, as JSON (`lbctl explain` asks it).
+//!
+//! Each endpoint serves at most [`CONNECTIONS`] connections at once, and drops one that has
+//! not sent its request's headers within [`HEADER_TIMEOUT`].
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -27,7 +38,7 @@ use hyper::{
     Request, Response, StatusCode, body::Bytes, header::HeaderValue, server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
@@ -220,13 +231,7 @@ impl Health {
 pub type ExplainRequest = (ObjectRef, oneshot::Sender<Option<String>>);
 
 /// Asks the agent's loop to explain `path`'s service (`/explain/NAMESPACE/NAME`).
-async fn explain(path: &str, peer: SocketAddr, explainer: &mpsc::Sender<ExplainRequest>) -> Answer {
-    if !peer.ip().to_canonical().is_loopback() {
-        return Answer::text(
-            StatusCode::FORBIDDEN,
-            "explain is served on loopback only\n",
-        );
-    }
+async fn explain(path: &str, explainer: &mpsc::Sender<ExplainRequest>) -> Answer {
     let Some((ns, name)) = path
         .strip_prefix("/explain/")
         .and_then(|rest| rest.split_once('/'))
@@ -255,57 +260,173 @@ async fn explain(path: &str, peer: SocketAddr, explainer: &mpsc::Sender<ExplainR
     }
 }
 
-/// Serves the endpoints on `addr` until the runtime stops.
-pub async fn serve(
-    addr: SocketAddr,
-    health: Health,
-    metrics: Arc<Metrics>,
-    explainer: mpsc::Sender<ExplainRequest>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "health and metrics endpoint listening");
+/// Most connections one endpoint serves at once; more wait to be accepted.
+pub const CONNECTIONS: usize = 32;
+/// How long a connection may take to send its request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `/metrics`: encoded off the runtime's threads (reading the maps makes system calls).
+async fn scrape(metrics: &Arc<Metrics>) -> Answer {
+    let metrics = metrics.clone();
+    match tokio::task::spawn_blocking(move || metrics.encode()).await {
+        Ok(Ok(text)) => Answer::text(StatusCode::OK, text),
+        _ => Answer::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics\n",
+        ),
+    }
+}
+
+/// What an endpoint serves.
+#[derive(Clone)]
+enum Routes {
+    /// The health paths.
+    Health(Health),
+    /// `/metrics` and the health paths.
+    Metrics(Health, Arc<Metrics>),
+    /// `/explain/...`.
+    Explain(mpsc::Sender<ExplainRequest>),
+}
+
+impl Routes {
+    async fn answer(&self, path: &str) -> (Answer, bool) {
+        match self {
+            Self::Metrics(_, metrics) if path == "/metrics" => (scrape(metrics).await, true),
+            Self::Health(health) | Self::Metrics(health, ..) => (health.answer(path), false),
+            Self::Explain(explainer) => (explain(path, explainer).await, false),
+        }
+    }
+}
+
+/// Serves `routes` on connections from `listener` until the runtime stops: at most
+/// [`CONNECTIONS`] at once.
+async fn serve_on<L: Listener>(listener: L, routes: Routes) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
     loop {
-        let (stream, peer) = listener.accept().await?;
-        let (health, metrics, explainer) = (health.clone(), metrics.clone(), explainer.clone());
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        let stream = listener.next().await?;
+        let routes = routes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (health, metrics, explainer) =
-                    (health.clone(), metrics.clone(), explainer.clone());
+                let routes = routes.clone();
                 async move {
-                    let answer = if req.uri().path().starts_with("/explain/") {
-                        explain(req.uri().path(), peer, &explainer).await
-                    } else if req.uri().path() == "/metrics" {
-                        // Reading the maps makes system calls: off the runtime's thread.
-                        let text = tokio::task::spawn_blocking(move || metrics.encode()).await;
-                        match text {
-                            Ok(Ok(text)) => Answer::text(StatusCode::OK, text),
-                            _ => Answer::text(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "cannot encode the metrics\n",
-                            ),
-                        }
-                    } else {
-                        health.answer(req.uri().path())
-                    };
-                    Ok::<_, Infallible>(response(answer, req.uri().path() == "/metrics"))
+                    let (answer, metrics) = routes.answer(req.uri().path()).await;
+                    Ok::<_, Infallible>(response(answer, metrics))
                 }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
-                debug!(error = %e, "health connection ended");
+                debug!(error = %e, "endpoint connection ended");
             }
+            drop(slot);
         });
     }
 }
 
-/// One HTTP/1.0 GET of `path` from `addr` (the agent's endpoint, from `lbctl` and the tests):
-/// the status code and the body.
+/// Where connections come from: TCP or a Unix socket.
+trait Listener {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    async fn next(&self) -> std::io::Result<Self::Stream>;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Serves the health paths on `addr` until the runtime stops.
+pub async fn serve_health(addr: SocketAddr, health: Health) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "health endpoint listening");
+    serve_on(listener, Routes::Health(health)).await
+}
+
+/// Serves `/metrics` (and the health paths) on `addr` until the runtime stops.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    health: Health,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "metrics endpoint listening");
+    serve_on(listener, Routes::Metrics(health, metrics)).await
+}
+
+/// The explain socket of the agent whose pins are under `pin_root`, unless given:
+/// `/run/lb-agent/<pin dir name>.sock`, so agents of different pin directories do not meet.
+pub fn explain_socket(pin_root: &Path, given: Option<&Path>) -> PathBuf {
+    given.map(Path::to_path_buf).unwrap_or_else(|| {
+        let name = pin_root
+            .file_name()
+            .map_or_else(|| "lb".into(), |n| n.to_string_lossy().into_owned());
+        Path::new(RUN_DIR).join(format!("{name}.sock"))
+    })
+}
+
+/// Where the explain sockets live by default.
+pub const RUN_DIR: &str = "/run/lb-agent";
+
+/// Serves `/explain/...` on the Unix socket at `path` (replacing a stale one; its directory
+/// made `0700` if new, the socket `0600`) until the runtime stops.
+pub async fn serve_explain(
+    path: PathBuf,
+    explainer: mpsc::Sender<ExplainRequest>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    info!(path = %path.display(), "explain endpoint listening");
+    serve_on(listener, Routes::Explain(explainer)).await
+}
+
+/// One HTTP/1.0 GET of `path` from `addr` (the agent's endpoints, from the tests): the
+/// status code and the body.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
+    exchange(stream, path)
+}
+
+/// [`get`] over the Unix socket at `socket` (the explain endpoint, from `lbctl`).
+pub fn get_unix(socket: &Path, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    exchange(stream, path)
+}
+
+fn exchange(
+    mut stream: impl std::io::Read + std::io::Write,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: lb-agent\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;

@@ -12,7 +12,10 @@
 //!
 //! Every name starts with `lb_`.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use prometheus_client::{
     collector::Collector,
@@ -245,6 +248,7 @@ impl Metrics {
             registry.register_collector(Box::new(DatapathCollector {
                 layout,
                 published: m.published.clone(),
+                last: Mutex::new(None),
             }));
         }
         Self { registry, ..m }
@@ -344,11 +348,75 @@ impl Metrics {
     }
 }
 
-/// Reads the datapath's counters and map fill at each scrape.
+/// Least time between two readings of the maps: a scrape within it reports the last one,
+/// so a storm of scrapes walks the maps once a second at most (the agent's own metrics are
+/// always current).
+pub const READ_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reports the datapath's counters and map fill, read from the maps at most once per
+/// [`READ_EVERY`].
 #[derive(Debug)]
 struct DatapathCollector {
     layout: PinLayout,
     published: Arc<Mutex<Published>>,
+    /// The last reading and when it was taken.
+    last: Mutex<Option<(std::time::Instant, Arc<Reading>)>>,
+}
+
+/// What one scrape reads from the maps (each part empty when its maps are missing, as for
+/// an agent that has not loaded yet).
+#[derive(Debug, Default)]
+struct Reading {
+    totals: Vec<u64>,
+    lru: Vec<(&'static str, u64, u64)>,
+    services: BTreeMap<u32, ServiceInfo>,
+    counters: BTreeMap<u32, NsCounters>,
+    labels: Option<bpf::SocketLabels>,
+    socket: BTreeMap<u32, SocketCounters>,
+    per_backend: BTreeMap<u32, u64>,
+}
+
+impl Reading {
+    fn of(layout: &PinLayout) -> Self {
+        let services = bpf::read_ns_info(layout).unwrap_or_default();
+        let ids: Vec<u32> = services.keys().copied().collect();
+        let labels = bpf::read_socket_labels(layout).ok();
+        let svc_ids: Vec<u32> = labels
+            .iter()
+            .flat_map(|l| l.frontends.iter().map(|(_, id, _)| *id))
+            .collect();
+        let be_ids: Vec<u32> = labels
+            .iter()
+            .flat_map(|l| l.backends.keys().copied())
+            .collect();
+        let (socket, per_backend) =
+            bpf::read_socket_counters(layout, &svc_ids, &be_ids).unwrap_or_default();
+        Self {
+            totals: bpf::read_stats(layout).unwrap_or_default(),
+            lru: bpf::lru_fill(layout).unwrap_or_default(),
+            counters: bpf::read_ns_counters(layout, &ids).unwrap_or_default(),
+            services,
+            labels,
+            socket,
+            per_backend,
+        }
+    }
+}
+
+impl DatapathCollector {
+    /// The last reading if taken less than [`READ_EVERY`] ago, else a new one (concurrent
+    /// scrapes wait for it and share it).
+    fn reading(&self) -> Arc<Reading> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, reading)) = last.as_ref()
+            && at.elapsed() < READ_EVERY
+        {
+            return reading.clone();
+        }
+        let reading = Arc::new(Reading::of(&self.layout));
+        *last = Some((std::time::Instant::now(), reading.clone()));
+        reading
+    }
 }
 
 /// Encodes a counter or gauge family: `(labels, value)` rows under one descriptor.
@@ -383,8 +451,8 @@ impl Collector for DatapathCollector {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        // The maps may be missing (an agent that has not loaded yet): report what there is.
-        let totals = bpf::read_stats(&self.layout).unwrap_or_default();
+        let reading = self.reading();
+        let totals = &reading.totals;
         family(
             &mut encoder,
             "datapath_events",
@@ -392,7 +460,7 @@ impl Collector for DatapathCollector {
             true,
             stats::NAMES
                 .iter()
-                .zip(&totals)
+                .zip(totals.iter())
                 .map(|(name, v)| ([("event", (*name).to_owned())], *v)),
         )?;
         family(
@@ -406,7 +474,7 @@ impl Collector for DatapathCollector {
                     .map(|v| ([("reason", (*reason).to_owned())], *v))
             }),
         )?;
-        let lru = bpf::lru_fill(&self.layout).unwrap_or_default();
+        let lru = &reading.lru;
         let fill = published
             .capacity
             .iter()
@@ -448,10 +516,7 @@ impl Collector for DatapathCollector {
             false,
             [([], published.backends)],
         )?;
-        let services = bpf::read_ns_info(&self.layout).unwrap_or_default();
-        let ids: Vec<u32> = services.keys().copied().collect();
-        let counters = bpf::read_ns_counters(&self.layout, &ids).unwrap_or_default();
-        let (services, counters) = (&services, &counters);
+        let (services, counters) = (&reading.services, &reading.counters);
         let per_service = |f: fn(&NsCounters) -> u64| {
             services.iter().map(move |(id, info)| {
                 let labels = [
@@ -464,20 +529,10 @@ impl Collector for DatapathCollector {
             })
         };
         // The socket path's frontends and backends.
-        let labels = bpf::read_socket_labels(&self.layout).ok();
-        let frontends = labels
-            .as_ref()
-            .map(|l| l.frontends.as_slice())
-            .unwrap_or_default();
-        let backends = labels.as_ref().map(|l| &l.backends);
-        let svc_ids: Vec<u32> = frontends.iter().map(|(_, id, _)| *id).collect();
-        let be_ids: Vec<u32> = backends
-            .into_iter()
-            .flat_map(|b| b.keys().copied())
-            .collect();
-        let (socket, per_backend) =
-            bpf::read_socket_counters(&self.layout, &svc_ids, &be_ids).unwrap_or_default();
-        let socket = &socket;
+        let labels = reading.labels.as_ref();
+        let frontends = labels.map(|l| l.frontends.as_slice()).unwrap_or_default();
+        let backends = labels.map(|l| &l.backends);
+        let (socket, per_backend) = (&reading.socket, &reading.per_backend);
         let frontend_rows = |f: fn(&SocketCounters) -> u64| {
             frontends.iter().map(move |(key, id, info)| {
                 let text = |g: fn(&ServiceInfo) -> Option<&str>| {

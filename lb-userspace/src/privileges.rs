@@ -12,7 +12,7 @@
 //! | `CAP_NET_ADMIN` | attaching the programs (after the first sync) and XDP and tc to devices that appear later, destroying stale UDP sockets (`SOCK_DESTROY`), `accept_local` |
 //! | `CAP_SYS_ADMIN` | entering pods' network namespaces (`setns`) to find stale UDP sockets; mounting bpffs at start |
 //! | `CAP_SYS_PTRACE` | opening other processes' `/proc/PID/ns/net` |
-//! | `CAP_NET_BIND_SERVICE` | a `--health-addr` or health check node port below 1024 |
+//! | `CAP_NET_BIND_SERVICE` | a health or metrics port or health check node port below 1024 |
 //! | `CAP_PERFMON` (start only) | loading programs that read kernel memory and use pointer arithmetic |
 //! | `CAP_SYS_RESOURCE` (start only) | raising `RLIMIT_MEMLOCK` on kernels that charge maps to it |
 //! | `CAP_SETPCAP` (start only) | dropping the others from the bounding set after start-up |

@@ -57,7 +57,7 @@ pub const NODE_A_OVERLAY: &str = "10.250.0.1";
 /// Node A's IPv6 address on the VXLAN overlay.
 pub const NODE_A_OVERLAY6: &str = "fd00:250::1";
 /// The agent's health and metrics endpoint, on node A's own loopback.
-pub const NODE_HEALTH_ADDR: &str = "127.0.0.1:9890";
+pub const NODE_METRICS_ADDR: &str = "127.0.0.1:10249";
 
 /// The sandbox. Drops processes, then pins, then namespaces.
 pub struct Cluster {
@@ -298,7 +298,7 @@ impl Cluster {
     }
 
     /// Starts the agent in node A as `node-a`, with XDP on `n-ext` and `n-peer`, its health and
-    /// metrics endpoint on node A's loopback at [`NODE_HEALTH_ADDR`].
+    /// metrics endpoint on node A's loopback at [`NODE_METRICS_ADDR`].
     pub fn start_agent(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "the agent already runs");
         let log = fs::OpenOptions::new()
@@ -315,7 +315,7 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .args(["--node-name", "node-a", "--xdp-devices", "n-ext,n-peer"])
-            .args(["--health-addr", NODE_HEALTH_ADDR])
+            .args(["--metrics-bind-address", NODE_METRICS_ADDR])
             .args(extra)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info,lb_userspace=debug")
@@ -348,7 +348,7 @@ impl Cluster {
     pub fn agent_http(&self, path: &str) -> Result<(u16, String), String> {
         let mut cmd =
             command_in(&self.bins.join("lb-probe"), &self.node_a, None).expect("node namespace");
-        cmd.args(["http-get", NODE_HEALTH_ADDR, "--path", path]);
+        cmd.args(["http-get", NODE_METRICS_ADDR, "--path", path]);
         probe_http_get(cmd)
     }
 
@@ -555,6 +555,7 @@ impl Drop for Cluster {
                 eprintln!("cleanup: {}: {e}", dir.display());
             }
         }
+        let _ = fs::remove_file(lb_userspace::health::explain_socket(&self.pin_dir, None));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

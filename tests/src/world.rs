@@ -329,9 +329,12 @@ impl World {
             }
             None => Command::new(self.bins.join("lb-agent")),
         };
-        if !extra.contains(&"--health-addr") {
-            // Agents of parallel tests share the host namespace: no fixed health port.
-            cmd.args(["--health-addr", "off"]);
+        // Agents of parallel tests share the host namespace: no fixed health or metrics
+        // port unless the test names one.
+        for flag in ["--healthz-bind-address", "--metrics-bind-address"] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, "off"]);
+            }
         }
         cmd.args(source)
             .arg("--cgroup")
@@ -515,6 +518,7 @@ impl Drop for World {
         {
             eprintln!("cleanup: {}: {e}", self.pin_dir.display());
         }
+        let _ = fs::remove_file(lb_userspace::health::explain_socket(&self.pin_dir, None));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

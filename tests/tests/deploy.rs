@@ -116,7 +116,13 @@ fn the_daemonset_runs_the_agent_as_intended() {
     let agent = &pod.containers[0];
     let args = agent_args(agent);
     assert_eq!(args.source.as_deref(), Some("kubernetes"));
-    let health = args.health().expect("valid").expect("enabled");
+    let health = args.healthz().expect("valid").expect("enabled");
+    assert_eq!(health.port(), 10256, "kube-proxy's health port");
+    let metrics = args.metrics().expect("valid").expect("enabled");
+    assert!(
+        metrics.ip().is_loopback(),
+        "metrics name every service: loopback only"
+    );
     for (probe, path) in [
         (&agent.liveness_probe, "/livez"),
         (&agent.readiness_probe, "/readyz"),
@@ -136,7 +142,7 @@ fn the_daemonset_runs_the_agent_as_intended() {
         assert_eq!(
             port.container_port,
             i32::from(health.port()),
-            "probes reach --health-addr"
+            "probes reach --healthz-bind-address"
         );
     }
 

@@ -277,7 +277,7 @@ fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let mut w = web_world(2, &["--health-addr", &format!("127.0.0.1:{port}")]);
+    let mut w = web_world(2, &["--metrics-bind-address", &format!("127.0.0.1:{port}")]);
     // A scrape reads the maps on a thread of the blocking pool, started now.
     let (status, _) = lb_tests::http_get(
         ([127, 0, 0, 1], port).into(),

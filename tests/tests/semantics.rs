@@ -283,23 +283,19 @@ fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
         Ep::ready(w.backend_v4(3)).on_node("node-b"),
     ];
     w.write_manifest("s.yaml", &manifest(svc, &eps));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let agent = format!("127.0.0.1:{port}");
-    w.start_agent(&["--node-name", "node-a", "--health-addr", &agent]);
+    w.start_agent(&["--node-name", "node-a"]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
+    // The agent answers on a Unix socket only root reaches (lbctl finds it by --pin-dir).
+    let socket = lb_userspace::health::explain_socket(w.pin_dir(), None);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&socket)
+            .expect("the explain socket")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
 
     let out = w
-        .lbctl(&[
-            "-o",
-            "json",
-            "explain",
-            &format!("{VIP}:80"),
-            "--agent",
-            &agent,
-        ])
+        .lbctl(&["-o", "json", "explain", &format!("{VIP}:80")])
         .expect("lbctl explain");
     let e: lb_userspace::inspect::Explanation = serde_json::from_str(&out).expect("JSON");
     let socket = e.socket.expect("a socket frontend");
@@ -340,9 +336,7 @@ fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
         "{eps:?}"
     );
     // The text says the same; an unknown address is an error.
-    let text = w
-        .lbctl(&["explain", &format!("{VIP}:80"), "--agent", &agent])
-        .expect("text");
+    let text = w.lbctl(&["explain", &format!("{VIP}:80")]).expect("text");
     assert!(text.contains("one of 1 slots at random"), "{text}");
     assert!(text.contains("the traffic policy is Local"), "{text}");
     assert!(

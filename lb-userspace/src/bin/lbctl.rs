@@ -109,9 +109,10 @@ struct ExplainArgs {
     /// Only read the maps: do not run the XDP program.
     #[arg(long)]
     no_run: bool,
-    /// The agent's health address, asked for endpoint eligibility; `off` to skip.
-    #[arg(long, default_value = "127.0.0.1:9890")]
-    agent: String,
+    /// The agent's explain socket, asked for endpoint eligibility [default: the agent's of
+    /// --pin-dir, under /run/lb-agent]; `off` to skip.
+    #[arg(long)]
+    agent: Option<String>,
 }
 
 fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> String) {
@@ -301,14 +302,13 @@ fn explain(
         .map(|s| s.service.clone())
         .or_else(|| e.north_south.as_ref().map(|n| n.service.clone()))
         .unwrap_or_default();
-    if agent == "off" {
+    if agent.as_deref() == Some("off") {
         e.endpoints_unavailable = Some("not asked (--agent off)".into());
     } else {
-        let addr: std::net::SocketAddr = agent
-            .parse()
-            .map_err(|err| format!("--agent {agent}: {err}"))?;
+        let socket =
+            health::explain_socket(layout.root(), agent.as_deref().map(std::path::Path::new));
         let path = format!("/explain/{service}");
-        match health::get(addr, &path, std::time::Duration::from_secs(5)) {
+        match health::get_unix(&socket, &path, std::time::Duration::from_secs(5)) {
             Ok((200, body)) => {
                 // Only the service port (and family) asked about.
                 let port_name = e
@@ -336,12 +336,13 @@ fn explain(
             }
             Ok((status, body)) => {
                 e.endpoints_unavailable = Some(format!(
-                    "the agent at {addr} answered {status}: {}",
+                    "the agent at {} answered {status}: {}",
+                    socket.display(),
                     body.trim()
                 ));
             }
             Err(err) => {
-                e.endpoints_unavailable = Some(format!("the agent at {addr}: {err}"));
+                e.endpoints_unavailable = Some(format!("the agent at {}: {err}", socket.display()));
             }
         }
     }

@@ -442,6 +442,7 @@ pub fn read_ns_info(layout: &PinLayout) -> Result<BTreeMap<u32, ServiceInfo>, Lo
 
 /// The socket-level frontends with their service ids and names, and the backends by id:
 /// what the per-service and per-backend counters are labelled with.
+#[derive(Debug)]
 pub struct SocketLabels {
     /// Frontend, service id, and the info of that id.
     pub frontends: Vec<(ServiceKey, u32, Option<ServiceInfo>)>,
