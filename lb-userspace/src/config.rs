@@ -427,6 +427,12 @@ impl AgentArgs {
             // Empty (an unset ConfigMap key) means: not given.
             api_server: self.api_server.clone().filter(|s| !s.is_empty()),
             node_name: self.node_name.clone(),
+            // Half the time after which an outage makes the agent unready: a hung server
+            // is noticed well within it.
+            probe_every: std::time::Duration::from_millis(self.stale_after * 500).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(10),
+            ),
         }
     }
 

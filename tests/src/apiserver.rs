@@ -93,6 +93,8 @@ struct State {
     /// Watches from a resourceVersion below this get 410 Gone.
     oldest: u64,
     down: bool,
+    /// Accepts connections and requests but answers nothing (a stopped process).
+    hung: bool,
     requests: Requests,
     /// Events (events.k8s.io/v1) by namespace and name, as created and patched.
     events: BTreeMap<(String, String), Value>,
@@ -289,6 +291,12 @@ impl ApiServer {
         }
     }
 
+    /// Starts or ends a hang: while hung the server accepts connections and reads requests
+    /// but answers none (as when stopped with SIGSTOP); open watches stay open, silent.
+    pub fn set_hung(&self, hung: bool) {
+        self.shared.lock().hung = hung;
+    }
+
     /// Requests served so far.
     pub fn requests(&self) -> Requests {
         self.shared.lock().requests.clone()
@@ -472,6 +480,9 @@ fn event(kind: &str, object: Value) -> Bytes {
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    while shared.lock().hung {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     if req.uri().path().starts_with(EVENTS_PREFIX) {
         return Ok(handle_event(&shared, req).await);
     }

@@ -802,3 +802,48 @@ fn a_scrape_storm_delays_no_sync_and_grows_no_memory() {
         "the agent grew from {before} KiB to {after} KiB"
     );
 }
+
+#[test]
+fn an_api_server_that_answers_nothing_makes_the_agent_unready() {
+    if !require_privileges("an_api_server_that_answers_nothing_makes_the_agent_unready") {
+        return;
+    }
+    let api = ApiServer::start();
+    let mut w = world(&api, 2);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    w.start_agent_kube(
+        &api,
+        &["--metrics-bind-address", &addr, "--stale-after", "2"],
+    );
+    w.wait_for_backends(WEB_TCP, 2);
+    w.wait_until("ready", Duration::from_secs(10), || {
+        health(port, "/readyz") == Some(200)
+    });
+    // The server accepts connections and answers nothing (as if stopped with SIGSTOP): the
+    // watches stay open and silent, which alone looks like no change. The agent's probe
+    // notices; after --stale-after it is unready, still live, and the datapath serves.
+    api.set_hung(true);
+    w.wait_until(
+        "readiness reports the silence",
+        Duration::from_secs(15),
+        || health(port, "/readyz") == Some(503),
+    );
+    assert_eq!(health(port, "/livez"), Some(200));
+    assert_eq!(metric(port, "lb_source_up"), Some(0.0));
+    let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]);
+    assert_eq!(Attempt::backends(&attempts).len(), 2, "served meanwhile");
+    assert!(
+        w.agent_log().contains("the API server does not answer"),
+        "the silence is logged"
+    );
+    // It answers again: ready again, and a change made meanwhile arrives.
+    api.apply(&web_manifest(&w, &[1]));
+    api.set_hung(false);
+    w.wait_until("ready again", Duration::from_secs(15), || {
+        health(port, "/readyz") == Some(200)
+    });
+    w.wait_until("the change arrives", Duration::from_secs(40), || {
+        w.backend_count(WEB_TCP) == Some(1)
+    });
+}

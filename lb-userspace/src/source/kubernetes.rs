@@ -140,6 +140,10 @@ pub struct Settings {
     pub api_server: Option<String>,
     /// This node's name: its Node object is watched for topology labels.
     pub node_name: Option<String>,
+    /// How often the API server is asked for its version, each answer awaited as long: a
+    /// server that accepts connections and answers nothing (stopped, overloaded, behind a
+    /// broken proxy) leaves the watches silent for minutes, which looks like no change.
+    pub probe_every: std::time::Duration,
 }
 
 /// The Kubernetes source.
@@ -200,6 +204,25 @@ pub async fn api_address(settings: &Settings) -> Option<std::net::SocketAddr> {
     Some((ip, port).into())
 }
 
+/// Asks `client`'s API server for its version every `every`, waiting as long for each
+/// answer; sends whether it answered (any HTTP answer counts: the server is there).
+fn probes(client: Client, every: std::time::Duration) -> mpsc::Receiver<bool> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let answered = matches!(
+                tokio::time::timeout(every, client.apiserver_version()).await,
+                Ok(Ok(_) | Err(kube::Error::Api(_)))
+            );
+            if tx.send(answered).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// One kind's watch as a stream of (kind, event), retried with backoff.
 fn watch<K>(
     api: Api<K>,
@@ -243,6 +266,7 @@ impl Source for KubeSource {
     fn run(self: Box<Self>, out: mpsc::Sender<Stamped>, up: SourceUp) -> SourceTask {
         Box::pin(async move {
             let client = client(&self.settings).await?;
+            let probe_client = client.clone();
             let ours = format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}");
             let selected = watcher::Config::default().labels(&ours);
             let mut streams = vec![
@@ -273,19 +297,42 @@ impl Source for KubeSource {
             let mut translator = Translator::new(kinds);
             let mut events = futures::stream::select_all(streams);
             let mut failing: BTreeSet<Kind> = BTreeSet::new();
-            while let Some((kind, event)) = events.next().await {
+            let mut probes = probes(probe_client, self.settings.probe_every);
+            // Whether the last probe was answered.
+            let mut answering = true;
+            loop {
+                let (kind, event) = tokio::select! {
+                    next = events.next() => match next {
+                        Some(next) => next,
+                        None => break,
+                    },
+                    Some(answered) = probes.recv() => {
+                        if answered != answering {
+                            answering = answered;
+                            if answered {
+                                info!("the API server answers again");
+                            } else {
+                                warn!(every = ?self.settings.probe_every, "the API server does not answer; the datapath keeps its state");
+                            }
+                            if failing.is_empty() {
+                                up(answered);
+                            }
+                        }
+                        continue;
+                    }
+                };
                 let event = match event {
                     Ok(event) => {
                         if failing.remove(&kind) {
                             info!(?kind, "watch recovered");
-                            if failing.is_empty() {
+                            if failing.is_empty() && answering {
                                 up(true);
                             }
                         }
                         event
                     }
                     Err(e) => {
-                        if failing.is_empty() {
+                        if failing.is_empty() && answering {
                             up(false);
                         }
                         if failing.insert(kind) {
@@ -372,6 +419,7 @@ mod tests {
             kubeconfig: Some(path.clone()),
             api_server: Some("https://198.51.100.7:6443".into()),
             node_name: None,
+            probe_every: std::time::Duration::from_secs(1),
         };
         let built = client(&settings).await;
         std::fs::remove_file(&path).unwrap();
@@ -385,6 +433,7 @@ mod tests {
             kubeconfig: None,
             api_server: Some(url.into()),
             node_name: None,
+            probe_every: std::time::Duration::from_secs(1),
         };
         // api_server overrides whatever else is configured; in-cluster settings may be absent
         // here, so give a kubeconfig too.
