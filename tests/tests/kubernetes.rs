@@ -226,17 +226,7 @@ fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
         return;
     }
     let api = ApiServer::start();
-    let mut w = world(&api, 2);
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    w.start_agent_kube(
-        &api,
-        &["--metrics-bind-address", &addr, "--stale-after", "2"],
-    );
-    w.wait_for_backends(WEB_TCP, 2);
-    w.wait_until("ready", Duration::from_secs(10), || {
-        health(port, "/readyz") == Some(200)
-    });
+    let (w, port) = ready_world(&api);
     assert_eq!(metric(port, "lb_source_up"), Some(1.0));
     api.set_down(true);
     w.wait_until(
@@ -401,6 +391,23 @@ fn duplicate_port_service() -> String {
 }
 
 /// A free loopback port for the agent's health endpoint.
+/// A world of two backends whose agent reads `api` (`--stale-after 2`), serves its metrics
+/// on a free loopback port and is ready: the world and that port.
+fn ready_world(api: &ApiServer) -> (World, u16) {
+    let mut w = world(api, 2);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    w.start_agent_kube(
+        api,
+        &["--metrics-bind-address", &addr, "--stale-after", "2"],
+    );
+    w.wait_for_backends(WEB_TCP, 2);
+    w.wait_until("ready", Duration::from_secs(10), || {
+        health(port, "/readyz") == Some(200)
+    });
+    (w, port)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -809,17 +816,7 @@ fn an_api_server_that_answers_nothing_makes_the_agent_unready() {
         return;
     }
     let api = ApiServer::start();
-    let mut w = world(&api, 2);
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    w.start_agent_kube(
-        &api,
-        &["--metrics-bind-address", &addr, "--stale-after", "2"],
-    );
-    w.wait_for_backends(WEB_TCP, 2);
-    w.wait_until("ready", Duration::from_secs(10), || {
-        health(port, "/readyz") == Some(200)
-    });
+    let (w, port) = ready_world(&api);
     // The server accepts connections and answers nothing (as if stopped with SIGSTOP): the
     // watches stay open and silent, which alone looks like no change. The agent's probe
     // notices; after --stale-after it is unready, still live, and the datapath serves.
