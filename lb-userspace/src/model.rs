@@ -968,6 +968,11 @@ fn service_ports<'a>(
 }
 
 impl Slice {
+    /// The addresses of its endpoints, whatever their conditions.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.endpoints.iter().map(|c| c.ip)
+    }
+
     /// The parts of `slice` the model reads.
     pub fn new(slice: &EndpointSlice) -> Self {
         let mut out = Self {

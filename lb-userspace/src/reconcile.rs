@@ -25,7 +25,10 @@
 //! touched, counting the new table beside the old: a change that would overflow a map is
 //! refused and the frontend keeps what it had.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+};
 
 use lb_common::{
     AffinityMatchKey, Backend, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey, maps,
@@ -34,7 +37,7 @@ use lb_common::{
 
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
-    model::{self, Age, Claim, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection},
+    model::{self, Age, Claim, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection, Slice},
     store::Store,
 };
 
@@ -549,6 +552,9 @@ impl<D: Datapath> Reconciler<D> {
                                         .set_desired(&owner, Some(adopted), &mut ext_touched);
                                 }
                             }
+                            let live: BTreeSet<IpAddr> =
+                                store.slices_of(&owner).flat_map(Slice::addresses).collect();
+                            self.keep_live_backends(&owner, &live, &mut touched, &mut ext_touched);
                             report.rejected.push((owner, rejection));
                             continue;
                         }
@@ -777,6 +783,38 @@ impl<D: Datapath> Reconciler<D> {
             .expect("claims follow desired")
             .clone();
         self.upsert(&winner, &frontend, report);
+    }
+
+    /// Cuts the backends a rejected service keeps (what it last had programmed) down to
+    /// those whose address is still an endpoint in its slices (`live`): its table shrinks as
+    /// its pods go, and never sends to an address a deleted pod left, which another
+    /// tenant's pod may get next.
+    fn keep_live_backends(
+        &mut self,
+        owner: &ObjectRef,
+        live: &BTreeSet<IpAddr>,
+        touched: &mut BTreeSet<ServiceKey>,
+        ext_touched: &mut Touched,
+    ) {
+        let is_live = |b: &Backend| live.contains(&crate::addr::to_ip(b.addr));
+        if let Some(kept) = self.desired.get(owner)
+            && kept.iter().any(|f| !f.backends.iter().all(is_live))
+        {
+            let mut kept = kept.clone();
+            for f in &mut kept {
+                f.backends.retain(is_live);
+            }
+            self.set_desired(owner, Some(kept), touched);
+        }
+        if let Some(kept) = self.ext.desired_of(owner)
+            && kept.iter().any(|g| !g.backends.iter().all(is_live))
+        {
+            let mut kept = kept.clone();
+            for g in &mut kept {
+                g.backends.retain(is_live);
+            }
+            self.ext.set_desired(owner, Some(kept), ext_touched);
+        }
     }
 
     /// Replaces the desired frontends of `owner`, updating claims and noting every frontend

@@ -554,7 +554,11 @@ fn a_service_that_turns_invalid_keeps_what_it_had() {
     let mut h = Harness::new();
     h.sync(vec![web("10.96.0.1")], vec![web_slice(&["10.0.0.1"])]);
     let served = h.served();
-    let report = h.sync(vec![web("10.96.0.999")], vec![web_slice(&["10.0.0.2"])]);
+    // Its endpoint still there, a new one too: it keeps what it had (not the new one).
+    let report = h.sync(
+        vec![web("10.96.0.999")],
+        vec![web_slice(&["10.0.0.1", "10.0.0.2"])],
+    );
     assert_eq!(report.rejected.len(), 1);
     assert_eq!(report.rejected[0].1.reason(), "invalid_ip");
     assert_eq!(h.served(), served);
@@ -1663,4 +1667,43 @@ fn a_fragmented_table_array_reuses_freed_regions_first_fit() {
     assert_eq!(report.full.len(), 1);
     assert_eq!(report.full[0].map, maps::RINGS);
     assert_eq!(h.rec.contents().tables.len(), 4);
+}
+
+#[test]
+fn a_rejected_service_keeps_only_backends_that_are_still_endpoints() {
+    // A service edited into an invalid state keeps what it had, but never an address its
+    // pods left: that address may be another tenant's pod next.
+    let mut h = Harness::new();
+    let with_ip = |ip: &str| {
+        let mut svc = web(ip);
+        svc.spec.as_mut().unwrap().external_ips = Some(vec!["203.0.113.5".into()]);
+        svc
+    };
+    h.sync(
+        vec![with_ip("10.96.0.1")],
+        vec![web_slice(&["10.0.0.1", "10.0.0.2"])],
+    );
+    assert_eq!(
+        h.served()["10.96.0.1:80/TCP"],
+        entry("ns/web:http", &["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+    let external = |h: &Harness| -> Vec<String> {
+        served_external(&h.rec.datapath().contents)
+            .get("203.0.113.5:80/TCP")
+            .map(|(_, _, shares)| shares.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(external(&h), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+    // Invalid now (a bad cluster IP), and 10.0.0.1's pod is gone.
+    let report = h.sync(vec![with_ip("10.96.0.300")], vec![web_slice(&["10.0.0.2"])]);
+    assert_eq!(report.rejected.len(), 1);
+    assert_eq!(
+        h.served()["10.96.0.1:80/TCP"],
+        entry("ns/web:http", &["10.0.0.2:8080"])
+    );
+    assert_eq!(external(&h), ["10.0.0.2:8080"]);
+    // Every pod gone: nothing to send to.
+    h.sync(vec![with_ip("10.96.0.300")], vec![web_slice(&[])]);
+    assert_eq!(h.served()["10.96.0.1:80/TCP"], entry("ns/web:http", &[]));
+    assert!(external(&h).is_empty());
 }
