@@ -110,6 +110,11 @@ fn the_daemonset_runs_the_agent_as_intended() {
         Some(true),
         "every pod's netns, for stale UDP sockets"
     );
+    assert_eq!(
+        pod.dns_policy.as_deref(),
+        Some("Default"),
+        "the node's resolvers: cluster DNS is a ClusterIP the agent programs itself"
+    );
     let sa: ServiceAccount = one("rbac.yaml", "ServiceAccount");
     assert_eq!(pod.service_account_name, sa.metadata.name);
 
