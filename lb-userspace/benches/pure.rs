@@ -78,6 +78,7 @@ fn slice(i: u32, n: u32, shifted: u32) -> EndpointSlice {
 
 const LIMITS: Limits = Limits {
     max_backends_per_service: 1000,
+    max_frontends_per_service: 4096,
     max_table_size: 16381,
     entries_per_backend: 100,
 };

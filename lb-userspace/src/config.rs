@@ -110,6 +110,13 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BACKENDS_PER_SERVICE_LIMIT)))]
     pub max_backends_per_service: u32,
 
+    /// Most frontends one service may have (cluster IPs, node ports on each node address,
+    /// load-balancer and external IPs, times every port, both paths together); a service
+    /// over it is rejected, so that no tenant's service fills the shared maps.
+    #[arg(long, env = "LB_MAX_FRONTENDS_PER_SERVICE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_frontends_per_service: u32,
+
     /// Devices that run the XDP program for traffic from outside the node (node ports,
     /// load-balancer IPs, external IPs): a comma-separated list of interface names; `auto`
     /// for the interfaces holding the addresses of this node's Node object (or, without one,
@@ -440,6 +447,7 @@ impl AgentArgs {
     pub fn limits(&self) -> Limits {
         Limits {
             max_backends_per_service: self.max_backends_per_service as usize,
+            max_frontends_per_service: self.max_frontends_per_service as usize,
             max_table_size: self.maglev_table_size,
             entries_per_backend: self.maglev_entries_per_backend,
         }

@@ -104,6 +104,11 @@ impl fmt::Display for ObjectRef {
 pub struct Limits {
     /// Most backends one frontend may have.
     pub max_backends_per_service: usize,
+    /// Most frontends one service may have, socket-level and north-south together (cluster
+    /// IPs, node ports on each node address, load-balancer and external IPs, times every
+    /// port): a service over it is rejected, so that no tenant's service fills the shared
+    /// maps for everyone.
+    pub max_frontends_per_service: usize,
     /// Largest north-south Maglev table (a prime, at least the backend limit).
     pub max_table_size: u32,
     /// Table entries per backend a north-south service's table is sized for.
@@ -320,6 +325,17 @@ pub enum Rejection {
         /// Its value.
         value: String,
     },
+    /// More frontends than one service may have.
+    #[error(
+        "{count} frontends (addresses times ports, both paths), over the limit of {limit} \
+         (--max-frontends-per-service)"
+    )]
+    TooManyFrontends {
+        /// How many it would have.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl Rejection {
@@ -334,6 +350,7 @@ impl Rejection {
             Self::DuplicatePort { .. } => "duplicate_port",
             Self::DuplicatePortName(_) => "duplicate_port_name",
             Self::Unsupported { .. } => "unsupported_value",
+            Self::TooManyFrontends { .. } => "too_many_frontends",
         }
     }
 }
@@ -576,6 +593,18 @@ pub fn desired<'a>(
                 });
             }
         }
+    }
+    let count = out.frontends.len()
+        + out
+            .external
+            .iter()
+            .map(|g| g.frontends.len())
+            .sum::<usize>();
+    if count > limits.max_frontends_per_service {
+        return Err(Rejection::TooManyFrontends {
+            count,
+            limit: limits.max_frontends_per_service,
+        });
     }
     if let Some(port) = health_check_port(spec, external) {
         out.health_check = Some(HealthCheck {
@@ -1121,6 +1150,7 @@ mod tests {
 
     const LIMITS: Limits = Limits {
         max_backends_per_service: 4,
+        max_frontends_per_service: 4096,
         max_table_size: 251,
         entries_per_backend: 100,
     };
@@ -1612,6 +1642,25 @@ mod tests {
             let err = desired(&svc, [], &node(), &LIMITS).unwrap_err();
             assert_eq!(err.reason(), reason, "{err}");
         }
+    }
+
+    #[test]
+    fn a_service_over_the_frontend_limit_is_rejected() {
+        // 2 ports x (a cluster IP, 3 external IPs): 8 socket frontends, 6 north-south ones.
+        let mut svc = service(&["10.96.0.1"], &[("a", 80, "TCP"), ("b", 81, "TCP")]);
+        svc.spec.as_mut().unwrap().external_ips = Some(
+            ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
+                .map(String::from)
+                .to_vec(),
+        );
+        let at = |max| Limits {
+            max_frontends_per_service: max,
+            ..LIMITS
+        };
+        assert!(desired(&svc, [], &node(), &at(14)).is_ok());
+        let err = desired(&svc, [], &node(), &at(13)).unwrap_err();
+        assert_eq!(err.reason(), "too_many_frontends");
+        assert!(err.to_string().starts_with("14 frontends"), "{err}");
     }
 
     #[test]

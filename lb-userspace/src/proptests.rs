@@ -33,6 +33,7 @@ use crate::{
 
 const LIMITS: Limits = Limits {
     max_backends_per_service: 16,
+    max_frontends_per_service: 4096,
     max_table_size: 61,
     entries_per_backend: 10,
 };

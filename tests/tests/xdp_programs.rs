@@ -206,6 +206,7 @@ impl Lab {
         let dp = loaded.datapath().expect("maps");
         let limits = Limits {
             max_backends_per_service: 64,
+            max_frontends_per_service: 4096,
             max_table_size: 251,
             entries_per_backend: 100,
         };

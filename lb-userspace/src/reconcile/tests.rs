@@ -27,6 +27,7 @@ const CAPS: Capacities = Capacities {
 };
 const LIMITS: Limits = Limits {
     max_backends_per_service: 50,
+    max_frontends_per_service: 4096,
     max_table_size: 61,
     entries_per_backend: 100,
 };
