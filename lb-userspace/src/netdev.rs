@@ -1,6 +1,8 @@
 //! The node's network devices and addresses, as the north-south datapath needs them: which
-//! addresses serve node ports (kube-proxy's `--nodeport-addresses`), and which devices run the
-//! XDP program in `auto` mode. The choices are pure functions of what [`interfaces`] and
+//! addresses serve node ports (kube-proxy's `--nodeport-addresses`), which devices run the
+//! XDP program in `auto` mode, and which are overlays (by their driver, through the
+//! `SIOCETHTOOL` ioctl, which answers for the caller's network namespace, where sysfs may
+//! show another's). The choices are pure functions of what [`interfaces`] and
 //! [`default_route_devices`] read from the kernel, so they are unit-tested without one.
 
 use std::{
