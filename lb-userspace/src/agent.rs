@@ -695,6 +695,9 @@ impl Network {
                     if let Err(e) = netdev::accept_local(&name) {
                         warn!(device = %name, error = %e, "cannot set accept_local: SNATed packets the stack forwards will be dropped");
                     }
+                    if kind == DeviceKind::Xdp && netdev::strict_rp_filter(&name) {
+                        warn!(device = %name, "strict reverse-path filtering (rp_filter 1) drops the IPv4 flows XDP SNATs and hands to the stack (to backends behind an overlay, or before a next hop's MAC is known); set net.ipv4.conf.all.rp_filter and net.ipv4.conf.{name}.rp_filter to 2 (loose)");
+                    }
                     let what = match kind {
                         DeviceKind::Xdp => "XDP ingress, tc egress",
                         DeviceKind::Overlay => "overlay: tc ingress",

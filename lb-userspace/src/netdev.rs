@@ -164,6 +164,20 @@ pub fn accept_local(name: &str) -> io::Result<()> {
     fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")
 }
 
+/// Whether strict reverse-path filtering applies to IPv4 packets arriving on device `name`
+/// (`rp_filter` 1: the larger of the device's and `all`'s). The stack then drops the SNATed
+/// packets XDP hands it (into an overlay, or before the next hop's MAC is known), whose
+/// source is a node address; loose filtering (2) lets them through.
+pub fn strict_rp_filter(name: &str) -> bool {
+    let read = |conf: &str| {
+        fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+            .unwrap_or(0)
+    };
+    read("all").max(read(name)) == 1
+}
+
 /// Drivers of overlay devices whose frames are Ethernet: what `--overlay-devices auto`
 /// attaches to.
 const OVERLAY_DRIVERS: [&str; 2] = ["vxlan", "geneve"];

@@ -683,6 +683,29 @@ fn an_external_ip_equal_to_a_node_address_is_refused() {
 }
 
 #[test]
+fn strict_reverse_path_filtering_on_an_xdp_device_is_warned_about() {
+    if !require_privileges("strict_reverse_path_filtering_on_an_xdp_device_is_warned_about") {
+        return;
+    }
+    // With rp_filter 1, IPv4 flows XDP SNATs and hands to the stack (into an overlay) are
+    // dropped as martians (tried: the VXLAN test fails so); the agent says what to set.
+    let mut c = Cluster::new(PORT);
+    c.node_a_ns()
+        .sysctl("net/ipv4/conf/all/rp_filter", "1")
+        .expect("sysctl");
+    c.write_manifest("web.yaml", &web(&ALL_PODS));
+    start_agent(&mut c, (&format!("{NODE_A}:30080"), 3), &[]);
+    let log = c.agent_log();
+    for dev in ["n-ext", "n-peer"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("strict reverse-path filtering") && l.contains(dev)),
+            "{dev} is warned about"
+        );
+    }
+}
+
+#[test]
 fn a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend() {
     if !require_privileges("a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend") {
         return;
