@@ -22,8 +22,11 @@
 //!   `/explain/NAMESPACE/NAME`, why each endpoint of the service does or does not get new
 //!   connections on this node, as JSON (`lbctl explain` asks it).
 //!
-//! Each endpoint serves at most [`CONNECTIONS`] connections at once, and drops one that has
-//! not sent its request's headers within [`HEADER_TIMEOUT`].
+//! Each endpoint serves a bounded number of connections at once ([`Routes::connections`]:
+//! many on the health port, whose answers cost nothing and which any pod of the node
+//! reaches, so that idle connections cannot crowd out the kubelet's probes; few on the
+//! others), and drops one that has not sent its request's headers within
+//! [`HEADER_TIMEOUT`].
 
 use std::{
     convert::Infallible,
@@ -260,10 +263,8 @@ async fn explain(path: &str, explainer: &mpsc::Sender<ExplainRequest>) -> Answer
     }
 }
 
-/// Most connections one endpoint serves at once; more wait to be accepted.
-pub const CONNECTIONS: usize = 32;
 /// How long a connection may take to send its request's headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `/metrics`: encoded off the runtime's threads (reading the maps makes system calls).
 async fn scrape(metrics: &Arc<Metrics>) -> Answer {
@@ -289,6 +290,15 @@ enum Routes {
 }
 
 impl Routes {
+    /// Most connections the endpoint serves at once; more wait to be accepted.
+    fn connections(&self) -> usize {
+        match self {
+            Self::Health(_) => 1024,
+            Self::Metrics(..) => 32,
+            Self::Explain(_) => 8,
+        }
+    }
+
     async fn answer(&self, path: &str) -> (Answer, bool) {
         match self {
             Self::Metrics(_, metrics) if path == "/metrics" => (scrape(metrics).await, true),
@@ -299,9 +309,9 @@ impl Routes {
 }
 
 /// Serves `routes` on connections from `listener` until the runtime stops: at most
-/// [`CONNECTIONS`] at once.
+/// [`Routes::connections`] at once.
 async fn serve_on<L: Listener>(listener: L, routes: Routes) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(routes.connections()));
     loop {
         let slot = slots
             .clone()

@@ -471,3 +471,45 @@ fn json_logs_are_one_object_per_line() {
         "{synced}"
     );
 }
+
+#[test]
+fn idle_connections_to_the_health_port_do_not_crowd_out_probes() {
+    if !require_privileges("idle_connections_to_the_health_port_do_not_crowd_out_probes") {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let _w = web_world(1, &["--healthz-bind-address", &format!("127.0.0.1:{port}")]);
+    // Any pod of the node reaches the health port: 200 connections that send nothing
+    // (more than the metrics port would serve at once) leave the probes answered at once,
+    // and are dropped after the header timeout.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    let started = std::time::Instant::now();
+    let (status, _) = lb_tests::http_get(
+        ([127, 0, 0, 1], port).into(),
+        "/livez",
+        Duration::from_secs(1),
+    )
+    .expect("a probe is answered");
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    std::thread::sleep(lb_userspace::health::HEADER_TIMEOUT + Duration::from_millis(500));
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = [0u8; 1];
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(1);
+        assert_eq!(
+            n, 0,
+            "an idle connection is closed after the header timeout"
+        );
+    }
+}
