@@ -177,13 +177,14 @@ fn reply_key_of(s: &mut Scratch, e: &CtEntry, key: &FlowKey) {
     );
 }
 
-/// Whether a packet with key `key` is a reply of an SNATed flow by its reverse entry `rev`:
-/// it came to an SNAT port, and the entry does not keep the packet's destination (entries of
-/// flows that kept the client's address are keyed by the backend-to-client tuple, and such
-/// a packet arriving from outside, to a client port in the SNAT range, is spoofed).
+/// Whether a packet with key `key`, sent to an SNAT port ([`is_snat_port`], which callers
+/// test before the lookup), is a reply of an SNATed flow by its reverse entry `rev`: the
+/// entry does not keep the packet's destination (entries of flows that kept the client's
+/// address are keyed by the backend-to-client tuple, and such a packet arriving from
+/// outside, to a client port in the SNAT range, is spoofed).
 #[inline(always)]
 pub fn reverses_snat(rev: &NatRev, key: &FlowKey) -> bool {
-    is_snat_port(key.dport_be) && (rev.dst != key.daddr || rev.dport_be != key.dport_be)
+    rev.dst != key.daddr || rev.dport_be != key.dport_be
 }
 
 /// The live flow a reply with key `reply` belongs to, through its reverse entry `rev`; the

@@ -10,7 +10,6 @@ use lb_common::{ns::NatRev, proto, stats as st};
 
 use crate::{
     ct,
-    maps::NS_STATS,
     pkt::{ETH_LEN, Pkt, parse},
     scratch, stats,
 };
@@ -53,13 +52,7 @@ pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, NatRev)> {
 /// Adds a reply to its service's counters, and to counter `what`.
 #[inline(always)]
 pub fn count(rev: &NatRev, p: &Pkt, what: u32) {
-    if let Some(c) = NS_STATS.get_ptr_mut(rev.svc_id) {
-        // SAFETY: this CPU's slot.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += u64::from(p.len);
-        }
-    }
+    stats::north_south(rev.svc_id, p.len, false);
     stats::inc(what);
 }
 

@@ -1,6 +1,6 @@
 //! Per-CPU counters of hook outcomes (indexes in `lb_common::stats`).
 
-use crate::maps::{BE_STATS, STATS, SVC_STATS};
+use crate::maps::{BE_STATS, NS_STATS, STATS, SVC_STATS};
 
 /// Adds one to counter `idx` on this CPU.
 #[inline(always)]
@@ -9,6 +9,20 @@ pub fn inc(idx: u32) {
         // SAFETY: the pointer is this CPU's slot of a live per-CPU array element; socket
         // hooks run with migration disabled, so nothing else writes it meanwhile.
         unsafe { *counter += 1 };
+    }
+}
+
+/// Adds a packet of `bytes` (from the IP header on) to north-south service `svc_id`'s
+/// counters, and a flow when it starts one.
+#[inline(always)]
+pub fn north_south(svc_id: u32, bytes: u32, new_flow: bool) {
+    if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: this CPU's slot; packet programs run with migration disabled.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(bytes);
+            (*c).flows += u64::from(new_flow);
+        }
     }
 }
 

@@ -77,24 +77,11 @@ fn dry_run(ctx: &XdpContext) -> bool {
     unsafe { core::ptr::read_unaligned(meta as *const u32) == XDP_DRY_RUN }
 }
 
-/// Adds a packet to a service's counters.
-#[inline(always)]
-fn count(svc_id: u32, bytes: u32, new_flow: bool) {
-    if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
-        // SAFETY: this CPU's slot; XDP runs with migration disabled.
-        unsafe {
-            (*c).packets += 1;
-            (*c).bytes += u64::from(bytes);
-            (*c).flows += u64::from(new_flow);
-        }
-    }
-}
-
 /// Counts a packet of service `svc_id` that is not delivered, for reason `why` (a counter).
 #[inline(always)]
 fn count_drop(svc_id: u32, why: u32) {
     if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
-        // SAFETY: as in `count`.
+        // SAFETY: this CPU's slot; XDP runs with migration disabled.
         unsafe { (*c).drops += 1 };
     }
     stats::inc(why);
@@ -177,7 +164,7 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
     if rewrite(ctx.data(), ctx.data_end(), p, &s.rw).is_none() {
         return xdp_action::XDP_PASS;
     }
-    count(rev.svc_id, p.len, false);
+    stats::north_south(rev.svc_id, p.len, false);
     stats::inc(st::XDP_REVERSED);
     // Last: an answered flow's entries leave the maps of new flows, where `rev` may be.
     if flow.new && !dry {
@@ -279,7 +266,7 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     if rewrite(ctx.data(), ctx.data_end(), p, &s.rw).is_none() {
         return xdp_action::XDP_PASS;
     }
-    count(svc.id, p.len, new_flow);
+    stats::north_south(svc.id, p.len, new_flow);
     stats::inc(st::XDP_TRANSLATED);
     fib::send(ctx, s, rc)
 }
