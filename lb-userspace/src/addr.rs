@@ -4,6 +4,28 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use lb_common::{Addr6, Endpoint, ServiceKey, proto};
 
+/// Whether clients outside the node may reach it at `ip`: a unicast address that is not
+/// loopback, link-local, unspecified, broadcast or IPv4-mapped. Node ports are served on
+/// such addresses only, and only such external IPs are honoured.
+pub fn is_outside_unicast(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_loopback()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_broadcast())
+        }
+        IpAddr::V6(a) => {
+            !(a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
 /// The kernel form of an address: IPv4 v4-mapped.
 pub fn to_addr6(ip: IpAddr) -> Addr6 {
     let v6 = match ip {

@@ -833,19 +833,13 @@ fn check_len(what: &'static str, value: &str, max: usize) -> Result<(), Rejectio
     Ok(())
 }
 
-/// A usable service address: not unspecified, not a v4-mapped IPv6 address.
 /// Why external IP `ip` is not honoured on `node`, if it is not: an address of the node
 /// itself (the node's own ports are no tenant's to take), outside the node's
 /// `--external-ip-cidrs`, or an address no external client reaches the node at (loopback,
 /// link-local, multicast: the API server's validation refuses those too).
 fn refuse_external_ip(ip: &IpAddr, node: &NodeInfo) -> Option<&'static str> {
-    let special = match ip {
-        IpAddr::V4(a) => {
-            a.is_loopback() || a.is_link_local() || a.is_multicast() || a.is_broadcast()
-        }
-        IpAddr::V6(a) => a.is_loopback() || a.is_unicast_link_local() || a.is_multicast(),
-    };
-    if special {
+    // (Unspecified and IPv4-mapped addresses never get here: `parse_ip` rejects them.)
+    if !crate::addr::is_outside_unicast(ip) {
         Some("a loopback, link-local or multicast address")
     } else if node.addresses.contains(ip) || node.own_addresses.contains(ip) {
         Some("it is an address of this node")
@@ -858,6 +852,7 @@ fn refuse_external_ip(ip: &IpAddr, node: &NodeInfo) -> Option<&'static str> {
     }
 }
 
+/// A usable service address: not unspecified, not a v4-mapped IPv6 address.
 fn parse_ip(what: &'static str, raw: &str) -> Result<IpAddr, Rejection> {
     raw.parse()
         .ok()

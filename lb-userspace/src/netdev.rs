@@ -25,28 +25,13 @@ pub struct IfAddr {
     pub ip: IpAddr,
 }
 
-/// Whether a node port may be served on `ip`: a unicast address that is not loopback,
-/// link-local or unspecified. Node ports on loopback (`127.0.0.1:<nodePort>`) are not
-/// served, as in kube-proxy's nftables mode: its iptables mode serves them only by turning
-/// on `route_localnet`, which lets the network reach the node's localhost services.
+/// Whether a node port may be served on `ip`: an address outside clients reach the node at
+/// ([`crate::addr::is_outside_unicast`]). Node ports on loopback (`127.0.0.1:<nodePort>`)
+/// are not served, as in kube-proxy's nftables mode: its iptables mode serves them only by
+/// turning on `route_localnet`, which lets the network reach the node's localhost services.
 /// Link-local addresses are ambiguous across interfaces.
 pub fn serves_node_ports(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            !(a.is_loopback()
-                || a.is_link_local()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || a.is_broadcast())
-        }
-        IpAddr::V6(a) => {
-            !(a.is_loopback()
-                || a.is_unspecified()
-                || a.is_multicast()
-                || a.is_unicast_link_local()
-                || a.to_ipv4_mapped().is_some())
-        }
-    }
+    crate::addr::is_outside_unicast(ip)
 }
 
 /// The addresses that serve node ports: every address of the node that may (see
