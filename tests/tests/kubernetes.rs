@@ -390,7 +390,6 @@ fn duplicate_port_service() -> String {
     .yaml()
 }
 
-/// A free loopback port for the agent's health endpoint.
 /// A world of two backends whose agent reads `api` (`--stale-after 2`), serves its metrics
 /// on a free loopback port and is ready: the world and that port.
 fn ready_world(api: &ApiServer) -> (World, u16) {
@@ -408,6 +407,7 @@ fn ready_world(api: &ApiServer) -> (World, u16) {
     (w, port)
 }
 
+/// A free loopback port for the agent's health endpoint.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

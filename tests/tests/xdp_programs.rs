@@ -1318,13 +1318,13 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
             let (v, out) = lab.xdp(&f);
             (v, client, packet::parse(&out).expect("translated").src)
         };
-        let unwatched = || lab_stat(&node.pins, st::XDP_SNAT_UNWATCHED_DEVICE);
+        let unwatched = st::XDP_SNAT_UNWATCHED_DEVICE;
         // On another node: SNATed whatever the device, here to pod0's address; counted, as
         // nothing reverses replies arriving on pod0.
         let (v, _, src) = open(&mut lab, 30101);
         assert_eq!((v, src.ip().to_string().as_str()), (XDP_PASS, "10.244.0.1"));
         assert!(in_snat_range(src.port()));
-        assert_eq!(unwatched(), 1);
+        assert_eq!(lab.stat(unwatched), 1);
         // On this node: never SNATed, even out of an XDP device.
         let (v, _, src) = open(&mut lab, 30102);
         assert_eq!((v, src.ip().to_string().as_str()), (XDP_TX, "203.0.113.7"));
@@ -1332,7 +1332,7 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
         assert_eq!(open(&mut lab, 30103).2.ip().to_string(), "203.0.113.7");
         let (v, _, src) = open(&mut lab, 30104);
         assert_eq!((v, src.ip().to_string().as_str()), (XDP_TX, "192.0.2.1"));
-        assert_eq!(unwatched(), 1);
+        assert_eq!(lab.stat(unwatched), 1);
 
         // pod0 becomes an overlay device: replies arriving on it are reversed there.
         let pod0 = lb_userspace::netdev::ifindex("pod0").expect("pod0");
@@ -1344,7 +1344,7 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
             .attach_overlay(&device)
             .expect("tc ingress on a veth");
         let (_, client, snat) = open(&mut lab, 30101);
-        assert_eq!(unwatched(), 1, "pod0 is watched now");
+        assert_eq!(lab.stat(unwatched), 1, "pod0 is watched now");
         let (_, _, anon) = open(&mut lab, 30103);
         assert_eq!(
             anon.ip().to_string(),
@@ -1387,11 +1387,6 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
         }
         assert_eq!(lab.stat(st::OVERLAY_REVERSED), 2);
     });
-}
-
-/// Counter `idx` of the programs pinned under `pins`.
-fn lab_stat(pins: &PathBuf, idx: u32) -> u64 {
-    read_stats(&PinLayout::new(pins)).expect("stats")[idx as usize]
 }
 
 #[test]

@@ -380,9 +380,9 @@ pub fn coarse_now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Entries and capacity of the LRU maps (socket reverse NAT and affinity, conntrack,
-/// north-south reverse NAT and affinity), their entries counted by walking the keys: map name -> (entries,
-/// capacity).
+/// Entries and capacity of the LRU maps (socket reverse NAT and affinity, conntrack and
+/// north-south reverse NAT, of answered and of new flows, north-south affinity), their
+/// entries counted by walking the keys: map name -> (entries, capacity).
 pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, LoadError> {
     fn count<K: aya::Pod, V: aya::Pod>(
         layout: &PinLayout,

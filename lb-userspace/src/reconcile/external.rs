@@ -216,12 +216,12 @@ impl External {
         }
     }
 
-    /// Replaces the desired groups of `owner`, noting what changed.
     /// The groups `owner` last had.
     pub(super) fn desired_of(&self, owner: &ObjectRef) -> Option<&Vec<ExternalGroup>> {
         self.desired.get(owner)
     }
 
+    /// Replaces the desired groups of `owner`, noting what changed.
     pub(super) fn set_desired(
         &mut self,
         owner: &ObjectRef,
