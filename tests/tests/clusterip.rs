@@ -330,7 +330,7 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
         "the broken edit is not applied"
     );
     assert_eq!(
-        shares(&w.probe(&["tcp", "10.96.0.30:80", "--count", "10"])).len(),
+        shares(&w.probe(&["tcp", "10.96.0.30:80", "--count", "40"])).len(),
         2
     );
 }

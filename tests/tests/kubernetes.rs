@@ -247,7 +247,7 @@ fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
     assert_eq!(health(port, "/healthz"), Some(200));
     assert_eq!(health(port, "/livez"), Some(200));
     for _ in 0..3 {
-        let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]);
+        let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "40"]);
         assert_eq!(
             Attempt::backends(&attempts).len(),
             2,
@@ -828,7 +828,7 @@ fn an_api_server_that_answers_nothing_makes_the_agent_unready() {
     );
     assert_eq!(health(port, "/livez"), Some(200));
     assert_eq!(metric(port, "lb_source_up"), Some(0.0));
-    let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "10"]);
+    let attempts = w.probe(&["tcp", &format!("{WEB_V4}:80"), "--count", "40"]);
     assert_eq!(Attempt::backends(&attempts).len(), 2, "served meanwhile");
     assert!(
         w.agent_log().contains("the API server does not answer"),
