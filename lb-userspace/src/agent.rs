@@ -123,6 +123,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         info!("kernel debug events on: every decision of the programs is logged");
     }
     let mut reconciler = Reconciler::new(loaded.datapath()?, args.limits())?;
+    reconciler.set_namespace_share(args.namespace_share);
     let c = reconciler.contents();
     info!(
         frontends = c.services.len(), backends = c.backends.len(),
@@ -324,8 +325,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 sweeps.start(reconciler.flow_endpoints());
             }
             done = sweeps.finished() => sweeps.done(done, &out.metrics),
-            Some((service, reply)) = explain_rx.recv() => {
-                let _gone = reply.send(explanation(&store, &service));
+            Some((question, reply)) = explain_rx.recv() => {
+                let answer = match question {
+                    health::Question::Explain(service) => explanation(&store, &service),
+                    health::Question::Shares => serde_json::to_string(&reconciler.shares().rows()).ok(),
+                };
+                let _gone = reply.send(answer);
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -577,6 +582,7 @@ impl Outputs {
         }
         destroy_stale_udp(&self.layout, report);
         self.health_checks.update(reconciler.health_checks());
+        self.metrics.share_waiting(reconciler.shares().waiting());
         if !reconciler.needs_retry() {
             self.health.programmed();
         }

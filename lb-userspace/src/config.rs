@@ -105,7 +105,8 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_MAX_AFFINITY", default_value_t = DEFAULT_MAX_AFFINITY)]
     pub max_affinity: u32,
 
-    /// Most backends one frontend may have; a service over it is rejected.
+    /// Most backends one frontend may have; a service over it is served by a stable subset
+    /// of its endpoints of this size (ready ones first), with a Warning Event.
     #[arg(long, env = "LB_MAX_BACKENDS_PER_SERVICE", default_value_t = DEFAULT_MAX_BACKENDS_PER_SERVICE,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BACKENDS_PER_SERVICE_LIMIT)))]
     pub max_backends_per_service: u32,
@@ -116,6 +117,14 @@ pub struct AgentArgs {
     #[arg(long, env = "LB_MAX_FRONTENDS_PER_SERVICE", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_frontends_per_service: u32,
+
+    /// Most of each map (service, slot, backend, table... entries) one namespace's services
+    /// may take, in percent of its capacity: a change that would take a namespace over it is
+    /// refused for that service alone (it keeps what it had, and gets a Warning Event), so
+    /// no tenant can fill a map for the others. 100 turns shares off.
+    #[arg(long, env = "LB_NAMESPACE_SHARE", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub namespace_share: u32,
 
     /// Devices that run the XDP program for traffic from outside the node (node ports,
     /// load-balancer IPs, external IPs): a comma-separated list of interface names; `auto`

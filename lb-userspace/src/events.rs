@@ -46,7 +46,7 @@ pub struct Warning {
 pub fn warnings(report: &SyncReport) -> Vec<Warning> {
     let rejected = report.rejected.iter().map(|(service, r)| Warning {
         service: service.clone(),
-        reason: "InvalidService",
+        reason: r.event_reason(),
         note: format!("not programmed by lb-agent: {r}; what it had before, if anything, is kept"),
     });
     let full = report.full.iter().map(|f| Warning {

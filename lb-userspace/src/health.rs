@@ -20,7 +20,8 @@
 //!   [`crate::metrics::READ_EVERY`]: concurrent and repeated scrapes share one reading.
 //! - the explain endpoint, on a Unix socket only root reaches ([`explain_socket`]):
 //!   `/explain/NAMESPACE/NAME`, why each endpoint of the service does or does not get new
-//!   connections on this node, as JSON (`lbctl explain` asks it).
+//!   connections on this node, as JSON (`lbctl explain` asks it); and `/shares`, each
+//!   namespace's use of the maps against its share (`lbctl capacity` asks it).
 //!
 //! Each endpoint serves a bounded number of connections at once ([`Routes::connections`]:
 //! many on the health port, whose answers cost nothing and which any pod of the node
@@ -230,23 +231,37 @@ impl Health {
     }
 }
 
-/// A question to the agent's loop: the explanation of a service (JSON), if it exists.
-pub type ExplainRequest = (ObjectRef, oneshot::Sender<Option<String>>);
+/// What `lbctl` asks the agent's loop, over the explain socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Question {
+    /// `/explain/NAMESPACE/NAME`: why each endpoint of the service does or does not get new
+    /// connections.
+    Explain(ObjectRef),
+    /// `/shares`: each namespace's use of the maps against its share.
+    Shares,
+}
 
-/// Asks the agent's loop to explain `path`'s service (`/explain/NAMESPACE/NAME`).
+/// A question to the agent's loop, and where its answer (JSON; `None`: no such service)
+/// goes.
+pub type ExplainRequest = (Question, oneshot::Sender<Option<String>>);
+
+/// Asks the agent's loop the question `path` names.
 async fn explain(path: &str, explainer: &mpsc::Sender<ExplainRequest>) -> Answer {
-    let Some((ns, name)) = path
-        .strip_prefix("/explain/")
-        .and_then(|rest| rest.split_once('/'))
-    else {
-        return Answer::text(StatusCode::NOT_FOUND, "use /explain/NAMESPACE/NAME\n");
+    let question = match path.strip_prefix("/explain/") {
+        _ if path == "/shares" => Question::Shares,
+        Some(rest) => match rest.split_once('/') {
+            Some((ns, name)) => Question::Explain(ObjectRef::new(ns, name)),
+            None => return Answer::text(StatusCode::NOT_FOUND, "use /explain/NAMESPACE/NAME\n"),
+        },
+        None => {
+            return Answer::text(
+                StatusCode::NOT_FOUND,
+                "use /explain/NAMESPACE/NAME or /shares\n",
+            );
+        }
     };
     let (tx, rx) = oneshot::channel();
-    if explainer
-        .send((ObjectRef::new(ns, name), tx))
-        .await
-        .is_err()
-    {
+    if explainer.send((question.clone(), tx)).await.is_err() {
         return Answer::text(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n");
     }
     match tokio::time::timeout(Duration::from_secs(5), rx).await {
@@ -255,7 +270,7 @@ async fn explain(path: &str, explainer: &mpsc::Sender<ExplainRequest>) -> Answer
             body: json,
             json: true,
         },
-        Ok(Ok(None)) => Answer::text(StatusCode::NOT_FOUND, format!("no service {ns}/{name}\n")),
+        Ok(Ok(None)) => Answer::text(StatusCode::NOT_FOUND, format!("nothing for {path}\n")),
         _ => Answer::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent did not answer\n",

@@ -1305,6 +1305,23 @@ pub fn capacity_table(rows: &[CapacityRow]) -> String {
     )
 }
 
+/// `lbctl capacity --namespaces` as a table.
+pub fn shares_table(rows: &[crate::share::Row]) -> String {
+    table(
+        &["NAMESPACE", "MAP", "USED", "SHARE", "FILL", "WAITING"],
+        rows.iter().map(|r| {
+            vec![
+                r.namespace.clone(),
+                r.map.clone(),
+                r.used.to_string(),
+                r.share.to_string(),
+                format!("{:.1}%", r.used as f64 * 100.0 / r.share.max(1) as f64),
+                r.waiting.to_string(),
+            ]
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use lb_common::{ServiceInfo, ServiceValue, proto};

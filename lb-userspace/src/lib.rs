@@ -31,6 +31,7 @@ pub mod netdev;
 pub mod packet;
 pub mod privileges;
 pub mod reconcile;
+pub mod share;
 pub mod sockets;
 pub mod source;
 pub mod store;

@@ -95,6 +95,7 @@ pub struct Metrics {
     conflicts: Counter,
     external_ips_refused: Counter,
     backends_limited: Counter,
+    share_waiting: Gauge,
     source_up: Gauge,
     events: Counter,
     events_dropped: Counter,
@@ -126,6 +127,7 @@ impl Metrics {
             conflicts: Counter::default(),
             external_ips_refused: Counter::default(),
             backends_limited: Counter::default(),
+            share_waiting: Gauge::default(),
             source_up: Gauge::default(),
             events: Counter::default(),
             events_dropped: Counter::default(),
@@ -194,6 +196,12 @@ impl Metrics {
             "backends_limited",
             "Service ports over --max-backends-per-service, served by a stable subset (per sync)",
             m.backends_limited.clone(),
+        );
+        registry.register(
+            "namespace_share_waiting",
+            "Services refused because their namespace holds its share of a map \
+             (--namespace-share), waiting for it to free room",
+            m.share_waiting.clone(),
         );
         registry.register(
             "source_up",
@@ -298,6 +306,11 @@ impl Metrics {
         self.external_ips_refused
             .inc_by(report.refused.len() as u64);
         self.backends_limited.inc_by(report.limited.len() as u64);
+    }
+
+    /// `n` services wait for their namespace to free room in its share.
+    pub fn share_waiting(&self, n: usize) {
+        self.share_waiting.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// `published` Events were queued and `dropped` more warnings were not.

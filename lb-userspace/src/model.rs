@@ -336,6 +336,20 @@ pub enum Rejection {
         /// The limit.
         limit: usize,
     },
+    /// A change that would take its namespace over its share of a map (see
+    /// [`crate::share`]).
+    #[error(
+        "its namespace would hold {used} entries of map {map}, over its share of {share} \
+         (--namespace-share); it is programmed once the namespace frees room"
+    )]
+    NamespaceShare {
+        /// The map.
+        map: &'static str,
+        /// What the namespace would hold.
+        used: u64,
+        /// Its share.
+        share: u64,
+    },
 }
 
 impl Rejection {
@@ -351,6 +365,16 @@ impl Rejection {
             Self::DuplicatePortName(_) => "duplicate_port_name",
             Self::Unsupported { .. } => "unsupported_value",
             Self::TooManyFrontends { .. } => "too_many_frontends",
+            Self::NamespaceShare { .. } => "namespace_share",
+        }
+    }
+
+    /// The reason of the Warning Event it gives: a service over its namespace's share is
+    /// valid, and is programmed once there is room.
+    pub fn event_reason(&self) -> &'static str {
+        match self {
+            Self::NamespaceShare { .. } => "NamespaceShareFull",
+            _ => "InvalidService",
         }
     }
 }

@@ -38,6 +38,7 @@ use lb_common::{
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
     model::{self, Age, Claim, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection, Slice},
+    share::{Shares, Usage},
     store::Store,
 };
 
@@ -387,6 +388,8 @@ pub struct Reconciler<D: Datapath> {
     ext: External,
     /// Health check node ports of services, with their local endpoint counts.
     health_checks: BTreeMap<ObjectRef, HealthCheck>,
+    /// What each namespace's services take from the maps, against its share.
+    shares: Shares,
     synced: bool,
 }
 
@@ -416,8 +419,20 @@ impl<D: Datapath> Reconciler<D> {
             api: None,
             ext,
             health_checks: BTreeMap::new(),
+            shares: Shares::new(&caps, 100),
             synced: false,
         })
+    }
+
+    /// Limits each namespace to `percent` of each map (see [`crate::share`]); the whole map
+    /// until called. Call it before the first [`Self::sync`].
+    pub fn set_namespace_share(&mut self, percent: u32) {
+        self.shares = Shares::new(&self.caps, percent);
+    }
+
+    /// Each namespace's use of the maps, against its share.
+    pub fn shares(&self) -> &Shares {
+        &self.shares
     }
 
     /// The health check node ports of the services that have one.
@@ -516,57 +531,22 @@ impl<D: Datapath> Reconciler<D> {
             ext_touched.touch_all(&self.ext, &self.mirror);
         }
 
-        for owner in dirty {
-            let new = match store.service(&owner) {
-                None => None,
-                Some(svc) => {
-                    match model::desired(svc, store.slices_of(&owner), store.node(), &self.limits) {
-                        Ok(d) => {
-                            report
-                                .notes
-                                .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
-                            report
-                                .refused
-                                .extend(d.refused.into_iter().map(|n| (owner.clone(), n)));
-                            report
-                                .limited
-                                .extend(d.limited.into_iter().map(|n| (owner.clone(), n)));
-                            let mut frontends = d.frontends;
-                            self.keep_api_access(&owner, &mut frontends, &mut report);
-                            match d.health_check {
-                                Some(h) => self.health_checks.insert(owner.clone(), h),
-                                None => self.health_checks.remove(&owner),
-                            };
-                            Some((frontends, d.external))
-                        }
-                        Err(rejection) => {
-                            if first {
-                                // Keep what an earlier run programmed for it.
-                                let adopted = self.adopt(&owner);
-                                if !adopted.is_empty() {
-                                    self.set_desired(&owner, Some(adopted), &mut touched);
-                                }
-                                let adopted = self.adopt_external(&owner);
-                                if !adopted.is_empty() {
-                                    self.ext
-                                        .set_desired(&owner, Some(adopted), &mut ext_touched);
-                                }
-                            }
-                            let live: BTreeSet<IpAddr> =
-                                store.slices_of(&owner).flat_map(Slice::addresses).collect();
-                            self.keep_live_backends(&owner, &live, &mut touched, &mut ext_touched);
-                            report.rejected.push((owner, rejection));
-                            continue;
-                        }
-                    }
-                }
-            };
-            if new.is_none() {
-                self.health_checks.remove(&owner);
+        loop {
+            for owner in dirty {
+                self.plan(
+                    store,
+                    owner,
+                    first,
+                    &mut report,
+                    &mut touched,
+                    &mut ext_touched,
+                );
             }
-            let (frontends, external) = new.unzip();
-            self.set_desired(&owner, frontends, &mut touched);
-            self.ext.set_desired(&owner, external, &mut ext_touched);
+            // Services refused for their namespace's share, where that namespace freed room.
+            dirty = self.shares.take_retries();
+            if dirty.is_empty() {
+                break;
+            }
         }
 
         let mut removals = Vec::new();
@@ -591,6 +571,78 @@ impl<D: Datapath> Reconciler<D> {
         self.synced = true;
         self.ask_grace();
         report
+    }
+
+    /// Sets the desired frontends of `owner` from `store`: what the model makes of it, if
+    /// it is valid and its namespace has room (else what it had, while its endpoints exist).
+    fn plan(
+        &mut self,
+        store: &Store,
+        owner: ObjectRef,
+        first: bool,
+        report: &mut SyncReport,
+        touched: &mut BTreeSet<ServiceKey>,
+        ext_touched: &mut Touched,
+    ) {
+        let Some(svc) = store.service(&owner) else {
+            self.health_checks.remove(&owner);
+            self.shares.release(&owner);
+            self.set_desired(&owner, None, touched);
+            self.ext.set_desired(&owner, None, ext_touched);
+            return;
+        };
+        let planned = model::desired(svc, store.slices_of(&owner), store.node(), &self.limits)
+            .and_then(|d| {
+                let usage = Usage::of(&d.frontends, &d.external, &self.limits);
+                match self.shares.admit(&owner, usage) {
+                    Ok(()) => Ok(d),
+                    Err(e) => Err(Rejection::NamespaceShare {
+                        map: e.map,
+                        used: e.used,
+                        share: e.share,
+                    }),
+                }
+            });
+        let d = match planned {
+            Ok(d) => d,
+            Err(rejection) => {
+                if first {
+                    // Keep what an earlier run programmed for it.
+                    let adopted = self.adopt(&owner);
+                    let adopted_ext = self.adopt_external(&owner);
+                    self.shares
+                        .hold(&owner, Usage::of(&adopted, &adopted_ext, &self.limits));
+                    if !adopted.is_empty() {
+                        self.set_desired(&owner, Some(adopted), touched);
+                    }
+                    if !adopted_ext.is_empty() {
+                        self.ext.set_desired(&owner, Some(adopted_ext), ext_touched);
+                    }
+                }
+                let live: BTreeSet<IpAddr> =
+                    store.slices_of(&owner).flat_map(Slice::addresses).collect();
+                self.keep_live_backends(&owner, &live, touched, ext_touched);
+                report.rejected.push((owner, rejection));
+                return;
+            }
+        };
+        report
+            .notes
+            .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
+        report
+            .refused
+            .extend(d.refused.into_iter().map(|n| (owner.clone(), n)));
+        report
+            .limited
+            .extend(d.limited.into_iter().map(|n| (owner.clone(), n)));
+        let mut frontends = d.frontends;
+        self.keep_api_access(&owner, &mut frontends, report);
+        match d.health_check {
+            Some(h) => self.health_checks.insert(owner.clone(), h),
+            None => self.health_checks.remove(&owner),
+        };
+        self.set_desired(&owner, Some(frontends), touched);
+        self.ext.set_desired(&owner, Some(d.external), ext_touched);
     }
 
     /// Whether a sync switched away from something [`Self::retire`] is to delete (or left

@@ -343,7 +343,7 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
         return;
     }
     // demo/web's four frontends fill a service map of four.
-    let w = web_world(2, &["--max-services", "4"]);
+    let w = web_world(2, &["--max-services", "4", "--namespace-share", "100"]);
     let vip = format!("{}:80", lb_tests::fixture::WEB_V4);
     let mut held = w.hold(&vip);
     w.write_manifest("other.yaml", &other_manifest(&w));
@@ -384,6 +384,88 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
         attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
         "{attempts:?}"
     );
+}
+
+#[test]
+fn a_namespace_over_its_share_leaves_other_namespaces_new_services_programmed() {
+    if !require_privileges(
+        "a_namespace_over_its_share_leaves_other_namespaces_new_services_programmed",
+    ) {
+        return;
+    }
+    // A service map of 16 and shares of 25%: four frontends per namespace.
+    let w = web_world(2, &["--max-services", "16", "--namespace-share", "25"]);
+    let one = |ns: &str, name: &str, ip: &str, backend: usize| {
+        documents(&[
+            service(ns, name, &[ip], &[("", 80, "TCP")]),
+            slice(
+                ns,
+                &format!("{name}-1"),
+                name,
+                "IPv4",
+                &[("", SPORT, "TCP")],
+                &[Ep::ready(w.backend_v4(backend))],
+            ),
+        ])
+    };
+    for i in 0..5 {
+        w.write_manifest(
+            &format!("greedy-{i}.yaml"),
+            &one("greedy", &format!("s{i}"), &format!("10.96.1.{i}"), 0),
+        );
+    }
+    w.wait_until(
+        "the fifth is refused",
+        std::time::Duration::from_secs(10),
+        || w.agent_log().contains("namespace_share"),
+    );
+    w.write_manifest("calm.yaml", &one("calm", "new", "10.96.2.1", 1));
+    w.wait_for_backends("10.96.2.1:80/TCP", 1);
+    let attempts = w.probe(&["tcp", "10.96.2.1:80", "--count", "5"]);
+    assert!(
+        attempts.iter().all(|a| a.backend.as_deref() == Some("b1")),
+        "another namespace's new service is served: {attempts:?}"
+    );
+    let greedy: Vec<String> = w
+        .services()
+        .into_iter()
+        .map(|r| r.frontend)
+        .filter(|f| f.starts_with("10.96.1."))
+        .collect();
+    assert_eq!(greedy.len(), 4, "greedy holds its share: {greedy:?}");
+    let log = w.agent_log();
+    let refused = log
+        .lines()
+        .find(|l| l.contains("namespace_share"))
+        .expect("logged");
+    assert!(
+        refused.contains("greedy/s") && refused.contains("lb_svc_v2"),
+        "{refused}"
+    );
+    let rows: Vec<lb_userspace::share::Row> = w
+        .lbctl_json(&["capacity", "--namespaces"])
+        .expect("lbctl capacity --namespaces");
+    let row = rows
+        .iter()
+        .find(|r| r.namespace == "greedy" && r.map == "lb_svc_v2")
+        .expect("greedy's row");
+    assert_eq!((row.used, row.share, row.waiting), (4, 4, 1));
+
+    // One of greedy's services goes: the refused one is programmed.
+    let waiting = greedy_missing(&greedy);
+    w.remove_manifest(if waiting == 0 {
+        "greedy-1.yaml"
+    } else {
+        "greedy-0.yaml"
+    });
+    w.wait_for_backends(&format!("10.96.1.{waiting}:80/TCP"), 1);
+}
+
+/// Which of `10.96.1.0`-`10.96.1.4` is not among `programmed`.
+fn greedy_missing(programmed: &[String]) -> usize {
+    (0..5)
+        .find(|i| !programmed.contains(&format!("10.96.1.{i}:80/TCP")))
+        .expect("one is missing")
 }
 
 #[test]

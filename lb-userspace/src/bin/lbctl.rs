@@ -13,7 +13,7 @@ use lb_userspace::{
     datapath::bpf::{
         MapSet, coarse_now_ns, lru_fill, read_flows, read_lru, read_socket_counters, read_stats,
     },
-    inspect,
+    health, inspect,
     loader::PinLayout,
 };
 use serde::Serialize;
@@ -69,7 +69,16 @@ enum Command {
         selector: Option<String>,
     },
     /// How full each map is, against its capacity and the agent flag that sets it.
-    Capacity,
+    Capacity {
+        /// Instead: each namespace's use of the maps against its share
+        /// (`--namespace-share`), as the running agent counts it, fullest first.
+        #[arg(long)]
+        namespaces: bool,
+        /// The agent's explain socket [default: the agent's of --pin-dir, under
+        /// /run/lb-agent].
+        #[arg(long)]
+        agent: Option<String>,
+    },
     /// Explain what the datapath does with traffic to DESTINATION (`address:port`): the
     /// frontend it is on each path, its backends and how one is picked, the XDP program's
     /// own answer for a packet from `--from` (run with BPF_PROG_TEST_RUN on the loaded
@@ -189,7 +198,27 @@ fn run(args: Args) -> Result<(), String> {
                 |r| inspect::flows_table(r),
             );
         }
-        Command::Capacity => {
+        Command::Capacity {
+            namespaces: true,
+            agent,
+        } => {
+            let socket =
+                health::explain_socket(layout.root(), agent.as_deref().map(std::path::Path::new));
+            let rows: Vec<lb_userspace::share::Row> =
+                match health::get_unix(&socket, "/shares", std::time::Duration::from_secs(5)) {
+                    Ok((200, body)) => serde_json::from_str(&body).map_err(|e| e.to_string())?,
+                    Ok((status, body)) => {
+                        return Err(format!(
+                            "the agent at {} answered {status}: {}",
+                            socket.display(),
+                            body.trim()
+                        ));
+                    }
+                    Err(e) => return Err(format!("the agent at {}: {e}", socket.display())),
+                };
+            emit(args.output, &rows, |r| inspect::shares_table(r));
+        }
+        Command::Capacity { .. } => {
             let (maps, caps) =
                 MapSet::open_pinned_with_capacities(&layout).map_err(|e| e.to_string())?;
             let c = maps.read().map_err(|e| e.to_string())?;
@@ -255,7 +284,7 @@ fn explain(
         agent,
     } = args;
     use lb_common::{ServiceKey, proto};
-    use lb_userspace::{addr::to_addr6, health, loader, netdev, packet};
+    use lb_userspace::{addr::to_addr6, loader, netdev, packet};
     let proto = match protocol.to_ascii_lowercase().as_str() {
         "tcp" => proto::TCP,
         "udp" => proto::UDP,

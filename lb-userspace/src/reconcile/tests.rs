@@ -1708,3 +1708,85 @@ fn a_rejected_service_keeps_only_backends_that_are_still_endpoints() {
     assert_eq!(h.served()["10.96.0.1:80/TCP"], entry("ns/web:http", &[]));
     assert!(external(&h).is_empty());
 }
+
+#[test]
+fn a_namespace_over_its_share_is_refused_alone_and_served_once_it_frees_room() {
+    // Shares of 10% of a service map of 100: each namespace may hold 10 frontends.
+    let mut h = Harness::new();
+    h.rec.set_namespace_share(10);
+    let greedy = |i: u32| {
+        let ports: Vec<(&str, i32, &str)> = vec![("a", 80, "TCP"), ("b", 81, "TCP")];
+        service(
+            "greedy",
+            &format!("s{i}"),
+            &[&format!("10.96.1.{i}")],
+            &ports,
+        )
+    };
+    let others = || {
+        vec![
+            web("10.96.0.1"),
+            service("other", "x", &["10.96.2.1"], &[("a", 80, "TCP")]),
+        ]
+    };
+    // Five services of two frontends fill greedy's share; the sixth is refused.
+    let all = |n: u32| -> Vec<Service> { (0..n).map(greedy).chain(others()).collect() };
+    let report = h.sync(all(6), vec![web_slice(&["10.0.0.1"])]);
+    let refused: Vec<(String, &'static str)> = report
+        .rejected
+        .iter()
+        .map(|(o, r)| (o.to_string(), r.reason()))
+        .collect();
+    assert_eq!(refused, [("greedy/s5".to_string(), "namespace_share")]);
+    assert!(report.rejected[0].1.to_string().contains(maps::SERVICES));
+    let served = h.served();
+    assert!(!served.contains_key("10.96.1.5:80/TCP"));
+    assert_eq!(
+        served["10.96.0.1:80/TCP"],
+        entry("ns/web:http", &["10.0.0.1:8080"])
+    );
+    assert!(
+        served.contains_key("10.96.2.1:80/TCP"),
+        "other namespaces are served"
+    );
+    assert_eq!(h.rec.shares().waiting(), 1);
+    let row = &h.rec.shares().rows()[0];
+    assert_eq!(
+        (
+            row.namespace.as_str(),
+            row.map.as_str(),
+            row.used,
+            row.share,
+            row.waiting
+        ),
+        ("greedy", maps::SERVICES, 10, 10, 1)
+    );
+
+    // One of greedy's services goes: the waiting one is programmed in the same sync.
+    let services: Vec<Service> = (1..6).map(greedy).chain(others()).collect();
+    let report = h.sync(services, vec![web_slice(&["10.0.0.1"])]);
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    let served = h.served();
+    assert!(served.contains_key("10.96.1.5:80/TCP"));
+    assert!(!served.contains_key("10.96.1.0:80/TCP"));
+    assert_eq!(h.rec.shares().waiting(), 0);
+}
+
+#[test]
+fn a_service_over_its_share_keeps_what_it_had() {
+    // Backends: a share of 10% of 100. Growing from 5 to 12 endpoints is refused; the five
+    // it had serve on while they are endpoints.
+    let mut h = Harness::new();
+    h.rec.set_namespace_share(10);
+    let addrs: Vec<String> = (1..=12).map(|i| format!("10.0.0.{i}")).collect();
+    let some = |n: usize| -> Vec<&str> { addrs[..n].iter().map(String::as_str).collect() };
+    h.sync(vec![web("10.96.0.1")], vec![web_slice(&some(5))]);
+    let report = h.sync(vec![web("10.96.0.1")], vec![web_slice(&some(12))]);
+    assert_eq!(report.rejected.len(), 1);
+    assert!(report.rejected[0].1.to_string().contains(maps::BACKENDS));
+    assert_eq!(h.served()["10.96.0.1:80/TCP"].1.len(), 5);
+    // Back within the share: taken.
+    let report = h.sync(vec![web("10.96.0.1")], vec![web_slice(&some(10))]);
+    assert!(report.rejected.is_empty());
+    assert_eq!(h.served()["10.96.0.1:80/TCP"].1.len(), 10);
+}
