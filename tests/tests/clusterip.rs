@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use lb_userspace::inspect::{BackendStatsRow, ServiceStatsRow};
 
 use lb_tests::{
-    fixture::{BACKEND_PORT, other_manifest, web_world},
+    fixture::{BACKEND_PORT, other_manifest, web_manifest, web_world},
     manifest::{Ep, Svc, documents, service, slice},
     probe::Attempt,
     require_privileges,
@@ -383,6 +383,31 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
     assert!(
         attempts.iter().all(|a| a.backend.as_deref() == Some("b0")),
         "{attempts:?}"
+    );
+}
+
+#[test]
+fn a_service_over_the_backend_limit_follows_its_replaced_pods() {
+    if !require_privileges("a_service_over_the_backend_limit_follows_its_replaced_pods") {
+        return;
+    }
+    // Three endpoints over a limit of two: a stable subset of two serves (so b0 or b1).
+    let mut w = World::with_backends(5, PORT);
+    w.write_manifest("web.yaml", &web_manifest(&w, &[0, 1, 2]));
+    w.start_agent(&["--max-backends-per-service", "2"]);
+    w.wait_for_backends("10.96.0.10:80/TCP", 2);
+    let vip = "10.96.0.10:80";
+    let before = shares(&w.probe(&["tcp", vip, "--count", "40"]));
+    assert_eq!(before.len(), 2, "{before:?}");
+    // The pods are replaced by new ones: b0 and b1 go, b3 and b4 come.
+    w.write_manifest("web.yaml", &web_manifest(&w, &[2, 3, 4]));
+    w.wait_until(
+        "the subset follows the pods",
+        std::time::Duration::from_secs(10),
+        || {
+            let now = shares(&w.probe(&["tcp", vip, "--count", "40"]));
+            now.len() == 2 && !now.contains_key("b0") && !now.contains_key("b1")
+        },
     );
 }
 
