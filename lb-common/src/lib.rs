@@ -21,7 +21,7 @@ pub mod stats;
 pub use addr::Addr6;
 pub use service::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
-    ServiceKey, ServiceValue, SlotKey, node,
+    ServiceKey, ServiceValue, SlotKey, UdpSocket, node,
 };
 
 /// IANA protocol numbers, as the kernel reports them in `bpf_sock_addr.protocol`.
@@ -47,6 +47,7 @@ mod pod {
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for crate::UdpSocket {}
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}

@@ -14,7 +14,7 @@ use crate::{
     },
     service::{
         AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
-        ServiceKey, ServiceValue, SlotKey,
+        ServiceKey, ServiceValue, SlotKey, UdpSocket,
     },
 };
 
@@ -65,6 +65,13 @@ pub const SERVICE_INFO: &str = "lb_svcinfo_v1";
 /// connect/sendmsg hooks, read by recvmsg/getpeername. State worth keeping: open sockets
 /// depend on it, so it stays pinned across agent restarts.
 pub const REV_NAT: &str = "lb_revnat_v1";
+/// Connected-UDP-socket map: socket cookie (`u64`) -> [`UdpSocket`]. Written by the connect
+/// hooks when they translate a UDP socket's connect, deleted by the sock_release hook when
+/// the socket closes: not an LRU, so no amount of other connections evicts the entry of a
+/// long-lived socket. The agent reads it to find the sockets connected to a backend that
+/// left (see `lb_userspace::sockets`). Sized like the reverse-NAT map; a socket that finds
+/// it full is counted and found through the reverse-NAT map only.
+pub const UDP_SOCKETS: &str = "lb_udpsock_v1";
 /// Affinity map (LRU): [`AffinityKey`] -> [`AffinityValue`]. Written by the connect/sendmsg
 /// hooks for services with session affinity. State worth keeping across agent restarts.
 pub const AFFINITY: &str = "lb_aff_v1";
@@ -220,12 +227,13 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 24] = [
+pub const ALL: [MapSpec; 25] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Backend>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
     spec::<u32, ServiceInfo>(SERVICE_INFO, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<RevNatKey, Endpoint>(REV_NAT, TYPE_LRU_HASH, DEFAULT_MAX_REV_NAT, 0),
+    spec::<u64, UdpSocket>(UDP_SOCKETS, TYPE_HASH, DEFAULT_MAX_REV_NAT, F_NO_PREALLOC),
     spec::<AffinityKey, AffinityValue>(AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
     spec::<AffinityMatchKey, u8>(AFFINITY_MATCH, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, u64>(STATS, TYPE_PERCPU_ARRAY, crate::stats::COUNT, 0),

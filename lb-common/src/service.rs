@@ -240,6 +240,19 @@ impl RevNatKey {
     }
 }
 
+/// Where a connected UDP socket was translated: value of the connected-UDP-socket map
+/// ([`crate::maps::UDP_SOCKETS`]), keyed by the socket's cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UdpSocket {
+    /// The service frontend the socket connected to.
+    pub frontend: Endpoint,
+    /// The backend its connect was translated to.
+    pub backend: Endpoint,
+}
+
+const _: () = assert!(core::mem::size_of::<UdpSocket>() == 40);
+
 /// A client of a service with session affinity. Key of the affinity map (LRU).
 ///
 /// At the socket layer the client's address is not known yet when it connects, so the client

@@ -85,8 +85,12 @@ pub const XDP_SNAT_UNWATCHED_DEVICE: u32 = 30;
 /// tc: an ICMP error about a translated flow, sent by a pod of this node (egress) or
 /// arriving on an overlay device, was translated for the client.
 pub const TC_ICMP_TRANSLATED: u32 = 31;
+/// connect: a translated UDP socket could not be written to the connected-UDP-socket map
+/// (full): should its backend leave, it is found through the reverse-NAT map only, whose
+/// entry other connections may evict.
+pub const ERR_UDP_SOCKET_UPDATE: u32 = 32;
 /// Number of counters.
-pub const COUNT: u32 = 32;
+pub const COUNT: u32 = 33;
 
 /// Counter names for display, indexed like the constants.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -122,6 +126,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "overlay_reversed",
     "xdp_snat_unwatched_device",
     "tc_icmp_translated",
+    "err_udp_socket_update",
 ];
 
 /// Connections of one socket-level frontend (a service id's entry of

@@ -5,6 +5,7 @@
 //! - `sendmsg`: sendmsg4/sendmsg6 do the same per datagram for unconnected UDP;
 //! - `recvmsg`: recvmsg4/recvmsg6 restore the service as the source of replies;
 //! - `getpeername`: getpeername4/getpeername6 report the service as the peer;
+//! - `release`: sock_release forgets a closing UDP socket's connected-socket entry;
 //! - `xdp`: north-south load balancing on the external devices (xdp_lb), and xdp_pass;
 //! - `tc`: tc_egress restores the frontend on replies of local backends;
 //! - `overlay`: tc_overlay reverses replies of SNATed flows arriving on overlay devices;
@@ -41,6 +42,7 @@ mod connect;
 mod getpeername;
 mod overlay;
 mod recvmsg;
+mod release;
 mod sendmsg;
 mod tc;
 mod xdp;

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
-    ServiceKey, ServiceValue, SlotKey,
+    ServiceKey, ServiceValue, SlotKey, UdpSocket,
     maps::{
         DEBUG_RING_BYTES, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_NEW_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
@@ -44,6 +44,12 @@ pub static SERVICE_INFO: HashMap<u32, ServiceInfo> =
 /// Frontends to restore on replies and peer names. See `lb_common::maps::REV_NAT`.
 #[map(name = "lb_revnat_v1")]
 pub static REV_NAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::pinned(DEFAULT_MAX_REV_NAT, 0);
+
+/// Where connected UDP sockets were translated, by cookie. See
+/// `lb_common::maps::UDP_SOCKETS`.
+#[map(name = "lb_udpsock_v1")]
+pub static UDP_SOCKETS: HashMap<u64, UdpSocket> =
+    HashMap::pinned(DEFAULT_MAX_REV_NAT, F_NO_PREALLOC);
 
 /// Clients kept on a backend by session affinity. See `lb_common::maps::AFFINITY`.
 #[map(name = "lb_aff_v1")]

@@ -4,9 +4,14 @@
 use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_socket_cookie, programs::SockAddrContext,
 };
-use lb_common::{Endpoint, RevNatKey, stats as st};
+use lb_common::{Endpoint, RevNatKey, UdpSocket, stats as st};
 
-use crate::{family::Family, maps::REV_NAT, stats, xlate::ALLOW};
+use crate::{
+    family::Family,
+    maps::{REV_NAT, UDP_SOCKETS},
+    stats,
+    xlate::ALLOW,
+};
 
 /// The socket's cookie, allocated by the kernel on first use.
 #[inline(always)]
@@ -21,6 +26,19 @@ pub fn remember(ctx: &SockAddrContext, backend: &Endpoint, frontend: &Endpoint) 
     let key = RevNatKey::new(cookie(ctx), backend);
     if REV_NAT.insert(&key, frontend, 0).is_err() {
         stats::inc(st::ERR_REV_NAT_UPDATE);
+    }
+}
+
+/// Remembers where a connected UDP socket was translated, until it closes (see the
+/// sock_release hook): the agent finds it there should its backend leave.
+#[inline(always)]
+pub fn remember_connected(ctx: &SockAddrContext, backend: &Endpoint, frontend: &Endpoint) {
+    let socket = UdpSocket {
+        frontend: *frontend,
+        backend: *backend,
+    };
+    if UDP_SOCKETS.insert(&cookie(ctx), &socket, 0).is_err() {
+        stats::inc(st::ERR_UDP_SOCKET_UPDATE);
     }
 }
 

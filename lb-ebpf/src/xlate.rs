@@ -53,11 +53,11 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
         return ALLOW;
     }
     sa.user_port = u32::from(backend.port_be);
-    revnat::remember(
-        ctx,
-        &backend.endpoint(),
-        &Endpoint::new(key.addr, key.port_be),
-    );
+    let frontend = Endpoint::new(key.addr, key.port_be);
+    revnat::remember(ctx, &backend.endpoint(), &frontend);
+    if translated == st::CONNECT_TRANSLATED && key.proto == lb_common::proto::UDP {
+        revnat::remember_connected(ctx, &backend.endpoint(), &frontend);
+    }
     stats::inc(translated);
     stats::socket(svc.id, Some(backend_id));
     debug::event(lb_common::debug::SOCKET_TRANSLATED, svc.id, backend_id);

@@ -505,7 +505,7 @@ fn explanation(store: &Store, service: &ObjectRef) -> Option<String> {
 /// and removes the pins of maps of an older layout.
 fn start_serving(loaded: &mut Loaded, cgroup: &Path, layout: &PinLayout) -> Result<(), AgentError> {
     loaded.attach(cgroup)?;
-    info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len(), "programs attached");
+    info!(cgroup = %cgroup.display(), programs = loader::PROGRAMS.len() + 1, "programs attached");
     match loader::remove_stale_map_pins(layout) {
         Ok(removed) if !removed.is_empty() => {
             info!(maps = ?removed, "removed the pins of maps of an older layout");

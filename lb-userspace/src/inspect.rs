@@ -1262,6 +1262,16 @@ pub fn capacity(
         })
         .collect();
     for (name, entries, cap) in lru {
+        if *name == maps::UDP_SOCKETS {
+            rows.push(fill(
+                name,
+                "--max-rev-nat",
+                (*entries, *entries),
+                *cap,
+                "new connected UDP sockets are found through the reverse-NAT map only (counted)",
+            ));
+            continue;
+        }
         let flag = match *name {
             maps::REV_NAT => "--max-rev-nat",
             maps::AFFINITY | maps::NS_AFFINITY => "--max-affinity",

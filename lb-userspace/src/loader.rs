@@ -24,8 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, Map, MapData, MapError},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        TestRun as _, TestRunOptions, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier,
+        TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
@@ -88,6 +88,10 @@ pub const PROGRAMS: [&str; 8] = [
     "getpeername4",
     "getpeername6",
 ];
+
+/// The cgroup program that forgets a closing UDP socket's connected-socket entry
+/// ([`maps::UDP_SOCKETS`]); pinned as `links/sock_release`.
+pub const RELEASE_PROGRAM: &str = "sock_release";
 
 /// The XDP program for traffic from outside the node, on each external device.
 pub const XDP_PROGRAM: &str = "xdp_lb";
@@ -203,7 +207,7 @@ impl MapSizes {
             // Ids start at 1.
             maps::SVC_STATS => Some(self.services + 1),
             maps::BE_STATS => Some(self.backends + 1),
-            maps::REV_NAT => Some(self.rev_nat),
+            maps::REV_NAT | maps::UDP_SOCKETS => Some(self.rev_nat),
             maps::AFFINITY | maps::NS_AFFINITY => Some(self.affinity),
             // As many backends of services with affinity as the socket hooks' match map.
             maps::NS_AFFINITY_MATCH => Some(self.slots),
@@ -530,6 +534,12 @@ impl Loaded {
                 .load()
                 .map_err(|source| LoadError::Program { name, source })?;
         }
+        program::<CgroupSock>(&mut ebpf, RELEASE_PROGRAM)?
+            .load()
+            .map_err(|source| LoadError::Program {
+                name: RELEASE_PROGRAM,
+                source,
+            })?;
         for name in [XDP_PROGRAM, XDP_PASS_PROGRAM] {
             program::<Xdp>(&mut ebpf, name)?
                 .load()
@@ -765,7 +775,7 @@ impl Loaded {
         // What the running programs wrote into the old maps of resized ones since the copy
         // at load (flows, reverse NAT, affinity) is copied again, just before they go.
         for name in std::mem::take(&mut self.resized) {
-            if is_lru(name) {
+            if written_by_programs(name) {
                 copy_map(&resize_pin(&self.layout, name), &self.layout, name)?;
             }
         }
@@ -789,7 +799,16 @@ impl Loaded {
                 .map_err(|source| LoadError::Link { name, source })?;
             pin_over(link, &links.join(name), name)?;
         }
-        Ok(())
+        let name = RELEASE_PROGRAM;
+        let prog = program::<CgroupSock>(&mut self.ebpf, name)?;
+        let perr = |source| LoadError::Program { name, source };
+        let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(perr)?
+            .try_into()
+            .map_err(|source| LoadError::Link { name, source })?;
+        pin_over(link, &links.join(name), name)
     }
 }
 
@@ -890,10 +909,13 @@ fn resize_pin(layout: &PinLayout, name: &str) -> PathBuf {
     layout.map(&format!("{name}-old"))
 }
 
-fn is_lru(name: &str) -> bool {
-    maps::ALL
-        .iter()
-        .any(|s| s.name == name && s.map_type == maps::TYPE_LRU_HASH)
+/// Whether the programs write map `name` (flows, reverse NAT, affinity, connected UDP
+/// sockets), so that a copy made at load misses what they wrote since.
+fn written_by_programs(name: &str) -> bool {
+    name == maps::UDP_SOCKETS
+        || maps::ALL
+            .iter()
+            .any(|s| s.name == name && s.map_type == maps::TYPE_LRU_HASH)
 }
 
 /// Copies the entries of the map pinned at `from` (set aside by a resize, or of an earlier
@@ -904,7 +926,7 @@ fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize
     use aya::maps::{Array, lpm_trie::LpmTrie};
     use lb_common::{
         AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
-        ServiceKey, ServiceValue, SlotKey,
+        ServiceKey, ServiceValue, SlotKey, UdpSocket,
         maps::RingPair,
         ns::{
             CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue,
@@ -956,6 +978,7 @@ fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize
         maps::AFFINITY_MATCH => hash::<AffinityMatchKey, u8>(h(old), h(new), merr),
         maps::NS_SERVICES => hash::<ServiceKey, NsService>(h(old), h(new), merr),
         maps::REV_NAT => hash::<RevNatKey, Endpoint>(l(old), l(new), merr),
+        maps::UDP_SOCKETS => hash::<u64, UdpSocket>(h(old), h(new), merr),
         maps::AFFINITY => hash::<AffinityKey, AffinityValue>(l(old), l(new), merr),
         maps::CONNTRACK | maps::CT_NEW => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
         maps::NAT_REV | maps::NAT_REV_NEW => hash::<FlowKey, NatRev>(l(old), l(new), merr),
@@ -1140,7 +1163,13 @@ mod tests {
         let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         names.sort();
         let mut expected = PROGRAMS.to_vec();
-        expected.extend([XDP_PROGRAM, XDP_PASS_PROGRAM, TC_PROGRAM, OVERLAY_PROGRAM]);
+        expected.extend([
+            RELEASE_PROGRAM,
+            XDP_PROGRAM,
+            XDP_PASS_PROGRAM,
+            TC_PROGRAM,
+            OVERLAY_PROGRAM,
+        ]);
         expected.sort();
         assert_eq!(names, expected);
     }

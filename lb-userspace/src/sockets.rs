@@ -7,8 +7,9 @@
 //! and disconnects it: a pending or next receive fails with ECONNABORTED, a next send with
 //! EDESTADDRREQ; the application reconnects, and the new connect is balanced again.
 //!
-//! Only sockets the hooks translated for that frontend are destroyed: the reverse-NAT entry of
-//! the socket (cookie, backend) must name the frontend. A socket that talks to the pod IP
+//! Only sockets the hooks translated for that frontend are destroyed: the socket's entry in
+//! the connected-UDP-socket map (kept until it closes, whatever else connects meanwhile), or
+//! else its reverse-NAT entry (cookie, backend), must name the frontend. A socket that talks to the pod IP
 //! directly is never touched. sock_diag works per network namespace, so every namespace of
 //! the node (found through `/proc/*/ns/net`) is dumped, from a short-lived thread that enters
 //! it. Established TCP connections are left alone, as kube-proxy leaves them: the backend pod
@@ -21,8 +22,8 @@ use std::{
     path::PathBuf,
 };
 
-use aya::maps::{HashMap, Map};
-use lb_common::{Endpoint, RevNatKey, maps};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{Endpoint, RevNatKey, UdpSocket, maps};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     NetlinkSerializable,
@@ -52,46 +53,72 @@ pub struct Destroyed {
     pub errors: Vec<String>,
 }
 
-/// Where a translated socket's reverse-NAT entry says it was sent: the frontend.
-pub trait RevNat {
+/// Where the hooks sent a translated socket: the frontend.
+pub trait Translations {
     /// The frontend a socket (by cookie) reached `backend` through, if the hooks translated it.
     fn frontend(&self, cookie: u64, backend: &Endpoint) -> Option<Endpoint>;
 }
 
-impl RevNat for HashMap<aya::maps::MapData, RevNatKey, Endpoint> {
+/// The pinned maps that say where sockets were sent: the connected-UDP-socket map, which
+/// keeps a socket's entry until it closes, then the reverse-NAT map (an LRU, where a socket
+/// connected when the other was full, or before it existed, may still be found).
+struct Pinned {
+    sockets: HashMap<MapData, u64, UdpSocket>,
+    rev_nat: HashMap<MapData, RevNatKey, Endpoint>,
+}
+
+impl Translations for Pinned {
     fn frontend(&self, cookie: u64, backend: &Endpoint) -> Option<Endpoint> {
-        self.get(&RevNatKey::new(cookie, backend), 0).ok()
+        match self.sockets.get(&cookie, 0) {
+            Ok(s) if s.backend == *backend => Some(s.frontend),
+            _ => self.rev_nat.get(&RevNatKey::new(cookie, backend), 0).ok(),
+        }
+    }
+}
+
+impl Pinned {
+    fn open(layout: &PinLayout) -> Result<Self, LoadError> {
+        let data = |name: &'static str| -> Result<MapData, LoadError> {
+            let spec = maps::ALL
+                .iter()
+                .find(|s| s.name == name)
+                .expect("every map has a spec");
+            open_pinned(layout, spec)?
+                .ok_or_else(|| LoadError::Missing(format!("pinned map {name}")))
+        };
+        let merr = |name| move |source| LoadError::Map { name, source };
+        Ok(Self {
+            sockets: HashMap::try_from(Map::HashMap(data(maps::UDP_SOCKETS)?))
+                .map_err(merr(maps::UDP_SOCKETS))?,
+            rev_nat: HashMap::try_from(Map::LruHashMap(data(maps::REV_NAT)?))
+                .map_err(merr(maps::REV_NAT))?,
+        })
     }
 }
 
 /// Whether a connected socket (cookie, destination) is stale: it was translated to a backend
 /// that has left the frontend it was translated for.
-pub fn is_stale(stale: &[StaleUdp], rev_nat: &impl RevNat, cookie: u64, dst: &Endpoint) -> bool {
+pub fn is_stale(
+    stale: &[StaleUdp],
+    translations: &impl Translations,
+    cookie: u64,
+    dst: &Endpoint,
+) -> bool {
     stale
         .iter()
-        .any(|s| s.backend == *dst && rev_nat.frontend(cookie, dst) == Some(s.frontend))
+        .any(|s| s.backend == *dst && translations.frontend(cookie, dst) == Some(s.frontend))
 }
 
 /// Destroys the connected UDP sockets of every network namespace that are stale.
 pub fn destroy_stale(layout: &PinLayout, stale: &[StaleUdp]) -> Result<Destroyed, LoadError> {
-    let spec = maps::ALL
-        .iter()
-        .find(|s| s.name == maps::REV_NAT)
-        .expect("the reverse-NAT map has a spec");
-    let data = open_pinned(layout, spec)?
-        .ok_or_else(|| LoadError::Missing("pinned reverse-NAT map".into()))?;
-    let rev_nat: HashMap<_, RevNatKey, Endpoint> = HashMap::try_from(Map::LruHashMap(data))
-        .map_err(|source| LoadError::Map {
-            name: maps::REV_NAT,
-            source,
-        })?;
+    let translations = Pinned::open(layout)?;
     let backends: BTreeSet<Endpoint> = stale.iter().map(|s| s.backend).collect();
     let mut done = Destroyed::default();
     for (inode, path) in namespaces() {
         done.namespaces += 1;
         let result = std::thread::scope(|scope| {
             scope
-                .spawn(|| in_namespace(&path, &backends, stale, &rev_nat))
+                .spawn(|| in_namespace(&path, &backends, stale, &translations))
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
         });
@@ -136,7 +163,7 @@ fn in_namespace(
     path: &PathBuf,
     backends: &BTreeSet<Endpoint>,
     stale: &[StaleUdp],
-    rev_nat: &impl RevNat,
+    translations: &impl Translations,
 ) -> io::Result<usize> {
     let ns = fs::File::open(path)?;
     // SAFETY: setns on this thread, which ends after this function.
@@ -153,7 +180,7 @@ fn in_namespace(
             let c = id.cookie;
             let cookie = u64::from(u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
                 | u64::from(u32::from_ne_bytes([c[4], c[5], c[6], c[7]])) << 32;
-            if backends.contains(&dst) && is_stale(stale, rev_nat, cookie, &dst) {
+            if backends.contains(&dst) && is_stale(stale, translations, cookie, &dst) {
                 match destroy(&socket, family, id) {
                     Ok(()) => destroyed += 1,
                     Err(e) => debug!(error = %e, "socket gone before it was destroyed"),
@@ -244,7 +271,7 @@ mod tests {
 
     struct Fake(Vec<(u64, Endpoint, Endpoint)>);
 
-    impl RevNat for Fake {
+    impl Translations for Fake {
         fn frontend(&self, cookie: u64, backend: &Endpoint) -> Option<Endpoint> {
             self.0
                 .iter()

@@ -196,7 +196,7 @@ fn an_agent_crash_and_restart_keep_connections_and_maps() {
     let links = std::fs::read_dir(w.pin_dir().join("links"))
         .expect("links")
         .count();
-    assert_eq!(links, 8, "one link per program, the old ones replaced");
+    assert_eq!(links, 9, "one link per program, the old ones replaced");
     let attempts = w.probe(&["tcp", &vip(), "--count", "30"]);
     assert!(attempts.iter().all(|a| a.error.is_none()));
 }

@@ -8,7 +8,7 @@ use lb_tests::{
     fixture::BACKEND_PORT,
     manifest::{Ep, documents, service, slice},
     require_privileges,
-    world::World,
+    world::{Held, World},
 };
 
 const P: i64 = BACKEND_PORT as i64;
@@ -29,6 +29,38 @@ fn manifest(w: &World, backends: &[usize]) -> String {
         ),
         slice("kube-system", "dns-1", "dns", "IPv4", &ports, &eps),
     ])
+}
+
+/// Until the agent destroys it the socket still reaches the removed backend `gone` (which
+/// still runs); then the resolver's call fails, it reconnects, and lands on backend `stays`.
+fn moves_on(resolver: &mut Held, gone: &str, stays: usize, vip: &str) {
+    let mut moved = None;
+    for _ in 0..40 {
+        let a = resolver.ping();
+        if let Some(error) = a.error {
+            let retry = resolver.next_report();
+            moved = Some((error, retry));
+            break;
+        }
+        assert_eq!(
+            a.backend.as_deref(),
+            Some(gone),
+            "before destruction, the old backend"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (error, retry) = moved.expect("the stale socket was destroyed within 2 s");
+    assert!(
+        ["ECONNABORTED", "EDESTADDRREQ"].contains(&error.as_str()),
+        "the application sees the socket aborted: {error}"
+    );
+    assert_eq!(retry.error, None);
+    assert_eq!(
+        retry.backend,
+        Some(format!("b{stays}")),
+        "the reconnect is balanced again"
+    );
+    assert_eq!(retry.peer.as_deref(), Some(vip));
 }
 
 #[test]
@@ -57,35 +89,7 @@ fn a_stale_connected_udp_socket_is_destroyed_and_the_client_moves_on() {
     w.write_manifest("dns.yaml", &manifest(&w, &[stays]));
     w.wait_for_backends(&format!("{VIP}:53/UDP"), 1);
 
-    // Until the agent destroys it the socket still reaches the removed backend (which still
-    // runs); then the resolver's call fails, it reconnects, and lands on the live backend.
-    let mut moved = None;
-    for _ in 0..40 {
-        let a = resolver.ping();
-        if let Some(error) = a.error {
-            let retry = resolver.next_report();
-            moved = Some((error, retry));
-            break;
-        }
-        assert_eq!(
-            a.backend.as_ref(),
-            Some(&gone),
-            "before destruction, the old backend"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-    let (error, retry) = moved.expect("the stale socket was destroyed within 2 s");
-    assert!(
-        ["ECONNABORTED", "EDESTADDRREQ"].contains(&error.as_str()),
-        "the application sees the socket aborted: {error}"
-    );
-    assert_eq!(retry.error, None);
-    assert_eq!(
-        retry.backend,
-        Some(format!("b{stays}")),
-        "the reconnect is balanced again"
-    );
-    assert_eq!(retry.peer.as_deref(), Some(&*vip));
+    moves_on(&mut resolver, &gone, stays, &vip);
     // The agent logs the count once the whole sweep is done.
     w.wait_until(
         "the agent reports one socket destroyed",
@@ -105,5 +109,52 @@ fn a_stale_connected_udp_socket_is_destroyed_and_the_client_moves_on() {
         (a.error, a.backend.as_ref()),
         (None, Some(&gone)),
         "TCP connections are kept"
+    );
+}
+
+#[test]
+fn a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects_evicted_its_reverse_nat() {
+    if !require_privileges("a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects") {
+        return;
+    }
+    // A reverse-NAT map of 1024 and five times as many TCP connects after the UDP socket's:
+    // its LRU entry is long evicted, and the socket is found all the same.
+    let mut w = World::with_backends(2, BACKEND_PORT);
+    w.write_manifest("dns.yaml", &manifest(&w, &[0, 1]));
+    w.start_agent(&["--max-rev-nat", "1024"]);
+    w.wait_for_backends(&format!("{VIP}:53/UDP"), 2);
+    let vip = format!("{VIP}:53");
+    let mut resolver = w.hold_udp(&vip);
+    let gone = resolver.first.backend.clone().expect("answered");
+    let index: usize = gone[1..].parse().expect("b<i>");
+
+    let storm = w.probe(&["tcp", &vip, "--count", "5000"]);
+    assert!(storm.iter().all(|a| a.error.is_none()));
+    let rev_nat = w
+        .capacity()
+        .into_iter()
+        .find(|r| r.map == "lb_revnat_v1")
+        .expect("row");
+    assert!(
+        rev_nat.capacity == 1024 && rev_nat.entries > 512,
+        "the reverse-NAT map churned through TCP sockets: {rev_nat:?}"
+    );
+    // The resolver is still there, silent meanwhile, read with recv().
+    assert_eq!(resolver.ping().backend.as_deref(), Some(gone.as_str()));
+
+    let stays = 1 - index;
+    w.write_manifest("dns.yaml", &manifest(&w, &[stays]));
+    moves_on(&mut resolver, &gone, stays, &vip);
+    // Closed sockets leave the connected-UDP-socket map: only the reconnected one is there.
+    drop(resolver);
+    w.wait_until(
+        "closed UDP sockets are forgotten",
+        Duration::from_secs(5),
+        || {
+            w.capacity()
+                .into_iter()
+                .find(|r| r.map == "lb_udpsock_v1")
+                .is_some_and(|r| r.entries == 0)
+        },
     );
 }

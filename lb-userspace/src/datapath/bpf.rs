@@ -380,9 +380,10 @@ pub fn coarse_now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Entries and capacity of the LRU maps (socket reverse NAT and affinity, conntrack and
-/// north-south reverse NAT, of answered and of new flows, north-south affinity), their
-/// entries counted by walking the keys: map name -> (entries, capacity).
+/// Entries and capacity of the maps the programs write (socket reverse NAT, connected UDP
+/// sockets and affinity, conntrack and north-south reverse NAT, of answered and of new flows,
+/// north-south affinity), their entries counted by walking the keys: map name -> (entries,
+/// capacity).
 pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, LoadError> {
     fn count<K: aya::Pod, V: aya::Pod>(
         layout: &PinLayout,
@@ -390,13 +391,18 @@ pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, Loa
     ) -> Result<(&'static str, u64, u64), LoadError> {
         let data = pinned(layout, name)?;
         let cap = capacity(name, &data)?;
-        let map: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(data))
-            .map_err(|source| LoadError::Map { name, source })?;
+        let map = match name {
+            maps::UDP_SOCKETS => Map::HashMap(data),
+            _ => Map::LruHashMap(data),
+        };
+        let map: HashMap<MapData, K, V> =
+            HashMap::try_from(map).map_err(|source| LoadError::Map { name, source })?;
         let entries = map.keys().filter(Result::is_ok).count();
         Ok((name, entries as u64, u64::from(cap)))
     }
     Ok(vec![
         count::<RevNatKey, Endpoint>(layout, maps::REV_NAT)?,
+        count::<u64, lb_common::UdpSocket>(layout, maps::UDP_SOCKETS)?,
         count::<AffinityKey, AffinityValue>(layout, maps::AFFINITY)?,
         count::<FlowKey, CtEntry>(layout, maps::CONNTRACK)?,
         count::<FlowKey, NatRev>(layout, maps::NAT_REV)?,
