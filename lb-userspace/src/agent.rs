@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -95,7 +95,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let source = source::from_arg(args.source.as_deref().unwrap_or_default(), args.api())
         .map_err(AgentError::Config)?;
     if host::ensure_bpffs(&args.bpffs)? {
-        info!(path = %args.bpffs.display(), "mounted the BPF filesystem");
+        warn!(path = %args.bpffs.display(), "mounted the BPF filesystem: none was there. In a \
+              container, this mount is the container's own and the pins go with it, so a \
+              restarted agent starts afresh: mount bpffs on the host (systemd does at boot)");
     }
     let cgroup = match &args.cgroup {
         Some(path) => path.clone(),
@@ -163,6 +165,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             XdpModeArg::Generic => XdpMode::Skb,
         },
         cidrs: args.nodeport_cidrs().map_err(AgentError::Config)?,
+        proc_sys_net: args.proc_sys_net.clone(),
         attached,
         failed: BTreeSet::new(),
     };
@@ -224,6 +227,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut out = Outputs {
         events,
         layout: layout.clone(),
+        netns_dirs: args.netns_dirs(),
         health_checks: HealthCheckServers::new(health.clone()),
         health,
         metrics,
@@ -520,6 +524,8 @@ fn start_serving(loaded: &mut Loaded, cgroup: &Path, layout: &PinLayout) -> Resu
 /// the destruction of stale UDP sockets.
 struct Outputs {
     layout: PinLayout,
+    /// Where pinned network namespaces are looked for (stale UDP sockets).
+    netns_dirs: Vec<PathBuf>,
     health: Health,
     health_checks: HealthCheckServers,
     metrics: Arc<Metrics>,
@@ -580,7 +586,7 @@ impl Outputs {
             self.metrics
                 .events(published, events.dropped().saturating_sub(dropped));
         }
-        destroy_stale_udp(&self.layout, report);
+        destroy_stale_udp(&self.layout, &self.netns_dirs, report);
         self.health_checks.update(reconciler.health_checks());
         self.metrics.share_waiting(reconciler.shares().waiting());
         if !reconciler.needs_retry() {
@@ -600,6 +606,8 @@ struct Network {
     overlays: Devices,
     mode: XdpMode,
     cidrs: Vec<IpNet>,
+    /// The node's `/proc/sys/net`, written to.
+    proc_sys_net: PathBuf,
     /// Devices with programs attached, by name: what they run, and the index they were
     /// attached at (unknown for those adopted from a previous agent until replaced).
     attached: BTreeMap<String, (DeviceKind, Option<u32>)>,
@@ -698,7 +706,7 @@ impl Network {
             }
             match attach(loaded, &name, kind, ifindex, self.mode) {
                 Ok(replaced) => {
-                    if let Err(e) = netdev::accept_local(&name) {
+                    if let Err(e) = netdev::accept_local(&self.proc_sys_net, &name) {
                         warn!(device = %name, error = %e, "cannot set accept_local: SNATed packets the stack forwards will be dropped");
                     }
                     if kind == DeviceKind::Xdp && netdev::strict_rp_filter(&name) {
@@ -768,25 +776,28 @@ fn trim_heap() {
 }
 
 /// Destroys, off the sync path, the connected UDP sockets pointed at backends that left.
-fn destroy_stale_udp(layout: &PinLayout, report: &SyncReport) {
+fn destroy_stale_udp(layout: &PinLayout, netns_dirs: &[PathBuf], report: &SyncReport) {
     if report.stale_udp.is_empty() {
         return;
     }
     let (layout, stale) = (layout.clone(), report.stale_udp.clone());
-    tokio::task::spawn_blocking(move || match sockets::destroy_stale(&layout, &stale) {
-        Ok(done) => {
-            info!(
-                backends = stale.len(),
-                namespaces = done.namespaces,
-                destroyed = done.sockets,
-                "destroyed connected UDP sockets of removed backends"
-            );
-            for e in done.errors {
-                warn!(error = e, "could not look for stale UDP sockets");
+    let dirs = netns_dirs.to_vec();
+    tokio::task::spawn_blocking(
+        move || match sockets::destroy_stale(&layout, &dirs, &stale) {
+            Ok(done) => {
+                info!(
+                    backends = stale.len(),
+                    namespaces = done.namespaces,
+                    destroyed = done.sockets,
+                    "destroyed connected UDP sockets of removed backends"
+                );
+                for e in done.errors {
+                    warn!(error = e, "could not look for stale UDP sockets");
+                }
             }
-        }
-        Err(e) => warn!(error = %e, "could not look for stale UDP sockets"),
-    });
+            Err(e) => warn!(error = %e, "could not look for stale UDP sockets"),
+        },
+    );
 }
 
 fn log_report(report: &SyncReport, rejected_total: &mut BTreeMap<&'static str, u64>) {

@@ -126,6 +126,20 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub namespace_share: u32,
 
+    /// Directories of network namespaces pinned by the container runtime or CNI (bind
+    /// mounts of `/proc/PID/ns/net`), comma-separated, where stale connected UDP sockets are
+    /// looked for besides the namespaces of the processes the agent sees in /proc. With the
+    /// runtime's directory mounted, the agent needs neither the host's PID namespace nor
+    /// CAP_SYS_PTRACE.
+    #[arg(long, env = "LB_NETNS_DIRS", default_value = "/run/netns")]
+    pub netns_dirs: String,
+
+    /// The node's `/proc/sys/net`, where the agent sets `accept_local` on the XDP and
+    /// overlay devices: in an unprivileged container, whose own /proc/sys is read-only, the
+    /// host's, mounted read-write.
+    #[arg(long, env = "LB_PROC_SYS_NET", default_value = "/proc/sys/net")]
+    pub proc_sys_net: PathBuf,
+
     /// Devices that run the XDP program for traffic from outside the node (node ports,
     /// load-balancer IPs, external IPs): a comma-separated list of interface names; `auto`
     /// for the interfaces holding the addresses of this node's Node object (or, without one,
@@ -450,6 +464,11 @@ impl AgentArgs {
                 std::time::Duration::from_secs(10),
             ),
         }
+    }
+
+    /// The directories of pinned network namespaces ([`Self::netns_dirs`]).
+    pub fn netns_dirs(&self) -> Vec<PathBuf> {
+        split_list(&self.netns_dirs).map(PathBuf::from).collect()
     }
 
     /// Per-service limits.

@@ -10,6 +10,7 @@ use std::{
     fs, io,
     net::IpAddr,
     os::fd::{AsRawFd, FromRawFd},
+    path::Path,
 };
 
 use ipnet::IpNet;
@@ -142,11 +143,12 @@ fn parse_route_v6(text: &str) -> Vec<String> {
 }
 
 /// Lets device `name` accept IPv4 packets whose source is an address of this node
-/// (`net.ipv4.conf.<name>.accept_local`). The XDP program hands a packet it SNATed to the
-/// node's address to the stack when the next hop's MAC is not resolved yet; without this,
-/// the stack drops it as a martian.
-pub fn accept_local(name: &str) -> io::Result<()> {
-    fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")
+/// (`net.ipv4.conf.<name>.accept_local`, under `proc_sys_net`, the node's `/proc/sys/net`).
+/// The XDP program hands a packet it SNATed to the node's address to the stack when the next
+/// hop's MAC is not resolved yet; without this, the stack drops it as a martian.
+pub fn accept_local(proc_sys_net: &Path, name: &str) -> io::Result<()> {
+    let path = proc_sys_net.join(format!("ipv4/conf/{name}/accept_local"));
+    fs::write(&path, "1").map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// Whether strict reverse-path filtering applies to IPv4 packets arriving on device `name`

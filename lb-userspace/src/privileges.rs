@@ -1,7 +1,8 @@
 //! The capabilities the agent keeps, and dropping the rest.
 //!
-//! The DaemonSet runs the agent privileged (portable across runtimes), so it starts with every
-//! capability. Before anything else it limits itself to the start-up set ([`startup`]), and
+//! The DaemonSet grants the agent [`DAEMONSET`] only; run otherwise (as root, by hand or a
+//! unit) it may start with every capability. Before anything else it limits itself to the
+//! start-up set ([`startup`]), and
 //! once the programs are loaded (before any other thread starts) to [`RUNTIME`]: from the
 //! permitted, effective and inheritable sets, the ambient set, and the bounding set (so no
 //! exec can regain them). Why each is kept:
@@ -10,8 +11,8 @@
 //! |---|---|
 //! | `CAP_BPF` | map and link operations on the pinned objects |
 //! | `CAP_NET_ADMIN` | attaching the programs (after the first sync) and XDP and tc to devices that appear later, destroying stale UDP sockets (`SOCK_DESTROY`), `accept_local` |
-//! | `CAP_SYS_ADMIN` | entering pods' network namespaces (`setns`) to find stale UDP sockets; mounting bpffs at start |
-//! | `CAP_SYS_PTRACE` | opening other processes' `/proc/PID/ns/net` |
+//! | `CAP_SYS_ADMIN` | entering pods' network namespaces (`setns`) to find stale UDP sockets; mounting bpffs at start (when the host has not) |
+//! | `CAP_SYS_PTRACE` | opening other processes' `/proc/PID/ns/net` (not needed where the runtime pins pods' namespaces in `--netns-dirs`) |
 //! | `CAP_NET_BIND_SERVICE` | a health or metrics port or health check node port below 1024 |
 //! | `CAP_PERFMON` (start only) | loading programs that read kernel memory and use pointer arithmetic |
 //! | `CAP_SYS_RESOURCE` (start only) | raising `RLIMIT_MEMLOCK` on kernels that charge maps to it |
@@ -30,6 +31,18 @@ pub const RUNTIME: [Capability; 5] = [
     Capability::CAP_SYS_ADMIN,
     Capability::CAP_SYS_PTRACE,
     Capability::CAP_NET_BIND_SERVICE,
+];
+
+/// What the DaemonSet grants (deploy/daemonset.yaml, checked by a test; a namespace test
+/// runs the agent with these only): loading and attaching the programs, and entering pods'
+/// network namespaces to destroy stale UDP sockets. Neither `CAP_SYS_PTRACE` (the
+/// namespaces are found where the runtime pins them) nor `CAP_SYS_RESOURCE` (kernels from
+/// 5.11 charge maps to the memory cgroup, not `RLIMIT_MEMLOCK`).
+pub const DAEMONSET: [Capability; 4] = [
+    Capability::CAP_BPF,
+    Capability::CAP_PERFMON,
+    Capability::CAP_NET_ADMIN,
+    Capability::CAP_SYS_ADMIN,
 ];
 
 /// Kept until the programs are loaded: [`RUNTIME`] and these.

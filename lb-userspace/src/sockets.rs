@@ -109,12 +109,17 @@ pub fn is_stale(
         .any(|s| s.backend == *dst && translations.frontend(cookie, dst) == Some(s.frontend))
 }
 
-/// Destroys the connected UDP sockets of every network namespace that are stale.
-pub fn destroy_stale(layout: &PinLayout, stale: &[StaleUdp]) -> Result<Destroyed, LoadError> {
+/// Destroys the connected UDP sockets of every network namespace that are stale: those of
+/// the processes in /proc and those pinned in `netns_dirs`.
+pub fn destroy_stale(
+    layout: &PinLayout,
+    netns_dirs: &[PathBuf],
+    stale: &[StaleUdp],
+) -> Result<Destroyed, LoadError> {
     let translations = Pinned::open(layout)?;
     let backends: BTreeSet<Endpoint> = stale.iter().map(|s| s.backend).collect();
     let mut done = Destroyed::default();
-    for (inode, path) in namespaces() {
+    for (inode, path) in namespaces(netns_dirs) {
         done.namespaces += 1;
         let result = std::thread::scope(|scope| {
             scope
@@ -134,25 +139,27 @@ pub fn destroy_stale(layout: &PinLayout, stale: &[StaleUdp]) -> Result<Destroyed
     Ok(done)
 }
 
-/// One `/proc/<pid>/ns/net` per network namespace of the node, by inode.
-fn namespaces() -> BTreeMap<u64, PathBuf> {
+/// One path per network namespace, by inode: of the processes in /proc (those the agent
+/// may look into; all of the node's with the host's PID namespace and CAP_SYS_PTRACE), and
+/// the namespaces pinned in `dirs` (by the container runtime or CNI: every pod's, with no
+/// such privilege).
+fn namespaces(dirs: &[PathBuf]) -> BTreeMap<u64, PathBuf> {
     let mut found = BTreeMap::new();
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in procs.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let path = entry.path().join("ns/net");
+    let mut add = |path: PathBuf| {
         if let Ok(meta) = fs::metadata(&path) {
             use std::os::unix::fs::MetadataExt as _;
             found.entry(meta.ino()).or_insert(path);
+        }
+    };
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name();
+        if pid.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            add(entry.path().join("ns/net"));
+        }
+    }
+    for dir in dirs {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            add(entry.path());
         }
     }
     found
@@ -313,7 +320,7 @@ mod tests {
 
     #[test]
     fn every_process_namespace_is_found_once() {
-        let found = namespaces();
+        let found = namespaces(&[]);
         assert!(!found.is_empty(), "at least our own");
         let own = fs::metadata("/proc/self/ns/net").map(|m| {
             use std::os::unix::fs::MetadataExt as _;

@@ -302,6 +302,22 @@ impl World {
         self.spawn_agent(&["--source", &source], extra);
     }
 
+    /// [`Self::start_agent`], with no capabilities but `caps` (names as `setpriv` takes
+    /// them: `bpf`, `net_admin`...), as a container granted only those runs it.
+    pub fn start_agent_confined(&mut self, caps: &[&str], extra: &[&str]) {
+        let source = format!("file:{}", self.manifests().display());
+        let bounding: String = std::iter::once("-all".to_owned())
+            .chain(caps.iter().map(|c| format!("+{c}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--inh-caps=-all", "--ambient-caps=-all"])
+            .arg(format!("--bounding-set={bounding}"))
+            .arg("--")
+            .arg(self.bins.join("lb-agent"));
+        self.spawn(cmd, &["--source", &source], extra);
+    }
+
     /// Starts the agent on the Kubernetes source, reaching `api` through a kubeconfig.
     pub fn start_agent_kube(&mut self, api: &ApiServer, extra: &[&str]) {
         let kubeconfig = self.dir.join("kubeconfig");
@@ -314,14 +330,8 @@ impl World {
     }
 
     fn spawn_agent(&mut self, source: &[&str], extra: &[&str]) {
-        assert!(self.agent.is_none(), "the agent already runs");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .expect("agent log");
         // LB_TEST_AGENT_WRAPPER runs the agent under a tool (a profiler such as heaptrack).
-        let mut cmd = match std::env::var_os("LB_TEST_AGENT_WRAPPER") {
+        let cmd = match std::env::var_os("LB_TEST_AGENT_WRAPPER") {
             Some(wrapper) => {
                 let mut cmd = Command::new(wrapper);
                 cmd.arg(self.bins.join("lb-agent"));
@@ -329,6 +339,17 @@ impl World {
             }
             None => Command::new(self.bins.join("lb-agent")),
         };
+        self.spawn(cmd, source, extra);
+    }
+
+    /// Runs `cmd` (the agent, or a tool running it) with this world's settings.
+    fn spawn(&mut self, mut cmd: Command, source: &[&str], extra: &[&str]) {
+        assert!(self.agent.is_none(), "the agent already runs");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
         // Agents of parallel tests share the host namespace: no fixed health or metrics
         // port unless the test names one.
         for flag in ["--healthz-bind-address", "--metrics-bind-address"] {

@@ -105,10 +105,10 @@ fn the_daemonset_runs_the_agent_as_intended() {
         Some(true),
         "node networking, like kube-proxy"
     );
-    assert_eq!(
+    assert_ne!(
         pod.host_pid,
         Some(true),
-        "every pod's netns, for stale UDP sockets"
+        "pods' namespaces are found where the runtime pins them, not through host PIDs"
     );
     assert_eq!(
         pod.dns_policy.as_deref(),
@@ -203,6 +203,14 @@ fn the_daemonset_runs_the_agent_as_intended() {
         "replies over VXLAN and Geneve overlays are reversed"
     );
 
+    assert_least_privilege(&pod, agent, "the agent");
+    let seccomp = pod
+        .security_context
+        .as_ref()
+        .and_then(|c| c.seccomp_profile.as_ref())
+        .map(|p| p.type_.as_str());
+    assert_eq!(seccomp, Some("RuntimeDefault"));
+
     let volumes: BTreeSet<String> = pod
         .volumes
         .iter()
@@ -222,6 +230,78 @@ fn the_daemonset_runs_the_agent_as_intended() {
         mounted(args.cgroup.as_deref().expect("--cgroup")),
         "the cgroup is mounted from the host"
     );
+    // What the agent writes, on a read-only root: the host's net sysctls, and the explain
+    // socket's directory.
+    let writable = |path: &std::path::Path| {
+        mounts
+            .iter()
+            .any(|m| path.starts_with(&m.mount_path) && m.read_only != Some(true))
+    };
+    let host_path = |mount_path: &std::path::Path| -> Option<String> {
+        let m = mounts
+            .iter()
+            .find(|m| mount_path.starts_with(&m.mount_path))?;
+        let v = pod.volumes.iter().flatten().find(|v| v.name == m.name)?;
+        Some(v.host_path.as_ref()?.path.clone())
+    };
+    assert!(writable(&args.proc_sys_net));
+    assert_eq!(
+        host_path(&args.proc_sys_net).as_deref(),
+        Some("/proc/sys/net"),
+        "the node's own net sysctls"
+    );
+    assert!(writable(std::path::Path::new(
+        lb_userspace::health::RUN_DIR
+    )));
+    for dir in args.netns_dirs() {
+        assert!(
+            host_path(&dir).is_some(),
+            "{} is mounted from the host",
+            dir.display()
+        );
+        let m = mounts.iter().find(|m| dir.starts_with(&m.mount_path));
+        assert_eq!(
+            m.and_then(|m| m.mount_propagation.as_deref()),
+            Some("HostToContainer"),
+            "namespaces pinned later appear in {}",
+            dir.display()
+        );
+    }
+}
+
+/// `container` of `pod` runs unprivileged, on a read-only root, with the DaemonSet's
+/// capabilities only, and propagates no mount back to the host.
+fn assert_least_privilege(
+    pod: &k8s_openapi::api::core::v1::PodSpec,
+    container: &Container,
+    what: &str,
+) {
+    let sc = container.security_context.clone().unwrap_or_default();
+    assert_ne!(sc.privileged, Some(true), "{what} is not privileged");
+    assert_eq!(
+        sc.read_only_root_filesystem,
+        Some(true),
+        "{what}: read-only root"
+    );
+    let caps = sc.capabilities.unwrap_or_default();
+    assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]), "{what} drops all");
+    let granted: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
+    let daemonset: BTreeSet<String> = lb_userspace::privileges::DAEMONSET
+        .iter()
+        .map(|c| c.to_string().trim_start_matches("CAP_").to_owned())
+        .collect();
+    assert_eq!(
+        granted, daemonset,
+        "{what} gets the capabilities the namespace test runs with"
+    );
+    assert_ne!(pod.host_pid, Some(true), "{what}: no host PID namespace");
+    for m in container.volume_mounts.iter().flatten() {
+        assert_ne!(
+            m.mount_propagation.as_deref(),
+            Some("Bidirectional"),
+            "{what}: only privileged containers may propagate mounts back"
+        );
+    }
 }
 
 #[test]
@@ -256,7 +336,9 @@ fn the_cleanup_daemonset_removes_what_the_agent_pins() {
     let cleanup: DaemonSet = one("cleanup.yaml", "DaemonSet");
     let pod = |ds: DaemonSet| ds.spec.template.spec.expect("pod spec");
     let agent = agent_args(&pod(agent).containers[0]);
-    let init = pod(cleanup).init_containers.expect("an init container");
+    let cleanup = pod(cleanup);
+    let init = cleanup.init_containers.clone().expect("an init container");
+    assert_least_privilege(&cleanup, &init[0], "the cleanup");
     let args = agent_args(&init[0]);
     assert!(args.cleanup);
     assert_eq!(args.pin_dir, agent.pin_dir);

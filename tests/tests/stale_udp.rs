@@ -158,3 +158,46 @@ fn a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects_evicted_its_reverse
         },
     );
 }
+
+#[test]
+fn an_agent_with_only_the_daemonsets_capabilities_serves_and_finds_stale_sockets() {
+    if !require_privileges("an_agent_with_only_the_daemonsets_capabilities") {
+        return;
+    }
+    // No CAP_SYS_PTRACE: the client's namespace, whose processes hold more capabilities than
+    // the agent, is found where `ip netns` pins it (/run/netns), as a runtime pins pods'.
+    let caps: Vec<String> = lb_userspace::privileges::DAEMONSET
+        .iter()
+        .map(|c| c.to_string().trim_start_matches("CAP_").to_lowercase())
+        .collect();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    let mut w = World::with_backends(2, BACKEND_PORT);
+    w.write_manifest("dns.yaml", &manifest(&w, &[0, 1]));
+    w.start_agent_confined(&caps, &[]);
+    w.wait_for_backends(&format!("{VIP}:53/UDP"), 2);
+    let pid = w.agent_pid().expect("runs");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+        .expect("CapEff");
+    assert_eq!(
+        effective & !lb_userspace::privileges::mask(&lb_userspace::privileges::DAEMONSET),
+        0,
+        "nothing beyond the DaemonSet's capabilities"
+    );
+
+    let vip = format!("{VIP}:53");
+    let mut resolver = w.hold_udp(&vip);
+    let gone = resolver.first.backend.clone().expect("answered");
+    let index: usize = gone[1..].parse().expect("b<i>");
+    let stays = 1 - index;
+    w.write_manifest("dns.yaml", &manifest(&w, &[stays]));
+    moves_on(&mut resolver, &gone, stays, &vip);
+    let log = w.agent_log();
+    assert!(
+        !log.contains("could not look for stale UDP sockets"),
+        "{log}"
+    );
+}
