@@ -352,6 +352,15 @@ impl Cluster {
         probe_http_get(cmd)
     }
 
+    /// A GET of `path` on `addr` (`address:port`) from the client, outside the cluster: the
+    /// status code and body, or why there is none.
+    pub fn client_http(&self, addr: &str, path: &str) -> Result<(u16, String), String> {
+        let mut cmd =
+            command_in(&self.bins.join("lb-probe"), &self.client, None).expect("client namespace");
+        cmd.args(["http-get", addr, "--path", path]);
+        probe_http_get(cmd)
+    }
+
     /// Runs `lbctl -o json ARGS` in node A (where the XDP devices are, for `explain`'s run
     /// of the program); its parsed output, or its stderr.
     pub fn lbctl_in_node<T: serde::de::DeserializeOwned>(

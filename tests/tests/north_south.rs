@@ -381,6 +381,33 @@ fn start_agent(c: &mut Cluster, (frontend, backends): (&str, usize), args: &[&st
 }
 
 #[test]
+fn health_is_served_to_all_and_metrics_only_on_the_nodes_loopback() {
+    if !require_privileges("health_is_served_to_all_and_metrics_only_on_the_nodes_loopback") {
+        return;
+    }
+    // The agent's default ports, as kube-proxy's: health on every address, metrics on
+    // loopback.
+    let (c, _) = web_cluster();
+    let outside = |port: u16, path: &str| c.client_http(&format!("{NODE_A}:{port}"), path);
+    assert_eq!(outside(10256, "/healthz").map(|(s, _)| s), Ok(200));
+    assert_eq!(outside(10256, "/readyz").map(|(s, _)| s), Ok(200));
+    assert_eq!(
+        outside(10256, "/metrics").map(|(s, _)| s),
+        Ok(404),
+        "the health port tells nothing of the services"
+    );
+    assert!(
+        outside(10249, "/metrics").is_err(),
+        "no metrics from outside the node"
+    );
+    let (status, body) = c
+        .agent_http("/metrics")
+        .expect("metrics on node A's loopback");
+    assert_eq!(status, 200);
+    assert!(body.contains("lb_syncs_total"), "{body}");
+}
+
+#[test]
 fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
     if !require_privileges("session_affinity_keeps_a_client_on_one_backend_from_outside") {
         return;
