@@ -472,6 +472,17 @@ impl Loaded {
         sizes: &MapSizes,
         settings: &Settings,
     ) -> Result<Self, LoadError> {
+        Self::load_object(EBPF_OBJECT, layout, sizes, settings)
+    }
+
+    /// [`Self::load_with`] of the kernel object `object` instead of the embedded one (a test
+    /// loads what `cargo xtask build-ebpf` builds without `--release`).
+    pub fn load_object(
+        object: &[u8],
+        layout: &PinLayout,
+        sizes: &MapSizes,
+        settings: &Settings,
+    ) -> Result<Self, LoadError> {
         // Only root reads or writes the maps and links, also when the directories existed.
         for dir in [layout.root().to_owned(), layout.maps(), layout.links()] {
             fs::DirBuilder::new()
@@ -528,7 +539,7 @@ impl Loaded {
         loader.override_global(ns::CT_CLOCK_OFFSET_GLOBAL, &settings.clock_offset, true);
         let debug = u8::from(settings.debug);
         loader.override_global("DEBUG", &debug, true);
-        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut ebpf = loader.load(object)?;
         for name in PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()

@@ -445,6 +445,28 @@ fn in_snat_range(p: u16) -> bool {
 }
 
 #[test]
+fn the_kernel_object_of_the_default_build_loads() {
+    if !require_privileges("the_kernel_object_of_the_default_build_loads") {
+        return;
+    }
+    // `cargo xtask build-ebpf` without --release; `cargo xtask test` builds it there.
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/lb-ebpf-dev.o");
+    let Ok(object) = fs::read(&path) else {
+        println!(
+            "SKIPPED: {} is not built (cargo xtask test builds it)",
+            path.display()
+        );
+        return;
+    };
+    let layout = PinLayout::new(pin_dir_of(&new_tag()));
+    let loaded = Loaded::load_object(&object, &layout, &lab_sizes(), &Settings::default());
+    let verdict = loaded.as_ref().map(drop).map_err(ToString::to_string);
+    drop(loaded);
+    lb_userspace::loader::cleanup(&layout).expect("cleanup");
+    assert_eq!(verdict, Ok(()), "the default build passes the verifier");
+}
+
+#[test]
 fn xdp_and_tc_translate_each_service_kind_with_valid_checksums() {
     if !require_privileges("xdp_and_tc_translate_each_service_kind_with_valid_checksums") {
         return;

@@ -13,8 +13,17 @@ use crate::{
 /// Where the agent's build script looks for the object.
 pub const OBJECT: &str = "target/lb-ebpf.o";
 
-/// Builds the object; returns its path.
+/// Where `cargo xtask test` puts the object of the default (dev) profile, which a namespace
+/// test loads: the command without `--release` must build an object the kernel accepts.
+pub const DEV_OBJECT: &str = "target/lb-ebpf-dev.o";
+
+/// Builds the object at [`OBJECT`]; returns its path.
 pub fn run(release: bool) -> Result<PathBuf> {
+    build(release, OBJECT)
+}
+
+/// Builds the object at `object` (relative to the workspace root); returns its path.
+pub fn build(release: bool, object: &str) -> Result<PathBuf> {
     let Some(route) = toolchain::route() else {
         bail!("no compiler for {TARGET} was found.\n\n{INSTALL_HELP}");
     };
@@ -70,7 +79,7 @@ pub fn run(release: bool) -> Result<PathBuf> {
     }
     let profile = if release { "release" } else { "debug" };
     let built = target_dir.join(TARGET).join(profile).join("lb-ebpf");
-    let object = root.join(OBJECT);
+    let object = root.join(object);
     let bytes = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
     // Rewriting an identical object would make cargo rebuild the agent for nothing.
     if std::fs::read(&object).ok().as_ref() != Some(&bytes) {

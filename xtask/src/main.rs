@@ -91,7 +91,8 @@ fn step(what: &str) {
 fn test(cargo_test_args: &[String]) -> Result<()> {
     step("setup");
     setup::run()?;
-    step("build the kernel object");
+    step("build the kernel object (and the default profile's, which a test loads)");
+    build_ebpf::build(false, build_ebpf::DEV_OBJECT)?;
     build_ebpf::run(true)?;
     step("formatting");
     cargo(&["fmt", "--all", "--check"])?;
