@@ -14,11 +14,11 @@ use lb_common::Endpoint;
 use lb_userspace::{
     addr::to_addr6,
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
-    endpoints::NodeInfo,
-    maglev,
+    k8s::store::{Object, Snapshot, Store, Update},
+    model::endpoints::NodeInfo,
+    model::maglev,
     model::{self, Limits, ObjectRef, Slice},
     reconcile::Reconciler,
-    store::{Object, Snapshot, Store, Update},
 };
 use serde_json::json;
 

@@ -1,40 +1,34 @@
 //! The userspace side of the load balancer: the agent that keeps the kernel's maps equal to
 //! what the Kubernetes objects ask for, and the CLI that reads those maps.
 //!
-//! The agent is a pipeline:
+//! The agent is a pipeline, and each stage is a folder:
 //!
 //! ```text
-//! source (files; the API later) --Snapshot--> store --dirty services--> model (pure)
-//!     --desired frontends--> reconcile (diff against a mirror of the maps, ordered ops)
-//!     --> datapath (pinned BPF maps, or the in-memory fake in tests) <-- kernel programs
+//! k8s        sources (API watches, manifest files) --updates--> store (reduced objects)
+//!  | services that changed
+//! model      desired frontends of each service (validation, endpoint selection, Maglev,
+//!  |         namespace shares); explanations
+//!  | desired state
+//! reconcile  diff against a mirror of the maps, ordered writes, grace periods
+//!  | ops
+//! datapath   the Datapath trait: pinned BPF maps, or an in-memory fake; conntrack sweeps
+//!  ^
+//! loader     loading, pinning, migrating and attaching the kernel programs
+//! agent      the loop that runs it all, and health, metrics, events, stale sockets
+//! cli        lbctl's views of the pinned maps
 //! ```
 //!
-//! Pure logic ([`model`], [`store`], [`reconcile`], [`inspect`]) does no I/O, so it is
-//! unit-tested without a kernel or a cluster.
+//! [`k8s::store`], [`model`] and [`reconcile`] are pure logic: no I/O, unit-tested without a
+//! kernel or a cluster. [`addr`] holds the address conversions every stage shares.
 
 pub mod addr;
 pub mod agent;
-pub mod config;
-pub mod conntrack;
+pub mod cli;
 pub mod datapath;
-pub mod endpoints;
-pub mod events;
-pub mod health;
-pub mod healthcheck;
-pub mod host;
-pub mod inspect;
+pub mod k8s;
 pub mod loader;
-pub mod maglev;
-pub mod metrics;
 pub mod model;
-pub mod netdev;
-pub mod packet;
-pub mod privileges;
 pub mod reconcile;
-pub mod share;
-pub mod sockets;
-pub mod source;
-pub mod store;
 
 #[cfg(test)]
 mod proptests;

@@ -564,7 +564,10 @@ impl Drop for Cluster {
                 eprintln!("cleanup: {}: {e}", dir.display());
             }
         }
-        let _ = fs::remove_file(lb_userspace::health::explain_socket(&self.pin_dir, None));
+        let _ = fs::remove_file(lb_userspace::agent::health::explain_socket(
+            &self.pin_dir,
+            None,
+        ));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -37,7 +37,7 @@ pub const SKIP_ENV: &str = "LB_TESTS_SKIP_PRIVILEGED";
 
 /// One HTTP/1.0 GET of `path` from `addr` (from the calling thread's network namespace): the
 /// status code and the body.
-pub use lb_userspace::health::get as http_get;
+pub use lb_userspace::agent::health::get as http_get;
 
 /// The value of the Prometheus sample `series` (name and labels exactly as exposed, e.g.
 /// `lb_syncs_total` or `lb_map_entries{map="lb_svc_v2"}`) in `text`.

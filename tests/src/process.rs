@@ -21,7 +21,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// Creates `name` under the root of the cgroup2 mount.
     pub fn create(name: &str) -> io::Result<Self> {
-        let root = lb_userspace::host::cgroup2_root().map_err(io::Error::other)?;
+        let root = lb_userspace::loader::host::cgroup2_root().map_err(io::Error::other)?;
         let path = root.join(name);
         fs::create_dir(&path)?;
         Ok(Self { path })
@@ -58,7 +58,7 @@ impl Drop for Cgroup {
 
 /// Removes the cgroups of sandboxes whose creating process is gone.
 pub fn sweep_stale_cgroups() {
-    let Ok(root) = lb_userspace::host::cgroup2_root() else {
+    let Ok(root) = lb_userspace::loader::host::cgroup2_root() else {
         return;
     };
     let Ok(entries) = fs::read_dir(&root) else {

@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use lb_userspace::inspect::{BackendRow, CapacityRow, ServiceDetail, ServiceRow};
+use lb_userspace::cli::{BackendRow, CapacityRow, ServiceDetail, ServiceRow};
 
 use crate::{
     PREFIX,
@@ -72,7 +72,7 @@ pub fn new_tag() -> String {
     static SWEEP: Once = Once::new();
     static SEQ: AtomicU32 = AtomicU32::new(0);
     SWEEP.call_once(sweep_stale);
-    lb_userspace::host::ensure_bpffs(Path::new(BPFFS)).expect("bpffs is available");
+    lb_userspace::loader::host::ensure_bpffs(Path::new(BPFFS)).expect("bpffs is available");
     format!(
         "{PREFIX}{}x{}",
         std::process::id(),
@@ -539,7 +539,10 @@ impl Drop for World {
         {
             eprintln!("cleanup: {}: {e}", self.pin_dir.display());
         }
-        let _ = fs::remove_file(lb_userspace::health::explain_socket(&self.pin_dir, None));
+        let _ = fs::remove_file(lb_userspace::agent::health::explain_socket(
+            &self.pin_dir,
+            None,
+        ));
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

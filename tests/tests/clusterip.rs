@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_userspace::inspect::{BackendStatsRow, ServiceStatsRow};
+use lb_userspace::cli::{BackendStatsRow, ServiceStatsRow};
 
 use lb_tests::{
     fixture::{BACKEND_PORT, other_manifest, web_manifest, web_world},
@@ -467,7 +467,7 @@ fn a_namespace_over_its_share_leaves_other_namespaces_new_services_programmed() 
         refused.contains("greedy/s") && refused.contains("lb_svc_v2"),
         "{refused}"
     );
-    let rows: Vec<lb_userspace::share::Row> = w
+    let rows: Vec<lb_userspace::model::share::Row> = w
         .lbctl_json(&["capacity", "--namespaces"])
         .expect("lbctl capacity --namespaces");
     let row = rows

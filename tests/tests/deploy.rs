@@ -9,7 +9,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Container, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
-use lb_userspace::config::AgentArgs;
+use lb_userspace::agent::config::AgentArgs;
 use serde::Deserialize as _;
 use serde_yaml_ng::Value;
 
@@ -194,12 +194,12 @@ fn the_daemonset_runs_the_agent_as_intended() {
     });
     assert_eq!(
         configured.xdp_devices(),
-        Ok(lb_userspace::config::Devices::Auto),
+        Ok(lb_userspace::agent::config::Devices::Auto),
         "north-south traffic is handled on the node's own devices"
     );
     assert_eq!(
         configured.overlay_devices(),
-        Ok(lb_userspace::config::Devices::Auto),
+        Ok(lb_userspace::agent::config::Devices::Auto),
         "replies over VXLAN and Geneve overlays are reversed"
     );
 
@@ -251,7 +251,7 @@ fn the_daemonset_runs_the_agent_as_intended() {
         "the node's own net sysctls"
     );
     assert!(writable(std::path::Path::new(
-        lb_userspace::health::RUN_DIR
+        lb_userspace::agent::health::RUN_DIR
     )));
     for dir in args.netns_dirs() {
         assert!(
@@ -286,7 +286,7 @@ fn assert_least_privilege(
     let caps = sc.capabilities.unwrap_or_default();
     assert_eq!(caps.drop, Some(vec!["ALL".to_owned()]), "{what} drops all");
     let granted: BTreeSet<String> = caps.add.unwrap_or_default().into_iter().collect();
-    let daemonset: BTreeSet<String> = lb_userspace::privileges::DAEMONSET
+    let daemonset: BTreeSet<String> = lb_userspace::agent::privileges::DAEMONSET
         .iter()
         .map(|c| c.to_string().trim_start_matches("CAP_").to_owned())
         .collect();

@@ -287,7 +287,7 @@ fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_
     .expect("metrics");
     assert_eq!(status, 200);
     let pid = w.agent_pid().expect("the agent runs");
-    let runtime = lb_userspace::privileges::mask(&lb_userspace::privileges::RUNTIME);
+    let runtime = lb_userspace::agent::privileges::mask(&lb_userspace::agent::privileges::RUNTIME);
     for set in ["CapEff", "CapPrm", "CapBnd"] {
         assert_eq!(capabilities(pid, set), runtime, "{set}");
     }
@@ -501,7 +501,7 @@ fn idle_connections_to_the_health_port_do_not_crowd_out_probes() {
         "{:?}",
         started.elapsed()
     );
-    std::thread::sleep(lb_userspace::health::HEADER_TIMEOUT + Duration::from_millis(500));
+    std::thread::sleep(lb_userspace::agent::health::HEADER_TIMEOUT + Duration::from_millis(500));
     for mut s in idle {
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");

@@ -18,7 +18,7 @@ use lb_tests::{
     probe::Attempt,
     require_privileges,
 };
-use lb_userspace::inspect::{AffinityRow, Explanation, ExternalRow, FlowRow, MaglevSummary};
+use lb_userspace::cli::{AffinityRow, Explanation, ExternalRow, FlowRow, MaglevSummary};
 use serde_json::json;
 
 const PORT: u16 = 8080;
@@ -508,7 +508,7 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
     assert!(pings >= 100, "{pings} pings");
     // The flood did fill the map of new flows, not the answered flows' one, and no packet
     // of a live flow was lost for want of an entry.
-    let rows: Vec<lb_userspace::inspect::CapacityRow> =
+    let rows: Vec<lb_userspace::cli::CapacityRow> =
         c.lbctl_json(&["capacity"]).expect("lbctl capacity");
     let row = |map: &str| rows.iter().find(|r| r.map == map).expect("a row").clone();
     let (new, answered) = (row("lb_ctnew_v1"), row("lb_ct_v2"));

@@ -54,7 +54,7 @@ fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one
     let pinned = first.into_iter().next().expect("one");
     let index: usize = pinned[1..].parse().expect("b<i>");
     // lbctl affinity shows the client's entry, on that backend, honoured and not expired.
-    let rows: Vec<lb_userspace::inspect::AffinityRow> =
+    let rows: Vec<lb_userspace::cli::AffinityRow> =
         w.lbctl_json(&["affinity"]).expect("lbctl affinity");
     let ours: Vec<_> = rows.iter().filter(|r| r.service == "demo/s").collect();
     assert_eq!(ours.len(), 1, "one client namespace: {rows:?}");
@@ -286,7 +286,7 @@ fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
     w.start_agent(&["--node-name", "node-a"]);
     w.wait_for_backends(&format!("{VIP}:80/TCP"), 1);
     // The agent answers on a Unix socket only root reaches (lbctl finds it by --pin-dir).
-    let socket = lb_userspace::health::explain_socket(w.pin_dir(), None);
+    let socket = lb_userspace::agent::health::explain_socket(w.pin_dir(), None);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&socket)
             .expect("the explain socket")
@@ -297,7 +297,7 @@ fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
     let out = w
         .lbctl(&["-o", "json", "explain", &format!("{VIP}:80")])
         .expect("lbctl explain");
-    let e: lb_userspace::inspect::Explanation = serde_json::from_str(&out).expect("JSON");
+    let e: lb_userspace::cli::Explanation = serde_json::from_str(&out).expect("JSON");
     let socket = e.socket.expect("a socket frontend");
     assert_eq!(socket.service, "demo/s");
     let b0: std::net::SocketAddr = format!("{}:{P}", w.backend_v4(0)).parse().unwrap();

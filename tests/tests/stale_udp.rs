@@ -166,7 +166,7 @@ fn an_agent_with_only_the_daemonsets_capabilities_serves_and_finds_stale_sockets
     }
     // No CAP_SYS_PTRACE: the client's namespace, whose processes hold more capabilities than
     // the agent, is found where `ip netns` pins it (/run/netns), as a runtime pins pods'.
-    let caps: Vec<String> = lb_userspace::privileges::DAEMONSET
+    let caps: Vec<String> = lb_userspace::agent::privileges::DAEMONSET
         .iter()
         .map(|c| c.to_string().trim_start_matches("CAP_").to_lowercase())
         .collect();
@@ -183,7 +183,8 @@ fn an_agent_with_only_the_daemonsets_capabilities_serves_and_finds_stale_sockets
         .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
         .expect("CapEff");
     assert_eq!(
-        effective & !lb_userspace::privileges::mask(&lb_userspace::privileges::DAEMONSET),
+        effective
+            & !lb_userspace::agent::privileges::mask(&lb_userspace::agent::privileges::DAEMONSET),
         0,
         "nothing beyond the DaemonSet's capabilities"
     );

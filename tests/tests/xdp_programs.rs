@@ -27,16 +27,16 @@ use lb_tests::{
     world::{new_tag, pin_dir_of},
 };
 use lb_userspace::{
-    conntrack::{Owners, Sweeper, clock_now},
+    cli::{self, FlowRow},
     datapath::bpf::{BpfDatapath, read_flows, read_lru, read_stats},
-    inspect::{self, FlowRow},
+    datapath::conntrack::{Owners, Sweeper, clock_now},
+    k8s::source::file::{Document, parse_manifest},
+    k8s::store::{Snapshot, Store, Update},
     loader::{
         Device, Loaded, MapSizes, OVERLAY_PROGRAM, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM,
     },
     model::{Limits, ObjectRef},
     reconcile::Reconciler,
-    source::file::{Document, parse_manifest},
-    store::{Snapshot, Store, Update},
 };
 use serde_json::json;
 
@@ -192,7 +192,7 @@ impl Lab {
         let layout = PinLayout::new(pins);
         let mut loaded = Loaded::load_with(&layout, &lab_sizes(), settings)
             .expect("the programs pass the verifier");
-        let ext0 = lb_userspace::netdev::ifindex("ext0").expect("ext0 exists");
+        let ext0 = lb_userspace::agent::netdev::ifindex("ext0").expect("ext0 exists");
         // Attaching for real also marks ext0 as a device XDP may send out of.
         loaded
             .attach_device(
@@ -232,10 +232,10 @@ impl Lab {
         for m in manifests {
             for doc in parse_manifest(m).expect("manifest parses") {
                 match doc {
-                    Document::Object(lb_userspace::store::Object::Service(s)) => {
+                    Document::Object(lb_userspace::k8s::store::Object::Service(s)) => {
                         snapshot.services.push(*s)
                     }
-                    Document::Object(lb_userspace::store::Object::EndpointSlice(s)) => {
+                    Document::Object(lb_userspace::k8s::store::Object::EndpointSlice(s)) => {
                         snapshot.slices.push(*s)
                     }
                     other => panic!("unexpected document {other:?}"),
@@ -296,7 +296,7 @@ impl Lab {
             "verdict for {:?}: left as {:?}; counters {:?}",
             packet::parse(f),
             packet::parse(&out),
-            lb_userspace::inspect::stats(&self.stats())
+            lb_userspace::cli::stats(&self.stats())
                 .into_iter()
                 .filter(|(_, v)| *v != 0)
                 .collect::<Vec<_>>()
@@ -325,7 +325,7 @@ impl Lab {
     /// The tracked flows as `lbctl conntrack` shows them, `secs` ahead.
     fn flows(&self, secs: u32) -> Vec<FlowRow> {
         let entries = read_flows(&self.layout, 100_000).expect("conntrack");
-        inspect::flows(self.reconciler.contents(), &entries, clock_now(secs))
+        cli::flows(self.reconciler.contents(), &entries, clock_now(secs))
     }
 
     /// The tracked flow from `client`.
@@ -1357,7 +1357,7 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
         assert_eq!(lab.stat(unwatched), 1);
 
         // pod0 becomes an overlay device: replies arriving on it are reversed there.
-        let pod0 = lb_userspace::netdev::ifindex("pod0").expect("pod0");
+        let pod0 = lb_userspace::agent::netdev::ifindex("pod0").expect("pod0");
         let device = Device {
             name: "pod0".into(),
             ifindex: pod0,

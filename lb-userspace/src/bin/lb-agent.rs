@@ -1,7 +1,7 @@
 //! lb-agent: keeps the socket-level service load balancer programmed. See `--help`.
 
 use clap::Parser as _;
-use lb_userspace::{agent, config, privileges};
+use lb_userspace::{agent, agent::config, agent::privileges};
 
 fn main() -> std::process::ExitCode {
     let args = config::AgentArgs::parse();

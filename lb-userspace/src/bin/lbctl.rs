@@ -10,10 +10,11 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_common::maps::DEFAULT_PIN_DIR;
 use lb_userspace::{
+    agent::health,
+    cli,
     datapath::bpf::{
         MapSet, coarse_now_ns, lru_fill, read_flows, read_lru, read_socket_counters, read_stats,
     },
-    health, inspect,
     loader::PinLayout,
 };
 use serde::Serialize;
@@ -141,18 +142,18 @@ fn run(args: Args) -> Result<(), String> {
         maps.read().map_err(|e| e.to_string())
     };
     match args.command {
-        Command::Services => emit(args.output, &inspect::services(&contents()?), |r| {
-            inspect::services_table(r)
+        Command::Services => emit(args.output, &cli::services(&contents()?), |r| {
+            cli::services_table(r)
         }),
         Command::Service { selector } => {
-            let details = inspect::service_detail(&contents()?, &selector);
+            let details = cli::service_detail(&contents()?, &selector);
             if details.is_empty() {
                 return Err(format!("no frontend matches {selector:?}"));
             }
-            emit(args.output, &details, |d| inspect::detail_text(d));
+            emit(args.output, &details, |d| cli::detail_text(d));
         }
-        Command::Backends => emit(args.output, &inspect::backends(&contents()?), |r| {
-            inspect::backends_table(r)
+        Command::Backends => emit(args.output, &cli::backends(&contents()?), |r| {
+            cli::backends_table(r)
         }),
         Command::External => {
             let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
@@ -163,40 +164,38 @@ fn run(args: Args) -> Result<(), String> {
                 .map(|id| maps.counters(id).map(|n| (id, n)))
                 .collect::<Result<BTreeMap<_, _>, _>>()
                 .map_err(|e| e.to_string())?;
-            emit(args.output, &inspect::external(&c, &counters), |r| {
-                inspect::external_table(r)
+            emit(args.output, &cli::external(&c, &counters), |r| {
+                cli::external_table(r)
             });
         }
         Command::Maglev { selector } => {
             let selector = selector.unwrap_or_default();
-            let summaries = inspect::maglev(&contents()?, &selector);
+            let summaries = cli::maglev(&contents()?, &selector);
             if summaries.is_empty() && !selector.is_empty() {
                 return Err(format!("no north-south frontend matches {selector:?}"));
             }
-            emit(args.output, &summaries, |m| inspect::maglev_text(m));
+            emit(args.output, &summaries, |m| cli::maglev_text(m));
         }
         Command::Affinity { limit } => {
             let c = contents()?;
             let entries =
                 read_lru(&layout, lb_common::maps::AFFINITY, limit).map_err(|e| e.to_string())?;
-            let mut rows = inspect::affinity(&c, &entries, coarse_now_ns());
+            let mut rows = cli::affinity(&c, &entries, coarse_now_ns());
             let ns = read_lru(&layout, lb_common::maps::NS_AFFINITY, limit)
                 .map_err(|e| e.to_string())?;
             // The agent's programs run with no clock offset.
-            let now = lb_userspace::conntrack::clock_now(0);
-            rows.extend(inspect::ns_affinity(&c, &ns, now));
-            inspect::sort_affinity(&mut rows);
-            emit(args.output, &rows, |r| inspect::affinity_table(r));
+            let now = lb_userspace::datapath::conntrack::clock_now(0);
+            rows.extend(cli::ns_affinity(&c, &ns, now));
+            cli::sort_affinity(&mut rows);
+            emit(args.output, &rows, |r| cli::affinity_table(r));
         }
         Command::Conntrack { limit } => {
             let entries = read_flows(&layout, limit).map_err(|e| e.to_string())?;
             // The agent's programs run with no clock offset.
-            let now = lb_userspace::conntrack::clock_now(0);
-            emit(
-                args.output,
-                &inspect::flows(&contents()?, &entries, now),
-                |r| inspect::flows_table(r),
-            );
+            let now = lb_userspace::datapath::conntrack::clock_now(0);
+            emit(args.output, &cli::flows(&contents()?, &entries, now), |r| {
+                cli::flows_table(r)
+            });
         }
         Command::Capacity {
             namespaces: true,
@@ -204,7 +203,7 @@ fn run(args: Args) -> Result<(), String> {
         } => {
             let socket =
                 health::explain_socket(layout.root(), agent.as_deref().map(std::path::Path::new));
-            let rows: Vec<lb_userspace::share::Row> =
+            let rows: Vec<lb_userspace::model::share::Row> =
                 match health::get_unix(&socket, "/shares", std::time::Duration::from_secs(5)) {
                     Ok((200, body)) => serde_json::from_str(&body).map_err(|e| e.to_string())?,
                     Ok((status, body)) => {
@@ -216,20 +215,20 @@ fn run(args: Args) -> Result<(), String> {
                     }
                     Err(e) => return Err(format!("the agent at {}: {e}", socket.display())),
                 };
-            emit(args.output, &rows, |r| inspect::shares_table(r));
+            emit(args.output, &rows, |r| cli::shares_table(r));
         }
         Command::Capacity { .. } => {
             let (maps, caps) =
                 MapSet::open_pinned_with_capacities(&layout).map_err(|e| e.to_string())?;
             let c = maps.read().map_err(|e| e.to_string())?;
             let lru = lru_fill(&layout).map_err(|e| e.to_string())?;
-            emit(args.output, &inspect::capacity(&c, &caps, &lru), |r| {
-                inspect::capacity_table(r)
+            emit(args.output, &cli::capacity(&c, &caps, &lru), |r| {
+                cli::capacity_table(r)
             });
         }
         Command::Explain(a) => {
             let e = explain(&layout, &contents()?, a)?;
-            emit(args.output, &e, inspect::explain_text);
+            emit(args.output, &e, cli::explain_text);
         }
         Command::Stats { services: true, .. } => {
             let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
@@ -243,26 +242,22 @@ fn run(args: Args) -> Result<(), String> {
                 .map(|id| maps.counters(id).map(|n| (id, n)))
                 .collect::<Result<BTreeMap<_, _>, _>>()
                 .map_err(|e| e.to_string())?;
-            emit(
-                args.output,
-                &inspect::service_stats(&c, &socket, &ns),
-                |r| inspect::service_stats_table(r),
-            );
+            emit(args.output, &cli::service_stats(&c, &socket, &ns), |r| {
+                cli::service_stats_table(r)
+            });
         }
         Command::Stats { backends: true, .. } => {
             let c = contents()?;
             let ids: Vec<u32> = c.backends.keys().copied().collect();
             let (_, counts) =
                 read_socket_counters(&layout, &[], &ids).map_err(|e| e.to_string())?;
-            emit(args.output, &inspect::backend_stats(&c, &counts), |r| {
-                inspect::backend_stats_table(r)
+            emit(args.output, &cli::backend_stats(&c, &counts), |r| {
+                cli::backend_stats_table(r)
             });
         }
         Command::Stats { .. } => {
             let totals = read_stats(&layout).map_err(|e| e.to_string())?;
-            emit(args.output, &inspect::stats(&totals), |s| {
-                inspect::stats_table(s)
-            });
+            emit(args.output, &cli::stats(&totals), cli::stats_table);
         }
     }
     Ok(())
@@ -274,7 +269,7 @@ fn explain(
     layout: &PinLayout,
     c: &lb_userspace::datapath::Contents,
     args: ExplainArgs,
-) -> Result<inspect::Explanation, String> {
+) -> Result<cli::Explanation, String> {
     let ExplainArgs {
         destination,
         protocol,
@@ -284,7 +279,7 @@ fn explain(
         agent,
     } = args;
     use lb_common::{ServiceKey, proto};
-    use lb_userspace::{addr::to_addr6, loader, netdev, packet};
+    use lb_userspace::{addr::to_addr6, agent::netdev, cli::packet, loader};
     let proto = match protocol.to_ascii_lowercase().as_str() {
         "tcp" => proto::TCP,
         "udp" => proto::UDP,
@@ -305,7 +300,7 @@ fn explain(
         destination.port().to_be(),
         proto,
     );
-    let mut e = inspect::explain(c, &key, source);
+    let mut e = cli::explain(c, &key, source);
     if e.socket.is_none() && e.north_south.is_none() {
         return Err(format!(
             "{} is not a frontend on this node (see lbctl services and lbctl external)",
@@ -323,7 +318,7 @@ fn explain(
         let frame = packet::frame(proto, source, destination, b"lbctl explain");
         let out = loader::run_attached_xdp(layout, &device, ifindex, &frame)
             .map_err(|e| e.to_string())?;
-        ns.datapath = Some(inspect::xdp_run(&device, out.verdict, &frame, &out.frame));
+        ns.datapath = Some(cli::xdp_run(&device, out.verdict, &frame, &out.frame));
     }
     let service = e
         .socket

@@ -33,7 +33,7 @@ use super::{Conflict, Ids, MapFull, Reconciler, SyncReport, identity};
 use crate::{
     addr::to_addr6,
     datapath::{Capacities, Contents, Datapath, Op, RangeKey},
-    maglev,
+    model::maglev,
     model::{Age, Claim, ExternalFrontend, ExternalGroup, ExternalKind, ObjectRef, Rejection},
 };
 

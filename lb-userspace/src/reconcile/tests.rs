@@ -10,7 +10,7 @@ use super::*;
 use crate::{
     addr::{frontend_string, to_socket_addr},
     datapath::fake::FakeDatapath,
-    store::{Snapshot, Update},
+    k8s::store::{Snapshot, Update},
     testutil::{ready, service, slice},
 };
 

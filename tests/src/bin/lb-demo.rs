@@ -200,7 +200,7 @@ fn north_south() {
         "the frontends are programmed",
         Duration::from_secs(15),
         || {
-            c.lbctl_json::<Vec<lb_userspace::inspect::ExternalRow>>(&["external"])
+            c.lbctl_json::<Vec<lb_userspace::cli::ExternalRow>>(&["external"])
                 .is_some_and(|rows| {
                     rows.iter()
                         .any(|r| r.frontend == "198.51.100.11:80/TCP" && r.backends == 1)

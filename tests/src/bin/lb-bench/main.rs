@@ -30,7 +30,7 @@ use lb_userspace::{
     addr::to_addr6,
     datapath::{Datapath as _, Op, bpf::read_lru},
     loader::{Device, Loaded, MapSizes, PinLayout, TC_PROGRAM, XDP_PASS_PROGRAM, XDP_PROGRAM},
-    maglev,
+    model::maglev,
 };
 use serde_json::{Value, json};
 
@@ -609,7 +609,7 @@ fn xdp_cost_in_netns(
         source_ranges: 16,
     };
     let mut loaded = Loaded::load(&layout, &sizes, (61000, 65535)).expect("the programs load");
-    let ext0 = lb_userspace::netdev::ifindex("ext0").expect("ext0");
+    let ext0 = lb_userspace::agent::netdev::ifindex("ext0").expect("ext0");
     loaded
         .attach_device(
             &Device {

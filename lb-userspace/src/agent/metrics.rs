@@ -1,4 +1,4 @@
-//! The agent's Prometheus metrics, served at `/metrics` by [`crate::health`].
+//! The agent's Prometheus metrics, served at `/metrics` by [`crate::agent::health`].
 //!
 //! Two kinds:
 //! - The agent's own, updated as it works: sync duration and event-to-datapath latency
@@ -31,8 +31,8 @@ use prometheus_client::{
 
 use crate::{
     addr::{frontend_string, to_socket_addr},
+    cli::{self, CapacityRow},
     datapath::{Capacities, Contents, bpf},
-    inspect::{self, CapacityRow},
     loader::PinLayout,
     reconcile::SyncReport,
 };
@@ -71,7 +71,7 @@ impl Published {
     /// What the maps hold, as the mirror `c` says, with capacities `caps`.
     pub fn of(c: &Contents, caps: &Capacities) -> Self {
         Self {
-            capacity: inspect::capacity(c, caps, &[]),
+            capacity: cli::capacity(c, caps, &[]),
             frontends: c.services.len() as u64,
             external_frontends: c.external.len() as u64,
             backends: c.backends.len() as u64,
@@ -320,8 +320,8 @@ impl Metrics {
     }
 
     /// A conntrack sweep reported `r`.
-    pub fn swept(&self, r: &crate::conntrack::SweepReport) {
-        use crate::conntrack::Removal;
+    pub fn swept(&self, r: &crate::datapath::conntrack::SweepReport) {
+        use crate::datapath::conntrack::Removal;
         self.conntrack_sweeps.inc();
         self.conntrack_sweep_duration.observe(r.took.as_secs_f64());
         for (why, n) in Removal::ALL.iter().zip(r.removed) {

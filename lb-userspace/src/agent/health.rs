@@ -15,9 +15,9 @@
 //!     longer than `--stale-after`: the datapath keeps serving its last state, and the body
 //!     says since when.
 //! - the metrics endpoint (`--metrics-bind-address`, `127.0.0.1:10249`): `/metrics`,
-//!   Prometheus text format (see [`crate::metrics`]), which names every service and backend,
+//!   Prometheus text format (see [`crate::agent::metrics`]), which names every service and backend,
 //!   and the health paths. The maps are read at most once per
-//!   [`crate::metrics::READ_EVERY`]: concurrent and repeated scrapes share one reading.
+//!   [`crate::agent::metrics::READ_EVERY`]: concurrent and repeated scrapes share one reading.
 //! - the explain endpoint, on a Unix socket only root reaches ([`explain_socket`]):
 //!   `/explain/NAMESPACE/NAME`, why each endpoint of the service does or does not get new
 //!   connections on this node, as JSON (`lbctl explain` asks it); and `/shares`, each
@@ -46,7 +46,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
-use crate::{metrics::Metrics, model::ObjectRef};
+use crate::{agent::metrics::Metrics, model::ObjectRef};
 
 /// The state the health endpoints report, shared by the agent loop, the source and the
 /// servers.

@@ -11,7 +11,7 @@ use lb_common::maps::{
     DEFAULT_PIN_DIR, DEFAULT_RING_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
-use crate::{loader::MapSizes, model::Limits, source::kubernetes};
+use crate::{k8s::source::kubernetes, loader::MapSizes, model::Limits};
 
 /// Default for `--max-backends-per-service`.
 pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: u32 = 4096;
@@ -335,7 +335,7 @@ impl AgentArgs {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
-        crate::maglev::check_table_size(self.maglev_table_size)
+        crate::model::maglev::check_table_size(self.maglev_table_size)
             .map_err(|e| format!("--maglev-table-size: {e}"))?;
         if self.maglev_table_size < self.max_backends_per_service {
             return Err(format!(

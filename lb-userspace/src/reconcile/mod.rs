@@ -37,9 +37,9 @@ use lb_common::{
 
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
+    k8s::store::Store,
+    model::share::{Shares, Usage},
     model::{self, Age, Claim, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection, Slice},
-    share::{Shares, Usage},
-    store::Store,
 };
 
 mod external;
@@ -93,7 +93,7 @@ pub struct SyncReport {
     /// Writes that failed; their frontends are retried on the next sync.
     pub errors: Vec<DatapathError>,
     /// UDP backends that left a frontend: connected sockets the hooks pointed at them are
-    /// stale (see [`crate::sockets`]).
+    /// stale (see [`crate::agent::sockets`]).
     pub stale_udp: Vec<StaleUdp>,
 }
 
@@ -424,7 +424,7 @@ impl<D: Datapath> Reconciler<D> {
         })
     }
 
-    /// Limits each namespace to `percent` of each map (see [`crate::share`]); the whole map
+    /// Limits each namespace to `percent` of each map (see [`crate::model::share`]); the whole map
     /// until called. Call it before the first [`Self::sync`].
     pub fn set_namespace_share(&mut self, percent: u32) {
         self.shares = Shares::new(&self.caps, percent);
@@ -441,7 +441,7 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// The endpoints whose flows each programmed north-south service (by id) keeps, for the
-    /// conntrack sweep ([`crate::conntrack`]).
+    /// conntrack sweep ([`crate::datapath::conntrack`]).
     pub fn flow_endpoints(&self) -> BTreeMap<u32, BTreeSet<Endpoint>> {
         self.ext.flow_endpoints()
     }

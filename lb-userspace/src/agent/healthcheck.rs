@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use crate::{
-    health::Health,
+    agent::health::Health,
     model::{HealthCheck, ObjectRef},
 };
 

@@ -12,7 +12,7 @@
 //!   (the readiest copy wins); slices labelled `service.kubernetes.io/headless` or
 //!   `service.kubernetes.io/service-proxy-name` are ignored;
 //! - which endpoints get traffic (readiness, graceful termination, topology hints,
-//!   `internalTrafficPolicy`) is decided by [`crate::endpoints::usable`]. External IPs reached
+//!   `internalTrafficPolicy`) is decided by [`crate::model::endpoints::usable`]. External IPs reached
 //!   from this node follow the internal policy, as kube-proxy does for node-local traffic;
 //! - `sessionAffinity: ClientIP` keeps a client on its backend for
 //!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800).
@@ -20,6 +20,10 @@
 //! A service that cannot be programmed as a whole (an invalid IP, a port out of range, an
 //! unknown protocol or policy, too many backends) is a [`Rejection`]; the caller keeps what it
 //! programmed before. A flaw in one endpoint only skips that endpoint, with a note.
+
+pub mod endpoints;
+pub mod maglev;
+pub mod share;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -40,10 +44,8 @@ use lb_common::{
     service::{NAME_MAX, PORT_NAME_MAX},
 };
 
-use crate::{
-    addr::{to_addr6, to_endpoint},
-    endpoints::{self, Candidate, NodeInfo, TrafficPolicy, usable},
-};
+use self::endpoints::{Candidate, NodeInfo, TrafficPolicy, usable};
+use crate::addr::{to_addr6, to_endpoint};
 
 /// Label naming the service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -118,7 +120,7 @@ pub struct Limits {
 impl Limits {
     /// The Maglev table size for a north-south service of `backends` backends.
     pub fn table_size(&self, backends: usize) -> u32 {
-        crate::maglev::table_size(backends, self.entries_per_backend, self.max_table_size)
+        crate::model::maglev::table_size(backends, self.entries_per_backend, self.max_table_size)
     }
 }
 
@@ -337,7 +339,7 @@ pub enum Rejection {
         limit: usize,
     },
     /// A change that would take its namespace over its share of a map (see
-    /// [`crate::share`]).
+    /// [`crate::model::share`]).
     #[error(
         "its namespace would hold {used} entries of map {map}, over its share of {share} \
          (--namespace-share); it is programmed once the namespace frees room"

@@ -9,7 +9,7 @@ use std::{future::Future, path::PathBuf, pin::Pin, time::Instant};
 
 use tokio::sync::mpsc;
 
-use crate::store::Update;
+use crate::k8s::store::Update;
 
 /// An update and when the source received it, to measure event-to-datapath latency.
 #[derive(Debug)]

@@ -7,6 +7,15 @@
 //! layout starts with empty maps, and until they hold every service the previous programs
 //! keep serving from the previous maps, however long the API server takes to answer.
 
+pub mod config;
+pub mod events;
+pub mod health;
+pub mod healthcheck;
+pub mod metrics;
+pub mod netdev;
+pub mod privileges;
+pub mod sockets;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
@@ -24,23 +33,26 @@ use tracing::{debug, error, info, warn};
 
 use lb_common::{ServiceKey, proto};
 
+use self::{
+    config::{AgentArgs, Devices, XdpModeArg},
+    events::Events,
+    health::Health,
+    healthcheck::HealthCheckServers,
+    metrics::{Metrics, Published},
+};
 use crate::{
     addr::{frontend_string, to_addr6},
-    config::{AgentArgs, Devices, XdpModeArg},
-    conntrack,
-    datapath::{Datapath, DatapathError},
-    events::Events,
-    health::{self, Health},
-    healthcheck::HealthCheckServers,
-    host::{self, HostError},
-    loader::{self, DeviceKind, LoadError, Loaded, PinLayout},
-    metrics::{Metrics, Published},
+    datapath::{Datapath, DatapathError, conntrack},
+    k8s::{
+        source::{self, SourceError},
+        store::{Store, Update},
+    },
+    loader::{
+        self, DeviceKind, LoadError, Loaded, PinLayout,
+        host::{self, HostError},
+    },
     model::ObjectRef,
-    netdev, privileges,
     reconcile::{Reconciler, SyncReport},
-    sockets,
-    source::{self, SourceError},
-    store::{Store, Update},
 };
 
 /// How soon failed writes are retried.

@@ -1,5 +1,7 @@
 //! What the CLI shows, computed from the maps' contents: pure, so it is unit-tested.
 
+pub mod packet;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -362,7 +364,7 @@ pub struct FlowRow {
 }
 
 /// Tracked flows at time `now` (the programs' conntrack clock,
-/// [`crate::conntrack::clock_now`]), by service then client.
+/// [`crate::datapath::conntrack::clock_now`]), by service then client.
 pub fn flows(c: &Contents, entries: &[(FlowKey, CtEntry)], now: u32) -> Vec<FlowRow> {
     let mut rows: Vec<FlowRow> = entries
         .iter()
@@ -968,13 +970,13 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
 
 /// The meaning of an XDP verdict on `input`, given the frame it left (`output`).
 pub fn xdp_run(device: &str, verdict: i32, input: &[u8], output: &[u8]) -> XdpRun {
-    let after = crate::packet::parse(output).ok();
+    let after = crate::cli::packet::parse(output).ok();
     let rewritten = output != input;
     let (source, destination) = match (&after, rewritten) {
         (Some(p), true) => (Some(p.src), Some(p.dst)),
         _ => (None, None),
     };
-    let rejected = verdict == 3 && crate::packet::parse_icmp_error(output).is_ok();
+    let rejected = verdict == 3 && crate::cli::packet::parse_icmp_error(output).is_ok();
     let (name, meaning) = match (verdict, rewritten) {
         (1, _) => (
             "XDP_DROP",
@@ -1316,7 +1318,7 @@ pub fn capacity_table(rows: &[CapacityRow]) -> String {
 }
 
 /// `lbctl capacity --namespaces` as a table.
-pub fn shares_table(rows: &[crate::share::Row]) -> String {
+pub fn shares_table(rows: &[crate::model::share::Row]) -> String {
     table(
         &["NAMESPACE", "MAP", "USED", "SHARE", "FILL", "WAITING"],
         rows.iter().map(|r| {
@@ -1414,13 +1416,13 @@ mod tests {
         let text = explain_text(&explain(&c, &key, "198.18.0.1:40000".parse().unwrap()));
         assert!(text.contains("XDP: not a north-south frontend"), "{text}");
         // A verdict that rewrote the packet names where it goes.
-        let f = crate::packet::frame(
+        let f = crate::cli::packet::frame(
             proto::TCP,
             "1.1.1.1:1".parse().unwrap(),
             "2.2.2.2:2".parse().unwrap(),
             b"",
         );
-        let g = crate::packet::frame(
+        let g = crate::cli::packet::frame(
             proto::TCP,
             "3.3.3.3:3".parse().unwrap(),
             "4.4.4.4:4".parse().unwrap(),

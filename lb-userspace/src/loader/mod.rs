@@ -7,6 +7,8 @@
 //! attaches its programs first and then renames the new link pins over the old ones, so
 //! there is never a moment without a program on the cgroup.
 
+pub mod host;
+
 use std::{
     ffi::CString,
     fs, io,
@@ -581,7 +583,7 @@ impl Loaded {
             );
         }
         for (old, new) in &converting {
-            let converted = crate::conntrack::convert_v1_map(
+            let converted = crate::datapath::conntrack::convert_v1_map(
                 &layout.map(old),
                 layout,
                 &settings.ct_timeouts,
@@ -791,7 +793,7 @@ impl Loaded {
             }
         }
         for (old, _) in std::mem::take(&mut self.converting) {
-            crate::conntrack::convert_v1_map(
+            crate::datapath::conntrack::convert_v1_map(
                 &self.layout.map(old),
                 &self.layout,
                 &self.settings.ct_timeouts,

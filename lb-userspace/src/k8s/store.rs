@@ -17,7 +17,7 @@ use k8s_openapi::api::{
 };
 
 use crate::{
-    endpoints::NodeInfo,
+    model::endpoints::NodeInfo,
     model::{ObjectRef, Slice, node_info},
 };
 
