@@ -14,10 +14,11 @@ use lb_common::Endpoint;
 use lb_userspace::{
     addr::to_addr6,
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
+    k8s::ObjectRef,
     k8s::store::{Object, Snapshot, Store, Update},
     model::endpoints::NodeInfo,
     model::maglev,
-    model::{self, Limits, ObjectRef, Slice},
+    model::{self, Limits, Slice},
     reconcile::Reconciler,
 };
 use serde_json::json;

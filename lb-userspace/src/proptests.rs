@@ -24,9 +24,10 @@ use proptest::{collection::vec, option, prelude::*};
 use crate::{
     addr::{frontend_string, to_socket_addr},
     datapath::{Capacities, Contents, fake::FakeDatapath},
+    k8s::object::SERVICE_NAME_LABEL,
     k8s::source::file::parse_manifest,
     k8s::store::{Snapshot, Store, Update},
-    model::{Limits, SERVICE_NAME_LABEL},
+    model::Limits,
     reconcile::Reconciler,
     testutil,
 };

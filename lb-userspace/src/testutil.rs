@@ -8,7 +8,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::model::SERVICE_NAME_LABEL;
+use crate::k8s::object::SERVICE_NAME_LABEL;
 
 /// The backend at `addr` ("ip:port"), where it runs unknown.
 pub fn backend(addr: &str) -> lb_common::Backend {

@@ -30,12 +30,13 @@ use lb_userspace::{
     cli::{self, FlowRow},
     datapath::bpf::{BpfDatapath, read_flows, read_lru, read_stats},
     datapath::conntrack::{Owners, Sweeper, clock_now},
+    k8s::ObjectRef,
     k8s::source::file::{Document, parse_manifest},
     k8s::store::{Snapshot, Store, Update},
     loader::{
         Device, Loaded, MapSizes, OVERLAY_PROGRAM, PinLayout, Settings, TC_PROGRAM, XDP_PROGRAM,
     },
-    model::{Limits, ObjectRef},
+    model::Limits,
     reconcile::Reconciler,
 };
 use serde_json::json;

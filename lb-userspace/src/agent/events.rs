@@ -22,7 +22,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::{addr::frontend_string, k8s::store::Store, model::ObjectRef, reconcile::SyncReport};
+use crate::{addr::frontend_string, k8s::ObjectRef, k8s::store::Store, reconcile::SyncReport};
 
 /// Least time between two events of one service and reason.
 pub const PER_SERVICE_INTERVAL: Duration = Duration::from_secs(300);

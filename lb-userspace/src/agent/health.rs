@@ -46,7 +46,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info};
 
-use crate::{agent::metrics::Metrics, model::ObjectRef};
+use crate::{agent::metrics::Metrics, k8s::ObjectRef};
 
 /// The state the health endpoints report, shared by the agent loop, the source and the
 /// servers.

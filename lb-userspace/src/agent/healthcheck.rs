@@ -20,10 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use crate::{
-    agent::health::Health,
-    model::{HealthCheck, ObjectRef},
-};
+use crate::{agent::health::Health, k8s::ObjectRef, model::HealthCheck};
 
 /// What one health check port answers for.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -615,10 +615,7 @@ impl Collector for DatapathCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        model::{ObjectRef, Rejection},
-        reconcile::MapFull,
-    };
+    use crate::{k8s::ObjectRef, model::Rejection, reconcile::MapFull};
     use lb_common::ServiceKey;
 
     #[test]

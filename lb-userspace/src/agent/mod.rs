@@ -43,6 +43,7 @@ use self::{
 use crate::{
     addr::{frontend_string, to_addr6},
     datapath::{Datapath, DatapathError, conntrack},
+    k8s::ObjectRef,
     k8s::{
         source::{self, SourceError},
         store::{Store, Update},
@@ -51,7 +52,6 @@ use crate::{
         self, DeviceKind, LoadError, Loaded, PinLayout,
         host::{self, HostError},
     },
-    model::ObjectRef,
     reconcile::{Reconciler, SyncReport},
 };
 

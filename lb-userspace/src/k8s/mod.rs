@@ -4,5 +4,7 @@
 //! [`store`] keeps the services, their reduced EndpointSlices and this node, and says which
 //! services each update changed.
 
+pub mod object;
 pub mod source;
 pub mod store;
+pub use object::{Age, ObjectRef};

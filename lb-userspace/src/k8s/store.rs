@@ -17,8 +17,9 @@ use k8s_openapi::api::{
 };
 
 use crate::{
+    k8s::ObjectRef,
     model::endpoints::NodeInfo,
-    model::{ObjectRef, Slice, node_info},
+    model::{Slice, node_info},
 };
 
 /// A Kubernetes object a source reports.
@@ -383,7 +384,9 @@ mod tests {
         Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                labels: Some([(crate::model::ZONE_LABEL.to_string(), zone.to_string())].into()),
+                labels: Some(
+                    [(crate::k8s::object::ZONE_LABEL.to_string(), zone.to_string())].into(),
+                ),
                 ..Default::default()
             },
             ..Default::default()

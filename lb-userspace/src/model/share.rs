@@ -24,7 +24,8 @@ use serde::Serialize;
 
 use crate::{
     datapath::Capacities,
-    model::{DesiredFrontend, ExternalGroup, Limits, ObjectRef},
+    k8s::ObjectRef,
+    model::{DesiredFrontend, ExternalGroup, Limits},
 };
 
 /// The maps a namespace's share applies to, in [`Usage`]'s order.

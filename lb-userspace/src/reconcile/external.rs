@@ -33,8 +33,9 @@ use super::{Conflict, Ids, MapFull, Reconciler, SyncReport, identity};
 use crate::{
     addr::to_addr6,
     datapath::{Capacities, Contents, Datapath, Op, RangeKey},
+    k8s::{Age, ObjectRef},
     model::maglev,
-    model::{Age, Claim, ExternalFrontend, ExternalGroup, ExternalKind, ObjectRef, Rejection},
+    model::{Claim, ExternalFrontend, ExternalGroup, ExternalKind, Rejection},
 };
 
 /// One north-south service: a service port and address family.

@@ -38,8 +38,9 @@ use lb_common::{
 use crate::{
     datapath::{Capacities, Contents, Datapath, DatapathError, Op},
     k8s::store::Store,
+    k8s::{Age, ObjectRef},
     model::share::{Shares, Usage},
-    model::{self, Age, Claim, DesiredFrontend, HealthCheck, Limits, ObjectRef, Rejection, Slice},
+    model::{self, Claim, DesiredFrontend, HealthCheck, Limits, Rejection, Slice},
 };
 
 mod external;

@@ -26,8 +26,8 @@ use tracing::{debug, info, warn};
 
 use super::{Source, SourceError, SourceTask, SourceUp, Stamped};
 use crate::{
+    k8s::ObjectRef,
     k8s::store::{Kind, Object, Snapshot, Update},
-    model::ObjectRef,
 };
 
 /// How long the directory must be quiet before a rescan.

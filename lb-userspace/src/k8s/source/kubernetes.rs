@@ -36,8 +36,8 @@ use tracing::{debug, info, warn};
 
 use super::{Source, SourceError, SourceTask, SourceUp, Stamped};
 use crate::{
+    k8s::object::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
     k8s::store::{Kind, Object, Snapshot, Update},
-    model::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
 };
 
 /// Turns watcher events of several kinds into store updates. The initial lists of all kinds
