@@ -6,78 +6,47 @@
 //! keep the programs attached while no agent runs; a new agent (once its maps are written)
 //! attaches its programs first and then renames the new link pins over the old ones, so
 //! there is never a moment without a program on the cgroup.
+//!
+//! The files: this one loads the object ([`Loaded`]); `pins` (the layout, capacities,
+//! opening and checking pins), `migrate` (resized maps and earlier layouts), `attach` (the
+//! cgroup and the devices), `test_run` (`BPF_PROG_TEST_RUN`), `cleanup`, and [`host`] (bpffs
+//! and cgroup2 on the node).
 
 pub mod host;
 
+mod attach;
+mod cleanup;
+mod migrate;
+mod pins;
+mod test_run;
+
+use self::{
+    migrate::{copy_map, resize_pin},
+    pins::io_err,
+};
+pub use attach::attached_devices;
+pub use cleanup::{Cleanup, cleanup};
+pub use pins::{MapSizes, PinLayout, open_pinned, open_writable, remove_stale_map_pins};
+pub use test_run::{TestRunOutput, run_attached_xdp};
+
 use std::{
-    ffi::CString,
     fs, io,
-    os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::{
-            ffi::OsStrExt as _,
-            fs::{DirBuilderExt as _, PermissionsExt as _},
-        },
-    },
-    path::{Path, PathBuf},
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::PathBuf,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError},
-    programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier,
-        TcAttachType, TestRun as _, TestRunOptions, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-        xdp::XdpLink,
-    },
+    maps::{HashMap, MapData, MapError},
+    programs::{CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, Xdp},
 };
 use lb_common::{
-    maps::{self, MapSpec},
-    ns::{self, CtTimeouts, XDP_DRY_RUN},
+    maps,
+    ns::{self, CtTimeouts},
 };
 use tracing::info;
 
 use crate::{EBPF_OBJECT, datapath::bpf::BpfDatapath};
-
-/// Attaches program `$prog` through the link pinned at `$pin`, replacing its program in
-/// place, or, when there is none (or its device is gone), with `$attach`; then pins the link
-/// there. Evaluates to whether the pinned link was reused. A macro, because the program
-/// types share these methods by name, not through a trait.
-macro_rules! attach_pinned {
-    ($prog:expr, $link:ty, $name:expr, $pin:expr, |$p:ident| $attach:expr) => {{
-        let prog = $prog;
-        let perr = |source| LoadError::Program {
-            name: $name,
-            source,
-        };
-        let reused = match adopt_link($pin)? {
-            Some(old) => <$link>::try_from(old)
-                .ok()
-                .and_then(|l| prog.attach_to_link(l).ok()),
-            None => None,
-        };
-        let replaced = reused.is_some();
-        let id = match reused {
-            Some(id) => id,
-            None => {
-                let $p = &mut *prog;
-                $attach.map_err(perr)?
-            }
-        };
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(perr)?
-            .try_into()
-            .map_err(|source| LoadError::Link {
-                name: $name,
-                source,
-            })?;
-        pin_over(link, $pin, $name)?;
-        replaced
-    }};
-}
 
 /// The socket programs of the object, by name; each is pinned as `links/<name>`.
 pub const PROGRAMS: [&str; 8] = [
@@ -130,98 +99,6 @@ impl DeviceKind {
         match self {
             Self::Xdp => XDP_LINK_PREFIX,
             Self::Overlay => OVERLAY_LINK_PREFIX,
-        }
-    }
-}
-
-/// Where the pins live.
-#[derive(Clone, Debug)]
-pub struct PinLayout {
-    root: PathBuf,
-}
-
-impl PinLayout {
-    /// The layout under `root` (a directory on bpffs).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// The directory of map pins.
-    pub fn maps(&self) -> PathBuf {
-        self.root.join(maps::PIN_MAPS_SUBDIR)
-    }
-
-    /// The directory of link pins.
-    pub fn links(&self) -> PathBuf {
-        self.root.join(maps::PIN_LINKS_SUBDIR)
-    }
-
-    /// The pin of a map.
-    pub fn map(&self, name: &str) -> PathBuf {
-        self.maps().join(name)
-    }
-
-    /// The pin of a program's link.
-    pub fn link(&self, program: &str) -> PathBuf {
-        self.links().join(program)
-    }
-}
-
-/// Capacities to create maps with. Maps that are already pinned keep theirs.
-#[derive(Clone, Copy, Debug)]
-pub struct MapSizes {
-    /// Service map and service-info map.
-    pub services: u32,
-    /// Slot map.
-    pub slots: u32,
-    /// Backend map.
-    pub backends: u32,
-    /// Reverse-NAT map.
-    pub rev_nat: u32,
-    /// Affinity map.
-    pub affinity: u32,
-    /// North-south frontend map.
-    pub external: u32,
-    /// North-south services (ids); their info and counter maps hold one more (id 0).
-    pub external_ids: u32,
-    /// Lookup table array entries.
-    pub table_entries: u32,
-    /// Conntrack and north-south reverse-NAT maps of answered flows.
-    pub flows: u32,
-    /// Conntrack and north-south reverse-NAT maps of new flows.
-    pub new_flows: u32,
-    /// Source-ranges trie.
-    pub source_ranges: u32,
-}
-
-impl MapSizes {
-    fn of(&self, name: &str) -> Option<u32> {
-        match name {
-            maps::SERVICES | maps::SERVICE_INFO => Some(self.services),
-            // A service with affinity has one match entry per slot.
-            maps::SLOTS | maps::AFFINITY_MATCH => Some(self.slots),
-            maps::BACKENDS => Some(self.backends),
-            // Ids start at 1.
-            maps::SVC_STATS => Some(self.services + 1),
-            maps::BE_STATS => Some(self.backends + 1),
-            maps::REV_NAT | maps::UDP_SOCKETS => Some(self.rev_nat),
-            maps::AFFINITY | maps::NS_AFFINITY => Some(self.affinity),
-            // As many backends of services with affinity as the socket hooks' match map.
-            maps::NS_AFFINITY_MATCH => Some(self.slots),
-            maps::NS_SERVICES => Some(self.external),
-            maps::NS_INFO | maps::NS_STATS => Some(self.external_ids + 1),
-            maps::RINGS => Some(self.table_entries.div_ceil(maps::RING_LANES)),
-            maps::CONNTRACK | maps::NAT_REV => Some(self.flows),
-            maps::CT_NEW | maps::NAT_REV_NEW => Some(self.new_flows),
-            maps::SOURCE_RANGES => Some(self.source_ranges),
-            // A build with more counters makes the array anew (the counts start again).
-            maps::STATS => Some(lb_common::stats::COUNT),
-            _ => None,
         }
     }
 }
@@ -295,100 +172,6 @@ pub enum LoadError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoadError + '_ {
-    move |source| LoadError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// `BPF_OBJ_GET` with `BPF_F_RDONLY`, which aya does not offer: the CLI never writes.
-fn obj_get_read_only(path: &Path) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-        _pad: u32,
-    }
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_F_RDONLY: u32 = 1 << 3;
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjGetAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: BPF_F_RDONLY,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET whose path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGetAttr,
-            size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Checks a map against what this build expects of it.
-fn check(path: &Path, data: &MapData, spec: &MapSpec) -> Result<u32, LoadError> {
-    let info = data.info().map_err(|source| LoadError::Map {
-        name: spec.name,
-        source,
-    })?;
-    // An unknown type (from a newer kernel) shows as u32::MAX and never matches.
-    let map_type = info.map_type().map_or(u32::MAX, |t| t as u32);
-    let found = (map_type, info.key_size(), info.value_size());
-    let expected = (spec.map_type, spec.key_size, spec.value_size);
-    if found != expected {
-        let show =
-            |(t, k, v): (u32, u32, u32)| format!("type {t} with {k}-byte keys and {v}-byte values");
-        return Err(LoadError::Incompatible {
-            path: path.to_owned(),
-            found: show(found),
-            expected: show(expected),
-        });
-    }
-    Ok(info.max_entries())
-}
-
-/// Opens the pinned map `spec` read-only, checking its layout; `None` when it is not pinned.
-pub fn open_pinned(layout: &PinLayout, spec: &MapSpec) -> Result<Option<MapData>, LoadError> {
-    let path = layout.map(spec.name);
-    let fd = match obj_get_read_only(&path) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(&path)(e)),
-    };
-    let data = MapData::from_fd(fd).map_err(|source| LoadError::Map {
-        name: spec.name,
-        source,
-    })?;
-    check(&path, &data, spec)?;
-    Ok(Some(data))
-}
-
-/// Opens the pinned map `name` for writing, checking its layout.
-pub fn open_writable(layout: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
-    let spec = maps::ALL
-        .iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| LoadError::Missing(format!("map {name}")))?;
-    let path = layout.map(name);
-    let data = MapData::from_pin(&path).map_err(|source| LoadError::Map { name, source })?;
-    check(&path, &data, spec)?;
-    Ok(data)
-}
-
 /// The loaded object: maps created or adopted, programs verified and loaded.
 pub struct Loaded {
     ebpf: Ebpf,
@@ -401,17 +184,6 @@ pub struct Loaded {
     /// Maps of an older layout being converted ([`maps::CONVERSIONS`]): the running
     /// programs still write them until [`Loaded::attach`].
     converting: Vec<(&'static str, &'static str)>,
-}
-
-/// What one [`Loaded::test_run`] gave.
-#[derive(Clone, Debug)]
-pub struct TestRunOutput {
-    /// The program's return value (XDP action, or tc verdict such as -1 for TCX_NEXT).
-    pub verdict: i32,
-    /// The frame as the program left it.
-    pub frame: Vec<u8>,
-    /// Mean time per run, as the kernel measured it.
-    pub duration: std::time::Duration,
 }
 
 /// A device running the north-south programs.
@@ -613,155 +385,6 @@ impl Loaded {
         })
     }
 
-    /// Runs the packet program `name` ([`XDP_PROGRAM`], [`XDP_PASS_PROGRAM`], [`TC_PROGRAM`]
-    /// or [`OVERLAY_PROGRAM`]) on `frame` with `BPF_PROG_TEST_RUN`, `repeat` times, as if it arrived
-    /// on (XDP) or left by (tc) device `ifindex` (0: loopback) of the calling thread's
-    /// network namespace. Returns what the program returned, the frame as it left it and
-    /// the kernel's mean time per run. For tests and benchmarks.
-    pub fn test_run(
-        &mut self,
-        name: &'static str,
-        frame: &[u8],
-        ifindex: u32,
-        repeat: u32,
-    ) -> Result<TestRunOutput, LoadError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let perr = |source| LoadError::Program { name, source };
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex; struct __sk_buff is only passed for its ifindex at offset 40.
-        let mut ctx = Vec::new();
-        let result = if name == TC_PROGRAM || name == OVERLAY_PROGRAM {
-            let mut skb = [0u8; 192];
-            skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-            ctx.extend_from_slice(&skb);
-            let opts = TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: (ifindex != 0).then_some(&ctx[..]),
-                repeat,
-                ..Default::default()
-            };
-            program::<SchedClassifier>(&mut self.ebpf, name)?
-                .test_run(opts)
-                .map_err(perr)?
-        } else {
-            return run_xdp(
-                program::<Xdp>(&mut self.ebpf, name)?,
-                frame,
-                ifindex,
-                repeat,
-                false,
-            )
-            .map_err(perr);
-        };
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            verdict: result.return_value as i32,
-            frame: out,
-            duration: result.duration,
-        })
-    }
-
-    /// The devices the north-south programs are attached to as `kind` (from the link pins,
-    /// so a restarted agent sees its predecessor's).
-    pub fn attached_devices(&self, kind: DeviceKind) -> Result<Vec<String>, LoadError> {
-        attached_devices(&self.layout, kind)
-    }
-
-    /// Attaches the north-south programs to `device` (XDP in `mode` at ingress, tc egress),
-    /// or replaces the programs on it with this build's when a link is pinned already (in
-    /// place: the device is never without a program); then marks it as a device the XDP
-    /// program may redirect to. Returns whether both links were replaced in place.
-    pub fn attach_device(&mut self, device: &Device, mode: XdpMode) -> Result<bool, LoadError> {
-        let links = self.layout.links();
-        let xdp_pin = links.join(format!("{XDP_LINK_PREFIX}{}", device.name));
-        let xdp = attach_pinned!(
-            program::<Xdp>(&mut self.ebpf, XDP_PROGRAM)?,
-            XdpLink,
-            XDP_PROGRAM,
-            &xdp_pin,
-            |p| p.attach_to_if_index(device.ifindex, mode)
-        );
-        let tc_pin = links.join(format!("{TC_LINK_PREFIX}{}", device.name));
-        let tc = attach_pinned!(
-            program::<SchedClassifier>(&mut self.ebpf, TC_PROGRAM)?,
-            SchedClassifierLink,
-            TC_PROGRAM,
-            &tc_pin,
-            |p| p.attach_with_options(
-                &device.name,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-        );
-        self.mark_device(device, maps::DEVICE_XDP)?;
-        Ok(xdp && tc)
-    }
-
-    /// Attaches the overlay program to `device` at tc ingress (or replaces it in place, as
-    /// [`Self::attach_device`]), then marks it as an overlay device, through which flows to
-    /// backends on other nodes may leave SNATed. For Ethernet devices (VXLAN, Geneve): the
-    /// program parses Ethernet frames. Returns whether the link was replaced in place.
-    pub fn attach_overlay(&mut self, device: &Device) -> Result<bool, LoadError> {
-        let pin = self
-            .layout
-            .links()
-            .join(format!("{OVERLAY_LINK_PREFIX}{}", device.name));
-        let replaced = attach_pinned!(
-            program::<SchedClassifier>(&mut self.ebpf, OVERLAY_PROGRAM)?,
-            SchedClassifierLink,
-            OVERLAY_PROGRAM,
-            &pin,
-            |p| p.attach_with_options(
-                &device.name,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-        );
-        self.mark_device(device, maps::DEVICE_OVERLAY)?;
-        Ok(replaced)
-    }
-
-    /// Records in the device map that `device` runs the programs of `kind`.
-    fn mark_device(&mut self, device: &Device, kind: u8) -> Result<(), LoadError> {
-        self.devices
-            .insert(device.ifindex, kind, 0)
-            .map_err(|source| LoadError::Map {
-                name: maps::XDP_DEVICES,
-                source,
-            })
-    }
-
-    /// Detaches the north-south programs from the device called `name` (its link pins go)
-    /// and forgets every device index not in `keep`.
-    pub fn detach_device(&mut self, name: &str, keep: &[u32]) -> Result<(), LoadError> {
-        let stale: Vec<u32> = self
-            .devices
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|i| !keep.contains(i))
-            .collect();
-        for ifindex in stale {
-            match self.devices.remove(&ifindex) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => {
-                    return Err(LoadError::Map {
-                        name: maps::XDP_DEVICES,
-                        source,
-                    });
-                }
-            }
-        }
-        for prefix in [XDP_LINK_PREFIX, TC_LINK_PREFIX, OVERLAY_LINK_PREFIX] {
-            let pin = self.layout.links().join(format!("{prefix}{name}"));
-            match fs::remove_file(&pin) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&pin)(e)),
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
     /// Takes the maps the agent writes.
     pub fn datapath(&mut self) -> Result<BpfDatapath, LoadError> {
         BpfDatapath::take(&mut self.ebpf)
@@ -781,265 +404,6 @@ impl Loaded {
             .ok_or_else(|| LoadError::Missing(format!("map {name}")))?;
         aya::maps::RingBuf::try_from(map).map_err(|source| LoadError::Map { name, source })
     }
-
-    /// Attaches every program to the cgroup at `cgroup` and pins the links, replacing the
-    /// links of an earlier run only once the new ones are attached.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoadError> {
-        // What the running programs wrote into the old maps of resized ones since the copy
-        // at load (flows, reverse NAT, affinity) is copied again, just before they go.
-        for name in std::mem::take(&mut self.resized) {
-            if written_by_programs(name) {
-                copy_map(&resize_pin(&self.layout, name), &self.layout, name)?;
-            }
-        }
-        for (old, _) in std::mem::take(&mut self.converting) {
-            crate::datapath::conntrack::convert_v1_map(
-                &self.layout.map(old),
-                &self.layout,
-                &self.settings.ct_timeouts,
-                self.settings.clock_offset,
-            )?;
-        }
-        let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
-        let links = self.layout.links();
-        for name in PROGRAMS {
-            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let perr = |source| LoadError::Program { name, source };
-            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
-            let link = prog.take_link(id).map_err(perr)?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|source| LoadError::Link { name, source })?;
-            pin_over(link, &links.join(name), name)?;
-        }
-        let name = RELEASE_PROGRAM;
-        let prog = program::<CgroupSock>(&mut self.ebpf, name)?;
-        let perr = |source| LoadError::Program { name, source };
-        let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(perr)?
-            .try_into()
-            .map_err(|source| LoadError::Link { name, source })?;
-        pin_over(link, &links.join(name), name)
-    }
-}
-
-/// The devices with the programs of `kind` attached (a pinned link) under `layout`, by name.
-pub fn attached_devices(layout: &PinLayout, kind: DeviceKind) -> Result<Vec<String>, LoadError> {
-    let dir = layout.links();
-    let mut names = Vec::new();
-    for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-        let name = entry.map_err(io_err(&dir))?.file_name();
-        if let Some(dev) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(kind.link_prefix()))
-        {
-            names.push(dev.to_owned());
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// Runs `prog` on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on device `ifindex`;
-/// a dry run ([`XDP_DRY_RUN`] in the frame's metadata) when `dry`.
-fn run_xdp(
-    prog: &Xdp,
-    frame: &[u8],
-    ifindex: u32,
-    repeat: u32,
-    dry: bool,
-) -> Result<TestRunOutput, ProgramError> {
-    let meta = if dry {
-        XDP_DRY_RUN.to_ne_bytes().to_vec()
-    } else {
-        Vec::new()
-    };
-    let data = [&meta[..], frame].concat();
-    let mut out = vec![0u8; data.len() + 256];
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-    // egress_ifindex; `data` is the metadata's length (offsets into `data_in`).
-    let mut ctx = Vec::new();
-    for word in [meta.len() as u32, data.len() as u32, 0, ifindex, 0, 0] {
-        ctx.extend_from_slice(&word.to_ne_bytes());
-    }
-    let opts = TestRunOptions {
-        data_in: Some(&data),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        repeat,
-        ..Default::default()
-    };
-    let result = prog.test_run(opts)?;
-    // The frame comes back after its metadata.
-    out.truncate(result.data_size_out as usize);
-    out.drain(..meta.len().min(out.len()));
-    Ok(TestRunOutput {
-        verdict: result.return_value as i32,
-        frame: out,
-        duration: result.duration,
-    })
-}
-
-/// Runs the XDP program attached to `device` (through its pinned link) once on `frame`, as
-/// if the frame arrived on that device: the datapath's own answer to where a packet goes.
-/// A dry run ([`XDP_DRY_RUN`]): the program decides as for a packet but records no flow,
-/// takes no SNAT port (an SNATed source shows port 0) and refreshes no flow; the global and
-/// per-service counters count it like a packet.
-pub fn run_attached_xdp(
-    layout: &PinLayout,
-    device: &str,
-    ifindex: u32,
-    frame: &[u8],
-) -> Result<TestRunOutput, LoadError> {
-    let name = XDP_PROGRAM;
-    let pin = layout.links().join(format!("{XDP_LINK_PREFIX}{device}"));
-    let link: FdLink = PinnedLink::from_pin(&pin)
-        .map_err(|source| LoadError::Link { name, source })?
-        .into();
-    let id = link
-        .info()
-        .map_err(|source| LoadError::Link { name, source })?
-        .program_id();
-    let perr = |source| LoadError::Program { name, source };
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == id)
-        .ok_or_else(|| perr(ProgramError::NotLoaded))?;
-    let prog = Xdp::from_program_info(
-        info,
-        name.into(),
-        aya_obj::programs::XdpAttachType::Interface,
-    )
-    .map_err(perr)?;
-    run_xdp(&prog, frame, ifindex, 1, true).map_err(perr)
-}
-
-/// Where the old map of a map being resized is pinned until the new programs replace the
-/// running ones (then [`remove_stale_map_pins`] removes it).
-fn resize_pin(layout: &PinLayout, name: &str) -> PathBuf {
-    layout.map(&format!("{name}-old"))
-}
-
-/// Whether the programs write map `name` (flows, reverse NAT, affinity, connected UDP
-/// sockets), so that a copy made at load misses what they wrote since.
-fn written_by_programs(name: &str) -> bool {
-    name == maps::UDP_SOCKETS
-        || maps::ALL
-            .iter()
-            .any(|s| s.name == name && s.map_type == maps::TYPE_LRU_HASH)
-}
-
-/// Copies the entries of the map pinned at `from` (set aside by a resize, or of an earlier
-/// layout that [`maps::MIGRATIONS`] names) into map `name`; returns how many. Entries beyond a
-/// smaller new capacity are left out (the agent then refuses what does not fit, as for any
-/// full map). Per-CPU counters start from zero.
-fn copy_map(from: &Path, layout: &PinLayout, name: &'static str) -> Result<usize, LoadError> {
-    use aya::maps::{Array, lpm_trie::LpmTrie};
-    use lb_common::{
-        AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
-        ServiceKey, ServiceValue, SlotKey, UdpSocket,
-        maps::RingPair,
-        ns::{
-            CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue,
-            NsService, SourceRange,
-        },
-        stats::SocketCounters,
-    };
-    let merr = move |source| LoadError::Map { name, source };
-    let old = MapData::from_pin(from).map_err(merr)?;
-    let new = MapData::from_pin(layout.map(name)).map_err(merr)?;
-    fn hash<K: aya::Pod, V: aya::Pod>(
-        old: Map,
-        new: Map,
-        merr: impl Fn(MapError) -> LoadError,
-    ) -> Result<usize, LoadError> {
-        let from: HashMap<MapData, K, V> = HashMap::try_from(old).map_err(&merr)?;
-        let mut to: HashMap<MapData, K, V> = HashMap::try_from(new).map_err(&merr)?;
-        let mut n = 0;
-        for (k, v) in from.iter().filter_map(Result::ok) {
-            if to.insert(k, v, 0).is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-    fn array<V: aya::Pod + PartialEq + Default>(
-        old: MapData,
-        new: MapData,
-        merr: impl Fn(MapError) -> LoadError,
-    ) -> Result<usize, LoadError> {
-        let from: Array<MapData, V> = Array::try_from(Map::Array(old)).map_err(&merr)?;
-        let mut to: Array<MapData, V> = Array::try_from(Map::Array(new)).map_err(&merr)?;
-        let mut n = 0;
-        for i in 0..from.len().min(to.len()) {
-            let v = from.get(&i, 0).map_err(&merr)?;
-            if v != V::default() {
-                to.set(i, v, 0).map_err(&merr)?;
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-    let (h, l) = (Map::HashMap, Map::LruHashMap);
-    match name {
-        maps::SERVICES => hash::<ServiceKey, ServiceValue>(h(old), h(new), merr),
-        maps::SLOTS => hash::<SlotKey, u32>(h(old), h(new), merr),
-        maps::BACKENDS => hash::<u32, Backend>(h(old), h(new), merr),
-        maps::SERVICE_INFO | maps::NS_INFO => hash::<u32, ServiceInfo>(h(old), h(new), merr),
-        maps::AFFINITY_MATCH => hash::<AffinityMatchKey, u8>(h(old), h(new), merr),
-        maps::NS_SERVICES => hash::<ServiceKey, NsService>(h(old), h(new), merr),
-        maps::REV_NAT => hash::<RevNatKey, Endpoint>(l(old), l(new), merr),
-        maps::UDP_SOCKETS => hash::<u64, UdpSocket>(h(old), h(new), merr),
-        maps::AFFINITY => hash::<AffinityKey, AffinityValue>(l(old), l(new), merr),
-        maps::CONNTRACK | maps::CT_NEW => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
-        maps::NAT_REV | maps::NAT_REV_NEW => hash::<FlowKey, NatRev>(l(old), l(new), merr),
-        maps::NS_AFFINITY => hash::<NsAffinityKey, NsAffinityValue>(l(old), l(new), merr),
-        maps::NS_AFFINITY_MATCH => hash::<NsAffinityMatchKey, u32>(h(old), h(new), merr),
-        maps::RINGS => array::<RingPair>(old, new, merr),
-        maps::SVC_STATS => array::<SocketCounters>(old, new, merr),
-        maps::BE_STATS => array::<u64>(old, new, merr),
-        maps::SOURCE_RANGES => {
-            let from: LpmTrie<MapData, SourceRange, u8> =
-                LpmTrie::try_from(Map::LpmTrie(old)).map_err(&merr)?;
-            let mut to: LpmTrie<MapData, SourceRange, u8> =
-                LpmTrie::try_from(Map::LpmTrie(new)).map_err(&merr)?;
-            let mut n = 0;
-            for (k, v) in from.iter().filter_map(Result::ok) {
-                if to.insert(&k, v, 0).is_ok() {
-                    n += 1;
-                }
-            }
-            Ok(n)
-        }
-        _ => Ok(0),
-    }
-}
-
-/// Pins `link` at `path`, atomically replacing what was pinned there (whose link detaches
-/// when its pin goes, unless it is this very link, updated in place).
-fn pin_over(link: FdLink, path: &Path, name: &'static str) -> Result<(), LoadError> {
-    // bpffs refuses names with a dot.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push("-new");
-    let tmp = PathBuf::from(tmp);
-    let _stale = fs::remove_file(&tmp);
-    link.pin(&tmp)
-        .map_err(|source| LoadError::Pin { name, source })?;
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-/// The link pinned at `path`, if any.
-fn adopt_link(path: &Path) -> Result<Option<FdLink>, LoadError> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    match PinnedLink::from_pin(path) {
-        Ok(link) => Ok(Some(link.into())),
-        // Not a link (or unreadable): attaching anew pins over it.
-        Err(_) => Ok(None),
-    }
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, LoadError>
@@ -1052,70 +416,10 @@ where
         .map_err(|source| LoadError::Program { name, source })
 }
 
-/// Removes the pins of maps this build does not use: older layouts, whose names carry an
-/// older version. Called once this build's programs are attached: a program still attached
-/// keeps its maps alive, so no lookup fails. Returns the names removed.
-pub fn remove_stale_map_pins(layout: &PinLayout) -> Result<Vec<String>, LoadError> {
-    let dir = layout.maps();
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(&dir)(e)),
-    };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(io_err(&dir))?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if maps::ALL.iter().any(|spec| spec.name == name) {
-            continue;
-        }
-        fs::remove_file(&path).map_err(io_err(&path))?;
-        removed.push(name);
-    }
-    removed.sort();
-    Ok(removed)
-}
-
-/// What [`cleanup`] removed.
-#[derive(Debug, Default)]
-pub struct Cleanup {
-    /// Links unpinned (programs detached).
-    pub links: usize,
-    /// Maps unpinned.
-    pub maps: usize,
-}
-
-/// Detaches every program and removes every pin under the layout. Links go first, so no
-/// program runs against maps being removed. Safe to run when nothing is there.
-pub fn cleanup(layout: &PinLayout) -> Result<Cleanup, LoadError> {
-    let mut done = Cleanup::default();
-    for (dir, count) in [
-        (layout.links(), &mut done.links),
-        (layout.maps(), &mut done.maps),
-    ] {
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
-        for entry in entries {
-            let path = entry.map_err(io_err(&dir))?.path();
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            *count += 1;
-        }
-        fs::remove_dir(&dir).map_err(io_err(&dir))?;
-    }
-    match fs::remove_dir(layout.root()) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(layout.root())(e)),
-        _ => Ok(done),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use lb_common::maps::MapSpec;
+
     use super::*;
 
     #[test]
