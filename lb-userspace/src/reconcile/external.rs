@@ -29,7 +29,10 @@ use lb_common::{
     },
 };
 
-use super::{Conflict, Ids, MapFull, Reconciler, SyncReport, identity};
+use super::{
+    Conflict, MapFull, Reconciler, SyncReport,
+    index::{Ids, identity},
+};
 use crate::{
     addr::to_addr6,
     datapath::{Capacities, Contents, Datapath, Op, RangeKey},

@@ -4,13 +4,22 @@ use k8s_openapi::api::{
     core::v1::{ClientIPConfig, Service, SessionAffinityConfig},
     discovery::v1::EndpointSlice,
 };
-use lb_common::ns::{NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES};
+use lb_common::{
+    AffinityMatchKey, ServiceInfo, SlotKey, maps,
+    ns::{NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES},
+    service::SLOT_GEN1,
+};
 
-use super::*;
+use super::{
+    index::{Ids, identity},
+    socket::arrange,
+    *,
+};
 use crate::{
     addr::{frontend_string, to_socket_addr},
     datapath::fake::FakeDatapath,
     k8s::store::{Snapshot, Update},
+    model,
     testutil::{ready, service, slice},
 };
 
