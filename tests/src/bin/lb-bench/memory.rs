@@ -10,7 +10,10 @@ use std::{collections::BTreeMap, fs, net::Ipv4Addr, time::Duration};
 use lb_tests::{apiserver::ApiServer, bench::Report, manifest::documents, run, world::World};
 use serde_json::{Value, json};
 
-use crate::{objects, progress, services, timed_start};
+use crate::{
+    fixture::{objects, services, timed_start},
+    progress,
+};
 
 const BENCH: &str = "9-memory";
 const MIB: f64 = 1024.0 * 1024.0;

@@ -28,7 +28,7 @@ use lb_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{Baseline, Plan, progress};
+use crate::{Plan, cluster::Baseline, progress};
 
 const BENCH: &str = "5-north-south";
 const BENCH_CONNECTIONS: &str = "5b-new-connections";

@@ -24,7 +24,11 @@ use lb_tests::{
 };
 use serde_json::Value;
 
-use crate::{Plan, capacities, objects, progress, services, timed_start};
+use crate::{
+    Plan,
+    fixture::{capacities, objects, services, timed_start},
+    progress,
+};
 
 const BENCH: &str = "7-updates";
 /// A service over backend 1 whose endpoint is flipped to not-ready and back.
