@@ -63,7 +63,7 @@ pub const SIZE_CLASSES: [u32; 13] = [
 /// smaller. Sizing from the backend count keeps a small service's table small: the spread
 /// stays even (every backend holds `M/N` entries give or take one) while memory follows the
 /// service, at the cost of more entries moving between the remaining backends when one
-/// leaves than a large table would have (see the README's Maglev notes).
+/// leaves than a large table would have (see docs/north-south.md).
 pub fn table_size(backends: usize, per_backend: u32, max: u32) -> u32 {
     let want = (backends as u64).max(1) * u64::from(per_backend.max(1));
     SIZE_CLASSES
