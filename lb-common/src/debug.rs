@@ -2,6 +2,10 @@
 //! ([`crate::maps::DEBUG_EVENTS`]) only when the agent runs with `--kernel-debug`; the agent
 //! logs them.
 
+/// The load-time global (`u8`, 0 or 1) that turns the events on: `lb-ebpf`'s `DEBUG`, set by
+/// the loader from `--kernel-debug`. Off, the verifier removes the code behind it.
+pub const DEBUG_GLOBAL: &str = "DEBUG";
+
 /// A connect() or unconnected datagram to socket-level service `id` went to backend `arg`.
 pub const SOCKET_TRANSLATED: u32 = 1;
 /// A connect() or sendmsg() to socket-level service `id` was refused: no backend.

@@ -8,7 +8,8 @@ use lb_common::debug::DebugEvent;
 
 use crate::maps::DEBUG_EVENTS;
 
-/// Whether debug events are on (set by the agent at load time).
+/// Whether debug events are on (set by the agent at load time; its name is
+/// `lb_common::debug::DEBUG_GLOBAL`).
 #[unsafe(no_mangle)]
 static DEBUG: u8 = 0;
 

@@ -11,7 +11,7 @@ use lb_common::maps::{
     DEFAULT_PIN_DIR, DEFAULT_RING_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
-use crate::{k8s::source::kubernetes, loader::MapSizes, model::Limits};
+use crate::{datapath::catalogue::Knob, k8s::source::kubernetes, loader::MapSizes, model::Limits};
 
 /// Default for `--max-backends-per-service`.
 pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: u32 = 4096;
@@ -313,26 +313,10 @@ impl AgentArgs {
                 self.bpffs.display()
             ));
         }
-        for (flag, value) in [
-            ("--max-services", self.max_services),
-            ("--max-slots", self.max_slots),
-            ("--max-backends", self.max_backends),
-            ("--max-rev-nat", self.max_rev_nat),
-            ("--max-affinity", self.max_affinity),
-        ] {
-            if value == 0 {
-                return Err(format!("{flag} must be at least 1"));
-            }
-        }
-        for (flag, value) in [
-            ("--max-external-services", self.max_external_services),
-            ("--max-external-frontends", self.max_external_frontends),
-            ("--max-flows", self.max_flows),
-            ("--max-new-flows", self.max_new_flows),
-            ("--max-source-ranges", self.max_source_ranges),
-        ] {
-            if value == 0 {
-                return Err(format!("{flag} must be at least 1"));
+        let sizes = self.map_sizes();
+        for knob in Knob::ALL {
+            if knob.value(&sizes) == 0 {
+                return Err(format!("{} must be at least 1", knob.flag()));
             }
         }
         crate::model::maglev::check_table_size(self.maglev_table_size)
@@ -567,6 +551,22 @@ fn device_list(flag: &str, value: &str) -> Result<Devices, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_capacity_flag_of_the_catalogue_is_a_flag_and_is_checked() {
+        use clap::CommandFactory as _;
+        let cmd = AgentArgs::command();
+        for knob in Knob::ALL {
+            let long = knob.flag().trim_start_matches("--");
+            assert!(
+                cmd.get_arguments().any(|a| a.get_long() == Some(long)),
+                "{} is a flag of the agent",
+                knob.flag()
+            );
+        }
+        let err = parse(&["--source", "file:/x", "--max-new-flows", "0"]).unwrap_err();
+        assert_eq!(err, "--max-new-flows must be at least 1");
+    }
 
     fn parse(args: &[&str]) -> Result<AgentArgs, String> {
         let a = AgentArgs::try_parse_from(["lb-agent"].iter().chain(args))

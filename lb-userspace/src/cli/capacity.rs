@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::table::table;
-use crate::datapath::{Capacities, Contents};
+use crate::datapath::{Capacities, Contents, catalogue};
 
 /// How full one map is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,114 +49,68 @@ pub(super) fn fill(
 }
 
 /// The fill of every map with a capacity: those the agent writes (from `c` and `caps`; the
-/// Maglev array counts the table entries in use) and the LRU maps the programs write
-/// (`lru`: name, entries, capacity).
+/// Maglev array counts the table entries in use) and those the programs write (`lru`: name,
+/// entries, capacity). Each row names the flag that sizes the map and what a full map means,
+/// from the [catalogue](crate::datapath::catalogue).
 pub fn capacity(
     c: &Contents,
     caps: &Capacities,
     lru: &[(&'static str, u64, u64)],
 ) -> Vec<CapacityRow> {
     use lb_common::maps;
-    const REFUSED: &str = "new services refused, the rest kept";
     let n = |x: usize| x as u64;
-    let table_entries: u64 = c.tables.values().map(|t| t.len() as u64).sum();
     let largest_slots = c.services.values().map(|v| u64::from(v.count)).max();
     let largest_table = c.tables.values().map(|t| t.len() as u64).max();
-    // The maps the agent writes: a change that does not fit is refused.
-    let written: [(&str, &str, u64, u64); 9] = [
-        (
-            maps::SERVICES,
-            "--max-services",
-            n(c.services.len()),
-            caps.services.into(),
-        ),
-        (
-            maps::SLOTS,
-            "--max-slots",
-            n(c.slots.len()),
-            caps.slots.into(),
-        ),
-        (
-            maps::BACKENDS,
-            "--max-backends",
-            n(c.backends.len()),
-            caps.backends.into(),
-        ),
+    // The maps the agent writes: (map, entries, capacity).
+    let written: [(&str, u64, u32); 9] = [
+        (maps::SERVICES, n(c.services.len()), caps.services),
+        (maps::SLOTS, n(c.slots.len()), caps.slots),
+        (maps::BACKENDS, n(c.backends.len()), caps.backends),
         (
             maps::AFFINITY_MATCH,
-            "--max-slots",
             n(c.affinity_match.len()),
-            caps.affinity_match.into(),
+            caps.affinity_match,
         ),
-        (
-            maps::NS_SERVICES,
-            "--max-external-frontends",
-            n(c.external.len()),
-            caps.external.into(),
-        ),
-        (
-            maps::NS_INFO,
-            "--max-external-services",
-            n(c.external_info.len()),
-            caps.external_ids.into(),
-        ),
+        (maps::NS_SERVICES, n(c.external.len()), caps.external),
+        (maps::NS_INFO, n(c.external_info.len()), caps.external_ids),
         (
             maps::RINGS,
-            "--maglev-table-entries",
-            table_entries,
-            caps.table_entries.into(),
+            c.tables.values().map(|t| t.len() as u64).sum(),
+            caps.table_entries,
         ),
-        (
-            maps::SOURCE_RANGES,
-            "--max-source-ranges",
-            n(c.ranges.len()),
-            caps.ranges.into(),
-        ),
+        (maps::SOURCE_RANGES, n(c.ranges.len()), caps.ranges),
         (
             maps::NS_AFFINITY_MATCH,
-            "--max-slots",
             n(c.external_match.len()),
-            caps.external_match.into(),
+            caps.external_match,
         ),
     ];
-    let mut rows: Vec<CapacityRow> = written
+    let room = |map: &str| match map {
+        maps::SLOTS => largest_slots,
+        maps::RINGS => largest_table,
+        _ => None,
+    };
+    written
         .into_iter()
-        .map(|(map, flag, entries, cap)| {
-            let room = match map {
-                maps::SLOTS => largest_slots,
-                maps::RINGS => largest_table,
-                _ => None,
-            };
-            let needed = entries + room.unwrap_or(0);
-            fill(map, flag, (entries, needed), cap, REFUSED)
+        .map(|(map, entries, cap)| {
+            (
+                map,
+                entries,
+                entries + room(map).unwrap_or(0),
+                u64::from(cap),
+            )
         })
-        .collect();
-    for (name, entries, cap) in lru {
-        if *name == maps::UDP_SOCKETS {
-            rows.push(fill(
-                name,
-                "--max-rev-nat",
-                (*entries, *entries),
-                *cap,
-                "new connected UDP sockets are found through the reverse-NAT map only (counted)",
-            ));
-            continue;
-        }
-        let flag = match *name {
-            maps::REV_NAT => "--max-rev-nat",
-            maps::AFFINITY | maps::NS_AFFINITY => "--max-affinity",
-            maps::CT_NEW | maps::NAT_REV_NEW => "--max-new-flows",
-            _ => "--max-flows",
-        };
-        rows.push(fill(
-            name,
-            flag,
-            (*entries, *entries),
-            *cap,
-            "the least recently used are evicted",
-        ));
-    }
-    rows
+        .chain(
+            lru.iter()
+                .map(|(map, entries, cap)| (*map, *entries, *entries, *cap)),
+        )
+        .map(|(map, entries, needed, cap)| {
+            let e = catalogue::entry_of(map);
+            let flag = e.map_or("", |e| e.knob.flag());
+            let when_full = e.map_or("", |e| e.when_full.text());
+            fill(map, flag, (entries, needed), cap, when_full)
+        })
+        .collect()
 }
 
 /// The capacity view as a table.

@@ -5,6 +5,7 @@
 //! half-written service). [`Contents`] is an exact copy of what the maps hold, used both to
 //! adopt the maps after a restart and as the reconciler's mirror.
 
+pub mod catalogue;
 pub mod conntrack;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -46,7 +46,7 @@ use lb_common::{
 };
 use tracing::info;
 
-use crate::{EBPF_OBJECT, datapath::bpf::BpfDatapath};
+use crate::{EBPF_OBJECT, datapath::bpf::BpfDatapath, datapath::catalogue};
 
 /// The socket programs of the object, by name; each is pinned as `links/<name>`.
 pub const PROGRAMS: [&str; 8] = [
@@ -282,7 +282,7 @@ impl Loaded {
             match open_pinned(layout, spec)? {
                 Some(data) => {
                     let pinned = data.info().map(|i| i.max_entries()).unwrap_or_default();
-                    match sizes.of(spec.name) {
+                    match catalogue::size_of(spec.name, sizes) {
                         Some(want) if want != pinned => {
                             // A new capacity: this build's object creates the map anew, its
                             // entries are copied over from the old one (set aside), and the
@@ -301,7 +301,7 @@ impl Loaded {
                     }
                 }
                 None => {
-                    if let Some(size) = sizes.of(spec.name) {
+                    if let Some(size) = catalogue::size_of(spec.name, sizes) {
                         loader.map_max_entries(spec.name, size);
                     }
                 }
@@ -312,7 +312,7 @@ impl Loaded {
         loader.override_global(ns::CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true);
         loader.override_global(ns::CT_CLOCK_OFFSET_GLOBAL, &settings.clock_offset, true);
         let debug = u8::from(settings.debug);
-        loader.override_global("DEBUG", &debug, true);
+        loader.override_global(lb_common::debug::DEBUG_GLOBAL, &debug, true);
         let mut ebpf = loader.load(object)?;
         for name in PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?

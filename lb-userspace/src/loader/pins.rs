@@ -84,33 +84,6 @@ pub struct MapSizes {
     pub source_ranges: u32,
 }
 
-impl MapSizes {
-    pub(super) fn of(&self, name: &str) -> Option<u32> {
-        match name {
-            maps::SERVICES | maps::SERVICE_INFO => Some(self.services),
-            // A service with affinity has one match entry per slot.
-            maps::SLOTS | maps::AFFINITY_MATCH => Some(self.slots),
-            maps::BACKENDS => Some(self.backends),
-            // Ids start at 1.
-            maps::SVC_STATS => Some(self.services + 1),
-            maps::BE_STATS => Some(self.backends + 1),
-            maps::REV_NAT | maps::UDP_SOCKETS => Some(self.rev_nat),
-            maps::AFFINITY | maps::NS_AFFINITY => Some(self.affinity),
-            // As many backends of services with affinity as the socket hooks' match map.
-            maps::NS_AFFINITY_MATCH => Some(self.slots),
-            maps::NS_SERVICES => Some(self.external),
-            maps::NS_INFO | maps::NS_STATS => Some(self.external_ids + 1),
-            maps::RINGS => Some(self.table_entries.div_ceil(maps::RING_LANES)),
-            maps::CONNTRACK | maps::NAT_REV => Some(self.flows),
-            maps::CT_NEW | maps::NAT_REV_NEW => Some(self.new_flows),
-            maps::SOURCE_RANGES => Some(self.source_ranges),
-            // A build with more counters makes the array anew (the counts start again).
-            maps::STATS => Some(lb_common::stats::COUNT),
-            _ => None,
-        }
-    }
-}
-
 pub(super) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoadError + '_ {
     move |source| LoadError::Io {
         path: path.to_owned(),
