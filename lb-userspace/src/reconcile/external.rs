@@ -30,7 +30,7 @@ use lb_common::{
 };
 
 use super::{
-    Conflict, MapFull, Reconciler, SyncReport,
+    Conflict, MapFull, Reconciler, SyncReport, WriteFailed,
     index::{Ids, identity},
 };
 use crate::{
@@ -684,7 +684,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.idx.backend_alloc.release(*b);
             }
         }
-        result.map_err(|()| NotPrepared::Failed)
+        result.map_err(|WriteFailed| NotPrepared::Failed)
     }
 
     /// The first free region of `size` entries (first fit): one overlapping no region
@@ -718,7 +718,7 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     /// Phase 2 for one frontend: the winner's entry, or none.
-    fn frontend(&mut self, key: &ServiceKey, report: &mut SyncReport) -> Result<(), ()> {
+    fn frontend(&mut self, key: &ServiceKey, report: &mut SyncReport) -> Result<(), WriteFailed> {
         let winner = self.ext.claims.get(key).and_then(|set| {
             let mut it = set.iter().map(|(_, gk)| gk);
             let winner = it.next()?.clone();
@@ -784,7 +784,7 @@ impl<D: Datapath> Reconciler<D> {
         gk: &GroupKey,
         want: &ExternalGroup,
         report: &mut SyncReport,
-    ) -> Result<(), ()> {
+    ) -> Result<(), WriteFailed> {
         let Some(p) = self.ext.groups.get(gk).copied() else {
             return Ok(());
         };
@@ -807,7 +807,7 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Phase 3 for a group that is gone: any entry still naming it, its ranges, info, id.
     /// Its table region is cleared with the other unused ones.
-    fn remove_group(&mut self, gk: &GroupKey, report: &mut SyncReport) -> Result<(), ()> {
+    fn remove_group(&mut self, gk: &GroupKey, report: &mut SyncReport) -> Result<(), WriteFailed> {
         let Some(p) = self.ext.groups.get(gk).copied() else {
             return Ok(());
         };
@@ -851,7 +851,7 @@ impl<D: Datapath> Reconciler<D> {
         &mut self,
         starts: &BTreeSet<u32>,
         report: &mut SyncReport,
-    ) -> Result<(), ()> {
+    ) -> Result<(), WriteFailed> {
         let unused: Vec<(u32, u32)> = self
             .unused_regions()
             .into_iter()
@@ -889,7 +889,7 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Deletes north-south entries nothing refers to after a restart: info, ranges and
     /// affinity matches of ids no group has.
-    pub(super) fn external_garbage(&mut self, report: &mut SyncReport) -> Result<(), ()> {
+    pub(super) fn external_garbage(&mut self, report: &mut SyncReport) -> Result<(), WriteFailed> {
         let live: BTreeSet<u32> = self.ext.groups.values().map(|p| p.id).collect();
         let mut ops: Vec<Op> = self
             .mirror

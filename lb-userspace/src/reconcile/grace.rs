@@ -6,7 +6,7 @@ use lb_common::ServiceKey;
 
 use crate::datapath::{Datapath, Op};
 
-use super::{Reconciler, external::Touched, report::SyncReport};
+use super::{Reconciler, WriteFailed, external::Touched, report::SyncReport};
 
 /// What a sync switched away from: deleted after the next grace period (see
 /// [`Reconciler::retire`]), when no program can still be reading it.
@@ -182,7 +182,7 @@ impl<D: Datapath> Reconciler<D> {
                 }
             }
             // Tried again by the next retirement (what was done is not redone).
-            Err(()) => self.waiting.insert(0, (0, pending)),
+            Err(WriteFailed) => self.waiting.insert(0, (0, pending)),
         }
     }
 }

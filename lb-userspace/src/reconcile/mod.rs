@@ -48,6 +48,7 @@ mod report;
 mod socket;
 
 pub use external::GroupKey;
+use report::WriteFailed;
 pub use report::{Conflict, MapFull, StaleUdp, SyncReport};
 
 use self::{
@@ -240,8 +241,8 @@ impl<D: Datapath> Reconciler<D> {
         report
     }
 
-    /// Performs one write and records it in the mirror.
-    fn write(&mut self, op: Op, report: &mut SyncReport) -> Result<(), ()> {
+    /// Performs one write and records it in the mirror; a failure goes into `report`.
+    fn write(&mut self, op: Op, report: &mut SyncReport) -> Result<(), WriteFailed> {
         match self.dp.apply(&op) {
             Ok(()) => {
                 self.idx.note(&self.mirror, &op);
@@ -252,12 +253,13 @@ impl<D: Datapath> Reconciler<D> {
             Err(e) => {
                 report.errors.push(e);
                 self.garbage = true;
-                Err(())
+                Err(WriteFailed)
             }
         }
     }
 
-    fn write_all(&mut self, ops: Vec<Op>, report: &mut SyncReport) -> Result<(), ()> {
+    /// Performs `ops` in order, up to the first that fails.
+    fn write_all(&mut self, ops: Vec<Op>, report: &mut SyncReport) -> Result<(), WriteFailed> {
         ops.into_iter().try_for_each(|op| self.write(op, report))
     }
 

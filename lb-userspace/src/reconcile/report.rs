@@ -78,3 +78,8 @@ pub struct StaleUdp {
     /// The backend that left it.
     pub backend: Endpoint,
 }
+
+/// A write failed: the maps hold what they held before it, its error is in the sync's
+/// [`SyncReport::errors`], and what it was for is retried on the next sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct WriteFailed;

@@ -15,7 +15,7 @@ use crate::{
 };
 
 use super::{
-    Reconciler,
+    Reconciler, WriteFailed,
     index::{Index, identity},
     report::{Conflict, MapFull, StaleUdp, SyncReport},
 };
@@ -333,7 +333,7 @@ impl<D: Datapath> Reconciler<D> {
             .extend(previous.into_iter().filter(|b| !kept.contains(b)));
         match self.write_all(ops, report) {
             Ok(()) => report.stale_udp.extend(stale),
-            Err(()) => {
+            Err(WriteFailed) => {
                 release(&mut self.idx, &self.mirror);
                 self.retry.insert(key);
             }
@@ -427,7 +427,7 @@ impl<D: Datapath> Reconciler<D> {
         &mut self,
         candidates: BTreeSet<u32>,
         report: &mut SyncReport,
-    ) -> Result<(), ()> {
+    ) -> Result<(), WriteFailed> {
         let ops: Vec<Op> = candidates
             .into_iter()
             .filter(|b| {
@@ -458,7 +458,7 @@ impl<D: Datapath> Reconciler<D> {
         self.pending.backends.extend(previous);
         match self.write_all(ops, report) {
             Ok(()) => report.stale_udp.extend(stale),
-            Err(()) => {
+            Err(WriteFailed) => {
                 self.retry.insert(*key);
             }
         }
