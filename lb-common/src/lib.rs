@@ -13,8 +13,8 @@
 
 pub mod addr;
 pub mod debug;
+pub mod external;
 pub mod maps;
-pub mod ns;
 pub mod service;
 pub mod stats;
 
@@ -52,16 +52,16 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
-    unsafe impl aya::Pod for crate::ns::NsService {}
-    unsafe impl aya::Pod for crate::ns::FlowKey {}
-    unsafe impl aya::Pod for crate::ns::CtEntry {}
-    unsafe impl aya::Pod for crate::ns::CtEntryV1 {}
-    unsafe impl aya::Pod for crate::ns::CtTimeouts {}
-    unsafe impl aya::Pod for crate::ns::NatRev {}
-    unsafe impl aya::Pod for crate::ns::SourceRange {}
-    unsafe impl aya::Pod for crate::ns::NsCounters {}
-    unsafe impl aya::Pod for crate::ns::NsAffinityKey {}
-    unsafe impl aya::Pod for crate::ns::NsAffinityValue {}
-    unsafe impl aya::Pod for crate::ns::NsAffinityMatchKey {}
+    unsafe impl aya::Pod for crate::external::ExternalService {}
+    unsafe impl aya::Pod for crate::external::FlowKey {}
+    unsafe impl aya::Pod for crate::external::CtEntry {}
+    unsafe impl aya::Pod for crate::external::CtEntryV1 {}
+    unsafe impl aya::Pod for crate::external::CtTimeouts {}
+    unsafe impl aya::Pod for crate::external::FlowRevNat {}
+    unsafe impl aya::Pod for crate::external::SourceRange {}
+    unsafe impl aya::Pod for crate::external::ExternalCounters {}
+    unsafe impl aya::Pod for crate::external::ExternalAffinityKey {}
+    unsafe impl aya::Pod for crate::external::ExternalAffinityValue {}
+    unsafe impl aya::Pod for crate::external::ExternalAffinityMatchKey {}
     unsafe impl aya::Pod for crate::stats::SocketCounters {}
 }

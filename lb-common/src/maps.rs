@@ -8,9 +8,9 @@
 use core::mem::size_of;
 
 use crate::{
-    ns::{
-        CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
-        NsService, SourceRange,
+    external::{
+        CtEntry, ExternalAffinityKey, ExternalAffinityMatchKey, ExternalAffinityValue,
+        ExternalCounters, ExternalService, FlowKey, FlowRevNat, SourceRange,
     },
     service::{
         AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
@@ -78,21 +78,21 @@ pub const AFFINITY: &str = "lb_aff_v1";
 /// Affinity-match map: [`AffinityMatchKey`] -> `u8`. Written by the agent for the backends of
 /// services with session affinity, read by the hooks. Rebuildable.
 pub const AFFINITY_MATCH: &str = "lb_affmatch_v1";
-/// North-south service map: [`ServiceKey`] -> [`NsService`]: NodePort, LoadBalancer and
+/// North-south service map: [`ServiceKey`] -> [`ExternalService`]: NodePort, LoadBalancer and
 /// external IP frontends for traffic from outside the node. Written by the agent, read by
 /// the XDP program. Rebuildable.
-pub const NS_SERVICES: &str = "lb_nssvc_v1";
-/// Maglev lookup tables: an array of [`RingPair`]s, read as one dense array of backend ids
+pub const EXTERNAL_SERVICES: &str = "lb_nssvc_v1";
+/// Maglev lookup tables: an array of [`TablePair`]s, read as one dense array of backend ids
 /// (`u32`); each north-south service with backends has a region of it, sized from its backend
 /// count. Memory-mapped by the agent, which writes every new table to a free region and then
 /// switches the frontends to it (the old region is cleared after a grace period); read by
 /// XDP. Rebuildable.
-pub const RINGS: &str = "lb_ring_v2";
+pub const TABLES: &str = "lb_ring_v2";
 /// North-south service info: id -> [`ServiceInfo`] (namespace, name, port name), for the CLI
 /// and for a restarted agent to adopt ids. Written by the agent. Rebuildable.
-pub const NS_INFO: &str = "lb_nsinfo_v1";
+pub const EXTERNAL_INFO: &str = "lb_nsinfo_v1";
 /// Conntrack of answered flows (LRU): [`FlowKey`] (client to frontend) -> [`CtEntry`]. A
-/// flow enters it from [`CT_NEW`] once answered (`ns::ct_assured`); written by XDP and the
+/// flow enters it from [`CT_NEW`] once answered (`external::ct_assured`); written by XDP and the
 /// tc programs (flags and lifetime of both directions), swept of expired entries by the
 /// agent. State worth keeping: it pins flows to their backends across agent restarts. v2:
 /// the backend by address, TCP state and lifetime.
@@ -106,28 +106,28 @@ pub const CT_NEW: &str = "lb_ctnew_v1";
 /// old name first: `lb_ct_v1` entries name their backend by id, looked up in [`BACKENDS`].
 /// Converted at load and again just before the new programs take over, like a resize.
 pub const CONVERSIONS: [(&str, &str); 1] = [("lb_ct_v1", CONNTRACK)];
-/// Reverse NAT of north-south flows (LRU): [`FlowKey`] of a reply -> [`NatRev`]. Written by
+/// Reverse NAT of north-south flows (LRU): [`FlowKey`] of a reply -> [`FlowRevNat`]. Written by
 /// XDP with the conntrack entry, read by XDP (replies to SNATed flows) and tc egress
 /// (replies of local backends), which honour it only while the flow's conntrack entry is
 /// alive and points back to it. An SNATed flow's entry is what holds its SNAT port. Swept
 /// with the conntrack entries. State worth keeping.
-pub const NAT_REV: &str = "lb_natrev_v1";
-/// Reverse NAT of new flows (LRU), as [`NAT_REV`], beside [`CT_NEW`]; an entry moves to
-/// [`NAT_REV`] with its flow. An SNAT port is taken when its reply key is in either.
-pub const NAT_REV_NEW: &str = "lb_natrevnew_v1";
-/// North-south affinity (LRU): [`NsAffinityKey`] (service id, client address) ->
-/// [`NsAffinityValue`] (its last backend and when). Written by XDP for each new flow of a
+pub const EXTERNAL_REV_NAT: &str = "lb_natrev_v1";
+/// Reverse NAT of new flows (LRU), as [`EXTERNAL_REV_NAT`], beside [`CT_NEW`]; an entry moves to
+/// [`EXTERNAL_REV_NAT`] with its flow. An SNAT port is taken when its reply key is in either.
+pub const EXTERNAL_REV_NAT_NEW: &str = "lb_natrevnew_v1";
+/// North-south affinity (LRU): [`ExternalAffinityKey`] (service id, client address) ->
+/// [`ExternalAffinityValue`] (its last backend and when). Written by XDP for each new flow of a
 /// service with session affinity. State worth keeping across agent restarts.
-pub const NS_AFFINITY: &str = "lb_nsaff_v1";
-/// North-south affinity match: [`NsAffinityMatchKey`] (service id, backend) -> the service's
+pub const EXTERNAL_AFFINITY: &str = "lb_nsaff_v1";
+/// North-south affinity match: [`ExternalAffinityMatchKey`] (service id, backend) -> the service's
 /// affinity timeout in seconds (`u32`). Written by the agent for the backends of the table of
 /// a service with session affinity, read by XDP. Rebuildable.
-pub const NS_AFFINITY_MATCH: &str = "lb_nsaffm_v1";
+pub const EXTERNAL_AFFINITY_MATCH: &str = "lb_nsaffm_v1";
 /// `loadBalancerSourceRanges` (LPM trie): a prefix length (`u32`) and a [`SourceRange`] ->
 /// `u8`. Written by the agent. Rebuildable.
 pub const SOURCE_RANGES: &str = "lb_srcrange_v1";
-/// Per north-south service counters: per-CPU array of [`NsCounters`]. Disposable.
-pub const NS_STATS: &str = "lb_nsstat_v1";
+/// Per north-south service counters: per-CPU array of [`ExternalCounters`]. Disposable.
+pub const EXTERNAL_STATS: &str = "lb_nsstat_v1";
 /// Devices the north-south programs run on (ifindex `u32` -> [`DEVICE_XDP`] or
 /// [`DEVICE_OVERLAY`]). Written by the agent.
 pub const XDP_DEVICES: &str = "lb_xdpdev_v1";
@@ -180,12 +180,12 @@ pub const DEFAULT_MAGLEV_ENTRIES_PER_BACKEND: u32 = 100;
 pub const DEFAULT_MAX_EXTERNAL: u32 = 4096;
 /// Default size of the lookup table array in entries (4 bytes each; 8 MiB): 128 tables of the
 /// largest size, or 2048 of services with up to 10 backends.
-pub const DEFAULT_RING_ENTRIES: u32 = 1 << 21;
+pub const DEFAULT_TABLE_ENTRIES: u32 = 1 << 21;
 /// Backend ids per element of the lookup table array: array elements are 8-byte aligned, so
 /// a pair of ids fills one without padding.
-pub const RING_LANES: u32 = 2;
+pub const TABLE_LANES: u32 = 2;
 /// An element of the lookup table array: two consecutive table entries.
-pub type RingPair = [u32; RING_LANES as usize];
+pub type TablePair = [u32; TABLE_LANES as usize];
 /// Default capacity of the conntrack and north-south reverse-NAT maps.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Capacity of the maps of new flows (not yet answered), each.
@@ -237,22 +237,42 @@ pub const ALL: [MapSpec; 25] = [
     spec::<AffinityKey, AffinityValue>(AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
     spec::<AffinityMatchKey, u8>(AFFINITY_MATCH, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, u64>(STATS, TYPE_PERCPU_ARRAY, crate::stats::COUNT, 0),
-    spec::<ServiceKey, NsService>(NS_SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
-    spec::<u32, RingPair>(
-        RINGS,
+    spec::<ServiceKey, ExternalService>(
+        EXTERNAL_SERVICES,
+        TYPE_HASH,
+        DEFAULT_MAX_SERVICES,
+        F_NO_PREALLOC,
+    ),
+    spec::<u32, TablePair>(
+        TABLES,
         TYPE_ARRAY,
-        DEFAULT_RING_ENTRIES / RING_LANES,
+        DEFAULT_TABLE_ENTRIES / TABLE_LANES,
         F_MMAPABLE,
     ),
     // Ids start at 1.
-    spec::<u32, ServiceInfo>(NS_INFO, TYPE_HASH, DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC),
+    spec::<u32, ServiceInfo>(
+        EXTERNAL_INFO,
+        TYPE_HASH,
+        DEFAULT_MAX_EXTERNAL + 1,
+        F_NO_PREALLOC,
+    ),
     spec::<FlowKey, CtEntry>(CONNTRACK, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
-    spec::<FlowKey, NatRev>(NAT_REV, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
+    spec::<FlowKey, FlowRevNat>(EXTERNAL_REV_NAT, TYPE_LRU_HASH, DEFAULT_MAX_FLOWS, 0),
     spec::<FlowKey, CtEntry>(CT_NEW, TYPE_LRU_HASH, DEFAULT_MAX_NEW_FLOWS, 0),
-    spec::<FlowKey, NatRev>(NAT_REV_NEW, TYPE_LRU_HASH, DEFAULT_MAX_NEW_FLOWS, 0),
-    spec::<NsAffinityKey, NsAffinityValue>(NS_AFFINITY, TYPE_LRU_HASH, DEFAULT_MAX_AFFINITY, 0),
-    spec::<NsAffinityMatchKey, u32>(
-        NS_AFFINITY_MATCH,
+    spec::<FlowKey, FlowRevNat>(
+        EXTERNAL_REV_NAT_NEW,
+        TYPE_LRU_HASH,
+        DEFAULT_MAX_NEW_FLOWS,
+        0,
+    ),
+    spec::<ExternalAffinityKey, ExternalAffinityValue>(
+        EXTERNAL_AFFINITY,
+        TYPE_LRU_HASH,
+        DEFAULT_MAX_AFFINITY,
+        0,
+    ),
+    spec::<ExternalAffinityMatchKey, u32>(
+        EXTERNAL_AFFINITY_MATCH,
         TYPE_HASH,
         DEFAULT_MAX_SLOTS,
         F_NO_PREALLOC,
@@ -264,7 +284,12 @@ pub const ALL: [MapSpec; 25] = [
         DEFAULT_MAX_SOURCE_RANGES,
         F_NO_PREALLOC,
     ),
-    spec::<u32, NsCounters>(NS_STATS, TYPE_PERCPU_ARRAY, DEFAULT_MAX_EXTERNAL + 1, 0),
+    spec::<u32, ExternalCounters>(
+        EXTERNAL_STATS,
+        TYPE_PERCPU_ARRAY,
+        DEFAULT_MAX_EXTERNAL + 1,
+        0,
+    ),
     spec::<u32, u8>(XDP_DEVICES, TYPE_HASH, MAX_XDP_DEVICES, 0),
     spec::<u32, [u8; SCRATCH_SIZE as usize]>(SCRATCH, TYPE_PERCPU_ARRAY, 1, 0),
     // Ids start at 1.

@@ -3,10 +3,10 @@
 //! service's table (the match map, which also holds the timeout) and the timeout has not
 //! run out since that flow. The socket hooks' affinity is in `select.rs`.
 
-use lb_common::{Addr6, ns::NsAffinityValue, stats as st};
+use lb_common::{Addr6, external::ExternalAffinityValue, stats as st};
 
 use crate::{
-    maps::{NS_AFFINITY, NS_AFFINITY_MATCH},
+    maps::{EXTERNAL_AFFINITY, EXTERNAL_AFFINITY_MATCH},
     scratch::Scratch,
     stats,
 };
@@ -19,13 +19,14 @@ pub fn recall(s: &mut Scratch, svc_id: u32, client: &Addr6, now: u32) -> bool {
     s.affinity.svc_id = svc_id;
     s.affinity.client = *client;
     // SAFETY: entries are replaced whole; the value is copied at once.
-    let Some(last) = (unsafe { NS_AFFINITY.get(&s.affinity) }).copied() else {
+    let Some(last) = (unsafe { EXTERNAL_AFFINITY.get(&s.affinity) }).copied() else {
         return false;
     };
     s.affinity_match.svc_id = svc_id;
     s.affinity_match.backend = last.backend.endpoint();
     // SAFETY: as above.
-    let Some(timeout_s) = (unsafe { NS_AFFINITY_MATCH.get(&s.affinity_match) }).copied() else {
+    let Some(timeout_s) = (unsafe { EXTERNAL_AFFINITY_MATCH.get(&s.affinity_match) }).copied()
+    else {
         return false;
     };
     if !last.holds(now, timeout_s) {
@@ -43,11 +44,11 @@ pub fn recall(s: &mut Scratch, svc_id: u32, client: &Addr6, now: u32) -> bool {
 /// so the value is not on `forward`'s stack.
 #[inline(never)]
 pub fn remember(s: &Scratch, now: u32) {
-    let value = NsAffinityValue {
+    let value = ExternalAffinityValue {
         backend: s.chosen.ep,
         last_used: now,
     };
-    if NS_AFFINITY.insert(&s.affinity, &value, 0).is_err() {
+    if EXTERNAL_AFFINITY.insert(&s.affinity, &value, 0).is_err() {
         stats::inc(st::ERR_AFFINITY_UPDATE);
     }
 }

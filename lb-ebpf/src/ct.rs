@@ -2,14 +2,14 @@
 //! SNAT source when the backend is on another node) and records both directions; later
 //! packets follow the record, so backend changes never move established flows.
 //!
-//! Each entry has a lifetime that its state sets (`lb_common::ns::CtTimeouts`): every
+//! Each entry has a lifetime that its state sets (`lb_common::external::CtTimeouts`): every
 //! packet, either way, adds its TCP flags to its direction and pushes the expiry out. An
 //! expired entry counts as absent here at once; the agent's sweep deletes it later. A port
 //! of a closed or expired flow can be taken by a new flow before the sweep, so SNAT ports
 //! come back as soon as their flows end.
 //!
-//! A flow starts in the maps of new flows (`CT_NEW`, `NAT_REV_NEW`) and moves to the main
-//! ones (`CONNTRACK`, `NAT_REV`) once answered ([`settle`]), so that a flood of flows that
+//! A flow starts in the maps of new flows (`CT_NEW`, `EXTERNAL_REV_NAT_NEW`) and moves to the main
+//! ones (`CONNTRACK`, `EXTERNAL_REV_NAT`) once answered ([`settle`]), so that a flood of flows that
 //! are never answered (spoofed SYNs) evicts only its own kind. Lookups try the main maps
 //! first.
 
@@ -19,16 +19,17 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use lb_common::{
-    Addr6, Backend,
-    ns::{
-        CT_FIN_ANSWERED, CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey, NatRev,
-        SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_FIN, TCP_SYN, ct_assured, ct_state,
+    Addr6,
+    external::{
+        CT_FIN_ANSWERED, CT_FLAGS, CT_SEEN, CT_TCP_CLOSED, CtEntry, CtTimeouts, FlowKey,
+        FlowRevNat, SOURCE_RANGE_ID_BITS, SourceRange, TCP_ACK, TCP_FIN, TCP_SYN, ct_assured,
+        ct_state,
     },
     stats as st,
 };
 
 use crate::{
-    maps::{CONNTRACK, CT_NEW, NAT_REV, NAT_REV_NEW, SOURCE_RANGES},
+    maps::{CONNTRACK, CT_NEW, EXTERNAL_REV_NAT, EXTERNAL_REV_NAT_NEW, SOURCE_RANGES},
     scratch::Scratch,
     stats,
 };
@@ -111,10 +112,10 @@ pub fn find(key: &FlowKey) -> Option<Flow> {
 
 /// The reverse entry of a reply with key `reply`, of answered flows first.
 #[inline(always)]
-pub fn reverse_entry(reply: &FlowKey) -> Option<*const NatRev> {
-    NAT_REV
+pub fn reverse_entry(reply: &FlowKey) -> Option<*const FlowRevNat> {
+    EXTERNAL_REV_NAT
         .get_ptr(reply)
-        .or_else(|| NAT_REV_NEW.get_ptr(reply))
+        .or_else(|| EXTERNAL_REV_NAT_NEW.get_ptr(reply))
 }
 
 /// The live flow `key` of service `svc_id`, if any: not expired, of this service (an entry
@@ -145,11 +146,11 @@ pub fn settle(entry: *mut CtEntry, fwd: &FlowKey, reply: &FlowKey) {
     if !ct_assured(fwd.proto, e.fwd_flags, e.rev_flags) || CONNTRACK.insert(fwd, e, 0).is_err() {
         return;
     }
-    if let Some(rev) = NAT_REV_NEW.get_ptr(reply) {
+    if let Some(rev) = EXTERNAL_REV_NAT_NEW.get_ptr(reply) {
         // SAFETY: as above.
         let rev = unsafe { &*rev };
-        if rev.is_of(fwd) && NAT_REV.insert(reply, rev, 0).is_ok() {
-            let _ = NAT_REV_NEW.remove(reply);
+        if rev.is_of(fwd) && EXTERNAL_REV_NAT.insert(reply, rev, 0).is_ok() {
+            let _ = EXTERNAL_REV_NAT_NEW.remove(reply);
         }
     }
     let _ = CT_NEW.remove(fwd);
@@ -183,7 +184,7 @@ fn reply_key_of(s: &mut Scratch, e: &CtEntry, key: &FlowKey) {
 /// address are keyed by the backend-to-client tuple, and such a packet arriving from
 /// outside, to a client port in the SNAT range, is spoofed).
 #[inline(always)]
-pub fn reverses_snat(rev: &NatRev, key: &FlowKey) -> bool {
+pub fn reverses_snat(rev: &FlowRevNat, key: &FlowKey) -> bool {
     rev.dst != key.daddr || rev.dport_be != key.dport_be
 }
 
@@ -191,7 +192,7 @@ pub fn reverses_snat(rev: &NatRev, key: &FlowKey) -> bool {
 /// flow's key is built in `fwd`. `None` when the flow expired or the entry is stale (its
 /// flow was replaced, or its SNAT port taken over): the reply is not translated.
 #[inline(always)]
-pub fn reply_flow(rev: &NatRev, reply: &FlowKey, fwd: &mut FlowKey, now: u32) -> Option<Flow> {
+pub fn reply_flow(rev: &FlowRevNat, reply: &FlowKey, fwd: &mut FlowKey, now: u32) -> Option<Flow> {
     *fwd = rev.flow_key(reply.proto);
     let flow = find(fwd)?;
     // SAFETY: as in `live`.
@@ -279,16 +280,6 @@ pub fn is_snat_port(port_be: u16) -> bool {
     port >= min && port <= max
 }
 
-/// A backend chosen for a new flow of a service.
-pub struct Chosen {
-    /// The north-south service id.
-    pub svc_id: u32,
-    /// The backend id (for debug events).
-    pub id: u32,
-    /// The backend.
-    pub ep: Backend,
-}
-
 /// Records a new flow `key` (first packet's TCP flags `flags`) to the backend in
 /// `s.chosen`, SNATed to `snat` when given, and sets `s.rw.src` to the source the packets
 /// take (the client's, or the SNAT address and a port). What an earlier flow with the same
@@ -318,8 +309,8 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
             // among answered ones would be found first. A failed insert only loses the
             // reverse entry of this flow: replies then pass untranslated and the client
             // resets; nothing else is affected.
-            let _ = NAT_REV.remove(&s.reply);
-            let _ = NAT_REV_NEW.insert(&s.reply, &s.rev, 0);
+            let _ = EXTERNAL_REV_NAT.remove(&s.reply);
+            let _ = EXTERNAL_REV_NAT_NEW.insert(&s.reply, &s.rev, 0);
             s.rw.src.ip = key.saddr;
             s.rw.src.port_be = key.sport_be;
             s.ct.snat_addr = Addr6::default();
@@ -383,8 +374,8 @@ fn release_old(s: &mut Scratch, key: &FlowKey) {
     };
     // SAFETY: as above.
     if unsafe { (*rev).is_of(key) } {
-        let _ = NAT_REV.remove(&s.reply);
-        let _ = NAT_REV_NEW.remove(&s.reply);
+        let _ = EXTERNAL_REV_NAT.remove(&s.reply);
+        let _ = EXTERNAL_REV_NAT_NEW.remove(&s.reply);
     }
 }
 
@@ -429,8 +420,8 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
         let _ = CONNTRACK.remove(&s.fwd);
         let _ = CT_NEW.remove(&s.fwd);
     }
-    let _ = NAT_REV.remove(&s.reply);
-    if NAT_REV_NEW.insert(&s.reply, &s.rev, 0).is_err() {
+    let _ = EXTERNAL_REV_NAT.remove(&s.reply);
+    if EXTERNAL_REV_NAT_NEW.insert(&s.reply, &s.rev, 0).is_err() {
         return None;
     }
     stats::inc(st::SNAT_PORT_REUSED);
@@ -444,15 +435,15 @@ fn snat_port(s: &mut Scratch, key: &FlowKey, ip: &Addr6, now: u32) -> Option<u16
 /// the port.
 #[inline(always)]
 fn claim(s: &Scratch) -> bool {
-    if NAT_REV.get_ptr(&s.reply).is_some()
-        || NAT_REV_NEW
+    if EXTERNAL_REV_NAT.get_ptr(&s.reply).is_some()
+        || EXTERNAL_REV_NAT_NEW
             .insert(&s.reply, &s.rev, u64::from(BPF_NOEXIST))
             .is_err()
     {
         return false;
     }
-    if NAT_REV.get_ptr(&s.reply).is_some() {
-        let _ = NAT_REV_NEW.remove(&s.reply);
+    if EXTERNAL_REV_NAT.get_ptr(&s.reply).is_some() {
+        let _ = EXTERNAL_REV_NAT_NEW.remove(&s.reply);
         return false;
     }
     true

@@ -23,7 +23,7 @@ use aya_ebpf::{
     bindings::xdp_action,
     programs::{TcContext, XdpContext},
 };
-use lb_common::{Addr6, ns::FlowKey, proto, stats as st};
+use lb_common::{Addr6, external::FlowKey, proto, stats as st};
 
 use crate::{
     csum::Delta,

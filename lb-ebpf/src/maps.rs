@@ -9,15 +9,15 @@ use aya_ebpf::{
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
     ServiceKey, ServiceValue, SlotKey, UdpSocket,
+    external::{
+        CtEntry, ExternalAffinityKey, ExternalAffinityMatchKey, ExternalAffinityValue,
+        ExternalCounters, ExternalService, FlowKey, FlowRevNat, SourceRange,
+    },
     maps::{
         DEBUG_RING_BYTES, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
         DEFAULT_MAX_FLOWS, DEFAULT_MAX_NEW_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
-        DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_RING_ENTRIES, F_MMAPABLE,
-        F_NO_PREALLOC, MAX_XDP_DEVICES, RING_LANES, RingPair, SCRATCH_SIZE,
-    },
-    ns::{
-        CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
-        NsService, SourceRange,
+        DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_TABLE_ENTRIES, F_MMAPABLE,
+        F_NO_PREALLOC, MAX_XDP_DEVICES, SCRATCH_SIZE, TABLE_LANES, TablePair,
     },
     stats,
 };
@@ -77,53 +77,57 @@ pub static DEBUG_EVENTS: RingBuf = RingBuf::pinned(DEBUG_RING_BYTES, 0);
 #[map(name = "lb_bestat_v1")]
 pub static BE_STATS: Array<u64> = Array::pinned(DEFAULT_MAX_BACKENDS + 1, 0);
 
-/// North-south frontends. See `lb_common::maps::NS_SERVICES`.
+/// North-south frontends. See `lb_common::maps::EXTERNAL_SERVICES`.
 #[map(name = "lb_nssvc_v1")]
-pub static NS_SERVICES: HashMap<ServiceKey, NsService> =
+pub static EXTERNAL_SERVICES: HashMap<ServiceKey, ExternalService> =
     HashMap::pinned(DEFAULT_MAX_SERVICES, F_NO_PREALLOC);
 
-/// Maglev rings, two entries per element. See `lb_common::maps::RINGS`.
+/// Maglev rings, two entries per element. See `lb_common::maps::TABLES`.
 #[map(name = "lb_ring_v2")]
-pub static RINGS: Array<RingPair> = Array::pinned(DEFAULT_RING_ENTRIES / RING_LANES, F_MMAPABLE);
+pub static TABLES: Array<TablePair> =
+    Array::pinned(DEFAULT_TABLE_ENTRIES / TABLE_LANES, F_MMAPABLE);
 
-/// North-south service info (read by the CLI only). See `lb_common::maps::NS_INFO`.
+/// North-south service info (read by the CLI only). See `lb_common::maps::EXTERNAL_INFO`.
 #[map(name = "lb_nsinfo_v1")]
-pub static NS_INFO: HashMap<u32, ServiceInfo> =
+pub static EXTERNAL_INFO: HashMap<u32, ServiceInfo> =
     HashMap::pinned(DEFAULT_MAX_EXTERNAL + 1, F_NO_PREALLOC);
 
 /// Conntrack of answered flows. See `lb_common::maps::CONNTRACK`.
 #[map(name = "lb_ct_v2")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
 
-/// Reverse NAT of answered north-south flows. See `lb_common::maps::NAT_REV`.
+/// Reverse NAT of answered north-south flows. See `lb_common::maps::EXTERNAL_REV_NAT`.
 #[map(name = "lb_natrev_v1")]
-pub static NAT_REV: LruHashMap<FlowKey, NatRev> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+pub static EXTERNAL_REV_NAT: LruHashMap<FlowKey, FlowRevNat> =
+    LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
 
 /// Conntrack of new flows. See `lb_common::maps::CT_NEW`.
 #[map(name = "lb_ctnew_v1")]
 pub static CT_NEW: LruHashMap<FlowKey, CtEntry> = LruHashMap::pinned(DEFAULT_MAX_NEW_FLOWS, 0);
 
-/// Reverse NAT of new flows. See `lb_common::maps::NAT_REV_NEW`.
+/// Reverse NAT of new flows. See `lb_common::maps::EXTERNAL_REV_NAT_NEW`.
 #[map(name = "lb_natrevnew_v1")]
-pub static NAT_REV_NEW: LruHashMap<FlowKey, NatRev> = LruHashMap::pinned(DEFAULT_MAX_NEW_FLOWS, 0);
+pub static EXTERNAL_REV_NAT_NEW: LruHashMap<FlowKey, FlowRevNat> =
+    LruHashMap::pinned(DEFAULT_MAX_NEW_FLOWS, 0);
 
-/// North-south affinity. See `lb_common::maps::NS_AFFINITY`.
+/// North-south affinity. See `lb_common::maps::EXTERNAL_AFFINITY`.
 #[map(name = "lb_nsaff_v1")]
-pub static NS_AFFINITY: LruHashMap<NsAffinityKey, NsAffinityValue> =
+pub static EXTERNAL_AFFINITY: LruHashMap<ExternalAffinityKey, ExternalAffinityValue> =
     LruHashMap::pinned(DEFAULT_MAX_AFFINITY, 0);
 
-/// North-south affinity match. See `lb_common::maps::NS_AFFINITY_MATCH`.
+/// North-south affinity match. See `lb_common::maps::EXTERNAL_AFFINITY_MATCH`.
 #[map(name = "lb_nsaffm_v1")]
-pub static NS_AFFINITY_MATCH: HashMap<NsAffinityMatchKey, u32> =
+pub static EXTERNAL_AFFINITY_MATCH: HashMap<ExternalAffinityMatchKey, u32> =
     HashMap::pinned(DEFAULT_MAX_SLOTS, F_NO_PREALLOC);
 
 /// `loadBalancerSourceRanges`. See `lb_common::maps::SOURCE_RANGES`.
 #[map(name = "lb_srcrange_v1")]
 pub static SOURCE_RANGES: LpmTrie<SourceRange, u8> = LpmTrie::pinned(DEFAULT_MAX_SOURCE_RANGES, 0);
 
-/// Per north-south service counters. See `lb_common::maps::NS_STATS`.
+/// Per north-south service counters. See `lb_common::maps::EXTERNAL_STATS`.
 #[map(name = "lb_nsstat_v1")]
-pub static NS_STATS: PerCpuArray<NsCounters> = PerCpuArray::pinned(DEFAULT_MAX_EXTERNAL + 1, 0);
+pub static EXTERNAL_STATS: PerCpuArray<ExternalCounters> =
+    PerCpuArray::pinned(DEFAULT_MAX_EXTERNAL + 1, 0);
 
 /// Devices running the XDP program. See `lb_common::maps::XDP_DEVICES`.
 #[map(name = "lb_xdpdev_v1")]

@@ -4,7 +4,7 @@
 //! frames and VLAN-tagged frames, protocols other than TCP and UDP, IPv4 packets with options,
 //! IPv6 packets with extension headers, fragments, and truncated or inconsistent headers.
 
-use lb_common::{Addr6, ns::FlowKey, proto, stats as st};
+use lb_common::{Addr6, external::FlowKey, proto, stats as st};
 
 /// Ethernet header length.
 pub const ETH_LEN: usize = 14;

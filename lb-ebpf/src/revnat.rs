@@ -10,8 +10,10 @@ use crate::{
     family::Family,
     maps::{REV_NAT, UDP_SOCKETS},
     stats,
-    xlate::ALLOW,
 };
+
+/// Return value of a sock_addr hook that lets the syscall proceed.
+pub const ALLOW: i32 = 1;
 
 /// The socket's cookie, allocated by the kernel on first use.
 #[inline(always)]

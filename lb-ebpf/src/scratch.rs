@@ -4,11 +4,24 @@
 
 use aya_ebpf::{bindings::bpf_fib_lookup, maps::lpm_trie::Key};
 use lb_common::{
+    Backend,
+    external::{
+        CtEntry, ExternalAffinityKey, ExternalAffinityMatchKey, FlowKey, FlowRevNat, SourceRange,
+    },
     maps::SCRATCH_SIZE,
-    ns::{CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, SourceRange},
 };
 
-use crate::{ct::Chosen, maps::SCRATCH, nat::Rewrite};
+use crate::{maps::SCRATCH, nat::Rewrite};
+
+/// A backend chosen for a new flow of a service.
+pub struct Chosen {
+    /// The north-south service id.
+    pub svc_id: u32,
+    /// The backend id (for debug events).
+    pub id: u32,
+    /// The backend.
+    pub ep: Backend,
+}
 
 /// The scratch entry's layout.
 #[repr(C)]
@@ -20,20 +33,20 @@ pub struct Scratch {
     /// A flow's key found from its reverse entry (conntrack map key).
     pub fwd: FlowKey,
     /// A reverse-NAT entry.
-    pub rev: NatRev,
+    pub rev: FlowRevNat,
     /// A conntrack entry.
     pub ct: CtEntry,
     /// A source-ranges lookup key.
     pub range: Key<SourceRange>,
     /// A north-south affinity key (service and client).
-    pub affinity: NsAffinityKey,
+    pub affinity: ExternalAffinityKey,
     /// A north-south affinity-match key (service and backend).
-    pub affinity_match: NsAffinityMatchKey,
+    pub affinity_match: ExternalAffinityMatchKey,
     /// The backend chosen for a new flow.
     pub chosen: Chosen,
     /// The rewrite of the packet being translated.
     pub rw: Rewrite,
-    /// Non-zero in a dry run (`lb_common::ns::XDP_DRY_RUN`): nothing is recorded.
+    /// Non-zero in a dry run (`lb_common::external::XDP_DRY_RUN`): nothing is recorded.
     pub dry: u32,
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{ns::NatRev, proto, stats as st};
+use lb_common::{external::FlowRevNat, proto, stats as st};
 
 use crate::{
     ct,
@@ -21,7 +21,7 @@ const HEADERS: u32 = (ETH_LEN + 40 + 20) as u32;
 /// and lifetime are then updated). With `snat_only`, only replies of SNATed flows (see
 /// [`ct::reverses_snat`]).
 #[inline(always)]
-pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, NatRev)> {
+pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, FlowRevNat)> {
     // The headers must be in the linear part; the payload may stay in fragments.
     let len = ctx.len();
     let _ = ctx.pull_data(HEADERS.min(len));
@@ -51,14 +51,14 @@ pub fn live_reply(ctx: &TcContext, snat_only: bool) -> Option<(Pkt, NatRev)> {
 
 /// Adds a reply to its service's counters, and to counter `what`.
 #[inline(always)]
-pub fn count(rev: &NatRev, p: &Pkt, what: u32) {
+pub fn count(rev: &FlowRevNat, p: &Pkt, what: u32) {
     stats::north_south(rev.svc_id, p.len, false);
     stats::inc(what);
 }
 
 /// Writes the reply's new source and destination (the entry's) through the skb helpers.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, p: &Pkt, rev: &NatRev) -> Result<(), i64> {
+pub fn rewrite(ctx: &TcContext, p: &Pkt, rev: &FlowRevNat) -> Result<(), i64> {
     let l3 = ETH_LEN;
     let check = p.check_off();
     let udp_flag = if p.key.proto == proto::UDP {

@@ -1,6 +1,6 @@
 //! Per-CPU counters of hook outcomes (indexes in `lb_common::stats`).
 
-use crate::maps::{BE_STATS, NS_STATS, STATS, SVC_STATS};
+use crate::maps::{BE_STATS, EXTERNAL_STATS, STATS, SVC_STATS};
 
 /// Adds one to counter `idx` on this CPU.
 #[inline(always)]
@@ -16,7 +16,7 @@ pub fn inc(idx: u32) {
 /// counters, and a flow when it starts one.
 #[inline(always)]
 pub fn north_south(svc_id: u32, bytes: u32, new_flow: bool) {
-    if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
+    if let Some(c) = EXTERNAL_STATS.get_ptr_mut(svc_id) {
         // SAFETY: this CPU's slot; packet programs run with migration disabled.
         unsafe {
             (*c).packets += 1;

@@ -4,17 +4,17 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     ServiceKey,
-    maps::RING_LANES,
-    node,
-    ns::{
-        NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NatRev, NsService, XDP_DRY_RUN, flow_hash,
+    external::{
+        EXTERNAL_F_AFFINITY, EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES, ExternalService,
+        FlowRevNat, XDP_DRY_RUN, flow_hash,
     },
-    proto, stats as st,
+    maps::TABLE_LANES,
+    node, proto, stats as st,
 };
 
 use crate::{
     affinity, ct, debug, fib, icmp,
-    maps::{BACKENDS, NS_SERVICES, NS_STATS, RINGS},
+    maps::{BACKENDS, EXTERNAL_SERVICES, EXTERNAL_STATS, TABLES},
     nat::{Addr, rewrite},
     pkt::{Pkt, Skip, parse},
     reject,
@@ -59,7 +59,7 @@ fn north_south(ctx: &XdpContext) -> u32 {
         return reverse(ctx, &p, rev);
     }
     let frontend = ServiceKey::new(p.key.daddr, p.key.dport_be, p.key.proto);
-    match unsafe { NS_SERVICES.get(&frontend) } {
+    match unsafe { EXTERNAL_SERVICES.get(&frontend) } {
         Some(svc) => forward(ctx, &p, svc),
         None => xdp_action::XDP_PASS,
     }
@@ -80,7 +80,7 @@ fn dry_run(ctx: &XdpContext) -> bool {
 /// Counts a packet of service `svc_id` that is not delivered, for reason `why` (a counter).
 #[inline(always)]
 fn count_drop(svc_id: u32, why: u32) {
-    if let Some(c) = NS_STATS.get_ptr_mut(svc_id) {
+    if let Some(c) = EXTERNAL_STATS.get_ptr_mut(svc_id) {
         // SAFETY: this CPU's slot; XDP runs with migration disabled.
         unsafe { (*c).drops += 1 };
     }
@@ -136,7 +136,7 @@ fn drop_for(svc_id: u32, why: u32) -> u32 {
 /// stack untranslated, which answers it as the node). A function of its own (not inlined),
 /// so its stack is not added to `forward`'s: the BPF stack is 512 bytes.
 #[inline(never)]
-fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
+fn reverse(ctx: &XdpContext, p: &Pkt, rev: &FlowRevNat) -> u32 {
     let Some(s) = scratch::get() else {
         return xdp_action::XDP_PASS;
     };
@@ -181,11 +181,11 @@ fn reverse(ctx: &XdpContext, p: &Pkt, rev: &NatRev) -> u32 {
 /// ICMP port unreachable (Cluster policy) or dropped (Local). In a dry run nothing is
 /// recorded. Not inlined, like `reverse`.
 #[inline(never)]
-fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
+fn forward(ctx: &XdpContext, p: &Pkt, svc: &ExternalService) -> u32 {
     let Some(s) = scratch::get() else {
         return xdp_action::XDP_PASS;
     };
-    if svc.flags & NS_F_SOURCE_RANGES != 0 && !ct::source_allowed(s, svc.id, &p.key.saddr) {
+    if svc.flags & EXTERNAL_F_SOURCE_RANGES != 0 && !ct::source_allowed(s, svc.id, &p.key.saddr) {
         return drop_for(svc.id, st::XDP_DROP_SOURCE_RANGE);
     }
     let now = ct::now();
@@ -218,19 +218,21 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
             if tcp && !syn {
                 return drop_for(svc.id, st::XDP_DROP_NO_FLOW);
             }
-            if svc.ring_size == 0 {
+            if svc.table_size == 0 {
                 // No backend: refused as kube-proxy does under Cluster policy; under Local
                 // policy (no backend on this node) dropped, as kube-proxy does too.
-                if svc.flags & NS_F_LOCAL == 0 {
+                if svc.flags & EXTERNAL_F_LOCAL == 0 {
                     count_drop(svc.id, st::XDP_REJECT_NO_BACKEND);
                     return reject::port_unreachable(ctx, p.v6);
                 }
                 return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
             }
-            if svc.flags & NS_F_AFFINITY == 0 || !affinity::recall(s, svc.id, &p.key.saddr, now) {
-                let index = svc.ring_off + flow_hash(&p.key) % svc.ring_size;
-                let id = match RINGS.get(index / RING_LANES) {
-                    Some(pair) => pair[(index % RING_LANES) as usize],
+            if svc.flags & EXTERNAL_F_AFFINITY == 0
+                || !affinity::recall(s, svc.id, &p.key.saddr, now)
+            {
+                let index = svc.table_off + flow_hash(&p.key) % svc.table_size;
+                let id = match TABLES.get(index / TABLE_LANES) {
+                    Some(pair) => pair[(index % TABLE_LANES) as usize],
                     None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
                 };
                 let Some(backend) = BACKENDS.get_ptr(&id) else {
@@ -253,12 +255,12 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &NsService) -> u32 {
     }
     if new_flow {
         let snat =
-            (svc.flags & NS_F_LOCAL == 0 && snat_needed(s, rc)).then(|| fib::source(s, p.v6));
+            (svc.flags & EXTERNAL_F_LOCAL == 0 && snat_needed(s, rc)).then(|| fib::source(s, p.v6));
         if s.dry != 0 {
             ct::preview(s, &p.key, &snat);
         } else if !ct::create(s, &p.key, &snat, p.tcp_flags, now) {
             return drop_for(svc.id, st::XDP_DROP_NO_SNAT_PORT);
-        } else if svc.flags & NS_F_AFFINITY != 0 {
+        } else if svc.flags & EXTERNAL_F_AFFINITY != 0 {
             affinity::remember(s, now);
         }
         debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, s.chosen.id);

@@ -7,11 +7,10 @@ use crate::{
     debug,
     family::Family,
     maps::{BACKENDS, SERVICES},
-    revnat, select, stats,
+    revnat::{self, ALLOW},
+    select, stats,
 };
 
-/// Return value of a sock_addr hook that lets the syscall proceed.
-pub const ALLOW: i32 = 1;
 /// Return value that fails the syscall (with the error set by `bpf_set_retval`).
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;

@@ -15,9 +15,8 @@ use std::{
 };
 
 use lb_common::{
-    maps,
-    ns::{CT_PORT_GRACE_MS, CtEntry, FlowKey, NatRev},
-    stats as st,
+    external::{CT_PORT_GRACE_MS, CtEntry, FlowKey, FlowRevNat},
+    maps, stats as st,
 };
 use lb_tests::{
     manifest::{Ep, slice},
@@ -851,14 +850,14 @@ fn flows_move_to_the_maps_of_answered_flows_once_answered() {
             let flows = |name| -> Vec<(FlowKey, CtEntry)> {
                 read_lru(&lab.layout, name, 1000).expect("conntrack")
             };
-            let revs = |name| -> Vec<(FlowKey, NatRev)> {
+            let revs = |name| -> Vec<(FlowKey, FlowRevNat)> {
                 read_lru(&lab.layout, name, 1000).expect("reverse NAT")
             };
             let has_flow = |name| flows(name).iter().any(|(k, _)| ends(k).0 == client);
             let has_rev = |name| revs(name).iter().any(|(k, _)| ends(k) == reply);
             (
-                (has_flow(maps::CONNTRACK), has_rev(maps::NAT_REV)),
-                (has_flow(maps::CT_NEW), has_rev(maps::NAT_REV_NEW)),
+                (has_flow(maps::CONNTRACK), has_rev(maps::EXTERNAL_REV_NAT)),
+                (has_flow(maps::CT_NEW), has_rev(maps::EXTERNAL_REV_NAT_NEW)),
             )
         };
         let (answered, new) = (
@@ -932,8 +931,8 @@ fn flows_move_to_the_maps_of_answered_flows_once_answered() {
             .expect("sweep");
         assert_eq!(report.removed_total(), 4, "{report:?}");
         assert!(lab.flows(0).is_empty());
-        for name in [maps::NAT_REV, maps::NAT_REV_NEW] {
-            let left: Vec<(FlowKey, NatRev)> = read_lru(&lab.layout, name, 10).expect("read");
+        for name in [maps::EXTERNAL_REV_NAT, maps::EXTERNAL_REV_NAT_NEW] {
+            let left: Vec<(FlowKey, FlowRevNat)> = read_lru(&lab.layout, name, 10).expect("read");
             assert!(left.is_empty(), "{name}: {left:?}");
         }
     });

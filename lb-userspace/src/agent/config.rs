@@ -8,7 +8,7 @@ use lb_common::maps::{
     DEFAULT_MAGLEV_ENTRIES_PER_BACKEND, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_MAX_AFFINITY,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS, DEFAULT_MAX_NEW_FLOWS,
     DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES,
-    DEFAULT_PIN_DIR, DEFAULT_RING_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
+    DEFAULT_PIN_DIR, DEFAULT_TABLE_ENTRIES, MAX_BACKENDS_PER_SERVICE_LIMIT,
 };
 
 use crate::{datapath::catalogue::Knob, k8s::source::kubernetes, loader::MapSizes, model::Limits};
@@ -227,7 +227,7 @@ pub struct AgentArgs {
 
     /// Capacity of the Maglev table array, in entries (4 bytes each) over all north-south
     /// services: at least --maglev-table-size.
-    #[arg(long, env = "LB_MAGLEV_TABLE_ENTRIES", default_value_t = DEFAULT_RING_ENTRIES)]
+    #[arg(long, env = "LB_MAGLEV_TABLE_ENTRIES", default_value_t = DEFAULT_TABLE_ENTRIES)]
     pub maglev_table_entries: u32,
 
     /// Most north-south services (service ports and address families with a node port,
@@ -372,8 +372,8 @@ impl AgentArgs {
     }
 
     /// The lifetimes of the north-south flow states.
-    pub fn ct_timeouts(&self) -> lb_common::ns::CtTimeouts {
-        lb_common::ns::CtTimeouts {
+    pub fn ct_timeouts(&self) -> lb_common::external::CtTimeouts {
+        lb_common::external::CtTimeouts {
             secs: [
                 self.conntrack_tcp_timeout_syn,
                 self.conntrack_tcp_timeout_established,
@@ -427,7 +427,7 @@ impl AgentArgs {
             external_ids: self.max_external_services,
             table_entries: self
                 .table_entries()
-                .unwrap_or(lb_common::maps::DEFAULT_RING_ENTRIES),
+                .unwrap_or(lb_common::maps::DEFAULT_TABLE_ENTRIES),
             flows: self.max_flows,
             new_flows: self.max_new_flows,
             source_ranges: self.max_source_ranges,
@@ -659,7 +659,7 @@ mod tests {
                 "2001:db8::/64".parse().unwrap()
             ]
         );
-        assert_eq!(a.table_entries(), Ok(DEFAULT_RING_ENTRIES));
+        assert_eq!(a.table_entries(), Ok(DEFAULT_TABLE_ENTRIES));
         assert_eq!(a.limits().table_size(10), 1021);
         assert_eq!(a.limits().table_size(1000), 65537);
         assert_eq!(

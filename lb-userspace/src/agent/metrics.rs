@@ -38,7 +38,7 @@ use crate::{
 };
 use lb_common::{
     ServiceInfo,
-    ns::NsCounters,
+    external::ExternalCounters,
     stats::{self, SocketCounters},
 };
 
@@ -332,7 +332,7 @@ impl Metrics {
         self.conntrack_removed
             .get_or_create(&[("reason", "orphan")])
             .inc_by(r.orphans_removed);
-        for (state, n) in lb_common::ns::CT_STATE_NAMES.iter().zip(r.by_state) {
+        for (state, n) in lb_common::external::CT_STATE_NAMES.iter().zip(r.by_state) {
             self.conntrack_entries
                 .get_or_create(&[("state", state)])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -383,7 +383,7 @@ struct Reading {
     totals: Vec<u64>,
     lru: Vec<(&'static str, u64, u64)>,
     services: BTreeMap<u32, ServiceInfo>,
-    counters: BTreeMap<u32, NsCounters>,
+    counters: BTreeMap<u32, ExternalCounters>,
     labels: Option<bpf::SocketLabels>,
     socket: BTreeMap<u32, SocketCounters>,
     per_backend: BTreeMap<u32, u64>,
@@ -530,7 +530,7 @@ impl Collector for DatapathCollector {
             [([], published.backends)],
         )?;
         let (services, counters) = (&reading.services, &reading.counters);
-        let per_service = |f: fn(&NsCounters) -> u64| {
+        let per_service = |f: fn(&ExternalCounters) -> u64| {
             services.iter().map(move |(id, info)| {
                 let labels = [
                     ("namespace", info.namespace().unwrap_or("?").to_owned()),
@@ -588,22 +588,22 @@ impl Collector for DatapathCollector {
             (
                 "service_packets",
                 "North-south packets translated for the service, both directions",
-                (|c: &NsCounters| c.packets) as fn(&NsCounters) -> u64,
+                (|c: &ExternalCounters| c.packets) as fn(&ExternalCounters) -> u64,
             ),
             (
                 "service_bytes",
                 "Bytes of those packets (IP header on)",
-                |c: &NsCounters| c.bytes,
+                |c: &ExternalCounters| c.bytes,
             ),
             (
                 "service_flows",
                 "New north-south flows (connections) of the service",
-                |c: &NsCounters| c.flows,
+                |c: &ExternalCounters| c.flows,
             ),
             (
                 "service_drops",
                 "North-south packets of the service dropped (no backend, source range, no SNAT port)",
-                |c: &NsCounters| c.drops,
+                |c: &ExternalCounters| c.drops,
             ),
         ] {
             family(&mut encoder, name, help, true, per_service(f))?;

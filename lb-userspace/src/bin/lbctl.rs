@@ -181,11 +181,11 @@ fn run(args: Args) -> Result<(), String> {
             let entries =
                 read_lru(&layout, lb_common::maps::AFFINITY, limit).map_err(|e| e.to_string())?;
             let mut rows = cli::affinity(&c, &entries, coarse_now_ns());
-            let ns = read_lru(&layout, lb_common::maps::NS_AFFINITY, limit)
+            let external = read_lru(&layout, lb_common::maps::EXTERNAL_AFFINITY, limit)
                 .map_err(|e| e.to_string())?;
             // The agent's programs run with no clock offset.
             let now = lb_userspace::datapath::conntrack::clock_now(0);
-            rows.extend(cli::ns_affinity(&c, &ns, now));
+            rows.extend(cli::external_affinity(&c, &external, now));
             cli::sort_affinity(&mut rows);
             emit(args.output, &rows, |r| cli::affinity_table(r));
         }
@@ -236,15 +236,17 @@ fn run(args: Args) -> Result<(), String> {
             let ids: Vec<u32> = c.services.values().map(|v| v.id).collect();
             let (socket, _) =
                 read_socket_counters(&layout, &ids, &[]).map_err(|e| e.to_string())?;
-            let ns_ids: BTreeSet<u32> = c.external.values().map(|v| v.id).collect();
-            let ns = ns_ids
+            let external_ids: BTreeSet<u32> = c.external.values().map(|v| v.id).collect();
+            let external = external_ids
                 .into_iter()
                 .map(|id| maps.counters(id).map(|n| (id, n)))
                 .collect::<Result<BTreeMap<_, _>, _>>()
                 .map_err(|e| e.to_string())?;
-            emit(args.output, &cli::service_stats(&c, &socket, &ns), |r| {
-                cli::service_stats_table(r)
-            });
+            emit(
+                args.output,
+                &cli::service_stats(&c, &socket, &external),
+                |r| cli::service_stats_table(r),
+            );
         }
         Command::Stats { backends: true, .. } => {
             let c = contents()?;

@@ -72,9 +72,12 @@ pub fn affinity(
 
 /// The north-south affinity entries `entries` at `now` (seconds of the conntrack clock):
 /// one row per client and service port, under the first of its frontends.
-pub fn ns_affinity(
+pub fn external_affinity(
     c: &Contents,
-    entries: &[(lb_common::ns::NsAffinityKey, lb_common::ns::NsAffinityValue)],
+    entries: &[(
+        lb_common::external::ExternalAffinityKey,
+        lb_common::external::ExternalAffinityValue,
+    )],
     now: u32,
 ) -> Vec<AffinityRow> {
     let mut by_id: BTreeMap<u32, &ServiceKey> = BTreeMap::new();
@@ -84,7 +87,7 @@ pub fn ns_affinity(
     let mut rows: Vec<AffinityRow> = entries
         .iter()
         .map(|(k, v)| {
-            let mark = lb_common::ns::NsAffinityMatchKey {
+            let mark = lb_common::external::ExternalAffinityMatchKey {
                 svc_id: k.svc_id,
                 backend: v.backend.endpoint(),
             };

@@ -71,23 +71,27 @@ pub fn capacity(
             n(c.affinity_match.len()),
             caps.affinity_match,
         ),
-        (maps::NS_SERVICES, n(c.external.len()), caps.external),
-        (maps::NS_INFO, n(c.external_info.len()), caps.external_ids),
+        (maps::EXTERNAL_SERVICES, n(c.external.len()), caps.external),
         (
-            maps::RINGS,
+            maps::EXTERNAL_INFO,
+            n(c.external_info.len()),
+            caps.external_ids,
+        ),
+        (
+            maps::TABLES,
             c.tables.values().map(|t| t.len() as u64).sum(),
             caps.table_entries,
         ),
         (maps::SOURCE_RANGES, n(c.ranges.len()), caps.ranges),
         (
-            maps::NS_AFFINITY_MATCH,
+            maps::EXTERNAL_AFFINITY_MATCH,
             n(c.external_match.len()),
             caps.external_match,
         ),
     ];
     let room = |map: &str| match map {
         maps::SLOTS => largest_slots,
-        maps::RINGS => largest_table,
+        maps::TABLES => largest_table,
         _ => None,
     };
     written

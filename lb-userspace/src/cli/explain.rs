@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use lb_common::{
     ServiceKey,
-    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES},
+    external::{EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES},
 };
 use serde::{Deserialize, Serialize};
 
@@ -144,19 +144,19 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
             service,
             port_name,
             id: v.id,
-            policy: if v.flags & NS_F_LOCAL != 0 {
+            policy: if v.flags & EXTERNAL_F_LOCAL != 0 {
                 "Local"
             } else {
                 "Cluster"
             }
             .into(),
-            source_ranges: v.flags & NS_F_SOURCE_RANGES != 0,
-            table_size: v.ring_size,
+            source_ranges: v.flags & EXTERNAL_F_SOURCE_RANGES != 0,
+            table_size: v.table_size,
             backends: counts
                 .into_iter()
                 .map(|(id, n)| Pick {
                     backend: c.backends.get(&id).map(to_socket_addr),
-                    percent: percent(n, v.ring_size),
+                    percent: percent(n, v.table_size),
                 })
                 .collect(),
             affinity_timeout_s: c.affinity_timeout_of(v),

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     ServiceInfo,
-    ns::{NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
+    external::{EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES, ExternalCounters},
 };
 use serde::{Deserialize, Serialize};
 
@@ -46,8 +46,8 @@ pub struct Counters {
     pub drops: u64,
 }
 
-impl From<NsCounters> for Counters {
-    fn from(c: NsCounters) -> Self {
+impl From<ExternalCounters> for Counters {
+    fn from(c: ExternalCounters) -> Self {
         Self {
             packets: c.packets,
             bytes: c.bytes,
@@ -79,7 +79,7 @@ pub(super) fn distinct_backends(table: Option<&[u32]>) -> usize {
 }
 
 /// Every north-south frontend, by service then frontend; `counters` by service id.
-pub fn external(c: &Contents, counters: &BTreeMap<u32, NsCounters>) -> Vec<ExternalRow> {
+pub fn external(c: &Contents, counters: &BTreeMap<u32, ExternalCounters>) -> Vec<ExternalRow> {
     let mut rows: Vec<ExternalRow> = c
         .external
         .iter()
@@ -90,13 +90,13 @@ pub fn external(c: &Contents, counters: &BTreeMap<u32, NsCounters>) -> Vec<Exter
                 id: v.id,
                 service,
                 port_name,
-                policy: if v.flags & NS_F_LOCAL != 0 {
+                policy: if v.flags & EXTERNAL_F_LOCAL != 0 {
                     "Local"
                 } else {
                     "Cluster"
                 }
                 .into(),
-                source_ranges: v.flags & NS_F_SOURCE_RANGES != 0,
+                source_ranges: v.flags & EXTERNAL_F_SOURCE_RANGES != 0,
                 backends: distinct_backends(c.table_of(v)),
                 counters: counters
                     .get(&v.id)

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use lb_common::ns::{CT_STATE_NAMES, CtEntry, FlowKey};
+use lb_common::external::{CT_STATE_NAMES, CtEntry, FlowKey};
 use serde::{Deserialize, Serialize};
 
 use super::{external::info_text, table::table};

@@ -47,7 +47,10 @@ pub struct MaglevSummary {
 }
 
 /// How many entries of a north-south frontend's table name each backend id.
-pub(super) fn table_counts(c: &Contents, v: &lb_common::ns::NsService) -> BTreeMap<u32, u32> {
+pub(super) fn table_counts(
+    c: &Contents,
+    v: &lb_common::external::ExternalService,
+) -> BTreeMap<u32, u32> {
     let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
     for id in c.table_of(v).into_iter().flatten() {
         *counts.entry(*id).or_default() += 1;
@@ -74,13 +77,13 @@ pub fn maglev(c: &Contents, selector: &str) -> Vec<MaglevSummary> {
         }
         let summary = by_id.entry(v.id).or_insert_with(|| {
             let counts = table_counts(c, v);
-            let size = v.ring_size;
+            let size = v.table_size;
             MaglevSummary {
                 id: v.id,
                 service,
                 port_name,
                 frontends: Vec::new(),
-                offset: v.ring_off,
+                offset: v.table_off,
                 size,
                 shares: counts
                     .into_iter()

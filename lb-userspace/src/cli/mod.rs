@@ -13,7 +13,7 @@ mod services;
 mod stats;
 mod table;
 
-pub use affinity::{AffinityRow, affinity, affinity_table, ns_affinity, sort_affinity};
+pub use affinity::{AffinityRow, affinity, affinity_table, external_affinity, sort_affinity};
 pub use capacity::{CapacityRow, capacity, capacity_table, shares_table};
 pub use explain::{
     Explanation, NorthSouthPath, Pick, SocketPath, XdpRun, explain, explain_text, xdp_run,

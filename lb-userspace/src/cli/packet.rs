@@ -55,7 +55,7 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
 }
 
 /// TCP flags for [`tcp_frame`], as the kernel programs' conntrack reads them.
-pub use lb_common::ns::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN};
+pub use lb_common::external::{TCP_ACK as ACK, TCP_FIN as FIN, TCP_RST as RST, TCP_SYN as SYN};
 
 /// A TCP SYN (or a UDP datagram) from `src` to `dst` with `payload`, in an Ethernet frame.
 pub fn frame(proto: u8, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use lb_common::{ns::NsCounters, stats};
+use lb_common::{external::ExternalCounters, stats};
 use serde::{Deserialize, Serialize};
 
 use super::{external::info_text, services::row, table::table};
@@ -70,7 +70,7 @@ pub struct BackendStatsRow {
 pub fn service_stats(
     c: &Contents,
     socket: &BTreeMap<u32, lb_common::stats::SocketCounters>,
-    north_south: &BTreeMap<u32, NsCounters>,
+    north_south: &BTreeMap<u32, ExternalCounters>,
 ) -> Vec<ServiceStatsRow> {
     let mut rows: Vec<ServiceStatsRow> = c
         .services

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use lb_common::{
     ServiceInfo, ServiceKey, ServiceValue,
-    ns::{CtEntry, FlowKey, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsCounters},
+    external::{CtEntry, EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES, ExternalCounters, FlowKey},
     proto,
 };
 
@@ -193,7 +193,7 @@ fn selects_by_name_and_by_frontend() {
 }
 
 fn with_external() -> Contents {
-    use lb_common::ns::NsService;
+    use lb_common::external::ExternalService;
     let mut c = contents();
     let lb = ServiceKey::new(
         to_addr6("198.51.100.1".parse().unwrap()),
@@ -205,18 +205,18 @@ fn with_external() -> Contents {
         30080u16.to_be(),
         proto::TCP,
     );
-    let v = NsService {
+    let v = ExternalService {
         id: 4,
-        ring_off: 7,
-        ring_size: 5,
-        flags: NS_F_LOCAL | NS_F_SOURCE_RANGES,
+        table_off: 7,
+        table_size: 5,
+        flags: EXTERNAL_F_LOCAL | EXTERNAL_F_SOURCE_RANGES,
         _pad: 0,
     };
     c.external.insert(lb, v);
     c.external.insert(
         np,
-        NsService {
-            flags: NS_F_LOCAL,
+        ExternalService {
+            flags: EXTERNAL_F_LOCAL,
             ..v
         },
     );
@@ -228,25 +228,27 @@ fn with_external() -> Contents {
 
 #[test]
 fn north_south_affinity_rows_follow_the_marks_and_the_timeout() {
-    use lb_common::ns::{NsAffinityKey, NsAffinityMatchKey, NsAffinityValue};
+    use lb_common::external::{
+        ExternalAffinityKey, ExternalAffinityMatchKey, ExternalAffinityValue,
+    };
     let mut c = with_external();
     let backend = lb_common::Endpoint::new(to_addr6("10.0.0.2".parse().unwrap()), 53u16.to_be());
     let gone = lb_common::Endpoint::new(to_addr6("10.0.0.9".parse().unwrap()), 53u16.to_be());
     c.external_match
-        .insert(NsAffinityMatchKey { svc_id: 4, backend }, 100);
+        .insert(ExternalAffinityMatchKey { svc_id: 4, backend }, 100);
     let entry = |client: &str, backend, last_used| {
         (
-            NsAffinityKey {
+            ExternalAffinityKey {
                 svc_id: 4,
                 client: to_addr6(client.parse().unwrap()),
             },
-            NsAffinityValue {
+            ExternalAffinityValue {
                 backend: lb_common::Backend::new(backend, lb_common::node::UNKNOWN),
                 last_used,
             },
         )
     };
-    let rows = ns_affinity(
+    let rows = external_affinity(
         &c,
         &[
             entry("203.0.113.7", backend, 970),
@@ -284,7 +286,7 @@ fn north_south_frontends_tables_and_flows() {
     let c = with_external();
     let counters = BTreeMap::from([(
         4,
-        NsCounters {
+        ExternalCounters {
             packets: 10,
             bytes: 1000,
             flows: 2,
@@ -334,7 +336,8 @@ fn north_south_frontends_tables_and_flows() {
         80u16.to_be(),
         proto::TCP,
     );
-    let flags = lb_common::ns::CT_SEEN | lb_common::ns::TCP_SYN | lb_common::ns::TCP_ACK;
+    let flags =
+        lb_common::external::CT_SEEN | lb_common::external::TCP_SYN | lb_common::external::TCP_ACK;
     let ct = CtEntry {
         backend: lb_common::Endpoint::new(to_addr6("10.0.0.2".parse().unwrap()), 53u16.to_be()),
         svc_id: 4,
@@ -393,7 +396,7 @@ fn capacity_shows_each_maps_fill_and_flag() {
     let of = |m: &str| rows.iter().find(|r| r.map == m).unwrap().clone();
     assert_eq!(of(maps::SERVICES).entries, c.services.len() as u64);
     assert_eq!(of(maps::SERVICES).capacity, 4);
-    let rings = of(maps::RINGS);
+    let rings = of(maps::TABLES);
     assert_eq!((rings.entries, rings.fill_percent), (760, 76.0));
     assert_eq!(rings.flag, "--maglev-table-entries");
     // A changed table is written beside the one it replaces: room for the largest.

@@ -16,11 +16,12 @@ use aya::{
 };
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
-    ServiceKey, ServiceValue, SlotKey, maps,
-    ns::{
-        CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue, NsCounters,
-        NsService, SourceRange,
+    ServiceKey, ServiceValue, SlotKey,
+    external::{
+        CtEntry, ExternalAffinityKey, ExternalAffinityMatchKey, ExternalAffinityValue,
+        ExternalCounters, ExternalService, FlowKey, FlowRevNat, SourceRange,
     },
+    maps,
     stats::{self, SocketCounters},
 };
 
@@ -34,11 +35,11 @@ pub struct MapSet {
     backends: HashMap<MapData, u32, Backend>,
     info: HashMap<MapData, u32, ServiceInfo>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
-    external: HashMap<MapData, ServiceKey, NsService>,
+    external: HashMap<MapData, ServiceKey, ExternalService>,
     external_info: HashMap<MapData, u32, ServiceInfo>,
     ranges: LpmTrie<MapData, SourceRange, u8>,
-    external_match: HashMap<MapData, NsAffinityMatchKey, u32>,
-    counters: PerCpuArray<MapData, NsCounters>,
+    external_match: HashMap<MapData, ExternalAffinityMatchKey, u32>,
+    counters: PerCpuArray<MapData, ExternalCounters>,
     svc_stats: Array<MapData, SocketCounters>,
     be_stats: Array<MapData, u64>,
     tables: Tables,
@@ -54,7 +55,7 @@ pub struct Tables {
 
 enum Access {
     Mapped(Mapping),
-    Lookup(Array<MapData, maps::RingPair>),
+    Lookup(Array<MapData, maps::TablePair>),
 }
 
 /// A shared, writable mapping of the array. Its elements are pairs of entries, 8 bytes each
@@ -65,7 +66,7 @@ struct Mapping {
     bytes: usize,
 }
 
-const LANES: usize = maps::RING_LANES as usize;
+const LANES: usize = maps::TABLE_LANES as usize;
 
 // SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
 unsafe impl Send for Mapping {}
@@ -140,7 +141,7 @@ impl Tables {
             ),
             Access::Lookup(array) => (start..start + len)
                 .map(|i| {
-                    let pair = array.get(&(i / maps::RING_LANES), 0).ok()?;
+                    let pair = array.get(&(i / maps::TABLE_LANES), 0).ok()?;
                     Some(pair[i as usize % LANES])
                 })
                 .collect(),
@@ -245,10 +246,10 @@ impl MapSet {
         let (services, slots) = (get(maps::SERVICES)?, get(maps::SLOTS)?);
         let (backends, info) = (get(maps::BACKENDS)?, get(maps::SERVICE_INFO)?);
         let affinity_match = get(maps::AFFINITY_MATCH)?;
-        let (external, external_info) = (get(maps::NS_SERVICES)?, get(maps::NS_INFO)?);
-        let (ranges, counters) = (get(maps::SOURCE_RANGES)?, get(maps::NS_STATS)?);
-        let external_match = get(maps::NS_AFFINITY_MATCH)?;
-        let tables = Tables::open(maps::RINGS, get(maps::RINGS)?, writable)?;
+        let (external, external_info) = (get(maps::EXTERNAL_SERVICES)?, get(maps::EXTERNAL_INFO)?);
+        let (ranges, counters) = (get(maps::SOURCE_RANGES)?, get(maps::EXTERNAL_STATS)?);
+        let external_match = get(maps::EXTERNAL_AFFINITY_MATCH)?;
+        let tables = Tables::open(maps::TABLES, get(maps::TABLES)?, writable)?;
         let (svc_stats, be_stats) = (get(maps::SVC_STATS)?, get(maps::BE_STATS)?);
         // Ids run from 1 to the capacity: the counter arrays hold one more entry.
         let caps = Capacities {
@@ -259,14 +260,14 @@ impl MapSet {
             backends: capacity(maps::BACKENDS, &backends)?
                 .min(capacity(maps::BE_STATS, &be_stats)?.saturating_sub(1)),
             affinity_match: capacity(maps::AFFINITY_MATCH, &affinity_match)?,
-            external: capacity(maps::NS_SERVICES, &external)?,
+            external: capacity(maps::EXTERNAL_SERVICES, &external)?,
             // Id 0 is never used: the maps hold ids 1..capacity.
-            external_ids: capacity(maps::NS_INFO, &external_info)?
-                .min(capacity(maps::NS_STATS, &counters)?)
+            external_ids: capacity(maps::EXTERNAL_INFO, &external_info)?
+                .min(capacity(maps::EXTERNAL_STATS, &counters)?)
                 .saturating_sub(1),
             table_entries: tables.entries as u32,
             ranges: capacity(maps::SOURCE_RANGES, &ranges)?,
-            external_match: capacity(maps::NS_AFFINITY_MATCH, &external_match)?,
+            external_match: capacity(maps::EXTERNAL_AFFINITY_MATCH, &external_match)?,
         };
         let map_err = |name| move |source| LoadError::Map { name, source };
         let set = Self {
@@ -275,13 +276,13 @@ impl MapSet {
             backends: hash_map(maps::BACKENDS, backends)?,
             info: hash_map(maps::SERVICE_INFO, info)?,
             affinity_match: hash_map(maps::AFFINITY_MATCH, affinity_match)?,
-            external: hash_map(maps::NS_SERVICES, external)?,
-            external_info: hash_map(maps::NS_INFO, external_info)?,
+            external: hash_map(maps::EXTERNAL_SERVICES, external)?,
+            external_info: hash_map(maps::EXTERNAL_INFO, external_info)?,
             ranges: LpmTrie::try_from(Map::LpmTrie(ranges))
                 .map_err(map_err(maps::SOURCE_RANGES))?,
-            external_match: hash_map(maps::NS_AFFINITY_MATCH, external_match)?,
+            external_match: hash_map(maps::EXTERNAL_AFFINITY_MATCH, external_match)?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(counters))
-                .map_err(map_err(maps::NS_STATS))?,
+                .map_err(map_err(maps::EXTERNAL_STATS))?,
             svc_stats: Array::try_from(Map::Array(svc_stats)).map_err(map_err(maps::SVC_STATS))?,
             be_stats: Array::try_from(Map::Array(be_stats)).map_err(map_err(maps::BE_STATS))?,
             tables,
@@ -303,11 +304,11 @@ impl MapSet {
 
     /// Everything the maps hold. Entries removed while reading are skipped.
     pub fn read(&self) -> Result<Contents, DatapathError> {
-        let external = read_all(maps::NS_SERVICES, &self.external)?;
+        let external = read_all(maps::EXTERNAL_SERVICES, &self.external)?;
         let mut tables = BTreeMap::new();
-        for v in external.values().filter(|v| v.ring_size > 0) {
-            if let Some(t) = self.tables.read(v.ring_off, v.ring_size) {
-                tables.insert(v.ring_off, t);
+        for v in external.values().filter(|v| v.table_size > 0) {
+            if let Some(t) = self.tables.read(v.table_off, v.table_size) {
+                tables.insert(v.table_off, t);
             }
         }
         let ranges = self
@@ -329,14 +330,14 @@ impl MapSet {
                 .collect(),
             external,
             tables,
-            external_info: read_all(maps::NS_INFO, &self.external_info)?,
+            external_info: read_all(maps::EXTERNAL_INFO, &self.external_info)?,
             ranges,
-            external_match: read_all(maps::NS_AFFINITY_MATCH, &self.external_match)?,
+            external_match: read_all(maps::EXTERNAL_AFFINITY_MATCH, &self.external_match)?,
         })
     }
 
     /// The counters of north-south service `id`, summed over CPUs.
-    pub fn counters(&self, id: u32) -> Result<NsCounters, MapError> {
+    pub fn counters(&self, id: u32) -> Result<ExternalCounters, MapError> {
         sum_counters(&self.counters, id)
     }
 
@@ -405,21 +406,21 @@ pub fn lru_fill(layout: &PinLayout) -> Result<Vec<(&'static str, u64, u64)>, Loa
         count::<u64, lb_common::UdpSocket>(layout, maps::UDP_SOCKETS)?,
         count::<AffinityKey, AffinityValue>(layout, maps::AFFINITY)?,
         count::<FlowKey, CtEntry>(layout, maps::CONNTRACK)?,
-        count::<FlowKey, NatRev>(layout, maps::NAT_REV)?,
+        count::<FlowKey, FlowRevNat>(layout, maps::EXTERNAL_REV_NAT)?,
         count::<FlowKey, CtEntry>(layout, maps::CT_NEW)?,
-        count::<FlowKey, NatRev>(layout, maps::NAT_REV_NEW)?,
-        count::<NsAffinityKey, NsAffinityValue>(layout, maps::NS_AFFINITY)?,
+        count::<FlowKey, FlowRevNat>(layout, maps::EXTERNAL_REV_NAT_NEW)?,
+        count::<ExternalAffinityKey, ExternalAffinityValue>(layout, maps::EXTERNAL_AFFINITY)?,
     ])
 }
 
 fn sum_counters<T: std::borrow::Borrow<MapData>>(
-    map: &PerCpuArray<T, NsCounters>,
+    map: &PerCpuArray<T, ExternalCounters>,
     id: u32,
-) -> Result<NsCounters, MapError> {
+) -> Result<ExternalCounters, MapError> {
     let per_cpu = map.get(&id, 0)?;
     Ok(per_cpu
         .iter()
-        .fold(NsCounters::default(), |a, c| NsCounters {
+        .fold(ExternalCounters::default(), |a, c| ExternalCounters {
             packets: a.packets + c.packets,
             bytes: a.bytes + c.bytes,
             flows: a.flows + c.flows,
@@ -432,8 +433,9 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(
 pub fn read_ns_counters(
     layout: &PinLayout,
     ids: &[u32],
-) -> Result<BTreeMap<u32, NsCounters>, LoadError> {
-    let map: PerCpuArray<MapData, NsCounters> = open_as(layout, maps::NS_STATS, Map::PerCpuArray)?;
+) -> Result<BTreeMap<u32, ExternalCounters>, LoadError> {
+    let map: PerCpuArray<MapData, ExternalCounters> =
+        open_as(layout, maps::EXTERNAL_STATS, Map::PerCpuArray)?;
     Ok(ids
         .iter()
         .filter_map(|id| sum_counters(&map, *id).ok().map(|c| (*id, c)))
@@ -442,7 +444,8 @@ pub fn read_ns_counters(
 
 /// The names of the north-south services by id (the info map).
 pub fn read_ns_info(layout: &PinLayout) -> Result<BTreeMap<u32, ServiceInfo>, LoadError> {
-    let map: HashMap<MapData, u32, ServiceInfo> = open_as(layout, maps::NS_INFO, Map::HashMap)?;
+    let map: HashMap<MapData, u32, ServiceInfo> =
+        open_as(layout, maps::EXTERNAL_INFO, Map::HashMap)?;
     Ok(map.iter().filter_map(Result::ok).collect())
 }
 
@@ -575,7 +578,7 @@ impl Datapath for BpfDatapath {
             Op::DeleteRange((len, data)) => m.ranges.remove(&Key::new(*len, *data)),
             Op::ResetCounters(id) => aya::util::nr_cpus()
                 .map_err(|(_, e)| e)
-                .and_then(|n| PerCpuValues::try_from(vec![NsCounters::default(); n]))
+                .and_then(|n| PerCpuValues::try_from(vec![ExternalCounters::default(); n]))
                 .map_err(|io_error| {
                     MapError::SyscallError(aya::sys::SyscallError {
                         call: "nr_cpus",

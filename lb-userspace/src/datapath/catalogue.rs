@@ -92,7 +92,7 @@ pub enum Size {
     Same,
     /// One more: arrays indexed by ids that start at 1.
     PlusOne,
-    /// The table array, whose elements hold [`maps::RING_LANES`] entries each.
+    /// The table array, whose elements hold [`maps::TABLE_LANES`] entries each.
     Lanes,
 }
 
@@ -160,21 +160,21 @@ pub const CATALOGUE: [Entry; 21] = {
         entry(maps::SLOTS, Slots, Same, Refused),
         // A service with affinity has one match entry per slot.
         entry(maps::AFFINITY_MATCH, Slots, Same, Refused),
-        entry(maps::NS_AFFINITY_MATCH, Slots, Same, Refused),
+        entry(maps::EXTERNAL_AFFINITY_MATCH, Slots, Same, Refused),
         entry(maps::BACKENDS, Backends, Same, Refused),
         entry(maps::BE_STATS, Backends, PlusOne, Never),
         entry(maps::REV_NAT, RevNat, Same, Evicted),
         entry(maps::UDP_SOCKETS, RevNat, Same, RevNatOnly),
         entry(maps::AFFINITY, Affinity, Same, Evicted),
-        entry(maps::NS_AFFINITY, Affinity, Same, Evicted),
-        entry(maps::NS_SERVICES, External, Same, Refused),
-        entry(maps::NS_INFO, ExternalIds, PlusOne, Refused),
-        entry(maps::NS_STATS, ExternalIds, PlusOne, Never),
-        entry(maps::RINGS, TableEntries, Lanes, Refused),
+        entry(maps::EXTERNAL_AFFINITY, Affinity, Same, Evicted),
+        entry(maps::EXTERNAL_SERVICES, External, Same, Refused),
+        entry(maps::EXTERNAL_INFO, ExternalIds, PlusOne, Refused),
+        entry(maps::EXTERNAL_STATS, ExternalIds, PlusOne, Never),
+        entry(maps::TABLES, TableEntries, Lanes, Refused),
         entry(maps::CONNTRACK, Flows, Same, Evicted),
-        entry(maps::NAT_REV, Flows, Same, Evicted),
+        entry(maps::EXTERNAL_REV_NAT, Flows, Same, Evicted),
         entry(maps::CT_NEW, NewFlows, Same, Evicted),
-        entry(maps::NAT_REV_NEW, NewFlows, Same, Evicted),
+        entry(maps::EXTERNAL_REV_NAT_NEW, NewFlows, Same, Evicted),
         entry(maps::SOURCE_RANGES, SourceRanges, Same, Refused),
     ]
 };
@@ -196,7 +196,7 @@ pub fn size_of(name: &str, sizes: &MapSizes) -> Option<u32> {
     Some(match e.size {
         Size::Same => v,
         Size::PlusOne => v + 1,
-        Size::Lanes => v.div_ceil(maps::RING_LANES),
+        Size::Lanes => v.div_ceil(maps::TABLE_LANES),
     })
 }
 
@@ -237,15 +237,15 @@ mod tests {
             affinity: 50,
             external: 60,
             external_ids: 70,
-            table_entries: 8 * maps::RING_LANES + 1,
+            table_entries: 8 * maps::TABLE_LANES + 1,
             flows: 90,
             new_flows: 100,
             source_ranges: 110,
         };
         assert_eq!(size_of(maps::SVC_STATS, &sizes), Some(11));
         assert_eq!(size_of(maps::UDP_SOCKETS, &sizes), Some(40));
-        assert_eq!(size_of(maps::NS_INFO, &sizes), Some(71));
-        assert_eq!(size_of(maps::RINGS, &sizes), Some(9));
+        assert_eq!(size_of(maps::EXTERNAL_INFO, &sizes), Some(71));
+        assert_eq!(size_of(maps::TABLES, &sizes), Some(9));
         assert_eq!(size_of(maps::CT_NEW, &sizes), Some(100));
         assert_eq!(size_of(maps::STATS, &sizes), Some(lb_common::stats::COUNT));
         assert_eq!(size_of(maps::SCRATCH, &sizes), None);

@@ -27,9 +27,11 @@ use std::{
 };
 
 use lb_common::{
-    Endpoint, maps,
-    ns::{CT_SEEN, CT_STATES, CtEntry, CtEntryV1, CtTimeouts, FlowKey, NatRev, TCP_ACK, TCP_SYN},
-    proto,
+    Endpoint,
+    external::{
+        CT_SEEN, CT_STATES, CtEntry, CtEntryV1, CtTimeouts, FlowKey, FlowRevNat, TCP_ACK, TCP_SYN,
+    },
+    maps, proto,
 };
 
 use crate::{
@@ -110,7 +112,7 @@ pub fn verdict(key: &FlowKey, e: &CtEntry, now: u32, owners: &Owners) -> Option<
 
 /// Whether the reverse entry `rev` (key `reply`) belongs to the flow `flow` (`None`: no
 /// such flow).
-pub fn reverse_is_current(reply: &FlowKey, rev: &NatRev, flow: Option<&CtEntry>) -> bool {
+pub fn reverse_is_current(reply: &FlowKey, rev: &FlowRevNat, flow: Option<&CtEntry>) -> bool {
     let Some(e) = flow else {
         return false;
     };
@@ -224,8 +226,8 @@ impl Sweeper {
     /// Opens the maps pinned under `layout` for writing; `clock_offset` as the programs were
     /// loaded with.
     pub fn open(layout: &PinLayout, clock_offset: u32) -> Result<Self, LoadError> {
-        let (answered, capacity) = Tier::open(layout, (maps::CONNTRACK, maps::NAT_REV))?;
-        let (new, _) = Tier::open(layout, (maps::CT_NEW, maps::NAT_REV_NEW))?;
+        let (answered, capacity) = Tier::open(layout, (maps::CONNTRACK, maps::EXTERNAL_REV_NAT))?;
+        let (new, _) = Tier::open(layout, (maps::CT_NEW, maps::EXTERNAL_REV_NAT_NEW))?;
         Ok(Self {
             tiers: [answered, new],
             capacity: u64::from(capacity),
@@ -304,10 +306,10 @@ impl Sweeper {
             }
             report.removed[why as usize] += 1;
             let reply = now_e.reply_key(&key);
-            if let Some(rev) = tier.rev.lookup::<FlowKey, NatRev>(&reply)?
+            if let Some(rev) = tier.rev.lookup::<FlowKey, FlowRevNat>(&reply)?
                 && rev.is_of(&key)
             {
-                delete_if(&tier.rev, &reply, |r: &NatRev| r.is_of(&key))?;
+                delete_if(&tier.rev, &reply, |r: &FlowRevNat| r.is_of(&key))?;
             }
         }
         Ok(())
@@ -322,7 +324,7 @@ impl Sweeper {
         report: &mut SweepReport,
     ) -> io::Result<HashSet<FlowKey>> {
         let mut suspects = HashSet::new();
-        for (reply, rev) in tier.rev.lookup_batch::<FlowKey, NatRev>()? {
+        for (reply, rev) in tier.rev.lookup_batch::<FlowKey, FlowRevNat>()? {
             let flow = rev.flow_key(reply.proto);
             if reverse_is_current(&reply, &rev, kept.get(&flow)) {
                 continue;
@@ -332,7 +334,7 @@ impl Sweeper {
                 continue;
             }
             if !self.points_back_now(&reply, &rev, &flow)?
-                && delete_if(&tier.rev, &reply, |r: &NatRev| *r == rev)?
+                && delete_if(&tier.rev, &reply, |r: &FlowRevNat| *r == rev)?
             {
                 report.orphans_removed += 1;
             }
@@ -342,7 +344,12 @@ impl Sweeper {
 
     /// Whether the reverse entry `rev` (key `reply`) belongs to flow `flow` as the maps
     /// hold it now (answered flows first, as the programs look).
-    fn points_back_now(&self, reply: &FlowKey, rev: &NatRev, flow: &FlowKey) -> io::Result<bool> {
+    fn points_back_now(
+        &self,
+        reply: &FlowKey,
+        rev: &FlowRevNat,
+        flow: &FlowKey,
+    ) -> io::Result<bool> {
         for tier in &self.tiers {
             if let Some(e) = tier.ct.lookup::<FlowKey, CtEntry>(flow)? {
                 return Ok(reverse_is_current(reply, rev, Some(&e)));
@@ -417,7 +424,7 @@ fn io_load(path: &std::path::Path, source: io::Error) -> LoadError {
 mod tests {
     use lb_common::{
         Addr6,
-        ns::{
+        external::{
             CT_FIN_ANSWERED, CT_PORT_GRACE_MS, CT_TCP_CLOSE_WAIT, CT_TCP_CLOSED,
             CT_TCP_ESTABLISHED, CT_TCP_SYN, CT_UDP, CT_UDP_STREAM, TCP_FIN, TCP_RST, ct_assured,
             ct_over, ct_state,
@@ -581,7 +588,7 @@ mod tests {
         let key = flow(proto::TCP);
         let e = entry(ep(1, 8080), 7, 2000);
         let reply = e.reply_key(&key);
-        let rev = NatRev {
+        let rev = FlowRevNat {
             src: key.daddr,
             dst: key.saddr,
             sport_be: key.dport_be,

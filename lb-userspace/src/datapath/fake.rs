@@ -2,7 +2,7 @@
 //! chosen write, and checks after every write that lookups see only whole services, and
 //! that every lookup begun since the last grace period still sees the table it began with.
 
-use lb_common::{Backend, ServiceValue, ns::NsService};
+use lb_common::{Backend, ServiceValue, external::ExternalService};
 
 use super::{Capacities, Contents, Datapath, DatapathError, Op};
 
@@ -11,7 +11,7 @@ use super::{Capacities, Contents, Datapath, DatapathError, Op};
 #[derive(Debug)]
 enum Reader {
     Socket(ServiceValue, Vec<Option<Backend>>),
-    External(NsService, Vec<Option<Backend>>),
+    External(ExternalService, Vec<Option<Backend>>),
 }
 
 impl Reader {
@@ -25,7 +25,7 @@ impl Reader {
         Self::Socket(*v, table)
     }
 
-    fn external(c: &Contents, v: &NsService) -> Self {
+    fn external(c: &Contents, v: &ExternalService) -> Self {
         let table = c
             .table_of(v)
             .unwrap_or_default()

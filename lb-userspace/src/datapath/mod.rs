@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     Addr6, AffinityMatchKey, Backend, Endpoint, ServiceInfo, ServiceKey, ServiceValue, SlotKey,
-    ns::{NS_F_AFFINITY, NsAffinityMatchKey, NsService, SourceRange},
+    external::{EXTERNAL_F_AFFINITY, ExternalAffinityMatchKey, ExternalService, SourceRange},
 };
 
 /// A `loadBalancerSourceRanges` trie entry: prefix length (over the id and the address) and
@@ -48,7 +48,7 @@ pub enum Op {
     /// Unmark a backend of a service with session affinity.
     DeleteMatch(AffinityMatchKey),
     /// Insert or replace a north-south frontend.
-    PutExternal(ServiceKey, NsService),
+    PutExternal(ServiceKey, ExternalService),
     /// Remove a north-south frontend.
     DeleteExternal(ServiceKey),
     /// Write backend ids into the lookup table region starting at `start`, from position
@@ -74,9 +74,9 @@ pub enum Op {
     DeleteExternalInfo(u32),
     /// Mark a backend as one of a north-south service's with session affinity, with the
     /// service's affinity timeout in seconds.
-    PutExternalMatch(NsAffinityMatchKey, u32),
+    PutExternalMatch(ExternalAffinityMatchKey, u32),
     /// Unmark a backend of a north-south service with session affinity.
-    DeleteExternalMatch(NsAffinityMatchKey),
+    DeleteExternalMatch(ExternalAffinityMatchKey),
     /// Admit a source range.
     PutRange(RangeKey),
     /// Remove a source range.
@@ -103,7 +103,7 @@ pub struct Contents {
     /// Affinity-match map.
     pub affinity_match: BTreeSet<AffinityMatchKey>,
     /// North-south service map.
-    pub external: BTreeMap<ServiceKey, NsService>,
+    pub external: BTreeMap<ServiceKey, ExternalService>,
     /// The lookup table regions in use, by first index.
     pub tables: BTreeMap<u32, Vec<u32>>,
     /// North-south service info.
@@ -111,7 +111,7 @@ pub struct Contents {
     /// Source ranges.
     pub ranges: BTreeSet<RangeKey>,
     /// North-south affinity-match map: affinity timeout by service id and backend.
-    pub external_match: BTreeMap<NsAffinityMatchKey, u32>,
+    pub external_match: BTreeMap<ExternalAffinityMatchKey, u32>,
 }
 
 impl Contents {
@@ -188,10 +188,10 @@ impl Contents {
     }
 
     /// The lookup table entries of a north-south frontend, if it has a whole table.
-    pub fn table_of(&self, value: &NsService) -> Option<&[u32]> {
+    pub fn table_of(&self, value: &ExternalService) -> Option<&[u32]> {
         self.tables
-            .get(&value.ring_off)
-            .and_then(|t| t.get(..value.ring_size as usize))
+            .get(&value.table_off)
+            .and_then(|t| t.get(..value.table_size as usize))
     }
 
     /// The affinity-match entries of service `id`.
@@ -210,8 +210,8 @@ impl Contents {
     pub fn external_matches_of(
         &self,
         id: u32,
-    ) -> impl Iterator<Item = (&NsAffinityMatchKey, &u32)> {
-        let first = NsAffinityMatchKey {
+    ) -> impl Iterator<Item = (&ExternalAffinityMatchKey, &u32)> {
+        let first = ExternalAffinityMatchKey {
             svc_id: id,
             backend: Endpoint::new(Addr6::default(), 0),
         };
@@ -222,8 +222,8 @@ impl Contents {
 
     /// The session affinity timeout a north-south entry has (0: none): its flag, and the
     /// timeout its service's matches carry.
-    pub fn affinity_timeout_of(&self, value: &NsService) -> u32 {
-        if value.flags & NS_F_AFFINITY == 0 {
+    pub fn affinity_timeout_of(&self, value: &ExternalService) -> u32 {
+        if value.flags & EXTERNAL_F_AFFINITY == 0 {
             return 0;
         }
         self.external_matches_of(value.id)
@@ -297,13 +297,13 @@ impl Contents {
             if !self.external_info.contains_key(&value.id) {
                 return Err(format!("external {frontend} (id {}) has no info", value.id));
             }
-            if value.ring_size == 0 {
+            if value.table_size == 0 {
                 continue;
             }
             let Some(table) = self.table_of(value) else {
                 return Err(format!(
                     "external {frontend} names table {}+{} that is not all written",
-                    value.ring_off, value.ring_size
+                    value.table_off, value.table_size
                 ));
             };
             if let Some(b) = table.iter().find(|b| !self.backends.contains_key(b)) {

@@ -35,11 +35,11 @@ pub(super) fn copy_map(
     use lb_common::{
         AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
         ServiceKey, ServiceValue, SlotKey, UdpSocket,
-        maps::RingPair,
-        ns::{
-            CtEntry, FlowKey, NatRev, NsAffinityKey, NsAffinityMatchKey, NsAffinityValue,
-            NsService, SourceRange,
+        external::{
+            CtEntry, ExternalAffinityKey, ExternalAffinityMatchKey, ExternalAffinityValue,
+            ExternalService, FlowKey, FlowRevNat, SourceRange,
         },
+        maps::TablePair,
         stats::SocketCounters,
     };
     let merr = move |source| LoadError::Map { name, source };
@@ -82,17 +82,23 @@ pub(super) fn copy_map(
         maps::SERVICES => hash::<ServiceKey, ServiceValue>(h(old), h(new), merr),
         maps::SLOTS => hash::<SlotKey, u32>(h(old), h(new), merr),
         maps::BACKENDS => hash::<u32, Backend>(h(old), h(new), merr),
-        maps::SERVICE_INFO | maps::NS_INFO => hash::<u32, ServiceInfo>(h(old), h(new), merr),
+        maps::SERVICE_INFO | maps::EXTERNAL_INFO => hash::<u32, ServiceInfo>(h(old), h(new), merr),
         maps::AFFINITY_MATCH => hash::<AffinityMatchKey, u8>(h(old), h(new), merr),
-        maps::NS_SERVICES => hash::<ServiceKey, NsService>(h(old), h(new), merr),
+        maps::EXTERNAL_SERVICES => hash::<ServiceKey, ExternalService>(h(old), h(new), merr),
         maps::REV_NAT => hash::<RevNatKey, Endpoint>(l(old), l(new), merr),
         maps::UDP_SOCKETS => hash::<u64, UdpSocket>(h(old), h(new), merr),
         maps::AFFINITY => hash::<AffinityKey, AffinityValue>(l(old), l(new), merr),
         maps::CONNTRACK | maps::CT_NEW => hash::<FlowKey, CtEntry>(l(old), l(new), merr),
-        maps::NAT_REV | maps::NAT_REV_NEW => hash::<FlowKey, NatRev>(l(old), l(new), merr),
-        maps::NS_AFFINITY => hash::<NsAffinityKey, NsAffinityValue>(l(old), l(new), merr),
-        maps::NS_AFFINITY_MATCH => hash::<NsAffinityMatchKey, u32>(h(old), h(new), merr),
-        maps::RINGS => array::<RingPair>(old, new, merr),
+        maps::EXTERNAL_REV_NAT | maps::EXTERNAL_REV_NAT_NEW => {
+            hash::<FlowKey, FlowRevNat>(l(old), l(new), merr)
+        }
+        maps::EXTERNAL_AFFINITY => {
+            hash::<ExternalAffinityKey, ExternalAffinityValue>(l(old), l(new), merr)
+        }
+        maps::EXTERNAL_AFFINITY_MATCH => {
+            hash::<ExternalAffinityMatchKey, u32>(h(old), h(new), merr)
+        }
+        maps::TABLES => array::<TablePair>(old, new, merr),
         maps::SVC_STATS => array::<SocketCounters>(old, new, merr),
         maps::BE_STATS => array::<u64>(old, new, merr),
         maps::SOURCE_RANGES => {

@@ -41,8 +41,8 @@ use aya::{
     programs::{CgroupSock, CgroupSockAddr, ProgramError, SchedClassifier, Xdp},
 };
 use lb_common::{
+    external::{self, CtTimeouts},
     maps,
-    ns::{self, CtTimeouts},
 };
 use tracing::info;
 
@@ -307,10 +307,14 @@ impl Loaded {
                 }
             }
         }
-        loader.override_global(ns::SNAT_PORT_MIN_GLOBAL, &settings.snat_ports.0, true);
-        loader.override_global(ns::SNAT_PORT_MAX_GLOBAL, &settings.snat_ports.1, true);
-        loader.override_global(ns::CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true);
-        loader.override_global(ns::CT_CLOCK_OFFSET_GLOBAL, &settings.clock_offset, true);
+        loader.override_global(external::SNAT_PORT_MIN_GLOBAL, &settings.snat_ports.0, true);
+        loader.override_global(external::SNAT_PORT_MAX_GLOBAL, &settings.snat_ports.1, true);
+        loader.override_global(external::CT_TIMEOUTS_GLOBAL, &settings.ct_timeouts, true);
+        loader.override_global(
+            external::CT_CLOCK_OFFSET_GLOBAL,
+            &settings.clock_offset,
+            true,
+        );
         let debug = u8::from(settings.debug);
         loader.override_global(lb_common::debug::DEBUG_GLOBAL, &debug, true);
         let mut ebpf = loader.load(object)?;
@@ -427,14 +431,14 @@ mod tests {
         let root = std::env::temp_dir().join(format!("lb-stale-pins-{}", std::process::id()));
         let layout = PinLayout::new(&root);
         fs::create_dir_all(layout.maps()).unwrap();
-        for name in [maps::RINGS, "lb_ring_v1", "lb_old_v0"] {
+        for name in [maps::TABLES, "lb_ring_v1", "lb_old_v0"] {
             fs::write(layout.map(name), b"").unwrap();
         }
         assert_eq!(
             remove_stale_map_pins(&layout).unwrap(),
             ["lb_old_v0", "lb_ring_v1"]
         );
-        assert!(layout.map(maps::RINGS).exists());
+        assert!(layout.map(maps::TABLES).exists());
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -4,7 +4,7 @@ use aya::programs::{
     ProgramError, SchedClassifier, TestRun as _, TestRunOptions, Xdp,
     links::{FdLink, PinnedLink},
 };
-use lb_common::ns::XDP_DRY_RUN;
+use lb_common::external::XDP_DRY_RUN;
 
 use super::{
     LoadError, Loaded, OVERLAY_PROGRAM, TC_PROGRAM, XDP_LINK_PREFIX, XDP_PROGRAM, pins::PinLayout,

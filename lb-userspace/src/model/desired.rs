@@ -301,7 +301,7 @@ pub fn desired<'a>(
             };
             // (key, policy, borrowed: see `Claim`)
             let mut socket: Vec<(ServiceKey, TrafficPolicy, bool)> = Vec::new();
-            let mut ns: Vec<ExternalFrontend> = Vec::new();
+            let mut external_frontends: Vec<ExternalFrontend> = Vec::new();
             for ip in family(&cluster) {
                 socket.push((key(ip, port.port), internal, false));
             }
@@ -311,7 +311,7 @@ pub fn desired<'a>(
             ] {
                 for ip in family(ips) {
                     socket.push((key(ip, port.port), from_node, true));
-                    ns.push(ExternalFrontend {
+                    external_frontends.push(ExternalFrontend {
                         key: key(ip, port.port),
                         kind,
                     });
@@ -320,7 +320,7 @@ pub fn desired<'a>(
             if let Some(node_port) = port.node_port.filter(|_| node_ports) {
                 for ip in family(&node.addresses) {
                     socket.push((key(ip, node_port), from_node, false));
-                    ns.push(ExternalFrontend {
+                    external_frontends.push(ExternalFrontend {
                         key: key(ip, node_port),
                         kind: ExternalKind::NodePort,
                     });
@@ -344,10 +344,10 @@ pub fn desired<'a>(
                 });
             }
             let mut seen = BTreeSet::new();
-            ns.retain(|f| seen.insert(f.key));
-            if !ns.is_empty() {
+            external_frontends.retain(|f| seen.insert(f.key));
+            if !external_frontends.is_empty() {
                 let backends = backends(external);
-                ns.sort();
+                external_frontends.sort();
                 let mut endpoints: Vec<Endpoint> = candidates
                     .iter()
                     .map(|c| to_endpoint((c.ip, c.port).into()))
@@ -360,7 +360,7 @@ pub fn desired<'a>(
                     local: external == TrafficPolicy::Local,
                     backends,
                     endpoints,
-                    frontends: ns,
+                    frontends: external_frontends,
                     affinity_timeout_s,
                     source_ranges: source_ranges.as_ref().map(|r| {
                         r.iter()

@@ -34,9 +34,9 @@ pub const MAPS: [&str; 8] = [
     maps::SLOTS,
     maps::BACKENDS,
     maps::AFFINITY_MATCH,
-    maps::NS_SERVICES,
-    maps::NS_INFO,
-    maps::RINGS,
+    maps::EXTERNAL_SERVICES,
+    maps::EXTERNAL_INFO,
+    maps::TABLES,
     maps::SOURCE_RANGES,
 ];
 

@@ -22,11 +22,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use lb_common::{
-    Backend, Endpoint, ServiceInfo, ServiceKey, maps,
-    ns::{
-        NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES, NsAffinityMatchKey, NsService,
-        SOURCE_RANGE_ID_BITS, SourceRange,
+    Backend, Endpoint, ServiceInfo, ServiceKey,
+    external::{
+        EXTERNAL_F_AFFINITY, EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES, ExternalAffinityMatchKey,
+        ExternalService, SOURCE_RANGE_ID_BITS, SourceRange,
     },
+    maps,
 };
 
 use super::{
@@ -138,14 +139,14 @@ fn is_v6(key: &ServiceKey) -> bool {
 
 /// The affinity-match entries a group with id `id` wants: each backend of its table with
 /// the affinity timeout, when it has session affinity.
-fn affinity_matches(id: u32, want: &ExternalGroup) -> BTreeMap<NsAffinityMatchKey, u32> {
+fn affinity_matches(id: u32, want: &ExternalGroup) -> BTreeMap<ExternalAffinityMatchKey, u32> {
     if want.affinity_timeout_s == 0 {
         return BTreeMap::new();
     }
     want.backends
         .iter()
         .map(|b| {
-            let key = NsAffinityMatchKey {
+            let key = ExternalAffinityMatchKey {
                 svc_id: id,
                 backend: b.endpoint(),
             };
@@ -202,10 +203,12 @@ impl External {
             };
             groups.entry(gk).or_insert(Programmed {
                 id: v.id,
-                region: (v.ring_size > 0 && c.tables.contains_key(&v.ring_off)).then_some(Region {
-                    start: v.ring_off,
-                    len: v.ring_size,
-                }),
+                region: (v.table_size > 0 && c.tables.contains_key(&v.table_off)).then_some(
+                    Region {
+                        start: v.table_off,
+                        len: v.table_size,
+                    },
+                ),
             });
         }
         let used = c
@@ -312,7 +315,7 @@ impl<D: Datapath> Reconciler<D> {
         let m = &self.mirror;
         let mut out = Vec::new();
         for (gk, p) in self.ext.groups.iter().filter(|(gk, _)| &gk.owner == owner) {
-            let entries: Vec<(&ServiceKey, &NsService)> =
+            let entries: Vec<(&ServiceKey, &ExternalService)> =
                 m.external.iter().filter(|(_, v)| v.id == p.id).collect();
             let Some((_, first)) = entries.first() else {
                 continue;
@@ -327,12 +330,12 @@ impl<D: Datapath> Reconciler<D> {
             backends.dedup();
             let limited = entries
                 .iter()
-                .any(|(_, v)| v.flags & NS_F_SOURCE_RANGES != 0);
+                .any(|(_, v)| v.flags & EXTERNAL_F_SOURCE_RANGES != 0);
             let mut frontends: Vec<ExternalFrontend> = entries
                 .iter()
                 .map(|(key, v)| ExternalFrontend {
                     key: **key,
-                    kind: if v.flags & NS_F_SOURCE_RANGES != 0 {
+                    kind: if v.flags & EXTERNAL_F_SOURCE_RANGES != 0 {
                         ExternalKind::LoadBalancer
                     } else {
                         ExternalKind::ExternalIp
@@ -344,7 +347,7 @@ impl<D: Datapath> Reconciler<D> {
             out.push(ExternalGroup {
                 port_name: gk.port_name.clone(),
                 ipv6: gk.ipv6,
-                local: first.flags & NS_F_LOCAL != 0,
+                local: first.flags & EXTERNAL_F_LOCAL != 0,
                 // All the maps tell of its endpoints.
                 endpoints: backends.iter().map(Backend::endpoint).collect(),
                 // Known from the maps only: after every claim a service makes now.
@@ -532,7 +535,7 @@ impl<D: Datapath> Reconciler<D> {
                 Some(start) => Some(Region { start, len: m_size }),
                 None => {
                     let caps = self.caps.table_entries;
-                    return Err(self.refuse(gk, want, maps::RINGS, caps, report));
+                    return Err(self.refuse(gk, want, maps::TABLES, caps, report));
                 }
             },
         };
@@ -545,7 +548,7 @@ impl<D: Datapath> Reconciler<D> {
                     Some(id) => id,
                     None => {
                         let caps = self.caps.external_ids;
-                        return Err(self.refuse(gk, want, maps::NS_INFO, caps, report));
+                        return Err(self.refuse(gk, want, maps::EXTERNAL_INFO, caps, report));
                     }
                 }
             }
@@ -574,7 +577,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.ext.ids.release(id);
             }
             let caps = self.caps.external_match;
-            return Err(self.refuse(gk, want, maps::NS_AFFINITY_MATCH, caps, report));
+            return Err(self.refuse(gk, want, maps::EXTERNAL_AFFINITY_MATCH, caps, report));
         }
 
         let mut ops: Vec<Op> = self
@@ -735,18 +738,18 @@ impl<D: Datapath> Reconciler<D> {
             let f = g.frontends.iter().find(|f| f.key == *key)?;
             let mut flags = 0;
             if g.local {
-                flags |= NS_F_LOCAL;
+                flags |= EXTERNAL_F_LOCAL;
             }
             if f.kind == ExternalKind::LoadBalancer && g.source_ranges.is_some() {
-                flags |= NS_F_SOURCE_RANGES;
+                flags |= EXTERNAL_F_SOURCE_RANGES;
             }
             if g.affinity_timeout_s > 0 {
-                flags |= NS_F_AFFINITY;
+                flags |= EXTERNAL_F_AFFINITY;
             }
-            Some(NsService {
+            Some(ExternalService {
                 id: p.id,
-                ring_off: p.region.map_or(0, |r| r.start),
-                ring_size: p.region.map_or(0, |r| r.len),
+                table_off: p.region.map_or(0, |r| r.start),
+                table_size: p.region.map_or(0, |r| r.len),
                 flags,
                 _pad: 0,
             })
@@ -759,7 +762,7 @@ impl<D: Datapath> Reconciler<D> {
                     report.full.push(MapFull {
                         service: gk.owner,
                         frontend: *key,
-                        map: maps::NS_SERVICES,
+                        map: maps::EXTERNAL_SERVICES,
                         capacity: self.caps.external,
                     });
                     return Ok(());
@@ -870,8 +873,8 @@ impl<D: Datapath> Reconciler<D> {
             .mirror
             .external
             .values()
-            .filter(|v| v.ring_size > 0)
-            .map(|v| v.ring_off)
+            .filter(|v| v.table_size > 0)
+            .map(|v| v.table_off)
             .chain(
                 self.ext
                     .groups

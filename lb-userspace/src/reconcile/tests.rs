@@ -5,8 +5,9 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use lb_common::{
-    AffinityMatchKey, ServiceInfo, SlotKey, maps,
-    ns::{NS_F_AFFINITY, NS_F_LOCAL, NS_F_SOURCE_RANGES},
+    AffinityMatchKey, ServiceInfo, SlotKey,
+    external::{EXTERNAL_F_AFFINITY, EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES},
+    maps,
     service::SLOT_GEN1,
 };
 
@@ -1189,7 +1190,7 @@ fn removing_one_of_n_backends_moves_about_one_nth_of_the_table_in_a_new_region()
     // The new table is written whole to another region, each frontend switches to it in one
     // write (same id), and the old region and the backend go after them (past a grace
     // period: the fake checks that no packet that read the old entry sees a change).
-    assert_ne!(was.ring_off, v.ring_off);
+    assert_ne!(was.table_off, v.table_off);
     assert_eq!(was.id, v.id);
     let external: Vec<&str> = kinds(ops)
         .into_iter()
@@ -1218,7 +1219,7 @@ fn local_policy_without_a_local_endpoint_programs_an_empty_table() {
     h.sync(vec![svc.clone()], vec![local.clone()]);
     let served = h.served_external();
     for (_, flags, shares) in served.values() {
-        assert_eq!(*flags, NS_F_LOCAL);
+        assert_eq!(*flags, EXTERNAL_F_LOCAL);
         assert_eq!(shares.keys().collect::<Vec<_>>(), ["10.0.0.1:8080"]);
     }
     // The local endpoint goes: the frontends stay, with no table (XDP drops), and the old
@@ -1232,7 +1233,7 @@ fn local_policy_without_a_local_endpoint_programs_an_empty_table() {
     assert!(
         c.external
             .values()
-            .all(|v| v.ring_size == 0 && v.flags == NS_F_LOCAL)
+            .all(|v| v.table_size == 0 && v.flags == EXTERNAL_F_LOCAL)
     );
     assert!(c.tables.is_empty(), "{:?}", c.tables.keys());
     assert!(position(ops, "put-external", true) < position(ops, "clear-table", false));
@@ -1246,7 +1247,7 @@ fn source_ranges_are_admitted_before_the_frontend_filters_and_dropped_after() {
     h.sync(vec![svc.clone()], vec![lb_slice("web", &["10.0.0.1"])]);
     let served = h.served_external();
     // Only the load-balancer IP filters; the node port does not (as kube-proxy).
-    assert_eq!(served["198.51.100.1:80/TCP"].1, NS_F_SOURCE_RANGES);
+    assert_eq!(served["198.51.100.1:80/TCP"].1, EXTERNAL_F_SOURCE_RANGES);
     assert_eq!(served["192.0.2.1:30080/TCP"].1, 0);
     assert_eq!(h.rec.contents().ranges.len(), 1);
     let ops = h.log();
@@ -1276,7 +1277,11 @@ fn session_affinity_marks_the_table_backends_before_the_frontends_use_them() {
         vec![lb_slice("web", &["10.0.0.1", "10.0.0.2"])],
     );
     let served = h.served_external();
-    assert!(served.values().all(|(_, flags, _)| *flags == NS_F_AFFINITY));
+    assert!(
+        served
+            .values()
+            .all(|(_, flags, _)| *flags == EXTERNAL_F_AFFINITY)
+    );
     let matches = |h: &Harness| -> Vec<(String, u32)> {
         h.rec
             .contents()
@@ -1415,7 +1420,7 @@ fn a_restarted_reconciler_adopts_north_south_state_and_writes_nothing() {
     resized.sync(svcs, slices);
     let c = resized.rec.contents();
     assert!(
-        c.external.values().all(|v| v.ring_size == 53),
+        c.external.values().all(|v| v.table_size == 53),
         "{:?}",
         c.external
     );
@@ -1453,7 +1458,7 @@ fn a_full_table_array_refuses_the_new_service_and_keeps_the_others() {
         ],
     );
     assert_eq!(report.full.len(), 1, "{report:?}");
-    assert_eq!(report.full[0].map, maps::RINGS);
+    assert_eq!(report.full[0].map, maps::TABLES);
     assert!(report.errors.is_empty());
     let served = h.served_external();
     assert_eq!(served.len(), 2, "web's frontends stay: {served:?}");
@@ -1600,8 +1605,8 @@ fn tables_are_sized_from_the_backend_count_and_a_new_size_is_switched_in_one_wri
     let svc = || vec![lb("web", "10.96.0.1", "198.51.100.1", 30080)];
     h.sync(svc(), vec![lb_slice("web", &["10.0.0.1"])]);
     let c = h.rec.contents().clone();
-    assert!(c.external.values().all(|v| v.ring_size == 251), "{c:?}");
-    let old_start = c.external.values().next().unwrap().ring_off;
+    assert!(c.external.values().all(|v| v.table_size == 251), "{c:?}");
+    let old_start = c.external.values().next().unwrap().table_off;
 
     let five = addrs(5);
     let five: Vec<&str> = five.iter().map(String::as_str).collect();
@@ -1609,8 +1614,8 @@ fn tables_are_sized_from_the_backend_count_and_a_new_size_is_switched_in_one_wri
     h.sync(svc(), vec![lb_slice("web", &five)]);
     let ops = &h.log()[writes_before..];
     let c = h.rec.contents();
-    assert!(c.external.values().all(|v| v.ring_size == 509));
-    let new_start = c.external.values().next().unwrap().ring_off;
+    assert!(c.external.values().all(|v| v.table_size == 509));
+    let new_start = c.external.values().next().unwrap().table_off;
     assert!(
         new_start >= old_start + 251 || new_start + 509 <= old_start,
         "the new region {new_start} overlaps the old {old_start}"
@@ -1675,7 +1680,7 @@ fn a_fragmented_table_array_reuses_freed_regions_first_fit() {
         (1..=6).filter(|i| *i != 2).map(eps).collect(),
     );
     assert_eq!(report.full.len(), 1);
-    assert_eq!(report.full[0].map, maps::RINGS);
+    assert_eq!(report.full[0].map, maps::TABLES);
     assert_eq!(h.rec.contents().tables.len(), 4);
 }
 

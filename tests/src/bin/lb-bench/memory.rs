@@ -21,9 +21,9 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// `--max-rev-nat`, `--max-affinity`).
 const FLOW_MAPS: [&str; 6] = [
     lb_common::maps::CONNTRACK,
-    lb_common::maps::NAT_REV,
+    lb_common::maps::EXTERNAL_REV_NAT,
     lb_common::maps::CT_NEW,
-    lb_common::maps::NAT_REV_NEW,
+    lb_common::maps::EXTERNAL_REV_NAT_NEW,
     lb_common::maps::REV_NAT,
     lb_common::maps::AFFINITY,
 ];

@@ -8,9 +8,9 @@ use std::{
 };
 
 use lb_common::{
-    Backend, Endpoint, ServiceInfo, ServiceKey, node,
-    ns::{CtEntry, FlowKey, NS_F_LOCAL, NsService},
-    proto,
+    Backend, Endpoint, ServiceInfo, ServiceKey,
+    external::{CtEntry, EXTERNAL_F_LOCAL, ExternalService, FlowKey},
+    node, proto,
 };
 use lb_tests::{
     bench::Report,
@@ -183,11 +183,11 @@ pub(super) fn xdp_cost_in_netns(
             ));
             ops.push(Op::PutExternal(
                 ServiceKey::new(to_addr6(frontend.into()), 80u16.to_be(), proto::TCP),
-                NsService {
+                ExternalService {
                     id,
-                    ring_off: start,
-                    ring_size: TABLE,
-                    flags: NS_F_LOCAL,
+                    table_off: start,
+                    table_size: TABLE,
+                    flags: EXTERNAL_F_LOCAL,
                     _pad: 0,
                 },
             ));

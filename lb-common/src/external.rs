@@ -2,9 +2,9 @@
 //! for a NodePort, a LoadBalancer ingress IP or an external IP.
 //!
 //! How a packet goes: the XDP program builds a [`FlowKey`] from the packet. A reply of a
-//! translated flow matches the reverse-NAT map (`FlowKey` of the reply -> [`NatRev`]) and gets
+//! translated flow matches the reverse-NAT map (`FlowKey` of the reply -> [`FlowRevNat`]) and gets
 //! its addresses restored. A new packet for a frontend ([`crate::ServiceKey`] ->
-//! [`NsService`]) first looks up the conntrack map (`FlowKey` -> [`CtEntry`]), which pins an
+//! [`ExternalService`]) first looks up the conntrack map (`FlowKey` -> [`CtEntry`]), which pins an
 //! established flow to its backend; a new flow picks its backend from the service's Maglev
 //! ring (a region of the ring array) by [`flow_hash`].
 
@@ -15,33 +15,33 @@ use crate::{
 
 /// The service's traffic policy is Local: only this node's endpoints are in its ring, the
 /// client address is kept (no SNAT), and without local endpoints packets are dropped.
-pub const NS_F_LOCAL: u16 = 1;
+pub const EXTERNAL_F_LOCAL: u16 = 1;
 /// The frontend is a LoadBalancer IP with `loadBalancerSourceRanges`: sources outside them
 /// are dropped.
-pub const NS_F_SOURCE_RANGES: u16 = 2;
+pub const EXTERNAL_F_SOURCE_RANGES: u16 = 2;
 
 /// The service has `sessionAffinity: ClientIP`: a client's new flows go to the backend its
-/// last one went to, while [`NsAffinityMatchKey`] names that backend with a timeout not yet
+/// last one went to, while [`ExternalAffinityMatchKey`] names that backend with a timeout not yet
 /// run out.
-pub const NS_F_AFFINITY: u16 = 4;
+pub const EXTERNAL_F_AFFINITY: u16 = 4;
 
 /// What the north-south service map holds for a frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct NsService {
+pub struct ExternalService {
     /// North-south service id: index of its counters, first field of its source ranges.
     pub id: u32,
     /// Start of its Maglev ring in the ring array.
-    pub ring_off: u32,
+    pub table_off: u32,
     /// Size of its ring (a prime); zero when it has no backends (packets are dropped).
-    pub ring_size: u32,
-    /// `NS_F_*` flags.
+    pub table_size: u32,
+    /// `EXTERNAL_F_*` flags.
     pub flags: u16,
     /// Zero.
     pub _pad: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<NsService>() == 16);
+const _: () = assert!(core::mem::size_of::<ExternalService>() == 16);
 
 /// A flow as the packet carries it: source and destination address and port, protocol.
 /// Key of the conntrack map (client to frontend) and of the reverse-NAT map (backend to
@@ -222,7 +222,7 @@ pub const SNAT_PORT_MAX_GLOBAL: &str = "SNAT_PORT_MAX";
 ///
 /// The backend is named by address and port, not by id: an id freed and given to another
 /// service's backend can never redirect a flow. The entry is the one record of the flow's
-/// state; its reverse entry ([`NatRev`]) only finds it again from a reply.
+/// state; its reverse entry ([`FlowRevNat`]) only finds it again from a reply.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtEntry {
@@ -341,7 +341,7 @@ const _: () = assert!(core::mem::size_of::<CtEntryV1>() == 32);
 /// so a reply finds its flow's [`CtEntry`] (and the state there) from this.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct NatRev {
+pub struct FlowRevNat {
     /// The frontend address, IPv4 v4-mapped.
     pub src: Addr6,
     /// The client address.
@@ -354,9 +354,9 @@ pub struct NatRev {
     pub svc_id: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NatRev>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowRevNat>() == 40);
 
-impl NatRev {
+impl FlowRevNat {
     /// The conntrack key of the flow this reverse entry belongs to.
     #[inline(always)]
     pub const fn flow_key(&self, proto: u8) -> FlowKey {
@@ -395,28 +395,28 @@ pub const SOURCE_RANGE_ID_BITS: u32 = 32;
 /// affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NsAffinityKey {
+pub struct ExternalAffinityKey {
     /// The north-south service id.
     pub svc_id: u32,
     /// The client's address (IPv4 v4-mapped).
     pub client: Addr6,
 }
 
-const _: () = assert!(core::mem::size_of::<NsAffinityKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ExternalAffinityKey>() == 20);
 
 /// Value of the north-south affinity map: the backend a client's last new flow went to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct NsAffinityValue {
+pub struct ExternalAffinityValue {
     /// The backend (where it runs too, for the SNAT decision of the flows it gets).
     pub backend: Backend,
     /// When that flow started: seconds of the conntrack clock (`CtEntry::expires`'s).
     pub last_used: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NsAffinityValue>() == 24);
+const _: () = assert!(core::mem::size_of::<ExternalAffinityValue>() == 24);
 
-impl NsAffinityValue {
+impl ExternalAffinityValue {
     /// Whether a client remembered this way still goes to its backend at `now`, given the
     /// service's affinity timeout: its last new flow started at most `timeout_s` ago (as
     /// kube-proxy, each new flow starts the timeout again).
@@ -432,19 +432,19 @@ impl NsAffinityValue {
 /// is never honoured.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NsAffinityMatchKey {
+pub struct ExternalAffinityMatchKey {
     /// The north-south service id.
     pub svc_id: u32,
     /// The backend.
     pub backend: Endpoint,
 }
 
-const _: () = assert!(core::mem::size_of::<NsAffinityMatchKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ExternalAffinityMatchKey>() == 24);
 
 /// Per-service counters (per CPU), indexed by north-south service id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct NsCounters {
+pub struct ExternalCounters {
     /// Packets translated to a backend.
     pub packets: u64,
     /// Their bytes.
@@ -455,7 +455,7 @@ pub struct NsCounters {
     pub drops: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<NsCounters>() == 32);
+const _: () = assert!(core::mem::size_of::<ExternalCounters>() == 32);
 
 /// The flow hash that picks a Maglev ring position: a function of the whole 5-tuple, the same
 /// in the kernel and in userspace (which uses it to explain where a flow goes).
