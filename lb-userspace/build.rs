@@ -5,12 +5,11 @@ use std::{env, path::PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LB_EBPF_OBJECT");
-    let path = match env::var_os("LB_EBPF_OBJECT") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-            manifest.join("../target/lb-ebpf.o")
-        }
+    let path = if let Some(p) = env::var_os("LB_EBPF_OBJECT") {
+        PathBuf::from(p)
+    } else {
+        let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+        manifest.join("../target/lb-ebpf.o")
     };
     println!("cargo:rerun-if-changed={}", path.display());
     if !path.is_file() {

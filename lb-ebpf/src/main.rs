@@ -18,7 +18,10 @@
 // The socket hooks' per-service counters are shared by all CPUs: atomic adds (BPF_ATOMIC),
 // which core's atomics do not offer on the BPF target (it has no compare-and-swap).
 #![feature(core_intrinsics)]
-#![allow(internal_features)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics, for the atomic adds above"
+)]
 
 mod affinity;
 mod csum;

@@ -3,8 +3,10 @@
 //! one changed service with 10k services programmed (against an in-memory datapath that
 //! only records what is written).
 
-// criterion's macros define an undocumented public `benches` function.
-#![allow(missing_docs)]
+#![expect(
+    missing_docs,
+    reason = "criterion's macros define an undocumented public `benches` function"
+)]
 
 use std::{collections::BTreeSet, hint::black_box, net::Ipv4Addr};
 
@@ -37,7 +39,7 @@ fn maglev_tables(c: &mut Criterion) {
     for (n, m) in [(10, 1021), (100, 16381), (1000, 16381), (1000, 65537)] {
         let b = backends(n);
         g.bench_with_input(BenchmarkId::new(format!("N={n}"), m), &m, |bench, &m| {
-            bench.iter(|| maglev::table(black_box(&b), m))
+            bench.iter(|| maglev::table(black_box(&b), m));
         });
     }
     g.finish();
@@ -90,7 +92,7 @@ fn model_of_one_service(c: &mut Criterion) {
         let svc = service(1);
         let slices = [Slice::new(&slice(1, n, 0))];
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |bench, _| {
-            bench.iter(|| model::desired(black_box(&svc), &slices, &NodeInfo::default(), &LIMITS))
+            bench.iter(|| model::desired(black_box(&svc), &slices, &NodeInfo::default(), &LIMITS));
         });
     }
     g.finish();
@@ -152,7 +154,7 @@ fn incremental_sync(c: &mut Criterion) {
                 let dirty = store.update(Update::Apply(Object::EndpointSlice(Box::new(s))));
                 assert_eq!(dirty, BTreeSet::from([target.clone()]));
                 rec.sync(&store, dirty)
-            })
+            });
         });
     }
     g.finish();

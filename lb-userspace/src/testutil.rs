@@ -34,7 +34,7 @@ pub fn service(ns: &str, name: &str, ips: &[&str], ports: &[Port<'_>]) -> Servic
     Service {
         metadata: meta(ns, name),
         spec: Some(ServiceSpec {
-            cluster_ips: Some(ips.iter().map(|s| s.to_string()).collect()),
+            cluster_ips: Some(ips.iter().map(std::string::ToString::to_string).collect()),
             ports: Some(
                 ports
                     .iter()

@@ -109,7 +109,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -572,30 +574,31 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tokio::select! {
-                    change = live.recv() => match change {
-                        Ok(c) if c.resource == resource && c.rv > last => {
-                            last = c.rv;
-                            if selected(&c.object, &q)
-                                && tx.send(event(c.kind, with_type(resource, c.object))).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    _ = tick.tick(), if bookmarks => {
-                        let rv = shared.lock().rv;
-                        let mark = json!({"apiVersion": resource.api_version(), "kind": resource.kind(),
-                                          "metadata": {"resourceVersion": rv.to_string()}});
-                        if tx.send(event("BOOKMARK", mark)).await.is_err() {
-                            return;
-                        }
-                        last = last.max(rv);
-                    }
-                    _ = cut.changed() => return,
-                    () = &mut end => return,
-                }
+                                    change = live.recv() => match change {
+                                        Ok(c) if c.resource == resource && c.rv > last => {
+                                            last = c.rv;
+                                            if selected(&c.object, &q)
+                                                && tx.send(event(c.kind, with_type(resource, c.object))).await.is_err()
+                                            {
+                                                return;
+                                            }
+                                        }
+                                        Ok(_) => {}
+                                        Err(broadcast::error::RecvError::Lagged(_) |
+                broadcast::error::RecvError::Closed) => return,
+                                    },
+                                    _ = tick.tick(), if bookmarks => {
+                                        let rv = shared.lock().rv;
+                                        let mark = json!({"apiVersion": resource.api_version(), "kind": resource.kind(),
+                                                          "metadata": {"resourceVersion": rv.to_string()}});
+                                        if tx.send(event("BOOKMARK", mark)).await.is_err() {
+                                            return;
+                                        }
+                                        last = last.max(rv);
+                                    }
+                                    _ = cut.changed() => return,
+                                    () = &mut end => return,
+                                }
             }
         });
     }

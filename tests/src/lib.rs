@@ -89,14 +89,16 @@ pub fn bin_dir() -> PathBuf {
         .skip(1)
         .take(2)
         .find(|d| d.join("lb-agent").is_file() && d.join("lb-probe").is_file())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| {
-            panic!(
-                "lb-agent and lb-probe are not built next to {}: run \
+        .map_or_else(
+            || {
+                panic!(
+                    "lb-agent and lb-probe are not built next to {}: run \
                  `cargo build -p lb-userspace -p lb-tests` (cargo xtask test does)",
-                exe.display()
-            )
-        })
+                    exe.display()
+                )
+            },
+            Path::to_path_buf,
+        )
 }
 
 /// Writes manifest `file` into `dir` atomically (a hidden temp file renamed into place), so

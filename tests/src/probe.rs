@@ -22,7 +22,7 @@ pub struct Attempt {
 
 /// Backend names, for comparing with what answered: `names(&["b0", "b1"])`.
 pub fn names(list: &[&str]) -> std::collections::BTreeSet<String> {
-    list.iter().map(|s| s.to_string()).collect()
+    list.iter().map(std::string::ToString::to_string).collect()
 }
 
 impl Attempt {

@@ -158,7 +158,7 @@ fn answered(attempts: &[Attempt]) -> (BTreeSet<String>, BTreeSet<(String, String
 }
 
 fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| s.to_string()).collect()
+    list.iter().map(std::string::ToString::to_string).collect()
 }
 
 #[test]

@@ -233,10 +233,10 @@ impl Lab {
             for doc in parse_manifest(m).expect("manifest parses") {
                 match doc {
                     Document::Object(lb_userspace::k8s::store::Object::Service(s)) => {
-                        snapshot.services.push(*s)
+                        snapshot.services.push(*s);
                     }
                     Document::Object(lb_userspace::k8s::store::Object::EndpointSlice(s)) => {
-                        snapshot.slices.push(*s)
+                        snapshot.slices.push(*s);
                     }
                     other => panic!("unexpected document {other:?}"),
                 }

@@ -491,15 +491,13 @@ pub fn init_logging(format: LogFormat) {
 /// `1h30m` or kube-proxy's `24h0m0s`. At most 10 years.
 fn parse_secs(s: &str) -> Result<u32, String> {
     let s = s.trim();
-    let secs = match s.parse::<u64>() {
-        Ok(n) => n,
-        Err(_) => {
-            let d: jiff::SignedDuration = s.parse().map_err(|e| {
-                format!("{s:?}: expected seconds or a duration like 90s or 1h: {e}")
-            })?;
-            u64::try_from(d.as_secs())
-                .map_err(|_| format!("{s:?}: a duration cannot be negative"))?
-        }
+    let secs = if let Ok(n) = s.parse::<u64>() {
+        n
+    } else {
+        let d: jiff::SignedDuration = s
+            .parse()
+            .map_err(|e| format!("{s:?}: expected seconds or a duration like 90s or 1h: {e}"))?;
+        u64::try_from(d.as_secs()).map_err(|_| format!("{s:?}: a duration cannot be negative"))?
     };
     if secs > 10 * 365 * 86_400 {
         return Err(format!("{s:?}: at most 10 years"));
@@ -542,7 +540,7 @@ fn device_list(flag: &str, value: &str) -> Result<Devices, String> {
                 }
             }
             Ok(Devices::Named(
-                names.iter().map(|n| n.to_string()).collect(),
+                names.iter().map(std::string::ToString::to_string).collect(),
             ))
         }
     }

@@ -194,12 +194,11 @@ impl Events {
                 action: "Program".into(),
                 secondary: None,
             };
-            match self.queue.try_send((event, regarding)) {
-                Ok(()) => queued += 1,
-                Err(_) => {
-                    self.limiter.dropped += 1;
-                    debug!(service = %w.service, "event queue full; event dropped");
-                }
+            if let Ok(()) = self.queue.try_send((event, regarding)) {
+                queued += 1;
+            } else {
+                self.limiter.dropped += 1;
+                debug!(service = %w.service, "event queue full; event dropped");
             }
         }
         queued

@@ -171,7 +171,10 @@ impl Health {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+        f(&mut self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// An update received at `at` is waiting for the maps.
@@ -397,12 +400,15 @@ pub async fn serve_metrics(
 /// The explain socket of the agent whose pins are under `pin_root`, unless given:
 /// `/run/lb-agent/<pin dir name>.sock`, so agents of different pin directories do not meet.
 pub fn explain_socket(pin_root: &Path, given: Option<&Path>) -> PathBuf {
-    given.map(Path::to_path_buf).unwrap_or_else(|| {
-        let name = pin_root
-            .file_name()
-            .map_or_else(|| "lb".into(), |n| n.to_string_lossy().into_owned());
-        Path::new(RUN_DIR).join(format!("{name}.sock"))
-    })
+    given.map_or_else(
+        || {
+            let name = pin_root
+                .file_name()
+                .map_or_else(|| "lb".into(), |n| n.to_string_lossy().into_owned());
+            Path::new(RUN_DIR).join(format!("{name}.sock"))
+        },
+        Path::to_path_buf,
+    )
 }
 
 /// Where the explain sockets live by default.

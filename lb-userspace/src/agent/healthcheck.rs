@@ -91,7 +91,10 @@ impl HealthCheckServers {
         self.servers.retain(|port, _| wanted.contains_key(port));
         for (port, answering) in wanted {
             if let Some(server) = self.servers.get(&port) {
-                let mut state = server.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut state = server
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 *state = answering;
                 continue;
             }
@@ -133,7 +136,10 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<Answering>>, health: Heal
         let (state, health) = (state.clone(), health.clone());
         tokio::spawn(async move {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
-                let current = state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let current = state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 let (status, body) = answer(&current, health.proxy_healthy());
                 let mut resp = Response::new(Full::new(Bytes::from(body)));
                 *resp.status_mut() = status;

@@ -350,7 +350,10 @@ impl Metrics {
 
     /// What the maps hold after a sync.
     pub fn publish(&self, published: Published) {
-        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = published;
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = published;
     }
 
     /// Every metric in the Prometheus text format (reads the maps: blocking).
@@ -420,7 +423,10 @@ impl DatapathCollector {
     /// The last reading if taken less than [`READ_EVERY`] ago, else a new one (concurrent
     /// scrapes wait for it and share it).
     fn reading(&self) -> Arc<Reading> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((at, reading)) = last.as_ref()
             && at.elapsed() < READ_EVERY
         {
@@ -462,7 +468,7 @@ impl Collector for DatapathCollector {
         let published = self
             .published
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let reading = self.reading();
         let totals = &reading.totals;

@@ -97,7 +97,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let socket = health::explain_socket(layout.root(), args.explain_socket.as_deref());
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                warn!(path = %socket.display(), error = %e, "cannot remove the explain socket")
+                warn!(path = %socket.display(), error = %e, "cannot remove the explain socket");
             }
             _ => {}
         }
@@ -684,9 +684,10 @@ impl Network {
         let present: Vec<(String, DeviceKind, u32)> = self
             .wanted(addrs, store)
             .into_iter()
-            .filter_map(|(name, kind)| match netdev::ifindex(&name) {
-                Some(i) => Some((name, kind, i)),
-                None => {
+            .filter_map(|(name, kind)| {
+                if let Some(i) = netdev::ifindex(&name) {
+                    Some((name, kind, i))
+                } else {
                     if self.failed.insert(name.clone()) {
                         warn!(device = %name, ?kind, "device not found; attaching once it appears");
                     }
@@ -708,7 +709,7 @@ impl Network {
                     self.attached.remove(&name);
                 }
                 Err(e) => {
-                    warn!(device = %name, error = %e, "cannot detach the north-south programs")
+                    warn!(device = %name, error = %e, "cannot detach the north-south programs");
                 }
             }
         }

@@ -67,7 +67,7 @@ pub struct Limited {
 }
 
 fn names(set: &CapsHashSet) -> Vec<String> {
-    let mut v: Vec<String> = set.iter().map(|c| c.to_string()).collect();
+    let mut v: Vec<String> = set.iter().map(std::string::ToString::to_string).collect();
     v.sort();
     v
 }

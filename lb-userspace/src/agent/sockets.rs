@@ -241,7 +241,7 @@ fn dump_udp(socket: &Socket, family: u8) -> io::Result<Vec<SocketId>> {
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    ids.push(r.header.socket_id)
+                    ids.push(r.header.socket_id);
                 }
                 NetlinkPayload::Done(_) => return Ok(ids),
                 NetlinkPayload::Error(e) => return Err(e.to_io()),

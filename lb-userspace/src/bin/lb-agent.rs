@@ -9,10 +9,10 @@ fn main() -> std::process::ExitCode {
     // Before any other thread exists: threads inherit the set.
     match privileges::limit(&privileges::startup()) {
         Ok(l) => {
-            tracing::info!(dropped = ?l.dropped, kept = ?l.kept, "capabilities limited for start-up")
+            tracing::info!(dropped = ?l.dropped, kept = ?l.kept, "capabilities limited for start-up");
         }
         Err(e) => {
-            tracing::warn!(error = %e, "cannot limit the capabilities; running with all of them")
+            tracing::warn!(error = %e, "cannot limit the capabilities; running with all of them");
         }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -150,9 +150,12 @@ const fn entry(map: &'static str, knob: Knob, size: Size, when_full: WhenFull) -
 /// ([`maps::STATS`], one element per counter), the scratch space, the XDP device set and
 /// the debug ring.
 pub const CATALOGUE: [Entry; 21] = {
-    use Knob::*;
-    use Size::*;
-    use WhenFull::*;
+    use Knob::{
+        Affinity, Backends, External, ExternalIds, Flows, NewFlows, RevNat, Services, Slots,
+        SourceRanges, TableEntries,
+    };
+    use Size::{Lanes, PlusOne, Same};
+    use WhenFull::{Evicted, Never, Refused, RevNatOnly};
     [
         entry(maps::SERVICES, Services, Same, Refused),
         entry(maps::SERVICE_INFO, Services, Same, Refused),

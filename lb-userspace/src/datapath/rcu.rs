@@ -79,15 +79,18 @@ impl Grace {
                             Ok(()) => break None,
                             Err(e) => {
                                 let (lock, cv) = &*shared;
-                                lock.lock().unwrap_or_else(|e| e.into_inner()).error =
-                                    Some(e.to_string());
+                                lock.lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .error = Some(e.to_string());
                                 cv.notify_all();
                                 std::thread::sleep(Duration::from_secs(1));
                             }
                         }
                     };
                     let (lock, cv) = &*shared;
-                    let mut d = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut d = lock
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     d.ended = n;
                     d.error = outcome;
                     cv.notify_all();
@@ -112,18 +115,26 @@ impl Grace {
 
     /// The last grace period that has ended.
     pub fn done(&self) -> u64 {
-        self.done.0.lock().unwrap_or_else(|e| e.into_inner()).ended
+        self.done
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .ended
     }
 
     /// Waits until grace period `n` has ended; an error if the thread cannot get one now.
     pub fn wait(&self, n: u64) -> Result<(), String> {
         let (lock, cv) = &*self.done;
-        let mut d = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while d.ended < n {
             if let Some(e) = &d.error {
                 return Err(e.clone());
             }
-            d = cv.wait(d).unwrap_or_else(|e| e.into_inner());
+            d = cv
+                .wait(d)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         Ok(())
     }

@@ -452,9 +452,9 @@ mod tests {
             .map(String::as_str)
             .filter(|n| !n.starts_with('.'))
             .collect();
-        names.sort();
+        names.sort_unstable();
         let mut expected: Vec<&str> = maps::ALL.iter().map(|s| s.name).collect();
-        expected.sort();
+        expected.sort_unstable();
         assert_eq!(
             names, expected,
             "the object declares exactly the specified maps"
@@ -482,7 +482,7 @@ mod tests {
     fn the_embedded_object_has_every_program() {
         let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
         let mut names: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
-        names.sort();
+        names.sort_unstable();
         let mut expected = PROGRAMS.to_vec();
         expected.extend([
             RELEASE_PROGRAM,
@@ -491,7 +491,7 @@ mod tests {
             TC_PROGRAM,
             OVERLAY_PROGRAM,
         ]);
-        expected.sort();
+        expected.sort_unstable();
         assert_eq!(names, expected);
     }
 

@@ -230,10 +230,10 @@ mod tests {
                 _ => match w {
                     "unready" => (c.ready, c.serving) = (false, false),
                     "serving-terminating" => {
-                        (c.ready, c.serving, c.terminating) = (false, true, true)
+                        (c.ready, c.serving, c.terminating) = (false, true, true);
                     }
                     "terminating-not-serving" => {
-                        (c.ready, c.serving, c.terminating) = (false, false, true)
+                        (c.ready, c.serving, c.terminating) = (false, false, true);
                     }
                     "local" => c.node_name = Some("n1".into()),
                     other => panic!("unknown flag {other}"),
@@ -617,7 +617,7 @@ mod tests {
                     IpAddr::V4(ip) => ip.octets()[3],
                     IpAddr::V6(_) => 0,
                 };
-                (last, v.map(String::from).unwrap_or_else(|e| e))
+                (last, v.map_or_else(|e| e, String::from))
             })
             .collect();
         assert_eq!(got[0], (1, "ready".into()));

@@ -55,7 +55,7 @@ pub fn check_table_size(m: u32) -> Result<(), String> {
 
 /// The table sizes a service's table is chosen from: primes, each about twice the last.
 pub const SIZE_CLASSES: [u32; 13] = [
-    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071, 262139, 524287, 1_048_573,
+    251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131_071, 262_139, 524_287, 1_048_573,
 ];
 
 /// The table size for a service of `backends` backends: the smallest of [`SIZE_CLASSES`] with

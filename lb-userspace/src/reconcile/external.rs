@@ -531,26 +531,25 @@ impl<D: Datapath> Reconciler<D> {
         let region = match kept {
             _ if order.is_empty() => None,
             Some(r) => Some(r),
-            None => match self.free_region(m_size) {
-                Some(start) => Some(Region { start, len: m_size }),
-                None => {
+            None => {
+                if let Some(start) = self.free_region(m_size) {
+                    Some(Region { start, len: m_size })
+                } else {
                     let caps = self.caps.table_entries;
                     return Err(self.refuse(gk, want, maps::TABLES, caps, report));
                 }
-            },
+            }
         };
-        let id = match current {
-            Some(p) => p.id,
-            None => {
-                let family = if gk.ipv6 { "IPv6" } else { "IPv4" };
-                let name = format!("{}:{}/{family}", gk.owner, gk.port_name);
-                match self.ext.ids.take(identity(&name)) {
-                    Some(id) => id,
-                    None => {
-                        let caps = self.caps.external_ids;
-                        return Err(self.refuse(gk, want, maps::EXTERNAL_INFO, caps, report));
-                    }
-                }
+        let id = if let Some(p) = current {
+            p.id
+        } else {
+            let family = if gk.ipv6 { "IPv6" } else { "IPv4" };
+            let name = format!("{}:{}/{family}", gk.owner, gk.port_name);
+            if let Some(id) = self.ext.ids.take(identity(&name)) {
+                id
+            } else {
+                let caps = self.caps.external_ids;
+                return Err(self.refuse(gk, want, maps::EXTERNAL_INFO, caps, report));
             }
         };
         let ranges: BTreeSet<RangeKey> = want
@@ -589,26 +588,25 @@ impl<D: Datapath> Reconciler<D> {
         let mut ids_of: BTreeMap<Backend, u32> = BTreeMap::new();
         let mut taken = Vec::new();
         for b in &want.backends {
-            let bid = match self.idx.backend_ids.get(b) {
-                Some(bid) => *bid,
-                None => {
-                    // The backend map has room (checked above), so an id is free; this
-                    // only guards that.
-                    let Some(bid) = self.idx.take_backend_id(b) else {
-                        for t in taken {
-                            self.idx.backend_alloc.release(t);
-                        }
-                        if current.is_none() {
-                            self.ext.ids.release(id);
-                        }
-                        let caps = self.caps.backends;
-                        return Err(self.refuse(gk, want, maps::BACKENDS, caps, report));
-                    };
-                    taken.push(bid);
-                    ops.push(Op::ResetBackendCounters(bid));
-                    ops.push(Op::PutBackend(bid, *b));
-                    bid
-                }
+            let bid = if let Some(bid) = self.idx.backend_ids.get(b) {
+                *bid
+            } else {
+                // The backend map has room (checked above), so an id is free; this
+                // only guards that.
+                let Some(bid) = self.idx.take_backend_id(b) else {
+                    for t in taken {
+                        self.idx.backend_alloc.release(t);
+                    }
+                    if current.is_none() {
+                        self.ext.ids.release(id);
+                    }
+                    let caps = self.caps.backends;
+                    return Err(self.refuse(gk, want, maps::BACKENDS, caps, report));
+                };
+                taken.push(bid);
+                ops.push(Op::ResetBackendCounters(bid));
+                ops.push(Op::PutBackend(bid, *b));
+                bid
             };
             ids_of.insert(*b, bid);
         }

@@ -148,26 +148,23 @@ impl<D: Datapath> Reconciler<D> {
         let m = &self.mirror;
         let mut ops = Vec::new();
         for id in &pending.services {
-            match self
+            if let Some(value) = self
                 .idx
                 .service_keys
                 .get(id)
                 .and_then(|k| m.services.get(k))
             {
-                Some(value) => {
-                    let (generation, count) = (value.slot_gen(), u32::from(value.count));
-                    ops.extend(
-                        m.slots_of(*id)
-                            .filter(|(k, _)| k.generation() != generation || k.index() >= count)
-                            .map(|(k, _)| Op::DeleteSlot(*k)),
-                    );
-                }
-                None => {
-                    ops.extend(m.slots_of(*id).map(|(k, _)| Op::DeleteSlot(*k)));
-                    ops.extend(m.matches_of(*id).map(|k| Op::DeleteMatch(*k)));
-                    if m.info.contains_key(id) {
-                        ops.push(Op::DeleteInfo(*id));
-                    }
+                let (generation, count) = (value.slot_gen(), u32::from(value.count));
+                ops.extend(
+                    m.slots_of(*id)
+                        .filter(|(k, _)| k.generation() != generation || k.index() >= count)
+                        .map(|(k, _)| Op::DeleteSlot(*k)),
+                );
+            } else {
+                ops.extend(m.slots_of(*id).map(|(k, _)| Op::DeleteSlot(*k)));
+                ops.extend(m.matches_of(*id).map(|k| Op::DeleteMatch(*k)));
+                if m.info.contains_key(id) {
+                    ops.push(Op::DeleteInfo(*id));
                 }
             }
         }

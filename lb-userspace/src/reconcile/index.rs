@@ -165,7 +165,7 @@ impl Index {
                 }
             }
             Op::PutTable { start, at, ids } => {
-                let old = before.tables.get(start).map(Vec::as_slice).unwrap_or(&[]);
+                let old = before.tables.get(start).map_or(&[][..], Vec::as_slice);
                 let old = old.get(*at as usize..).unwrap_or(&[]);
                 for (i, new) in ids.iter().enumerate() {
                     if let Some(o) = old.get(i) {

@@ -194,9 +194,10 @@ impl<D: Datapath> Reconciler<D> {
         let ids: Vec<u32> = want
             .backends
             .iter()
-            .map(|ep| match self.idx.backend_ids.get(ep) {
-                Some(id) => *id,
-                None => {
+            .map(|ep| {
+                if let Some(id) = self.idx.backend_ids.get(ep) {
+                    *id
+                } else {
                     let Some(id) = self.idx.take_backend_id(ep) else {
                         out_of_ids = Some((maps::BACKENDS, self.caps.backends));
                         return 0;
@@ -208,16 +209,15 @@ impl<D: Datapath> Reconciler<D> {
                 }
             })
             .collect();
-        let taken_service = match existing {
-            Some(_) => None,
-            None => {
-                let hash = identity(&crate::addr::frontend_string(&key));
-                let id = self.idx.service_ids.take(hash);
-                if id.is_none() {
-                    out_of_ids.get_or_insert((maps::SERVICES, self.caps.services));
-                }
-                id
+        let taken_service = if existing.is_some() {
+            None
+        } else {
+            let hash = identity(&crate::addr::frontend_string(&key));
+            let id = self.idx.service_ids.take(hash);
+            if id.is_none() {
+                out_of_ids.get_or_insert((maps::SERVICES, self.caps.services));
             }
+            id
         };
         if let Some(full) = out_of_ids {
             for b in taken_backends {
@@ -331,12 +331,11 @@ impl<D: Datapath> Reconciler<D> {
         self.pending
             .backends
             .extend(previous.into_iter().filter(|b| !kept.contains(b)));
-        match self.write_all(ops, report) {
-            Ok(()) => report.stale_udp.extend(stale),
-            Err(WriteFailed) => {
-                release(&mut self.idx, &self.mirror);
-                self.retry.insert(key);
-            }
+        if let Ok(()) = self.write_all(ops, report) {
+            report.stale_udp.extend(stale);
+        } else {
+            release(&mut self.idx, &self.mirror);
+            self.retry.insert(key);
         }
     }
 

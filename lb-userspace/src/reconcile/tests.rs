@@ -156,7 +156,10 @@ fn served(c: &Contents) -> BTreeMap<String, (String, Vec<String>)> {
 fn entry(owner: &str, backends: &[&str]) -> (String, Vec<String>) {
     (
         owner.to_string(),
-        backends.iter().map(|b| b.to_string()).collect(),
+        backends
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
     )
 }
 
@@ -1510,8 +1513,12 @@ fn a_full_table_array_refuses_the_new_service_and_keeps_the_others() {
 fn every_failed_north_south_write_leaves_lookups_whole_and_the_retry_converges() {
     let svcs = |ranges: &[&str]| {
         let mut web = lb("web", "10.96.0.1", "198.51.100.1", 30080);
-        web.spec.as_mut().unwrap().load_balancer_source_ranges =
-            Some(ranges.iter().map(|r| r.to_string()).collect());
+        web.spec.as_mut().unwrap().load_balancer_source_ranges = Some(
+            ranges
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
+        );
         vec![web, lb("api", "10.96.0.2", "198.51.100.2", 30081)]
     };
     let before = (

@@ -138,7 +138,7 @@ fn classify<V: Tree>(mut value: V, out: &mut Vec<Document>) {
         }
         ("v1", "Service") => out.push(typed(value, Kind::Service, Object::Service)),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            out.push(typed(value, Kind::EndpointSlice, Object::EndpointSlice))
+            out.push(typed(value, Kind::EndpointSlice, Object::EndpointSlice));
         }
         ("v1", "Node") => out.push(typed::<V, Node>(value, Kind::Node, Object::Node)),
         _ => out.push(Document::Other {
@@ -255,7 +255,7 @@ fn resolve(path: &Path, docs: Vec<Document>, previous: Option<&Vec<Object>>) -> 
         match doc {
             Document::Object(obj) if obj.id().is_some() => objects.push(obj),
             Document::Object(obj) => {
-                warn!(file = %path.display(), kind = ?obj.kind(), "has no metadata.name; skipped")
+                warn!(file = %path.display(), kind = ?obj.kind(), "has no metadata.name; skipped");
             }
             Document::Invalid { kind, id, error } => {
                 let kept = id.as_ref().and_then(|id| {
@@ -263,9 +263,7 @@ fn resolve(path: &Path, docs: Vec<Document>, previous: Option<&Vec<Object>>) -> 
                         .iter()
                         .find(|o| o.kind() == kind && o.id().as_ref() == Some(id))
                 });
-                let object = id
-                    .map(|i| i.to_string())
-                    .unwrap_or_else(|| "(no name)".into());
+                let object = id.map_or_else(|| "(no name)".into(), |i| i.to_string());
                 if let Some(obj) = kept {
                     warn!(file = %path.display(), ?kind, object, %error, "invalid; keeping its last good version");
                     objects.push(obj.clone());
@@ -274,7 +272,7 @@ fn resolve(path: &Path, docs: Vec<Document>, previous: Option<&Vec<Object>>) -> 
                 }
             }
             Document::Other { kind } => {
-                debug!(file = %path.display(), kind, "not a Service or EndpointSlice; ignored")
+                debug!(file = %path.display(), kind, "not a Service or EndpointSlice; ignored");
             }
         }
     }
@@ -335,7 +333,7 @@ impl Source for FileSource {
                     }
                     Ok(_) => debug!("manifests re-read, nothing changed"),
                     Err(e) => {
-                        warn!(error = %e, "cannot read the manifest directory; keeping the last objects")
+                        warn!(error = %e, "cannot read the manifest directory; keeping the last objects");
                     }
                 }
             }

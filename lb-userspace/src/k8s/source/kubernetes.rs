@@ -240,7 +240,7 @@ where
 }
 
 fn wrap_event<K>(event: watcher::Event<K>, wrap: fn(Box<K>) -> Object) -> watcher::Event<Object> {
-    use watcher::Event::*;
+    use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
     match event {
         Init => Init,
         InitApply(o) => InitApply(wrap(Box::new(o))),

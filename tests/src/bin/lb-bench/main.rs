@@ -274,7 +274,7 @@ fn meta(args: &Args) -> Meta {
     Meta {
         kernel: run("uname", &["-r"]).unwrap_or_default().trim().to_owned(),
         cpu,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         revision: args.revision.clone(),
         date: run("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
             .unwrap_or_default()

@@ -77,14 +77,11 @@ pub(super) fn xdp_cost(report: &mut Report, plan: &Plan) {
     });
     let _ = fs::remove_dir_all(&pins);
     drop(ns);
-    let results = match results {
-        Ok(r) => r,
-        Err(_) => {
-            report
-                .notes
-                .push("1 (XDP program cost) failed; see the log".into());
-            return;
-        }
+    let Ok(results) = results else {
+        report
+            .notes
+            .push("1 (XDP program cost) failed; see the log".into());
+        return;
     };
     for (scale, variant, what, reps) in results {
         report.add(id, scale, variant, what, "ns/run", reps);
