@@ -319,7 +319,7 @@ fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
         .collect();
     assert!(recorded.is_empty(), "explain recorded {recorded:?}");
     let endpoints = e.endpoints.expect("the agent's verdicts");
-    assert_eq!(endpoints["service"], "shop/web");
+    assert_eq!(endpoints.service, "shop/web");
     let outsider: Explanation = c
         .lbctl_in_node(&["explain", "198.51.100.13:80", "--from", "203.0.113.2:45001"])
         .expect("explain");

@@ -308,19 +308,10 @@ fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
     );
     assert!(e.north_south.is_none());
     let ports = e.endpoints.expect("the agent's verdicts");
-    let eps = ports["ports"][0]["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .clone();
+    let eps = ports.ports[0].endpoints.clone();
     let verdicts: Vec<(bool, String)> = eps
         .iter()
-        .map(|ep| {
-            let v = &ep["cluster_ip"];
-            (
-                v["eligible"] == true,
-                v["why"].as_str().unwrap_or("").to_owned(),
-            )
-        })
+        .map(|ep| (ep.cluster_ip.eligible, ep.cluster_ip.why.clone()))
         .collect();
     assert_eq!(verdicts[0], (true, "ready".to_string()), "{eps:?}");
     assert_eq!(verdicts[1], (false, "not ready".to_string()), "{eps:?}");

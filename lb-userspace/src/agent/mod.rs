@@ -506,15 +506,17 @@ async fn log_kernel_events(ring: aya::maps::RingBuf<aya::maps::MapData>) {
 /// JSON; `None` if the store has no such service.
 fn explanation(store: &Store, service: &ObjectRef) -> Option<String> {
     let svc = store.service(service)?;
-    let value = match crate::model::explain(svc, store.slices_of(service), store.node()) {
-        Ok(ports) => serde_json::json!({"service": service.to_string(), "ports": ports}),
-        Err(rejection) => serde_json::json!({
-            "service": service.to_string(),
-            "rejected": rejection.to_string(),
-            "ports": [],
-        }),
+    let (ports, rejected) = match crate::model::explain(svc, store.slices_of(service), store.node())
+    {
+        Ok(ports) => (ports, None),
+        Err(rejection) => (Vec::new(), Some(rejection.to_string())),
     };
-    Some(value.to_string())
+    let e = crate::model::ServiceExplanation {
+        service: service.to_string(),
+        rejected,
+        ports,
+    };
+    serde_json::to_string(&e).ok()
 }
 
 /// Attaches this build's socket programs to `cgroup` (replacing a previous agent's in place)

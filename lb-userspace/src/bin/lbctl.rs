@@ -348,17 +348,20 @@ fn explain(
                 } else {
                     "IPv4"
                 };
-                let mut value: Option<serde_json::Value> = serde_json::from_str(&body).ok();
-                if let Some(ports) = value.as_mut().and_then(|v| v["ports"].as_array_mut()) {
-                    ports.retain(|p| {
-                        p["port_name"] == port_name.as_str()
-                            && p["protocol"]
-                                .as_str()
-                                .is_some_and(|x| x.eq_ignore_ascii_case(&protocol))
-                            && p["family"] == family
-                    });
+                match serde_json::from_str::<lb_userspace::model::ServiceExplanation>(&body) {
+                    Ok(mut explained) => {
+                        explained.ports.retain(|p| {
+                            p.port_name == port_name
+                                && p.protocol.eq_ignore_ascii_case(&protocol)
+                                && p.family == family
+                        });
+                        e.endpoints = Some(explained);
+                    }
+                    Err(err) => {
+                        e.endpoints_unavailable =
+                            Some(format!("the agent's answer did not parse: {err}"));
+                    }
                 }
-                e.endpoints = value;
             }
             Ok((status, body)) => {
                 e.endpoints_unavailable = Some(format!(

@@ -93,7 +93,7 @@ pub struct Explanation {
     /// The north-south frontend, if the address is one (packets from outside).
     pub north_south: Option<NorthSouthPath>,
     /// Why each endpoint of the service is or is not eligible, from the agent.
-    pub endpoints: Option<serde_json::Value>,
+    pub endpoints: Option<crate::model::ServiceExplanation>,
     /// Why the agent's view is missing, when it is.
     pub endpoints_unavailable: Option<String>,
 }
@@ -305,36 +305,27 @@ pub fn explain_text(e: &Explanation) -> String {
     if let Some(why) = &e.endpoints_unavailable {
         let _ = writeln!(out, "endpoints: {why}");
     }
-    if let Some(ports) = e.endpoints.as_ref().and_then(|v| v["ports"].as_array()) {
-        if let Some(r) = e.endpoints.as_ref().and_then(|v| v["rejected"].as_str()) {
+    if let Some(explained) = &e.endpoints {
+        if let Some(r) = &explained.rejected {
             let _ = writeln!(out, "the service is not programmed: {r}");
         }
-        for p in ports {
+        for p in &explained.ports {
             let _ = writeln!(
                 out,
-                "endpoints of port {} {}/{} ({}; internalTrafficPolicy {}, externalTrafficPolicy {}):",
-                p["port_name"],
-                p["port"],
-                p["protocol"].as_str().unwrap_or("?"),
-                p["family"].as_str().unwrap_or("?"),
-                p["internal_policy"].as_str().unwrap_or("?"),
-                p["external_policy"].as_str().unwrap_or("?"),
+                "endpoints of port {:?} {}/{} ({}; internalTrafficPolicy {}, externalTrafficPolicy {}):",
+                p.port_name, p.port, p.protocol, p.family, p.internal_policy, p.external_policy,
             );
-            for ep in p["endpoints"].as_array().into_iter().flatten() {
-                let verdict = |v: &serde_json::Value| {
-                    format!(
-                        "{} ({})",
-                        if v["eligible"] == true { "yes" } else { "no" },
-                        v["why"].as_str().unwrap_or("?")
-                    )
-                };
+            let verdict = |v: &crate::model::Verdict| {
+                format!("{} ({})", if v.eligible { "yes" } else { "no" }, v.why)
+            };
+            for ep in &p.endpoints {
                 let _ = writeln!(
                     out,
                     "  {} on {}: cluster IP {}; from outside {}",
-                    ep["address"].as_str().unwrap_or("?"),
-                    ep["node"].as_str().unwrap_or("?"),
-                    verdict(&ep["cluster_ip"]),
-                    verdict(&ep["external"]),
+                    ep.address,
+                    ep.node.as_deref().unwrap_or("?"),
+                    verdict(&ep.cluster_ip),
+                    verdict(&ep.external),
                 );
             }
         }

@@ -74,6 +74,19 @@ pub struct PortExplanation {
     pub endpoints: Vec<EndpointExplanation>,
 }
 
+/// A service's explanation: what the agent answers on `/explain/NAMESPACE/NAME`, and what
+/// `lbctl explain` reads and shows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceExplanation {
+    /// `namespace/name`.
+    pub service: String,
+    /// Why the service is not programmed, when it is rejected (its ports are then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+    /// Each port and family, with its endpoints.
+    pub ports: Vec<PortExplanation>,
+}
+
 /// Why each endpoint of each port of `svc` does or does not get new connections on this
 /// node, by the same rules [`super::desired`] programs (connections from this node to external
 /// addresses, which get cluster-wide endpoints as through kube-proxy, are not shown

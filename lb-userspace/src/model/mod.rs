@@ -40,7 +40,7 @@ pub use desired::{
     Claim, DEFAULT_AFFINITY_TIMEOUT_S, Desired, DesiredFrontend, ExternalFrontend, ExternalGroup,
     ExternalKind, HealthCheck, Limits, MAX_AFFINITY_TIMEOUT_S, desired, node_info,
 };
-pub use explain::{EndpointExplanation, PortExplanation, Verdict, explain};
+pub use explain::{EndpointExplanation, PortExplanation, ServiceExplanation, Verdict, explain};
 pub use slice::Slice;
 pub use validate::Rejection;
 
