@@ -34,6 +34,52 @@ pub(super) struct Growth {
     pub(super) matches: usize,
 }
 
+/// The ids a frontend's change takes: one per backend (new ones taken for backends not in
+/// the map yet, with the writes that put them there), and a service id for a new frontend.
+#[derive(Default)]
+struct Taken {
+    /// The backend id of each wanted backend, in order.
+    ids: Vec<u32>,
+    /// The writes of the new backends (their counters reset, then the backend).
+    backends: Vec<Op>,
+    /// The backend ids newly taken.
+    taken_backends: Vec<u32>,
+    /// The service id newly taken.
+    service: Option<u32>,
+}
+
+impl Taken {
+    /// Gives back the ids taken that no write has put in the maps.
+    fn release(&self, idx: &mut Index, mirror: &Contents, key: &ServiceKey) {
+        for b in self
+            .taken_backends
+            .iter()
+            .filter(|b| !mirror.backends.contains_key(b))
+        {
+            idx.backend_alloc.release(*b);
+        }
+        if let Some(s) = self.service.filter(|_| !mirror.services.contains_key(key)) {
+            idx.service_ids.release(s);
+        }
+    }
+}
+
+/// A frontend's new table beside its live one.
+struct Table {
+    /// The live table's generation.
+    live: u32,
+    /// The live table's slots (`None`: missing).
+    old: Vec<Option<u32>>,
+    /// The new table's slots.
+    slots: Vec<u32>,
+    /// The new table's generation.
+    generation: u32,
+    /// The service entry that switches to it.
+    value: ServiceValue,
+    /// Its affinity-match entries.
+    members: BTreeSet<AffinityMatchKey>,
+}
+
 /// New slot contents for a service whose slots hold `old` (`None`: missing) and whose
 /// backends should be `want`: backends that stay keep their slot, new backends fill the
 /// freed slots first, and the slot list is compacted from its end.
@@ -158,7 +204,10 @@ impl<D: Datapath> Reconciler<D> {
         backends
     }
 
-    /// Programs one frontend for `owner` as `want` describes it.
+    /// Programs frontend `want` of `owner`, in named steps: the ids it needs
+    /// ([`Self::take_ids`]), its new table ([`Self::new_table`]), the capacity check, the
+    /// writes ([`Self::table_ops`]), and what the switch leaves for deletion after a grace
+    /// period. A frontend whose last switch is still awaiting deletion is deferred.
     pub(super) fn upsert(
         &mut self,
         owner: &ObjectRef,
@@ -188,100 +237,25 @@ impl<D: Datapath> Reconciler<D> {
             return;
         }
         self.deferred.remove(&key);
-        let mut taken_backends = Vec::new();
-        let mut new_backends = Vec::new();
-        let mut out_of_ids = None;
-        let ids: Vec<u32> = want
-            .backends
-            .iter()
-            .map(|ep| {
-                if let Some(id) = self.idx.backend_ids.get(ep) {
-                    *id
-                } else {
-                    let Some(id) = self.idx.take_backend_id(ep) else {
-                        out_of_ids = Some((maps::BACKENDS, self.caps.backends));
-                        return 0;
-                    };
-                    taken_backends.push(id);
-                    new_backends.push(Op::ResetBackendCounters(id));
-                    new_backends.push(Op::PutBackend(id, *ep));
-                    id
-                }
-            })
-            .collect();
-        let taken_service = if existing.is_some() {
-            None
-        } else {
-            let hash = identity(&crate::addr::frontend_string(&key));
-            let id = self.idx.service_ids.take(hash);
-            if id.is_none() {
-                out_of_ids.get_or_insert((maps::SERVICES, self.caps.services));
+        let taken = match self.take_ids(key, existing, want) {
+            Ok(taken) => taken,
+            Err(full) => {
+                self.refuse_frontend(owner, key, full, report);
+                return;
             }
-            id
         };
-        if let Some(full) = out_of_ids {
-            for b in taken_backends {
-                self.idx.backend_alloc.release(b);
-            }
-            if let Some(s) = taken_service {
-                self.idx.service_ids.release(s);
-            }
-            self.refuse_frontend(owner, key, full, report);
-            return;
-        }
-        let id = existing.map_or_else(|| taken_service.expect("taken above"), |v| v.id);
-        let live = existing.map_or(0, |v| v.slot_gen());
-        let old: Vec<Option<u32>> = (0..existing.map_or(0, |v| u32::from(v.count)))
-            .map(|i| self.mirror.slots.get(&SlotKey::new(id, live, i)).copied())
-            .collect();
-        let slots = arrange(&old, &ids);
-        // The live table is extended or cut in place when every slot it keeps keeps its
-        // backend (lookups under the old count see the old table, under the new one the new
-        // table); any other change writes the whole new table in the other generation. Either
-        // way the service entry switches the lookups in one write.
-        let in_place = slots.iter().zip(&old).all(|(new, old)| Some(*new) == *old);
-        let generation = if in_place { live } else { live ^ SLOT_GEN1 };
-        let value = ServiceValue {
-            id,
-            count: u16::try_from(slots.len()).expect("the model limits backends to u16"),
-            flags: ServiceValue::gen_flags(generation),
-            affinity_timeout_s: want.affinity_timeout_s,
-        };
-        let members: BTreeSet<AffinityMatchKey> = if want.affinity_timeout_s == 0 {
-            BTreeSet::new()
-        } else {
-            slots
-                .iter()
-                .map(|&backend_id| AffinityMatchKey {
-                    svc_id: id,
-                    backend_id,
-                })
-                .collect()
-        };
+        let id = existing.map_or_else(|| taken.service.expect("taken above"), |v| v.id);
+        let table = self.new_table(id, existing, &taken.ids, want.affinity_timeout_s);
         let matched: BTreeSet<AffinityMatchKey> = self.mirror.matches_of(id).copied().collect();
-
-        // Gives back the ids taken above that no write has put in the maps.
-        let release = |idx: &mut Index, mirror: &Contents| {
-            for b in taken_backends
-                .iter()
-                .filter(|b| !mirror.backends.contains_key(b))
-            {
-                idx.backend_alloc.release(*b);
-            }
-            if let Some(s) = taken_service.filter(|_| !mirror.services.contains_key(&key)) {
-                idx.service_ids.release(s);
-            }
-        };
-        let new_matches = members.difference(&matched).count();
         let growth = Growth {
             service: existing.is_none(),
-            generation,
-            slots: slots.len(),
-            backends: new_backends.len(),
-            matches: new_matches,
+            generation: table.generation,
+            slots: table.slots.len(),
+            backends: taken.backends.len(),
+            matches: table.members.difference(&matched).count(),
         };
         if let Some(full) = self.overflow(id, &growth) {
-            release(&mut self.idx, &self.mirror);
+            taken.release(&mut self.idx, &self.mirror, &key);
             if self.has_pending() {
                 // What earlier switches left may be what fills the map: deleted now, after
                 // its grace period, and the frontend planned anew (a backend it counted on
@@ -296,15 +270,148 @@ impl<D: Datapath> Reconciler<D> {
         }
         self.refused.remove(&key);
 
+        let ops = self.table_ops(key, existing, info, &taken, &table, &matched);
+        if ops.is_empty() {
+            return;
+        }
+        let previous = self.referenced_by(id);
+        let stale = self.stale_udp(&key, &want.backends);
+        report.frontends_changed += 1;
+        // Slots outside the new table and backends it no longer names go after a grace
+        // period.
+        if table.generation != table.live || table.slots.len() < table.old.len() {
+            self.pending.services.insert(id);
+        }
+        let kept: HashSet<u32> = taken.ids.iter().copied().collect();
+        self.pending
+            .backends
+            .extend(previous.into_iter().filter(|b| !kept.contains(b)));
+        if let Ok(()) = self.write_all(ops, report) {
+            report.stale_udp.extend(stale);
+        } else {
+            taken.release(&mut self.idx, &self.mirror, &key);
+            self.retry.insert(key);
+        }
+    }
+
+    /// The backend ids of `want`'s backends, taking new ones for backends not in the map,
+    /// and a service id if the frontend has none; on running out of ids, gives back what it
+    /// took and names the map (and capacity) that ran out.
+    fn take_ids(
+        &mut self,
+        key: ServiceKey,
+        existing: Option<ServiceValue>,
+        want: &DesiredFrontend,
+    ) -> Result<Taken, (&'static str, u32)> {
+        let mut taken = Taken::default();
+        let mut out_of_ids = None;
+        for ep in &want.backends {
+            if let Some(id) = self.idx.backend_ids.get(ep) {
+                taken.ids.push(*id);
+                continue;
+            }
+            let Some(id) = self.idx.take_backend_id(ep) else {
+                out_of_ids = Some((maps::BACKENDS, self.caps.backends));
+                taken.ids.push(0);
+                continue;
+            };
+            taken.taken_backends.push(id);
+            taken.backends.push(Op::ResetBackendCounters(id));
+            taken.backends.push(Op::PutBackend(id, *ep));
+            taken.ids.push(id);
+        }
+        if existing.is_none() {
+            let hash = identity(&crate::addr::frontend_string(&key));
+            taken.service = self.idx.service_ids.take(hash);
+            if taken.service.is_none() {
+                out_of_ids.get_or_insert((maps::SERVICES, self.caps.services));
+            }
+        }
+        match out_of_ids {
+            Some(full) => {
+                for b in &taken.taken_backends {
+                    self.idx.backend_alloc.release(*b);
+                }
+                if let Some(s) = taken.service {
+                    self.idx.service_ids.release(s);
+                }
+                Err(full)
+            }
+            None => Ok(taken),
+        }
+    }
+
+    /// The new table of service `id` (whose entry is `existing`) over backends `ids`: slots
+    /// that keep their backend, the generation it goes to, its service entry, and its
+    /// affinity-match members (none without affinity).
+    fn new_table(
+        &self,
+        id: u32,
+        existing: Option<ServiceValue>,
+        ids: &[u32],
+        affinity_timeout_s: u32,
+    ) -> Table {
+        let live = existing.map_or(0, |v| v.slot_gen());
+        let old: Vec<Option<u32>> = (0..existing.map_or(0, |v| u32::from(v.count)))
+            .map(|i| self.mirror.slots.get(&SlotKey::new(id, live, i)).copied())
+            .collect();
+        let slots = arrange(&old, ids);
+        // The live table is extended or cut in place when every slot it keeps keeps its
+        // backend (lookups under the old count see the old table, under the new one the new
+        // table); any other change writes the whole new table in the other generation. Either
+        // way the service entry switches the lookups in one write.
+        let in_place = slots.iter().zip(&old).all(|(new, old)| Some(*new) == *old);
+        let generation = if in_place { live } else { live ^ SLOT_GEN1 };
+        let value = ServiceValue {
+            id,
+            count: u16::try_from(slots.len()).expect("the model limits backends to u16"),
+            flags: ServiceValue::gen_flags(generation),
+            affinity_timeout_s,
+        };
+        let members = if affinity_timeout_s == 0 {
+            BTreeSet::new()
+        } else {
+            slots
+                .iter()
+                .map(|&backend_id| AffinityMatchKey {
+                    svc_id: id,
+                    backend_id,
+                })
+                .collect()
+        };
+        Table {
+            live,
+            old,
+            slots,
+            generation,
+            value,
+            members,
+        }
+    }
+
+    /// The writes that switch frontend `key` to `table`, in order: counters of a new id,
+    /// new backends, new affinity-match members, the table's slots, the info, the service
+    /// entry (the switch), then the members that left. Empty when nothing changes.
+    fn table_ops(
+        &self,
+        key: ServiceKey,
+        existing: Option<ServiceValue>,
+        info: ServiceInfo,
+        taken: &Taken,
+        table: &Table,
+        matched: &BTreeSet<AffinityMatchKey>,
+    ) -> Vec<Op> {
+        let id = table.value.id;
         // A new id starts its counters from zero (another frontend may have had it).
-        let mut ops: Vec<Op> = taken_service
+        let mut ops: Vec<Op> = taken
+            .service
             .map(Op::ResetServiceCounters)
             .into_iter()
             .collect();
-        ops.extend(new_backends);
-        ops.extend(members.difference(&matched).map(|m| Op::PutMatch(*m)));
-        for (slot, backend) in (0u32..).zip(&slots) {
-            let k = SlotKey::new(id, generation, slot);
+        ops.extend(taken.backends.iter().cloned());
+        ops.extend(table.members.difference(matched).map(|m| Op::PutMatch(*m)));
+        for (slot, backend) in (0u32..).zip(&table.slots) {
+            let k = SlotKey::new(id, table.generation, slot);
             if self.mirror.slots.get(&k) != Some(backend) {
                 ops.push(Op::PutSlot(k, *backend));
             }
@@ -312,31 +419,15 @@ impl<D: Datapath> Reconciler<D> {
         if self.mirror.info.get(&id) != Some(&info) {
             ops.push(Op::PutInfo(id, info));
         }
-        if existing != Some(value) {
-            ops.push(Op::PutService(key, value));
+        if existing != Some(table.value) {
+            ops.push(Op::PutService(key, table.value));
         }
-        let previous = self.referenced_by(id);
-        let stale = self.stale_udp(&key, &want.backends);
-        ops.extend(matched.difference(&members).map(|m| Op::DeleteMatch(*m)));
-        if ops.is_empty() {
-            return;
-        }
-        report.frontends_changed += 1;
-        // Slots outside the new table and backends it no longer names go after a grace
-        // period.
-        if generation != live || slots.len() < old.len() {
-            self.pending.services.insert(id);
-        }
-        let kept: HashSet<u32> = ids.iter().copied().collect();
-        self.pending
-            .backends
-            .extend(previous.into_iter().filter(|b| !kept.contains(b)));
-        if let Ok(()) = self.write_all(ops, report) {
-            report.stale_udp.extend(stale);
-        } else {
-            release(&mut self.idx, &self.mirror);
-            self.retry.insert(key);
-        }
+        ops.extend(
+            matched
+                .difference(&table.members)
+                .map(|m| Op::DeleteMatch(*m)),
+        );
+        ops
     }
 
     /// Refuses frontend `key` of `owner` for lack of space in `full` (a map and its
