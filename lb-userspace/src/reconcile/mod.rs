@@ -48,6 +48,7 @@ mod report;
 mod socket;
 
 pub use external::GroupKey;
+pub use plan::Planner;
 use report::WriteFailed;
 pub use report::{Conflict, MapFull, StaleUdp, SyncReport};
 
@@ -88,10 +89,8 @@ pub struct Reconciler<D: Datapath> {
     api: Option<ServiceKey>,
     /// North-south state.
     ext: External,
-    /// Health check node ports of services, with their local endpoint counts.
-    health_checks: BTreeMap<ObjectRef, HealthCheck>,
-    /// What each namespace's services take from the maps, against its share.
-    shares: Shares,
+    /// The planning step.
+    planner: Planner,
     synced: bool,
 }
 
@@ -120,8 +119,7 @@ impl<D: Datapath> Reconciler<D> {
             deferred: BTreeSet::new(),
             api: None,
             ext,
-            health_checks: BTreeMap::new(),
-            shares: Shares::new(&caps, 100),
+            planner: Planner::new(limits, &caps, 100),
             synced: false,
         })
     }
@@ -129,17 +127,17 @@ impl<D: Datapath> Reconciler<D> {
     /// Limits each namespace to `percent` of each map (see [`crate::model::share`]); the whole map
     /// until called. Call it before the first [`Self::sync`].
     pub fn set_namespace_share(&mut self, percent: u32) {
-        self.shares = Shares::new(&self.caps, percent);
+        self.planner = Planner::new(self.limits, &self.caps, percent);
     }
 
     /// Each namespace's use of the maps, against its share.
     pub fn shares(&self) -> &Shares {
-        &self.shares
+        self.planner.shares()
     }
 
     /// The health check node ports of the services that have one.
     pub fn health_checks(&self) -> &BTreeMap<ObjectRef, HealthCheck> {
-        &self.health_checks
+        self.planner.health_checks()
     }
 
     /// The endpoints whose flows each programmed north-south service (by id) keeps, for the
@@ -201,9 +199,10 @@ impl<D: Datapath> Reconciler<D> {
 
         loop {
             for owner in dirty {
-                self.plan(
-                    store,
-                    owner,
+                let plan = self.planner.plan(store, &owner, &mut report);
+                self.apply_plan(
+                    &owner,
+                    plan,
                     first,
                     &mut report,
                     &mut touched,
@@ -211,7 +210,7 @@ impl<D: Datapath> Reconciler<D> {
                 );
             }
             // Services refused for their namespace's share, where that namespace freed room.
-            dirty = self.shares.take_retries();
+            dirty = self.planner.take_retries();
             if dirty.is_empty() {
                 break;
             }

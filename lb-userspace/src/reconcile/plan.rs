@@ -1,19 +1,140 @@
-//! From a service in the store to its desired frontends: the model, its namespace's share,
-//! the agent's own API address kept reachable, and what a rejected service keeps.
+//! The planning step ([`Planner`]): from a service in the store to what it should have (the
+//! model, its namespace's share, its health-check node port); and how the reconciler takes
+//! a plan in (the agent's own API address kept reachable, what a rejected service keeps).
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use lb_common::{Backend, ServiceKey};
 
 use crate::{
-    datapath::Datapath,
-    k8s::store::Store,
-    k8s::{Age, ObjectRef},
-    model::share::Usage,
-    model::{self, Claim, DesiredFrontend, Rejection, Slice},
+    datapath::{Capacities, Datapath},
+    k8s::{Age, ObjectRef, store::Store},
+    model::{
+        self, Claim, DesiredFrontend, ExternalGroup, HealthCheck, Limits, Rejection, Slice,
+        share::{Shares, Usage},
+    },
 };
 
 use super::{Reconciler, external::Touched, report::SyncReport};
+
+/// What a service should have, as the planning step decides it.
+pub(super) enum Plan {
+    /// It was deleted: its frontends go.
+    Gone,
+    /// Valid, and its namespace has room.
+    Desired {
+        /// Socket-level frontends.
+        frontends: Vec<DesiredFrontend>,
+        /// North-south groups.
+        external: Vec<ExternalGroup>,
+    },
+    /// Rejected: it keeps what it had, but only backends whose address is still one of its
+    /// endpoints (`live`).
+    Rejected {
+        /// The addresses of its endpoints, whatever their conditions.
+        live: BTreeSet<IpAddr>,
+    },
+}
+
+/// The planning step before the reconciler: runs the model on a service, charges its
+/// namespace's share, and keeps the health-check node ports services ask for. It reads the
+/// store only; what is programmed is the reconciler's.
+pub struct Planner {
+    limits: Limits,
+    /// What each namespace's services take from the maps, against its share.
+    shares: Shares,
+    /// Health check node ports of services, with their local endpoint counts.
+    health_checks: BTreeMap<ObjectRef, HealthCheck>,
+}
+
+impl Planner {
+    /// A planner with `limits`, and shares of `percent` of each of the maps of `caps`.
+    pub fn new(limits: Limits, caps: &Capacities, percent: u32) -> Self {
+        Self {
+            limits,
+            shares: Shares::new(caps, percent),
+            health_checks: BTreeMap::new(),
+        }
+    }
+
+    /// Each namespace's use of the maps, against its share.
+    pub fn shares(&self) -> &Shares {
+        &self.shares
+    }
+
+    /// The health check node ports of the services that have one.
+    pub fn health_checks(&self) -> &BTreeMap<ObjectRef, HealthCheck> {
+        &self.health_checks
+    }
+
+    /// What `owner` should have, from `store`: what the model makes of it if it is valid and
+    /// its namespace has room; its notes, refusals and rejection go into `report`.
+    pub(super) fn plan(
+        &mut self,
+        store: &Store,
+        owner: &ObjectRef,
+        report: &mut SyncReport,
+    ) -> Plan {
+        let Some(svc) = store.service(owner) else {
+            self.health_checks.remove(owner);
+            self.shares.release(owner);
+            return Plan::Gone;
+        };
+        let planned = model::desired(svc, store.slices_of(owner), store.node(), &self.limits)
+            .and_then(|d| {
+                let usage = Usage::of(&d.frontends, &d.external, &self.limits);
+                match self.shares.admit(owner, usage) {
+                    Ok(()) => Ok(d),
+                    Err(e) => Err(Rejection::NamespaceShare {
+                        map: e.map,
+                        used: e.used,
+                        share: e.share,
+                    }),
+                }
+            });
+        let d = match planned {
+            Ok(d) => d,
+            Err(rejection) => {
+                report.rejected.push((owner.clone(), rejection));
+                let live = store.slices_of(owner).flat_map(Slice::addresses).collect();
+                return Plan::Rejected { live };
+            }
+        };
+        let tag = |n| (owner.clone(), n);
+        report.notes.extend(d.notes.into_iter().map(tag));
+        report.refused.extend(d.refused.into_iter().map(tag));
+        report.limited.extend(d.limited.into_iter().map(tag));
+        match d.health_check {
+            Some(h) => self.health_checks.insert(owner.clone(), h),
+            None => self.health_checks.remove(owner),
+        };
+        Plan::Desired {
+            frontends: d.frontends,
+            external: d.external,
+        }
+    }
+
+    /// Charges `owner` for what an earlier run programmed for it (adopted while it is
+    /// rejected), without checking its share.
+    pub(super) fn hold(
+        &mut self,
+        owner: &ObjectRef,
+        frontends: &[DesiredFrontend],
+        groups: &[ExternalGroup],
+    ) {
+        self.shares
+            .hold(owner, Usage::of(frontends, groups, &self.limits));
+    }
+
+    /// The services refused for their namespace's share where it freed room since the
+    /// last call: to be planned again.
+    pub(super) fn take_retries(&mut self) -> BTreeSet<ObjectRef> {
+        self.shares.take_retries()
+    }
+}
 
 impl<D: Datapath> Reconciler<D> {
     pub(super) fn keep_api_access(
@@ -50,76 +171,47 @@ impl<D: Datapath> Reconciler<D> {
         }
     }
 
-    /// Sets the desired frontends of `owner` from `store`: what the model makes of it, if
-    /// it is valid and its namespace has room (else what it had, while its endpoints exist).
-    pub(super) fn plan(
+    /// Sets the desired frontends of `owner` to what `plan` says: the planned ones (with the
+    /// agent's own API address kept reachable), none, or, for a rejected service, what it
+    /// had (from the maps, on the first sync) cut to its live endpoints.
+    pub(super) fn apply_plan(
         &mut self,
-        store: &Store,
-        owner: ObjectRef,
+        owner: &ObjectRef,
+        plan: Plan,
         first: bool,
         report: &mut SyncReport,
         touched: &mut BTreeSet<ServiceKey>,
         ext_touched: &mut Touched,
     ) {
-        let Some(svc) = store.service(&owner) else {
-            self.health_checks.remove(&owner);
-            self.shares.release(&owner);
-            self.set_desired(&owner, None, touched);
-            self.ext.set_desired(&owner, None, ext_touched);
-            return;
-        };
-        let planned = model::desired(svc, store.slices_of(&owner), store.node(), &self.limits)
-            .and_then(|d| {
-                let usage = Usage::of(&d.frontends, &d.external, &self.limits);
-                match self.shares.admit(&owner, usage) {
-                    Ok(()) => Ok(d),
-                    Err(e) => Err(Rejection::NamespaceShare {
-                        map: e.map,
-                        used: e.used,
-                        share: e.share,
-                    }),
-                }
-            });
-        let d = match planned {
-            Ok(d) => d,
-            Err(rejection) => {
+        match plan {
+            Plan::Gone => {
+                self.set_desired(owner, None, touched);
+                self.ext.set_desired(owner, None, ext_touched);
+            }
+            Plan::Desired {
+                mut frontends,
+                external,
+            } => {
+                self.keep_api_access(owner, &mut frontends, report);
+                self.set_desired(owner, Some(frontends), touched);
+                self.ext.set_desired(owner, Some(external), ext_touched);
+            }
+            Plan::Rejected { live } => {
                 if first {
                     // Keep what an earlier run programmed for it.
-                    let adopted = self.adopt(&owner);
-                    let adopted_ext = self.adopt_external(&owner);
-                    self.shares
-                        .hold(&owner, Usage::of(&adopted, &adopted_ext, &self.limits));
+                    let adopted = self.adopt(owner);
+                    let adopted_ext = self.adopt_external(owner);
+                    self.planner.hold(owner, &adopted, &adopted_ext);
                     if !adopted.is_empty() {
-                        self.set_desired(&owner, Some(adopted), touched);
+                        self.set_desired(owner, Some(adopted), touched);
                     }
                     if !adopted_ext.is_empty() {
-                        self.ext.set_desired(&owner, Some(adopted_ext), ext_touched);
+                        self.ext.set_desired(owner, Some(adopted_ext), ext_touched);
                     }
                 }
-                let live: BTreeSet<IpAddr> =
-                    store.slices_of(&owner).flat_map(Slice::addresses).collect();
-                self.keep_live_backends(&owner, &live, touched, ext_touched);
-                report.rejected.push((owner, rejection));
-                return;
+                self.keep_live_backends(owner, &live, touched, ext_touched);
             }
-        };
-        report
-            .notes
-            .extend(d.notes.into_iter().map(|n| (owner.clone(), n)));
-        report
-            .refused
-            .extend(d.refused.into_iter().map(|n| (owner.clone(), n)));
-        report
-            .limited
-            .extend(d.limited.into_iter().map(|n| (owner.clone(), n)));
-        let mut frontends = d.frontends;
-        self.keep_api_access(&owner, &mut frontends, report);
-        match d.health_check {
-            Some(h) => self.health_checks.insert(owner.clone(), h),
-            None => self.health_checks.remove(&owner),
-        };
-        self.set_desired(&owner, Some(frontends), touched);
-        self.ext.set_desired(&owner, Some(d.external), ext_touched);
+        }
     }
 
     /// Cuts the backends a rejected service keeps (what it last had programmed) down to
