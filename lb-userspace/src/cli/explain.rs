@@ -2,13 +2,14 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use lb_common::{
-    ServiceKey,
-    external::{EXTERNAL_F_LOCAL, EXTERNAL_F_SOURCE_RANGES},
-};
+use lb_common::{ServiceKey, external::EXTERNAL_F_SOURCE_RANGES};
 use serde::{Deserialize, Serialize};
 
-use super::{external::info_text, maglev::table_counts, services::row};
+use super::{
+    external::{info_text, policy_name},
+    maglev::table_counts,
+    services::row,
+};
 use crate::{
     addr::{frontend_string, to_socket_addr},
     datapath::Contents,
@@ -144,12 +145,7 @@ pub fn explain(c: &Contents, key: &ServiceKey, source: SocketAddr) -> Explanatio
             service,
             port_name,
             id: v.id,
-            policy: if v.flags & EXTERNAL_F_LOCAL != 0 {
-                "Local"
-            } else {
-                "Cluster"
-            }
-            .into(),
+            policy: policy_name(v.flags).into(),
             source_ranges: v.flags & EXTERNAL_F_SOURCE_RANGES != 0,
             table_size: v.table_size,
             backends: counts

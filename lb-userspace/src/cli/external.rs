@@ -57,6 +57,15 @@ impl From<ExternalCounters> for Counters {
     }
 }
 
+/// The external traffic policy a north-south service's flags say: `Local` or `Cluster`.
+pub(super) fn policy_name(flags: u16) -> &'static str {
+    if flags & EXTERNAL_F_LOCAL != 0 {
+        "Local"
+    } else {
+        "Cluster"
+    }
+}
+
 pub(super) fn info_text(info: Option<&ServiceInfo>) -> (String, String) {
     let text = |f: fn(&ServiceInfo) -> Option<&str>| info.and_then(f).unwrap_or("?").to_owned();
     (
@@ -90,12 +99,7 @@ pub fn external(c: &Contents, counters: &BTreeMap<u32, ExternalCounters>) -> Vec
                 id: v.id,
                 service,
                 port_name,
-                policy: if v.flags & EXTERNAL_F_LOCAL != 0 {
-                    "Local"
-                } else {
-                    "Cluster"
-                }
-                .into(),
+                policy: policy_name(v.flags).into(),
                 source_ranges: v.flags & EXTERNAL_F_SOURCE_RANGES != 0,
                 backends: distinct_backends(c.table_of(v)),
                 counters: counters
