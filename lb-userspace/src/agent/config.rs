@@ -16,6 +16,29 @@ use crate::{datapath::catalogue::Knob, k8s::source::kubernetes, loader::MapSizes
 /// Default for `--max-backends-per-service`.
 pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: u32 = 4096;
 
+/// A flag value the agent cannot use: which flag, the value given, and what is wrong with it
+/// (what it should be).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} {value}: {reason}")]
+pub struct FlagError {
+    /// The flag, e.g. `--snat-ports`.
+    pub flag: &'static str,
+    /// The value as given.
+    pub value: String,
+    /// What is wrong, and what it should be.
+    pub reason: String,
+}
+
+impl FlagError {
+    pub(crate) fn new(flag: &'static str, value: impl ToString, reason: impl Into<String>) -> Self {
+        Self {
+            flag,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// How XDP attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum XdpModeArg {
@@ -304,27 +327,34 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
-    /// Checks what clap cannot; the message says what to change.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what clap cannot; the error says what to change.
+    pub fn validate(&self) -> Result<(), FlagError> {
         if !self.pin_dir.starts_with(&self.bpffs) || self.pin_dir == self.bpffs {
-            return Err(format!(
-                "--pin-dir {} must be a directory inside the BPF filesystem --bpffs {}",
+            return Err(FlagError::new(
+                "--pin-dir",
                 self.pin_dir.display(),
-                self.bpffs.display()
+                format!(
+                    "must be a directory inside the BPF filesystem --bpffs {}",
+                    self.bpffs.display()
+                ),
             ));
         }
         let sizes = self.map_sizes();
         for knob in Knob::ALL {
             if knob.value(&sizes) == 0 {
-                return Err(format!("{} must be at least 1", knob.flag()));
+                return Err(FlagError::new(knob.flag(), 0, "must be at least 1"));
             }
         }
         crate::model::maglev::check_table_size(self.maglev_table_size)
-            .map_err(|e| format!("--maglev-table-size: {e}"))?;
+            .map_err(|e| FlagError::new("--maglev-table-size", self.maglev_table_size, e))?;
         if self.maglev_table_size < self.max_backends_per_service {
-            return Err(format!(
-                "--maglev-table-size {} must be at least --max-backends-per-service {}",
-                self.maglev_table_size, self.max_backends_per_service
+            return Err(FlagError::new(
+                "--maglev-table-size",
+                self.maglev_table_size,
+                format!(
+                    "must be at least --max-backends-per-service {}",
+                    self.max_backends_per_service
+                ),
             ));
         }
         self.table_entries()?;
@@ -339,23 +369,28 @@ impl AgentArgs {
     }
 
     /// Entries of the lookup table array, checked.
-    pub fn table_entries(&self) -> Result<u32, String> {
+    pub fn table_entries(&self) -> Result<u32, FlagError> {
         let n = self.maglev_table_entries;
         if n < self.maglev_table_size || n > 1 << 28 {
-            return Err(format!(
-                "--maglev-table-entries {n} must be between --maglev-table-size {} and 2^28",
-                self.maglev_table_size
+            return Err(FlagError::new(
+                "--maglev-table-entries",
+                n,
+                format!(
+                    "must be between --maglev-table-size {} and 2^28",
+                    self.maglev_table_size
+                ),
             ));
         }
         Ok(n)
     }
 
     /// The SNAT port range, inclusive.
-    pub fn snat_range(&self) -> Result<(u16, u16), String> {
+    pub fn snat_range(&self) -> Result<(u16, u16), FlagError> {
         let bad = || {
-            format!(
-                "--snat-ports {:?}: expected FIRST-LAST, e.g. 61000-65535",
-                self.snat_ports
+            FlagError::new(
+                "--snat-ports",
+                &self.snat_ports,
+                "expected FIRST-LAST, e.g. 61000-65535",
             )
         };
         let (a, b) = self.snat_ports.split_once('-').ok_or_else(bad)?;
@@ -364,8 +399,10 @@ impl AgentArgs {
             b.trim().parse().map_err(|_| bad())?,
         );
         if a == 0 || a > b || b - a < 255 {
-            return Err(format!(
-                "--snat-ports {a}-{b}: the range must be non-empty, above 0 and hold at least 256 ports"
+            return Err(FlagError::new(
+                "--snat-ports",
+                &self.snat_ports,
+                "the range must be non-empty, above 0 and hold at least 256 ports",
             ));
         }
         Ok((a, b))
@@ -386,32 +423,32 @@ impl AgentArgs {
     }
 
     /// The CIDRs of --nodeport-addresses (empty: every address).
-    pub fn nodeport_cidrs(&self) -> Result<Vec<IpNet>, String> {
+    pub fn nodeport_cidrs(&self) -> Result<Vec<IpNet>, FlagError> {
         cidr_list("--nodeport-addresses", &self.nodeport_addresses)
     }
 
     /// The CIDRs of --external-ip-cidrs (empty: any).
-    pub fn external_ip_cidrs(&self) -> Result<Vec<IpNet>, String> {
+    pub fn external_ip_cidrs(&self) -> Result<Vec<IpNet>, FlagError> {
         cidr_list("--external-ip-cidrs", &self.external_ip_cidrs)
     }
 
     /// The XDP devices asked for.
-    pub fn xdp_devices(&self) -> Result<Devices, String> {
+    pub fn xdp_devices(&self) -> Result<Devices, FlagError> {
         device_list("--xdp-devices", &self.xdp_devices)
     }
 
     /// The overlay devices asked for.
-    pub fn overlay_devices(&self) -> Result<Devices, String> {
+    pub fn overlay_devices(&self) -> Result<Devices, FlagError> {
         device_list("--overlay-devices", &self.overlay_devices)
     }
 
     /// The health endpoint's address, `None` when disabled.
-    pub fn healthz(&self) -> Result<Option<std::net::SocketAddr>, String> {
+    pub fn healthz(&self) -> Result<Option<std::net::SocketAddr>, FlagError> {
         bind_address("--healthz-bind-address", &self.healthz_bind_address)
     }
 
     /// The metrics endpoint's address, `None` when disabled.
-    pub fn metrics(&self) -> Result<Option<std::net::SocketAddr>, String> {
+    pub fn metrics(&self) -> Result<Option<std::net::SocketAddr>, FlagError> {
         bind_address("--metrics-bind-address", &self.metrics_bind_address)
     }
 
@@ -505,30 +542,33 @@ fn parse_secs(s: &str) -> Result<u32, String> {
     Ok(secs as u32)
 }
 
-/// A bind address flag's value (`flag` names it in errors): an address, or `off`.
-fn bind_address(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>, String> {
+/// A bind address flag's value: an address, or `off`.
+fn bind_address(
+    flag: &'static str,
+    value: &str,
+) -> Result<Option<std::net::SocketAddr>, FlagError> {
     if value == "off" {
         return Ok(None);
     }
     value
         .parse()
         .map(Some)
-        .map_err(|e| format!("{flag} {value}: {e}"))
+        .map_err(|e: std::net::AddrParseError| FlagError::new(flag, value, e.to_string()))
 }
 
-/// A CIDR list flag's value (`flag` names it in errors), each truncated to its network.
-fn cidr_list(flag: &str, value: &str) -> Result<Vec<IpNet>, String> {
+/// A CIDR list flag's value, each truncated to its network.
+fn cidr_list(flag: &'static str, value: &str) -> Result<Vec<IpNet>, FlagError> {
     split_list(value)
         .map(|c| {
             c.parse::<IpNet>()
                 .map(|n| n.trunc())
-                .map_err(|e| format!("{flag} {c:?}: {e}"))
+                .map_err(|e| FlagError::new(flag, format!("{c:?}"), e.to_string()))
         })
         .collect()
 }
 
-/// A device list flag's value (`flag` names it in errors): names, `auto`, or empty or `none`.
-fn device_list(flag: &str, value: &str) -> Result<Devices, String> {
+/// A device list flag's value: names, `auto`, or empty or `none`.
+fn device_list(flag: &'static str, value: &str) -> Result<Devices, FlagError> {
     let names: Vec<&str> = split_list(value).collect();
     match names.as_slice() {
         [] | ["none"] => Ok(Devices::None),
@@ -536,7 +576,11 @@ fn device_list(flag: &str, value: &str) -> Result<Devices, String> {
         names => {
             for n in names {
                 if *n == "auto" || *n == "none" || n.len() > 15 || n.contains('/') {
-                    return Err(format!("{flag}: {n:?} is not an interface name"));
+                    return Err(FlagError::new(
+                        flag,
+                        format!("{n:?}"),
+                        "is not an interface name",
+                    ));
                 }
             }
             Ok(Devices::Named(
@@ -563,13 +607,13 @@ mod tests {
             );
         }
         let err = parse(&["--source", "file:/x", "--max-new-flows", "0"]).unwrap_err();
-        assert_eq!(err, "--max-new-flows must be at least 1");
+        assert_eq!(err, "--max-new-flows 0: must be at least 1");
     }
 
     fn parse(args: &[&str]) -> Result<AgentArgs, String> {
         let a = AgentArgs::try_parse_from(["lb-agent"].iter().chain(args))
             .map_err(|e| e.to_string())?;
-        a.validate()?;
+        a.validate().map_err(|e| e.to_string())?;
         Ok(a)
     }
 

@@ -68,9 +68,12 @@ const TRIM_AFTER_UPDATES: usize = 64;
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// A flag is wrong.
-    #[error("{0}")]
-    Config(String),
+    /// The source ended, which it does not do while the agent runs.
+    #[error("the source stopped")]
+    SourceStopped,
+    /// A flag value it cannot use.
+    #[error(transparent)]
+    Flag(#[from] config::FlagError),
     /// The host lacks something.
     #[error(transparent)]
     Host(#[from] HostError),
@@ -90,7 +93,7 @@ pub enum AgentError {
 
 /// Runs the agent with these arguments.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    args.validate().map_err(AgentError::Config)?;
+    args.validate()?;
     let layout = PinLayout::new(&args.pin_dir);
     if args.cleanup {
         let done = loader::cleanup(&layout)?;
@@ -104,8 +107,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         info!(links = done.links, maps = done.maps, dir = %layout.root().display(), "cleaned up: programs detached, maps removed");
         return Ok(());
     }
-    let source = source::from_arg(args.source.as_deref().unwrap_or_default(), args.api())
-        .map_err(AgentError::Config)?;
+    let given = args.source.as_deref().unwrap_or_default();
+    let source = source::from_arg(given, args.api())
+        .map_err(|reason| config::FlagError::new("--source", given, reason))?;
     if host::ensure_bpffs(&args.bpffs)? {
         warn!(path = %args.bpffs.display(), "mounted the BPF filesystem: none was there. In a \
               container, this mount is the container's own and the pins go with it, so a \
@@ -117,7 +121,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     host::check_cgroup2(&cgroup)?;
 
-    let snat_ports = args.snat_range().map_err(AgentError::Config)?;
+    let snat_ports = args.snat_range()?;
     let settings = loader::Settings {
         snat_ports,
         debug: args.kernel_debug,
@@ -169,14 +173,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
     }
     let mut network = Network {
-        devices: args.xdp_devices().map_err(AgentError::Config)?,
-        overlays: args.overlay_devices().map_err(AgentError::Config)?,
+        devices: args.xdp_devices()?,
+        overlays: args.overlay_devices()?,
         mode: match args.xdp_mode {
             XdpModeArg::Auto => XdpMode::Default,
             XdpModeArg::Native => XdpMode::Driver,
             XdpModeArg::Generic => XdpMode::Skb,
         },
-        cidrs: args.nodeport_cidrs().map_err(AgentError::Config)?,
+        cidrs: args.nodeport_cidrs()?,
         proc_sys_net: args.proc_sys_net.clone(),
         attached,
         failed: BTreeSet::new(),
@@ -190,7 +194,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         &reconciler.datapath().capacities(),
     ));
     let (explainer, mut explain_rx) = mpsc::channel::<health::ExplainRequest>(8);
-    if let Some(addr) = args.healthz().map_err(AgentError::Config)? {
+    if let Some(addr) = args.healthz()? {
         let health = health.clone();
         tokio::spawn(async move {
             if let Err(e) = health::serve_health(addr, health).await {
@@ -198,7 +202,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         });
     }
-    if let Some(addr) = args.metrics().map_err(AgentError::Config)? {
+    if let Some(addr) = args.metrics()? {
         let (health, metrics) = (health.clone(), metrics.clone());
         tokio::spawn(async move {
             if let Err(e) = health::serve_metrics(addr, health, metrics).await {
@@ -235,7 +239,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut store = Store::new(args.node_name.clone());
-    store.set_external_ip_cidrs(args.external_ip_cidrs().map_err(AgentError::Config)?);
+    store.set_external_ip_cidrs(args.external_ip_cidrs()?);
     let mut out = Outputs {
         events,
         layout: layout.clone(),
@@ -264,7 +268,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 let Some(first) = received else {
                     return match (&mut source_task).await {
                         Ok(Err(e)) => Err(e.into()),
-                        _ => Err(AgentError::Config("the source stopped".into())),
+                        _ => Err(AgentError::SourceStopped),
                     };
                 };
                 // Coalesce whatever else is already queued into this sync.
