@@ -613,6 +613,161 @@ fn xdp_and_tc_translate_each_service_kind_with_valid_checksums() {
     });
 }
 
+/// What one packet's run of the XDP program must give: its verdict, where the frame goes
+/// (`None`: untouched), and the counters it moves, by exactly these amounts (every other
+/// counter stays), as Katran's and Cilium's BPF test tables do.
+struct Case {
+    what: &'static str,
+    proto: u8,
+    client: &'static str,
+    frontend: &'static str,
+    verdict: i32,
+    /// The rewritten source (`Snat(ip)`: that address, a port of the SNAT range) and
+    /// destination, or `None` for a frame passed untouched.
+    out: Option<(Source, &'static str)>,
+    counters: &'static [(u32, u64)],
+}
+
+/// The source a translated frame leaves with.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    /// The client's own.
+    Client,
+    /// This node's address, with a port of the SNAT range.
+    Snat(&'static str),
+}
+
+#[test]
+fn xdp_happy_paths_as_a_fixture_table() {
+    if !require_privileges("xdp_happy_paths_as_a_fixture_table") {
+        return;
+    }
+    let cases = [
+        Case {
+            what: "node port, Cluster policy, remote backend: DNAT and SNAT, out again",
+            proto: TCP,
+            client: "203.0.113.7:41000",
+            frontend: "192.0.2.1:30080",
+            verdict: XDP_TX,
+            out: Some((Source::Snat("192.0.2.1"), "192.0.2.50:8080")),
+            counters: &[(st::XDP_TRANSLATED, 1), (st::XDP_REDIRECTED, 1)],
+        },
+        Case {
+            what: "the same over UDP",
+            proto: UDP,
+            client: "203.0.113.7:41001",
+            frontend: "192.0.2.1:30053",
+            verdict: XDP_TX,
+            out: Some((Source::Snat("192.0.2.1"), "192.0.2.50:5353")),
+            counters: &[(st::XDP_TRANSLATED, 1), (st::XDP_REDIRECTED, 1)],
+        },
+        Case {
+            what: "the same over IPv6",
+            proto: TCP,
+            client: "[2001:db8:9::7]:41002",
+            frontend: "[2001:db8:1::1]:30080",
+            verdict: XDP_TX,
+            out: Some((Source::Snat("2001:db8:1::1"), "[2001:db8:1::50]:8080")),
+            counters: &[(st::XDP_TRANSLATED, 1), (st::XDP_REDIRECTED, 1)],
+        },
+        Case {
+            what: "load-balancer IP, Local policy: the local pod, the client's address kept",
+            proto: TCP,
+            client: "203.0.113.7:41003",
+            frontend: "198.51.100.10:443",
+            verdict: XDP_PASS,
+            out: Some((Source::Client, "10.244.0.10:8443")),
+            counters: &[(st::XDP_TRANSLATED, 1), (st::XDP_TO_STACK, 1)],
+        },
+        Case {
+            what: "the Local service's node port",
+            proto: TCP,
+            client: "203.0.113.8:41004",
+            frontend: "192.0.2.1:30443",
+            verdict: XDP_PASS,
+            out: Some((Source::Client, "10.244.0.10:8443")),
+            counters: &[(st::XDP_TRANSLATED, 1), (st::XDP_TO_STACK, 1)],
+        },
+        Case {
+            what: "a client outside loadBalancerSourceRanges: dropped",
+            proto: TCP,
+            client: "192.0.2.99:41005",
+            frontend: "198.51.100.10:443",
+            verdict: XDP_DROP,
+            out: None,
+            counters: &[(st::XDP_DROP_SOURCE_RANGE, 1)],
+        },
+        Case {
+            what: "an external IP, Local policy, no endpoint on this node: dropped",
+            proto: TCP,
+            client: "203.0.113.7:41006",
+            frontend: "198.51.100.20:8080",
+            verdict: XDP_DROP,
+            out: None,
+            counters: &[(st::XDP_DROP_NO_BACKEND, 1)],
+        },
+        Case {
+            what: "not a frontend: passed untouched, nothing counted",
+            proto: TCP,
+            client: "203.0.113.7:41007",
+            frontend: "192.0.2.1:22",
+            verdict: XDP_PASS,
+            out: None,
+            counters: &[],
+        },
+        Case {
+            what: "a frontend's port over the other protocol: untouched",
+            proto: UDP,
+            client: "203.0.113.7:41008",
+            frontend: "192.0.2.1:30080",
+            verdict: XDP_PASS,
+            out: None,
+            counters: &[],
+        },
+    ];
+    let node = Node::new();
+    node.run(|| {
+        let mut lab = Lab::new(&node.pins);
+        lab.program(&manifests(&[0]));
+        for c in &cases {
+            let input = frame(c.proto, sa(c.client), sa(c.frontend), b"payload");
+            let before = lab.stats();
+            let (verdict, output) = lab.xdp(&input);
+            let after = lab.stats();
+            assert_eq!(verdict, c.verdict, "{}", c.what);
+            match c.out {
+                None => assert_eq!(output, input, "{}: untouched", c.what),
+                Some((source, dst)) => {
+                    let out = packet::parse(&output)
+                        .unwrap_or_else(|e| panic!("{}: valid checksums: {e}", c.what));
+                    assert_eq!(out.dst, sa(dst), "{}", c.what);
+                    assert_eq!(out.payload, b"payload", "{}", c.what);
+                    match source {
+                        Source::Client => assert_eq!(out.src, sa(c.client), "{}", c.what),
+                        Source::Snat(ip) => {
+                            assert_eq!(out.src.ip(), ip.parse::<IpAddr>().unwrap(), "{}", c.what);
+                            assert!(in_snat_range(out.src.port()), "{}", c.what);
+                        }
+                    }
+                }
+            }
+            let moved: BTreeMap<&str, u64> = before
+                .iter()
+                .zip(&after)
+                .enumerate()
+                .filter(|(_, (b, a))| a != b)
+                .map(|(i, (b, a))| (st::NAMES[i], a - b))
+                .collect();
+            let expected: BTreeMap<&str, u64> = c
+                .counters
+                .iter()
+                .map(|(i, n)| (st::NAMES[*i as usize], *n))
+                .collect();
+            assert_eq!(moved, expected, "{}: counters", c.what);
+        }
+    });
+}
+
 #[test]
 fn malformed_and_unsupported_packets_pass_untouched_and_are_counted() {
     if !require_privileges("malformed_and_unsupported_packets_pass_untouched_and_are_counted") {
