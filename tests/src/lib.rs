@@ -32,9 +32,6 @@ use std::{
 /// followed by the creating process's pid (so stale ones can be recognised and swept).
 pub const PREFIX: &str = "lbt";
 
-/// Set to 1 to skip (with a message) the tests that need root, instead of failing them.
-pub const SKIP_ENV: &str = "LB_TESTS_SKIP_PRIVILEGED";
-
 /// One HTTP/1.0 GET of `path` from `addr` (from the calling thread's network namespace): the
 /// status code and the body.
 pub use lb_userspace::agent::health::get as http_get;
@@ -51,20 +48,16 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Whether the privileged tests can run. Without root they fail with a clear message,
-/// unless [`SKIP_ENV`] is set, when they print that they are skipped and return `false`.
-pub fn require_privileges(test: &str) -> bool {
+/// Fails test `test` at once, saying why, unless it runs as root: it creates network
+/// namespaces and a cgroup and loads BPF programs. The tests that call it are
+/// `#[ignore]`d, so a plain `cargo test` reports them as ignored (skipped) and
+/// `cargo xtask test` runs them (`--include-ignored`).
+pub fn require_privileges(test: &str) {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-        eprintln!("SKIPPED {test}: needs root (network namespaces, cgroups, BPF)");
-        return false;
-    }
-    panic!(
+    assert!(
+        unsafe { libc::geteuid() } == 0,
         "{test} needs root: it creates network namespaces and a cgroup and loads BPF programs. \
-         Run the tests as root (`sudo cargo xtask test`), or set {SKIP_ENV}=1 to skip them."
+         Run the tests as root: sudo cargo xtask test."
     );
 }
 

@@ -44,10 +44,9 @@ fn assert_fair(attempts: &[Attempt], n: usize) {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn tcp_connects_to_the_vip_are_spread_over_every_backend() {
-    if !require_privileges("tcp_connects_to_the_vip_are_spread_over_every_backend") {
-        return;
-    }
+    require_privileges("tcp_connects_to_the_vip_are_spread_over_every_backend");
     let w = three_backends(&[]);
     let attempts = w.probe(&["tcp", "10.96.0.10:80", "--count", "300"]);
     assert_fair(&attempts, 300);
@@ -102,10 +101,9 @@ fn tcp_connects_to_the_vip_are_spread_over_every_backend() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn udp_replies_come_from_the_vip_connected_or_not() {
-    if !require_privileges("udp_replies_come_from_the_vip_connected_or_not") {
-        return;
-    }
+    require_privileges("udp_replies_come_from_the_vip_connected_or_not");
     let w = three_backends(&[]);
     // Unconnected: each datagram is balanced, and recvfrom reports the VIP as the source.
     let attempts = w.probe(&["udp", "10.96.0.10:53", "--count", "150"]);
@@ -134,10 +132,9 @@ fn udp_replies_come_from_the_vip_connected_or_not() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn ipv6_tcp_and_udp_are_balanced() {
-    if !require_privileges("ipv6_tcp_and_udp_are_balanced") {
-        return;
-    }
+    require_privileges("ipv6_tcp_and_udp_are_balanced");
     let w = three_backends(&[]);
     let attempts = w.probe(&["tcp", "[fd00:96::10]:80", "--count", "150"]);
     assert_fair(&attempts, 150);
@@ -156,10 +153,9 @@ fn ipv6_tcp_and_udp_are_balanced() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn dual_stack_sockets_reach_ipv4_services_by_v4_mapped_address() {
-    if !require_privileges("dual_stack_sockets_reach_ipv4_services_by_v4_mapped_address") {
-        return;
-    }
+    require_privileges("dual_stack_sockets_reach_ipv4_services_by_v4_mapped_address");
     let w = three_backends(&[]);
     // An AF_INET6 socket connecting to ::ffff:10.96.0.10 goes through connect6.
     let attempts = w.probe(&["tcp", "[::ffff:10.96.0.10]:80", "--count", "150"]);
@@ -181,10 +177,9 @@ fn dual_stack_sockets_reach_ipv4_services_by_v4_mapped_address() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_service_without_backends_refuses_at_once() {
-    if !require_privileges("a_service_without_backends_refuses_at_once") {
-        return;
-    }
+    require_privileges("a_service_without_backends_refuses_at_once");
     let mut w = World::with_backends(1, PORT);
     w.write_manifest(
         "empty.yaml",
@@ -237,10 +232,9 @@ fn a_service_without_backends_refuses_at_once() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn malformed_input_is_skipped_and_other_services_keep_working() {
-    if !require_privileges("malformed_input_is_skipped_and_other_services_keep_working") {
-        return;
-    }
+    require_privileges("malformed_input_is_skipped_and_other_services_keep_working");
     let mut w = World::with_backends(2, PORT);
     let eps = |n: usize| -> Vec<Ep> { (0..n).map(|i| Ep::ready(w.backend_v4(i))).collect() };
     let good = documents(&[
@@ -336,12 +330,11 @@ fn malformed_input_is_skipped_and_other_services_keep_working() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_room() {
-    if !require_privileges(
+    require_privileges(
         "a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_room",
-    ) {
-        return;
-    }
+    );
     // demo/web's four frontends fill a service map of four.
     let w = web_world(2, &["--max-services", "4", "--namespace-share", "100"]);
     let vip = format!("{}:80", lb_tests::fixture::WEB_V4);
@@ -387,10 +380,9 @@ fn a_full_service_map_refuses_the_newcomer_whole_and_programs_it_once_there_is_r
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_service_over_the_backend_limit_follows_its_replaced_pods() {
-    if !require_privileges("a_service_over_the_backend_limit_follows_its_replaced_pods") {
-        return;
-    }
+    require_privileges("a_service_over_the_backend_limit_follows_its_replaced_pods");
     // Three endpoints over a limit of two: a stable subset of two serves (so b0 or b1).
     let mut w = World::with_backends(5, PORT);
     w.write_manifest("web.yaml", &web_manifest(&w, &[0, 1, 2]));
@@ -412,12 +404,11 @@ fn a_service_over_the_backend_limit_follows_its_replaced_pods() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_namespace_over_its_share_leaves_other_namespaces_new_services_programmed() {
-    if !require_privileges(
+    require_privileges(
         "a_namespace_over_its_share_leaves_other_namespaces_new_services_programmed",
-    ) {
-        return;
-    }
+    );
     // A service map of 16 and shares of 25%: four frontends per namespace.
     let w = web_world(2, &["--max-services", "16", "--namespace-share", "25"]);
     let one = |ns: &str, name: &str, ip: &str, backend: usize| {
@@ -494,10 +485,9 @@ fn greedy_missing(programmed: &[String]) -> usize {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn kernel_debug_events_are_logged_only_when_asked_for() {
-    if !require_privileges("kernel_debug_events_are_logged_only_when_asked_for") {
-        return;
-    }
+    require_privileges("kernel_debug_events_are_logged_only_when_asked_for");
     let quiet = three_backends(&[]);
     let attempts = quiet.probe(&["tcp", "10.96.0.10:80", "--count", "5"]);
     assert!(attempts.iter().all(|a| a.error.is_none()));
@@ -524,10 +514,9 @@ fn kernel_debug_events_are_logged_only_when_asked_for() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_older_service_cannot_take_cluster_dns_through_its_external_ips() {
-    if !require_privileges("an_older_service_cannot_take_cluster_dns_through_its_external_ips") {
-        return;
-    }
+    require_privileges("an_older_service_cannot_take_cluster_dns_through_its_external_ips");
     // CVE-2020-8554's class: `default/x` (older, a name that sorts first, no endpoints)
     // lists cluster DNS's address among its externalIPs. In either order of creation, and
     // after an agent restart, DNS stays with its own service.

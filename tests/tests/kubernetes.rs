@@ -26,10 +26,9 @@ fn world(api: &ApiServer, n: usize) -> World {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn the_initial_list_is_programmed_and_serves_traffic() {
-    if !require_privileges("the_initial_list_is_programmed_and_serves_traffic") {
-        return;
-    }
+    require_privileges("the_initial_list_is_programmed_and_serves_traffic");
     let api = ApiServer::start();
     let mut w = world(&api, 2);
     w.start_agent_kube(&api, &[]);
@@ -58,10 +57,9 @@ fn web_and_other(api: &ApiServer) -> World {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn watch_events_change_only_their_service() {
-    if !require_privileges("watch_events_change_only_their_service") {
-        return;
-    }
+    require_privileges("watch_events_change_only_their_service");
     let api = ApiServer::start();
     let w = web_and_other(&api);
     let other = w.service("demo/other");
@@ -99,10 +97,9 @@ fn watch_events_change_only_their_service() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn this_nodes_zone_comes_from_its_node_object() {
-    if !require_privileges("this_nodes_zone_comes_from_its_node_object") {
-        return;
-    }
+    require_privileges("this_nodes_zone_comes_from_its_node_object");
     let api = ApiServer::start();
     let mut w = World::with_backends(2, BACKEND_PORT);
     let eps = [
@@ -128,10 +125,9 @@ fn this_nodes_zone_comes_from_its_node_object() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_burst_of_slice_updates_converges_on_the_last_one() {
-    if !require_privileges("a_burst_of_slice_updates_converges_on_the_last_one") {
-        return;
-    }
+    require_privileges("a_burst_of_slice_updates_converges_on_the_last_one");
     let api = ApiServer::start();
     let w = web_and_other(&api);
     let other = w.service("demo/other");
@@ -155,10 +151,9 @@ fn a_burst_of_slice_updates_converges_on_the_last_one() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn dropped_watches_resume_without_relisting() {
-    if !require_privileges("dropped_watches_resume_without_relisting") {
-        return;
-    }
+    require_privileges("dropped_watches_resume_without_relisting");
     let api = ApiServer::start();
     let mut w = world(&api, 2);
     w.start_agent_kube(&api, &[]);
@@ -176,10 +171,9 @@ fn dropped_watches_resume_without_relisting() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_relist_after_410_gone_applies_only_what_changed() {
-    if !require_privileges("a_relist_after_410_gone_applies_only_what_changed") {
-        return;
-    }
+    require_privileges("a_relist_after_410_gone_applies_only_what_changed");
     let api = ApiServer::start();
     let w = web_and_other(&api);
     let (web, other) = (w.service("demo/web"), w.service("demo/other"));
@@ -221,10 +215,9 @@ fn a_relist_after_410_gone_applies_only_what_changed() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
-    if !require_privileges("an_api_outage_keeps_the_datapath_and_recovery_catches_up") {
-        return;
-    }
+    require_privileges("an_api_outage_keeps_the_datapath_and_recovery_catches_up");
     let api = ApiServer::start();
     let (w, port) = ready_world(&api);
     assert_eq!(metric(port, "lb_source_up"), Some(1.0));
@@ -271,10 +264,9 @@ fn an_api_outage_keeps_the_datapath_and_recovery_catches_up() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn metrics_report_the_agent_and_the_datapath() {
-    if !require_privileges("metrics_report_the_agent_and_the_datapath") {
-        return;
-    }
+    require_privileges("metrics_report_the_agent_and_the_datapath");
     let api = ApiServer::start();
     let mut w = world(&api, 2);
     api.apply(&duplicate_port_service());
@@ -350,10 +342,9 @@ fn metrics_report_the_agent_and_the_datapath() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn services_for_another_proxy_are_filtered_by_the_api() {
-    if !require_privileges("services_for_another_proxy_are_filtered_by_the_api") {
-        return;
-    }
+    require_privileges("services_for_another_proxy_are_filtered_by_the_api");
     let api = ApiServer::start();
     let mut w = world(&api, 1);
     let theirs = Svc::new("demo", "theirs", &["10.96.0.40"], &[("", 80, "TCP")])
@@ -416,10 +407,9 @@ fn free_port() -> u16 {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn the_agent_is_ready_only_after_its_first_complete_sync() {
-    if !require_privileges("the_agent_is_ready_only_after_its_first_complete_sync") {
-        return;
-    }
+    require_privileges("the_agent_is_ready_only_after_its_first_complete_sync");
     let api = ApiServer::start();
     let w = world(&api, 1);
     let mut w = w;
@@ -447,10 +437,9 @@ fn the_agent_is_ready_only_after_its_first_complete_sync() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn the_service_of_the_agents_own_api_address_never_loses_every_backend() {
-    if !require_privileges("the_service_of_the_agents_own_api_address_never_loses_every_backend") {
-        return;
-    }
+    require_privileges("the_service_of_the_agents_own_api_address_never_loses_every_backend");
     let api = ApiServer::start();
     let mut w = world(&api, 1);
     // The agent reaches the API at 127.0.0.1:<port>; a service names that address.
@@ -494,10 +483,9 @@ fn the_service_of_the_agents_own_api_address_never_loses_every_backend() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn service_semantics_arrive_through_the_api() {
-    if !require_privileges("service_semantics_arrive_through_the_api") {
-        return;
-    }
+    require_privileges("service_semantics_arrive_through_the_api");
     let api = ApiServer::start();
     let mut w = World::with_backends(3, BACKEND_PORT);
     let port = [("", P, "TCP")];
@@ -556,10 +544,9 @@ fn service_semantics_arrive_through_the_api() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_unprogrammable_service_gets_one_warning_event() {
-    if !require_privileges("an_unprogrammable_service_gets_one_warning_event") {
-        return;
-    }
+    require_privileges("an_unprogrammable_service_gets_one_warning_event");
     let api = ApiServer::start();
     let mut w = world(&api, 1);
     api.apply(&duplicate_port_service());
@@ -600,10 +587,9 @@ fn an_unprogrammable_service_gets_one_warning_event() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_upgrade_to_new_map_layouts_has_no_gap_even_before_the_api_answers() {
-    if !require_privileges("an_upgrade_to_new_map_layouts_has_no_gap_even_before_the_api_answers") {
-        return;
-    }
+    require_privileges("an_upgrade_to_new_map_layouts_has_no_gap_even_before_the_api_answers");
     use lb_common::maps;
     let api = ApiServer::start();
     let mut w = world(&api, 2);
@@ -679,10 +665,9 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn sustained_endpoint_churn_is_coalesced_with_bounded_memory() {
-    if !require_privileges("sustained_endpoint_churn_is_coalesced_with_bounded_memory") {
-        return;
-    }
+    require_privileges("sustained_endpoint_churn_is_coalesced_with_bounded_memory");
     const SERVICES: usize = 100;
     const MAX_UPDATES: usize = 20_000;
     const BURST: Duration = Duration::from_secs(3);
@@ -759,10 +744,9 @@ fn sustained_endpoint_churn_is_coalesced_with_bounded_memory() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_scrape_storm_delays_no_sync_and_grows_no_memory() {
-    if !require_privileges("a_scrape_storm_delays_no_sync_and_grows_no_memory") {
-        return;
-    }
+    require_privileges("a_scrape_storm_delays_no_sync_and_grows_no_memory");
     let api = ApiServer::start();
     let mut w = world(&api, 2);
     let port = free_port();
@@ -811,10 +795,9 @@ fn a_scrape_storm_delays_no_sync_and_grows_no_memory() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_api_server_that_answers_nothing_makes_the_agent_unready() {
-    if !require_privileges("an_api_server_that_answers_nothing_makes_the_agent_unready") {
-        return;
-    }
+    require_privileges("an_api_server_that_answers_nothing_makes_the_agent_unready");
     let api = ApiServer::start();
     let (w, port) = ready_world(&api);
     // The server accepts connections and answers nothing (as if stopped with SIGSTOP): the

@@ -17,10 +17,9 @@ fn vip() -> String {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_removed_backend_gets_no_new_connections_within_a_second_and_keeps_established_ones() {
-    if !require_privileges("a_removed_backend_gets_no_new_connections") {
-        return;
-    }
+    require_privileges("a_removed_backend_gets_no_new_connections");
     let w = web_world(3, &[]);
     // Hold a connection that landed on b2 (each try has a 1/3 chance).
     let mut held = (0..60)
@@ -64,10 +63,9 @@ fn a_removed_backend_gets_no_new_connections_within_a_second_and_keeps_establish
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn backend_changes_under_load_leave_no_connection_untranslated() {
-    if !require_privileges("backend_changes_under_load_leave_no_connection_untranslated") {
-        return;
-    }
+    require_privileges("backend_changes_under_load_leave_no_connection_untranslated");
     let w = web_world(4, &[]);
     let frontend = format!("{WEB_V4}:80/TCP");
     // Connections all along, from another thread, while the backends change under them:
@@ -148,10 +146,9 @@ fn backend_changes_under_load_leave_no_connection_untranslated() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_agent_crash_and_restart_keep_connections_and_maps() {
-    if !require_privileges("an_agent_crash_and_restart_keep_connections_and_maps") {
-        return;
-    }
+    require_privileges("an_agent_crash_and_restart_keep_connections_and_maps");
     let mut w = web_world(3, &[]);
     let mut held = w.hold(&vip());
     let backend = held.first.backend.clone().expect("answered");
@@ -202,10 +199,9 @@ fn an_agent_crash_and_restart_keep_connections_and_maps() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_stopped_agent_leaves_the_datapath_and_cleanup_removes_it() {
-    if !require_privileges("a_stopped_agent_leaves_the_datapath_and_cleanup_removes_it") {
-        return;
-    }
+    require_privileges("a_stopped_agent_leaves_the_datapath_and_cleanup_removes_it");
     let mut w = web_world(2, &[]);
     w.stop_agent();
     assert!(
@@ -238,10 +234,9 @@ fn a_stopped_agent_leaves_the_datapath_and_cleanup_removes_it() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_deleted_service_stops_being_translated() {
-    if !require_privileges("a_deleted_service_stops_being_translated") {
-        return;
-    }
+    require_privileges("a_deleted_service_stops_being_translated");
     let w = web_world(1, &[]);
     w.remove_manifest("web.yaml");
     // Its backends go with it, after a grace period.
@@ -266,12 +261,11 @@ fn capabilities(pid: u32, set: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_only() {
-    if !require_privileges(
+    require_privileges(
         "the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_only",
-    ) {
-        return;
-    }
+    );
     use std::os::unix::fs::PermissionsExt as _;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -334,10 +328,9 @@ fn the_running_agent_keeps_only_the_capabilities_it_needs_and_its_pins_are_root_
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn raising_map_capacities_copies_the_maps_without_a_gap() {
-    if !require_privileges("raising_map_capacities_copies_the_maps_without_a_gap") {
-        return;
-    }
+    require_privileges("raising_map_capacities_copies_the_maps_without_a_gap");
     let small = ["--max-rev-nat", "1024", "--max-services", "16"];
     let mut w = web_world(2, &small);
     let mut held = w.hold(&vip());
@@ -387,10 +380,9 @@ fn raising_map_capacities_copies_the_maps_without_a_gap() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_upgrade_from_the_v1_service_maps_migrates_them_and_keeps_the_ids() {
-    if !require_privileges("an_upgrade_from_the_v1_service_maps_migrates_them") {
-        return;
-    }
+    require_privileges("an_upgrade_from_the_v1_service_maps_migrates_them");
     let mut w = web_world(3, &[]);
     let mut held = w.hold(&vip());
     let backend = held.first.backend.clone().expect("answered");
@@ -444,10 +436,9 @@ fn an_upgrade_from_the_v1_service_maps_migrates_them_and_keeps_the_ids() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn json_logs_are_one_object_per_line() {
-    if !require_privileges("json_logs_are_one_object_per_line") {
-        return;
-    }
+    require_privileges("json_logs_are_one_object_per_line");
     let w = web_world(1, &["--log-format", "json"]);
     let log = w.agent_log();
     let lines: Vec<serde_json::Value> = log
@@ -473,10 +464,9 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn idle_connections_to_the_health_port_do_not_crowd_out_probes() {
-    if !require_privileges("idle_connections_to_the_health_port_do_not_crowd_out_probes") {
-        return;
-    }
+    require_privileges("idle_connections_to_the_health_port_do_not_crowd_out_probes");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")

@@ -162,10 +162,9 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn node_ports_and_load_balancer_ips_reach_pods_through_xdp() {
-    if !require_privileges("node_ports_and_load_balancer_ips_reach_pods_through_xdp") {
-        return;
-    }
+    require_privileges("node_ports_and_load_balancer_ips_reach_pods_through_xdp");
     let mut c = Cluster::new(PORT);
     manifests(&c);
     c.native_peers();
@@ -381,10 +380,9 @@ fn start_agent(c: &mut Cluster, (frontend, backends): (&str, usize), args: &[&st
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn health_is_served_to_all_and_metrics_only_on_the_nodes_loopback() {
-    if !require_privileges("health_is_served_to_all_and_metrics_only_on_the_nodes_loopback") {
-        return;
-    }
+    require_privileges("health_is_served_to_all_and_metrics_only_on_the_nodes_loopback");
     // The agent's default ports, as kube-proxy's: health on every address, metrics on
     // loopback.
     let (c, _) = web_cluster();
@@ -408,10 +406,9 @@ fn health_is_served_to_all_and_metrics_only_on_the_nodes_loopback() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
-    if !require_privileges("session_affinity_keeps_a_client_on_one_backend_from_outside") {
-        return;
-    }
+    require_privileges("session_affinity_keeps_a_client_on_one_backend_from_outside");
     let node_port = format!("{NODE_A}:30084");
     let sticky = documents(&[
         lb_service(
@@ -457,12 +454,9 @@ fn session_affinity_keeps_a_client_on_one_backend_from_outside() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
-    if !require_privileges(
-        "a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone",
-    ) {
-        return;
-    }
+    require_privileges("a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone");
     const FLOWS: u64 = 4096;
     const SECONDS: u64 = 10;
     const RATE: u64 = 10_000;
@@ -527,10 +521,9 @@ fn a_spoofed_syn_flood_filling_the_flow_maps_leaves_established_flows_alone() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_node_port_without_endpoints_refuses_connections_at_once() {
-    if !require_privileges("a_node_port_without_endpoints_refuses_connections_at_once") {
-        return;
-    }
+    require_privileges("a_node_port_without_endpoints_refuses_connections_at_once");
     let frontend = format!("{NODE_A}:30080");
     let c = started(("web.yaml", &web(&[])), (&frontend, 0), &[]);
     // As with kube-proxy's REJECT: ECONNREFUSED from the ICMP port unreachable, at once,
@@ -544,10 +537,9 @@ fn a_node_port_without_endpoints_refuses_connections_at_once() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn node_ports_and_load_balancer_ips_reach_pods_over_ipv6() {
-    if !require_privileges("node_ports_and_load_balancer_ips_reach_pods_over_ipv6") {
-        return;
-    }
+    require_privileges("node_ports_and_load_balancer_ips_reach_pods_over_ipv6");
     let node_port = format!("[{NODE_A6}]:30090");
     let c = started(("web6.yaml", &web6()), (&node_port, 3), &[]);
     let mut attempts = c.tcp(sa(&node_port), 30);
@@ -618,10 +610,9 @@ fn web6() -> String {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back() {
-    if !require_privileges("pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back") {
-        return;
-    }
+    require_privileges("pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back");
     // Node A reaches node B's pods through vx0, which runs no XDP. Flows to them are SNATed
     // all the same (the agent knows they run on node B), and their replies, which arrive on
     // vx0, are reversed there by the overlay program.
@@ -673,10 +664,9 @@ fn pods_behind_a_vxlan_overlay_are_reached_snated_and_answer_back() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_external_ip_equal_to_a_node_address_is_refused() {
-    if !require_privileges("an_external_ip_equal_to_a_node_address_is_refused") {
-        return;
-    }
+    require_privileges("an_external_ip_equal_to_a_node_address_is_refused");
     // A tenant's service lists node A's own address among its externalIPs, to take the
     // node's port 9999 (any port of the node: SSH, the kubelet) in XDP. It is refused, with
     // a warning and a metric; its other external IP is served.
@@ -710,10 +700,9 @@ fn an_external_ip_equal_to_a_node_address_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn strict_reverse_path_filtering_on_an_xdp_device_is_warned_about() {
-    if !require_privileges("strict_reverse_path_filtering_on_an_xdp_device_is_warned_about") {
-        return;
-    }
+    require_privileges("strict_reverse_path_filtering_on_an_xdp_device_is_warned_about");
     // With rp_filter 1, IPv4 flows XDP SNATs and hands to the stack (into an overlay) are
     // dropped as martians (tried: the VXLAN test fails so); the agent says what to set.
     let mut c = Cluster::new(PORT);
@@ -733,10 +722,9 @@ fn strict_reverse_path_filtering_on_an_xdp_device_is_warned_about() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend() {
-    if !require_privileges("a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend") {
-        return;
-    }
+    require_privileges("a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend");
     // Nothing listens on port 9999 of the pods: each answers a datagram with an ICMP port
     // unreachable. The local pod's leaves by tc egress, the remote pod's (SNATed) comes back
     // through XDP; both reach the client from the node port, so its connected socket gets
@@ -784,10 +772,9 @@ fn a_closed_udp_port_behind_a_node_port_is_refused_from_the_frontend() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn path_mtu_discovery_works_through_a_node_port() {
-    if !require_privileges("path_mtu_discovery_works_through_a_node_port") {
-        return;
-    }
+    require_privileges("path_mtu_discovery_works_through_a_node_port");
     let frontend = format!("{NODE_A}:30080");
     let c = started(("web.yaml", &web(&[ALL_PODS[1]])), (&frontend, 1), &[]);
     // The link between the nodes is narrower than the client's and the pod's: the client's
@@ -808,10 +795,9 @@ fn path_mtu_discovery_works_through_a_node_port() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn removing_one_backend_keeps_established_flows_to_the_others() {
-    if !require_privileges("removing_one_backend_keeps_established_flows_to_the_others") {
-        return;
-    }
+    require_privileges("removing_one_backend_keeps_established_flows_to_the_others");
     let (c, frontend) = web_cluster();
     // Held connections until one is on node A's pod and one on pod-b1.
     let mut held = Vec::new();
@@ -850,10 +836,9 @@ fn removing_one_backend_keeps_established_flows_to_the_others() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp() {
-    if !require_privileges("a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp") {
-        return;
-    }
+    require_privileges("a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp");
     let (mut c, frontend) = web_cluster();
     let mut held: Vec<_> = (0..6).map(|_| c.hold(sa(&frontend))).collect();
     for h in &held {
@@ -906,10 +891,9 @@ fn a_restarted_agent_keeps_north_south_flows_and_cleanup_detaches_xdp() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn many_short_connections_through_a_small_snat_range_all_succeed() {
-    if !require_privileges("many_short_connections_through_a_small_snat_range_all_succeed") {
-        return;
-    }
+    require_privileges("many_short_connections_through_a_small_snat_range_all_succeed");
     // Sequential short connections (one request, closed by the client) to a node port whose
     // only backend is on node B, so each is SNATed: 256 ports serve them all, as each port
     // comes back when its flow closes. Bounded in count and time.

@@ -38,10 +38,9 @@ fn connect(w: &World, n: u32) -> Vec<Attempt> {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one() {
-    if !require_privileges("session_affinity") {
-        return;
-    }
+    require_privileges("session_affinity");
     let mut w = world(3);
     let sticky = || plain().spec("sessionAffinity", json!("ClientIP"));
     let all: Vec<Ep> = (0..3).map(|i| Ep::ready(w.backend_v4(i))).collect();
@@ -82,10 +81,9 @@ fn session_affinity_keeps_a_client_on_one_backend_and_never_reuses_a_removed_one
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn session_affinity_expires_after_its_timeout() {
-    if !require_privileges("session_affinity_expires_after_its_timeout") {
-        return;
-    }
+    require_privileges("session_affinity_expires_after_its_timeout");
     let mut w = world(2);
     let sticky = plain().spec("sessionAffinity", json!("ClientIP")).spec(
         "sessionAffinityConfig",
@@ -106,10 +104,9 @@ fn session_affinity_expires_after_its_timeout() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn terminating_endpoints_serve_only_while_none_is_ready() {
-    if !require_privileges("terminating_endpoints_serve_only_while_none_is_ready") {
-        return;
-    }
+    require_privileges("terminating_endpoints_serve_only_while_none_is_ready");
     let mut w = world(2);
     let terminating: Vec<Ep> = (0..2).map(|i| Ep::terminating(w.backend_v4(i))).collect();
     w.write_manifest("s.yaml", &manifest(plain(), &terminating));
@@ -124,10 +121,9 @@ fn terminating_endpoints_serve_only_while_none_is_ready() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
-    if !require_privileges("internal_traffic_policy_local") {
-        return;
-    }
+    require_privileges("internal_traffic_policy_local");
     let mut w = world(2);
     let local = || plain().spec("internalTrafficPolicy", json!("Local"));
     let eps = [
@@ -149,10 +145,9 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn topology_hints_steer_to_this_nodes_zone() {
-    if !require_privileges("topology_hints_steer_to_this_nodes_zone") {
-        return;
-    }
+    require_privileges("topology_hints_steer_to_this_nodes_zone");
     let mut w = world(2);
     let eps = [
         Ep::ready(w.backend_v4(0)).for_zones(&["zone-a"]),
@@ -176,10 +171,9 @@ fn topology_hints_steer_to_this_nodes_zone() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn external_ips_are_served_for_connections_from_this_node() {
-    if !require_privileges("external_ips_are_served_for_connections_from_this_node") {
-        return;
-    }
+    require_privileges("external_ips_are_served_for_connections_from_this_node");
     let mut w = world(2);
     let svc = plain().spec("externalIPs", json!(["192.0.2.10"]));
     let eps: Vec<Ep> = (0..2).map(|i| Ep::ready(w.backend_v4(i))).collect();
@@ -196,10 +190,9 @@ fn external_ips_are_served_for_connections_from_this_node() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_pod_reaching_its_own_service_lands_on_itself() {
-    if !require_privileges("a_pod_reaching_its_own_service_lands_on_itself") {
-        return;
-    }
+    require_privileges("a_pod_reaching_its_own_service_lands_on_itself");
     let mut w = World::new(0);
     w.serve_in_client("self", BACKEND_PORT);
     w.write_manifest("s.yaml", &manifest(plain(), &[Ep::ready(w.client_v4())]));
@@ -215,10 +208,9 @@ fn a_pod_reaching_its_own_service_lands_on_itself() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn one_port_number_over_tcp_and_udp_is_two_frontends() {
-    if !require_privileges("one_port_number_over_tcp_and_udp_is_two_frontends") {
-        return;
-    }
+    require_privileges("one_port_number_over_tcp_and_udp_is_two_frontends");
     let mut w = world(1);
     let ports = [("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")];
     let slice_ports = [("dns", P, "UDP"), ("dns-tcp", P, "TCP")];
@@ -251,10 +243,9 @@ fn one_port_number_over_tcp_and_udp_is_two_frontends() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn services_of_another_proxy_and_headless_services_get_no_entries() {
-    if !require_privileges("services_of_another_proxy_and_headless_services_get_no_entries") {
-        return;
-    }
+    require_privileges("services_of_another_proxy_and_headless_services_get_no_entries");
     let mut w = world(1);
     let ep = [Ep::ready(w.backend_v4(0))];
     let other = Svc::new("demo", "other", &["10.96.1.2"], &[("", 80, "TCP")])
@@ -270,10 +261,9 @@ fn services_of_another_proxy_and_headless_services_get_no_entries() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn explain_says_why_each_endpoint_is_or_is_not_eligible() {
-    if !require_privileges("explain_says_why_each_endpoint_is_or_is_not_eligible") {
-        return;
-    }
+    require_privileges("explain_says_why_each_endpoint_is_or_is_not_eligible");
     let mut w = world(4);
     let svc = plain().spec("internalTrafficPolicy", json!("Local"));
     let eps = [

@@ -64,10 +64,9 @@ fn moves_on(resolver: &mut Held, gone: &str, stays: usize, vip: &str) {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_stale_connected_udp_socket_is_destroyed_and_the_client_moves_on() {
-    if !require_privileges("a_stale_connected_udp_socket_is_destroyed") {
-        return;
-    }
+    require_privileges("a_stale_connected_udp_socket_is_destroyed");
     let mut w = World::with_backends(2, BACKEND_PORT);
     w.write_manifest("dns.yaml", &manifest(&w, &[0, 1]));
     w.start_agent(&[]);
@@ -113,10 +112,9 @@ fn a_stale_connected_udp_socket_is_destroyed_and_the_client_moves_on() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects_evicted_its_reverse_nat() {
-    if !require_privileges("a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects") {
-        return;
-    }
+    require_privileges("a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects");
     // A reverse-NAT map of 1024 and five times as many TCP connects after the UDP socket's:
     // its LRU entry is long evicted, and the socket is found all the same.
     let mut w = World::with_backends(2, BACKEND_PORT);
@@ -160,10 +158,9 @@ fn a_stale_udp_socket_is_found_after_a_storm_of_tcp_connects_evicted_its_reverse
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn an_agent_with_only_the_daemonsets_capabilities_serves_and_finds_stale_sockets() {
-    if !require_privileges("an_agent_with_only_the_daemonsets_capabilities") {
-        return;
-    }
+    require_privileges("an_agent_with_only_the_daemonsets_capabilities");
     // No CAP_SYS_PTRACE: the client's namespace, whose processes hold more capabilities than
     // the agent, is found where `ip netns` pins it (/run/netns), as a runtime pins pods'.
     let caps: Vec<String> = lb_userspace::agent::privileges::DAEMONSET

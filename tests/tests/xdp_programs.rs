@@ -445,10 +445,9 @@ fn in_snat_range(p: u16) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn the_kernel_object_of_the_default_build_loads() {
-    if !require_privileges("the_kernel_object_of_the_default_build_loads") {
-        return;
-    }
+    require_privileges("the_kernel_object_of_the_default_build_loads");
     // `cargo xtask build-ebpf` without --release; `cargo xtask test` builds it there.
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/lb-ebpf-dev.o");
     let Ok(object) = fs::read(&path) else {
@@ -467,10 +466,9 @@ fn the_kernel_object_of_the_default_build_loads() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn xdp_and_tc_translate_each_service_kind_with_valid_checksums() {
-    if !require_privileges("xdp_and_tc_translate_each_service_kind_with_valid_checksums") {
-        return;
-    }
+    require_privileges("xdp_and_tc_translate_each_service_kind_with_valid_checksums");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -638,10 +636,9 @@ enum Source {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn xdp_happy_paths_as_a_fixture_table() {
-    if !require_privileges("xdp_happy_paths_as_a_fixture_table") {
-        return;
-    }
+    require_privileges("xdp_happy_paths_as_a_fixture_table");
     let cases = [
         Case {
             what: "node port, Cluster policy, remote backend: DNAT and SNAT, out again",
@@ -769,10 +766,9 @@ fn xdp_happy_paths_as_a_fixture_table() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn malformed_and_unsupported_packets_pass_untouched_and_are_counted() {
-    if !require_privileges("malformed_and_unsupported_packets_pass_untouched_and_are_counted") {
-        return;
-    }
+    require_privileges("malformed_and_unsupported_packets_pass_untouched_and_are_counted");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -902,10 +898,9 @@ fn malformed_and_unsupported_packets_pass_untouched_and_are_counted() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn established_flows_keep_their_backend_while_the_backend_set_changes() {
-    if !require_privileges("established_flows_keep_their_backend_while_the_backend_set_changes") {
-        return;
-    }
+    require_privileges("established_flows_keep_their_backend_while_the_backend_set_changes");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -991,10 +986,9 @@ fn established_flows_keep_their_backend_while_the_backend_set_changes() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn flows_move_to_the_maps_of_answered_flows_once_answered() {
-    if !require_privileges("flows_move_to_the_maps_of_answered_flows_once_answered") {
-        return;
-    }
+    require_privileges("flows_move_to_the_maps_of_answered_flows_once_answered");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -1100,10 +1094,9 @@ fn ends(k: &FlowKey) -> (SocketAddr, SocketAddr) {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn flows_have_a_state_and_a_lifetime_and_expire() {
-    if !require_privileges("flows_have_a_state_and_a_lifetime_and_expire") {
-        return;
-    }
+    require_privileges("flows_have_a_state_and_a_lifetime_and_expire");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -1189,10 +1182,9 @@ fn flows_have_a_state_and_a_lifetime_and_expire() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn snat_ports_of_ended_flows_come_back_without_a_sweep() {
-    if !require_privileges("snat_ports_of_ended_flows_come_back_without_a_sweep") {
-        return;
-    }
+    require_privileges("snat_ports_of_ended_flows_come_back_without_a_sweep");
     let node = Node::new();
     node.run(|| {
         let settings = Settings {
@@ -1256,10 +1248,9 @@ fn snat_ports_of_ended_flows_come_back_without_a_sweep() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_closing_flow_keeps_its_snat_port_until_both_ends_are_done() {
-    if !require_privileges("a_closing_flow_keeps_its_snat_port_until_both_ends_are_done") {
-        return;
-    }
+    require_privileges("a_closing_flow_keeps_its_snat_port_until_both_ends_are_done");
     let node = Node::new();
     node.run(|| {
         // One SNAT port: a second flow gets it only when the first is over at both ends.
@@ -1322,10 +1313,9 @@ fn a_closing_flow_keeps_its_snat_port_until_both_ends_are_done() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn clients_keep_their_backend_under_session_affinity_until_the_timeout() {
-    if !require_privileges("clients_keep_their_backend_under_session_affinity_until_the_timeout") {
-        return;
-    }
+    require_privileges("clients_keep_their_backend_under_session_affinity_until_the_timeout");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -1401,10 +1391,9 @@ fn clients_keep_their_backend_under_session_affinity_until_the_timeout() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn a_cluster_service_with_no_backend_answers_port_unreachable() {
-    if !require_privileges("a_cluster_service_with_no_backend_answers_port_unreachable") {
-        return;
-    }
+    require_privileges("a_cluster_service_with_no_backend_answers_port_unreachable");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -1445,10 +1434,9 @@ fn a_cluster_service_with_no_backend_answers_port_unreachable() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
-    if !require_privileges("snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed") {
-        return;
-    }
+    require_privileges("snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -1567,10 +1555,9 @@ fn snat_follows_where_the_backend_runs_and_overlay_replies_are_reversed() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn icmp_errors_about_translated_flows_reach_the_other_side() {
-    if !require_privileges("icmp_errors_about_translated_flows_reach_the_other_side") {
-        return;
-    }
+    require_privileges("icmp_errors_about_translated_flows_reach_the_other_side");
     let node = Node::new();
     node.run(|| {
         let mut lab = Lab::new(&node.pins);
@@ -1690,10 +1677,9 @@ fn icmp_errors_about_translated_flows_reach_the_other_side() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn packets_too_big_for_the_translated_route_get_an_icmp_with_its_mtu() {
-    if !require_privileges("packets_too_big_for_the_translated_route_get_an_icmp_with_its_mtu") {
-        return;
-    }
+    require_privileges("packets_too_big_for_the_translated_route_get_an_icmp_with_its_mtu");
     let node = Node::new();
     // The route to the backends (and to the clients) takes 1280 bytes at most.
     node.ns
@@ -1958,12 +1944,9 @@ fn udp4_without_checksum(f: &[u8]) -> Option<usize> {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums() {
-    if !require_privileges(
-        "fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums",
-    ) {
-        return;
-    }
+    require_privileges("fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums");
     let (iterations, seed) = fuzz_settings();
     eprintln!("packet fuzzer: {iterations} frames, LB_FUZZ_SEED={seed}");
     let node = Node::new();
@@ -2072,10 +2055,9 @@ fn fuzzed_frames_are_translated_only_for_services_and_keep_valid_checksums() {
 }
 
 #[test]
+#[ignore = "needs root: run by cargo xtask test (or cargo test -- --include-ignored as root)"]
 fn kernel_debug_events_cost_nothing_when_off() {
-    if !require_privileges("kernel_debug_events_cost_nothing_when_off") {
-        return;
-    }
+    require_privileges("kernel_debug_events_cost_nothing_when_off");
     // The verifier removes the event code when the switch is off: the programs it leaves
     // are smaller than with the switch on.
     let size = |debug: bool| {

@@ -109,9 +109,19 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     step("build the binaries");
     cargo(&["build", "--workspace", "--bins"])?;
     step("unit and namespace tests");
+    cargo(&test_args(cargo_test_args))
+}
+
+/// `cargo test --workspace` with the caller's arguments, running the namespace tests too:
+/// they are `#[ignore]`d (they need root), so a plain `cargo test` reports them as ignored.
+fn test_args(cargo_test_args: &[String]) -> Vec<&str> {
     let mut args = vec!["test", "--workspace"];
     args.extend(cargo_test_args.iter().map(String::as_str));
-    cargo(&args)
+    if !args.contains(&"--") {
+        args.push("--");
+    }
+    args.push("--include-ignored");
+    args
 }
 
 fn fuzz(frames: u64, cases: u64, seed: Option<u64>) -> Result<()> {
@@ -145,6 +155,7 @@ fn fuzz(frames: u64, cases: u64, seed: Option<u64>) -> Result<()> {
             "xdp_programs",
             "fuzzed",
             "--",
+            "--include-ignored",
             "--nocapture",
         ],
         &env,
