@@ -7,13 +7,13 @@
 //! and disconnects it: a pending or next receive fails with ECONNABORTED, a next send with
 //! EDESTADDRREQ; the application reconnects, and the new connect is balanced again.
 //!
-//! Only sockets the hooks translated for that frontend are destroyed: the socket's entry in
-//! the connected-UDP-socket map (kept until it closes, whatever else connects meanwhile), or
-//! else its reverse-NAT entry (cookie, backend), must name the frontend. A socket that talks to the pod IP
-//! directly is never touched. sock_diag works per network namespace, so every namespace of
-//! the node (found through `/proc/*/ns/net`) is dumped, from a short-lived thread that enters
-//! it. Established TCP connections are left alone, as kube-proxy leaves them: the backend pod
-//! ends them when it terminates.
+//! Only sockets the hooks translated for that frontend are destroyed: the socket's entry in the
+//! connected-UDP-socket map (kept until it closes, whatever else connects meanwhile), or else
+//! its reverse-NAT entry (cookie, backend), must name the frontend. A socket that talks to the
+//! pod IP directly is never touched. sock_diag works per network namespace, so every namespace
+//! of the node (found where the runtime pins them, `--netns-dirs`, and through
+//! `/proc/*/ns/net`) is dumped, from a short-lived thread that enters it. Established TCP connections are left alone, as kube-proxy leaves them: the
+//! backend pod ends them when it terminates.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -17,9 +17,9 @@
 //! What the switches leave behind (old slots, the slots and info of removed frontends, old
 //! table regions, backends nothing names, freed ids) is deleted only after a grace period
 //! ([`Datapath::begin_grace`], [`Reconciler::retire`]): a program that read an entry just
-//! before it changed still finds the whole table it read. So every prefix of the writes is a state in which any lookup finds a
-//! whole service, and a write that fails leaves the maps consistent; the frontend is retried
-//! on the next sync.
+//! before it changed still finds the whole table it read. So every prefix of the writes is a
+//! state in which any lookup finds a whole service, and a write that fails leaves the maps
+//! consistent; the frontend is retried on the next sync.
 //!
 //! Slots keep their backends where possible. Capacity is checked before a frontend is
 //! touched, counting the new table beside the old: a change that would overflow a map is

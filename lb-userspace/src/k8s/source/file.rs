@@ -2,8 +2,8 @@
 //!
 //! Every `*.yaml`, `*.yml` and `*.json` file directly in the directory (hidden files aside) is
 //! read as YAML documents; `v1` Services, `discovery.k8s.io/v1` EndpointSlices, `v1` Nodes (for
-//! this node's zone) and `v1` Lists of them are used, other kinds are ignored. The directory is watched with inotify, and a
-//! burst of changes is coalesced into one rescan.
+//! this node's zone) and `v1` Lists of them are used, other kinds are ignored. The directory is
+//! watched with inotify, and a burst of changes is coalesced into one rescan.
 //!
 //! Bad input never takes working services down: a file that is not valid YAML keeps the
 //! objects it had at its last good read, and a document that is not a valid object keeps that
