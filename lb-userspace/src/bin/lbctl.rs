@@ -135,11 +135,11 @@ fn emit<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> Strin
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> Result<(), LbctlError> {
     let layout = PinLayout::new(&args.pin_dir);
-    let contents = || -> Result<_, String> {
-        let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
-        maps.read().map_err(|e| e.to_string())
+    let contents = || -> Result<_, LbctlError> {
+        let maps = MapSet::open_pinned(&layout)?;
+        Ok(maps.read()?)
     };
     match args.command {
         Command::Services => emit(args.output, &cli::services(&contents()?), |r| {
@@ -148,7 +148,9 @@ fn run(args: Args) -> Result<(), String> {
         Command::Service { selector } => {
             let details = cli::service_detail(&contents()?, &selector);
             if details.is_empty() {
-                return Err(format!("no frontend matches {selector:?}"));
+                return Err(LbctlError::NoMatch(format!(
+                    "no frontend matches {selector:?}"
+                )));
             }
             emit(args.output, &details, |d| cli::detail_text(d));
         }
@@ -156,14 +158,13 @@ fn run(args: Args) -> Result<(), String> {
             cli::backends_table(r)
         }),
         Command::External => {
-            let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
-            let c = maps.read().map_err(|e| e.to_string())?;
+            let maps = MapSet::open_pinned(&layout)?;
+            let c = maps.read()?;
             let ids: BTreeSet<u32> = c.external.values().map(|v| v.id).collect();
             let counters = ids
                 .into_iter()
                 .map(|id| maps.counters(id).map(|n| (id, n)))
-                .collect::<Result<BTreeMap<_, _>, _>>()
-                .map_err(|e| e.to_string())?;
+                .collect::<Result<BTreeMap<_, _>, _>>()?;
             emit(args.output, &cli::external(&c, &counters), |r| {
                 cli::external_table(r)
             });
@@ -172,17 +173,17 @@ fn run(args: Args) -> Result<(), String> {
             let selector = selector.unwrap_or_default();
             let summaries = cli::maglev(&contents()?, &selector);
             if summaries.is_empty() && !selector.is_empty() {
-                return Err(format!("no north-south frontend matches {selector:?}"));
+                return Err(LbctlError::NoMatch(format!(
+                    "no north-south frontend matches {selector:?}"
+                )));
             }
             emit(args.output, &summaries, |m| cli::maglev_text(m));
         }
         Command::Affinity { limit } => {
             let c = contents()?;
-            let entries =
-                read_lru(&layout, lb_common::maps::AFFINITY, limit).map_err(|e| e.to_string())?;
+            let entries = read_lru(&layout, lb_common::maps::AFFINITY, limit)?;
             let mut rows = cli::affinity(&c, &entries, coarse_now_ns());
-            let external = read_lru(&layout, lb_common::maps::EXTERNAL_AFFINITY, limit)
-                .map_err(|e| e.to_string())?;
+            let external = read_lru(&layout, lb_common::maps::EXTERNAL_AFFINITY, limit)?;
             // The agent's programs run with no clock offset.
             let now = lb_userspace::datapath::conntrack::clock_now(0);
             rows.extend(cli::external_affinity(&c, &external, now));
@@ -190,7 +191,7 @@ fn run(args: Args) -> Result<(), String> {
             emit(args.output, &rows, |r| cli::affinity_table(r));
         }
         Command::Conntrack { limit } => {
-            let entries = read_flows(&layout, limit).map_err(|e| e.to_string())?;
+            let entries = read_flows(&layout, limit)?;
             // The agent's programs run with no clock offset.
             let now = lb_userspace::datapath::conntrack::clock_now(0);
             emit(args.output, &cli::flows(&contents()?, &entries, now), |r| {
@@ -205,23 +206,31 @@ fn run(args: Args) -> Result<(), String> {
                 health::explain_socket(layout.root(), agent.as_deref().map(std::path::Path::new));
             let rows: Vec<lb_userspace::model::share::Row> =
                 match health::get_unix(&socket, "/shares", std::time::Duration::from_secs(5)) {
-                    Ok((200, body)) => serde_json::from_str(&body).map_err(|e| e.to_string())?,
-                    Ok((status, body)) => {
-                        return Err(format!(
-                            "the agent at {} answered {status}: {}",
-                            socket.display(),
-                            body.trim()
-                        ));
+                    Ok((200, body)) => {
+                        serde_json::from_str(&body).map_err(|e| LbctlError::Agent {
+                            socket: socket.clone(),
+                            reason: format!("its answer did not parse: {e}"),
+                        })?
                     }
-                    Err(e) => return Err(format!("the agent at {}: {e}", socket.display())),
+                    Ok((status, body)) => {
+                        return Err(LbctlError::Agent {
+                            socket,
+                            reason: format!("answered {status}: {}", body.trim()),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(LbctlError::Agent {
+                            socket,
+                            reason: e.to_string(),
+                        });
+                    }
                 };
             emit(args.output, &rows, |r| cli::shares_table(r));
         }
         Command::Capacity { .. } => {
-            let (maps, caps) =
-                MapSet::open_pinned_with_capacities(&layout).map_err(|e| e.to_string())?;
-            let c = maps.read().map_err(|e| e.to_string())?;
-            let lru = lru_fill(&layout).map_err(|e| e.to_string())?;
+            let (maps, caps) = MapSet::open_pinned_with_capacities(&layout)?;
+            let c = maps.read()?;
+            let lru = lru_fill(&layout)?;
             emit(args.output, &cli::capacity(&c, &caps, &lru), |r| {
                 cli::capacity_table(r)
             });
@@ -231,17 +240,15 @@ fn run(args: Args) -> Result<(), String> {
             emit(args.output, &e, cli::explain_text);
         }
         Command::Stats { services: true, .. } => {
-            let maps = MapSet::open_pinned(&layout).map_err(|e| e.to_string())?;
-            let c = maps.read().map_err(|e| e.to_string())?;
+            let maps = MapSet::open_pinned(&layout)?;
+            let c = maps.read()?;
             let ids: Vec<u32> = c.services.values().map(|v| v.id).collect();
-            let (socket, _) =
-                read_socket_counters(&layout, &ids, &[]).map_err(|e| e.to_string())?;
+            let (socket, _) = read_socket_counters(&layout, &ids, &[])?;
             let external_ids: BTreeSet<u32> = c.external.values().map(|v| v.id).collect();
             let external = external_ids
                 .into_iter()
                 .map(|id| maps.counters(id).map(|n| (id, n)))
-                .collect::<Result<BTreeMap<_, _>, _>>()
-                .map_err(|e| e.to_string())?;
+                .collect::<Result<BTreeMap<_, _>, _>>()?;
             emit(
                 args.output,
                 &cli::service_stats(&c, &socket, &external),
@@ -251,14 +258,13 @@ fn run(args: Args) -> Result<(), String> {
         Command::Stats { backends: true, .. } => {
             let c = contents()?;
             let ids: Vec<u32> = c.backends.keys().copied().collect();
-            let (_, counts) =
-                read_socket_counters(&layout, &[], &ids).map_err(|e| e.to_string())?;
+            let (_, counts) = read_socket_counters(&layout, &[], &ids)?;
             emit(args.output, &cli::backend_stats(&c, &counts), |r| {
                 cli::backend_stats_table(r)
             });
         }
         Command::Stats { .. } => {
-            let totals = read_stats(&layout).map_err(|e| e.to_string())?;
+            let totals = read_stats(&layout)?;
             emit(args.output, &cli::stats(&totals), cli::stats_table);
         }
     }
@@ -271,7 +277,7 @@ fn explain(
     layout: &PinLayout,
     c: &lb_userspace::datapath::Contents,
     args: ExplainArgs,
-) -> Result<cli::Explanation, String> {
+) -> Result<cli::Explanation, LbctlError> {
     let ExplainArgs {
         destination,
         protocol,
@@ -285,7 +291,7 @@ fn explain(
     let proto = match protocol.to_ascii_lowercase().as_str() {
         "tcp" => proto::TCP,
         "udp" => proto::UDP,
-        other => return Err(format!("--protocol {other}: tcp or udp")),
+        other => return Err(LbctlError::Usage(format!("--protocol {other}: tcp or udp"))),
     };
     let source = from.unwrap_or_else(|| {
         if destination.is_ipv6() {
@@ -295,7 +301,9 @@ fn explain(
         }
     });
     if source.is_ipv6() != destination.is_ipv6() {
-        return Err("--from and the destination must be of one family".into());
+        return Err(LbctlError::Usage(
+            "--from and the destination must be of one family".into(),
+        ));
     }
     let key = ServiceKey::new(
         to_addr6(destination.ip().to_canonical()),
@@ -304,22 +312,25 @@ fn explain(
     );
     let mut e = cli::explain(c, &key, source);
     if e.socket.is_none() && e.north_south.is_none() {
-        return Err(format!(
+        return Err(LbctlError::NoMatch(format!(
             "{} is not a frontend on this node (see lbctl services and lbctl external)",
             e.destination
-        ));
+        )));
     }
     if let Some(ns) = e.north_south.as_mut().filter(|_| !no_run) {
-        let devices =
-            loader::attached_devices(layout, loader::DeviceKind::Xdp).map_err(|e| e.to_string())?;
-        let device = device.or_else(|| devices.first().cloned()).ok_or(
-            "no device runs the XDP program (see --xdp-devices); --no-run reads the maps only",
-        )?;
-        let ifindex = netdev::ifindex(&device)
-            .ok_or_else(|| format!("no device {device} in this network namespace"))?;
+        let devices = loader::attached_devices(layout, loader::DeviceKind::Xdp)?;
+        let device = device.or_else(|| devices.first().cloned()).ok_or_else(|| {
+            LbctlError::NoMatch(
+                "no device runs the XDP program (see --xdp-devices); --no-run reads the \
+                     maps only"
+                    .into(),
+            )
+        })?;
+        let ifindex = netdev::ifindex(&device).ok_or_else(|| {
+            LbctlError::NoMatch(format!("no device {device} in this network namespace"))
+        })?;
         let frame = packet::frame(proto, source, destination, b"lbctl explain");
-        let out = loader::run_attached_xdp(layout, &device, ifindex, &frame)
-            .map_err(|e| e.to_string())?;
+        let out = loader::run_attached_xdp(layout, &device, ifindex, &frame)?;
         ns.datapath = Some(cli::xdp_run(&device, out.verdict, &frame, &out.frame));
     }
     let service = e
@@ -376,6 +387,34 @@ fn explain(
         }
     }
     Ok(e)
+}
+
+/// Why lbctl could not answer.
+#[derive(Debug, thiserror::Error)]
+enum LbctlError {
+    /// The pinned maps or programs could not be opened or read.
+    #[error(transparent)]
+    Load(#[from] lb_userspace::loader::LoadError),
+    /// A map read failed.
+    #[error(transparent)]
+    Datapath(#[from] lb_userspace::datapath::DatapathError),
+    /// A counter map could not be read.
+    #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    /// The agent's explain socket did not answer as it should.
+    #[error("the agent at {socket}: {reason}")]
+    Agent {
+        /// The socket.
+        socket: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Nothing matches what was asked for.
+    #[error("{0}")]
+    NoMatch(String),
+    /// An argument that cannot be used.
+    #[error("{0}")]
+    Usage(String),
 }
 
 fn main() -> ExitCode {
