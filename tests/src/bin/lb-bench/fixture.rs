@@ -98,7 +98,7 @@ pub(super) fn probe_json(mut cmd: Command, args: &[&str]) -> Value {
 }
 
 /// Flags giving the service, slot and backend maps `cap` entries each.
-pub(super) fn capacities(cap: &str) -> [&str; 6] {
+pub(super) fn capacities(cap: &str) -> [&str; 8] {
     [
         "--max-backends",
         cap,
@@ -106,6 +106,10 @@ pub(super) fn capacities(cap: &str) -> [&str; 6] {
         cap,
         "--max-services",
         cap,
+        // Every service is in one namespace, as in a single-tenant cluster, which turns
+        // shares off: with the default 50%, half of them would be refused.
+        "--namespace-share",
+        "100",
     ]
 }
 

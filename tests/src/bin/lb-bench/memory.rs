@@ -127,6 +127,9 @@ pub fn memory(report: &mut Report, n: u64) {
                 &external,
                 "--maglev-table-entries",
                 &entries,
+                // One namespace holds every service (single-tenant): no shares.
+                "--namespace-share",
+                "100",
             ],
         );
     });
