@@ -182,26 +182,26 @@ impl Loaded {
         }
         let cg = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let links = self.layout.links();
-        for name in PROGRAMS {
-            let prog = program::<CgroupSockAddr>(&mut self.ebpf, name)?;
-            let perr = |source| LoadError::Program { name, source };
-            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
-            let link = prog.take_link(id).map_err(perr)?;
-            let link: FdLink = link
-                .try_into()
-                .map_err(|source| LoadError::Link { name, source })?;
-            pin_over(link, &links.join(name), name)?;
+        // A macro, because the two program types share these methods by name only.
+        macro_rules! attach_to_cgroup {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let prog = program::<$ty>(&mut self.ebpf, name)?;
+                let perr = |source| LoadError::Program { name, source };
+                let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(perr)?
+                    .try_into()
+                    .map_err(|source| LoadError::Link { name, source })?;
+                pin_over(link, &links.join(name), name)?;
+            }};
         }
-        let name = RELEASE_PROGRAM;
-        let prog = program::<CgroupSock>(&mut self.ebpf, name)?;
-        let perr = |source| LoadError::Program { name, source };
-        let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(perr)?
-            .try_into()
-            .map_err(|source| LoadError::Link { name, source })?;
-        pin_over(link, &links.join(name), name)
+        for name in PROGRAMS {
+            attach_to_cgroup!(CgroupSockAddr, name);
+        }
+        attach_to_cgroup!(CgroupSock, RELEASE_PROGRAM);
+        Ok(())
     }
 }
 
