@@ -38,7 +38,8 @@ use tracing::debug;
 
 use crate::{
     addr::to_endpoint,
-    loader::{LoadError, PinLayout, open_pinned},
+    datapath::bpf::pinned,
+    loader::{LoadError, PinLayout},
     reconcile::StaleUdp,
 };
 
@@ -78,19 +79,11 @@ impl Translations for Pinned {
 
 impl Pinned {
     fn open(layout: &PinLayout) -> Result<Self, LoadError> {
-        let data = |name: &'static str| -> Result<MapData, LoadError> {
-            let spec = maps::ALL
-                .iter()
-                .find(|s| s.name == name)
-                .expect("every map has a spec");
-            open_pinned(layout, spec)?
-                .ok_or_else(|| LoadError::Missing(format!("pinned map {name}")))
-        };
         let merr = |name| move |source| LoadError::Map { name, source };
         Ok(Self {
-            sockets: HashMap::try_from(Map::HashMap(data(maps::UDP_SOCKETS)?))
+            sockets: HashMap::try_from(Map::HashMap(pinned(layout, maps::UDP_SOCKETS)?))
                 .map_err(merr(maps::UDP_SOCKETS))?,
-            rev_nat: HashMap::try_from(Map::LruHashMap(data(maps::REV_NAT)?))
+            rev_nat: HashMap::try_from(Map::LruHashMap(pinned(layout, maps::REV_NAT)?))
                 .map_err(merr(maps::REV_NAT))?,
         })
     }

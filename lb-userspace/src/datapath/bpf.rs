@@ -196,7 +196,9 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, LoadError> {
     }
 }
 
-fn pinned(layout: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
+/// The map `name` pinned under `layout`, opened read-only and checked against its spec; an
+/// error saying so when it is not pinned.
+pub fn pinned(layout: &PinLayout, name: &'static str) -> Result<MapData, LoadError> {
     let spec = maps::ALL
         .iter()
         .find(|s| s.name == name)
