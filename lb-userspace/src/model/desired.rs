@@ -8,19 +8,17 @@ use std::{
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
-use lb_common::{Backend, Endpoint, ServiceKey, service::NAME_MAX};
+use lb_common::{Backend, Endpoint, ServiceKey};
 
 use super::{
     endpoints::{NodeInfo, TrafficPolicy, usable},
+    proxied::{self, Proxied},
     slice::{Slice, candidates_for},
-    validate::{
-        Rejection, affinity_timeout, check_len, cluster_ips, health_check_port, load_balancer_ips,
-        parse_ip, refuse_external_ip, service_ports, source_ranges, traffic_policies,
-    },
+    validate::{Rejection, health_check_port},
 };
 use crate::{
     addr::{to_addr6, to_endpoint},
-    k8s::object::{Age, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL, has_label},
+    k8s::object::{Age, ZONE_LABEL},
 };
 
 /// Session affinity timeout when the service does not set one (3 hours).
@@ -175,71 +173,34 @@ pub fn desired<'a>(
     limits: &Limits,
 ) -> Result<Desired, Rejection> {
     let mut out = Desired::default();
-    check_len(
-        "namespace",
-        svc.metadata.namespace.as_deref().unwrap_or(""),
-        NAME_MAX,
-    )?;
-    check_len("name", svc.metadata.name.as_deref().unwrap_or(""), NAME_MAX)?;
-    if has_label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
-        return Ok(out);
-    }
-    let Some(spec) = &svc.spec else {
+    let Some(mut p) = proxied::read(svc, slices, node)? else {
         return Ok(out);
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    out.notes = std::mem::take(&mut p.notes);
+    out.refused = std::mem::take(&mut p.refused);
+    if !p.serves() {
         return Ok(out);
     }
-    let Some(cluster) = cluster_ips(
-        spec.cluster_ips.as_deref().unwrap_or_default(),
-        spec.cluster_ip.as_deref(),
-    )?
-    else {
-        return Ok(out); // headless
-    };
-    let mut external_ips: Vec<IpAddr> = Vec::new();
-    for raw in spec.external_ips.iter().flatten() {
-        let ip = parse_ip("external IP", raw)?;
-        match refuse_external_ip(&ip, node) {
-            Some(why) => out
-                .refused
-                .push(format!("external IP {ip} is not honoured: {why}")),
-            None if !external_ips.contains(&ip) => external_ips.push(ip),
-            None => {}
-        }
-    }
-    let age = Age::of(&svc.metadata);
-    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut out.notes)?;
-    let (internal, external) = traffic_policies(spec)?;
-    let affinity_timeout_s = affinity_timeout(spec)?;
-    let lb_ips = load_balancer_ips(svc, &mut out.notes);
-    let source_ranges = source_ranges(spec, &mut out.notes);
-    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-    if cluster.is_empty() || ports.is_empty() {
-        return Ok(out);
-    }
-    if (internal == TrafficPolicy::Local || external == TrafficPolicy::Local) && node.name.is_none()
-    {
-        out.notes.push(
-            "a Local traffic policy needs the agent's --node-name; no endpoint is local".into(),
-        );
-    }
-    for ip in external_ips.iter().chain(&lb_ips) {
-        if !cluster.iter().any(|c| c.is_ipv6() == ip.is_ipv6()) {
-            out.notes.push(format!(
-                "{ip} is not served: the service has no cluster IP of its family"
-            ));
-        }
-    }
+    let Proxied {
+        spec,
+        age,
+        cluster,
+        external_ips,
+        lb_ips,
+        ports,
+        internal,
+        external,
+        affinity_timeout_s,
+        source_ranges,
+        node_ports,
+        slices,
+        ..
+    } = p;
     // Connections from this node (its pods, its processes) to the service's node ports,
     // load-balancer IPs and external IPs get cluster-wide endpoints whatever both policies
     // say, as kube-proxy short-circuits them (its `UsesClusterEndpoints`): only traffic
     // from outside is held to this node's endpoints by `externalTrafficPolicy: Local`.
     let from_node = TrafficPolicy::Cluster;
-    let slices: Vec<&Slice> = slices.into_iter().filter(|s| s.ipv6.is_some()).collect();
-    for s in &slices {
-        out.notes.extend(s.notes.iter().cloned());
-    }
 
     // Endpoints (pods) on this node, counted once whatever their ports, as kube-proxy
     // counts them for the health check.

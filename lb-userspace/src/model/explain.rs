@@ -5,8 +5,9 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::{
     endpoints::{self, NodeInfo, TrafficPolicy},
+    proxied::{self, Proxied},
     slice::{Slice, candidates_for},
-    validate::{Rejection, cluster_ips, service_ports, traffic_policies},
+    validate::Rejection,
 };
 
 /// Whether an endpoint gets new connections on one path, and why.
@@ -96,21 +97,18 @@ pub fn explain<'a>(
     slices: impl IntoIterator<Item = &'a Slice>,
     node: &NodeInfo,
 ) -> Result<Vec<PortExplanation>, Rejection> {
-    let Some(spec) = &svc.spec else {
+    let Some(Proxied {
+        cluster,
+        ports,
+        internal,
+        external,
+        slices,
+        notes,
+        ..
+    }) = proxied::read(svc, slices, node)?
+    else {
         return Ok(Vec::new());
     };
-    let mut notes = Vec::new();
-    let ports = service_ports(spec.ports.as_deref().unwrap_or_default(), &mut notes)?;
-    let (internal, external) = traffic_policies(spec)?;
-    let cluster = cluster_ips(
-        spec.cluster_ips.as_deref().unwrap_or_default(),
-        spec.cluster_ip.as_deref(),
-    )?
-    .unwrap_or_default();
-    let slices: Vec<&Slice> = slices.into_iter().filter(|s| s.ipv6.is_some()).collect();
-    for s in &slices {
-        notes.extend(s.notes.iter().cloned());
-    }
     let name = |p: TrafficPolicy| format!("{p:?}");
     let mut out = Vec::new();
     for port in &ports {

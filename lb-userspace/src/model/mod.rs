@@ -22,7 +22,8 @@
 //! [`Rejection`]; the caller keeps what it programmed before. A flaw in one endpoint only
 //! skips that endpoint, with a note.
 //!
-//! The files: `desired` (the frontends and what shapes them), `validate` (the spec's checks),
+//! The files: `proxied` (a service read and validated, the start of both `desired` and
+//! `explain`), `desired` (the frontends and what shapes them), `validate` (the spec's checks),
 //! `slice` (EndpointSlices as the model reads them), [`endpoints`] (which endpoints get
 //! traffic), [`maglev`] (north-south tables), `explain` (why, endpoint by endpoint), and
 //! [`share`] (each namespace's share of the maps).
@@ -33,6 +34,7 @@ pub mod share;
 
 mod desired;
 mod explain;
+mod proxied;
 mod slice;
 mod validate;
 

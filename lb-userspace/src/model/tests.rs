@@ -505,7 +505,16 @@ fn invalid_services_are_rejected() {
     for (svc, reason) in cases {
         let err = desired(&svc, [], &node(), &LIMITS).unwrap_err();
         assert_eq!(err.reason(), reason, "{err}");
+        // `lbctl explain` refuses it for the same reason.
+        let err = explain(&svc, [], &node()).unwrap_err();
+        assert_eq!(err.reason(), reason, "explain: {err}");
     }
+    // Several flaws: both name the first in the same fixed order.
+    let mut svc = service(&["10.96.0.1"], &[("", 0, "TCP")]);
+    svc.spec.as_mut().unwrap().external_ips = Some(vec!["not-an-ip".into()]);
+    let a = desired(&svc, [], &node(), &LIMITS).unwrap_err();
+    let b = explain(&svc, [], &node()).unwrap_err();
+    assert_eq!((a.reason(), b.reason()), ("invalid_ip", "invalid_ip"));
 }
 
 #[test]
@@ -611,6 +620,8 @@ fn services_of_another_proxy_and_headless_slices_are_ignored() {
     svc.metadata.labels =
         Some([(SERVICE_PROXY_NAME_LABEL.to_string(), "other".to_string())].into());
     assert_eq!(desired(&svc, [&s], &node(), &LIMITS).unwrap().frontends, []);
+    let kept = [Slice::new(&s)];
+    assert_eq!(explain(&svc, &kept, &node()).unwrap(), []);
 }
 
 #[test]
