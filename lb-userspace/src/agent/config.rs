@@ -345,8 +345,9 @@ impl AgentArgs {
                 return Err(FlagError::new(knob.flag(), 0, "must be at least 1"));
             }
         }
-        crate::model::maglev::check_table_size(self.maglev_table_size)
-            .map_err(|e| FlagError::new("--maglev-table-size", self.maglev_table_size, e))?;
+        crate::model::maglev::check_table_size(self.maglev_table_size).map_err(|e| {
+            FlagError::new("--maglev-table-size", self.maglev_table_size, e.to_string())
+        })?;
         if self.maglev_table_size < self.max_backends_per_service {
             return Err(FlagError::new(
                 "--maglev-table-size",

@@ -761,7 +761,7 @@ fn attach(
     kind: DeviceKind,
     ifindex: u32,
     mode: XdpMode,
-) -> Result<bool, String> {
+) -> Result<bool, loader::LoadError> {
     let device = loader::Device {
         name: name.to_owned(),
         ifindex,
@@ -769,18 +769,16 @@ fn attach(
     match kind {
         DeviceKind::Xdp => loaded.attach_device(&device, mode),
         DeviceKind::Overlay => {
-            let hw = netdev::hardware_type(name);
-            if hw != Some(netdev::ARPHRD_ETHER) {
-                return Err(format!(
-                    "not an Ethernet device (hardware type {hw:?}): the overlay program parses \
-                     Ethernet frames, so replies arriving on an L3 device (WireGuard, IPIP) \
-                     cannot be reversed"
-                ));
+            let hardware_type = netdev::hardware_type(name);
+            if hardware_type != Some(netdev::ARPHRD_ETHER) {
+                return Err(loader::LoadError::NotEthernet {
+                    device: device.name,
+                    hardware_type,
+                });
             }
             loaded.attach_overlay(&device)
         }
     }
-    .map_err(|e| e.to_string())
 }
 
 /// Gives the heap freed by a large sync back to the system. glibc keeps freed memory in its

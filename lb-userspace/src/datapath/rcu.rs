@@ -51,7 +51,7 @@ struct Done {
     /// The last grace period ended.
     ended: u64,
     /// Why the last attempt failed, if it did (it is tried again every second).
-    error: Option<String>,
+    error: Option<Arc<MapError>>,
 }
 
 /// Grace periods on demand, waited for on a thread of their own.
@@ -81,7 +81,7 @@ impl Grace {
                                 let (lock, cv) = &*shared;
                                 lock.lock()
                                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .error = Some(e.to_string());
+                                    .error = Some(Arc::new(e));
                                 cv.notify_all();
                                 std::thread::sleep(Duration::from_secs(1));
                             }
@@ -123,7 +123,7 @@ impl Grace {
     }
 
     /// Waits until grace period `n` has ended; an error if the thread cannot get one now.
-    pub fn wait(&self, n: u64) -> Result<(), String> {
+    pub fn wait(&self, n: u64) -> Result<(), Arc<MapError>> {
         let (lock, cv) = &*self.done;
         let mut d = lock
             .lock()

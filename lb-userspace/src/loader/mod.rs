@@ -131,6 +131,18 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    /// The overlay program parses Ethernet frames; this device carries none.
+    #[error(
+        "{device} is not an Ethernet device (hardware type {hardware_type:?}): the overlay \
+         program parses Ethernet frames, so replies arriving on an L3 device (WireGuard, \
+         IPIP) cannot be reversed"
+    )]
+    NotEthernet {
+        /// The device.
+        device: String,
+        /// Its ARPHRD_* type, if it could be read.
+        hardware_type: Option<u16>,
+    },
     /// A program's link could not be taken over.
     #[error("program {name}: {source}")]
     Link {

@@ -38,17 +38,24 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
+/// A Maglev table size the datapath cannot use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableSizeError {
+    /// Outside [`MIN_TABLE_SIZE`, `MAX_TABLE_SIZE`].
+    #[error("the Maglev table size {0} is outside {MIN_TABLE_SIZE}..={MAX_TABLE_SIZE}")]
+    OutOfRange(u32),
+    /// Not a prime, so the permutations would not cover the table.
+    #[error("the Maglev table size {0} is not a prime (e.g. 251, 1021, 4093, 16381, 65537)")]
+    NotPrime(u32),
+}
+
 /// Checks a table size: a prime within [`MIN_TABLE_SIZE`, `MAX_TABLE_SIZE`].
-pub fn check_table_size(m: u32) -> Result<(), String> {
+pub fn check_table_size(m: u32) -> Result<(), TableSizeError> {
     if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&m) {
-        return Err(format!(
-            "the Maglev table size {m} is outside {MIN_TABLE_SIZE}..={MAX_TABLE_SIZE}"
-        ));
+        return Err(TableSizeError::OutOfRange(m));
     }
     if !is_prime(m) {
-        return Err(format!(
-            "the Maglev table size {m} is not a prime (e.g. 251, 1021, 4093, 16381, 65537)"
-        ));
+        return Err(TableSizeError::NotPrime(m));
     }
     Ok(())
 }

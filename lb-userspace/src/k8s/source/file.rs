@@ -45,13 +45,24 @@ pub enum Document {
         /// Its identity, when its metadata has a name.
         id: Option<ObjectRef>,
         /// Why it is invalid.
-        error: String,
+        error: DecodeError,
     },
     /// Any other kind, ignored.
     Other {
         /// Its `apiVersion` and `kind`.
         kind: String,
     },
+}
+
+/// Why a document of a known kind is not a valid object of it.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Its YAML does not deserialize into the kind.
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml_ng::Error),
+    /// Its JSON does not deserialize into the kind.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 /// Parses every document of a manifest. Fails only when the text is not YAML.
@@ -88,7 +99,7 @@ trait Tree: Sized {
     /// The sequence at `key`, taken out.
     fn take_seq(&mut self, key: &str) -> Vec<Self>;
     /// The typed object.
-    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String>;
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, DecodeError>;
 }
 
 impl Tree for Value {
@@ -104,8 +115,8 @@ impl Tree for Value {
             _ => Vec::new(),
         }
     }
-    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
-        serde_yaml_ng::from_value(self).map_err(|e| e.to_string())
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, DecodeError> {
+        Ok(serde_yaml_ng::from_value(self)?)
     }
 }
 
@@ -122,8 +133,8 @@ impl Tree for serde_json::Value {
             _ => Vec::new(),
         }
     }
-    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, String> {
-        serde_json::from_value(self).map_err(|e| e.to_string())
+    fn decode<T: serde::de::DeserializeOwned>(self) -> Result<T, DecodeError> {
+        Ok(serde_json::from_value(self)?)
     }
 }
 
