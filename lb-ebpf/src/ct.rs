@@ -342,15 +342,12 @@ pub fn create(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>, flags: u8, n
 /// taken when the flow starts.
 #[inline(always)]
 pub fn preview(s: &mut Scratch, key: &FlowKey, snat: &Option<Addr6>) {
-    match snat {
-        Some(ip) => {
-            s.rw.src.ip = *ip;
-            s.rw.src.port_be = 0;
-        }
-        None => {
-            s.rw.src.ip = key.saddr;
-            s.rw.src.port_be = key.sport_be;
-        }
+    if let Some(ip) = snat {
+        s.rw.src.ip = *ip;
+        s.rw.src.port_be = 0;
+    } else {
+        s.rw.src.ip = key.saddr;
+        s.rw.src.port_be = key.sport_be;
     }
 }
 

@@ -105,7 +105,7 @@ pub fn lookup_to_backend(ctx: &XdpContext, s: &mut Scratch, pkt: &Pkt) -> u32 {
 #[inline(always)]
 pub fn too_big(s: &Scratch, rc: u32) -> Option<u16> {
     // SAFETY: the lookup wrote the MTU over the length it was given when it says so.
-    (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED).then(|| unsafe { s.fib.__bindgen_anon_1.mtu_result })
+    (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED).then_some(unsafe { s.fib.__bindgen_anon_1.mtu_result })
 }
 
 /// Whether the lookup found a route out of the node (`rc` is its return value), on device

@@ -104,9 +104,9 @@ fn set_addr(
 ) -> Option<()> {
     if v6 {
         let old = read::<[u32; 4]>(start, end, off)?;
-        for i in 0..4 {
+        for (o, n) in old.iter().zip(new.words) {
             for d in deltas.iter_mut() {
-                d.dword(old[i], new.words[i]);
+                d.dword(*o, n);
             }
         }
         write(start, end, off, new.words)

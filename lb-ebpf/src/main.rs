@@ -22,6 +22,12 @@
     internal_features,
     reason = "core_intrinsics, for the atomic adds above"
 )]
+// aya-ebpf's map calls take `impl Borrow<K>`. A key passed by value is copied onto the
+// 512-byte BPF stack; keys built in the per-CPU scratch area are borrowed where they lie.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "keys are borrowed in place so they are not copied to the BPF stack"
+)]
 
 mod affinity;
 mod csum;

@@ -24,12 +24,11 @@ fn random_slot(svc: &ServiceValue, count: u32) -> Option<u32> {
     let key = SlotKey::new(svc.id, svc.slot_gen(), slot);
     // SAFETY: slots are replaced whole by the agent; the id is copied at once. The slots of
     // the generation this value names stay until no program can be reading it.
-    match unsafe { SLOTS.get(&key) } {
-        Some(&id) => Some(id),
-        None => {
-            stats::inc(st::ERR_SLOT_MISSING);
-            None
-        }
+    if let Some(&id) = unsafe { SLOTS.get(&key) } {
+        Some(id)
+    } else {
+        stats::inc(st::ERR_SLOT_MISSING);
+        None
     }
 }
 

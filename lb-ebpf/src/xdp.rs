@@ -192,62 +192,57 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &ExternalService) -> u32 {
     let tcp = p.key.proto == proto::TCP;
     let syn = tcp && ct::is_syn(p.tcp_flags);
     s.dry = u32::from(dry_run(ctx));
-    let new_flow = match ct::live(&p.key, svc.id, syn, now) {
-        Some(flow) => {
-            if s.dry == 0 {
-                ct::touch(flow.entry, p.key.proto, p.tcp_flags, false, now);
-            }
-            // SAFETY: a live LRU value, copied field by field.
-            let e = unsafe { &*flow.entry };
-            s.rw.dst.ip = e.backend.addr;
-            s.rw.dst.port_be = e.backend.port_be;
-            if e.is_snat() {
-                s.rw.src.ip = e.snat_addr;
-                s.rw.src.port_be = e.snat_port_be;
-            } else {
-                s.rw.src.ip = p.key.saddr;
-                s.rw.src.port_be = p.key.sport_be;
-            }
-            // Last: an answered flow's entry leaves the map of new flows.
-            if flow.new && s.dry == 0 {
-                ct::settle_from_client(s, flow.entry, &p.key);
-            }
-            false
+    let new_flow = if let Some(flow) = ct::live(&p.key, svc.id, syn, now) {
+        if s.dry == 0 {
+            ct::touch(flow.entry, p.key.proto, p.tcp_flags, false, now);
         }
-        None => {
-            if tcp && !syn {
-                return drop_for(svc.id, st::XDP_DROP_NO_FLOW);
-            }
-            if svc.table_size == 0 {
-                // No backend: refused as kube-proxy does under Cluster policy; under Local
-                // policy (no backend on this node) dropped, as kube-proxy does too.
-                if svc.flags & EXTERNAL_F_LOCAL == 0 {
-                    count_drop(svc.id, st::XDP_REJECT_NO_BACKEND);
-                    return reject::port_unreachable(ctx, p.v6);
-                }
-                return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
-            }
-            if svc.flags & EXTERNAL_F_AFFINITY == 0
-                || !affinity::recall(s, svc.id, &p.key.saddr, now)
-            {
-                let index = svc.table_off + flow_hash(&p.key) % svc.table_size;
-                let id = match TABLES.get(index / TABLE_LANES) {
-                    Some(pair) => pair[(index % TABLE_LANES) as usize],
-                    None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
-                };
-                let Some(backend) = BACKENDS.get_ptr(&id) else {
-                    stats::inc(st::ERR_BACKEND_MISSING);
-                    return xdp_action::XDP_PASS;
-                };
-                // SAFETY: see `north_south`; copied into the scratch entry.
-                unsafe { s.chosen.ep = *backend };
-                s.chosen.svc_id = svc.id;
-                s.chosen.id = id;
-            }
-            s.rw.dst.ip = s.chosen.ep.addr;
-            s.rw.dst.port_be = s.chosen.ep.port_be;
-            true
+        // SAFETY: a live LRU value, copied field by field.
+        let e = unsafe { &*flow.entry };
+        s.rw.dst.ip = e.backend.addr;
+        s.rw.dst.port_be = e.backend.port_be;
+        if e.is_snat() {
+            s.rw.src.ip = e.snat_addr;
+            s.rw.src.port_be = e.snat_port_be;
+        } else {
+            s.rw.src.ip = p.key.saddr;
+            s.rw.src.port_be = p.key.sport_be;
         }
+        // Last: an answered flow's entry leaves the map of new flows.
+        if flow.new && s.dry == 0 {
+            ct::settle_from_client(s, flow.entry, &p.key);
+        }
+        false
+    } else {
+        if tcp && !syn {
+            return drop_for(svc.id, st::XDP_DROP_NO_FLOW);
+        }
+        if svc.table_size == 0 {
+            // No backend: refused as kube-proxy does under Cluster policy; under Local
+            // policy (no backend on this node) dropped, as kube-proxy does too.
+            if svc.flags & EXTERNAL_F_LOCAL == 0 {
+                count_drop(svc.id, st::XDP_REJECT_NO_BACKEND);
+                return reject::port_unreachable(ctx, p.v6);
+            }
+            return drop_for(svc.id, st::XDP_DROP_NO_BACKEND);
+        }
+        if svc.flags & EXTERNAL_F_AFFINITY == 0 || !affinity::recall(s, svc.id, &p.key.saddr, now) {
+            let index = svc.table_off + flow_hash(&p.key) % svc.table_size;
+            let id = match TABLES.get(index / TABLE_LANES) {
+                Some(pair) => pair[(index % TABLE_LANES) as usize],
+                None => return drop_for(svc.id, st::XDP_DROP_NO_BACKEND),
+            };
+            let Some(backend) = BACKENDS.get_ptr(&id) else {
+                stats::inc(st::ERR_BACKEND_MISSING);
+                return xdp_action::XDP_PASS;
+            };
+            // SAFETY: see `north_south`; copied into the scratch entry.
+            unsafe { s.chosen.ep = *backend };
+            s.chosen.svc_id = svc.id;
+            s.chosen.id = id;
+        }
+        s.rw.dst.ip = s.chosen.ep.addr;
+        s.rw.dst.port_be = s.chosen.ep.port_be;
+        true
     };
     let rc = fib::lookup_to_backend(ctx, s, p);
     if let Some(verdict) = refuse_too_big(ctx, s, rc, p, svc.id) {

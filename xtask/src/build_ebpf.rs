@@ -22,37 +22,39 @@ pub fn run(release: bool) -> Result<PathBuf> {
     build(release, OBJECT)
 }
 
-/// Builds the object at `object` (relative to the workspace root); returns its path.
-pub fn build(release: bool, object: &str) -> Result<PathBuf> {
-    let Some(route) = toolchain::route() else {
-        bail!("no compiler for {TARGET} was found.\n\n{INSTALL_HELP}");
-    };
-    let Some((linker, linker_version)) = toolchain::bpf_linker() else {
-        bail!("bpf-linker was not found.\n\n{INSTALL_HELP}");
-    };
-    let root = root();
-    let target_dir = root.join("target/ebpf");
-    let mut cmd = match &route {
+/// A cargo command running `subcommand` on lb-ebpf for the BPF target by `route`, with
+/// `linker` on PATH and its own target directory.
+fn cargo_on(
+    route: &Route,
+    subcommand: &str,
+    linker: &std::path::Path,
+    target_dir: &std::path::Path,
+) -> Result<Command> {
+    let mut cmd = match route {
         Route::Prebuilt { rustc, version } => {
             step(&format!(
                 "route: prebuilt core ({version} at {})",
                 rustc.display()
             ));
-            let mut cmd = Command::new("cargo");
+            // Clippy must be the one of the same compiler: its cargo-clippy sits beside it.
+            let mut cmd = if subcommand == "clippy" {
+                Command::new(rustc.with_file_name("cargo-clippy"))
+            } else {
+                Command::new("cargo")
+            };
             cmd.env("RUSTC", rustc)
                 // aya-ebpf uses unstable features; this compiler is stable.
                 .env("RUSTC_BOOTSTRAP", "1")
-                .arg("build");
+                .arg(subcommand);
             cmd
         }
         Route::Upstream { version } => {
             step(&format!("route: rustup nightly with rust-src ({version})"));
             let mut cmd = Command::new("cargo");
-            cmd.args(["+nightly", "build", "-Z", "build-std=core"]);
+            cmd.args(["+nightly", subcommand, "-Z", "build-std=core"]);
             cmd
         }
     };
-    println!("    bpf-linker: {linker_version}");
     // The host build's settings must not leak into the BPF build.
     for var in [
         "RUSTFLAGS",
@@ -70,9 +72,49 @@ pub fn build(release: bool, object: &str) -> Result<PathBuf> {
         cmd.env("PATH", std::env::join_paths(paths)?);
     }
     cmd.args(["--locked", "--target", TARGET])
-        .args(release.then_some("--release"))
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .current_dir(root.join("lb-ebpf"));
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(root().join("lb-ebpf"));
+    Ok(cmd)
+}
+
+/// Runs clippy on lb-ebpf for the BPF target with `-D warnings`, by the route that builds
+/// it. Says SKIPPED when that route has no clippy (setup installs it on the prebuilt route).
+pub fn clippy() -> Result<()> {
+    let Some(route) = toolchain::route() else {
+        bail!("no compiler for {TARGET} was found.\n\n{INSTALL_HELP}");
+    };
+    if !toolchain::has_clippy(&route) {
+        println!(
+            "SKIPPED: clippy on lb-ebpf: the route {route:?} has no clippy (on the prebuilt \
+             route, `apt-get install rust-web-clippy`; on rustup, the clippy component)"
+        );
+        return Ok(());
+    }
+    let Some((linker, _)) = toolchain::bpf_linker() else {
+        bail!("bpf-linker was not found.\n\n{INSTALL_HELP}");
+    };
+    let mut cmd = cargo_on(&route, "clippy", &linker, &root().join("target/ebpf"))?;
+    cmd.args(["--release", "--", "-D", "warnings"]);
+    let status = cmd.status().context("running clippy for lb-ebpf")?;
+    if !status.success() {
+        bail!("clippy on lb-ebpf failed ({status})");
+    }
+    Ok(())
+}
+
+/// Builds the object at `object` (relative to the workspace root); returns its path.
+pub fn build(release: bool, object: &str) -> Result<PathBuf> {
+    let Some(route) = toolchain::route() else {
+        bail!("no compiler for {TARGET} was found.\n\n{INSTALL_HELP}");
+    };
+    let Some((linker, linker_version)) = toolchain::bpf_linker() else {
+        bail!("bpf-linker was not found.\n\n{INSTALL_HELP}");
+    };
+    let root = root();
+    let target_dir = root.join("target/ebpf");
+    let mut cmd = cargo_on(&route, "build", &linker, &target_dir)?;
+    println!("    bpf-linker: {linker_version}");
+    cmd.args(release.then_some("--release"));
     let status = cmd.status().context("running cargo for lb-ebpf")?;
     if !status.success() {
         bail!("building lb-ebpf failed ({status})");

@@ -106,6 +106,8 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    step("clippy on the kernel programs");
+    build_ebpf::clippy()?;
     step("build the binaries");
     cargo(&["build", "--workspace", "--bins"])?;
     step("unit and namespace tests");

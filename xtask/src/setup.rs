@@ -1,11 +1,11 @@
 //! `cargo xtask setup`: installs what is missing to build and test, on Debian/Ubuntu as root.
 //! Idempotent, and quick when everything is present (a few version checks).
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::toolchain::{self, INSTALL_HELP};
+use crate::toolchain::{self, INSTALL_HELP, Route};
 
 /// The bpf-linker release known to work with Debian's LLVM 22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -68,6 +68,15 @@ pub fn run_with(extra: &[(&str, &'static str)]) -> Result<()> {
     let route = toolchain::route();
     if route.is_none() {
         packages.extend(["rustc-web", "libstd-rust-web-dev-bpf"]);
+    }
+    // Clippy for the kernel programs must match the compiler that builds them.
+    let debian_rustc = match &route {
+        None => true,
+        Some(Route::Prebuilt { rustc, .. }) => rustc == Path::new("/usr/bin/rustc"),
+        Some(Route::Upstream { .. }) => false,
+    };
+    if debian_rustc && !Path::new("/usr/bin/clippy-driver").is_file() {
+        packages.push("rust-web-clippy");
     }
     let linker = toolchain::bpf_linker();
     if linker.is_none() {

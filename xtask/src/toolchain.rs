@@ -82,6 +82,20 @@ pub fn route() -> Option<Route> {
     prebuilt().or_else(upstream)
 }
 
+/// Whether `route` has a clippy of its own compiler.
+pub fn has_clippy(route: &Route) -> bool {
+    match route {
+        Route::Prebuilt { rustc, .. } => {
+            rustc.with_file_name("cargo-clippy").is_file()
+                && rustc.with_file_name("clippy-driver").is_file()
+        }
+        Route::Upstream { .. } => {
+            output(Command::new("rustup").args(["run", "nightly", "cargo-clippy", "--version"]))
+                .is_some()
+        }
+    }
+}
+
 /// The directory cargo installs binaries into.
 pub fn cargo_bin_dir() -> PathBuf {
     env::var_os("CARGO_HOME")
