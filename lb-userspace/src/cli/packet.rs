@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::BufMut;
+
 /// TCP.
 pub const TCP: u8 = 6;
 /// UDP.
@@ -38,16 +40,16 @@ fn pseudo_sum(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     let mut p = Vec::new();
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            p.extend(s.octets());
-            p.extend(d.octets());
-            p.extend([0, proto]);
-            p.extend((len as u16).to_be_bytes());
+            p.put_slice(&s.octets());
+            p.put_slice(&d.octets());
+            p.put_u16(u16::from(proto));
+            p.put_u16(len as u16);
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            p.extend(s.octets());
-            p.extend(d.octets());
-            p.extend((len as u32).to_be_bytes());
-            p.extend([0, 0, 0, proto]);
+            p.put_slice(&s.octets());
+            p.put_slice(&d.octets());
+            p.put_u32(len as u32);
+            p.put_u32(u32::from(proto));
         }
         _ => panic!("mixed families"),
     }
@@ -69,19 +71,19 @@ pub fn tcp_frame(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) ->
 
 fn build(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut l4 = Vec::new();
-    l4.extend(src.port().to_be_bytes());
-    l4.extend(dst.port().to_be_bytes());
+    l4.put_u16(src.port());
+    l4.put_u16(dst.port());
     if proto == TCP {
-        l4.extend(1000u32.to_be_bytes()); // seq
-        l4.extend(u32::from(flags & ACK != 0).to_be_bytes()); // ack
-        l4.extend([5 << 4, flags]); // data offset 5, flags
-        l4.extend(64240u16.to_be_bytes()); // window
-        l4.extend([0, 0, 0, 0]); // checksum, urgent pointer
+        l4.put_u32(1000); // seq
+        l4.put_u32(u32::from(flags & ACK != 0)); // ack
+        l4.put_slice(&[5 << 4, flags]); // data offset 5, flags
+        l4.put_u16(64240); // window
+        l4.put_u32(0); // checksum, urgent pointer
     } else {
-        l4.extend(((8 + payload.len()) as u16).to_be_bytes());
-        l4.extend([0, 0]);
+        l4.put_u16((8 + payload.len()) as u16);
+        l4.put_u16(0); // checksum
     }
-    l4.extend(payload);
+    l4.put_slice(payload);
     let check_at = if proto == TCP { 16 } else { 6 };
     let mut c = fold(sum16(&l4, pseudo_sum(src.ip(), dst.ip(), proto, l4.len())));
     if proto == UDP && c == 0 {
@@ -96,32 +98,35 @@ fn build(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8])
 /// checksum computed).
 fn ip_frame((src, dst): (IpAddr, IpAddr), proto: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
-    f.extend(NODE_MAC);
-    f.extend(CLIENT_MAC);
+    f.put_slice(&NODE_MAC);
+    f.put_slice(&CLIENT_MAC);
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend(0x0800u16.to_be_bytes());
-            let mut ip = vec![0x45, 0];
-            ip.extend(((20 + payload.len()) as u16).to_be_bytes());
-            ip.extend([0x12, 0x34, 0x40, 0]); // id, DF
-            ip.extend([64, proto, 0, 0]);
-            ip.extend(s.octets());
-            ip.extend(d.octets());
+            f.put_u16(0x0800);
+            let mut ip = Vec::with_capacity(20);
+            ip.put_slice(&[0x45, 0]);
+            ip.put_u16((20 + payload.len()) as u16);
+            ip.put_u16(0x1234); // id
+            ip.put_u16(0x4000); // don't fragment
+            ip.put_slice(&[64, proto]);
+            ip.put_u16(0); // checksum, below
+            ip.put_slice(&s.octets());
+            ip.put_slice(&d.octets());
             let c = fold(sum16(&ip, 0));
             ip[10..12].copy_from_slice(&c.to_be_bytes());
-            f.extend(ip);
+            f.put_slice(&ip);
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend(0x86ddu16.to_be_bytes());
-            f.extend([0x60, 0, 0, 0]);
-            f.extend((payload.len() as u16).to_be_bytes());
-            f.extend([proto, 64]);
-            f.extend(s.octets());
-            f.extend(d.octets());
+            f.put_u16(0x86dd);
+            f.put_u32(0x6000_0000); // version 6, no class or flow label
+            f.put_u16(payload.len() as u16);
+            f.put_slice(&[proto, 64]);
+            f.put_slice(&s.octets());
+            f.put_slice(&d.octets());
         }
         _ => panic!("mixed families"),
     }
-    f.extend(payload);
+    f.put_slice(payload);
     f
 }
 
