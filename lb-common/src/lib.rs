@@ -12,7 +12,6 @@
 #![no_std]
 
 pub mod addr;
-pub mod debug;
 pub mod external;
 pub mod maps;
 pub mod service;

@@ -28,8 +28,6 @@ pub const TYPE_ARRAY: u32 = 2;
 pub const TYPE_LRU_HASH: u32 = 9;
 /// `BPF_MAP_TYPE_LPM_TRIE`.
 pub const TYPE_LPM_TRIE: u32 = 11;
-/// `BPF_MAP_TYPE_RINGBUF`.
-pub const TYPE_RINGBUF: u32 = 27;
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so a mostly empty map costs little.
 pub const F_NO_PREALLOC: u32 = 1;
 /// `BPF_F_MMAPABLE`: an array userspace can map into memory, to read and write it without a
@@ -153,11 +151,10 @@ pub const SVC_STATS: &str = "lb_svcstat_v1";
 /// it) indexed by backend id, added to atomically by the socket hooks; zeroed like
 /// [`SVC_STATS`]. Disposable.
 pub const BE_STATS: &str = "lb_bestat_v1";
-/// Kernel debug events ([`crate::debug::DebugEvent`]): a ring buffer the hooks write only
-/// when the agent runs with `--kernel-debug`, read and logged by the agent. Disposable.
-pub const DEBUG_EVENTS: &str = "lb_debug_v1";
-/// Size of the debug ring buffer in bytes.
-pub const DEBUG_RING_BYTES: u32 = 256 * 1024;
+/// aya-log's ring buffer of the programs' log lines (`--kernel-debug`), named by aya-log.
+/// Each load makes its own and the agent that loaded it reads it, so it is not pinned and
+/// not in [`ALL`].
+pub const KERNEL_LOG: &str = "AYA_LOGS";
 
 /// Default capacity of the service map (frontends: VIP x port x protocol).
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
@@ -227,7 +224,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32, flags: 
 }
 
 /// Every map of the kernel object.
-pub const ALL: [MapSpec; 25] = [
+pub const ALL: [MapSpec; 24] = [
     spec::<ServiceKey, ServiceValue>(SERVICES, TYPE_HASH, DEFAULT_MAX_SERVICES, F_NO_PREALLOC),
     spec::<SlotKey, u32>(SLOTS, TYPE_HASH, DEFAULT_MAX_SLOTS, F_NO_PREALLOC),
     spec::<u32, Backend>(BACKENDS, TYPE_HASH, DEFAULT_MAX_BACKENDS, F_NO_PREALLOC),
@@ -295,8 +292,6 @@ pub const ALL: [MapSpec; 25] = [
     // Ids start at 1.
     spec::<u32, crate::stats::SocketCounters>(SVC_STATS, TYPE_ARRAY, DEFAULT_MAX_SERVICES + 1, 0),
     spec::<u32, u64>(BE_STATS, TYPE_ARRAY, DEFAULT_MAX_BACKENDS + 1, 0),
-    // A ring buffer has neither keys nor values.
-    spec::<(), ()>(DEBUG_EVENTS, TYPE_RINGBUF, DEBUG_RING_BYTES, 0),
 ];
 
 const _: () = {

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Backend, Endpoint, RevNatKey, ServiceInfo,
@@ -14,10 +14,10 @@ use lb_common::{
         ExternalCounters, ExternalService, FlowKey, FlowRevNat, SourceRange,
     },
     maps::{
-        DEBUG_RING_BYTES, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL,
-        DEFAULT_MAX_FLOWS, DEFAULT_MAX_NEW_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES,
-        DEFAULT_MAX_SLOTS, DEFAULT_MAX_SOURCE_RANGES, DEFAULT_TABLE_ENTRIES, F_MMAPABLE,
-        F_NO_PREALLOC, MAX_XDP_DEVICES, SCRATCH_SIZE, TABLE_LANES, TablePair,
+        DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_EXTERNAL, DEFAULT_MAX_FLOWS,
+        DEFAULT_MAX_NEW_FLOWS, DEFAULT_MAX_REV_NAT, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SLOTS,
+        DEFAULT_MAX_SOURCE_RANGES, DEFAULT_TABLE_ENTRIES, F_MMAPABLE, F_NO_PREALLOC,
+        MAX_XDP_DEVICES, SCRATCH_SIZE, TABLE_LANES, TablePair,
     },
     stats,
 };
@@ -68,10 +68,6 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 /// Per socket-level frontend counters. See `lb_common::maps::SVC_STATS`.
 #[map(name = "lb_svcstat_v1")]
 pub static SVC_STATS: Array<stats::SocketCounters> = Array::pinned(DEFAULT_MAX_SERVICES + 1, 0);
-
-/// Debug events, written only with `--kernel-debug`. See `lb_common::maps::DEBUG_EVENTS`.
-#[map(name = "lb_debug_v1")]
-pub static DEBUG_EVENTS: RingBuf = RingBuf::pinned(DEBUG_RING_BYTES, 0);
 
 /// Per backend counters. See `lb_common::maps::BE_STATS`.
 #[map(name = "lb_bestat_v1")]

@@ -85,7 +85,7 @@ fn count_drop(svc_id: u32, why: u32) {
         unsafe { (*c).drops += 1 };
     }
     stats::inc(why);
-    debug::event(lb_common::debug::XDP_DROP, svc_id, why);
+    debug::decision!("xdp_drop service={} counter={}", svc_id, why);
 }
 
 /// A packet too big for the route found (`rc`) that may not be fragmented is refused as a
@@ -258,7 +258,7 @@ fn forward(ctx: &XdpContext, p: &Pkt, svc: &ExternalService) -> u32 {
         } else if svc.flags & EXTERNAL_F_AFFINITY != 0 {
             affinity::remember(s, now);
         }
-        debug::event(lb_common::debug::XDP_NEW_FLOW, svc.id, s.chosen.id);
+        debug::decision!("xdp_new_flow service={} backend={}", svc.id, s.chosen.id);
     }
     if rewrite(ctx.data(), ctx.data_end(), p, &s.rw).is_none() {
         return xdp_action::XDP_PASS;

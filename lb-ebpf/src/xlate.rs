@@ -35,7 +35,7 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     if svc.count == 0 {
         stats::inc(st::REFUSED_NO_BACKEND);
         stats::socket(svc.id, None);
-        debug::event(lb_common::debug::SOCKET_REFUSED, svc.id, 0);
+        debug::decision!("socket_refused service={}", svc.id);
         // SAFETY: plain helper call; sock_addr hooks may set their syscall's error.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REJECT;
@@ -59,6 +59,10 @@ pub fn forward<F: Family>(ctx: &SockAddrContext, translated: u32) -> i32 {
     }
     stats::inc(translated);
     stats::socket(svc.id, Some(backend_id));
-    debug::event(lb_common::debug::SOCKET_TRANSLATED, svc.id, backend_id);
+    debug::decision!(
+        "socket_translated service={} backend={}",
+        svc.id,
+        backend_id
+    );
     ALLOW
 }

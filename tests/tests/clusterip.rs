@@ -492,7 +492,7 @@ fn kernel_debug_events_are_logged_only_when_asked_for() {
     let attempts = quiet.probe(&["tcp", "10.96.0.10:80", "--count", "5"]);
     assert!(attempts.iter().all(|a| a.error.is_none()));
     assert!(
-        !quiet.agent_log().contains("kernel event"),
+        !quiet.agent_log().contains("lb_ebpf: kernel: "),
         "off by default"
     );
     drop(quiet);
@@ -506,7 +506,7 @@ fn kernel_debug_events_are_logged_only_when_asked_for() {
         || {
             w.agent_log()
                 .lines()
-                .filter(|l| l.contains("kernel event") && l.contains("kind=\"socket_translated\""))
+                .filter(|l| l.contains("lb_ebpf: kernel: socket_translated service="))
                 .count()
                 >= 5
         },

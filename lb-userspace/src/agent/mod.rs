@@ -136,9 +136,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         Err(e) => warn!(error = %e, "cannot drop the start-up capabilities"),
     }
     if args.kernel_debug {
-        let ring = loaded.take_debug_events()?;
-        tokio::spawn(log_kernel_events(ring));
-        info!("kernel debug events on: every decision of the programs is logged");
+        let logger = loaded.kernel_log(KernelLog)?;
+        tokio::spawn(log_kernel_decisions(logger));
+        info!("kernel debug logging on: every decision of the programs is logged");
     }
     let mut reconciler = Reconciler::new(loaded.datapath()?, args.limits())?;
     reconciler.set_namespace_share(args.namespace_share);
@@ -471,16 +471,32 @@ impl Sweeps {
     }
 }
 
-/// Logs the kernel's debug events as they come (`--kernel-debug`).
-async fn log_kernel_events(ring: aya::maps::RingBuf<aya::maps::MapData>) {
+/// Where the programs' log lines go: the agent's log, at info level (the programs only log
+/// when asked to with `--kernel-debug`), target `lb_ebpf`.
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        info!(target: "lb_ebpf", "kernel: {}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Logs the programs' decisions as they come (`--kernel-debug`).
+async fn log_kernel_decisions(logger: aya_log::EbpfLogger<KernelLog>) {
     use tokio::io::{Interest, unix::AsyncFd};
-    // SAFETY: the ring buffer owns its map's file descriptor, open until it is dropped with
-    // the AsyncFd, and always returns that descriptor.
-    let registered = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) };
+    // SAFETY: the logger owns its ring buffer's file descriptor, open until it is dropped
+    // with the AsyncFd, and always returns that descriptor.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {
-            warn!(error = %e, "cannot read the kernel debug events");
+            warn!(error = %e, "cannot read the programs' log");
             return;
         }
     };
@@ -488,19 +504,16 @@ async fn log_kernel_events(ring: aya::maps::RingBuf<aya::maps::MapData>) {
         let mut guard = match fd.readable_mut().await {
             Ok(guard) => guard,
             Err(e) => {
-                warn!(error = %e, "cannot read the kernel debug events");
+                warn!(error = %e, "cannot read the programs' log");
                 return;
             }
         };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            let Some(bytes) = item.get(..size_of::<lb_common::debug::DebugEvent>()) else {
-                continue;
-            };
-            // SAFETY: the kernel wrote a DebugEvent (plain integers) there; read unaligned.
-            let e: lb_common::debug::DebugEvent =
-                unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            info!(target: "lb_ebpf", kind = e.kind_name(), id = e.id, arg = e.arg, "kernel event");
+        // aya-log panics on a record it cannot parse: stop logging rather than lose the task
+        // silently.
+        let logger = guard.get_inner_mut();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+            warn!("a malformed record in the programs' log: kernel logging stops");
+            return;
         }
         guard.clear_ready();
     }

@@ -131,6 +131,9 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    /// aya-log's ring buffer could not be opened.
+    #[error("the programs' log: {0}")]
+    Log(#[source] aya_log::Error),
     /// The overlay program parses Ethernet frames; this device carries none.
     #[error(
         "{device} is not an Ethernet device (hardware type {hardware_type:?}): the overlay \
@@ -212,8 +215,8 @@ pub struct Device {
 pub struct Settings {
     /// The inclusive range of source ports the XDP program SNATs flows to.
     pub snat_ports: (u16, u16),
-    /// The kernel's debug events on (see [`Loaded::take_debug_events`]), or off (removed
-    /// from the programs by the verifier).
+    /// The programs log their decisions (see [`Loaded::kernel_log`]), or not (the logging
+    /// code is then removed by the verifier).
     pub debug: bool,
     /// Lifetimes of the conntrack states.
     pub ct_timeouts: CtTimeouts,
@@ -327,8 +330,13 @@ impl Loaded {
             &settings.clock_offset,
             true,
         );
-        let debug = u8::from(settings.debug);
-        loader.override_global(lb_common::debug::DEBUG_GLOBAL, &debug, true);
+        // Nothing is logged unless asked for: the verifier then removes the logging code.
+        let log_level: u8 = if settings.debug {
+            aya_log::Level::Debug.into()
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         let mut ebpf = loader.load(object)?;
         for name in PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?
@@ -411,14 +419,13 @@ impl Loaded {
         self.ebpf.program(name)?.info().ok()?.size_translated()
     }
 
-    /// The ring buffer of the kernel's debug events (written only when loaded with them on).
-    pub fn take_debug_events(&mut self) -> Result<aya::maps::RingBuf<MapData>, LoadError> {
-        let name = maps::DEBUG_EVENTS;
-        let map = self
-            .ebpf
-            .take_map(name)
-            .ok_or_else(|| LoadError::Missing(format!("map {name}")))?;
-        aya::maps::RingBuf::try_from(map).map_err(|source| LoadError::Map { name, source })
+    /// The programs' log lines (written only when loaded with `debug`), handed to `logger`
+    /// as they are read from the ring (see [`aya_log::EbpfLogger::flush`]).
+    pub fn kernel_log<T: log::Log>(
+        &mut self,
+        logger: T,
+    ) -> Result<aya_log::EbpfLogger<T>, LoadError> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger).map_err(LoadError::Log)
     }
 }
 
@@ -466,10 +473,19 @@ mod tests {
             .collect();
         names.sort_unstable();
         let mut expected: Vec<&str> = maps::ALL.iter().map(|s| s.name).collect();
+        // aya-log's ring, made per load and not pinned.
+        expected.push(maps::KERNEL_LOG);
         expected.sort_unstable();
         assert_eq!(
             names, expected,
             "the object declares exactly the specified maps"
+        );
+        assert!(
+            matches!(
+                obj.maps[maps::KERNEL_LOG].pinning(),
+                aya_obj::maps::PinningType::None
+            ),
+            "the log ring is the loading agent's alone"
         );
         for spec in &maps::ALL {
             let m = &obj.maps[spec.name];
