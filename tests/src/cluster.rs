@@ -301,11 +301,7 @@ impl Cluster {
     /// metrics endpoint on node A's loopback at [`NODE_METRICS_ADDR`].
     pub fn start_agent(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "the agent already runs");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .expect("agent log");
+        let log = crate::AgentLog::in_dir(&self.dir).open();
         let mut cmd =
             command_in(&self.bins.join("lb-agent"), &self.node_a, None).expect("node namespace");
         cmd.arg("--source")
@@ -422,7 +418,7 @@ impl Cluster {
 
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+        crate::AgentLog::in_dir(&self.dir).read()
     }
 
     /// Runs `lbctl ARGS` (table output) on the pins: its stdout, or its stderr.
@@ -539,12 +535,7 @@ impl Drop for Cluster {
             agent.kill();
         }
         if thread::panicking() {
-            let log = self.agent_log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!("--- agent log of {}: last lines ---", self.tag);
-            for line in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{line}");
-            }
+            crate::AgentLog::in_dir(&self.dir).print_for_failure(&self.tag, 40);
             for args in [["stats"], ["external"], ["conntrack"]] {
                 let out = self.lbctl(&args).unwrap_or_else(|e| e);
                 eprintln!("--- lbctl {args:?} ---\n{out}");

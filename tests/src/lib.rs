@@ -23,7 +23,7 @@ pub mod world;
 pub mod xdpgen;
 
 use std::{
-    io,
+    fs, io,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -92,6 +92,48 @@ pub fn bin_dir() -> PathBuf {
             },
             Path::to_path_buf,
         )
+}
+
+/// The log file a test's agent writes (stdout and stderr) in the test's directory.
+pub struct AgentLog(PathBuf);
+
+impl AgentLog {
+    /// The log in `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self(dir.join("agent.log"))
+    }
+
+    /// The file opened for appending, for an agent's stdout and stderr.
+    pub fn open(&self) -> fs::File {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.0)
+            .expect("agent log")
+    }
+
+    /// Everything logged so far.
+    pub fn read(&self) -> String {
+        fs::read_to_string(&self.0).unwrap_or_default()
+    }
+
+    /// Prints what a failed test's reader needs: the errors and warnings, then the last
+    /// `last` lines.
+    pub fn print_for_failure(&self, tag: &str, last: usize) {
+        let log = self.read();
+        let lines: Vec<&str> = log.lines().collect();
+        let notable = lines
+            .iter()
+            .filter(|l| l.contains("panicked") || l.contains(" ERROR ") || l.contains(" WARN "));
+        eprintln!("--- agent log of {tag}: errors and warnings ---");
+        for line in notable.take(30) {
+            eprintln!("{line}");
+        }
+        eprintln!("--- agent log of {tag}: last lines ---");
+        for line in &lines[lines.len().saturating_sub(last)..] {
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// Writes manifest `file` into `dir` atomically (a hidden temp file renamed into place), so

@@ -345,11 +345,7 @@ impl World {
     /// Runs `cmd` (the agent, or a tool running it) with this world's settings.
     fn spawn(&mut self, mut cmd: Command, source: &[&str], extra: &[&str]) {
         assert!(self.agent.is_none(), "the agent already runs");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .expect("agent log");
+        let log = crate::AgentLog::in_dir(&self.dir).open();
         // Agents of parallel tests share the host namespace: no fixed health or metrics
         // port unless the test names one.
         for flag in ["--healthz-bind-address", "--metrics-bind-address"] {
@@ -395,7 +391,7 @@ impl World {
 
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+        crate::AgentLog::in_dir(&self.dir).read()
     }
 
     /// Runs `lb-agent` to completion with these arguments (e.g. `--cleanup`); its output.
@@ -516,19 +512,7 @@ impl Drop for World {
             kill_mentioning(&self.pin_dir.to_string_lossy());
         }
         if thread::panicking() {
-            let log = self.agent_log();
-            let lines: Vec<&str> = log.lines().collect();
-            let notable = lines.iter().filter(|l| {
-                l.contains("panicked") || l.contains(" ERROR ") || l.contains(" WARN ")
-            });
-            eprintln!("--- agent log of {}: errors and warnings ---", self.tag);
-            for line in notable.take(30) {
-                eprintln!("{line}");
-            }
-            eprintln!("--- agent log of {}: last lines ---", self.tag);
-            for line in &lines[lines.len().saturating_sub(25)..] {
-                eprintln!("{line}");
-            }
+            crate::AgentLog::in_dir(&self.dir).print_for_failure(&self.tag, 25);
         }
         for s in &mut self.servers {
             s.kill();
